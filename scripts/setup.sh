@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up on a fresh Debian machine: apt packages, the .venv at the repo root
+# with PyTorch 2.13.0 (CPU) and the Python tools, and the CMake build in build/ (core library,
+# C++ tests, PyTorch binding). Sourced or run by scripts/main.sh and scripts/test.sh.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# --- system packages (Debian): compilers, CMake, GoogleTest, clang (libFuzzer, sanitizers)
+APT_PKGS="build-essential cmake libgtest-dev clang libclang-rt-14-dev"
+missing=""
+for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "[setup] apt-get install$missing"
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q $missing >/dev/null
+fi
+
+# --- Python virtual environment (.venv at the repo root), Python 3.11
+PY=""
+for cand in python3.11 python3; do
+  if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    PY="$cand"; break
+  fi
+done
+[ -n "$PY" ] || { echo "[setup] Python 3.11 is required" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+# requirements.txt pins torch==2.13.0 (the CPU build on this machine's disk); pip skips what is there.
+.venv/bin/pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c 'import torch, numpy, pytest' >/dev/null
+
+# --- CMake build: core, tests, bench, PyTorch binding
+TORCH_PREFIX="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+GEN=""
+if [ -x .venv/bin/ninja ]; then GEN="-G Ninja -DCMAKE_MAKE_PROGRAM=$ROOT/.venv/bin/ninja"; fi
+if [ ! -f build/CMakeCache.txt ]; then
+  cmake -S . -B build $GEN -DCMAKE_BUILD_TYPE=Release -DNSA_ENABLE_TORCH=ON \
+    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" >/dev/null
+fi
+cmake --build build -j "$(nproc)"

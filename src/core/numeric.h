@@ -1,0 +1,98 @@
+// Scalar conversions between the storage dtypes and float32, in one place (STYLE lesson 3).
+// bf16 and fp16 are rounded to nearest even; NaN stays NaN; overflow gives +-inf.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "nsa/compress_attention.h"
+
+namespace nsa::detail {
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0) {
+    // zero or subnormal: man * 2^-24
+    float v = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -v : v;
+  }
+  if (exp == 31) return bits_f32(sign | 0x7f800000u | (man << 13));  // inf / nan
+  return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t u = f32_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {
+    // result is subnormal or zero: value / 2^-24 rounded to nearest even integer
+    const float v = bits_f32(a) * 16777216.0f;  // exact scaling by 2^24
+    const float r = std::nearbyint(v);           // default rounding mode: nearest even
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(r));
+  }
+  // normal: rebias exponent, round mantissa 23 -> 10 bits to nearest even
+  uint32_t v = a - (112u << 23);
+  v += 0xfffu + ((v >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (v >> 13));
+}
+
+// Load element i (an element offset) of a dtype buffer as float / double.
+inline float load_f32(const void* base, int64_t i, DType dt) {
+  switch (dt) {
+    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
+    case DType::kF32: return static_cast<const float*>(base)[i];
+    case DType::kF64: return static_cast<float>(static_cast<const double*>(base)[i]);
+  }
+  return 0.0f;
+}
+inline double load_f64(const void* base, int64_t i, DType dt) {
+  if (dt == DType::kF64) return static_cast<const double*>(base)[i];
+  return static_cast<double>(load_f32(base, i, dt));
+}
+
+// Round a float to the dtype and back (the "cast" of §3.4). fp32/fp64: unchanged.
+inline float round_to_dtype(float x, DType dt) {
+  switch (dt) {
+    case DType::kBF16: return bf16_to_f32(f32_to_bf16(x));
+    case DType::kF16: return f16_to_f32(f32_to_f16(x));
+    default: return x;
+  }
+}
+
+// Store a value into element i of a dtype buffer (rounding to nearest even).
+inline void store_f64(void* base, int64_t i, double x, DType dt) {
+  switch (dt) {
+    case DType::kBF16: static_cast<uint16_t*>(base)[i] = f32_to_bf16(static_cast<float>(x)); break;
+    case DType::kF16: static_cast<uint16_t*>(base)[i] = f32_to_f16(static_cast<float>(x)); break;
+    case DType::kF32: static_cast<float*>(base)[i] = static_cast<float>(x); break;
+    case DType::kF64: static_cast<double*>(base)[i] = x; break;
+  }
+}
+
+}  // namespace nsa::detail
