@@ -1,0 +1,1 @@
+// ISA kernels (avx2): being written

@@ -1,0 +1,1 @@
+// ISA kernels (avx512): being written

@@ -1,0 +1,1 @@
+// ISA kernels (avx512bf16): being written

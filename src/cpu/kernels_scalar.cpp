@@ -1,0 +1,1 @@
+// ISA kernels (scalar): being written

@@ -1,0 +1,42 @@
+#include "cpu/threads.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+namespace nsa::cpu {
+
+int resolve_num_threads(int requested) {
+  if (requested > 0) return requested;
+  if (const char* env = std::getenv("NSA_NUM_THREADS")) {
+    const int v = std::atoi(env);
+    if (v > 0) return v;
+  }
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc > 0 ? static_cast<int>(hc) : 1;
+}
+
+int parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)>& fn) {
+  if (n_tasks <= 0) return 0;
+  int workers = n_threads < 1 ? 1 : n_threads;
+  if (workers > n_tasks) workers = static_cast<int>(n_tasks);
+  if (workers == 1) {
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+    return 1;
+  }
+  std::atomic<int64_t> next{0};
+  auto run = [&](int worker) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n_tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed))
+      fn(t, worker);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(workers - 1));
+  for (int w = 1; w < workers; ++w) pool.emplace_back(run, w);
+  run(0);
+  for (auto& th : pool) th.join();
+  return workers;
+}
+
+}  // namespace nsa::cpu
