@@ -1,0 +1,32 @@
+// Meta kernels of torch.ops.nsa (shapes and dtypes only; also the fake kernels of torch.compile).
+// The output shapes depend on no data: [T, N1, D2] (query dtype), [T, N2, K] int32, [T, N1, 8] float32 x2.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "binding.h"
+
+namespace nsa_torch {
+namespace {
+
+ForwardResult compress_attention_meta(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                      double /*scale_value*/, int64_t head_num, int64_t /*compress_block_size*/,
+                                      int64_t /*compress_stride*/, int64_t /*select_block_size*/,
+                                      int64_t select_block_count, const OptTensor& topk_mask,
+                                      const OptTensor& atten_mask, OptIntList /*actual_seq_qlen*/,
+                                      OptIntList /*actual_cmp_seq_kvlen*/, OptIntList /*actual_sel_seq_kvlen*/) {
+  check_forward_inputs(query, key, value, head_num, topk_mask, atten_mask);
+  TORCH_CHECK(select_block_count >= 1 && select_block_count <= 32, "select_block_count must be in [1, 32], got ",
+              select_block_count);
+  const auto opts = query.options();
+  const c10::SymInt T = query.sym_size(0), N1 = query.sym_size(1), N2 = key.sym_size(1), D2 = value.sym_size(2);
+  return {at::empty_symint({T, N1, D2}, opts), at::empty_symint({T, N2, select_block_count}, opts.dtype(at::kInt)),
+          at::empty_symint({T, N1, 8}, opts.dtype(at::kFloat)), at::empty_symint({T, N1, 8}, opts.dtype(at::kFloat))};
+}
+
+}  // namespace
+}  // namespace nsa_torch
+
+TORCH_LIBRARY_IMPL(nsa, Meta, m) {
+  m.impl("compress_attention", &nsa_torch::compress_attention_meta);
+  m.impl("compress_attention_reference", &nsa_torch::compress_attention_meta);
+}

@@ -1,0 +1,19 @@
+// Operator schemas of torch.ops.nsa (the kernels are registered per backend in *_kernel.cpp).
+//
+// compress_attention: torch_npu.npu_nsa_compress_attention with the same arguments, order and
+// defaults (SPEC §1). compress_attention_reference: the same schema, computed by the library's
+// plain-loop reference (the spec in code, slow, CPU only): the oracle for tests and debugging.
+// A backward op (compress_attention_backward, SPEC §7) is declared next to its kernels.
+#include <torch/library.h>
+
+#define NSA_FORWARD_ARGS                                                                          \
+  "(Tensor query, Tensor key, Tensor value, float scale_value, int head_num, "                   \
+  "int compress_block_size, int compress_stride, int select_block_size, int select_block_count, " \
+  "Tensor? topk_mask=None, Tensor? atten_mask=None, int[]? actual_seq_qlen=None, "               \
+  "int[]? actual_cmp_seq_kvlen=None, int[]? actual_sel_seq_kvlen=None) "                         \
+  "-> (Tensor attention_out, Tensor topk_indices, Tensor softmax_max, Tensor softmax_sum)"
+
+TORCH_LIBRARY(nsa, m) {
+  m.def("compress_attention" NSA_FORWARD_ARGS);
+  m.def("compress_attention_reference" NSA_FORWARD_ARGS);
+}
