@@ -1,0 +1,39 @@
+"""nsa_ops: NSA compressed attention (torch_npu.npu_nsa_compress_attention) on CPU (and CUDA).
+
+Importing the package loads the compiled operator library (see :mod:`nsa_ops._lib` for where it is
+looked for) and registers ``torch.ops.nsa.compress_attention`` (and ``compress_attention_reference``,
+the plain-loop oracle). The contract is SPEC.md.
+"""
+
+from ._lib import library_path, load_library
+
+load_library()
+
+from .masks import (  # noqa: E402
+    compressed_lengths,
+    lengths_from_prefix_sums,
+    make_atten_mask,
+    make_topk_mask,
+    prefix_sums,
+    selection_lengths,
+)
+from .ops import CompressAttentionOutput, compress_attention, npu_nsa_compress_attention  # noqa: E402
+from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
+
+__all__ = [
+    "CompressAttentionOutput",
+    "compress_attention",
+    "npu_nsa_compress_attention",
+    "compressed_lengths",
+    "selection_lengths",
+    "prefix_sums",
+    "lengths_from_prefix_sums",
+    "make_atten_mask",
+    "make_topk_mask",
+    "query_lengths",
+    "softmax_stats_view",
+    "softmax_stats_dense",
+    "softmax_stats_pack",
+    "library_path",
+    "load_library",
+]
