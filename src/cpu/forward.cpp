@@ -1,11 +1,527 @@
-// TEMPORARY (being replaced by the tiled SIMD engine): CPU entry point delegating to the reference.
-#include "reference/reference.h"
+// Optimized CPU forward of SPEC §3: a fused, tiled pass per (batch, KV head, query tile).
+//
+// Per task (b, n2, tokens [s0, s1) of batch b), with the G heads of the group stacked as the rows
+// of the tile (row r = i*G + g for token i, head h = n2*G + g), R = (s1 - s0)*G rows:
+//   1. window [lo, hi): the compressed tokens any non-fully-masked token of the tile sees (from
+//      atten_mask; 64-aligned). Columns outside it are masked for every such row, so P = 0 there
+//      exactly and their GEMM work is skipped (a causal mask removes about half the work).
+//   2. S[R][lo:hi] = (Q_tile . K^T) * scale           (GEMM; fp32 accumulation, §3.1)
+//   3. mask (-FLT_MAX replacement, §3.2); exact softmax per row over the whole row (§3.3) using the
+//      score block kept in per-thread scratch (no online rescaling: P must be final before use).
+//   4. O[R][D2] = round(P) . V                          (GEMM; P rounded to the dtype, §3.4)
+//   5. selection scores from fp32 P as two box filters (width N, then M) picked every M (§3.5),
+//      pairwise group sum over g (§3.6), forced blocks (§3.7), top-K with a sorted buffer (§3.8).
+// Fully masked tokens (§5) take the closed form: P = 1/C_b, O = sum_c round(1/C_b) v[c].
+// K and V of each (batch, KV head) are packed once per call into GEMM panels (kernels.h layouts):
+// bf16 pairs for the vdpbf16ps path, fp32 otherwise. Scratch is per worker and bounded by
+// R * C_max (no T x C buffer). Each output element has one writer: results do not depend on the
+// number of threads.
+#include <algorithm>
+#include <array>
+#include <cfloat>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "core/batches.h"
+#include "core/numeric.h"
 #include "cpu/isa.h"
+#include "cpu/kernels.h"
+#include "cpu/threads.h"
+#include "reference/reference.h"
+
 namespace nsa {
-Status compress_attention_cpu(const CompressAttentionParams& p) {
-  CpuIsa isa;
-  Status st = cpu::resolve_isa(p.cpu_isa, &isa);
-  if (!st.ok()) return st;
-  return compress_attention_reference(p);
+namespace cpu {
+namespace {
+
+using detail::BatchInfo;
+
+constexpr int64_t kTargetRows = 64;         // rows (tokens x G heads) of a query tile
+constexpr int64_t kMaxScoreBytes = 4 << 20;  // cap of the per-worker score block R x C
+constexpr int64_t kPvChunk = 256;            // reduction chunk of the P.V GEMM (keeps a V chunk in L2)
+constexpr int64_t kMargin = 16;              // zero margin (floats) around a score row for the stencil
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Kind of a query row with respect to atten_mask within [0, C_b).
+enum RowKind : uint8_t {
+  kRange = 0,        // visible set is exactly [lo, hi)
+  kScattered = 1,    // visible set has holes inside [lo, hi): read the mask per element
+  kFullyMasked = 2,  // nothing visible (§5)
+};
+struct RowInfo {
+  int64_t lo = 0, hi = 0;
+  RowKind kind = kRange;
+};
+
+template <typename T>
+struct AlignedBuffer {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr;
+  void reset(size_t n) {
+    const size_t bytes = round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64);
+    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+  }
+  T* get() const { return ptr.get(); }
+};
+
+inline void store_out(void* base, int64_t i, float x, DType dt) {
+  switch (dt) {
+    case DType::kBF16: static_cast<uint16_t*>(base)[i] = detail::f32_to_bf16(x); break;
+    case DType::kF16: static_cast<uint16_t*>(base)[i] = detail::f32_to_f16(x); break;
+    case DType::kF32: static_cast<float*>(base)[i] = x; break;
+    case DType::kF64: static_cast<double*>(base)[i] = x; break;
+  }
 }
+
+inline uint16_t load_bits16(const void* base, int64_t i) { return static_cast<const uint16_t*>(base)[i]; }
+
+struct Plan {
+  const CompressAttentionParams* p = nullptr;
+  CompressAttentionShape sh;
+  std::vector<BatchInfo> batches;
+  const KernelTable* kt = nullptr;
+  bool bf16_dot = false;  // GEMMs on bf16 pairs (vdpbf16ps) instead of fp32
+  PStore pstore = PStore::kF32;
+  float scale = 1.0f;
+  int64_t qk_red = 0;   // reduction length of Q.K^T: pairs (bf16) or elements (fp32)
+  int64_t q_lda = 0;    // elements per packed query row (even for bf16)
+  int64_t d2p = 0;      // D2 rounded up to the panel width
+  int64_t cp_max = 0;   // max_b C_b rounded up to the panel width
+  int64_t bq = 1;       // query tokens per tile
+  std::vector<int64_t> cp;          // per batch: C_b rounded up to 64
+  std::vector<int64_t> k_off, v_off;  // per (b, n2): element offset of the packed panels
+  std::vector<RowInfo> rows;        // per query row t
+  std::vector<std::array<int64_t, 4>> tasks;  // (b, n2, s0, s1)
+};
+
+// ------------------------------------------------------------------ atten_mask row analysis
+RowInfo analyse_row(const Mask2& m, int64_t s, int64_t C) {
+  RowInfo ri;
+  if (m.data == nullptr) {
+    ri.lo = 0;
+    ri.hi = C;
+    return ri;
+  }
+  const uint8_t* row = m.data + s * m.stride[0];
+  const int64_t cs = m.stride[1];
+  int64_t first = -1, last = -1, visible = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    if (row[c * cs] == 0) {
+      if (first < 0) first = c;
+      last = c;
+      ++visible;
+    }
+  }
+  if (first < 0) {
+    ri.kind = kFullyMasked;
+    return ri;
+  }
+  ri.lo = first;
+  ri.hi = last + 1;
+  ri.kind = (visible == last + 1 - first) ? kRange : kScattered;
+  return ri;
+}
+
+// ------------------------------------------------------------------ packing of K and V
+// K of (b, n2) as the B operand of S = Q.K^T: columns = compressed tokens, reduction over D.
+void pack_k(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
+  const CompressAttentionParams& p = *pl.p;
+  const Tensor3& k = p.key;
+  const int64_t C = bi.c, cp = round_up(C, kPanel), D = pl.sh.D;
+  if (pl.bf16_dot) {
+    uint16_t* out = static_cast<uint16_t*>(dst);
+    const int64_t pairs = pl.qk_red;
+    std::memset(out, 0, sizeof(uint16_t) * cp * pairs * 2);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * k.stride[0] + n2 * k.stride[1];
+      uint16_t* col = out + (c / kPanel) * pairs * kPanel * 2 + (c % kPanel) * 2;
+      for (int64_t d = 0; d < D; ++d) col[(d / 2) * kPanel * 2 + (d % 2)] = load_bits16(k.data, base + d * k.stride[2]);
+    }
+  } else {
+    float* out = static_cast<float*>(dst);
+    std::memset(out, 0, sizeof(float) * cp * D);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * k.stride[0] + n2 * k.stride[1];
+      float* col = out + (c / kPanel) * D * kPanel + (c % kPanel);
+      for (int64_t d = 0; d < D; ++d) col[d * kPanel] = detail::load_f32(k.data, base + d * k.stride[2], p.dtype);
+    }
+  }
+}
+
+// V of (b, n2) as the B operand of O = P.V: columns = D2 (panels of 64), reduction over tokens.
+void pack_v(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
+  const CompressAttentionParams& p = *pl.p;
+  const Tensor3& v = p.value;
+  const int64_t C = bi.c, cp = round_up(C, kPanel), D2 = pl.sh.D2;
+  if (pl.bf16_dot) {
+    uint16_t* out = static_cast<uint16_t*>(dst);
+    std::memset(out, 0, sizeof(uint16_t) * cp * pl.d2p);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t j = 0; j < D2; ++j)
+        out[(j / kPanel) * (cp / 2) * kPanel * 2 + (c / 2) * kPanel * 2 + (j % kPanel) * 2 + (c % 2)] =
+            load_bits16(v.data, base + j * v.stride[2]);
+    }
+  } else {
+    float* out = static_cast<float*>(dst);
+    std::memset(out, 0, sizeof(float) * cp * pl.d2p);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t j = 0; j < D2; ++j)
+        out[(j / kPanel) * cp * kPanel + c * kPanel + (j % kPanel)] =
+            detail::load_f32(v.data, base + j * v.stride[2], p.dtype);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ per-worker scratch
+struct Scratch {
+  AlignedBuffer<float> s;      // [R][ld_s] score block / fp32 P (with kMargin floats each side)
+  AlignedBuffer<uint8_t> pa;   // [R][ld_p] rounded P, A operand of P.V (bf16 bits or fp32)
+  AlignedBuffer<uint8_t> qa;   // [R][q_lda] packed query tile
+  AlignedBuffer<float> o;      // [R][d2p] P.V result
+  AlignedBuffer<float> box1, box2;  // [ld_s] stencil rows
+  AlignedBuffer<float> heads;  // [G][max_sel] per-head selection scores
+  AlignedBuffer<float> score;  // [max_sel]
+  AlignedBuffer<float> uniform;  // [D2] closed-form output of fully masked rows
+  std::vector<float*> ptrs;
+  std::vector<float> m, l;     // per row statistics
+  int64_t ld_s = 0, ld_p = 0;
+};
+
+void init_scratch(const Plan& pl, Scratch& sc) {
+  const int64_t R = pl.bq * pl.sh.G;
+  sc.ld_s = pl.cp_max + 2 * kMargin;
+  sc.ld_p = pl.cp_max;
+  const size_t esz = pl.bf16_dot ? 2 : 4;
+  sc.s.reset(static_cast<size_t>(R * sc.ld_s));
+  sc.pa.reset(static_cast<size_t>(R * sc.ld_p) * esz);
+  sc.qa.reset(static_cast<size_t>(R * pl.q_lda) * esz);
+  sc.o.reset(static_cast<size_t>(R * pl.d2p));
+  sc.box1.reset(static_cast<size_t>(sc.ld_s));
+  sc.box2.reset(static_cast<size_t>(sc.ld_s));
+  sc.heads.reset(static_cast<size_t>(pl.sh.G * pl.sh.max_sel));
+  sc.score.reset(static_cast<size_t>(pl.sh.max_sel));
+  sc.uniform.reset(static_cast<size_t>(pl.sh.D2));
+  sc.ptrs.resize(static_cast<size_t>(pl.sh.G));
+  sc.m.resize(static_cast<size_t>(R));
+  sc.l.resize(static_cast<size_t>(R));
+}
+
+// ------------------------------------------------------------------ selection and top-k
+// Selection scores of one fp32 P row (§3.5) for blocks [k0, k1): score[k] = sum_i w_i P[M(k+1)-i]
+// computed as R[M(k+1)] with R = box_M(box_N(P)); prow is zero outside [lo, hi) for kMargin floats.
+void row_selection(const Plan& pl, Scratch& sc, const float* prow, int64_t lo, int64_t hi, int64_t k0, int64_t k1,
+                   float* out) {
+  const int64_t M = pl.sh.M, N = pl.sh.N;
+  const int64_t n = hi - lo + kMargin;
+  float* q = sc.box1.get() + kMargin;
+  float* r = sc.box2.get() + kMargin;
+  std::memset(q + lo - kMargin, 0, sizeof(float) * kMargin);
+  pl.kt->box_sum(prow + lo, q + lo, n, static_cast<int>(N));
+  pl.kt->box_sum(q + lo, r + lo, n, static_cast<int>(M));
+  for (int64_t k = k0; k < k1; ++k) out[k] = r[M * (k + 1)];
+}
+
+// Top-K of score[0..sel) in §3.8 order into idx[0..K).
+void top_k(const float* score, int64_t sel, int64_t K, int32_t* idx) {
+  float best[32];
+  int32_t bidx[32];
+  int64_t count = 0;
+  for (int64_t k = 0; k < sel; ++k) {
+    const float v = score[k];
+    if (count == K && !reference::topk_before(v, k, best[K - 1], static_cast<int64_t>(bidx[K - 1]))) continue;
+    int64_t pos = count < K ? count++ : K - 1;
+    while (pos > 0 && reference::topk_before(v, k, best[pos - 1], static_cast<int64_t>(bidx[pos - 1]))) {
+      best[pos] = best[pos - 1];
+      bidx[pos] = bidx[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    bidx[pos] = static_cast<int32_t>(k);
+  }
+  for (int64_t i = 0; i < K; ++i) idx[i] = bidx[i];
+}
+
+// ------------------------------------------------------------------ one tile
+void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack, const BatchInfo& bi, int64_t n2,
+              int64_t s0, int64_t s1) {
+  const CompressAttentionParams& p = *pl.p;
+  const CompressAttentionShape& sh = pl.sh;
+  const DType dt = p.dtype;
+  const int64_t G = sh.G, C = bi.c, cp = round_up(C, kPanel), ntok = s1 - s0, R = ntok * G;
+  const size_t esz = pl.bf16_dot ? 2 : 4;
+
+  // 1. window of the tile
+  int64_t wlo = cp, whi = 0;
+  bool any_full = false;
+  for (int64_t i = 0; i < ntok; ++i) {
+    const RowInfo& ri = pl.rows[bi.q_begin + s0 + i];
+    if (ri.kind == kFullyMasked) {
+      any_full = true;
+      continue;
+    }
+    wlo = std::min(wlo, ri.lo);
+    whi = std::max(whi, ri.hi);
+  }
+  const bool any_visible = whi > 0;
+  int64_t lo = 0, hi = 0;
+  if (any_visible) {
+    lo = wlo / kPanel * kPanel;
+    hi = std::min(round_up(whi, kPanel), cp);
+  }
+
+  float* S = sc.s.get() + kMargin;  // row r at S + r * ld_s
+  if (any_visible) {
+    // 2. pack the query tile: row r = i*G + g, head h = n2*G + g
+    const Tensor3& q = p.query;
+    for (int64_t i = 0; i < ntok; ++i) {
+      const int64_t t = bi.q_begin + s0 + i;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = i * G + g, base = t * q.stride[0] + (n2 * G + g) * q.stride[1];
+        if (pl.bf16_dot) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(sc.qa.get()) + r * pl.q_lda;
+          for (int64_t d = 0; d < sh.D; ++d) dst[d] = load_bits16(q.data, base + d * q.stride[2]);
+          for (int64_t d = sh.D; d < pl.q_lda; ++d) dst[d] = 0;
+        } else {
+          float* dst = reinterpret_cast<float*>(sc.qa.get()) + r * pl.q_lda;
+          for (int64_t d = 0; d < sh.D; ++d) dst[d] = detail::load_f32(q.data, base + d * q.stride[2], dt);
+        }
+      }
+    }
+    // 3. S = Q.K^T * scale over the window's panels
+    const int64_t np = (hi - lo) / kPanel;
+    if (pl.bf16_dot) {
+      const uint16_t* kp = static_cast<const uint16_t*>(kpack);
+      const int64_t pstride = pl.qk_red * kPanel * 2;
+      pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.qa.get()), pl.q_lda, R, kp + (lo / kPanel) * pstride,
+                       pstride, np, pl.qk_red, pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
+    } else {
+      const float* kp = static_cast<const float*>(kpack);
+      const int64_t pstride = pl.qk_red * kPanel;
+      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.qa.get()), pl.q_lda, R, kp + (lo / kPanel) * pstride,
+                      pstride, np, pl.qk_red, pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
+    }
+  }
+
+  // 4. mask + softmax per row; rounded P into the A operand of P.V
+  const int64_t cmax = std::min(hi, C);  // columns [cmax, hi) are padding past C_b
+  const int64_t n_out = C - (cmax - lo);  // columns of [0, C) outside the window (masked)
+  for (int64_t i = 0; i < ntok; ++i) {
+    const int64_t s = s0 + i;
+    const RowInfo& ri = pl.rows[bi.q_begin + s];
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g;
+      float* srow = S + r * sc.ld_s;
+      uint8_t* prow = sc.pa.get() + (r * sc.ld_p + lo) * esz;
+      if (ri.kind == kFullyMasked) {
+        sc.m[r] = -FLT_MAX;
+        sc.l[r] = static_cast<float>(C);
+        if (any_visible) std::memset(prow, 0, static_cast<size_t>(hi - lo) * esz);
+        continue;
+      }
+      if (ri.kind == kRange) {
+        for (int64_t c = lo; c < ri.lo; ++c) srow[c] = -FLT_MAX;
+        for (int64_t c = ri.hi; c < cmax; ++c) srow[c] = -FLT_MAX;
+      } else {
+        const uint8_t* mrow = p.atten_mask.data + s * p.atten_mask.stride[0];
+        for (int64_t c = lo; c < cmax; ++c)
+          if (mrow[c * p.atten_mask.stride[1]] != 0) srow[c] = -FLT_MAX;
+      }
+      for (int64_t c = cmax; c < hi; ++c) srow[c] = -INFINITY;
+      const float m = pl.kt->row_max(srow + lo, hi - lo, n_out > 0 ? -FLT_MAX : -INFINITY);
+      float l = pl.kt->exp_sum(srow + lo, hi - lo, m);
+      if (n_out > 0 && m == -FLT_MAX) l += static_cast<float>(n_out);  // exp(-FLT_MAX - m) = 1 there
+      pl.kt->normalize_row(srow + lo, hi - lo, l, prow, pl.pstore);
+      sc.m[r] = m;
+      sc.l[r] = l;
+    }
+  }
+
+  // 5. O = round(P).V over the window
+  if (any_visible) {
+    if (pl.bf16_dot) {
+      const uint16_t* vp = static_cast<const uint16_t*>(vpack);
+      const int64_t pstride = (cp / 2) * kPanel * 2;
+      pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.pa.get()) + lo, sc.ld_p, R, vp + (lo / 2) * kPanel * 2,
+                       pstride, pl.d2p / kPanel, (hi - lo) / 2, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
+    } else {
+      const float* vp = static_cast<const float*>(vpack);
+      const int64_t pstride = cp * kPanel;
+      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.pa.get()) + lo, sc.ld_p, R, vp + lo * kPanel, pstride,
+                      pl.d2p / kPanel, hi - lo, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
+    }
+  }
+  if (any_full) {
+    // closed form of fully masked rows: sum_c round(1/C) v[c], accumulated in fp32 in c order
+    const float pc = detail::round_to_dtype(1.0f / static_cast<float>(C), dt);
+    float* u = sc.uniform.get();
+    std::fill(u, u + sh.D2, 0.0f);
+    const Tensor3& v = p.value;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t j = 0; j < sh.D2; ++j) u[j] += pc * detail::load_f32(v.data, base + j * v.stride[2], dt);
+    }
+  }
+
+  // 6. outputs, statistics, selection scores and top-k per token
+  const int64_t M = sh.M, K = sh.K, Sel = bi.sel;
+  for (int64_t i = 0; i < ntok; ++i) {
+    const int64_t s = s0 + i, t = bi.q_begin + s;
+    const bool full = pl.rows[t].kind == kFullyMasked;
+    int64_t rlo = lo, rhi = hi;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g, h = n2 * G + g;
+      const float* orow = full ? sc.uniform.get() : sc.o.get() + r * pl.d2p;
+      for (int64_t j = 0; j < sh.D2; ++j) store_out(p.attention_out, (t * sh.N1 + h) * sh.D2 + j, orow[j], dt);
+      const int64_t so = detail::stat_offset(bi, h, s);
+      for (int e = 0; e < 8; ++e) {
+        p.softmax_max[so + e] = sc.m[r];
+        p.softmax_sum[so + e] = sc.l[r];
+      }
+      float* srow = S + r * sc.ld_s;
+      if (full) {  // uniform P = 1/C over [0, C)
+        rlo = 0;
+        rhi = cp;
+        const float pu = 1.0f / static_cast<float>(C);
+        for (int64_t c = 0; c < C; ++c) srow[c] = pu;
+        for (int64_t c = C; c < cp; ++c) srow[c] = 0.0f;
+      }
+      std::memset(srow + rlo - kMargin, 0, sizeof(float) * kMargin);
+      std::memset(srow + rhi, 0, sizeof(float) * kMargin);
+    }
+    // blocks whose taps touch [rlo, rhi + kMargin): M(k+1) in [rlo, rhi + kMargin)
+    const int64_t k0 = std::max<int64_t>(0, (rlo + M - 1) / M - 1);
+    const int64_t k1 = std::min<int64_t>(Sel, (rhi + kMargin - 1) / M);
+    float* score = sc.score.get();
+    std::fill(score, score + Sel, 0.0f);
+    if (rhi > rlo && k1 > k0) {
+      for (int64_t g = 0; g < G; ++g) {
+        float* hrow = sc.heads.get() + g * sh.max_sel;
+        row_selection(pl, sc, S + (i * G + g) * sc.ld_s, rlo, rhi, k0, k1, hrow);
+        sc.ptrs[g] = hrow;
+      }
+      // §3.6 pairwise group sum over g (odd last element carried up)
+      int64_t n = G;
+      while (n > 1) {
+        const int64_t half = n / 2;
+        for (int64_t a = 0; a < half; ++a) {
+          float* x = sc.ptrs[2 * a];
+          const float* y = sc.ptrs[2 * a + 1];
+          for (int64_t k = k0; k < k1; ++k) x[k] = x[k] + y[k];
+          sc.ptrs[a] = x;
+        }
+        if (n % 2) sc.ptrs[half] = sc.ptrs[n - 1];
+        n = half + n % 2;
+      }
+      std::memcpy(score + k0, sc.ptrs[0] + k0, sizeof(float) * (k1 - k0));
+    }
+    if (p.topk_mask.data != nullptr) {  // §3.7
+      const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
+      for (int64_t k = 0; k < Sel; ++k)
+        if (trow[k * p.topk_mask.stride[1]] != 0) score[k] = FLT_MAX;
+    }
+    top_k(score, Sel, K, p.topk_indices + (t * sh.N2 + n2) * K);
+  }
+}
+
+}  // namespace
+
+Status forward(const CompressAttentionParams& p) {
+  Plan pl;
+  Status st = validate_compress_attention(p, &pl.sh);
+  if (!st.ok()) return st;
+  CpuIsa isa;
+  st = resolve_isa(p.cpu_isa, &isa);
+  if (!st.ok()) return st;
+  if (p.dtype == DType::kF64) return reference::forward_fp64(p);  // testing extension: no fast path
+
+  const CompressAttentionShape& sh = pl.sh;
+  pl.p = &p;
+  pl.batches = detail::make_batches(p, sh);
+  pl.kt = kernels_for(isa);
+  pl.bf16_dot = p.dtype == DType::kBF16 && pl.kt->gemm_bf16 != nullptr;
+  pl.pstore = pl.bf16_dot                  ? PStore::kBf16Bits
+              : p.dtype == DType::kBF16    ? PStore::kF32AsBf16
+              : p.dtype == DType::kF16     ? PStore::kF32AsF16
+                                           : PStore::kF32;
+  pl.scale = static_cast<float>(p.scale_value);
+  pl.qk_red = pl.bf16_dot ? (sh.D + 1) / 2 : sh.D;
+  pl.q_lda = pl.bf16_dot ? 2 * pl.qk_red : sh.D;
+  pl.d2p = round_up(sh.D2, kPanel);
+  pl.cp_max = round_up(sh.max_c, kPanel);
+  const int64_t G = sh.G;
+  int64_t bq = std::max<int64_t>(1, (kTargetRows + G / 2) / G);
+  bq = std::min(bq, std::max<int64_t>(1, kMaxScoreBytes / (4 * G * (pl.cp_max + 2 * kMargin))));
+  pl.bq = std::max<int64_t>(1, std::min(bq, sh.max_sq));
+  const int threads = resolve_num_threads(p.num_threads);
+
+  // packed K/V panels of every (batch, KV head)
+  const size_t esz = pl.bf16_dot ? 2 : 4;
+  pl.cp.resize(pl.batches.size());
+  pl.k_off.resize(pl.batches.size() * sh.N2);
+  pl.v_off.resize(pl.batches.size() * sh.N2);
+  int64_t k_total = 0, v_total = 0;
+  for (size_t b = 0; b < pl.batches.size(); ++b) {
+    pl.cp[b] = round_up(pl.batches[b].c, kPanel);
+    for (int64_t n2 = 0; n2 < sh.N2; ++n2) {
+      pl.k_off[b * sh.N2 + n2] = k_total;
+      pl.v_off[b * sh.N2 + n2] = v_total;
+      k_total += pl.cp[b] * pl.q_lda;
+      v_total += pl.cp[b] * pl.d2p;
+    }
+  }
+  AlignedBuffer<uint8_t> kbuf, vbuf;
+  kbuf.reset(static_cast<size_t>(k_total) * esz);
+  vbuf.reset(static_cast<size_t>(v_total) * esz);
+
+  // row analysis of atten_mask, per query row (depends on the batch's C_b)
+  pl.rows.resize(static_cast<size_t>(sh.T));
+  std::vector<int64_t> row_batch(static_cast<size_t>(sh.T));
+  for (size_t b = 0; b < pl.batches.size(); ++b)
+    for (int64_t s = 0; s < pl.batches[b].sq; ++s) row_batch[pl.batches[b].q_begin + s] = static_cast<int64_t>(b);
+  constexpr int64_t kRowChunk = 256;
+  const int64_t n_row_chunks = (sh.T + kRowChunk - 1) / kRowChunk;
+  const int64_t n_pack = static_cast<int64_t>(pl.batches.size()) * sh.N2;
+  parallel_for(n_pack + n_row_chunks, threads, [&](int64_t task, int) {
+    if (task < n_pack) {
+      const int64_t b = task / sh.N2, n2 = task % sh.N2;
+      const BatchInfo& bi = pl.batches[b];
+      pack_k(pl, bi, n2, kbuf.get() + pl.k_off[task] * esz);
+      pack_v(pl, bi, n2, vbuf.get() + pl.v_off[task] * esz);
+      return;
+    }
+    const int64_t c0 = (task - n_pack) * kRowChunk, c1 = std::min(sh.T, c0 + kRowChunk);
+    for (int64_t t = c0; t < c1; ++t) {
+      const BatchInfo& bi = pl.batches[row_batch[t]];
+      pl.rows[t] = analyse_row(p.atten_mask, t - bi.q_begin, bi.c);
+    }
+  });
+
+  // tiles: (b, n2, query tokens [s0, s1))
+  for (size_t b = 0; b < pl.batches.size(); ++b)
+    for (int64_t n2 = 0; n2 < sh.N2; ++n2)
+      for (int64_t s0 = 0; s0 < pl.batches[b].sq; s0 += pl.bq)
+        pl.tasks.push_back({static_cast<int64_t>(b), n2, s0, std::min(pl.batches[b].sq, s0 + pl.bq)});
+  std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, threads)));
+  parallel_for(static_cast<int64_t>(pl.tasks.size()), threads, [&](int64_t task, int worker) {
+    Scratch& sc = scratch[static_cast<size_t>(worker)];
+    if (sc.ld_s == 0) init_scratch(pl, sc);
+    const auto& tk = pl.tasks[static_cast<size_t>(task)];
+    const int64_t kv = tk[0] * sh.N2 + tk[1];
+    run_tile(pl, sc, kbuf.get() + pl.k_off[kv] * esz, vbuf.get() + pl.v_off[kv] * esz, pl.batches[tk[0]], tk[1],
+             tk[2], tk[3]);
+  });
+  return Status::Ok();
+}
+
+}  // namespace cpu
+
+Status compress_attention_cpu(const CompressAttentionParams& p) { return cpu::forward(p); }
+
 }  // namespace nsa

@@ -1,1 +1,66 @@
-// ISA kernels (avx2): being written
+// AVX2 + FMA + F16C kernels (fp32 FMA GEMM, 8 lanes). Compiled with -mavx2 -mfma -mf16c.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+namespace nsa::cpu::isa_avx2 {
+
+struct V {
+  using F = __m256;
+  static constexpr int W = 8;
+  static constexpr int kSliceVectors = 4;  // 32 columns: half a panel
+  static constexpr int kMaxRows = 2;       // 8 accumulators + 4 B vectors + broadcast (16 ymm registers)
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F rint(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F pow2(F n) {
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_castsi256_ps(e);
+  }
+  static F keep_nan(F x, F r) { return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+  static F inf_above(F x, F hi, F r) {
+    return _mm256_blendv_ps(r, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+  }
+  static F round_bf16(F x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+    return keep_nan(x, _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u)))));
+  }
+  static F round_f16(F x) { return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
+  static void store_bf16_bits(uint16_t* p, F v) {
+    alignas(32) uint32_t t[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_castps_si256(v));
+    for (int i = 0; i < 8; ++i) p[i] = static_cast<uint16_t>(t[i] >> 16);
+  }
+  static float reduce_max(F v, float init) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, v);
+    float m = init;
+    for (int i = 0; i < 8; ++i) m = t[i] > m ? t[i] : m;
+    return m;
+  }
+};
+
+#include "cpu/kernels_impl.h"
+}  // namespace nsa::cpu::isa_avx2
+
+namespace nsa::cpu {
+const KernelTable* kernels_avx2() {
+  namespace k = isa_avx2;
+  static const KernelTable table = {CpuIsa::kAvx2, k::gemm_f32_impl, nullptr, k::row_max_impl,
+                                    k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl};
+  return &table;
+}
+}  // namespace nsa::cpu

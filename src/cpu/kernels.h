@@ -1,0 +1,65 @@
+// Per-ISA kernels of the CPU backend (internal). Each kernels_<isa>.cpp compiles
+// kernels_impl.h with its own flags into its own namespace and exports one KernelTable;
+// forward.cpp (baseline flags) picks the table once per call and drives the tiles.
+//
+// Packed operand layouts (panel width kPanel = 64 columns, zero padded):
+//   fp32 B panels:  [n_panels][P][64] floats           (P = reduction length)
+//   bf16 B panels:  [n_panels][P][64][2] bf16 bits       (P = reduction length in pairs)
+//   fp32 A rows:    A[r * lda + p]                       (lda in floats)
+//   bf16 A rows:    A[r * lda + 2p], A[r * lda + 2p + 1] (lda in bf16 elements, even)
+//   C (fp32):       C[r * ldc + n], n < n_panels * 64
+#pragma once
+
+#include <cstdint>
+
+#include "nsa/compress_attention.h"
+
+namespace nsa::cpu {
+
+constexpr int64_t kPanel = 64;  // columns of one packed B panel
+
+// How normalize_row stores the rounded P it produces for the P.V product.
+enum class PStore : int {
+  kBf16Bits = 0,  // bf16 bits (uint16), for the bf16 dot-product GEMM
+  kF32AsBf16 = 1,  // float32 holding P rounded to bf16
+  kF32AsF16 = 2,   // float32 holding P rounded to fp16
+  kF32 = 3,        // float32, unrounded (fp32 inputs)
+};
+
+struct KernelTable {
+  CpuIsa isa;
+  // C[r][n] = alpha * sum_p A[r][p] B[p][n] (+ C[r][n] if accumulate), r < R, all panels.
+  // The reduction is split in chunks of kc (the result of each chunk is added to C); pass
+  // kc >= P for a single chunk (then C = alpha * full dot product, rounded once).
+  void (*gemm_f32)(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride,
+                   int64_t n_panels, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha, bool accumulate);
+  // Same with bf16 pairs (vdpbf16ps); null when the ISA has no bf16 dot product.
+  void (*gemm_bf16)(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
+                    int64_t n_panels, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha, bool accumulate);
+  // max(x[0..n)), NaN entries ignored, start value `init`. n % 16 == 0.
+  float (*row_max)(const float* x, int64_t n, float init);
+  // x[i] = exp(x[i] - m) in place; returns the sum in the canonical order (16 interleaved
+  // partial sums by i % 16, then a fixed halving tree), identical on every ISA. n % 16 == 0.
+  float (*exp_sum)(float* x, int64_t n, float m);
+  // x[i] /= l_sum (x keeps fp32 P) and out[i] = P rounded as `store` says. n % 16 == 0.
+  void (*normalize_row)(float* x, int64_t n, float l_sum, void* out, PStore store);
+  // out[i] = sum_{j < width} in[i - j] for i in [0, n), summed in order j = 0, 1, ...;
+  // in[-width+1 .. -1] must be readable. n % 16 == 0.
+  void (*box_sum)(const float* in, float* out, int64_t n, int width);
+};
+
+const KernelTable* kernels_scalar();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx512bf16();
+
+inline const KernelTable* kernels_for(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512Bf16: return kernels_avx512bf16();
+    case CpuIsa::kAvx512: return kernels_avx512();
+    case CpuIsa::kAvx2: return kernels_avx2();
+    default: return kernels_scalar();
+  }
+}
+
+}  // namespace nsa::cpu

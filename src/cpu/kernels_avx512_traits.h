@@ -1,0 +1,51 @@
+// AVX-512F vector traits for kernels_impl.h (included by the AVX-512 ISA files only).
+#pragma once
+// (immintrin.h and cstdint are included at global scope by the including .cpp)
+
+
+
+struct V {
+  using F = __m512;
+  static constexpr int W = 16;
+  static constexpr int kSliceVectors = 4;  // 64 columns: the whole panel
+  static constexpr int kMaxRows = 6;       // 24 accumulators + 4 B vectors + broadcast
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F rint(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F pow2(F n) {
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_castsi512_ps(e);
+  }
+  static F keep_nan(F x, F r) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, x); }
+  static F inf_above(F x, F hi, F r) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), r, _mm512_set1_ps(__builtin_inff()));
+  }
+  static __m512i bf16_round_bits(F x) {  // float bits rounded to nearest even at bit 16
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+  }
+  static F round_bf16(F x) { return keep_nan(x, _mm512_castsi512_ps(bf16_round_bits(x))); }
+  static F round_f16(F x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
+  static void store_bf16_bits(uint16_t* p, F v) {
+    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+  static float reduce_max(F v, float init) {
+    alignas(64) float t[16];
+    _mm512_store_ps(t, v);
+    float m = init;
+    for (int i = 0; i < 16; ++i) m = t[i] > m ? t[i] : m;
+    return m;
+  }
+};
