@@ -3,7 +3,7 @@
 // Per task (b, n2, tokens [s0, s1) of batch b), with the G heads of the group stacked as the rows
 // of the tile (row r = i*G + g for token i, head h = n2*G + g), R = (s1 - s0)*G rows:
 //   1. window [lo, hi): the compressed tokens any non-fully-masked token of the tile sees (from
-//      atten_mask; 64-aligned). Columns outside it are masked for every such row, so P = 0 there
+//      atten_mask; 16-aligned). Columns outside it are masked for every such row, so P = 0 there
 //      exactly and their GEMM work is skipped (a causal mask removes about half the work).
 //   2. S[R][lo:hi] = (Q_tile . K^T) * scale           (GEMM; fp32 accumulation, §3.1)
 //   3. mask (-FLT_MAX replacement, §3.2); exact softmax per row over the whole row (§3.3) using the
@@ -68,15 +68,6 @@ struct AlignedBuffer {
   }
   T* get() const { return ptr.get(); }
 };
-
-inline void store_out(void* base, int64_t i, float x, DType dt) {
-  switch (dt) {
-    case DType::kBF16: static_cast<uint16_t*>(base)[i] = detail::f32_to_bf16(x); break;
-    case DType::kF16: static_cast<uint16_t*>(base)[i] = detail::f32_to_f16(x); break;
-    case DType::kF32: static_cast<float*>(base)[i] = x; break;
-    case DType::kF64: static_cast<double*>(base)[i] = x; break;
-  }
-}
 
 inline uint16_t load_bits16(const void* base, int64_t i) { return static_cast<const uint16_t*>(base)[i]; }
 
@@ -186,7 +177,7 @@ struct Scratch {
   AlignedBuffer<uint8_t> qa;   // [R][q_lda] packed query tile
   AlignedBuffer<float> o;      // [R][d2p] P.V result
   AlignedBuffer<float> box1, box2;  // [ld_s] stencil rows
-  AlignedBuffer<float> heads;  // [G][max_sel] per-head selection scores
+  AlignedBuffer<float> heads;  // [G][ld_s] box-filtered P rows of the heads of a token
   AlignedBuffer<float> score;  // [max_sel]
   AlignedBuffer<float> uniform;  // [D2] closed-form output of fully masked rows
   std::vector<float*> ptrs;
@@ -205,7 +196,7 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.o.reset(static_cast<size_t>(R * pl.d2p));
   sc.box1.reset(static_cast<size_t>(sc.ld_s));
   sc.box2.reset(static_cast<size_t>(sc.ld_s));
-  sc.heads.reset(static_cast<size_t>(pl.sh.G * pl.sh.max_sel));
+  sc.heads.reset(static_cast<size_t>(pl.sh.G * sc.ld_s));
   sc.score.reset(static_cast<size_t>(pl.sh.max_sel));
   sc.uniform.reset(static_cast<size_t>(pl.sh.D2));
   sc.ptrs.resize(static_cast<size_t>(pl.sh.G));
@@ -214,33 +205,46 @@ void init_scratch(const Plan& pl, Scratch& sc) {
 }
 
 // ------------------------------------------------------------------ selection and top-k
-// Selection scores of one fp32 P row (§3.5) for blocks [k0, k1): score[k] = sum_i w_i P[M(k+1)-i]
-// computed as R[M(k+1)] with R = box_M(box_N(P)); prow is zero outside [lo, hi) for kMargin floats.
-void row_selection(const Plan& pl, Scratch& sc, const float* prow, int64_t lo, int64_t hi, int64_t k0, int64_t k1,
-                   float* out) {
-  const int64_t M = pl.sh.M, N = pl.sh.N;
+// Box-filtered fp32 P row for the selection scores (§3.5): out[x] = sum_{m<M} sum_{n<N} P[x-m-n] for
+// x in [lo, hi + kMargin), so that score_h[k] = out[M(k+1)] (weights w_i of §3.5 as two boxes).
+// prow must be zero on [lo - kMargin, lo) and [hi, hi + kMargin).
+void row_box(const Plan& pl, Scratch& sc, const float* prow, int64_t lo, int64_t hi, float* out) {
   const int64_t n = hi - lo + kMargin;
   float* q = sc.box1.get() + kMargin;
-  float* r = sc.box2.get() + kMargin;
   std::memset(q + lo - kMargin, 0, sizeof(float) * kMargin);
-  pl.kt->box_sum(prow + lo, q + lo, n, static_cast<int>(N));
-  pl.kt->box_sum(q + lo, r + lo, n, static_cast<int>(M));
-  for (int64_t k = k0; k < k1; ++k) out[k] = r[M * (k + 1)];
+  pl.kt->box_sum(prow + lo, q + lo, n, static_cast<int>(pl.sh.N));
+  pl.kt->box_sum(q + lo, out + lo, n, static_cast<int>(pl.sh.M));
 }
 
-// Top-K of score[0..sel) in §3.8 order into idx[0..K).
+// Top-K of score[0..sel) in §3.8 order into idx[0..K): a buffer of the K best so far, sorted.
+// Candidates come in increasing index, so a candidate beats a buffered entry iff its score is
+// strictly greater (ties keep the earlier index). NaN ranks below every number (reference::topk_before):
+// rows holding a NaN take the general comparison.
 void top_k(const float* score, int64_t sel, int64_t K, int32_t* idx) {
   float best[32];
   int32_t bidx[32];
   int64_t count = 0;
+  bool has_nan = false;
+  for (int64_t k = 0; k < sel; ++k) has_nan |= score[k] != score[k];
   for (int64_t k = 0; k < sel; ++k) {
     const float v = score[k];
-    if (count == K && !reference::topk_before(v, k, best[K - 1], static_cast<int64_t>(bidx[K - 1]))) continue;
-    int64_t pos = count < K ? count++ : K - 1;
-    while (pos > 0 && reference::topk_before(v, k, best[pos - 1], static_cast<int64_t>(bidx[pos - 1]))) {
-      best[pos] = best[pos - 1];
-      bidx[pos] = bidx[pos - 1];
-      --pos;
+    int64_t pos;
+    if (!has_nan) {
+      if (count == K && !(v > best[K - 1])) continue;
+      pos = count < K ? count++ : K - 1;
+      while (pos > 0 && v > best[pos - 1]) {
+        best[pos] = best[pos - 1];
+        bidx[pos] = bidx[pos - 1];
+        --pos;
+      }
+    } else {
+      if (count == K && !reference::topk_before(v, k, best[K - 1], static_cast<int64_t>(bidx[K - 1]))) continue;
+      pos = count < K ? count++ : K - 1;
+      while (pos > 0 && reference::topk_before(v, k, best[pos - 1], static_cast<int64_t>(bidx[pos - 1]))) {
+        best[pos] = best[pos - 1];
+        bidx[pos] = bidx[pos - 1];
+        --pos;
+      }
     }
     best[pos] = v;
     bidx[pos] = static_cast<int32_t>(k);
@@ -272,8 +276,8 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
   const bool any_visible = whi > 0;
   int64_t lo = 0, hi = 0;
   if (any_visible) {
-    lo = wlo / kPanel * kPanel;
-    hi = std::min(round_up(whi, kPanel), cp);
+    lo = wlo / 16 * 16;
+    hi = std::min(round_up(whi, 16), cp);
   }
 
   float* S = sc.s.get() + kMargin;  // row r at S + r * ld_s
@@ -286,26 +290,27 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
         const int64_t r = i * G + g, base = t * q.stride[0] + (n2 * G + g) * q.stride[1];
         if (pl.bf16_dot) {
           uint16_t* dst = reinterpret_cast<uint16_t*>(sc.qa.get()) + r * pl.q_lda;
-          for (int64_t d = 0; d < sh.D; ++d) dst[d] = load_bits16(q.data, base + d * q.stride[2]);
+          if (q.stride[2] == 1) std::memcpy(dst, static_cast<const uint16_t*>(q.data) + base, 2 * sh.D);
+          else
+            for (int64_t d = 0; d < sh.D; ++d) dst[d] = load_bits16(q.data, base + d * q.stride[2]);
           for (int64_t d = sh.D; d < pl.q_lda; ++d) dst[d] = 0;
         } else {
           float* dst = reinterpret_cast<float*>(sc.qa.get()) + r * pl.q_lda;
-          for (int64_t d = 0; d < sh.D; ++d) dst[d] = detail::load_f32(q.data, base + d * q.stride[2], dt);
+          if (q.stride[2] == 1)
+            pl.kt->load_row(static_cast<const uint8_t*>(q.data) + base * dtype_size(dt), dst, sh.D, dt);
+          else
+            for (int64_t d = 0; d < sh.D; ++d) dst[d] = detail::load_f32(q.data, base + d * q.stride[2], dt);
         }
       }
     }
     // 3. S = Q.K^T * scale over the window's panels
-    const int64_t np = (hi - lo) / kPanel;
     if (pl.bf16_dot) {
-      const uint16_t* kp = static_cast<const uint16_t*>(kpack);
-      const int64_t pstride = pl.qk_red * kPanel * 2;
-      pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.qa.get()), pl.q_lda, R, kp + (lo / kPanel) * pstride,
-                       pstride, np, pl.qk_red, pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
+      pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.qa.get()), pl.q_lda, R,
+                       static_cast<const uint16_t*>(kpack), pl.qk_red * kPanel * 2, lo, hi - lo, pl.qk_red,
+                       pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
     } else {
-      const float* kp = static_cast<const float*>(kpack);
-      const int64_t pstride = pl.qk_red * kPanel;
-      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.qa.get()), pl.q_lda, R, kp + (lo / kPanel) * pstride,
-                      pstride, np, pl.qk_red, pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
+      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.qa.get()), pl.q_lda, R, static_cast<const float*>(kpack),
+                      pl.qk_red * kPanel, lo, hi - lo, pl.qk_red, pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
     }
   }
 
@@ -349,12 +354,12 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       const uint16_t* vp = static_cast<const uint16_t*>(vpack);
       const int64_t pstride = (cp / 2) * kPanel * 2;
       pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.pa.get()) + lo, sc.ld_p, R, vp + (lo / 2) * kPanel * 2,
-                       pstride, pl.d2p / kPanel, (hi - lo) / 2, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
+                       pstride, 0, pl.d2p, (hi - lo) / 2, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
     } else {
       const float* vp = static_cast<const float*>(vpack);
       const int64_t pstride = cp * kPanel;
-      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.pa.get()) + lo, sc.ld_p, R, vp + lo * kPanel, pstride,
-                      pl.d2p / kPanel, hi - lo, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
+      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.pa.get()) + lo, sc.ld_p, R, vp + lo * kPanel, pstride, 0,
+                      pl.d2p, hi - lo, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
     }
   }
   if (any_full) {
@@ -378,7 +383,8 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g, h = n2 * G + g;
       const float* orow = full ? sc.uniform.get() : sc.o.get() + r * pl.d2p;
-      for (int64_t j = 0; j < sh.D2; ++j) store_out(p.attention_out, (t * sh.N1 + h) * sh.D2 + j, orow[j], dt);
+      pl.kt->store_row(orow, static_cast<uint8_t*>(p.attention_out) + (t * sh.N1 + h) * sh.D2 * dtype_size(dt), sh.D2,
+                       dt);
       const int64_t so = detail::stat_offset(bi, h, s);
       for (int e = 0; e < 8; ++e) {
         p.softmax_max[so + e] = sc.m[r];
@@ -401,25 +407,28 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     float* score = sc.score.get();
     std::fill(score, score + Sel, 0.0f);
     if (rhi > rlo && k1 > k0) {
+      // box-filtered rows of the G heads, then the §3.6 pairwise group sum over g (odd last
+      // element carried up) elementwise, then the picks score[k] = sum[M(k+1)]
+      const int64_t x0 = rlo, x1 = rhi + kMargin;
       for (int64_t g = 0; g < G; ++g) {
-        float* hrow = sc.heads.get() + g * sh.max_sel;
-        row_selection(pl, sc, S + (i * G + g) * sc.ld_s, rlo, rhi, k0, k1, hrow);
+        float* hrow = sc.heads.get() + g * sc.ld_s + kMargin;
+        row_box(pl, sc, S + (i * G + g) * sc.ld_s, rlo, rhi, hrow);
         sc.ptrs[g] = hrow;
       }
-      // §3.6 pairwise group sum over g (odd last element carried up)
       int64_t n = G;
       while (n > 1) {
         const int64_t half = n / 2;
         for (int64_t a = 0; a < half; ++a) {
           float* x = sc.ptrs[2 * a];
           const float* y = sc.ptrs[2 * a + 1];
-          for (int64_t k = k0; k < k1; ++k) x[k] = x[k] + y[k];
+          pl.kt->add_row(x + x0, y + x0, x1 - x0);
           sc.ptrs[a] = x;
         }
         if (n % 2) sc.ptrs[half] = sc.ptrs[n - 1];
         n = half + n % 2;
       }
-      std::memcpy(score + k0, sc.ptrs[0] + k0, sizeof(float) * (k1 - k0));
+      const float* sum = sc.ptrs[0];
+      for (int64_t k = k0; k < k1; ++k) score[k] = sum[M * (k + 1)];
     }
     if (p.topk_mask.data != nullptr) {  // §3.7
       const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];

@@ -28,14 +28,16 @@ enum class PStore : int {
 
 struct KernelTable {
   CpuIsa isa;
-  // C[r][n] = alpha * sum_p A[r][p] B[p][n] (+ C[r][n] if accumulate), r < R, all panels.
+  // C[r][j] = alpha * sum_p A[r][p] B[p][col0 + j] (+ C[r][j] if accumulate), r < R, j < ncols;
+  // col0 and ncols are multiples of 16 (any panel boundaries may be crossed).
   // The reduction is split in chunks of kc (the result of each chunk is added to C); pass
   // kc >= P for a single chunk (then C = alpha * full dot product, rounded once).
-  void (*gemm_f32)(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride,
-                   int64_t n_panels, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha, bool accumulate);
+  void (*gemm_f32)(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride, int64_t col0,
+                   int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha, bool accumulate);
   // Same with bf16 pairs (vdpbf16ps); null when the ISA has no bf16 dot product.
   void (*gemm_bf16)(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
-                    int64_t n_panels, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha, bool accumulate);
+                    int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
+                    bool accumulate);
   // max(x[0..n)), NaN entries ignored, start value `init`. n % 16 == 0.
   float (*row_max)(const float* x, int64_t n, float init);
   // x[i] = exp(x[i] - m) in place; returns the sum in the canonical order (16 interleaved
@@ -46,6 +48,12 @@ struct KernelTable {
   // out[i] = sum_{j < width} in[i - j] for i in [0, n), summed in order j = 0, 1, ...;
   // in[-width+1 .. -1] must be readable. n % 16 == 0.
   void (*box_sum)(const float* in, float* out, int64_t n, int width);
+  // x[i] += y[i], n % 16 == 0.
+  void (*add_row)(float* x, const float* y, int64_t n);
+  // dst[i] = src[i] rounded to dtype (bf16 / fp16 nearest even, fp32 copy), any n.
+  void (*store_row)(const float* src, void* dst, int64_t n, DType dtype);
+  // dst[i] = float(src[i]) for a contiguous bf16 / fp16 / fp32 row, any n.
+  void (*load_row)(const void* src, float* dst, int64_t n, DType dtype);
 };
 
 const KernelTable* kernels_scalar();

@@ -28,6 +28,12 @@ struct V {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_castsi256_ps(e);
   }
+  // p * 2^n with n split in two factors: p * 2^n1 is exact (normal range), the second product
+  // rounds once, so the result equals a single-rounding scaling (as vscalefps).
+  static F scale2(F p, F n) {
+    const F n1 = rint(mul(n, set1(0.5f)));
+    return mul(mul(p, pow2(n1)), pow2(sub(n, n1)));
+  }
   static F keep_nan(F x, F r) { return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
   static F inf_above(F x, F hi, F r) {
     return _mm256_blendv_ps(r, _mm256_set1_ps(__builtin_inff()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
@@ -44,6 +50,14 @@ struct V {
     _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_castps_si256(v));
     for (int i = 0; i < 8; ++i) p[i] = static_cast<uint16_t>(t[i] >> 16);
   }
+  static void store_f16(uint16_t* p, F v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static F load_bf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static float reduce_max(F v, float init) {
     alignas(32) float t[8];
     _mm256_store_ps(t, v);
@@ -60,7 +74,8 @@ namespace nsa::cpu {
 const KernelTable* kernels_avx2() {
   namespace k = isa_avx2;
   static const KernelTable table = {CpuIsa::kAvx2, k::gemm_f32_impl, nullptr, k::row_max_impl,
-                                    k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl};
+                                    k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
+                                    k::store_row_impl, k::load_row_impl};
   return &table;
 }
 }  // namespace nsa::cpu

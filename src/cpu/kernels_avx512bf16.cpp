@@ -13,27 +13,27 @@ namespace nsa::cpu::isa_avx512bf16 {
 #include "cpu/kernels_avx512_traits.h"
 #include "cpu/kernels_impl.h"
 
-// C[MR][64] (+)= alpha * sum_p A[r][pair p] . B[p][64][2]
-template <int MR>
+// C[MR][NV*16] (+)= alpha * sum_p A[r][pair p] . B[p][..][2] (one slice of a panel)
+template <int MR, int NV>
 inline void ukernel_bf16(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t P, float* C, int64_t ldc,
                          float alpha, bool accumulate) {
-  __m512 c[MR][4];
+  __m512 c[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) c[r][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
     const uint16_t* bp = B + p * (kPanel * 2);
-    __m512bh b[4];
-    for (int j = 0; j < 4; ++j) b[j] = (__m512bh)_mm512_loadu_si512(bp + j * 32);
+    __m512bh b[NV];
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(bp + j * 32);
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
       std::memcpy(&pair, A + r * lda + 2 * p, 4);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < 4; ++j) c[r][j] = _mm512_dpbf16_ps(c[r][j], a, b[j]);
+      for (int j = 0; j < NV; ++j) c[r][j] = _mm512_dpbf16_ps(c[r][j], a, b[j]);
     }
   }
   const __m512 va = _mm512_set1_ps(alpha);
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NV; ++j) {
       float* dst = C + r * ldc + j * 16;
       __m512 v = _mm512_mul_ps(c[r][j], va);
       if (accumulate) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
@@ -41,32 +41,44 @@ inline void ukernel_bf16(const uint16_t* A, int64_t lda, const uint16_t* B, int6
     }
 }
 
+template <int NV>
 inline void gemm_bf16_rows(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t P, float* C,
                            int64_t ldc, float alpha, bool acc) {
   int64_t r = 0;
-  for (; r + 6 <= R; r += 6) ukernel_bf16<6>(A + r * lda, lda, B, P, C + r * ldc, ldc, alpha, acc);
+  for (; r + 6 <= R; r += 6) ukernel_bf16<6, NV>(A + r * lda, lda, B, P, C + r * ldc, ldc, alpha, acc);
   A += r * lda;
   C += r * ldc;
   switch (R - r) {
-    case 1: ukernel_bf16<1>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 2: ukernel_bf16<2>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 3: ukernel_bf16<3>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 4: ukernel_bf16<4>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 5: ukernel_bf16<5>(A, lda, B, P, C, ldc, alpha, acc); break;
+    case 1: ukernel_bf16<1, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
+    case 2: ukernel_bf16<2, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
+    case 3: ukernel_bf16<3, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
+    case 4: ukernel_bf16<4, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
+    case 5: ukernel_bf16<5, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
     default: break;
   }
 }
 
 inline void gemm_bf16_impl(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
-                           int64_t n_panels, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
+                           int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
                            bool accumulate) {
   if (kc <= 0) kc = P;
   for (int64_t p0 = 0; p0 < P; p0 += kc) {
     const int64_t pk = P - p0 < kc ? P - p0 : kc;
     const bool acc = accumulate || p0 > 0;
-    for (int64_t pn = 0; pn < n_panels; ++pn)
-      gemm_bf16_rows(A + 2 * p0, lda, R, B + pn * panel_stride + p0 * kPanel * 2, pk, C + pn * kPanel, ldc, alpha,
-                     acc);
+    for (int64_t c = col0; c < col0 + ncols;) {
+      const int64_t panel_end = (c / kPanel + 1) * kPanel;
+      const int64_t end = panel_end < col0 + ncols ? panel_end : col0 + ncols;
+      const uint16_t* Bs = B + (c / kPanel) * panel_stride + p0 * kPanel * 2 + (c % kPanel) * 2;
+      const uint16_t* As = A + 2 * p0;
+      float* Cs = C + (c - col0);
+      switch ((end - c) / 16) {
+        case 4: gemm_bf16_rows<4>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
+        case 3: gemm_bf16_rows<3>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
+        case 2: gemm_bf16_rows<2>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
+        default: gemm_bf16_rows<1>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
+      }
+      c = end;
+    }
   }
 }
 }  // namespace nsa::cpu::isa_avx512bf16
@@ -75,7 +87,8 @@ namespace nsa::cpu {
 const KernelTable* kernels_avx512bf16() {
   namespace k = isa_avx512bf16;
   static const KernelTable table = {CpuIsa::kAvx512Bf16, k::gemm_f32_impl, k::gemm_bf16_impl, k::row_max_impl,
-                                    k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl};
+                                    k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
+                                    k::store_row_impl, k::load_row_impl};
   return &table;
 }
 }  // namespace nsa::cpu

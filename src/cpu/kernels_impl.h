@@ -4,7 +4,8 @@
 //
 // V must provide: type F, constexpr int W (fp32 lanes), zero(), load(p), store(p, v), set1(x),
 // fma(a, b, c) = a*b + c (fused), add, sub, mul, div, max(a, b) (returns b when either is NaN),
-// min(a, b), rint(x) (nearest even), pow2(n) (2^n for integral-valued float n in [-126, 127]),
+// min(a, b), rint(x) (nearest even), scale2(p, n) (p * 2^n rounded once, p in [0.5, 2], integral n in
+// [-160, 128]), add_row-friendly loads/stores,
 // keep_nan(x, r) (x where x is NaN, else r), round_bf16(x), round_f16(x) (float -> dtype -> float,
 // nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable), reduce_max(v, init).
 // Optional: V::kHasBf16Dot with a gemm_bf16 provided by the ISA file.
@@ -27,10 +28,7 @@ inline V::F vexp(V::F x) {
   p = V::fma(p, r, V::set1(5.0000001201e-1f));
   const V::F r2 = V::mul(r, r);
   p = V::fma(p, r2, V::add(r, V::set1(1.0f)));
-  // 2^n split in two factors so that n down to -159 underflows gracefully (gradual underflow).
-  const V::F n1 = V::rint(V::mul(n, V::set1(0.5f)));
-  const V::F n2 = V::sub(n, n1);
-  V::F res = V::mul(V::mul(p, V::pow2(n1)), V::pow2(n2));
+  V::F res = V::scale2(p, n);  // p * 2^n rounded once (gradual underflow down to n = -159)
   // x > 88.72 -> inf
   res = V::inf_above(x, hi, res);
   return V::keep_nan(x, res);
@@ -89,6 +87,53 @@ inline void box_sum_impl(const float* in, float* out, int64_t n, int width) {
   }
 }
 
+inline void add_row_impl(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += V::W) V::store(x + i, V::add(V::load(x + i), V::load(y + i)));
+}
+
+// ------------------------------------------------------------------ row conversions
+// Full vectors first; the tail goes through a zero-padded stack buffer so no ISA-specific scalar
+// code is needed.
+inline void store_vec(const float* src, void* dst, int64_t i, nsa::DType dt) {
+  const V::F x = V::load(src + i);
+  switch (dt) {
+    case nsa::DType::kBF16: V::store_bf16_bits(static_cast<uint16_t*>(dst) + i, V::round_bf16(x)); break;
+    case nsa::DType::kF16: V::store_f16(static_cast<uint16_t*>(dst) + i, x); break;
+    default: V::store(static_cast<float*>(dst) + i, x); break;
+  }
+}
+inline void store_row_impl(const float* src, void* dst, int64_t n, nsa::DType dt) {
+  const int64_t full = n / V::W * V::W;
+  for (int64_t i = 0; i < full; i += V::W) store_vec(src, dst, i, dt);
+  if (full < n) {
+    alignas(64) float in[V::W] = {};
+    alignas(64) float out[V::W];  // big enough for W floats or W uint16
+    const size_t esz = (dt == nsa::DType::kBF16 || dt == nsa::DType::kF16) ? 2 : 4;
+    __builtin_memcpy(in, src + full, sizeof(float) * static_cast<size_t>(n - full));
+    store_vec(in, out, 0, dt);
+    __builtin_memcpy(static_cast<char*>(dst) + full * esz, out, esz * static_cast<size_t>(n - full));
+  }
+}
+inline V::F load_vec(const void* src, int64_t i, nsa::DType dt) {
+  switch (dt) {
+    case nsa::DType::kBF16: return V::load_bf16(static_cast<const uint16_t*>(src) + i);
+    case nsa::DType::kF16: return V::load_f16(static_cast<const uint16_t*>(src) + i);
+    default: return V::load(static_cast<const float*>(src) + i);
+  }
+}
+inline void load_row_impl(const void* src, float* dst, int64_t n, nsa::DType dt) {
+  const int64_t full = n / V::W * V::W;
+  for (int64_t i = 0; i < full; i += V::W) V::store(dst + i, load_vec(src, i, dt));
+  if (full < n) {
+    alignas(64) float in[V::W] = {};
+    const size_t esz = (dt == nsa::DType::kBF16 || dt == nsa::DType::kF16) ? 2 : 4;
+    __builtin_memcpy(in, static_cast<const char*>(src) + full * esz, esz * static_cast<size_t>(n - full));
+    alignas(64) float out[V::W];
+    V::store(out, load_vec(in, 0, dt));
+    __builtin_memcpy(dst + full, out, sizeof(float) * static_cast<size_t>(n - full));
+  }
+}
+
 // ------------------------------------------------------------------ fp32 GEMM
 // Micro-kernel: C[MR][NV*W] (+)= alpha * A[MR][P] . B[P][ldb], one column slice of a panel.
 template <int MR, int NV>
@@ -134,18 +179,42 @@ inline void gemm_rows_f32(const float* A, int64_t lda, int64_t R, const float* B
   }
 }
 
+// A column slice of `nv` vectors (nv * W columns, a multiple of 16) inside one panel.
+inline void gemm_slice_f32(int nv, const float* A, int64_t lda, int64_t R, const float* B, int64_t P, float* C,
+                           int64_t ldc, float alpha, bool acc) {
+  constexpr int NV = V::kSliceVectors;
+  switch (nv) {
+    case NV: gemm_rows_f32<NV, V::kMaxRows>(A, lda, R, B, P, C, ldc, alpha, acc); break;
+    case (NV >= 2 ? NV / 2 : NV): if constexpr (NV >= 2 && (NV / 2) * V::W % 16 == 0)
+        gemm_rows_f32<NV / 2, V::kMaxRows>(A, lda, R, B, P, C, ldc, alpha, acc);
+      break;
+    case (NV >= 4 ? NV / 4 : -1): if constexpr (NV >= 4 && (NV / 4) * V::W % 16 == 0)
+        gemm_rows_f32<NV / 4, V::kMaxRows>(A, lda, R, B, P, C, ldc, alpha, acc);
+      break;
+    case (NV == 4 && V::W == 16 ? 3 : -2): if constexpr (NV == 4 && V::W == 16)
+        gemm_rows_f32<3, V::kMaxRows>(A, lda, R, B, P, C, ldc, alpha, acc);
+      break;
+    default: break;
+  }
+}
+
+// Columns [col0, col0 + ncols) of the panel matrix (both multiples of 16), into C[:, 0..ncols).
 inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride,
-                          int64_t n_panels, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
+                          int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
                           bool accumulate) {
-  constexpr int NV = V::kSliceVectors;           // vectors per column slice
-  constexpr int64_t SLICE = NV * V::W;           // columns per slice
+  constexpr int64_t SLICE = V::kSliceVectors * V::W;  // columns per full slice
+  constexpr int64_t PANEL = nsa::cpu::kPanel;
   if (kc <= 0) kc = P;
   for (int64_t p0 = 0; p0 < P; p0 += kc) {
     const int64_t pk = P - p0 < kc ? P - p0 : kc;
     const bool acc = accumulate || p0 > 0;
-    for (int64_t pn = 0; pn < n_panels; ++pn)
-      for (int64_t s = 0; s < nsa::cpu::kPanel; s += SLICE)
-        gemm_rows_f32<NV, V::kMaxRows>(A + p0, lda, R, B + pn * panel_stride + p0 * nsa::cpu::kPanel + s, pk,
-                                       C + pn * nsa::cpu::kPanel + s, ldc, alpha, acc);
+    for (int64_t c = col0; c < col0 + ncols;) {
+      const int64_t panel_end = (c / PANEL + 1) * PANEL;
+      const int64_t end = panel_end < col0 + ncols ? panel_end : col0 + ncols;
+      const int64_t w = end - c < SLICE ? end - c : SLICE;  // never crosses a panel (SLICE divides 64)
+      const float* Bs = B + (c / PANEL) * panel_stride + p0 * PANEL + (c % PANEL);
+      gemm_slice_f32(static_cast<int>(w / V::W), A + p0, lda, R, Bs, pk, C + (c - col0), ldc, alpha, acc);
+      c += w;
+    }
   }
 }

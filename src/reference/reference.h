@@ -37,4 +37,9 @@ bool topk_before(T sa, int64_t ia, T sb, int64_t ib) {
   return ia < ib;
 }
 
+// Backward (§7), see src/reference/backward.cpp: the spec in float32 arithmetic (the public reference for
+// bf16/fp16/fp32) and the same steps in float64 (the fp64 model of the gradients; fp64 inputs use it).
+Status backward_fp32(const CompressAttentionGradParams& p);
+Status backward_fp64(const CompressAttentionGradParams& p);
+
 }  // namespace nsa::reference
