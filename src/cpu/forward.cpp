@@ -9,8 +9,9 @@
 //   3. mask (-FLT_MAX replacement, §3.2); exact softmax per row over the whole row (§3.3) using the
 //      score block kept in per-thread scratch (no online rescaling: P must be final before use).
 //   4. O[R][D2] = round(P) . V                          (GEMM; P rounded to the dtype, §3.4)
-//   5. selection scores from fp32 P as two box filters (width N, then M) picked every M (§3.5),
-//      pairwise group sum over g (§3.6), forced blocks (§3.7), top-K with a sorted buffer (§3.8).
+//   5. selection scores: fp32 P rows of the G heads summed pairwise over g (§3.6, applied before the
+//      linear §3.5 map: equal up to rounding), two box filters (width N, then M) picked every M
+//      (§3.5), forced blocks (§3.7), top-K with a sorted buffer (§3.8).
 // Fully masked tokens (§5) take the closed form: P = 1/C_b, O = sum_c round(1/C_b) v[c].
 // K and V of each (batch, KV head) are packed once per call into GEMM panels (kernels.h layouts):
 // bf16 pairs for the vdpbf16ps path, fp32 otherwise. Scratch is per worker and bounded by
@@ -177,7 +178,7 @@ struct Scratch {
   AlignedBuffer<uint8_t> qa;   // [R][q_lda] packed query tile
   AlignedBuffer<float> o;      // [R][d2p] P.V result
   AlignedBuffer<float> box1, box2;  // [ld_s] stencil rows
-  AlignedBuffer<float> heads;  // [G][ld_s] box-filtered P rows of the heads of a token
+  AlignedBuffer<float> heads;  // [ld_s] box-filtered group-summed P row of a token
   AlignedBuffer<float> score;  // [max_sel]
   AlignedBuffer<float> uniform;  // [D2] closed-form output of fully masked rows
   std::vector<float*> ptrs;
@@ -196,7 +197,7 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.o.reset(static_cast<size_t>(R * pl.d2p));
   sc.box1.reset(static_cast<size_t>(sc.ld_s));
   sc.box2.reset(static_cast<size_t>(sc.ld_s));
-  sc.heads.reset(static_cast<size_t>(pl.sh.G * sc.ld_s));
+  sc.heads.reset(static_cast<size_t>(sc.ld_s));
   sc.score.reset(static_cast<size_t>(pl.sh.max_sel));
   sc.uniform.reset(static_cast<size_t>(pl.sh.D2));
   sc.ptrs.resize(static_cast<size_t>(pl.sh.G));
@@ -218,33 +219,44 @@ void row_box(const Plan& pl, Scratch& sc, const float* prow, int64_t lo, int64_t
 
 // Top-K of score[0..sel) in §3.8 order into idx[0..K): a buffer of the K best so far, sorted.
 // Candidates come in increasing index, so a candidate beats a buffered entry iff its score is
-// strictly greater (ties keep the earlier index). NaN ranks below every number (reference::topk_before):
-// rows holding a NaN take the general comparison.
+// strictly greater (ties keep the earlier index). NaN ranks below every number
+// (reference::topk_before); a NaN can only enter the buffer while it fills, and then the general
+// comparison takes over from the start.
+void top_k_general(const float* score, int64_t sel, int64_t K, int32_t* idx) {
+  float best[32];
+  int32_t bidx[32];
+  int64_t count = 0;
+  for (int64_t k = 0; k < sel; ++k) {
+    const float v = score[k];
+    if (count == K && !reference::topk_before(v, k, best[K - 1], static_cast<int64_t>(bidx[K - 1]))) continue;
+    int64_t pos = count < K ? count++ : K - 1;
+    while (pos > 0 && reference::topk_before(v, k, best[pos - 1], static_cast<int64_t>(bidx[pos - 1]))) {
+      best[pos] = best[pos - 1];
+      bidx[pos] = bidx[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    bidx[pos] = static_cast<int32_t>(k);
+  }
+  for (int64_t i = 0; i < K; ++i) idx[i] = bidx[i];
+}
+
 void top_k(const float* score, int64_t sel, int64_t K, int32_t* idx) {
   float best[32];
   int32_t bidx[32];
   int64_t count = 0;
-  bool has_nan = false;
-  for (int64_t k = 0; k < sel; ++k) has_nan |= score[k] != score[k];
   for (int64_t k = 0; k < sel; ++k) {
     const float v = score[k];
-    int64_t pos;
-    if (!has_nan) {
-      if (count == K && !(v > best[K - 1])) continue;
-      pos = count < K ? count++ : K - 1;
-      while (pos > 0 && v > best[pos - 1]) {
-        best[pos] = best[pos - 1];
-        bidx[pos] = bidx[pos - 1];
-        --pos;
-      }
-    } else {
-      if (count == K && !reference::topk_before(v, k, best[K - 1], static_cast<int64_t>(bidx[K - 1]))) continue;
-      pos = count < K ? count++ : K - 1;
-      while (pos > 0 && reference::topk_before(v, k, best[pos - 1], static_cast<int64_t>(bidx[pos - 1]))) {
-        best[pos] = best[pos - 1];
-        bidx[pos] = bidx[pos - 1];
-        --pos;
-      }
+    if (count == K) {
+      if (!(v > best[K - 1])) continue;  // also rejects NaN
+    } else if (v != v) {
+      return top_k_general(score, sel, K, idx);
+    }
+    int64_t pos = count < K ? count++ : K - 1;
+    while (pos > 0 && v > best[pos - 1]) {
+      best[pos] = best[pos - 1];
+      bidx[pos] = bidx[pos - 1];
+      --pos;
     }
     best[pos] = v;
     bidx[pos] = static_cast<int32_t>(k);
@@ -407,28 +419,25 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     float* score = sc.score.get();
     std::fill(score, score + Sel, 0.0f);
     if (rhi > rlo && k1 > k0) {
-      // box-filtered rows of the G heads, then the §3.6 pairwise group sum over g (odd last
-      // element carried up) elementwise, then the picks score[k] = sum[M(k+1)]
-      const int64_t x0 = rlo, x1 = rhi + kMargin;
-      for (int64_t g = 0; g < G; ++g) {
-        float* hrow = sc.heads.get() + g * sc.ld_s + kMargin;
-        row_box(pl, sc, S + (i * G + g) * sc.ld_s, rlo, rhi, hrow);
-        sc.ptrs[g] = hrow;
-      }
+      // §3.6 pairwise group sum over g (odd last element carried up), applied elementwise to the
+      // fp32 P rows of the G heads (the §3.5 map is linear, so this equals summing score_h up to
+      // rounding), then the §3.5 box filters once, then the picks score[k] = box[M(k+1)].
+      for (int64_t g = 0; g < G; ++g) sc.ptrs[g] = S + (i * G + g) * sc.ld_s;
+      const int64_t x0 = rlo - kMargin, x1 = rhi + kMargin;  // margins included (zeros)
       int64_t n = G;
       while (n > 1) {
         const int64_t half = n / 2;
         for (int64_t a = 0; a < half; ++a) {
           float* x = sc.ptrs[2 * a];
-          const float* y = sc.ptrs[2 * a + 1];
-          pl.kt->add_row(x + x0, y + x0, x1 - x0);
+          pl.kt->add_row(x + x0, sc.ptrs[2 * a + 1] + x0, x1 - x0);
           sc.ptrs[a] = x;
         }
         if (n % 2) sc.ptrs[half] = sc.ptrs[n - 1];
         n = half + n % 2;
       }
-      const float* sum = sc.ptrs[0];
-      for (int64_t k = k0; k < k1; ++k) score[k] = sum[M * (k + 1)];
+      float* boxed = sc.heads.get() + kMargin;
+      row_box(pl, sc, sc.ptrs[0], rlo, rhi, boxed);
+      for (int64_t k = k0; k < k1; ++k) score[k] = boxed[M * (k + 1)];
     }
     if (p.topk_mask.data != nullptr) {  // §3.7
       const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
