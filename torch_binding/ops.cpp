@@ -6,6 +6,11 @@
 // A backward op (compress_attention_backward, SPEC §7) is declared next to its kernels.
 #include <torch/library.h>
 
+#include <string>
+#include <tuple>
+
+#include "nsa/compress_attention.h"
+
 #define NSA_FORWARD_ARGS                                                                          \
   "(Tensor query, Tensor key, Tensor value, float scale_value, int head_num, "                   \
   "int compress_block_size, int compress_stride, int select_block_size, int select_block_count, " \
@@ -13,7 +18,15 @@
   "int[]? actual_cmp_seq_kvlen=None, int[]? actual_sel_seq_kvlen=None) "                         \
   "-> (Tensor attention_out, Tensor topk_indices, Tensor softmax_max, Tensor softmax_sum)"
 
+namespace {
+// The CPU backend's instruction-set paths: (detected by cpuid + XCR0, active after the NSA_CPU_ISA cap).
+std::tuple<std::string, std::string> cpu_isa() {
+  return {nsa::cpu_isa_name(nsa::cpu_detected_isa()), nsa::cpu_isa_name(nsa::cpu_active_isa())};
+}
+}  // namespace
+
 TORCH_LIBRARY(nsa, m) {
   m.def("compress_attention" NSA_FORWARD_ARGS);
   m.def("compress_attention_reference" NSA_FORWARD_ARGS);
+  m.def("cpu_isa() -> (str detected, str active)", &cpu_isa);
 }

@@ -18,6 +18,7 @@ from .masks import (  # noqa: E402
     selection_lengths,
 )
 from .ops import CompressAttentionOutput, compress_attention, npu_nsa_compress_attention  # noqa: E402
+from .ops import cpu_isa  # noqa: E402
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "softmax_stats_view",
     "softmax_stats_dense",
     "softmax_stats_pack",
+    "cpu_isa",
     "library_path",
     "load_library",
 ]

@@ -18,7 +18,14 @@ from ._lib import load_library
 
 load_library()
 
-__all__ = ["CompressAttentionOutput", "npu_nsa_compress_attention", "compress_attention"]
+__all__ = ["CompressAttentionOutput", "npu_nsa_compress_attention", "compress_attention", "cpu_isa"]
+
+
+def cpu_isa() -> tuple[str, str]:
+    """The CPU backend's instruction-set paths ``(detected, active)``: what cpuid + XCR0 allow, and what runs
+    after the ``NSA_CPU_ISA=scalar|avx2|avx512|avx512bf16`` cap (read once per process)."""
+    detected, active = torch.ops.nsa.cpu_isa()
+    return detected, active
 
 
 class CompressAttentionOutput(NamedTuple):

@@ -23,3 +23,12 @@ def shared_vectors() -> Path:
         pytest.fail(f"shared reference vectors not found at {path} (expected cases.json and <name>.npz there; "
                     "the repository expects shared/ beside the clone, or set NSA_VECTORS_DIR)")
     return path
+
+
+def pytest_report_header(config):
+    try:
+        import nsa_ops
+    except ImportError as e:  # the tests report it properly
+        return [f"nsa_ops: not importable ({e})"]
+    detected, active = nsa_ops.cpu_isa()
+    return [f"nsa_ops: library {nsa_ops.library_path()}; CPU ISA detected {detected}, active {active}"]
