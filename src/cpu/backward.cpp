@@ -89,38 +89,52 @@ inline void load_row(const void* base, int64_t off, int64_t stride, int64_t n, t
   }
 }
 
-// ---------------------------------------------------------------- plain GEMM on packed panels
+// ---------------------------------------------------------------- portable GEMM on packed panels
 // C[m][n] (+)= sum_{k<K} A[m*lda + k] * B[(n/64)*panel_stride + k*64 + n%64], m < M, n < n_panels*64.
 // Each C element is summed in k order starting from C (accumulate) or 0, whatever its position in the
 // blocking: the result does not depend on M or on which rows are blocked together.
-template <int MR, int NR, typename T>
+// Written with GCC/Clang generic 16-byte vectors (SSE2 / NEON width, the baseline of this file) so that
+// the MR x NR accumulators stay in registers; plain nested loops are not reliably register-blocked by GCC.
+template <typename T>
+struct Vec16 {
+  typedef T type __attribute__((vector_size(16)));
+  static constexpr int kLanes = 16 / sizeof(T);
+};
+
+template <int MR, int NV, typename T>
 inline void micro(const T* __restrict A, int64_t lda, const T* __restrict B, int64_t K, T* __restrict C,
                   int64_t ldc, bool accumulate) {
-  T acc[MR][NR];
+  using V = typename Vec16<T>::type;
+  constexpr int L = Vec16<T>::kLanes;
+  V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = accumulate ? C[i * ldc + j] : T(0);
+    for (int j = 0; j < NV; ++j) {
+      if (accumulate) std::memcpy(&acc[i][j], C + i * ldc + j * L, sizeof(V));
+      else acc[i][j] = V{} * T(0);
+    }
   for (int64_t k = 0; k < K; ++k) {
-    const T* __restrict b = B + k * kPan;
+    V b[NV];
+    for (int j = 0; j < NV; ++j) std::memcpy(&b[j], B + k * kPan + j * L, sizeof(V));
     for (int i = 0; i < MR; ++i) {
       const T a = A[i * lda + k];
-      for (int j = 0; j < NR; ++j) acc[i][j] += a * b[j];
+      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) C[i * ldc + j] = acc[i][j];
+    for (int j = 0; j < NV; ++j) std::memcpy(C + i * ldc + j * L, &acc[i][j], sizeof(V));
 }
 
 template <typename T>
 void gemm_panels(const T* A, int64_t lda, int64_t M, const T* B, int64_t panel_stride, int64_t n_panels,
                  int64_t K, T* C, int64_t ldc, bool accumulate) {
-  constexpr int MR = 4, NR = 16;
+  constexpr int MR = 4, NV = 2, NR = NV * Vec16<T>::kLanes;  // 8 accumulators + 2 B registers
   for (int64_t pn = 0; pn < n_panels; ++pn) {
     for (int64_t n0 = 0; n0 < kPan; n0 += NR) {
       const T* Bp = B + pn * panel_stride + n0;
       T* Cp = C + pn * kPan + n0;
       int64_t m = 0;
-      for (; m + MR <= M; m += MR) micro<MR, NR>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
-      for (; m < M; ++m) micro<1, NR>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
+      for (; m + MR <= M; m += MR) micro<MR, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
+      for (; m < M; ++m) micro<1, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
     }
   }
 }

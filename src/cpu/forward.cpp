@@ -246,6 +246,16 @@ void top_k(const float* score, int64_t sel, int64_t K, int32_t* idx) {
   int32_t bidx[32];
   int64_t count = 0;
   for (int64_t k = 0; k < sel; ++k) {
+    if (count == K && (k & 15) == 0 && k + 16 <= sel) {
+      // skip 16 candidates at once when none beats the K-th (vectorizable compare)
+      const float kth = best[K - 1];
+      int any = 0;
+      for (int j = 0; j < 16; ++j) any |= score[k + j] > kth;
+      if (!any) {
+        k += 15;
+        continue;
+      }
+    }
     const float v = score[k];
     if (count == K) {
       if (!(v > best[K - 1])) continue;  // also rejects NaN
@@ -417,7 +427,8 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     const int64_t k0 = std::max<int64_t>(0, (rlo + M - 1) / M - 1);
     const int64_t k1 = std::min<int64_t>(Sel, (rhi + kMargin - 1) / M);
     float* score = sc.score.get();
-    std::fill(score, score + Sel, 0.0f);
+    std::fill(score, score + std::min(k0, Sel), 0.0f);  // [k0, k1) is written below
+    std::fill(score + std::max(k0, std::min(k1, Sel)), score + Sel, 0.0f);
     if (rhi > rlo && k1 > k0) {
       // §3.6 pairwise group sum over g (odd last element carried up), applied elementwise to the
       // fp32 P rows of the G heads (the §3.5 map is linear, so this equals summing score_h up to
@@ -438,6 +449,8 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       float* boxed = sc.heads.get() + kMargin;
       row_box(pl, sc, sc.ptrs[0], rlo, rhi, boxed);
       for (int64_t k = k0; k < k1; ++k) score[k] = boxed[M * (k + 1)];
+    } else if (k1 > k0) {
+      std::fill(score + k0, score + k1, 0.0f);
     }
     if (p.topk_mask.data != nullptr) {  // §3.7
       const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
