@@ -113,3 +113,11 @@ def test_missing_library_is_a_clear_import_error(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=str(tmp_path), timeout=120)
     assert r.returncode != 0 and "NSA_OPS_LIB" in r.stderr, r.stderr[-2000:]
+
+
+def test_torch_compile_fullgraph():
+    """The drop-in traces into one graph (the Meta kernel supplies the shapes) and gives the eager results."""
+    a = make_args(MATRIX[2])
+    f = torch.compile(nsa_ops.npu_nsa_compress_attention, backend="aot_eager", fullgraph=True)
+    for x, y in zip(f(**a), nsa_ops.npu_nsa_compress_attention(**a)):
+        assert torch.equal(x, y)
