@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,9 +119,14 @@ def check(case: bl.Case, x: bl.Inputs, ours, row_chunk: int, full_rows_limit: in
         "softmax_max_rel_diff": m_diff,
         "softmax_sum_rel_diff": l_diff,
     }
-    ok = in_range and distinct and res["topk_equal_score"] == 1.0 and m_diff < 1e-4 and l_diff < 1e-4
+    # attention_out: a loose bound (4 units of the dtype's epsilon at the largest |ref|) that catches
+    # wrong results, not the last rounding difference (tests/ hold the tight tolerances).
+    out_tol = 4 * torch.finfo(case.torch_dtype).eps * max(1.0, ref_max)
+    res["out_tol"] = out_tol
+    ok = (out_diff <= out_tol and in_range and distinct and res["topk_equal_score"] == 1.0 and m_diff < 1e-4
+          and l_diff < 1e-4)
     res["ok"] = ok
-    res["summary"] = (f"out max|diff| {out_diff:.3g} (|ref| <= {ref_max:.3g}); top-k identical "
+    res["summary"] = (f"out max|diff| {out_diff:.3g} (|ref| <= {ref_max:.3g}, bound {out_tol:.2g}); top-k identical "
                       f"{100 * res['topk_identical']:.2f}%, equal-score {100 * res['topk_equal_score']:.2f}%"
                       f"{'' if in_range and distinct else ', BAD INDICES'}; stats rel diff max {m_diff:.2g}, "
                       f"sum {l_diff:.2g} [{sampled}] -> {'OK' if ok else 'MISMATCH'}")
@@ -269,11 +275,10 @@ def main(argv=None) -> int:
     nsa_ops = bl.import_nsa_ops()
     peak = bl.get_peak(threads, args.peak_json, not args.no_probe, args.peak_bf16, args.peak_fp32,
                        use_cache=not args.fresh_peak)
-    import os
     header = [
         f"nsa_ops {bl.git_describe()} ({nsa_ops.library_path()}), torch {torch.__version__}, "
         f"{threads} threads (torch.get_num_threads() = {torch.get_num_threads()}, NSA_NUM_THREADS = "
-        f"{os.environ.get('NSA_NUM_THREADS')}), NSA_CPU_ISA = {os.environ.get('NSA_CPU_ISA', 'unset (best)')}",
+        f"{os.environ.get('NSA_NUM_THREADS')}), {bl.isa_str(nsa_ops)}",
         peak.describe(),
         f"timing: median of up to {args.repeat} runs after {args.warmup} warm-up(s), at most "
         f"{args.budget:.0f} s of measured runs per method; seed {args.seed}",

@@ -62,6 +62,17 @@ def git_describe() -> str:
         return "unknown"
 
 
+def isa_str(nsa_ops) -> str:
+    """The CPU backend's active ISA path (and the detected one), from nsa_ops.cpu_isa() when it exists."""
+    env = os.environ.get("NSA_CPU_ISA")
+    try:
+        detected, active = nsa_ops.cpu_isa()
+        s = f"ISA {active}" + (f" (detected {detected})" if detected != active else "")
+    except Exception:
+        s = "ISA unknown"
+    return s + (f", NSA_CPU_ISA={env}" if env else "")
+
+
 def set_threads(n: Optional[int]) -> int:
     """Uses n threads in torch and in the operator (NSA_NUM_THREADS); default: every core."""
     n = n or os.cpu_count() or 1

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     dtype = bl.DTYPES[args.dtype]
     peak = bl.get_peak(threads, args.peak_json, not args.no_probe, use_cache=not args.fresh_peak)
     print(f"NSA compressed attention: the SPEC seed example on CPU (nsa_ops {bl.git_describe()}, torch "
-          f"{torch.__version__}, {threads} threads, NSA_CPU_ISA={os.environ.get('NSA_CPU_ISA', 'unset (best)')})")
+          f"{torch.__version__}, {threads} threads, {bl.isa_str(nsa_ops)})")
     print(peak.describe())
 
     T, why = choose_tokens(args.tokens, nsa_ops, dtype, args.seed, args.time_limit)
