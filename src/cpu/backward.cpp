@@ -6,32 +6,39 @@
 //   S  = Q_i K_j^T (fp32 dot products), P = exp(S*scale - m) / l_sum from the saved statistics,
 //        P = 0 where atten_mask removes the entry (or the column is past C_b);
 //   dP = dO_i V_j^T,  dS = P (dP - Dlt),  Dlt = rowsum(dO * O) with O = attention_out as returned;
-//   dV_j += P^T dO_i,  dK_j += dS^T Q_i,  dQ_i += dS K_j   (dK and dQ times scale at the end).
+//   dV_j^T += dO_i^T P,  dK_j^T += Q_i^T dS,  dQ_i += dS K_j   (dK and dQ times scale at the end).
+// dK and dV are accumulated transposed ([D][64]) so that P and dS serve as B operands as they are
+// (no per-pair transposes); Q^T and dO^T are built once per query tile load.
 // Each output element has exactly one writer and one fixed summation order:
 //   dK_j / dV_j accumulate over query tiles i = 0, 1, ... (ascending),
 //   dQ_i accumulates over key tiles j = 0, 1, ... (ascending),
 // and S, P, dP, dS of a pair are computed by the same code whatever task computes them. Two kinds of
 // schedule respect this and give bitwise identical results:
-//   one-pass  : a task owns a (batch, KV head): for i: for j: all five products (no recomputation);
+//   one-pass  : a task owns a (batch, KV head): for i: for j: all five products (no recomputation),
+//               every key tile of the batch converted once into the worker's cache;
 //   two-pass  : "kv" tasks own (batch, KV head, key tile j) and iterate i (dK_j, dV_j); "dq" tasks own
 //               (batch, KV head, query tile i) and iterate j (dQ_i), recomputing S and dP.
-// The schedule is chosen per call from the shape and the thread count (two-pass costs
-// (4D+3D2)/(3D+2D2) more FLOPs but has more, smaller tasks); results never depend on it.
+// The schedule is chosen per call from the shape and the thread count (an LPT estimate of both; two-pass
+// costs (4D+3D2)/(3D+2D2) more FLOPs but has more, smaller tasks); results never depend on it.
 //
-// Masks. Tile pairs with no visible entry are skipped. A fully masked row (§5) has P = 1/l_sum = 1/C_b on
-// every column and contributes only to dV (§7): its share u = sum over such rows of dO / l_sum is
-// added to every dV row of the batch after the tile contributions; inside tiles its entries are
-// masked (P = 0), so its dQ is zero and it adds nothing to dK.
+// Masks. A plan per batch records, for every tile pair, whether anything is visible (else it is
+// skipped) and the 16-column window [w0, w1) of the key tile that holds every visible entry of its
+// rows: all five products run on the window only (a causal mask leaves on average half of the last
+// tile of a row visible). A fully masked row (§5) has P = 1/l_sum = 1/C_b on every column and
+// contributes only to dV (§7): its share u = sum over such rows of dO / l_sum is added to every dV row
+// of the batch after the tile contributions; inside tiles its entries are masked (P = 0), so its dQ is
+// zero and it adds nothing to dK.
 //
 // Precision. All arithmetic in fp32 (fp64 for fp64 inputs): P and dS are not rounded to the input
 // dtype (§7 allows either); exp is a Cody-Waite + degree-6 polynomial (about 1 ulp).
-// Workspace: per-worker tiles (O(R*(D+D2) + Bc*(D+D2)) floats), plus, in one-pass mode, dK/dV
-// accumulators for one (batch, KV head): O(maxC*(D+D2)). Nothing grows with T x C except the tile
-// visibility map (one byte per tile pair).
+// Workspace: per-worker tiles (O(R*(D+D2) + Bc*(D+D2)) floats), plus, in one-pass mode, the key-tile
+// cache and dK/dV accumulators of one (batch, KV head): O(maxC*(2D+2D2)). Nothing grows with T x C
+// except the plan (3 bytes per tile pair).
 //
-// GEMM. Every product is one call of gemm_panels (plain C++ loops written to vectorize), with the B
-// operand in the packed panel layout of src/cpu/kernels.h ([panels][K][64], zero padded), so the
-// per-ISA micro-kernels can replace it without changing the data layout.
+// GEMM. Every product is one call of gemm_panels with the B operand in the packed panel layout and
+// the (col0, ncols) column range of KernelTable::gemm_f32 (src/cpu/kernels.h: [panels][K][64], zero
+// padded), so the per-ISA micro-kernels can replace it call for call. gemm_panels itself is portable
+// C++ with 16-byte generic vectors (SSE2 at the baseline flags this file is built with).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -90,7 +97,8 @@ inline void load_row(const void* base, int64_t off, int64_t stride, int64_t n, t
 }
 
 // ---------------------------------------------------------------- portable GEMM on packed panels
-// C[m][n] (+)= sum_{k<K} A[m*lda + k] * B[(n/64)*panel_stride + k*64 + n%64], m < M, n < n_panels*64.
+// C[m][n - col0] (+)= sum_{k<K} A[m*lda + k] * B[(n/64)*panel_stride + k*64 + n%64], m < M,
+// n in [col0, col0 + ncols) (col0, ncols multiples of 16: the contract of KernelTable::gemm_f32).
 // Each C element is summed in k order starting from C (accumulate) or 0, whatever its position in the
 // blocking: the result does not depend on M or on which rows are blocked together.
 // Written with GCC/Clang generic 16-byte vectors (SSE2 / NEON width, the baseline of this file) so that
@@ -110,7 +118,7 @@ inline void micro(const T* __restrict A, int64_t lda, const T* __restrict B, int
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) {
       if (accumulate) std::memcpy(&acc[i][j], C + i * ldc + j * L, sizeof(V));
-      else acc[i][j] = V{} * T(0);
+      else acc[i][j] = V{};
     }
   for (int64_t k = 0; k < K; ++k) {
     V b[NV];
@@ -125,17 +133,15 @@ inline void micro(const T* __restrict A, int64_t lda, const T* __restrict B, int
 }
 
 template <typename T>
-void gemm_panels(const T* A, int64_t lda, int64_t M, const T* B, int64_t panel_stride, int64_t n_panels,
+void gemm_panels(const T* A, int64_t lda, int64_t M, const T* B, int64_t panel_stride, int64_t col0, int64_t ncols,
                  int64_t K, T* C, int64_t ldc, bool accumulate) {
   constexpr int MR = 4, NV = 2, NR = NV * Vec16<T>::kLanes;  // 8 accumulators + 2 B registers
-  for (int64_t pn = 0; pn < n_panels; ++pn) {
-    for (int64_t n0 = 0; n0 < kPan; n0 += NR) {
-      const T* Bp = B + pn * panel_stride + n0;
-      T* Cp = C + pn * kPan + n0;
-      int64_t m = 0;
-      for (; m + MR <= M; m += MR) micro<MR, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
-      for (; m < M; ++m) micro<1, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
-    }
+  for (int64_t n0 = col0; n0 < col0 + ncols; n0 += NR) {
+    const T* Bp = B + (n0 / kPan) * panel_stride + n0 % kPan;
+    T* Cp = C + (n0 - col0);
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR) micro<MR, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
+    for (; m < M; ++m) micro<1, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
   }
 }
 
@@ -167,10 +173,19 @@ inline float exp_acc(float x) { return exp_poly(x); }
 // ---------------------------------------------------------------- plan
 enum TileState : uint8_t { kSkip = 0, kPartial = 1, kFull = 2 };
 
+// What a tile pair computes: nothing (kSkip), or the columns [w0, w1) of its key tile (16-column
+// windows holding every visible entry of its rows; multiples of 16, w1 <= 64), with atten_mask applied
+// inside (kPartial) or not needed (kFull: every entry of the window below C_b is visible).
+struct PairInfo {
+  uint8_t state = kSkip, w0 = 0, w1 = 0;
+};
+
+constexpr int64_t kWin = 16;  // column granularity of the windows
+
 struct BatchPlan {
   BatchInfo bi;
   int64_t nq = 0, nk = 0;           // query tiles (of Bq tokens) and key tiles (of Bc tokens)
-  std::vector<uint8_t> tile;        // [nq][nk] TileState
+  std::vector<PairInfo> tile;       // [nq][nk]
   std::vector<int64_t> fm_rows;     // fully masked rows (local s), ascending
   std::vector<int64_t> pairs_q;     // [nq] visible tile pairs x rows x cols, per query tile (cost)
   std::vector<int64_t> pairs_k;     // [nk] the same per key tile
@@ -190,23 +205,30 @@ struct Task {
   double cost;
 };
 
+// Per-worker workspace, allocated once per call (zeroed: panel paddings are read as zeros).
 template <typename Acc>
 struct Scratch {
   std::vector<Acc> buf;
-  std::vector<uint8_t> keep;  // [R][64] 1 = visible entry (partial tiles)
-  Acc *qa, *qp, *oa, *op, *orow, *kt, *kp, *vt, *s, *dp, *pt, *dst, *rm, *ril, *rdlt, *dq, *dk, *dv, *u;
+  std::vector<uint8_t> keep;  // [R][64] 1 = visible entry of the current tile pair
+  // Query tile: Q rows qa [R][D] and Q^T qT [D][R]; dO rows oa [R][D2] and dO^T oT [D2][R]; per row m,
+  // 1/l_sum, Dlt. Key tiles (ktiles of them): K^T kt [D][64], K panels kp [nDp][64][64], V^T vt [D2][64].
+  // Pair: P s [R][64], dP/dS dp [R][64]. Accumulators: dQ dq [R][Dp]; dK^T [D][64] and dV^T [D2][64] per
+  // key tile (ktiles of them). u [D2]: the fully masked rows' dV share; orow [D2]: a row being loaded.
+  Acc *qa, *qT, *oa, *oT, *orow, *keys, *s, *dp, *rm, *ril, *rdlt, *dq, *dkT, *dvT, *u;
+  int64_t ktile = 0;  // floats of one cached key tile
   bool ready = false;
 
-  void init(const Geo& g, bool one_pass) {
-    const int64_t R = g.R, kc_rows = one_pass ? g.max_c_pad : kBc;
-    const int64_t sizes[] = {R * g.D,          g.nDp * R * kPan, R * g.D2,  g.nD2p * R * kPan, g.D2,
-                             g.D * kBc,        g.nDp * kBc * kPan, g.D2 * kBc, R * kBc, R * kBc,
-                             kBc * R,          kBc * R,          R,         R,         R,
-                             R * g.Dp,         kc_rows * g.Dp,   kc_rows * g.D2p, g.D2};
-    Acc** ptrs[] = {&qa, &qp, &oa, &op, &orow, &kt, &kp, &vt, &s, &dp, &pt, &dst, &rm, &ril, &rdlt, &dq, &dk, &dv, &u};
+  Acc* kt(int64_t j) const { return keys + j * ktile; }
+
+  void init(const Geo& g, int64_t ktiles) {
+    const int64_t R = g.R;
+    ktile = g.D * kBc + g.nDp * kBc * kPan + g.D2 * kBc;
+    const int64_t sizes[] = {R * g.D, g.D * R, R * g.D2, g.D2 * R, g.D2, ktiles * ktile, R * kBc, R * kBc,
+                             R,       R,       R,        R * g.Dp, ktiles * g.D * kBc, ktiles * g.D2 * kBc, g.D2};
+    Acc** ptrs[] = {&qa, &qT, &oa, &oT, &orow, &keys, &s, &dp, &rm, &ril, &rdlt, &dq, &dkT, &dvT, &u};
     int64_t total = 0;
     for (int64_t sz : sizes) total += (sz + 15) / 16 * 16;  // 64-byte granules
-    buf.assign(static_cast<size_t>(total), Acc(0));  // zero: the panel paddings are read as zeros
+    buf.assign(static_cast<size_t>(total), Acc(0));
     keep.assign(static_cast<size_t>(R * kBc), 0);
     Acc* at = buf.data();
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
@@ -285,11 +307,13 @@ class Backward {
     // Largest first (LPT); the order in which tasks run never changes a result.
     std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
 
+    int64_t max_nk = 1;
+    for (const BatchPlan& pl : plans_) max_nk = std::max(max_nk, pl.nk);
     const int workers = static_cast<int>(std::min<int64_t>(threads_, static_cast<int64_t>(tasks.size())));
     std::vector<Scratch<Acc>> scratch(static_cast<size_t>(std::max(workers, 1)));
     parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
       Scratch<Acc>& sc = scratch[static_cast<size_t>(w)];
-      if (!sc.ready) sc.init(g_, one_pass);
+      if (!sc.ready) sc.init(g_, one_pass ? max_nk : 1);
       const Task& task = tasks[static_cast<size_t>(t)];
       switch (task.kind) {
         case Kind::kOnePass: run_one_pass(task.b, task.n2, sc); break;
@@ -317,44 +341,54 @@ class Backward {
     parallel_for(static_cast<int64_t>(plans_.size()), threads_, [&](int64_t b, int) {
       BatchPlan& pl = plans_[static_cast<size_t>(b)];
       const int64_t Bq = g_.Bq, C = pl.bi.c, Sq = pl.bi.sq;
-      pl.tile.assign(static_cast<size_t>(pl.nq * pl.nk), kFull);
+      pl.tile.assign(static_cast<size_t>(pl.nq * pl.nk), PairInfo{});
       pl.pairs_q.assign(static_cast<size_t>(pl.nq), 0);
       pl.pairs_k.assign(static_cast<size_t>(pl.nk), 0);
       pl.fm_rows.clear();
       const bool has_mask = f_.atten_mask.data != nullptr;
-      std::vector<uint8_t> any(static_cast<size_t>(pl.nk)), all(static_cast<size_t>(pl.nk));
+      // Per key tile of the current query tile: first and last visible column (relative), whether
+      // every entry of the rows is visible.
+      std::vector<int64_t> lo(static_cast<size_t>(pl.nk)), hi(static_cast<size_t>(pl.nk));
+      std::vector<uint8_t> all(static_cast<size_t>(pl.nk));
       for (int64_t i = 0; i < pl.nq; ++i) {
         const int64_t s0 = i * Bq, s1 = std::min(Sq, s0 + Bq);
-        std::fill(any.begin(), any.end(), 0);
+        std::fill(lo.begin(), lo.end(), kBc);
+        std::fill(hi.begin(), hi.end(), -1);
         std::fill(all.begin(), all.end(), 1);
         for (int64_t s = s0; s < s1; ++s) {
-          bool row_any = !has_mask;
+          bool row_any = false;
           for (int64_t j = 0; j < pl.nk; ++j) {
-            const int64_t c0 = j * kBc, c1 = std::min(C, c0 + kBc);
+            const int64_t c0 = j * kBc, nc = std::min(C, c0 + kBc) - c0;
+            int64_t first = -1, last = -1;
             if (!has_mask) {
-              any[j] = 1;
-              continue;
+              first = 0;
+              last = nc - 1;
+            } else {
+              for (int64_t c = 0; c < nc; ++c)
+                if (!masked(s, c0 + c)) {
+                  if (first < 0) first = c;
+                  last = c;
+                } else {
+                  all[static_cast<size_t>(j)] = 0;
+                }
             }
-            bool a = false, l = true;
-            for (int64_t c = c0; c < c1; ++c) {
-              const bool vis = !masked(s, c);
-              a |= vis;
-              l &= vis;
+            if (first >= 0) {
+              row_any = true;
+              lo[static_cast<size_t>(j)] = std::min(lo[static_cast<size_t>(j)], first);
+              hi[static_cast<size_t>(j)] = std::max(hi[static_cast<size_t>(j)], last);
             }
-            any[j] |= a;
-            all[j] &= l;
-            row_any |= a;
           }
           if (!row_any) pl.fm_rows.push_back(s);
         }
         for (int64_t j = 0; j < pl.nk; ++j) {
-          const uint8_t st = !any[j] ? kSkip : (all[j] ? kFull : kPartial);
-          pl.tile[static_cast<size_t>(i * pl.nk + j)] = st;
-          if (st != kSkip) {
-            const int64_t work = (s1 - s0) * g_.G * (std::min(C, (j + 1) * kBc) - j * kBc);
-            pl.pairs_q[static_cast<size_t>(i)] += work;
-            pl.pairs_k[static_cast<size_t>(j)] += work;
-          }
+          PairInfo& pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
+          if (hi[static_cast<size_t>(j)] < 0) continue;  // kSkip: nothing visible
+          pi.state = all[static_cast<size_t>(j)] ? kFull : kPartial;
+          pi.w0 = static_cast<uint8_t>(lo[static_cast<size_t>(j)] / kWin * kWin);
+          pi.w1 = static_cast<uint8_t>((hi[static_cast<size_t>(j)] / kWin + 1) * kWin);
+          const int64_t work = (s1 - s0) * g_.G * (pi.w1 - pi.w0);
+          pl.pairs_q[static_cast<size_t>(i)] += work;
+          pl.pairs_k[static_cast<size_t>(j)] += work;
         }
       }
     });
@@ -364,15 +398,14 @@ class Backward {
     return (std::min(pl.bi.sq, (i + 1) * g_.Bq) - i * g_.Bq) * g_.G;
   }
 
-  // Query tile i of (batch, n2): Q rows (A layout qa, and B panels qp if `panels`), dO rows (oa, op),
-  // the statistics m and 1/l_sum, and Dlt = sum_j dO*O of every row.
-  void load_q(const BatchPlan& pl, int64_t n2, int64_t i, bool panels, Scratch<Acc>& sc) const {
+  // Query tile i of (batch, n2): Q and dO as rows (qa, oa) and transposed (qT, oT, if `transposed`), the
+  // statistics m and 1/l_sum, and Dlt = sum_j dO*O of every row.
+  void load_q(const BatchPlan& pl, int64_t n2, int64_t i, bool transposed, Scratch<Acc>& sc) const {
     const int64_t G = g_.G, D = g_.D, D2 = g_.D2, R = g_.R, rows = tile_rows(pl, i);
     const Tensor3 &q = f_.query, &o = p_.attention_out, &go = p_.grad_out;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t s = i * g_.Bq + r / G, h = n2 * G + r % G, t = pl.bi.q_begin + s;
-      Acc* qa = sc.qa + r * D;
-      load_row<E>(q.data, t * q.stride[0] + h * q.stride[1], q.stride[2], D, qa);
+      load_row<E>(q.data, t * q.stride[0] + h * q.stride[1], q.stride[2], D, sc.qa + r * D);
       Acc* oa = sc.oa + r * D2;
       load_row<E>(go.data, t * go.stride[0] + h * go.stride[1], go.stride[2], D2, oa);
       load_row<E>(o.data, t * o.stride[0] + h * o.stride[1], o.stride[2], D2, sc.orow);
@@ -382,55 +415,70 @@ class Backward {
       const int64_t so = detail::stat_offset(pl.bi, h, s);
       sc.rm[r] = static_cast<Acc>(p_.softmax_max[so]);
       sc.ril[r] = Acc(1) / static_cast<Acc>(p_.softmax_sum[so]);
-      if (panels) {
-        for (int64_t d = 0; d < D; ++d) sc.qp[(d / kPan) * R * kPan + r * kPan + d % kPan] = qa[d];
-        for (int64_t e = 0; e < D2; ++e) sc.op[(e / kPan) * R * kPan + r * kPan + e % kPan] = oa[e];
-      }
+    }
+    if (transposed) {
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t r = 0; r < rows; ++r) sc.qT[d * R + r] = sc.qa[r * D + d];
+      for (int64_t e = 0; e < D2; ++e)
+        for (int64_t r = 0; r < rows; ++r) sc.oT[e * R + r] = sc.oa[r * D2 + e];
     }
   }
 
-  // Key tile j of (batch, n2): K^T panel kt [D][64], V^T panel vt [D2][64] (columns past C_b zeroed) and,
-  // if `kpanels`, K as B panels kp [nDp][64][64] for dQ.
-  void load_k(const BatchPlan& pl, int64_t n2, int64_t j, bool kpanels, Scratch<Acc>& sc) const {
+  // Key tile j of (batch, n2) into the cache slot `kt`: K^T [D][64], K panels [nDp][64][64] and
+  // V^T [D2][64]; columns past C_b are zero in K^T and V^T.
+  void load_k(const BatchPlan& pl, int64_t n2, int64_t j, Acc* slot) const {
     const int64_t D = g_.D, D2 = g_.D2, c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
+    Acc* kt = slot;
+    Acc* kp = slot + D * kBc;
+    Acc* vt = kp + g_.nDp * kBc * kPan;
     const Tensor3 &k = f_.key, &v = f_.value;
-    for (int64_t c = 0; c < kBc; ++c) {
-      if (c >= nc) {
-        for (int64_t d = 0; d < D; ++d) sc.kt[d * kBc + c] = 0;
-        for (int64_t e = 0; e < D2; ++e) sc.vt[e * kBc + c] = 0;
-        continue;
-      }
+    for (int64_t c = 0; c < nc; ++c) {
       const int64_t tk = pl.bi.c_begin + c0 + c;
-      const Raw* kr = static_cast<const Raw*>(k.data) + tk * k.stride[0] + n2 * k.stride[1];
-      for (int64_t d = 0; d < D; ++d) {
-        const Acc x = E::get(kr[d * k.stride[2]]);
-        sc.kt[d * kBc + c] = x;
-        if (kpanels) sc.kp[(d / kPan) * kBc * kPan + c * kPan + d % kPan] = x;
+      for (int64_t pn = 0; pn < g_.nDp; ++pn) {
+        const int64_t d0 = pn * kPan, w = std::min(kPan, D - d0);
+        load_row<E>(k.data, tk * k.stride[0] + n2 * k.stride[1] + d0 * k.stride[2], k.stride[2], w,
+                    kp + (pn * kBc + c) * kPan);
       }
-      const Raw* vr = static_cast<const Raw*>(v.data) + tk * v.stride[0] + n2 * v.stride[1];
-      for (int64_t e = 0; e < D2; ++e) sc.vt[e * kBc + c] = E::get(vr[e * v.stride[2]]);
     }
+    for (int64_t d = 0; d < D; ++d) {
+      const Acc* src = kp + (d / kPan) * kBc * kPan + d % kPan;
+      Acc* dst = kt + d * kBc;
+      for (int64_t c = 0; c < nc; ++c) dst[c] = src[c * kPan];
+      for (int64_t c = nc; c < kBc; ++c) dst[c] = 0;
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      const Raw* vr = static_cast<const Raw*>(v.data) + (pl.bi.c_begin + c0 + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t e = 0; e < D2; ++e) vt[e * kBc + c] = E::get(vr[e * v.stride[2]]);
+    }
+    for (int64_t e = 0; e < D2; ++e)
+      for (int64_t c = nc; c < kBc; ++c) vt[e * kBc + c] = 0;
   }
 
-  // The tile pair (i, j) on loaded tiles: S, P, dP, dS; then dV_j/dK_j (into dk/dv, rows [64][Dp] and
-  // [64][D2p]) and/or dQ_i (into sc.dq).
-  void pair(const BatchPlan& pl, int64_t i, int64_t j, uint8_t state, bool do_kv, bool do_dq, Acc* dk, Acc* dv,
-            Scratch<Acc>& sc) const {
+  // The tile pair (i, j) on a loaded query tile and key tile `slot`, on the columns [w0, w1) of its window:
+  // S, P, dP, dS; then dV_j^T += dO^T P and dK_j^T += Q^T dS (into dkT [D][64], dvT [D2][64]) and/or
+  // dQ_i += dS K_j (into sc.dq).
+  void pair(const BatchPlan& pl, int64_t i, int64_t j, PairInfo pi, const Acc* slot, Acc* dkT, Acc* dvT,
+            bool do_dq, Scratch<Acc>& sc) const {
     const int64_t R = g_.R, rows = tile_rows(pl, i), c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
-    gemm_panels<Acc>(sc.qa, g_.D, rows, sc.kt, 0, 1, g_.D, sc.s, kBc, false);
-    gemm_panels<Acc>(sc.oa, g_.D2, rows, sc.vt, 0, 1, g_.D2, sc.dp, kBc, false);
-    // Visible entries: columns < nc, and not removed by atten_mask in a partial tile.
+    const int64_t w0 = pi.w0, w1 = pi.w1, wn = w1 - w0;
+    const Acc* kt = slot;
+    const Acc* kp = slot + g_.D * kBc;
+    const Acc* vt = kp + g_.nDp * kBc * kPan;
+    gemm_panels<Acc>(sc.qa, g_.D, rows, kt, 0, w0, wn, g_.D, sc.s + w0, kBc, false);     // S
+    gemm_panels<Acc>(sc.oa, g_.D2, rows, vt, 0, w0, wn, g_.D2, sc.dp + w0, kBc, false);  // dP
+    // Visible entries of the window: columns < nc, and not removed by atten_mask in a partial pair.
     uint8_t* keep = sc.keep.data();
+    const int64_t wv = std::min(w1, nc);  // window columns below C_b
     for (int64_t r = 0; r < rows; ++r) {
       uint8_t* kr = keep + r * kBc;
-      if (state == kFull) {
-        for (int64_t c = 0; c < kBc; ++c) kr[c] = c < nc;
+      if (pi.state == kFull) {
+        for (int64_t c = w0; c < wv; ++c) kr[c] = 1;
       } else {
-        const int64_t s = i * g_.Bq + r / g_.G;
-        const uint8_t* mr = f_.atten_mask.data + s * f_.atten_mask.stride[0];
-        const int64_t ms = f_.atten_mask.stride[1];
-        for (int64_t c = 0; c < kBc; ++c) kr[c] = c < nc && mr[(c0 + c) * ms] == 0;
+        const int64_t s = i * g_.Bq + r / g_.G, ms = f_.atten_mask.stride[1];
+        const uint8_t* mr = f_.atten_mask.data + s * f_.atten_mask.stride[0] + c0 * ms;
+        for (int64_t c = w0; c < wv; ++c) kr[c] = mr[c * ms] == 0;
       }
+      for (int64_t c = wv; c < w1; ++c) kr[c] = 0;
     }
     const Acc scale = scale_;
     for (int64_t r = 0; r < rows; ++r) {
@@ -438,23 +486,19 @@ class Backward {
       Acc* __restrict dpr = sc.dp + r * kBc;
       const uint8_t* __restrict kr = keep + r * kBc;
       const Acc m = sc.rm[r], il = sc.ril[r], dlt = sc.rdlt[r];
-      for (int64_t c = 0; c < kBc; ++c) {
+      for (int64_t c = w0; c < w1; ++c) {
         const Acc e = exp_acc(sr[c] * scale - m) * il;
         const Acc pc = kr[c] ? e : Acc(0);
-        sr[c] = pc;                      // P
-        dpr[c] = pc * (dpr[c] - dlt);    // dS
+        sr[c] = pc;                    // P
+        dpr[c] = pc * (dpr[c] - dlt);  // dS
       }
     }
-    if (do_kv) {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < nc; ++c) {
-          sc.pt[c * R + r] = sc.s[r * kBc + c];
-          sc.dst[c * R + r] = sc.dp[r * kBc + c];
-        }
-      gemm_panels<Acc>(sc.pt, R, nc, sc.op, R * kPan, g_.nD2p, rows, dv, g_.D2p, true);
-      gemm_panels<Acc>(sc.dst, R, nc, sc.qp, R * kPan, g_.nDp, rows, dk, g_.Dp, true);
+    if (dkT != nullptr) {
+      gemm_panels<Acc>(sc.oT, R, g_.D2, sc.s, 0, w0, wn, rows, dvT + w0, kBc, true);  // dV^T += dO^T P
+      gemm_panels<Acc>(sc.qT, R, g_.D, sc.dp, 0, w0, wn, rows, dkT + w0, kBc, true);  // dK^T += Q^T dS
     }
-    if (do_dq) gemm_panels<Acc>(sc.dp, kBc, rows, sc.kp, kBc * kPan, g_.nDp, nc, sc.dq, g_.Dp, true);
+    if (do_dq)  // dQ += dS K over the window's key rows below C_b
+      gemm_panels<Acc>(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, g_.Dp, wv - w0, sc.dq, g_.Dp, true);
   }
 
   // u = sum over fully masked rows s (ascending) and heads g of dO[s, h] / l_sum[s, h]: their dV share.
@@ -471,20 +515,17 @@ class Backward {
       }
   }
 
-  // Adds u to the dV rows of key tile j, writes dK_j (times scale) and dV_j in the dtype.
-  void finish_kv(const BatchPlan& pl, int64_t n2, int64_t j, const Acc* dk, Acc* dv, const Scratch<Acc>& sc) const {
+  // Writes dK_j (times scale) and dV_j (plus u) of key tile j in the dtype, from dK^T / dV^T.
+  void finish_kv(const BatchPlan& pl, int64_t n2, int64_t j, const Acc* dkT, const Acc* dvT,
+                 const Scratch<Acc>& sc) const {
     const int64_t D = g_.D, D2 = g_.D2, c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
     const bool has_fm = !pl.fm_rows.empty();
     Raw* gk = static_cast<Raw*>(p_.grad_key);
     Raw* gv = static_cast<Raw*>(p_.grad_value);
     for (int64_t c = 0; c < nc; ++c) {
       const int64_t row = (pl.bi.c_begin + c0 + c) * g_.N2 + n2;
-      const Acc* dkr = dk + c * g_.Dp;
-      Acc* dvr = dv + c * g_.D2p;
-      if (has_fm)
-        for (int64_t e = 0; e < D2; ++e) dvr[e] += sc.u[e];
-      for (int64_t d = 0; d < D; ++d) gk[row * D + d] = E::put(scale_ * dkr[d]);
-      for (int64_t e = 0; e < D2; ++e) gv[row * D2 + e] = E::put(dvr[e]);
+      for (int64_t d = 0; d < D; ++d) gk[row * D + d] = E::put(scale_ * dkT[d * kBc + c]);
+      for (int64_t e = 0; e < D2; ++e) gv[row * D2 + e] = E::put(has_fm ? dvT[e * kBc + c] + sc.u[e] : dvT[e * kBc + c]);
     }
   }
 
@@ -502,17 +543,17 @@ class Backward {
   // Task: dK_j and dV_j of (batch, n2), over query tiles i ascending.
   void run_kv(int64_t b, int64_t n2, int64_t j, Scratch<Acc>& sc) const {
     const BatchPlan& pl = plans_[static_cast<size_t>(b)];
-    std::fill(sc.dk, sc.dk + kBc * g_.Dp, Acc(0));
-    std::fill(sc.dv, sc.dv + kBc * g_.D2p, Acc(0));
-    load_k(pl, n2, j, false, sc);
+    std::fill(sc.dkT, sc.dkT + g_.D * kBc, Acc(0));
+    std::fill(sc.dvT, sc.dvT + g_.D2 * kBc, Acc(0));
+    load_k(pl, n2, j, sc.kt(0));
     for (int64_t i = 0; i < pl.nq; ++i) {
-      const uint8_t st = pl.tile[static_cast<size_t>(i * pl.nk + j)];
-      if (st == kSkip) continue;
+      const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
+      if (pi.state == kSkip) continue;
       load_q(pl, n2, i, true, sc);
-      pair(pl, i, j, st, true, false, sc.dk, sc.dv, sc);
+      pair(pl, i, j, pi, sc.kt(0), sc.dkT, sc.dvT, false, sc);
     }
     fully_masked_share(pl, n2, sc);
-    finish_kv(pl, n2, j, sc.dk, sc.dv, sc);
+    finish_kv(pl, n2, j, sc.dkT, sc.dvT, sc);
   }
 
   // Task: dQ_i of (batch, n2), over key tiles j ascending.
@@ -521,32 +562,34 @@ class Backward {
     std::fill(sc.dq, sc.dq + g_.R * g_.Dp, Acc(0));
     load_q(pl, n2, i, false, sc);
     for (int64_t j = 0; j < pl.nk; ++j) {
-      const uint8_t st = pl.tile[static_cast<size_t>(i * pl.nk + j)];
-      if (st == kSkip) continue;
-      load_k(pl, n2, j, true, sc);
-      pair(pl, i, j, st, false, true, nullptr, nullptr, sc);
+      const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
+      if (pi.state == kSkip) continue;
+      load_k(pl, n2, j, sc.kt(0));
+      pair(pl, i, j, pi, sc.kt(0), nullptr, nullptr, true, sc);
     }
     write_dq(pl, n2, i, sc);
   }
 
-  // Task: everything of (batch, n2) in one pass: for i: for j (the summation orders of run_kv/run_dq).
+  // Task: everything of (batch, n2) in one pass, for i: for j (the summation orders of run_kv / run_dq),
+  // with every key tile of the batch converted once.
   void run_one_pass(int64_t b, int64_t n2, Scratch<Acc>& sc) const {
     const BatchPlan& pl = plans_[static_cast<size_t>(b)];
-    std::fill(sc.dk, sc.dk + pl.nk * kBc * g_.Dp, Acc(0));
-    std::fill(sc.dv, sc.dv + pl.nk * kBc * g_.D2p, Acc(0));
+    std::fill(sc.dkT, sc.dkT + pl.nk * g_.D * kBc, Acc(0));
+    std::fill(sc.dvT, sc.dvT + pl.nk * g_.D2 * kBc, Acc(0));
+    if (pl.nq > 0)
+      for (int64_t j = 0; j < pl.nk; ++j) load_k(pl, n2, j, sc.kt(j));
     for (int64_t i = 0; i < pl.nq; ++i) {
       std::fill(sc.dq, sc.dq + g_.R * g_.Dp, Acc(0));
       load_q(pl, n2, i, true, sc);
       for (int64_t j = 0; j < pl.nk; ++j) {
-        const uint8_t st = pl.tile[static_cast<size_t>(i * pl.nk + j)];
-        if (st == kSkip) continue;
-        load_k(pl, n2, j, true, sc);
-        pair(pl, i, j, st, true, true, sc.dk + j * kBc * g_.Dp, sc.dv + j * kBc * g_.D2p, sc);
+        const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
+        if (pi.state == kSkip) continue;
+        pair(pl, i, j, pi, sc.kt(j), sc.dkT + j * g_.D * kBc, sc.dvT + j * g_.D2 * kBc, true, sc);
       }
       write_dq(pl, n2, i, sc);
     }
     fully_masked_share(pl, n2, sc);
-    for (int64_t j = 0; j < pl.nk; ++j) finish_kv(pl, n2, j, sc.dk + j * kBc * g_.Dp, sc.dv + j * kBc * g_.D2p, sc);
+    for (int64_t j = 0; j < pl.nk; ++j) finish_kv(pl, n2, j, sc.dkT + j * g_.D * kBc, sc.dvT + j * g_.D2 * kBc, sc);
   }
 
   const CompressAttentionGradParams& p_;
