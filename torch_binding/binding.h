@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "nsa/compress_attention.h"
 
@@ -19,6 +20,9 @@ using OptTensor = std::optional<at::Tensor>;
 using OptIntList = at::OptionalIntArrayRef;
 // (attention_out, topk_indices, softmax_max, softmax_sum), the order of torch_npu (SPEC §1).
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// A tensor as the library's strided 3-D view (sizes and element strides as they are).
+nsa::Tensor3 view3(const at::Tensor& t);
 
 // dtype of query/key/value as the library's enum; fails (naming `name`) for other dtypes.
 nsa::DType to_nsa_dtype(at::ScalarType type, const char* name);
@@ -54,5 +58,18 @@ nsa::CompressAttentionShape validate_forward_params(const nsa::CompressAttention
 // Allocates the four contiguous outputs (SPEC §4) with `options` (device) and points params at them.
 ForwardResult allocate_forward_outputs(nsa::CompressAttentionParams& params, const nsa::CompressAttentionShape& shape,
                                        const at::Tensor& query);
+
+// A prefix-sum list given as a 1-D integer CPU tensor (the .tensor_lengths overloads), copied to
+// `storage`; nullopt for None. Fails naming `name` for other ranks, dtypes or devices.
+OptIntList lengths_from_tensor(const OptTensor& t, const char* name, std::vector<int64_t>& storage);
+
+// Cheap checks of the backward's tensors (shared by CPU and Meta): grad_out and attention_out are
+// [T, N1, D2] of query's dtype; softmax_max and softmax_sum are float32 [T, N1, 8].
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value,
+                           const at::Tensor& attention_out, const at::Tensor& softmax_max,
+                           const at::Tensor& softmax_sum);
+
+// (grad_query, grad_key, grad_value)
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 }  // namespace nsa_torch

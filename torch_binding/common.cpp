@@ -38,16 +38,6 @@ const uint8_t* mask_data(const OptTensor& m, nsa::Mask2* out) {
   return data;
 }
 
-nsa::Tensor3 view3(const at::Tensor& t) {
-  nsa::Tensor3 v;
-  v.data = t.const_data_ptr();
-  for (int i = 0; i < 3; ++i) {
-    v.size[i] = t.size(i);
-    v.stride[i] = t.stride(i);
-  }
-  return v;
-}
-
 nsa::IntList int_list(OptIntList l) {
   nsa::IntList out;
   if (!l.has_value()) return out;
@@ -59,6 +49,16 @@ nsa::IntList int_list(OptIntList l) {
 }
 
 }  // namespace
+
+nsa::Tensor3 view3(const at::Tensor& t) {
+  nsa::Tensor3 v;
+  v.data = t.const_data_ptr();
+  for (int i = 0; i < 3; ++i) {
+    v.size[i] = t.size(i);
+    v.stride[i] = t.stride(i);
+  }
+  return v;
+}
 
 nsa::DType to_nsa_dtype(at::ScalarType type, const char* name) {
   switch (type) {
@@ -165,6 +165,47 @@ ForwardResult allocate_forward_outputs(nsa::CompressAttentionParams& params, con
   params.softmax_max = smax.mutable_data_ptr<float>();
   params.softmax_sum = ssum.mutable_data_ptr<float>();
   return {out, topk, smax, ssum};
+}
+
+OptIntList lengths_from_tensor(const OptTensor& t, const char* name, std::vector<int64_t>& storage) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  TORCH_CHECK(t->dim() == 1, name, " must be a 1-D integer tensor (prefix sums, one per batch), got a ", t->dim(),
+              "-D tensor");
+  const auto type = t->scalar_type();
+  TORCH_CHECK(type == at::kLong || type == at::kInt, name, " must be an int64 or int32 tensor, got ", type);
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor (the lengths are read on the host), got ",
+              t->device());
+  const int64_t n = t->size(0);
+  storage.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    storage[i] = type == at::kLong ? t->const_data_ptr<int64_t>()[i * t->stride(0)]
+                                   : t->const_data_ptr<int32_t>()[i * t->stride(0)];
+  return OptIntList(storage);
+}
+
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& value,
+                           const at::Tensor& attention_out, const at::Tensor& softmax_max,
+                           const at::Tensor& softmax_sum) {
+  auto check_like_out = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 3, name, " must be a 3-D tensor [T, N1, D2], got shape ", t.sym_sizes());
+    TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have the dtype of query (", query.scalar_type(),
+                "), got ", t.scalar_type());
+    TORCH_CHECK(t.sym_size(0) == query.sym_size(0) && t.sym_size(1) == query.sym_size(1) &&
+                    t.sym_size(2) == value.sym_size(2),
+                name, " must have shape [T, N1, D2] = [", query.sym_size(0), ", ", query.sym_size(1), ", ",
+                value.sym_size(2), "], got ", t.sym_sizes());
+  };
+  check_like_out(grad_out, "grad_out");
+  check_like_out(attention_out, "attention_out");
+  auto check_stat = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 3 && t.sym_size(0) == query.sym_size(0) && t.sym_size(1) == query.sym_size(1) &&
+                    t.sym_size(2) == 8,
+                name, " must have shape [T, N1, 8], got ", t.sym_sizes());
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the per-batch layout of SPEC §4 as returned)");
+  };
+  check_stat(softmax_max, "softmax_max");
+  check_stat(softmax_sum, "softmax_sum");
 }
 
 }  // namespace nsa_torch

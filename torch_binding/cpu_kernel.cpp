@@ -50,10 +50,24 @@ ForwardResult compress_attention_reference_cpu(const at::Tensor& query, const at
                      atten_mask, actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen);
 }
 
+ForwardResult compress_attention_tensor_lengths_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale_value, int64_t head_num,
+    int64_t compress_block_size, int64_t compress_stride, int64_t select_block_size, int64_t select_block_count,
+    const OptTensor& topk_mask, const OptTensor& atten_mask, const OptTensor& actual_seq_qlen,
+    const OptTensor& actual_cmp_seq_kvlen, const OptTensor& actual_sel_seq_kvlen) {
+  std::vector<int64_t> q, c, s;
+  return compress_attention_cpu(query, key, value, scale_value, head_num, compress_block_size, compress_stride,
+                                select_block_size, select_block_count, topk_mask, atten_mask,
+                                lengths_from_tensor(actual_seq_qlen, "actual_seq_qlen", q),
+                                lengths_from_tensor(actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen", c),
+                                lengths_from_tensor(actual_sel_seq_kvlen, "actual_sel_seq_kvlen", s));
+}
+
 }  // namespace
 }  // namespace nsa_torch
 
 TORCH_LIBRARY_IMPL(nsa, CPU, m) {
   m.impl("compress_attention", &nsa_torch::compress_attention_cpu);
+  m.impl("compress_attention.tensor_lengths", &nsa_torch::compress_attention_tensor_lengths_cpu);
   m.impl("compress_attention_reference", &nsa_torch::compress_attention_reference_cpu);
 }

@@ -23,10 +23,21 @@ ForwardResult compress_attention_meta(const at::Tensor& query, const at::Tensor&
           at::empty_symint({T, N1, 8}, opts.dtype(at::kFloat)), at::empty_symint({T, N1, 8}, opts.dtype(at::kFloat))};
 }
 
+ForwardResult compress_attention_tensor_lengths_meta(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale_value, int64_t head_num,
+    int64_t compress_block_size, int64_t compress_stride, int64_t select_block_size, int64_t select_block_count,
+    const OptTensor& topk_mask, const OptTensor& atten_mask, const OptTensor& /*actual_seq_qlen*/,
+    const OptTensor& /*actual_cmp_seq_kvlen*/, const OptTensor& /*actual_sel_seq_kvlen*/) {
+  return compress_attention_meta(query, key, value, scale_value, head_num, compress_block_size, compress_stride,
+                                 select_block_size, select_block_count, topk_mask, atten_mask, std::nullopt,
+                                 std::nullopt, std::nullopt);
+}
+
 }  // namespace
 }  // namespace nsa_torch
 
 TORCH_LIBRARY_IMPL(nsa, Meta, m) {
   m.impl("compress_attention", &nsa_torch::compress_attention_meta);
+  m.impl("compress_attention.tensor_lengths", &nsa_torch::compress_attention_tensor_lengths_meta);
   m.impl("compress_attention_reference", &nsa_torch::compress_attention_meta);
 }

@@ -9,6 +9,10 @@ from ._lib import library_path, load_library
 
 load_library()
 
+from . import _autograd  # noqa: E402
+
+_autograd.register()
+
 from .masks import (  # noqa: E402
     compressed_lengths,
     lengths_from_prefix_sums,

@@ -56,17 +56,37 @@ def npu_nsa_compress_attention(query, key, value, scale_value, head_num, compres
     ``select_block_count`` (K), optional bool/uint8 masks ``topk_mask [maxSq, maxSel]`` and
     ``atten_mask [maxSq, maxC]``, and the per-batch prefix sums ``actual_seq_qlen``,
     ``actual_cmp_seq_kvlen`` and (optional, checked) ``actual_sel_seq_kvlen``: lists/tuples of ints
-    or 1-D integer tensors (converted with ``.tolist()``).
+    or 1-D int64/int32 CPU tensors. Tensors select the operator's ``.tensor_lengths`` overload, which
+    reads them inside the kernel: under ``torch.compile`` new lengths then cause no recompilation.
 
     Returns the tuple ``(attention_out, topk_indices, softmax_max, softmax_sum)``; see
     :class:`CompressAttentionOutput`. Violations of SPEC §6 raise RuntimeError naming the argument.
     """
+    lengths = (actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen)
+    if any(isinstance(x, torch.Tensor) for x in lengths):
+        # Lengths as tensors: the .tensor_lengths overload reads them in the kernel, so under
+        # torch.compile new lengths are new inputs, not new constants (no recompilation).
+        return torch.ops.nsa.compress_attention.tensor_lengths(
+            query, key, value, scale_value, head_num, compress_block_size, compress_stride, select_block_size,
+            select_block_count, topk_mask, atten_mask,
+            *(_lengths_tensor(x, name) for x, name in zip(lengths, _LENGTH_NAMES)))
     return torch.ops.nsa.compress_attention(
         query, key, value, scale_value, head_num, compress_block_size, compress_stride, select_block_size,
         select_block_count, topk_mask, atten_mask,
         optional_int_list(actual_seq_qlen, "actual_seq_qlen"),
         optional_int_list(actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen"),
         optional_int_list(actual_sel_seq_kvlen, "actual_sel_seq_kvlen"))
+
+
+_LENGTH_NAMES = ("actual_seq_qlen", "actual_cmp_seq_kvlen", "actual_sel_seq_kvlen")
+
+
+def _lengths_tensor(value: Any, name: str) -> Optional[torch.Tensor]:
+    """A prefix-sum list as a 1-D int64 CPU tensor for the .tensor_lengths overload (tensors pass unchanged;
+    their rank, dtype and device are checked by the operator)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(int_list(value, name), dtype=torch.int64)
 
 
 def _check_cu_seqlens(value: Any, name: str) -> list[int]:
