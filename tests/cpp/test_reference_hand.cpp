@@ -375,6 +375,78 @@ TEST(ReferenceHand, TwoTokenSoftmax) {
   }
 }
 
+// §3.4: P is rounded to the input dtype before the product. Scores 0 and ln 5 give P = [1/6, 5/6],
+// whose roundings go opposite ways and lie far from any rounding boundary:
+//   bf16: cast(1/6) = 0.1669921875, cast(5/6) = 0.83203125
+//   fp16: cast(1/6) = 0.1666259765625, cast(5/6) = 0.83349609375
+// With v = [5, -1] the exact P would give 5/6 - 5/6 = 0; the rounded P give
+//   bf16: 5 * 0.1669921875 - 0.83203125 = 0.0029296875 (= 3 * 2^-10)
+//   fp16: 5 * 0.1666259765625 - 0.83349609375 = -0.0003662109375 (= -3 * 2^-13)
+// Fully masked rows use the same rounding (P = cast(1/C)): C = 3, v = [2, 2, 1]:
+//   bf16: 5 * 0.333984375 = 1.669921875 -> bf16 1.671875 (exact P: 5/3 -> 1.6640625)
+//   fp16: 5 * 0.333251953125 = 1.666259765625 -> fp16 1.666015625 (exact P: 5/3 -> 1.6669921875)
+TEST(ReferenceHand, PRoundedToDtypeBeforePV) {
+  for (DType dt : {DType::kBF16, DType::kF16, DType::kF32}) {
+    SCOPED_TRACE(nsa::dtype_name(dt));
+    Case cs = Case::make(dt, {1}, {2}, 1, 1, 16, 2, 16, 16, 16, 1);
+    cs.scale = std::log(5.0);
+    cs.set_q(0, 0, 0, 1.0);
+    cs.set_k(1, 0, 0, 1.0);
+    cs.set_v(0, 0, 0, 5.0);
+    cs.set_v(1, 0, 0, -1.0);
+    cs.set_v(0, 0, 1, 1.0);  // column 1: cast(P0) alone
+    Case full = Case::make(dt, {1}, {3}, 1, 1, 16, 1, 16, 16, 16, 1);
+    const double fv[3] = {2, 2, 1};
+    for (int64_t c = 0; c < 3; ++c) full.set_v(c, 0, 0, fv[c]);
+    full.enable_atten_mask();
+    std::fill(full.atten.begin(), full.atten.end(), 1);
+    for (const Impl& im : impls()) {
+      SCOPED_TRACE(im.name);
+      const Result r = run_impl(cs, im), rf = run_impl(full, im);
+      if (dt == DType::kBF16) {
+        EXPECT_EQ(out_at(cs, r, 0, 0, 0), 0.0029296875);
+        EXPECT_EQ(out_at(cs, r, 0, 0, 1), 0.1669921875);
+        EXPECT_EQ(out_at(full, rf, 0, 0, 0), 1.671875);
+      } else if (dt == DType::kF16) {
+        EXPECT_EQ(out_at(cs, r, 0, 0, 0), -0.0003662109375);
+        EXPECT_EQ(out_at(cs, r, 0, 0, 1), 0.1666259765625);
+        EXPECT_EQ(out_at(full, rf, 0, 0, 0), 1.666015625);
+      } else {
+        EXPECT_NEAR(out_at(cs, r, 0, 0, 0), 0.0, 1e-6);
+        EXPECT_NEAR(out_at(cs, r, 0, 0, 1), 1.0 / 6.0, 1e-7);
+        EXPECT_NEAR(out_at(full, rf, 0, 0, 0), 5.0 / 3.0, 4e-7);
+      }
+    }
+  }
+}
+
+// §3.4: the output is rounded to nearest EVEN. Two tokens with equal scores (P = 1/2 each, exact)
+// and values whose mean lies exactly halfway between two representable numbers:
+//   bf16 (8 bits): mean(258, 256) = 257 -> 256;  mean(260, 258) = 259 -> 260;  -257 -> -256
+//   fp16 (11 bits): mean(2050, 2048) = 2049 -> 2048;  mean(2052, 2050) = 2051 -> 2052;  -2049 -> -2048
+TEST(ReferenceHand, OutputRoundingTiesToEven) {
+  struct Cfg {
+    DType dt;
+    double a[3], b[3], want[3];
+  };
+  const Cfg cfgs[] = {{DType::kBF16, {258, 260, -258}, {256, 258, -256}, {256, 260, -256}},
+                      {DType::kF16, {2050, 2052, -2050}, {2048, 2050, -2048}, {2048, 2052, -2048}}};
+  for (const Cfg& cf : cfgs) {
+    SCOPED_TRACE(nsa::dtype_name(cf.dt));
+    Case cs = Case::make(cf.dt, {1}, {2}, 1, 1, 16, 3, 16, 16, 16, 1);
+    for (int j = 0; j < 3; ++j) {
+      cs.set_v(0, 0, j, cf.a[j]);
+      cs.set_v(1, 0, j, cf.b[j]);
+      ASSERT_EQ(cs.v[cs.vi(0, 0, j)], cf.a[j]);  // the inputs themselves are representable
+    }
+    for (const Impl& im : impls()) {
+      SCOPED_TRACE(im.name);
+      const Result r = run_impl(cs, im);
+      for (int j = 0; j < 3; ++j) EXPECT_EQ(out_at(cs, r, 0, 0, j), cf.want[j]) << "column " << j;
+    }
+  }
+}
+
 // §3.1: the dot product accumulates in fp32 and the scale multiplies the fp32 result.
 // bf16 q = [256, 1, 1], k = [1, 1, 1]: fp32 dot = 258 (bf16 accumulation would give 256);
 // q = [3], scale 0.1: S = 3.0f * 0.1f (folding the scale into bf16 q would give 0.30078125).
@@ -457,6 +529,27 @@ TEST(ReferenceHand, OverflowedScoresBelowTheMaskValue) {
     EXPECT_EQ(out_at(cs, r, 0, 0, 0), 5.0);
     // (16,16,16): score[k] = P[k+1] = 0 for every block -> [0, 1, 2].
     EXPECT_EQ(topk_row(cs, r, 0), (std::vector<int32_t>{0, 1, 2}));
+  }
+  // The same with many masked tokens: C = 40, tokens 0..31 masked, 32..39 overflow to -inf. Then
+  // P = 1/32 on the masked tokens 0..31 and 0 elsewhere: out = mean(v_0..v_31) = mean(0..31) = 15.5,
+  // softmax_max = -FLT_MAX, softmax_sum = 32. (32,16,64): blocks 0..6 score 8/32, block 7 (tokens
+  // 32..28) 7/32, blocks 8, 9 zero -> [0, 1, ..., 9] with K = 10.
+  Case many = Case::make(DType::kF32, {1}, {40}, 1, 1, 16, 1, 32, 16, 64, 10);
+  many.scale = 1.0;
+  many.set_q(0, 0, 0, 1e20);
+  for (int64_t c = 0; c < 40; ++c) {
+    many.set_k(c, 0, 0, -1e20);
+    many.set_v(c, 0, 0, static_cast<double>(c));
+  }
+  many.enable_atten_mask();
+  for (int64_t c = 0; c < 32; ++c) many.atten_at(0, c) = 1;
+  for (const Impl& im : impls()) {
+    SCOPED_TRACE(im.name + " (C = 40)");
+    const Result r = run_impl(many, im);
+    EXPECT_EQ(max_at(many, r, 0, 0), -FLT_MAX);
+    EXPECT_EQ(sum_at(many, r, 0, 0), 32.0f);
+    EXPECT_EQ(out_at(many, r, 0, 0, 0), 15.5);  // sum_c c / 32: exact
+    EXPECT_EQ(topk_row(many, r, 0), iota_k(10));
   }
 }
 
