@@ -148,6 +148,26 @@ TEST(CpuBackend, CausalMask) {
   }
 }
 
+TEST(CpuBackend, BandMasks) {
+  // Windows that start at every residue mod 16, over several query tiles.
+  for (int64_t width : {1, 5, 17, 40}) {
+    SCOPED_TRACE("width " + std::to_string(width));
+    Case cs = random_filled(DType::kBF16, {200, 70}, {150, 61}, 2, 1, 32, 16, 32, 16, 64, 3, 80 + width);
+    cs.set_band_mask(width);
+    check_cpu(cs);
+  }
+  // Windows starting at every residue mod 16 at the first row of each 64-row tile (G = 1).
+  for (int64_t shift = 0; shift < 16; ++shift) {
+    SCOPED_TRACE("shift " + std::to_string(shift));
+    Case cs = random_filled(DType::kF32, {130}, {100}, 1, 1, 16, 8, 32, 16, 64, 2, 90 + shift);
+    cs.set_band_mask(7, shift);
+    check_cpu(cs);
+  }
+  Case g4 = random_filled(DType::kF16, {90}, {133}, 8, 2, 16, 16, 64, 16, 64, 4, 85);
+  g4.set_band_mask(23);
+  check_cpu(g4);
+}
+
 TEST(CpuBackend, RandomMasksWithFullyMaskedRows) {
   for (double p : {0.1, 0.5, 0.95}) {
     SCOPED_TRACE("p=" + std::to_string(p));
@@ -511,9 +531,10 @@ Case random_case(uint64_t seed) {
     for (auto& x : cs.k)
       if (!std::isnan(x)) x = 0;  // all scores tie
   }
-  const int64_t am = pick(0, 2);
+  const int64_t am = pick(0, 3);
   if (am == 1) cs.set_causal_mask();
   if (am == 2) cs.set_random_mask(rng, std::uniform_real_distribution<double>(0, 1)(rng), 0.2);
+  if (am == 3) cs.set_band_mask(pick(1, 40));
   const int64_t tm = pick(0, 2);
   if (tm == 1) cs.set_local_topk_mask();
   if (tm == 2) cs.set_random_topk_mask(rng, std::uniform_real_distribution<double>(0, 0.6)(rng));

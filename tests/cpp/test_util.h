@@ -295,6 +295,15 @@ struct Case {
       for (int64_t i = 0; i < max_c(); ++i) atten_at(s, i) = (full || u(rng) < p) ? 1 : 0;
     }
   }
+  // A sliding band: row s sees the compressed tokens c with e - width < c <= e, e = s*C/Sq + shift
+  // (C, Sq: the maxima), so consecutive rows see windows that start further right.
+  void set_band_mask(int64_t width, int64_t shift = 0) {
+    enable_atten_mask();
+    for (int64_t s = 0; s < max_sq(); ++s) {
+      const int64_t end = s * max_c() / std::max<int64_t>(1, max_sq()) + shift;
+      for (int64_t i = 0; i < max_c(); ++i) atten_at(s, i) = (i <= end && i > end - width) ? 0 : 1;
+    }
+  }
   // SPEC §9 convention: block 0 and the local blocks s/lp, s/lp - 1 forced.
   void set_local_topk_mask() {
     enable_topk_mask();
