@@ -183,6 +183,7 @@ struct Scratch {
   AlignedBuffer<float> uniform;  // [D2] closed-form output of fully masked rows
   std::vector<float*> ptrs;
   std::vector<float> m, l;     // per row statistics
+  std::vector<uint8_t> wide;   // per row: every visible score overflowed (see run_tile step 4)
   int64_t ld_s = 0, ld_p = 0;
 };
 
@@ -203,6 +204,7 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.ptrs.resize(static_cast<size_t>(pl.sh.G));
   sc.m.resize(static_cast<size_t>(R));
   sc.l.resize(static_cast<size_t>(R));
+  sc.wide.resize(static_cast<size_t>(R));
 }
 
 // ------------------------------------------------------------------ selection and top-k
@@ -349,6 +351,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       if (ri.kind == kFullyMasked) {
         sc.m[r] = -FLT_MAX;
         sc.l[r] = static_cast<float>(C);
+        sc.wide[r] = false;
         if (any_visible) std::memset(prow, 0, static_cast<size_t>(hi - lo) * esz);
         continue;
       }
@@ -363,10 +366,15 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       for (int64_t c = cmax; c < hi; ++c) srow[c] = -INFINITY;
       const float m = pl.kt->row_max(srow + lo, hi - lo, n_out > 0 ? -FLT_MAX : -INFINITY);
       float l = pl.kt->exp_sum(srow + lo, hi - lo, m);
-      if (n_out > 0 && m == -FLT_MAX) l += static_cast<float>(n_out);  // exp(-FLT_MAX - m) = 1 there
+      // Every visible score at or below -FLT_MAX (fp32 overflow of q.k*scale): then m = -FLT_MAX and the
+      // masked columns outside the window get exp(-FLT_MAX - m) / l = 1/l (§3.3), not 0. Such "wide"
+      // rows are finished over all C columns below (rare; exact, slow).
+      const bool wide = n_out > 0 && m == -FLT_MAX;
+      if (wide) l += static_cast<float>(n_out);
       pl.kt->normalize_row(srow + lo, hi - lo, l, prow, pl.pstore);
       sc.m[r] = m;
       sc.l[r] = l;
+      sc.wide[r] = wide;
     }
   }
 
@@ -382,6 +390,23 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       const int64_t pstride = cp * kPanel;
       pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.pa.get()) + lo, sc.ld_p, R, vp + lo * kPanel, pstride, 0,
                       pl.d2p, hi - lo, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
+    }
+  }
+  // wide rows (see step 4): fp32 P over all of [0, C) and O = sum_c round(P[c]) v[c] in c order
+  for (int64_t r = 0; r < R; ++r) {
+    if (!sc.wide[r]) continue;
+    float* srow = S + r * sc.ld_s;
+    const float pout = 1.0f / sc.l[r];
+    for (int64_t c = 0; c < lo; ++c) srow[c] = pout;
+    for (int64_t c = cmax; c < C; ++c) srow[c] = pout;
+    for (int64_t c = std::max(hi, C); c < cp; ++c) srow[c] = 0.0f;
+    float* orow = sc.o.get() + r * pl.d2p;
+    std::fill(orow, orow + sh.D2, 0.0f);
+    const Tensor3& v = p.value;
+    for (int64_t c = 0; c < C; ++c) {
+      const float pc = detail::round_to_dtype(srow[c], dt);
+      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t j = 0; j < sh.D2; ++j) orow[j] += pc * detail::load_f32(v.data, base + j * v.stride[2], dt);
     }
   }
   if (any_full) {
@@ -401,7 +426,13 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
   for (int64_t i = 0; i < ntok; ++i) {
     const int64_t s = s0 + i, t = bi.q_begin + s;
     const bool full = pl.rows[t].kind == kFullyMasked;
+    bool token_wide = false;  // a wide row makes the token's selection range all of [0, cp)
+    for (int64_t g = 0; g < G; ++g) token_wide |= static_cast<bool>(sc.wide[i * G + g]);
     int64_t rlo = lo, rhi = hi;
+    if (token_wide) {
+      rlo = 0;
+      rhi = cp;
+    }
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g, h = n2 * G + g;
       const float* orow = full ? sc.uniform.get() : sc.o.get() + r * pl.d2p;
@@ -419,6 +450,9 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
         const float pu = 1.0f / static_cast<float>(C);
         for (int64_t c = 0; c < C; ++c) srow[c] = pu;
         for (int64_t c = C; c < cp; ++c) srow[c] = 0.0f;
+      } else if (token_wide && !sc.wide[r]) {  // P = 0 outside the window for the token's other rows
+        std::fill(srow, srow + lo, 0.0f);
+        std::fill(srow + hi, srow + cp, 0.0f);
       }
       std::memset(srow + rlo - kMargin, 0, sizeof(float) * kMargin);
       std::memset(srow + rhi, 0, sizeof(float) * kMargin);
