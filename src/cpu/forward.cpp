@@ -264,12 +264,13 @@ void top_k(const float* score, int64_t sel, int64_t K, int32_t* idx) {
     } else if (v != v) {
       return top_k_general(score, sel, K, idx);
     }
-    int64_t pos = count < K ? count++ : K - 1;
-    while (pos > 0 && v > best[pos - 1]) {
-      best[pos] = best[pos - 1];
-      bidx[pos] = bidx[pos - 1];
-      --pos;
-    }
+    // insertion point: entries >= v stay ahead (ties keep the earlier index); branch-free count
+    const int64_t n = count;
+    int64_t pos = 0;
+    for (int64_t j = 0; j < n; ++j) pos += best[j] >= v;
+    const int64_t last = count < K ? count++ : K - 1;  // the entry at `last` drops out when full
+    std::memmove(best + pos + 1, best + pos, sizeof(float) * static_cast<size_t>(last - pos));
+    std::memmove(bidx + pos + 1, bidx + pos, sizeof(int32_t) * static_cast<size_t>(last - pos));
     best[pos] = v;
     bidx[pos] = static_cast<int32_t>(k);
   }
@@ -308,17 +309,6 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
   if (any_visible) {
     // 2. pack the query tile: row r = i*G + g, head h = n2*G + g
     const Tensor3& q = p.query;
-    // Prefetch the query rows of the next tile of this (batch, head) group (the next task in order),
-    // so that its packing reads cache instead of DRAM while this tile computes. A hint only.
-    if (q.stride[2] == 1) {
-      const int64_t esz_q = static_cast<int64_t>(dtype_size(dt));
-      const int64_t row_bytes = sh.D * esz_q;
-      for (int64_t t = bi.q_begin + s1; t < bi.q_begin + std::min(bi.sq, s1 + ntok); ++t)
-        for (int64_t g = 0; g < G; ++g) {
-          const char* row = static_cast<const char*>(q.data) + (t * q.stride[0] + (n2 * G + g) * q.stride[1]) * esz_q;
-          for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 2);
-        }
-    }
     for (int64_t i = 0; i < ntok; ++i) {
       const int64_t t = bi.q_begin + s0 + i;
       for (int64_t g = 0; g < G; ++g) {
