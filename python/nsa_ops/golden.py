@@ -307,8 +307,13 @@ def load_inputs(source: str | Path, args: str | Path | dict | None = None, *, ca
     for name in SCALAR_NAMES:
         if name not in doc:
             raise GoldenError(f"{where}: missing the argument {name!r}")
-        scalars[name] = float(doc[name]) if name == "scale_value" else doc[name]
-        if name != "scale_value" and (isinstance(scalars[name], bool) or not isinstance(scalars[name], int)):
+        if name == "scale_value":
+            if isinstance(doc[name], bool) or not isinstance(doc[name], (int, float)):
+                raise GoldenError(f"{where}: scale_value must be a number, got {doc[name]!r}")
+            scalars[name] = float(doc[name])
+            continue
+        scalars[name] = doc[name]
+        if isinstance(scalars[name], bool) or not isinstance(scalars[name], int):
             raise GoldenError(f"{where}: {name} must be an integer, got {scalars[name]!r}")
     lengths: dict = {}
     for name in LENGTH_NAMES:
