@@ -425,18 +425,18 @@ Status launch_all(const BwdArgs& base, int64_t T_, int64_t N2, int64_t D, int64_
   const unsigned gy = static_cast<unsigned>(std::min<int64_t>(N2, 65535));
   const int64_t dlt_blocks = ceil_div(T_ * a.N1, kWarps);
   if (dlt_blocks > INT_MAX) return Status::Error("the CUDA backward supports at most 2^31-1 blocks of T x N1 rows");
-  dlt_kernel<T><<<static_cast<unsigned>(dlt_blocks), kThreads, 0, stream>>>(a);
+  NSA_LAUNCH(dlt_kernel<T>, static_cast<unsigned>(dlt_blocks), kThreads, 0, stream, a);
   if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error(e, "backward Dlt kernel launch");
   if (n_kv > 0) {
     a.unit_begin = kv_units;
     const unsigned gz = static_cast<unsigned>(ceil_div(std::max(D, D2), kSlice));
-    dkdv_kernel<T><<<dim3(static_cast<unsigned>(n_kv), gy, gz), kThreads, 0, stream>>>(a);
+    NSA_LAUNCH(dkdv_kernel<T>, dim3(static_cast<unsigned>(n_kv), gy, gz), kThreads, 0, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error(e, "backward dK/dV kernel launch");
   }
   if (n_q > 0) {
     a.unit_begin = q_units;
     const unsigned gz = static_cast<unsigned>(ceil_div(D, kSlice));
-    dq_kernel<T><<<dim3(static_cast<unsigned>(n_q), gy, gz), kThreads, 0, stream>>>(a);
+    NSA_LAUNCH(dq_kernel<T>, dim3(static_cast<unsigned>(n_q), gy, gz), kThreads, 0, stream, a);
     if ((e = cudaGetLastError()) != cudaSuccess) return cuda_error(e, "backward dQ kernel launch");
   }
   return Status::Ok();

@@ -15,6 +15,14 @@
 
 #include "nsa/compress_attention.h"
 
+// Seams for the CPU emulation of the tests (tests/cuda/emu defines these first; nvcc builds use the defaults).
+#ifndef NSA_LAUNCH
+#define NSA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
+#ifndef NSA_DYNAMIC_SHARED
+#define NSA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace nsa::cuda_detail {
 
 constexpr unsigned kFullMask = 0xffffffffu;

@@ -39,6 +39,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "core/batches.h"
@@ -108,7 +109,9 @@ __device__ __forceinline__ void mma16816(float& d0, float& d1, float& d2, float&
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
                                              uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(NSA_EMU_MMA16816)
+  NSA_EMU_MMA16816(__nv_bfloat16, d0, d1, d2, d3, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -122,7 +125,9 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float& d0, float& d1, fl
 template <>
 __device__ __forceinline__ void mma16816<__half>(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
                                              uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(NSA_EMU_MMA16816)
+  NSA_EMU_MMA16816(__half, d0, d1, d2, d3, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -139,12 +144,16 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low half), .y = hi
-  return *reinterpret_cast<const uint32_t*>(&v);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
 }
 template <>
 __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
 }
 
 __device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
@@ -152,7 +161,7 @@ __device__ __forceinline__ uint32_t ld_u32(const void* p) { return *reinterpret_
 // ------------------------------------------------------------------------------------ the kernel
 template <typename T, bool kTC>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
-  extern __shared__ float4 smem_f4[];
+  NSA_DYNAMIC_SHARED(float4, smem_f4);
   float* const smem = reinterpret_cast<float*>(smem_f4);
   float* const sS = smem;                              // [rp][ld_s] score / P block
   float* const sStage = sS + a.rp * a.ld_s;            // staging (aliased by the QK and PV phases)
@@ -592,7 +601,8 @@ Status launch(const FwdArgs& a, dim3 grid, size_t smem, cudaStream_t stream) {
   cudaError_t e = cudaFuncSetAttribute(fwd_kernel<T, kTC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        static_cast<int>(smem));
   if (e != cudaSuccess) return cuda_error(e, "cudaFuncSetAttribute (forward)");
-  fwd_kernel<T, kTC><<<grid, kThreads, smem, stream>>>(a);
+  void (*const kernel)(const FwdArgs) = fwd_kernel<T, kTC>;
+  NSA_LAUNCH(kernel, grid, kThreads, smem, stream, a);
   e = cudaGetLastError();
   if (e != cudaSuccess) return cuda_error(e, "forward kernel launch");
   return Status::Ok();
