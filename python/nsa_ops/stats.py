@@ -3,7 +3,7 @@
 ``softmax_max`` and ``softmax_sum`` are declared ``[T, N1, 8]`` float32 but their memory is laid out
 per batch: batch ``b`` occupies the contiguous float range starting at ``8 * N1 * q_b`` (``q_b`` =
 query rows of the batches before ``b``), ordered ``[N1][Sq_b][8]``, every value repeated 8 times.
-So ``stats[t, h, :]`` is NOT the statistic of query row ``t`` and head ``h`` unless B = 1 (or N1 = 1).
+So ``stats[t, h, :]`` is NOT the statistic of query row ``t`` and head ``h`` unless N1 = 1 (or every batch has a single row): even for B = 1 the memory is [N1][T][8].
 These helpers translate.
 
 The query lengths are given in exactly one of two conventions, by keyword:
