@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
 # Runs every test of nsa-ops on this machine (CI calls exactly this through .ci/run):
-# set-up (apt, .venv, build), the C++ tests (ctest: every CPU ISA path this CPU has), the Python
-# tests (pytest), then the hardening legs. Each stage prints its own summary line.
+#   set-up (apt, .venv, build) -> C++ tests (ctest: every CPU ISA path this CPU has) -> Python tests
+#   (pytest) -> packaging leg (wheel + C++ find_package example) -> CUDA compile-only leg (nvcc,
+#   sm_80/sm_90, kernels exercised by the CPU emulation) -> hardening legs (sanitizers, fuzzing).
+# Each stage prints its own summary line; the script stops at the first failure.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 start=$(date +%s)
+stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s so far)"; }
+
+stage "set-up (scripts/setup.sh)"
 bash scripts/setup.sh
 
-echo "== C++ tests (ctest)"
+stage "C++ tests (ctest)"
 ctest --test-dir build --output-on-failure -j "$(nproc)"
 
-echo "== Python tests (pytest)"
-.venv/bin/python -m pytest -q tests/python
+stage "Python tests (pytest)"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/python
 
+stage "packaging leg (scripts/package_check.sh)"
+bash scripts/package_check.sh
+
+stage "CUDA compile-only leg (scripts/cuda_compile.sh)"
+bash scripts/cuda_compile.sh
+
+echo
 echo "== all tests passed in $(( $(date +%s) - start )) s"
