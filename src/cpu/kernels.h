@@ -54,6 +54,23 @@ struct KernelTable {
   void (*store_row)(const float* src, void* dst, int64_t n, DType dtype);
   // dst[i] = float(src[i]) for a contiguous bf16 / fp16 / fp32 row, any n.
   void (*load_row)(const void* src, float* dst, int64_t n, DType dtype);
+
+  // ---- backward (SPEC §7; src/cpu/backward.cpp) ----
+  // Softmax gradient of one row of a tile pair, in place, n % 16 == 0. On entry s holds the scaled
+  // scores and dp the products dO.v; with e = exp(s[i] - m) * il (the exp of exp_sum):
+  //   s[i] = P = (keep[i] != 0 ? e : 0),   dp[i] = dS = P * (dp[i] - dlt).
+  void (*softmax_grad_row)(float* s, float* dp, const uint8_t* keep, int64_t n, float m, float il, float dlt);
+  // Two fp32 rows as bf16 pairs (nearest even): out[2i] = a[i], out[2i + 1] = b[i], n % 16 == 0: a panel
+  // row of gemm_bf16's B layout whose pairs run over rows (a = row 2p, b = row 2p + 1). Null where
+  // gemm_bf16 is null.
+  void (*pack_rows_bf16)(const float* a, const float* b, int64_t n, uint16_t* out);
+  // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols (16-bit elements), any sizes. With
+  // rows even and dst rows of gemm_bf16's A layout, this makes an A operand whose pairs run over src rows.
+  void (*transpose_u16)(const uint16_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint16_t* dst,
+                        int64_t ld_dst);
+  // The same for 32-bit elements (fp32 A operands).
+  void (*transpose_u32)(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst,
+                        int64_t ld_dst);
 };
 
 const KernelTable* kernels_scalar();

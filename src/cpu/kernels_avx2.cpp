@@ -65,6 +65,11 @@ struct V {
     for (int i = 0; i < 8; ++i) m = t[i] > m ? t[i] : m;
     return m;
   }
+  // x where keep[i] != 0, else +0 (backward: masked entries of a tile pair); reads 8 bytes
+  static F keep_bytes(F x, const uint8_t* keep) {
+    const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep)));
+    return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_setzero_si256())));
+  }
 };
 
 #include "cpu/kernels_impl.h"
@@ -75,7 +80,9 @@ const KernelTable* kernels_avx2() {
   namespace k = isa_avx2;
   static const KernelTable table = {CpuIsa::kAvx2, k::gemm_f32_impl, nullptr, k::row_max_impl,
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
-                                    k::store_row_impl, k::load_row_impl};
+                                    k::store_row_impl, k::load_row_impl,
+                                    k::softmax_grad_row_impl, nullptr, k::transpose_u16_impl,
+                                    k::transpose_u32_impl};
   return &table;
 }
 }  // namespace nsa::cpu

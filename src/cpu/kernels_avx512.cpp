@@ -15,7 +15,9 @@ const KernelTable* kernels_avx512() {
   namespace k = isa_avx512;
   static const KernelTable table = {CpuIsa::kAvx512, k::gemm_f32_impl, nullptr, k::row_max_impl,
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
-                                    k::store_row_impl, k::load_row_impl};
+                                    k::store_row_impl, k::load_row_impl,
+                                    k::softmax_grad_row_impl, nullptr, k::transpose_u16_impl,
+                                    k::transpose_u32_impl};
   return &table;
 }
 }  // namespace nsa::cpu

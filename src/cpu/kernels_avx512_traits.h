@@ -53,4 +53,9 @@ struct V {
     for (int i = 0; i < 16; ++i) m = t[i] > m ? t[i] : m;
     return m;
   }
+  // x where keep[i] != 0, else +0 (backward: masked entries of a tile pair); reads 16 bytes
+  static F keep_bytes(F x, const uint8_t* keep) {
+    const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep));
+    return _mm512_maskz_mov_ps(_mm_test_epi8_mask(k, k), x);
+  }
 };

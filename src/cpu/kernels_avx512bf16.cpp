@@ -81,6 +81,19 @@ inline void gemm_bf16_impl(const uint16_t* A, int64_t lda, int64_t R, const uint
     }
   }
 }
+
+// ------------------------------------------------------------------ backward (SPEC §7)
+// out[2i] = bf16(a[i]), out[2i + 1] = bf16(b[i]): lane i of the result holds the pair (a[i], b[i]).
+inline void pack_rows_bf16_impl(const float* a, const float* b, int64_t n, uint16_t* out) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512i ra = _mm512_castps_si512(V::round_bf16(_mm512_loadu_ps(a + i)));
+    const __m512i rb = _mm512_castps_si512(V::round_bf16(_mm512_loadu_ps(b + i)));
+    // (rb & hi) | (ra >> 16)
+    const __m512i w = _mm512_or_si512(_mm512_and_si512(rb, hi), _mm512_srli_epi32(ra, 16));
+    _mm512_storeu_si512(out + 2 * i, w);
+  }
+}
 }  // namespace nsa::cpu::isa_avx512bf16
 
 namespace nsa::cpu {
@@ -88,7 +101,9 @@ const KernelTable* kernels_avx512bf16() {
   namespace k = isa_avx512bf16;
   static const KernelTable table = {CpuIsa::kAvx512Bf16, k::gemm_f32_impl, k::gemm_bf16_impl, k::row_max_impl,
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
-                                    k::store_row_impl, k::load_row_impl};
+                                    k::store_row_impl, k::load_row_impl,
+                                    k::softmax_grad_row_impl, k::pack_rows_bf16_impl, k::transpose_u16_impl,
+                                    k::transpose_u32_impl};
   return &table;
 }
 }  // namespace nsa::cpu

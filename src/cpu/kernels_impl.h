@@ -218,3 +218,38 @@ inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B
     }
   }
 }
+
+// ------------------------------------------------------------------ backward (SPEC §7)
+// P and dS of one row of a tile pair (KernelTable::softmax_grad_row). V::keep_bytes(x, keep) is x where
+// keep[i] != 0 and +0 elsewhere, so a masked entry gives exactly P = 0 whatever its score.
+inline void softmax_grad_row_impl(float* s, float* dp, const uint8_t* keep, int64_t n, float m, float il,
+                                  float dlt) {
+  const V::F vm = V::set1(m), vil = V::set1(il), vd = V::set1(dlt);
+  for (int64_t i = 0; i < n; i += V::W) {
+    const V::F p = V::keep_bytes(V::mul(vexp(V::sub(V::load(s + i), vm)), vil), keep + i);
+    V::store(s + i, p);
+    V::store(dp + i, V::mul(p, V::sub(V::load(dp + i), vd)));
+  }
+}
+
+// Plain blocked transpose (8 x 8 blocks).
+template <typename T>
+inline void transpose_blocked(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  constexpr int64_t B = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += B) {
+    const int64_t r1 = r0 + B < rows ? r0 + B : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += B) {
+      const int64_t c1 = c0 + B < cols ? c0 + B : cols;
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    }
+  }
+}
+inline void transpose_u16_impl(const uint16_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint16_t* dst,
+                               int64_t ld_dst) {
+  transpose_blocked(src, ld_src, rows, cols, dst, ld_dst);
+}
+inline void transpose_u32_impl(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst,
+                               int64_t ld_dst) {
+  transpose_blocked(src, ld_src, rows, cols, dst, ld_dst);
+}

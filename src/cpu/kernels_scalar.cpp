@@ -43,6 +43,8 @@ struct V {
   static F load_bf16(const uint16_t* p) { return detail::bf16_to_f32(*p); }
   static F load_f16(const uint16_t* p) { return detail::f16_to_f32(*p); }
   static float reduce_max(F v, float init) { return v > init ? v : init; }
+  // x where keep[0] != 0, else +0 (backward: masked entries of a tile pair)
+  static F keep_bytes(F x, const uint8_t* keep) { return keep[0] != 0 ? x : 0.0f; }
 };
 
 #include "cpu/kernels_impl.h"
@@ -53,7 +55,9 @@ const KernelTable* kernels_scalar() {
   namespace k = isa_scalar;
   static const KernelTable table = {CpuIsa::kScalar, k::gemm_f32_impl, nullptr, k::row_max_impl,
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
-                                    k::store_row_impl, k::load_row_impl};
+                                    k::store_row_impl, k::load_row_impl,
+                                    k::softmax_grad_row_impl, nullptr, k::transpose_u16_impl,
+                                    k::transpose_u32_impl};
   return &table;
 }
 }  // namespace nsa::cpu
