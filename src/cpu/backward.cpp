@@ -3,7 +3,7 @@
 // Decomposition. The rows of a tile are (query token, head of the group) pairs: a query tile holds
 // Bq tokens x G heads = R rows (R ~ 64, token-major, so the G heads of a token are adjacent as in
 // memory); a key tile holds Bc = 64 compressed tokens. For a tile pair (i, j) the work is
-//   S  = Q_i K_j^T (fp32 dot products), P = exp(S*scale - m) / l_sum from the saved statistics,
+//   S  = Q_i K_j^T * scale (fp32 dot products), P = exp(S - m) / l_sum from the saved statistics,
 //        P = 0 where atten_mask removes the entry (or the column is past C_b);
 //   dP = dO_i V_j^T,  dS = P (dP - Dlt),  Dlt = rowsum(dO * O) with O = attention_out as returned;
 //   dV_j^T += dO_i^T P,  dK_j^T += Q_i^T dS,  dQ_i += dS K_j   (dK and dQ times scale at the end).
@@ -14,12 +14,12 @@
 //   dQ_i accumulates over key tiles j = 0, 1, ... (ascending),
 // and S, P, dP, dS of a pair are computed by the same code whatever task computes them. Two kinds of
 // schedule respect this and give bitwise identical results:
-//   one-pass  : a task owns a (batch, KV head): for i: for j: all five products (no recomputation),
-//               every key tile of the batch converted once into the worker's cache;
+//   one-pass  : a task owns a (batch, KV head): for i: for j: all five products (no recomputation);
 //   two-pass  : "kv" tasks own (batch, KV head, key tile j) and iterate i (dK_j, dV_j); "dq" tasks own
 //               (batch, KV head, query tile i) and iterate j (dQ_i), recomputing S and dP.
-// The schedule is chosen per call from the shape and the thread count (an LPT estimate of both; two-pass
-// costs (4D+3D2)/(3D+2D2) more FLOPs but has more, smaller tasks); results never depend on it.
+// The schedule is chosen per call from the shape and the thread count capped at the hardware's (an LPT
+// estimate of both; two-pass costs (4D+3D2)/(3D+2D2) more FLOPs but has more, smaller tasks); results
+// never depend on it.
 //
 // Masks. A plan per batch records, for every tile pair, whether anything is visible (else it is
 // skipped) and the 16-column window [w0, w1) of the key tile that holds every visible entry of its
@@ -29,25 +29,36 @@
 // of the batch after the tile contributions; inside tiles its entries are masked (P = 0), so its dQ is
 // zero and it adds nothing to dK.
 //
-// Precision. All arithmetic in fp32 (fp64 for fp64 inputs): P and dS are not rounded to the input
-// dtype (§7 allows either); exp is a Cody-Waite + degree-6 polynomial (about 1 ulp).
-// Workspace: per-worker tiles (O(R*(D+D2) + Bc*(D+D2)) floats), plus, in one-pass mode, the key-tile
-// cache and dK/dV accumulators of one (batch, KV head): O(maxC*(2D+2D2)). Nothing grows with T x C
-// except the plan (3 bytes per tile pair).
+// Products. Every product is one GEMM call of the per-ISA KernelTable (src/cpu/kernels.h) with the B
+// operand in its packed panel layout and a (col0, ncols) column range. Two paths, chosen once per call:
+//   bf16 pairs (bf16 inputs on an ISA with gemm_bf16, i.e. vdpbf16ps): P and dS are rounded to bf16 before
+//     the products that use them (§7 allows it; every sum stays fp32). Operands: Q and dO rows (pairs along
+//     D / D2), Q^T and dO^T (pairs along the tile's rows), P and dS as B panels with pairs along rows
+//     (pack_rows_bf16), dS rows (pairs along key columns), and per key tile K with pairs along D (for S),
+//     K with pairs along key tokens (for dQ) and V with pairs along D2 (for dP).
+//   fp32 (fp16, fp32, and bf16 without vdpbf16ps, on AVX2 / AVX-512): gemm_f32 on fp32 operands; P and dS
+//     unrounded.
+//   portable (the scalar ISA, whose table kernels are a std::fma reference order ~30x slower, and fp64
+//     inputs, a testing extension): a GEMM on generic 16-byte vectors in float / double, exp_poly / std::exp.
+// exp is the KernelTable's on the first two (about 1 ulp, identical on every ISA). Dlt sums in a fixed order.
 //
-// GEMM. Every product is one call of gemm_panels with the B operand in the packed panel layout and
-// the (col0, ncols) column range of KernelTable::gemm_f32 (src/cpu/kernels.h: [panels][K][64], zero
-// padded), so the per-ISA micro-kernels can replace it call for call. gemm_panels itself is portable
-// C++ with 16-byte generic vectors (SSE2 at the baseline flags this file is built with).
+// Workspace: K and V of every (batch, KV head) packed once per call (O(T2 (2D + D2)), the size of the
+// inputs); per-worker tiles (O(R (D + D2) + R Bc)); in one-pass mode the dK/dV accumulators of one
+// (batch, KV head): O(maxC (D + D2)). Nothing grows with T x C except the plan (3 bytes per tile pair).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "core/batches.h"
 #include "core/numeric.h"
 #include "cpu/isa.h"
+#include "cpu/kernels.h"
 #include "cpu/threads.h"
 
 namespace nsa::cpu {
@@ -55,54 +66,79 @@ namespace {
 
 using detail::BatchInfo;
 
-constexpr int64_t kBc = 64;      // compressed tokens of a key tile (= one B panel)
-constexpr int64_t kPan = 64;     // width of a packed B panel
+constexpr int64_t kBc = 64;          // compressed tokens of a key tile (= one B panel)
+constexpr int64_t kPan = kPanel;     // width of a packed B panel (64)
 constexpr int64_t kRowsTarget = 64;  // rows (token x head) of a query tile
+constexpr int64_t kWin = 16;         // column granularity of the windows
+
+static_assert(kBc == kPan, "a key tile is one panel");
 
 // ---------------------------------------------------------------- element types
 struct EBf16 {
   using Raw = uint16_t;
   using Acc = float;
+  static constexpr DType kType = DType::kBF16;
   static float get(Raw v) { return detail::bf16_to_f32(v); }
   static Raw put(float x) { return detail::f32_to_bf16(x); }
 };
 struct EF16 {
   using Raw = uint16_t;
   using Acc = float;
+  static constexpr DType kType = DType::kF16;
   static float get(Raw v) { return detail::f16_to_f32(v); }
   static Raw put(float x) { return detail::f32_to_f16(x); }
 };
 struct EF32 {
   using Raw = float;
   using Acc = float;
+  static constexpr DType kType = DType::kF32;
   static float get(Raw v) { return v; }
   static Raw put(float x) { return x; }
 };
 struct EF64 {
   using Raw = double;
   using Acc = double;
+  static constexpr DType kType = DType::kF64;
   static double get(Raw v) { return v; }
   static Raw put(double x) { return x; }
 };
 
-// out[k] = element (base + off + k*stride), k < n, converted to Acc.
-template <class E>
-inline void load_row(const void* base, int64_t off, int64_t stride, int64_t n, typename E::Acc* out) {
-  const typename E::Raw* src = static_cast<const typename E::Raw*>(base) + off;
-  if (stride == 1) {
-    for (int64_t k = 0; k < n; ++k) out[k] = E::get(src[k]);
-  } else {
-    for (int64_t k = 0; k < n; ++k) out[k] = E::get(src[k * stride]);
-  }
-}
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// ---------------------------------------------------------------- portable GEMM on packed panels
-// C[m][n - col0] (+)= sum_{k<K} A[m*lda + k] * B[(n/64)*panel_stride + k*64 + n%64], m < M,
-// n in [col0, col0 + ncols) (col0, ncols multiples of 16: the contract of KernelTable::gemm_f32).
-// Each C element is summed in k order starting from C (accumulate) or 0, whatever its position in the
-// blocking: the result does not depend on M or on which rows are blocked together.
-// Written with GCC/Clang generic 16-byte vectors (SSE2 / NEON width, the baseline of this file) so that
-// the MR x NR accumulators stay in registers; plain nested loops are not reliably register-blocked by GCC.
+// 64-byte aligned, zero-initialised buffer.
+template <typename T>
+struct AlignedBuf {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr;
+  void reset(int64_t n) {
+    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), 64));
+    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    std::memset(ptr.get(), 0, bytes);
+  }
+  T* get() const { return ptr.get(); }
+};
+
+// Carves consecutive 64-byte aligned arrays out of one buffer: pass 1 counts (base == nullptr), pass 2 assigns.
+struct Carver {
+  char* base = nullptr;
+  int64_t used = 0;
+  template <typename T>
+  void take(T** out, int64_t n) {
+    if (base != nullptr) *out = reinterpret_cast<T*>(base + used);
+    used += round_up(std::max<int64_t>(n, 0) * static_cast<int64_t>(sizeof(T)), 64);
+  }
+};
+
+// ---------------------------------------------------------------- portable GEMM (scalar ISA, fp64 inputs)
+// C[m][n - col0] = alpha * sum_{k<K} A[m*lda + k] * B[(n/64)*panel_stride + k*64 + n%64] (+ C when
+// accumulate, then alpha must be 1; the sum then starts from C), m < M, n in [col0, col0 + ncols) (col0,
+// ncols multiples of 16): the contract of KernelTable::gemm_f32. Each C element is summed in k order,
+// whatever its position in the blocking. Written with GCC/Clang generic 16-byte vectors (SSE2 / NEON width,
+// the baseline of this file) so that the MR x NR accumulators stay in registers. Used where the KernelTable
+// has no fast GEMM: the scalar ISA (its std::fma kernels are a reference order, ~30x slower than this) and
+// fp64 inputs.
 template <typename T>
 struct Vec16 {
   typedef T type __attribute__((vector_size(16)));
@@ -111,7 +147,7 @@ struct Vec16 {
 
 template <int MR, int NV, typename T>
 inline void micro(const T* __restrict A, int64_t lda, const T* __restrict B, int64_t K, T* __restrict C,
-                  int64_t ldc, bool accumulate) {
+                  int64_t ldc, T alpha, bool accumulate) {
   using V = typename Vec16<T>::type;
   constexpr int L = Vec16<T>::kLanes;
   V acc[MR][NV];
@@ -128,26 +164,29 @@ inline void micro(const T* __restrict A, int64_t lda, const T* __restrict B, int
       for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
     }
   }
+  if (!accumulate)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NV; ++j) acc[i][j] *= alpha;
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) std::memcpy(C + i * ldc + j * L, &acc[i][j], sizeof(V));
 }
 
 template <typename T>
-void gemm_panels(const T* A, int64_t lda, int64_t M, const T* B, int64_t panel_stride, int64_t col0, int64_t ncols,
-                 int64_t K, T* C, int64_t ldc, bool accumulate) {
+void gemm_portable(const T* A, int64_t lda, int64_t M, const T* B, int64_t panel_stride, int64_t col0,
+                   int64_t ncols, int64_t K, T* C, int64_t ldc, T alpha, bool accumulate) {
   constexpr int MR = 4, NV = 2, NR = NV * Vec16<T>::kLanes;  // 8 accumulators + 2 B registers
   for (int64_t n0 = col0; n0 < col0 + ncols; n0 += NR) {
     const T* Bp = B + (n0 / kPan) * panel_stride + n0 % kPan;
     T* Cp = C + (n0 - col0);
     int64_t m = 0;
-    for (; m + MR <= M; m += MR) micro<MR, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
-    for (; m < M; ++m) micro<1, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, accumulate);
+    for (; m + MR <= M; m += MR) micro<MR, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, alpha, accumulate);
+    for (; m < M; ++m) micro<1, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, alpha, accumulate);
   }
 }
 
-// ---------------------------------------------------------------- exp
-// exp(x) for x <= ~88, 0 below -87.3 (where expf is at most 1.2e-38). Branch-free so that loops over it
-// vectorize: Cody-Waite reduction by ln 2, degree-6 polynomial on [-ln2/2, ln2/2], 2^n from the bits.
+// exp(x) for x <= ~88, 0 below -87.3 (where expf is at most 1.2e-38), for the portable path. Branch-free so
+// that loops over it vectorize: Cody-Waite reduction by ln 2, degree-6 polynomial on [-ln2/2, ln2/2], 2^n
+// from the bits.
 inline float exp_poly(float x) {
   float xc = x > -87.3f ? x : -87.3f;  // NaN -> -87.3 here; the NaN is returned at the end
   xc = xc < 88.0f ? xc : 88.0f;
@@ -167,8 +206,8 @@ inline float exp_poly(float x) {
   std::memcpy(&scale2, &bits, 4);
   return x < -87.3f ? 0.0f : (x == x ? q * scale2 : x);
 }
-inline double exp_acc(double x) { return std::exp(x); }
-inline float exp_acc(float x) { return exp_poly(x); }
+inline double exp_portable(double x) { return std::exp(x); }
+inline float exp_portable(float x) { return exp_poly(x); }
 
 // ---------------------------------------------------------------- plan
 enum TileState : uint8_t { kSkip = 0, kPartial = 1, kFull = 2 };
@@ -180,11 +219,10 @@ struct PairInfo {
   uint8_t state = kSkip, w0 = 0, w1 = 0;
 };
 
-constexpr int64_t kWin = 16;  // column granularity of the windows
-
 struct BatchPlan {
   BatchInfo bi;
   int64_t nq = 0, nk = 0;           // query tiles (of Bq tokens) and key tiles (of Bc tokens)
+  int64_t tile0 = 0;                // index of the batch's first key tile over all batches
   std::vector<PairInfo> tile;       // [nq][nk]
   std::vector<int64_t> fm_rows;     // fully masked rows (local s), ascending
   std::vector<int64_t> pairs_q;     // [nq] visible tile pairs x rows x cols, per query tile (cost)
@@ -193,9 +231,10 @@ struct BatchPlan {
 
 struct Geo {
   int64_t T2 = 0, N1 = 0, N2 = 0, G = 0, D = 0, D2 = 0;
-  int64_t Dp = 0, D2p = 0, nDp = 0, nD2p = 0;  // D, D2 padded to panels
-  int64_t Bq = 0, R = 0;                        // tokens and rows of a query tile
-  int64_t max_c_pad = 0;                        // max C_b rounded up to Bc
+  int64_t Dp = 0, nDp = 0;          // D padded to panels, number of panels
+  int64_t Bq = 0, R = 0, Rp = 0;    // tokens and rows of a query tile; R rounded up to even
+  int64_t Dh = 0, D2h = 0;          // bf16 path: pairs along D and D2 (ceil(D/2), ceil(D2/2))
+  int64_t ktile = 0;                // elements of one packed key tile
 };
 
 enum class Kind : int { kOnePass = 0, kKv = 1, kDq = 2 };
@@ -203,40 +242,6 @@ struct Task {
   Kind kind;
   int64_t b, n2, idx;
   double cost;
-};
-
-// Per-worker workspace, allocated once per call (zeroed: panel paddings are read as zeros).
-template <typename Acc>
-struct Scratch {
-  std::vector<Acc> buf;
-  std::vector<uint8_t> keep;  // [R][64] 1 = visible entry of the current tile pair
-  // Query tile: Q rows qa [R][D] and Q^T qT [D][R]; dO rows oa [R][D2] and dO^T oT [D2][R]; per row m,
-  // 1/l_sum, Dlt. Key tiles (ktiles of them): K^T kt [D][64], K panels kp [nDp][64][64], V^T vt [D2][64].
-  // Pair: P s [R][64], dP/dS dp [R][64]. Accumulators: dQ dq [R][Dp]; dK^T [D][64] and dV^T [D2][64] per
-  // key tile (ktiles of them). u [D2]: the fully masked rows' dV share; orow [D2]: a row being loaded.
-  Acc *qa, *qT, *oa, *oT, *orow, *keys, *s, *dp, *rm, *ril, *rdlt, *dq, *dkT, *dvT, *u;
-  int64_t ktile = 0;  // floats of one cached key tile
-  bool ready = false;
-
-  Acc* kt(int64_t j) const { return keys + j * ktile; }
-
-  void init(const Geo& g, int64_t ktiles) {
-    const int64_t R = g.R;
-    ktile = g.D * kBc + g.nDp * kBc * kPan + g.D2 * kBc;
-    const int64_t sizes[] = {R * g.D, g.D * R, R * g.D2, g.D2 * R, g.D2, ktiles * ktile, R * kBc, R * kBc,
-                             R,       R,       R,        R * g.Dp, ktiles * g.D * kBc, ktiles * g.D2 * kBc, g.D2};
-    Acc** ptrs[] = {&qa, &qT, &oa, &oT, &orow, &keys, &s, &dp, &rm, &ril, &rdlt, &dq, &dkT, &dvT, &u};
-    int64_t total = 0;
-    for (int64_t sz : sizes) total += (sz + 15) / 16 * 16;  // 64-byte granules
-    buf.assign(static_cast<size_t>(total), Acc(0));
-    keep.assign(static_cast<size_t>(R * kBc), 0);
-    Acc* at = buf.data();
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); ++i) {
-      *ptrs[i] = at;
-      at += (sizes[i] + 15) / 16 * 16;
-    }
-    ready = true;
-  }
 };
 
 // LPT estimate of the makespan of `costs` on `workers` workers (largest first, to the least loaded).
@@ -247,14 +252,117 @@ double lpt_makespan(std::vector<double> costs, int workers) {
   return *std::max_element(load.begin(), load.end());
 }
 
+// Threads that can run at once: the schedule's estimate never assumes more (3 threads on 2 cores run
+// like 2). Results do not depend on it.
+int concurrent_threads(int threads) {
+  const unsigned hc = std::thread::hardware_concurrency();
+  return hc > 0 ? std::min(threads, static_cast<int>(hc)) : threads;
+}
+
+// Per-worker workspace (allocated once per call, zeroed: padding rows and columns are read as zeros).
+//   Query tile, fp32/fp64 path: Q rows qa [R][D], Q^T qT [D][R], dO rows oa [R][D2], dO^T oT [D2][R].
+//   Query tile, bf16 path: Q rows qb [Rp][2Dh], Q^T qTb [D][Rp], dO rows ob [Rp][2D2h], dO^T oTb [D2][Rp]
+//     (rows past the tile and the odd last column are zero).
+//   Per row: m (rm), 1/l_sum (ril), Dlt (rdlt).
+//   Pair: S/P s [Rp][64], dP/dS dp [Rp][64], keep [Rp][64] (1 = visible); bf16 path: P and dS as B panels
+//     pB, dsB [Rp/2][64][2], dS rows dsA [R][64].
+//   Accumulators: dQ dq [R][Dp]; dK^T [D][64] and dV^T [D2][64] per key tile (ktiles of them).
+//   u [D2]: the fully masked rows' dV share; ra, rb: rows being converted.
+template <typename Acc>
+struct Scratch {
+  AlignedBuf<char> buf;
+  Acc *qa = nullptr, *qT = nullptr, *oa = nullptr, *oT = nullptr;
+  uint16_t *qb = nullptr, *qTb = nullptr, *ob = nullptr, *oTb = nullptr, *pB = nullptr, *dsB = nullptr,
+           *dsA = nullptr;
+  Acc *ra = nullptr, *rb = nullptr, *s = nullptr, *dp = nullptr, *rm = nullptr, *ril = nullptr, *rdlt = nullptr;
+  Acc *dq = nullptr, *dkT = nullptr, *dvT = nullptr, *u = nullptr;
+  uint8_t* keep = nullptr;
+  bool ready = false;
+
+  void carve(Carver& c, const Geo& g, bool dot, int64_t ktiles) {
+    const int64_t R = g.R, Rp = g.Rp;
+    if (dot) {
+      c.take(&qb, Rp * 2 * g.Dh);
+      c.take(&qTb, g.D * Rp);
+      c.take(&ob, Rp * 2 * g.D2h);
+      c.take(&oTb, g.D2 * Rp);
+      c.take(&pB, Rp * kBc);
+      c.take(&dsB, Rp * kBc);
+      c.take(&dsA, R * kBc);
+    } else {
+      c.take(&qa, R * g.D);
+      c.take(&qT, g.D * R);
+      c.take(&oa, R * g.D2);
+      c.take(&oT, g.D2 * R);
+    }
+    const int64_t wide = std::max(g.D, g.D2);
+    c.take(&ra, wide);
+    c.take(&rb, wide);
+    c.take(&s, Rp * kBc);
+    c.take(&dp, Rp * kBc);
+    c.take(&rm, R);
+    c.take(&ril, R);
+    c.take(&rdlt, R);
+    c.take(&dq, R * g.Dp);
+    c.take(&dkT, ktiles * g.D * kBc);
+    c.take(&dvT, ktiles * g.D2 * kBc);
+    c.take(&u, g.D2);
+    c.take(&keep, Rp * kBc);
+  }
+  void init(const Geo& g, bool dot, int64_t ktiles) {
+    Carver count;
+    carve(count, g, dot, ktiles);
+    buf.reset(count.used);
+    Carver assign;
+    assign.base = buf.get();
+    carve(assign, g, dot, ktiles);
+    ready = true;
+  }
+};
+
+// out[k] = element (base + off + k*stride), k < n, converted to Acc.
 template <class E>
+inline void load_row(const void* base, int64_t off, int64_t stride, int64_t n, typename E::Acc* out) {
+  const typename E::Raw* src = static_cast<const typename E::Raw*>(base) + off;
+  if (stride == 1) {
+    for (int64_t k = 0; k < n; ++k) out[k] = E::get(src[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) out[k] = E::get(src[k * stride]);
+  }
+}
+
+// sum_k a[k] * b[k] in a fixed order: 8 interleaved partial sums (k % 8), then ((0+1)+(2+3))+((4+5)+(6+7)).
+template <typename Acc>
+inline Acc dot_fixed(const Acc* a, const Acc* b, int64_t n) {
+  Acc part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[k + j] * b[k + j];
+  for (int j = 0; k < n; ++k, ++j) part[j] += a[k] * b[k];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// How a call multiplies (chosen once per call, see the header comment).
+enum class Path : int {
+  kPortable = 0,  // gemm_portable and exp_poly / std::exp (scalar ISA, fp64 inputs)
+  kF32 = 1,       // KernelTable::gemm_f32 on fp32 operands
+  kPairs = 2,     // KernelTable::gemm_bf16 on bf16 pairs, P and dS rounded to bf16
+};
+
+template <class E, Path kPath>
 class Backward {
  public:
   using Acc = typename E::Acc;
   using Raw = typename E::Raw;
+  static constexpr bool kF64 = std::is_same<Acc, double>::value;
+  static constexpr bool kDot = kPath == Path::kPairs;
+  static constexpr bool kPortable = kPath == Path::kPortable;
+  static_assert(!kDot || std::is_same<E, EBf16>::value, "the pair path is for bf16 inputs");
+  static_assert(!kF64 || kPortable, "fp64 inputs take the portable path");
 
-  Backward(const CompressAttentionGradParams& p, const CompressAttentionShape& sh, int threads)
-      : p_(p), f_(p.fwd), threads_(threads) {
+  Backward(const CompressAttentionGradParams& p, const CompressAttentionShape& sh, const KernelTable* kt,
+           int threads)
+      : p_(p), f_(p.fwd), kt_(kt), threads_(threads) {
     g_.T2 = sh.T2;
     g_.N1 = sh.N1;
     g_.N2 = sh.N2;
@@ -262,25 +370,34 @@ class Backward {
     g_.D = sh.D;
     g_.D2 = sh.D2;
     g_.nDp = (sh.D + kPan - 1) / kPan;
-    g_.nD2p = (sh.D2 + kPan - 1) / kPan;
     g_.Dp = g_.nDp * kPan;
-    g_.D2p = g_.nD2p * kPan;
     g_.Bq = std::max<int64_t>(1, kRowsTarget / sh.G);
     g_.R = g_.Bq * sh.G;
-    g_.max_c_pad = (sh.max_c + kBc - 1) / kBc * kBc;
+    g_.Rp = round_up(g_.R, 2);
+    g_.Dh = (sh.D + 1) / 2;
+    g_.D2h = (sh.D2 + 1) / 2;
+    // K^T [D][64] + K panels [nDp][64][64] + V^T [D2][64]; bf16 path: K pairs along D [Dh][64][2] + K pairs
+    // along tokens [nDp][32][64][2] + V pairs along D2 [D2h][64][2].
+    g_.ktile = kDot ? (g_.Dh + g_.D2h) * 2 * kBc + g_.nDp * kBc * kPan
+                    : (g_.D + g_.D2) * kBc + g_.nDp * kBc * kPan;
     scale_ = static_cast<Acc>(static_cast<float>(f_.scale_value));  // §1: used as float32
     const std::vector<BatchInfo> bis = detail::make_batches(f_, sh);
     plans_.resize(bis.size());
+    int64_t tiles = 0;
     for (size_t b = 0; b < bis.size(); ++b) {
       BatchPlan& pl = plans_[b];
       pl.bi = bis[b];
       pl.nq = (pl.bi.sq + g_.Bq - 1) / g_.Bq;
       pl.nk = (pl.bi.c + kBc - 1) / kBc;
+      pl.tile0 = tiles;
+      tiles += pl.nk;
     }
+    n_ktiles_ = tiles;
   }
 
   void run() {
     build_plans();
+    pack_keys();
     // Costs in multiply-adds per visible (row, column) of a computed tile pair.
     const double w_one = 3.0 * g_.D + 2.0 * g_.D2, w_kv = 2.0 * g_.D + 2.0 * g_.D2, w_dq = 2.0 * g_.D + g_.D2;
     std::vector<Task> one, two;
@@ -302,7 +419,8 @@ class Backward {
       for (const Task& t : ts) c.push_back(t.cost);
       return c;
     };
-    const bool one_pass = threads_ <= 1 || lpt_makespan(costs(one), threads_) <= lpt_makespan(costs(two), threads_);
+    const int est = concurrent_threads(threads_);
+    const bool one_pass = est <= 1 || lpt_makespan(costs(one), est) <= lpt_makespan(costs(two), est);
     std::vector<Task>& tasks = one_pass ? one : two;
     // Largest first (LPT); the order in which tasks run never changes a result.
     std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
@@ -313,7 +431,7 @@ class Backward {
     std::vector<Scratch<Acc>> scratch(static_cast<size_t>(std::max(workers, 1)));
     parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
       Scratch<Acc>& sc = scratch[static_cast<size_t>(w)];
-      if (!sc.ready) sc.init(g_, one_pass ? max_nk : 1);
+      if (!sc.ready) sc.init(g_, kDot, one_pass ? max_nk : 1);
       const Task& task = tasks[static_cast<size_t>(t)];
       switch (task.kind) {
         case Kind::kOnePass: run_one_pass(task.b, task.n2, sc); break;
@@ -331,11 +449,59 @@ class Backward {
   }
 
  private:
+  using KElem = typename std::conditional<kDot, uint16_t, Acc>::type;  // element of the packed key tiles
+
   bool masked(int64_t s, int64_t c) const {
     const Mask2& m = f_.atten_mask;
     return m.data[s * m.stride[0] + c * m.stride[1]] != 0;
   }
 
+  // ---------------------------------------------------------------- GEMM of the fp32 / fp64 paths
+  void gemm(const Acc* A, int64_t lda, int64_t M, const Acc* B, int64_t panel_stride, int64_t col0, int64_t ncols,
+            int64_t K, Acc* C, int64_t ldc, Acc alpha, bool accumulate) const {
+    if constexpr (kPortable) {
+      gemm_portable(A, lda, M, B, panel_stride, col0, ncols, K, C, ldc, alpha, accumulate);
+    } else {
+      kt_->gemm_f32(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
+    }
+  }
+  // bf16 pairs: K pairs of reduction, one chunk.
+  void gemm_pairs(const uint16_t* A, int64_t lda, int64_t M, const uint16_t* B, int64_t panel_stride, int64_t col0,
+                  int64_t ncols, int64_t K, float* C, int64_t ldc, float alpha, bool accumulate) const {
+    kt_->gemm_bf16(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
+  }
+
+  // Row n of a tensor (dtype E) as Acc.
+  void load_acc_row(const Tensor3& t, int64_t row, int64_t head, int64_t n, Acc* out) const {
+    const int64_t off = row * t.stride[0] + head * t.stride[1];
+    if constexpr (!kF64) {
+      if (t.stride[2] == 1) {
+        kt_->load_row(static_cast<const Raw*>(t.data) + off, out, n, E::kType);
+        return;
+      }
+    }
+    load_row<E>(t.data, off, t.stride[2], n, out);
+  }
+  // Row of a bf16 tensor as bits, into dst[0..n).
+  static void load_bits_row(const Tensor3& t, int64_t row, int64_t head, int64_t n, uint16_t* dst) {
+    const uint16_t* src = static_cast<const uint16_t*>(t.data) + row * t.stride[0] + head * t.stride[1];
+    if (t.stride[2] == 1) {
+      std::memcpy(dst, src, sizeof(uint16_t) * static_cast<size_t>(n));
+    } else {
+      for (int64_t k = 0; k < n; ++k) dst[k] = src[k * t.stride[2]];
+    }
+  }
+  void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst, int64_t ld_dst) const {
+    if constexpr (kF64) {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+    } else {
+      kt_->transpose_u32(reinterpret_cast<const uint32_t*>(src), ld_src, rows, cols, reinterpret_cast<uint32_t*>(dst),
+                         ld_dst);
+    }
+  }
+
+  // ---------------------------------------------------------------- plan
   // Tile visibility map, fully masked rows and tile costs of every batch (parallel over batches).
   void build_plans() {
     parallel_for(static_cast<int64_t>(plans_.size()), threads_, [&](int64_t b, int) {
@@ -394,149 +560,243 @@ class Backward {
     });
   }
 
+  // ---------------------------------------------------------------- packed keys
+  const KElem* slot(const BatchPlan& pl, int64_t n2, int64_t j) const {
+    return keys_.get() + ((pl.tile0 + j) * g_.N2 + n2) * g_.ktile;
+  }
+
+  // Every key tile of every (batch, KV head), once per call (parallel over tiles). Columns past C_b are zero.
+  //   fp32/fp64: K^T [D][64] (B of S), K panels [nDp][64 tokens][64] (B of dQ), V^T [D2][64] (B of dP);
+  //   bf16 pairs: K [Dh][64][2] (pairs along D), K [nDp][32][64][2] (pairs along tokens), V [D2h][64][2].
+  void pack_keys() {
+    keys_.reset(n_ktiles_ * g_.N2 * g_.ktile);
+    std::vector<std::pair<int64_t, int64_t>> list;  // (batch, key tile)
+    for (int64_t b = 0; b < static_cast<int64_t>(plans_.size()); ++b)
+      if (plans_[static_cast<size_t>(b)].nq > 0)
+        for (int64_t j = 0; j < plans_[static_cast<size_t>(b)].nk; ++j) list.emplace_back(b, j);
+    const int64_t n = static_cast<int64_t>(list.size()) * g_.N2;
+    parallel_for(n, threads_, [&](int64_t task, int) {
+      const auto [b, j] = list[static_cast<size_t>(task / g_.N2)];
+      const int64_t n2 = task % g_.N2;
+      const BatchPlan& pl = plans_[static_cast<size_t>(b)];
+      pack_key_tile(pl, n2, j, const_cast<KElem*>(slot(pl, n2, j)));
+    });
+  }
+
+  void pack_key_tile(const BatchPlan& pl, int64_t n2, int64_t j, KElem* dst) const {
+    const int64_t D = g_.D, D2 = g_.D2, c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
+    const Tensor3 &k = f_.key, &v = f_.value;
+    if constexpr (kDot) {
+      uint16_t* kpd = dst;
+      uint16_t* kpt = kpd + g_.Dh * 2 * kBc;
+      uint16_t* vpd = kpt + g_.nDp * kBc * kPan;
+      std::vector<uint16_t> row(static_cast<size_t>(std::max(D, D2)));
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t tk = pl.bi.c_begin + c0 + c;
+        load_bits_row(k, tk, n2, D, row.data());
+        for (int64_t d = 0; d < D; ++d) {
+          kpd[(d / 2) * 2 * kBc + c * 2 + d % 2] = row[static_cast<size_t>(d)];
+          kpt[(d / kPan) * kBc * kPan + (c / 2) * 2 * kPan + (d % kPan) * 2 + c % 2] = row[static_cast<size_t>(d)];
+        }
+        load_bits_row(v, tk, n2, D2, row.data());
+        for (int64_t e = 0; e < D2; ++e) vpd[(e / 2) * 2 * kBc + c * 2 + e % 2] = row[static_cast<size_t>(e)];
+      }
+    } else {
+      Acc* kt = dst;
+      Acc* kp = kt + D * kBc;
+      Acc* vt = kp + g_.nDp * kBc * kPan;
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t tk = pl.bi.c_begin + c0 + c;
+        for (int64_t pn = 0; pn < g_.nDp; ++pn) {
+          const int64_t d0 = pn * kPan, w = std::min(kPan, D - d0);
+          load_row<E>(k.data, tk * k.stride[0] + n2 * k.stride[1] + d0 * k.stride[2], k.stride[2], w,
+                      kp + (pn * kBc + c) * kPan);
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        const Acc* src = kp + (d / kPan) * kBc * kPan + d % kPan;
+        for (int64_t c = 0; c < nc; ++c) kt[d * kBc + c] = src[c * kPan];
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        const Raw* vr = static_cast<const Raw*>(v.data) + (pl.bi.c_begin + c0 + c) * v.stride[0] + n2 * v.stride[1];
+        for (int64_t e = 0; e < D2; ++e) vt[e * kBc + c] = E::get(vr[e * v.stride[2]]);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- tiles
   int64_t tile_rows(const BatchPlan& pl, int64_t i) const {
     return (std::min(pl.bi.sq, (i + 1) * g_.Bq) - i * g_.Bq) * g_.G;
   }
 
-  // Query tile i of (batch, n2): Q and dO as rows (qa, oa) and transposed (qT, oT, if `transposed`), the
-  // statistics m and 1/l_sum, and Dlt = sum_j dO*O of every row.
+  // Query tile i of (batch, n2): Q and dO as rows and (if `transposed`) transposed, the statistics m and
+  // 1/l_sum, and Dlt = sum_j dO*O of every row.
   void load_q(const BatchPlan& pl, int64_t n2, int64_t i, bool transposed, Scratch<Acc>& sc) const {
-    const int64_t G = g_.G, D = g_.D, D2 = g_.D2, R = g_.R, rows = tile_rows(pl, i);
+    const int64_t G = g_.G, D = g_.D, D2 = g_.D2, R = g_.R, Rp = g_.Rp, rows = tile_rows(pl, i);
     const Tensor3 &q = f_.query, &o = p_.attention_out, &go = p_.grad_out;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t s = i * g_.Bq + r / G, h = n2 * G + r % G, t = pl.bi.q_begin + s;
-      load_row<E>(q.data, t * q.stride[0] + h * q.stride[1], q.stride[2], D, sc.qa + r * D);
-      Acc* oa = sc.oa + r * D2;
-      load_row<E>(go.data, t * go.stride[0] + h * go.stride[1], go.stride[2], D2, oa);
-      load_row<E>(o.data, t * o.stride[0] + h * o.stride[1], o.stride[2], D2, sc.orow);
-      Acc dlt = 0;
-      for (int64_t e = 0; e < D2; ++e) dlt += oa[e] * sc.orow[e];
-      sc.rdlt[r] = dlt;
+      Acc* dor = kDot ? sc.ra : sc.oa + r * D2;
+      load_acc_row(go, t, h, D2, dor);
+      load_acc_row(o, t, h, D2, sc.rb);
+      sc.rdlt[r] = dot_fixed(dor, sc.rb, D2);
       const int64_t so = detail::stat_offset(pl.bi, h, s);
       sc.rm[r] = static_cast<Acc>(p_.softmax_max[so]);
       sc.ril[r] = Acc(1) / static_cast<Acc>(p_.softmax_sum[so]);
-    }
-    if (transposed) {
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t r = 0; r < rows; ++r) sc.qT[d * R + r] = sc.qa[r * D + d];
-      for (int64_t e = 0; e < D2; ++e)
-        for (int64_t r = 0; r < rows; ++r) sc.oT[e * R + r] = sc.oa[r * D2 + e];
-    }
-  }
-
-  // Key tile j of (batch, n2) into the cache slot `kt`: K^T [D][64], K panels [nDp][64][64] and
-  // V^T [D2][64]; columns past C_b are zero in K^T and V^T.
-  void load_k(const BatchPlan& pl, int64_t n2, int64_t j, Acc* slot) const {
-    const int64_t D = g_.D, D2 = g_.D2, c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
-    Acc* kt = slot;
-    Acc* kp = slot + D * kBc;
-    Acc* vt = kp + g_.nDp * kBc * kPan;
-    const Tensor3 &k = f_.key, &v = f_.value;
-    for (int64_t c = 0; c < nc; ++c) {
-      const int64_t tk = pl.bi.c_begin + c0 + c;
-      for (int64_t pn = 0; pn < g_.nDp; ++pn) {
-        const int64_t d0 = pn * kPan, w = std::min(kPan, D - d0);
-        load_row<E>(k.data, tk * k.stride[0] + n2 * k.stride[1] + d0 * k.stride[2], k.stride[2], w,
-                    kp + (pn * kBc + c) * kPan);
+      if constexpr (kDot) {
+        load_bits_row(q, t, h, D, sc.qb + r * 2 * g_.Dh);
+        load_bits_row(go, t, h, D2, sc.ob + r * 2 * g_.D2h);
+      } else {
+        load_acc_row(q, t, h, D, sc.qa + r * D);
       }
     }
-    for (int64_t d = 0; d < D; ++d) {
-      const Acc* src = kp + (d / kPan) * kBc * kPan + d % kPan;
-      Acc* dst = kt + d * kBc;
-      for (int64_t c = 0; c < nc; ++c) dst[c] = src[c * kPan];
-      for (int64_t c = nc; c < kBc; ++c) dst[c] = 0;
+    if constexpr (kDot) {
+      // rows past the tile (R odd, or a short last tile) are zero: they are read as pair partners
+      for (int64_t r = rows; r < Rp; ++r) {
+        std::memset(sc.qb + r * 2 * g_.Dh, 0, sizeof(uint16_t) * static_cast<size_t>(2 * g_.Dh));
+        std::memset(sc.ob + r * 2 * g_.D2h, 0, sizeof(uint16_t) * static_cast<size_t>(2 * g_.D2h));
+      }
+      const int64_t tr = round_up(rows, 2);
+      if (transposed) {
+        kt_->transpose_u16(sc.qb, 2 * g_.Dh, tr, D, sc.qTb, Rp);
+        kt_->transpose_u16(sc.ob, 2 * g_.D2h, tr, D2, sc.oTb, Rp);
+      }
+    } else if (transposed) {
+      transpose(sc.qa, D, rows, D, sc.qT, R);
+      transpose(sc.oa, D2, rows, D2, sc.oT, R);
     }
-    for (int64_t c = 0; c < nc; ++c) {
-      const Raw* vr = static_cast<const Raw*>(v.data) + (pl.bi.c_begin + c0 + c) * v.stride[0] + n2 * v.stride[1];
-      for (int64_t e = 0; e < D2; ++e) vt[e * kBc + c] = E::get(vr[e * v.stride[2]]);
-    }
-    for (int64_t e = 0; e < D2; ++e)
-      for (int64_t c = nc; c < kBc; ++c) vt[e * kBc + c] = 0;
   }
 
-  // The tile pair (i, j) on a loaded query tile and key tile `slot`, on the columns [w0, w1) of its window:
+  // The tile pair (i, j) on a loaded query tile and the packed key tile `key`, on the columns [w0, w1) of its window:
   // S, P, dP, dS; then dV_j^T += dO^T P and dK_j^T += Q^T dS (into dkT [D][64], dvT [D2][64]) and/or
   // dQ_i += dS K_j (into sc.dq).
-  void pair(const BatchPlan& pl, int64_t i, int64_t j, PairInfo pi, const Acc* slot, Acc* dkT, Acc* dvT,
+  void pair(const BatchPlan& pl, int64_t i, int64_t j, PairInfo pi, const KElem* key, Acc* dkT, Acc* dvT,
             bool do_dq, Scratch<Acc>& sc) const {
     const int64_t R = g_.R, rows = tile_rows(pl, i), c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
     const int64_t w0 = pi.w0, w1 = pi.w1, wn = w1 - w0;
-    const Acc* kt = slot;
-    const Acc* kp = slot + g_.D * kBc;
-    const Acc* vt = kp + g_.nDp * kBc * kPan;
-    gemm_panels<Acc>(sc.qa, g_.D, rows, kt, 0, w0, wn, g_.D, sc.s + w0, kBc, false);     // S
-    gemm_panels<Acc>(sc.oa, g_.D2, rows, vt, 0, w0, wn, g_.D2, sc.dp + w0, kBc, false);  // dP
-    // Visible entries of the window: columns < nc, and not removed by atten_mask in a partial pair.
-    uint8_t* keep = sc.keep.data();
     const int64_t wv = std::min(w1, nc);  // window columns below C_b
+    // S (scaled) and dP
+    if constexpr (kDot) {
+      const uint16_t* kpd = key;
+      const uint16_t* vpd = key + g_.Dh * 2 * kBc + g_.nDp * kBc * kPan;
+      gemm_pairs(sc.qb, 2 * g_.Dh, rows, kpd, 0, w0, wn, g_.Dh, sc.s + w0, kBc, scale_, false);
+      gemm_pairs(sc.ob, 2 * g_.D2h, rows, vpd, 0, w0, wn, g_.D2h, sc.dp + w0, kBc, 1.0f, false);
+    } else {
+      const Acc* ktr = key;
+      const Acc* vt = key + g_.D * kBc + g_.nDp * kBc * kPan;
+      gemm(sc.qa, g_.D, rows, ktr, 0, w0, wn, g_.D, sc.s + w0, kBc, scale_, false);
+      gemm(sc.oa, g_.D2, rows, vt, 0, w0, wn, g_.D2, sc.dp + w0, kBc, Acc(1), false);
+    }
+    // Visible entries of the window: columns < nc, and not removed by atten_mask in a partial pair.
+    uint8_t* keep = sc.keep;
     for (int64_t r = 0; r < rows; ++r) {
       uint8_t* kr = keep + r * kBc;
       if (pi.state == kFull) {
-        for (int64_t c = w0; c < wv; ++c) kr[c] = 1;
+        std::memset(kr + w0, 1, static_cast<size_t>(wv - w0));
       } else {
         const int64_t s = i * g_.Bq + r / g_.G, ms = f_.atten_mask.stride[1];
         const uint8_t* mr = f_.atten_mask.data + s * f_.atten_mask.stride[0] + c0 * ms;
         for (int64_t c = w0; c < wv; ++c) kr[c] = mr[c * ms] == 0;
       }
-      for (int64_t c = wv; c < w1; ++c) kr[c] = 0;
+      if (wv < w1) std::memset(kr + wv, 0, static_cast<size_t>(w1 - wv));
     }
-    const Acc scale = scale_;
+    // P and dS
     for (int64_t r = 0; r < rows; ++r) {
-      Acc* __restrict sr = sc.s + r * kBc;
-      Acc* __restrict dpr = sc.dp + r * kBc;
-      const uint8_t* __restrict kr = keep + r * kBc;
-      const Acc m = sc.rm[r], il = sc.ril[r], dlt = sc.rdlt[r];
-      for (int64_t c = w0; c < w1; ++c) {
-        const Acc e = exp_acc(sr[c] * scale - m) * il;
-        const Acc pc = kr[c] ? e : Acc(0);
-        sr[c] = pc;                    // P
-        dpr[c] = pc * (dpr[c] - dlt);  // dS
+      Acc* sr = sc.s + r * kBc;
+      Acc* dpr = sc.dp + r * kBc;
+      const uint8_t* kr = keep + r * kBc;
+      if constexpr (kPortable) {
+        const Acc m = sc.rm[r], il = sc.ril[r], dlt = sc.rdlt[r];
+        for (int64_t c = w0; c < w1; ++c) {
+          const Acc e = exp_portable(sr[c] - m) * il;
+          const Acc pc = kr[c] ? e : Acc(0);
+          sr[c] = pc;                    // P
+          dpr[c] = pc * (dpr[c] - dlt);  // dS
+        }
+      } else {
+        kt_->softmax_grad_row(sr + w0, dpr + w0, kr + w0, wn, sc.rm[r], sc.ril[r], sc.rdlt[r]);
       }
     }
-    if (dkT != nullptr) {
-      gemm_panels<Acc>(sc.oT, R, g_.D2, sc.s, 0, w0, wn, rows, dvT + w0, kBc, true);  // dV^T += dO^T P
-      gemm_panels<Acc>(sc.qT, R, g_.D, sc.dp, 0, w0, wn, rows, dkT + w0, kBc, true);  // dK^T += Q^T dS
+    if constexpr (kDot) {
+      const bool do_kv = dkT != nullptr;
+      if (do_kv) {
+        // P and dS as B panels with pairs along rows (a zero partner row when rows is odd)
+        if (rows % 2 != 0) {
+          std::memset(sc.s + rows * kBc + w0, 0, sizeof(float) * static_cast<size_t>(wn));
+          std::memset(sc.dp + rows * kBc + w0, 0, sizeof(float) * static_cast<size_t>(wn));
+        }
+        const int64_t half = (rows + 1) / 2;
+        for (int64_t p = 0; p < half; ++p) {
+          kt_->pack_rows_bf16(sc.s + 2 * p * kBc + w0, sc.s + (2 * p + 1) * kBc + w0, wn, sc.pB + p * 2 * kBc + 2 * w0);
+          kt_->pack_rows_bf16(sc.dp + 2 * p * kBc + w0, sc.dp + (2 * p + 1) * kBc + w0, wn,
+                              sc.dsB + p * 2 * kBc + 2 * w0);
+        }
+        gemm_pairs(sc.oTb, g_.Rp, g_.D2, sc.pB, 0, w0, wn, half, dvT + w0, kBc, 1.0f, true);  // dV^T += dO^T P
+        gemm_pairs(sc.qTb, g_.Rp, g_.D, sc.dsB, 0, w0, wn, half, dkT + w0, kBc, 1.0f, true);  // dK^T += Q^T dS
+      }
+      if (do_dq) {  // dQ += dS K over the window (dS = 0 past C_b, K pairs zero there)
+        for (int64_t r = 0; r < rows; ++r) kt_->store_row(sc.dp + r * kBc + w0, sc.dsA + r * kBc + w0, wn, DType::kBF16);
+        const uint16_t* kpt = key + g_.Dh * 2 * kBc;
+        gemm_pairs(sc.dsA + w0, kBc, rows, kpt + (w0 / 2) * 2 * kPan, kBc * kPan, 0, g_.Dp, wn / 2, sc.dq, g_.Dp,
+                   1.0f, true);
+      }
+    } else {
+      if (dkT != nullptr) {
+        gemm(sc.oT, R, g_.D2, sc.s, 0, w0, wn, rows, dvT + w0, kBc, Acc(1), true);  // dV^T += dO^T P
+        gemm(sc.qT, R, g_.D, sc.dp, 0, w0, wn, rows, dkT + w0, kBc, Acc(1), true);  // dK^T += Q^T dS
+      }
+      if (do_dq) {  // dQ += dS K over the window's key rows below C_b
+        const Acc* kp = key + g_.D * kBc;
+        gemm(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, g_.Dp, wv - w0, sc.dq, g_.Dp, Acc(1), true);
+      }
     }
-    if (do_dq)  // dQ += dS K over the window's key rows below C_b
-      gemm_panels<Acc>(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, g_.Dp, wv - w0, sc.dq, g_.Dp, true);
   }
 
   // u = sum over fully masked rows s (ascending) and heads g of dO[s, h] / l_sum[s, h]: their dV share.
   void fully_masked_share(const BatchPlan& pl, int64_t n2, Scratch<Acc>& sc) const {
     const int64_t D2 = g_.D2;
     std::fill(sc.u, sc.u + D2, Acc(0));
-    const Tensor3& go = p_.grad_out;
     for (int64_t s : pl.fm_rows)
       for (int64_t g = 0; g < g_.G; ++g) {
         const int64_t h = n2 * g_.G + g, t = pl.bi.q_begin + s;
-        load_row<E>(go.data, t * go.stride[0] + h * go.stride[1], go.stride[2], D2, sc.orow);
+        load_acc_row(p_.grad_out, t, h, D2, sc.ra);
         const Acc il = Acc(1) / static_cast<Acc>(p_.softmax_sum[detail::stat_offset(pl.bi, h, s)]);
-        for (int64_t e = 0; e < D2; ++e) sc.u[e] += il * sc.orow[e];
+        for (int64_t e = 0; e < D2; ++e) sc.u[e] += il * sc.ra[e];
       }
   }
 
+  // Stores the Acc row x[0..n) in the dtype at dst.
+  void store_acc_row(Acc* x, int64_t n, Raw* dst) const {
+    if constexpr (kF64) {
+      for (int64_t k = 0; k < n; ++k) dst[k] = E::put(x[k]);
+    } else {
+      kt_->store_row(x, dst, n, E::kType);
+    }
+  }
+
   // Writes dK_j (times scale) and dV_j (plus u) of key tile j in the dtype, from dK^T / dV^T.
-  void finish_kv(const BatchPlan& pl, int64_t n2, int64_t j, const Acc* dkT, const Acc* dvT,
-                 const Scratch<Acc>& sc) const {
+  void finish_kv(const BatchPlan& pl, int64_t n2, int64_t j, const Acc* dkT, const Acc* dvT, Scratch<Acc>& sc) const {
     const int64_t D = g_.D, D2 = g_.D2, c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
     const bool has_fm = !pl.fm_rows.empty();
     Raw* gk = static_cast<Raw*>(p_.grad_key);
     Raw* gv = static_cast<Raw*>(p_.grad_value);
     for (int64_t c = 0; c < nc; ++c) {
       const int64_t row = (pl.bi.c_begin + c0 + c) * g_.N2 + n2;
-      for (int64_t d = 0; d < D; ++d) gk[row * D + d] = E::put(scale_ * dkT[d * kBc + c]);
-      for (int64_t e = 0; e < D2; ++e) gv[row * D2 + e] = E::put(has_fm ? dvT[e * kBc + c] + sc.u[e] : dvT[e * kBc + c]);
+      for (int64_t d = 0; d < D; ++d) sc.ra[d] = scale_ * dkT[d * kBc + c];
+      store_acc_row(sc.ra, D, gk + row * D);
+      for (int64_t e = 0; e < D2; ++e) sc.ra[e] = has_fm ? dvT[e * kBc + c] + sc.u[e] : dvT[e * kBc + c];
+      store_acc_row(sc.ra, D2, gv + row * D2);
     }
   }
 
-  void write_dq(const BatchPlan& pl, int64_t n2, int64_t i, const Scratch<Acc>& sc) const {
+  void write_dq(const BatchPlan& pl, int64_t n2, int64_t i, Scratch<Acc>& sc) const {
     const int64_t G = g_.G, D = g_.D, rows = tile_rows(pl, i);
     Raw* gq = static_cast<Raw*>(p_.grad_query);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t t = pl.bi.q_begin + i * g_.Bq + r / G, h = n2 * G + r % G;
-      const Acc* dqr = sc.dq + r * g_.Dp;
-      Raw* out = gq + (t * g_.N1 + h) * D;
-      for (int64_t d = 0; d < D; ++d) out[d] = E::put(scale_ * dqr[d]);
+      Acc* dqr = sc.dq + r * g_.Dp;
+      for (int64_t d = 0; d < D; ++d) dqr[d] *= scale_;
+      store_acc_row(dqr, D, gq + (t * g_.N1 + h) * D);
     }
   }
 
@@ -545,12 +805,12 @@ class Backward {
     const BatchPlan& pl = plans_[static_cast<size_t>(b)];
     std::fill(sc.dkT, sc.dkT + g_.D * kBc, Acc(0));
     std::fill(sc.dvT, sc.dvT + g_.D2 * kBc, Acc(0));
-    load_k(pl, n2, j, sc.kt(0));
+    const KElem* kt = slot(pl, n2, j);
     for (int64_t i = 0; i < pl.nq; ++i) {
       const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
       if (pi.state == kSkip) continue;
       load_q(pl, n2, i, true, sc);
-      pair(pl, i, j, pi, sc.kt(0), sc.dkT, sc.dvT, false, sc);
+      pair(pl, i, j, pi, kt, sc.dkT, sc.dvT, false, sc);
     }
     fully_masked_share(pl, n2, sc);
     finish_kv(pl, n2, j, sc.dkT, sc.dvT, sc);
@@ -564,27 +824,23 @@ class Backward {
     for (int64_t j = 0; j < pl.nk; ++j) {
       const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
       if (pi.state == kSkip) continue;
-      load_k(pl, n2, j, sc.kt(0));
-      pair(pl, i, j, pi, sc.kt(0), nullptr, nullptr, true, sc);
+      pair(pl, i, j, pi, slot(pl, n2, j), nullptr, nullptr, true, sc);
     }
     write_dq(pl, n2, i, sc);
   }
 
-  // Task: everything of (batch, n2) in one pass, for i: for j (the summation orders of run_kv / run_dq),
-  // with every key tile of the batch converted once.
+  // Task: everything of (batch, n2) in one pass, for i: for j (the summation orders of run_kv / run_dq).
   void run_one_pass(int64_t b, int64_t n2, Scratch<Acc>& sc) const {
     const BatchPlan& pl = plans_[static_cast<size_t>(b)];
     std::fill(sc.dkT, sc.dkT + pl.nk * g_.D * kBc, Acc(0));
     std::fill(sc.dvT, sc.dvT + pl.nk * g_.D2 * kBc, Acc(0));
-    if (pl.nq > 0)
-      for (int64_t j = 0; j < pl.nk; ++j) load_k(pl, n2, j, sc.kt(j));
     for (int64_t i = 0; i < pl.nq; ++i) {
       std::fill(sc.dq, sc.dq + g_.R * g_.Dp, Acc(0));
       load_q(pl, n2, i, true, sc);
       for (int64_t j = 0; j < pl.nk; ++j) {
         const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
         if (pi.state == kSkip) continue;
-        pair(pl, i, j, pi, sc.kt(j), sc.dkT + j * g_.D * kBc, sc.dvT + j * g_.D2 * kBc, true, sc);
+        pair(pl, i, j, pi, slot(pl, n2, j), sc.dkT + j * g_.D * kBc, sc.dvT + j * g_.D2 * kBc, true, sc);
       }
       write_dq(pl, n2, i, sc);
     }
@@ -594,15 +850,19 @@ class Backward {
 
   const CompressAttentionGradParams& p_;
   const CompressAttentionParams& f_;
+  const KernelTable* kt_;
   int threads_;
   Geo g_;
   Acc scale_;
   std::vector<BatchPlan> plans_;
+  int64_t n_ktiles_ = 0;
+  AlignedBuf<KElem> keys_;
 };
 
-template <class E>
-void run_backward(const CompressAttentionGradParams& p, const CompressAttentionShape& sh, int threads) {
-  Backward<E> bw(p, sh, threads);
+template <class E, Path kPath>
+void run_backward(const CompressAttentionGradParams& p, const CompressAttentionShape& sh, const KernelTable* kt,
+                  int threads) {
+  Backward<E, kPath> bw(p, sh, kt, threads);
   bw.run();
 }
 
@@ -616,14 +876,32 @@ Status compress_attention_backward_cpu(const CompressAttentionGradParams& p) {
   Status st = validate_compress_attention_backward(p, &sh);
   if (!st.ok()) return st;
   CpuIsa isa;
-  st = cpu::resolve_isa(p.fwd.cpu_isa, &isa);  // the plain-C++ tiles run on every ISA for now
+  st = cpu::resolve_isa(p.fwd.cpu_isa, &isa);
   if (!st.ok()) return st;
+  const cpu::KernelTable* kt = cpu::kernels_for(isa);
   const int threads = cpu::resolve_num_threads(p.fwd.num_threads);
+  // The path, once per call: bf16 pairs where the ISA has a bf16 dot product, the portable GEMM on the scalar
+  // ISA and for fp64 inputs, KernelTable::gemm_f32 otherwise.
+  using cpu::Path;
+  const bool portable = isa == CpuIsa::kScalar;
   switch (p.fwd.dtype) {
-    case DType::kBF16: cpu::run_backward<cpu::EBf16>(p, sh, threads); break;
-    case DType::kF16: cpu::run_backward<cpu::EF16>(p, sh, threads); break;
-    case DType::kF32: cpu::run_backward<cpu::EF32>(p, sh, threads); break;
-    case DType::kF64: cpu::run_backward<cpu::EF64>(p, sh, threads); break;
+    case DType::kBF16:
+      if (kt->gemm_bf16 != nullptr && kt->pack_rows_bf16 != nullptr)
+        cpu::run_backward<cpu::EBf16, Path::kPairs>(p, sh, kt, threads);
+      else if (portable)
+        cpu::run_backward<cpu::EBf16, Path::kPortable>(p, sh, kt, threads);
+      else
+        cpu::run_backward<cpu::EBf16, Path::kF32>(p, sh, kt, threads);
+      break;
+    case DType::kF16:
+      if (portable) cpu::run_backward<cpu::EF16, Path::kPortable>(p, sh, kt, threads);
+      else cpu::run_backward<cpu::EF16, Path::kF32>(p, sh, kt, threads);
+      break;
+    case DType::kF32:
+      if (portable) cpu::run_backward<cpu::EF32, Path::kPortable>(p, sh, kt, threads);
+      else cpu::run_backward<cpu::EF32, Path::kF32>(p, sh, kt, threads);
+      break;
+    case DType::kF64: cpu::run_backward<cpu::EF64, Path::kPortable>(p, sh, kt, threads); break;
   }
   return Status::Ok();
 }

@@ -43,7 +43,76 @@ inline BwdInputs make_inputs(const Case& cs, std::mt19937_64& rng, double go_sca
   return in;
 }
 
-enum class BwdBackend { kRefFp32, kRefFp64, kReference, kCpu };
+// A plain float32 implementation of §7 that takes §7's other allowed choice: P and dS rounded to the input
+// dtype (nearest even) before the products that use them, sums in float32, as the NPU does. It is the
+// "plain same-dtype implementation" of FlashAttention's rule for a backend that rounds P and dS (the CPU
+// backend's bf16 dot-product path). Fully masked rows (§5) give dV the unrounded share dO / l_sum and nothing
+// else, as the CPU backend does.
+inline Status plain_rounded_backward(const CompressAttentionGradParams& p) {
+  nsa::CompressAttentionShape sh;
+  Status st = nsa::validate_compress_attention_backward(p, &sh);
+  if (!st.ok()) return st;
+  const nsa::CompressAttentionParams& f = p.fwd;
+  const DType dt = f.dtype;
+  auto ld = [dt](const nsa::Tensor3& t, int64_t i, int64_t j, int64_t k) {
+    return nsa::detail::load_f32(t.data, i * t.stride[0] + j * t.stride[1] + k * t.stride[2], dt);
+  };
+  auto masked = [&f](int64_t s, int64_t c) {
+    return f.atten_mask.data != nullptr && f.atten_mask.data[s * f.atten_mask.stride[0] + c * f.atten_mask.stride[1]] != 0;
+  };
+  const float scale = static_cast<float>(f.scale_value);
+  const int64_t G = sh.G, D = sh.D, D2 = sh.D2, N1 = sh.N1, N2 = sh.N2;
+  std::vector<float> dk(static_cast<size_t>(sh.T2 * N2 * D), 0.0f), dv(static_cast<size_t>(sh.T2 * N2 * D2), 0.0f);
+  std::vector<float> P, dS, dq(static_cast<size_t>(D));
+  int64_t q0 = 0, c0 = 0;
+  for (int64_t b = 0; b < sh.B; ++b) {
+    const int64_t sq = f.actual_seq_qlen.data[b] - q0, C = f.actual_cmp_seq_kvlen.data[b] - c0;
+    P.assign(static_cast<size_t>(C), 0.0f);
+    dS.assign(static_cast<size_t>(C), 0.0f);
+    for (int64_t s = 0; s < sq; ++s) {
+      const int64_t t = q0 + s;
+      bool fm = f.atten_mask.data != nullptr;
+      for (int64_t c = 0; c < C && fm; ++c) fm = masked(s, c);
+      for (int64_t h = 0; h < N1; ++h) {
+        const int64_t n2 = h / G, so = 8 * N1 * q0 + (h * sq + s) * 8;
+        const float m = p.softmax_max[so], l_sum = p.softmax_sum[so];
+        float dlt = 0;
+        for (int64_t j = 0; j < D2; ++j) dlt += ld(p.grad_out, t, h, j) * ld(p.attention_out, t, h, j);
+        for (int64_t c = 0; c < C; ++c) {
+          float dot = 0, dpc = 0;
+          for (int64_t j = 0; j < D; ++j) dot += ld(f.query, t, h, j) * ld(f.key, c0 + c, n2, j);
+          for (int64_t j = 0; j < D2; ++j) dpc += ld(p.grad_out, t, h, j) * ld(f.value, c0 + c, n2, j);
+          const float sc = masked(s, c) ? -FLT_MAX : dot * scale;
+          const float pc = std::exp(sc - m) / l_sum;
+          P[c] = fm ? pc : nsa::detail::round_to_dtype(pc, dt);
+          dS[c] = fm ? 0.0f : nsa::detail::round_to_dtype(pc * (dpc - dlt), dt);
+        }
+        std::fill(dq.begin(), dq.end(), 0.0f);
+        for (int64_t c = 0; c < C; ++c) {
+          float* dkr = &dk[static_cast<size_t>(((c0 + c) * N2 + n2) * D)];
+          float* dvr = &dv[static_cast<size_t>(((c0 + c) * N2 + n2) * D2)];
+          for (int64_t j = 0; j < D; ++j) {
+            dq[j] += dS[c] * ld(f.key, c0 + c, n2, j);
+            dkr[j] += dS[c] * ld(f.query, t, h, j);
+          }
+          for (int64_t j = 0; j < D2; ++j) dvr[j] += P[c] * ld(p.grad_out, t, h, j);
+        }
+        for (int64_t j = 0; j < D; ++j) nsa::detail::store_f64(p.grad_query, (t * N1 + h) * D + j, scale * dq[j], dt);
+      }
+    }
+    q0 = f.actual_seq_qlen.data[b];
+    c0 = f.actual_cmp_seq_kvlen.data[b];
+  }
+  for (int64_t i = 0; i < sh.T2 * N2 * D; ++i) nsa::detail::store_f64(p.grad_key, i, scale * dk[static_cast<size_t>(i)], dt);
+  for (int64_t i = 0; i < sh.T2 * N2 * D2; ++i) nsa::detail::store_f64(p.grad_value, i, dv[static_cast<size_t>(i)], dt);
+  return Status::Ok();
+}
+
+// Whether compress_attention_backward_cpu rounds P and dS to the dtype on this ISA: its bf16 dot-product
+// path (bf16 inputs on an ISA with vdpbf16ps; src/cpu/backward.cpp). Every other path keeps them in fp32.
+inline bool cpu_rounds_p_ds(DType dt, CpuIsa isa) { return dt == DType::kBF16 && isa == CpuIsa::kAvx512Bf16; }
+
+enum class BwdBackend { kRefFp32, kRefFp64, kReference, kCpu, kPlainRounded };
 
 // Gradients of one call, converted to double, plus their raw bytes (for bitwise comparisons).
 struct Grads {
@@ -95,6 +164,7 @@ inline Status call_bwd(BwdBackend b, const CompressAttentionGradParams& p) {
     case BwdBackend::kRefFp64: return nsa::reference::backward_fp64(p);
     case BwdBackend::kReference: return nsa::compress_attention_backward_reference(p);
     case BwdBackend::kCpu: return nsa::compress_attention_backward_cpu(p);
+    case BwdBackend::kPlainRounded: return plain_rounded_backward(p);
   }
   return Status::Error("bad backend");
 }
@@ -313,13 +383,15 @@ TEST_P(BackwardCpu, MatchesFp64ModelAndIsDeterministic) {
   in.out_layout.step = 2;  // every other element
   const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
   const Grads plain = cs.dtype == DType::kF64 ? model : run_bwd(cs, in, BwdBackend::kRefFp32);
+  const Grads plain_rounded = cs.dtype == DType::kF64 ? model : run_bwd(cs, in, BwdBackend::kPlainRounded);
   ASSERT_TRUE(model.status.ok()) << model.status.message();
   ASSERT_TRUE(check_structural_zeros(cs, model));
   ASSERT_TRUE(check_structural_zeros(cs, plain));
+  ASSERT_TRUE(check_structural_zeros(cs, plain_rounded));
   for (CpuIsa isa : supported_isas()) {
     SCOPED_TRACE(nsa::cpu_isa_name(isa));
     const Grads first = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
-    ASSERT_TRUE(check_grads(cs, first, model, plain));
+    ASSERT_TRUE(check_grads(cs, first, model, cpu_rounds_p_ds(cs.dtype, isa) ? plain_rounded : plain));
     ASSERT_TRUE(check_structural_zeros(cs, first));
     for (int threads : {1, 2, 3, 7}) {
       const Grads again = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
@@ -355,7 +427,8 @@ TEST(BackwardCpuShapes, NoMaskWideHeadsStridedInputs) {
     SCOPED_TRACE(cs.describe());
     const BwdInputs in = make_inputs(cs, rng);
     const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
-    const Grads plain = run_bwd(cs, in, BwdBackend::kRefFp32);
+    const Grads plain = run_bwd(cs, in, cpu_rounds_p_ds(dt, nsa::cpu_active_isa()) ? BwdBackend::kPlainRounded
+                                                                                      : BwdBackend::kRefFp32);
     const Grads one = run_bwd(cs, in, BwdBackend::kCpu, -1, 1);
     ASSERT_TRUE(check_grads(cs, one, model, plain));
     for (int threads : {2, 3, 7}) {
@@ -378,7 +451,8 @@ TEST(BackwardCpuShapes, BandMaskWindows) {
     SCOPED_TRACE(cs.describe());
     const BwdInputs in = make_inputs(cs, rng);
     const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
-    const Grads plain = run_bwd(cs, in, BwdBackend::kRefFp32);
+    const Grads plain = run_bwd(cs, in, cpu_rounds_p_ds(dt, nsa::cpu_active_isa()) ? BwdBackend::kPlainRounded
+                                                                                      : BwdBackend::kRefFp32);
     const Grads one = run_bwd(cs, in, BwdBackend::kCpu, -1, 1);
     ASSERT_TRUE(check_grads(cs, one, model, plain));
     ASSERT_TRUE(check_structural_zeros(cs, one));
