@@ -24,6 +24,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "core/batches.h"
@@ -63,9 +66,10 @@ struct AlignedBuffer {
     void operator()(void* p) const { std::free(p); }
   };
   std::unique_ptr<T, Free> ptr;
-  void reset(size_t n) {
+  void reset(size_t n) {  // throws std::bad_alloc (caught by forward())
     const size_t bytes = round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64);
     ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!ptr) throw std::bad_alloc();
   }
   T* get() const { return ptr.get(); }
 };
@@ -498,7 +502,23 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
 
 }  // namespace
 
+Status forward_impl(const CompressAttentionParams& p);
+
+// Entry point: validation first (nothing written on error), then the tiled pass. Workspace that
+// cannot be allocated is reported as an error, never as a crash: all of it (packed K/V, per-worker
+// scratch) is allocated before the first output is written.
 Status forward(const CompressAttentionParams& p) {
+  try {
+    return forward_impl(p);
+  } catch (const std::bad_alloc&) {
+    return Status::Error("compress_attention_cpu: out of memory for the workspace (packed K/V and per-thread score "
+                         "blocks grow with C_b x G); reduce the sizes or the number of threads");
+  } catch (const std::exception& e) {  // e.g. std::system_error when no thread can be started
+    return Status::Error(std::string("compress_attention_cpu: ") + e.what());
+  }
+}
+
+Status forward_impl(const CompressAttentionParams& p) {
   Plan pl;
   Status st = validate_compress_attention(p, &pl.sh);
   if (!st.ok()) return st;
@@ -508,6 +528,12 @@ Status forward(const CompressAttentionParams& p) {
   if (p.dtype == DType::kF64) return reference::forward_fp64(p);  // testing extension: no fast path
 
   const CompressAttentionShape& sh = pl.sh;
+  // Workspace sizes below are products of C_b, D, D2 and G: refuse sizes whose byte counts could
+  // overflow 64-bit arithmetic (only reachable with stride-0 views of a small buffer).
+  constexpr int64_t kMaxDim = int64_t(1) << 40;
+  if (sh.max_c > kMaxDim || sh.T > kMaxDim || sh.D > (int64_t(1) << 20) || sh.N1 > (int64_t(1) << 20))
+    return Status::Error("compress_attention_cpu: sizes too large for the CPU backend's 64-bit workspace arithmetic "
+                         "(max C_b, T < 2^40; D, N1 < 2^20)");
   pl.p = &p;
   pl.batches = detail::make_batches(p, sh);
   pl.kt = kernels_for(isa);
@@ -574,10 +600,13 @@ Status forward(const CompressAttentionParams& p) {
     for (int64_t n2 = 0; n2 < sh.N2; ++n2)
       for (int64_t s0 = 0; s0 < pl.batches[b].sq; s0 += pl.bq)
         pl.tasks.push_back({static_cast<int64_t>(b), n2, s0, std::min(pl.batches[b].sq, s0 + pl.bq)});
-  std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, threads)));
-  parallel_for(static_cast<int64_t>(pl.tasks.size()), threads, [&](int64_t task, int worker) {
+  // per-worker scratch, allocated here (before any output is written) so that a failed allocation
+  // is an error, not a crash in a worker thread
+  const int workers = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<size_t>(1, pl.tasks.size())));
+  std::vector<Scratch> scratch(static_cast<size_t>(workers));
+  for (Scratch& sc : scratch) init_scratch(pl, sc);
+  parallel_for(static_cast<int64_t>(pl.tasks.size()), workers, [&](int64_t task, int worker) {
     Scratch& sc = scratch[static_cast<size_t>(worker)];
-    if (sc.ld_s == 0) init_scratch(pl, sc);
     const auto& tk = pl.tasks[static_cast<size_t>(task)];
     const int64_t kv = tk[0] * sh.N2 + tk[1];
     run_tile(pl, sc, kbuf.get() + pl.k_off[kv] * esz, vbuf.get() + pl.v_off[kv] * esz, pl.batches[tk[0]], tk[1],
