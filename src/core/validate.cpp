@@ -71,6 +71,10 @@ Status check_mask(const Mask2& m, const char* name, int64_t rows, int64_t cols, 
   return Status::Ok();
 }
 
+// ceil(a / b) for a >= 0, b > 0 without overflow: (a + b - 1) / b overflows for C_b near INT64_MAX (a key
+// tensor broadcast with stride 0 over that many rows is valid memory).
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
 Status check_block_param(int64_t v, const char* name, int64_t lo, int64_t hi) {
   if (v % 16 != 0 || v < lo || v > hi)
     return err(name, " must be a multiple of 16 in [", lo, ", ", hi, "], got ", v);
@@ -143,7 +147,7 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
     if (c < 1)
       return err("actual_cmp_seq_kvlen must give every batch at least one compressed token, but batch ", b,
                  " has C_b = ", c);
-    const int64_t sel = (c + sh.M - 1) / sh.M;
+    const int64_t sel = ceil_div(c, sh.M);
     sh.max_sq = sq > sh.max_sq ? sq : sh.max_sq;
     sh.max_c = c > sh.max_c ? c : sh.max_c;
     sh.max_sel = sel > sh.max_sel ? sel : sh.max_sel;
@@ -163,7 +167,7 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
     for (int64_t b = 0; b < sh.B; ++b) {
       const int64_t c = p.actual_cmp_seq_kvlen.data[b] - c_prev;
       c_prev = p.actual_cmp_seq_kvlen.data[b];
-      acc += (c + sh.M - 1) / sh.M;
+      acc += ceil_div(c, sh.M);
       if (p.actual_sel_seq_kvlen.data[b] != acc)
         return err("actual_sel_seq_kvlen[", b, "] must be the prefix sum of ceil(C_b / ", sh.M,
                    ") over the batches = ", acc, ", got ", p.actual_sel_seq_kvlen.data[b]);
