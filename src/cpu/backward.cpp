@@ -398,6 +398,7 @@ class Backward {
   void run() {
     build_plans();
     pack_keys();
+    compute_dlt();
     // Costs in multiply-adds per visible (row, column) of a computed tile pair.
     const double w_one = 3.0 * g_.D + 2.0 * g_.D2, w_kv = 2.0 * g_.D + 2.0 * g_.D2, w_dq = 2.0 * g_.D + g_.D2;
     std::vector<Task> one, two;
@@ -624,22 +625,38 @@ class Backward {
     }
   }
 
+  // Dlt = sum_j dO[t, h, j] * O[t, h, j] of every (query row, head), fp32 (fp64) in a fixed order (dot_fixed),
+  // O = attention_out as returned; once per call, parallel over chunks of query rows.
+  void compute_dlt() {
+    const int64_t T = f_.query.size[0], N1 = g_.N1, D2 = g_.D2;
+    constexpr int64_t kChunk = 64;
+    dlt_.assign(static_cast<size_t>(T * N1), Acc(0));
+    std::vector<std::vector<Acc>> rows(static_cast<size_t>(std::max(threads_, 1)));
+    parallel_for((T + kChunk - 1) / kChunk, threads_, [&](int64_t chunk, int w) {
+      std::vector<Acc>& buf = rows[static_cast<size_t>(w)];
+      buf.resize(static_cast<size_t>(2 * D2));
+      for (int64_t t = chunk * kChunk; t < std::min(T, (chunk + 1) * kChunk); ++t)
+        for (int64_t h = 0; h < N1; ++h) {
+          load_acc_row(p_.grad_out, t, h, D2, buf.data());
+          load_acc_row(p_.attention_out, t, h, D2, buf.data() + D2);
+          dlt_[static_cast<size_t>(t * N1 + h)] = dot_fixed(buf.data(), buf.data() + D2, D2);
+        }
+    });
+  }
+
   // ---------------------------------------------------------------- tiles
   int64_t tile_rows(const BatchPlan& pl, int64_t i) const {
     return (std::min(pl.bi.sq, (i + 1) * g_.Bq) - i * g_.Bq) * g_.G;
   }
 
   // Query tile i of (batch, n2): Q and dO as rows and (if `transposed`) transposed, the statistics m and
-  // 1/l_sum, and Dlt = sum_j dO*O of every row.
+  // 1/l_sum and Dlt of every row.
   void load_q(const BatchPlan& pl, int64_t n2, int64_t i, bool transposed, Scratch<Acc>& sc) const {
     const int64_t G = g_.G, D = g_.D, D2 = g_.D2, R = g_.R, Rp = g_.Rp, rows = tile_rows(pl, i);
-    const Tensor3 &q = f_.query, &o = p_.attention_out, &go = p_.grad_out;
+    const Tensor3 &q = f_.query, &go = p_.grad_out;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t s = i * g_.Bq + r / G, h = n2 * G + r % G, t = pl.bi.q_begin + s;
-      Acc* dor = kDot ? sc.ra : sc.oa + r * D2;
-      load_acc_row(go, t, h, D2, dor);
-      load_acc_row(o, t, h, D2, sc.rb);
-      sc.rdlt[r] = dot_fixed(dor, sc.rb, D2);
+      sc.rdlt[r] = dlt_[static_cast<size_t>(t * g_.N1 + h)];
       const int64_t so = detail::stat_offset(pl.bi, h, s);
       sc.rm[r] = static_cast<Acc>(p_.softmax_max[so]);
       sc.ril[r] = Acc(1) / static_cast<Acc>(p_.softmax_sum[so]);
@@ -648,6 +665,7 @@ class Backward {
         load_bits_row(go, t, h, D2, sc.ob + r * 2 * g_.D2h);
       } else {
         load_acc_row(q, t, h, D, sc.qa + r * D);
+        load_acc_row(go, t, h, D2, sc.oa + r * D2);
       }
     }
     if constexpr (kDot) {
@@ -719,23 +737,26 @@ class Backward {
     }
     if constexpr (kDot) {
       const bool do_kv = dkT != nullptr;
+      if (rows % 2 != 0) {  // the zero partner of the last row in the pair layouts
+        std::memset(sc.s + rows * kBc + w0, 0, sizeof(float) * static_cast<size_t>(wn));
+        std::memset(sc.dp + rows * kBc + w0, 0, sizeof(float) * static_cast<size_t>(wn));
+      }
+      // P and dS rounded to bf16: P as B panel pB and dS as B panel dsB (pairs along rows) for dV^T and dK^T,
+      // dS as plain rows dsA (pairs along key columns) for dQ
+      const int64_t half = (rows + 1) / 2;
+      for (int64_t p = 0; p < half; ++p) {
+        const int64_t r0 = 2 * p, r1 = 2 * p + 1;
+        if (do_kv) kt_->pack_rows_bf16(sc.s + r0 * kBc + w0, sc.s + r1 * kBc + w0, wn, sc.pB + p * 2 * kBc + 2 * w0,
+                                       nullptr, nullptr);
+        kt_->pack_rows_bf16(sc.dp + r0 * kBc + w0, sc.dp + r1 * kBc + w0, wn, sc.dsB + p * 2 * kBc + 2 * w0,
+                            do_dq ? sc.dsA + r0 * kBc + w0 : nullptr,
+                            do_dq && r1 < rows ? sc.dsA + r1 * kBc + w0 : nullptr);
+      }
       if (do_kv) {
-        // P and dS as B panels with pairs along rows (a zero partner row when rows is odd)
-        if (rows % 2 != 0) {
-          std::memset(sc.s + rows * kBc + w0, 0, sizeof(float) * static_cast<size_t>(wn));
-          std::memset(sc.dp + rows * kBc + w0, 0, sizeof(float) * static_cast<size_t>(wn));
-        }
-        const int64_t half = (rows + 1) / 2;
-        for (int64_t p = 0; p < half; ++p) {
-          kt_->pack_rows_bf16(sc.s + 2 * p * kBc + w0, sc.s + (2 * p + 1) * kBc + w0, wn, sc.pB + p * 2 * kBc + 2 * w0);
-          kt_->pack_rows_bf16(sc.dp + 2 * p * kBc + w0, sc.dp + (2 * p + 1) * kBc + w0, wn,
-                              sc.dsB + p * 2 * kBc + 2 * w0);
-        }
         gemm_pairs(sc.oTb, g_.Rp, g_.D2, sc.pB, 0, w0, wn, half, dvT + w0, kBc, 1.0f, true);  // dV^T += dO^T P
         gemm_pairs(sc.qTb, g_.Rp, g_.D, sc.dsB, 0, w0, wn, half, dkT + w0, kBc, 1.0f, true);  // dK^T += Q^T dS
       }
       if (do_dq) {  // dQ += dS K over the window (dS = 0 past C_b, K pairs zero there)
-        for (int64_t r = 0; r < rows; ++r) kt_->store_row(sc.dp + r * kBc + w0, sc.dsA + r * kBc + w0, wn, DType::kBF16);
         const uint16_t* kpt = key + g_.Dh * 2 * kBc;
         gemm_pairs(sc.dsA + w0, kBc, rows, kpt + (w0 / 2) * 2 * kPan, kBc * kPan, 0, g_.Dp, wn / 2, sc.dq, g_.Dp,
                    1.0f, true);
@@ -857,6 +878,7 @@ class Backward {
   std::vector<BatchPlan> plans_;
   int64_t n_ktiles_ = 0;
   AlignedBuf<KElem> keys_;
+  std::vector<Acc> dlt_;  // [T][N1] Dlt of every (query row, head)
 };
 
 template <class E, Path kPath>

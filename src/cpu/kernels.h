@@ -60,10 +60,12 @@ struct KernelTable {
   // scores and dp the products dO.v; with e = exp(s[i] - m) * il (the exp of exp_sum):
   //   s[i] = P = (keep[i] != 0 ? e : 0),   dp[i] = dS = P * (dp[i] - dlt).
   void (*softmax_grad_row)(float* s, float* dp, const uint8_t* keep, int64_t n, float m, float il, float dlt);
-  // Two fp32 rows as bf16 pairs (nearest even): out[2i] = a[i], out[2i + 1] = b[i], n % 16 == 0: a panel
-  // row of gemm_bf16's B layout whose pairs run over rows (a = row 2p, b = row 2p + 1). Null where
-  // gemm_bf16 is null.
-  void (*pack_rows_bf16)(const float* a, const float* b, int64_t n, uint16_t* out);
+  // Two fp32 rows rounded to bf16 (nearest even), as pairs: pairs[2i] = a[i], pairs[2i + 1] = b[i] (a panel
+  // row of gemm_bf16's B layout whose pairs run over rows: a = row 2p, b = row 2p + 1), and, where row_a /
+  // row_b are not null, as plain rows row_a[i] = a[i], row_b[i] = b[i]. n % 16 == 0. Null where gemm_bf16 is
+  // null.
+  void (*pack_rows_bf16)(const float* a, const float* b, int64_t n, uint16_t* pairs, uint16_t* row_a,
+                         uint16_t* row_b);
   // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols (16-bit elements), any sizes. With
   // rows even and dst rows of gemm_bf16's A layout, this makes an A operand whose pairs run over src rows.
   void (*transpose_u16)(const uint16_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint16_t* dst,

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/numeric.h"
+#include "cpu/kernels.h"
 #include "nsa/compress_attention.h"
 #include "reference/reference.h"
 #include "test_util.h"
@@ -463,6 +464,34 @@ TEST(BackwardCpuShapes, BandMaskWindows) {
   }
 }
 
+// The benchmark's head sizes (D = 192, D2 = 128, G = 16: full 64-row query tiles, three D panels) on every ISA,
+// a diagonal mask with fully masked rows, two batches whose key tiles end mid-tile: the fp64 model with the
+// 3x rule (the bf16 dot-product path against the plain implementation that rounds P and dS as it does), and
+// bitwise identical over thread counts.
+TEST(BackwardCpuShapes, BenchHeadSizesEveryIsa) {
+  for (DType dt : {DType::kBF16, DType::kF32}) {
+    std::mt19937_64 rng(777);
+    Case cs = Case::make(dt, {100, 37}, {80, 40}, /*N1=*/16, /*N2=*/1, /*D=*/192, /*D2=*/128);
+    cs.fill_uniform(rng, -1.5, 1.5);
+    set_diag_mask(cs, rng, /*fm_rows=*/2, /*p=*/0.0);
+    SCOPED_TRACE(cs.describe());
+    const BwdInputs in = make_inputs(cs, rng);
+    const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
+    const Grads plain = run_bwd(cs, in, BwdBackend::kRefFp32);
+    const Grads plain_rounded = run_bwd(cs, in, BwdBackend::kPlainRounded);
+    for (CpuIsa isa : supported_isas()) {
+      SCOPED_TRACE(nsa::cpu_isa_name(isa));
+      const Grads one = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
+      ASSERT_TRUE(check_grads(cs, one, model, cpu_rounds_p_ds(dt, isa) ? plain_rounded : plain));
+      ASSERT_TRUE(check_structural_zeros(cs, one));
+      for (int threads : {2, 3}) {
+        const Grads g = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
+        ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
+      }
+    }
+  }
+}
+
 // A sequence alone and the same sequence inside a batch give the same bits (tiles are batch-local).
 TEST(BackwardCpuShapes, SequenceAloneEqualsInsideBatch) {
   std::mt19937_64 rng(99);
@@ -498,6 +527,91 @@ TEST(BackwardCpuShapes, SequenceAloneEqualsInsideBatch) {
     for (size_t i = 0; i < ga.dq.size(); ++i) ASSERT_EQ(ga.dq[i], gb.dq[20 * 4 * 24 + i]) << "grad_query " << i;
     for (size_t i = 0; i < ga.dk.size(); ++i) ASSERT_EQ(ga.dk[i], gb.dk[9 * 2 * 24 + i]) << "grad_key " << i;
     for (size_t i = 0; i < ga.dv.size(); ++i) ASSERT_EQ(ga.dv[i], gb.dv[9 * 2 * 16 + i]) << "grad_value " << i;
+  }
+}
+
+// ------------------------------------------------------------------------------------ kernels
+
+// The backward's KernelTable entries against plain loops, on every ISA this host runs: transposes (any sizes,
+// leading dimensions; nothing outside the destination block written), the bf16 pair packing (nearest even,
+// pairs and plain rows), and softmax_grad_row (masked entries exactly 0 whatever their score).
+TEST(BackwardKernels, TableEntriesMatchPlainLoops) {
+  std::mt19937_64 rng(2024);
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    ASSERT_EQ(kt->isa, isa);
+    for (int64_t rows : {1, 2, 7, 31, 32, 33, 64, 70})
+      for (int64_t cols : {1, 15, 16, 17, 40, 192}) {
+        const int64_t ld_src = cols + 3, ld_dst = rows + 5;
+        std::vector<uint16_t> src16(static_cast<size_t>(rows * ld_src)), dst16(static_cast<size_t>(cols * ld_dst), 0xABCD);
+        std::vector<uint32_t> src32(src16.size()), dst32(dst16.size(), 0xDEADBEEFu);
+        for (size_t i = 0; i < src16.size(); ++i) {
+          src16[i] = static_cast<uint16_t>(rng());
+          src32[i] = static_cast<uint32_t>(rng());
+        }
+        kt->transpose_u16(src16.data(), ld_src, rows, cols, dst16.data(), ld_dst);
+        kt->transpose_u32(src32.data(), ld_src, rows, cols, dst32.data(), ld_dst);
+        for (int64_t c = 0; c < cols; ++c)
+          for (int64_t r = 0; r < ld_dst; ++r) {
+            const size_t d = static_cast<size_t>(c * ld_dst + r), sidx = static_cast<size_t>(r * ld_src + c);
+            ASSERT_EQ(dst16[d], r < rows ? src16[sidx] : 0xABCD) << "u16 rows=" << rows << " cols=" << cols << " c=" << c
+                                                                 << " r=" << r;
+            ASSERT_EQ(dst32[d], r < rows ? src32[sidx] : 0xDEADBEEFu) << "u32 rows=" << rows << " cols=" << cols;
+          }
+      }
+    // pack_rows_bf16: values with exact ties (x.5 ulp of bf16), random values, signed zeros
+    if (kt->pack_rows_bf16 != nullptr) {
+      const int64_t n = 48;
+      std::vector<float> a(n), b(n);
+      std::uniform_real_distribution<float> u(-3, 3);
+      for (int64_t i = 0; i < n; ++i) {
+        a[i] = u(rng);
+        b[i] = i % 3 == 0 ? nsa::detail::bits_f32(0x3f808000u + (static_cast<uint32_t>(i) << 16)) : u(rng);  // ties
+      }
+      a[5] = -0.0f;
+      std::vector<uint16_t> pairs(2 * n, 0), ra(n + 1, 0x1234), rb(n, 0);
+      kt->pack_rows_bf16(a.data(), b.data(), n, pairs.data(), ra.data(), rb.data());
+      for (int64_t i = 0; i < n; ++i) {
+        ASSERT_EQ(pairs[2 * i], nsa::detail::f32_to_bf16(a[i])) << i;
+        ASSERT_EQ(pairs[2 * i + 1], nsa::detail::f32_to_bf16(b[i])) << i;
+        ASSERT_EQ(ra[i], nsa::detail::f32_to_bf16(a[i])) << i;
+        ASSERT_EQ(rb[i], nsa::detail::f32_to_bf16(b[i])) << i;
+      }
+      ASSERT_EQ(ra[n], 0x1234);
+      std::vector<uint16_t> pairs2(2 * n, 0);
+      kt->pack_rows_bf16(a.data(), b.data(), n, pairs2.data(), nullptr, nullptr);
+      ASSERT_TRUE(pairs2 == pairs);
+    }
+    // softmax_grad_row
+    {
+      const int64_t n = 64;
+      std::vector<float> s(n), dp(n);
+      std::vector<uint8_t> keep(n);
+      std::uniform_real_distribution<float> u(-6, 2);
+      for (int64_t i = 0; i < n; ++i) {
+        s[i] = u(rng);
+        dp[i] = u(rng);
+        keep[i] = (rng() % 4) != 0;
+      }
+      s[3] = INFINITY, keep[3] = 0;  // masked entries give 0 whatever their score
+      s[4] = NAN, keep[4] = 0;
+      s[6] = 1e30f, keep[6] = 0;
+      s[7] = -200.0f, keep[7] = 1;  // exp underflows to 0
+      const float m = 1.5f, il = 0.25f, dlt = 0.375f;
+      std::vector<float> s2 = s, dp2 = dp;
+      kt->softmax_grad_row(s2.data(), dp2.data(), keep.data(), n, m, il, dlt);
+      for (int64_t i = 0; i < n; ++i) {
+        const double p = keep[i] ? std::exp(static_cast<double>(s[i]) - m) * il : 0.0;
+        const double ds = p * (static_cast<double>(dp[i]) - dlt);
+        if (!keep[i]) {
+          ASSERT_EQ(s2[i], 0.0f) << i;
+          ASSERT_EQ(dp2[i], 0.0f) << i;
+        }
+        ASSERT_NEAR(s2[i], p, 4e-7 * std::fabs(p) + 1e-30) << i;
+        ASSERT_NEAR(dp2[i], ds, 4e-7 * (std::fabs(p) * (std::fabs(dp[i]) + dlt)) + 1e-30) << i;
+      }
+    }
   }
 }
 
