@@ -1,7 +1,7 @@
 // CPU backward (SPEC §7): fused tiles in FlashAttention-2 order, multithreaded, deterministic.
 //
 // Decomposition. The rows of a tile are (query token, head of the group) pairs: a query tile holds
-// Bq tokens x G heads = R rows (R ~ 64, token-major, so the G heads of a token are adjacent as in
+// Bq tokens x G heads = R rows (R ~ 128, token-major, so the G heads of a token are adjacent as in
 // memory); a key tile holds Bc = 64 compressed tokens. For a tile pair (i, j) the work is
 //   S  = Q_i K_j^T * scale (fp32 dot products), P = exp(S - m) / l_sum from the saved statistics,
 //        P = 0 where atten_mask removes the entry (or the column is past C_b);
@@ -68,7 +68,7 @@ using detail::BatchInfo;
 
 constexpr int64_t kBc = 64;          // compressed tokens of a key tile (= one B panel)
 constexpr int64_t kPan = kPanel;     // width of a packed B panel (64)
-constexpr int64_t kRowsTarget = 64;  // rows (token x head) of a query tile
+constexpr int64_t kRowsTarget = 128; // rows (token x head) of a query tile
 constexpr int64_t kWin = 16;         // column granularity of the windows
 
 static_assert(kBc == kPan, "a key tile is one panel");
@@ -503,49 +503,87 @@ class Backward {
   }
 
   // ---------------------------------------------------------------- plan
-  // Tile visibility map, fully masked rows and tile costs of every batch (parallel over batches).
+  // Visible entries of row s of atten_mask on [0, C): their number, and when they form one contiguous run (the
+  // usual case: causal, band) its first column; scattered = true otherwise.
+  void row_visibility(int64_t s, int64_t C, int64_t* count, int64_t* first, bool* scattered) const {
+    const Mask2& m = f_.atten_mask;
+    const uint8_t* row = m.data + s * m.stride[0];
+    const int64_t cs = m.stride[1];
+    int64_t z = 0;
+    for (int64_t c = 0; c < C; ++c) z += row[c * cs] == 0;
+    *count = z;
+    *first = 0;
+    *scattered = false;
+    if (z == 0) return;
+    int64_t a = 0;
+    while (row[a * cs] != 0) ++a;
+    int64_t run = 0;
+    for (int64_t c = a; c < a + z && c < C; ++c) run += row[c * cs] == 0;
+    *first = a;
+    *scattered = run != z;
+  }
+
+  // Tile visibility map, fully masked rows and tile costs of every batch (parallel over chunks of query tiles).
   void build_plans() {
-    parallel_for(static_cast<int64_t>(plans_.size()), threads_, [&](int64_t b, int) {
-      BatchPlan& pl = plans_[static_cast<size_t>(b)];
-      const int64_t Bq = g_.Bq, C = pl.bi.c, Sq = pl.bi.sq;
+    constexpr int64_t kChunk = 16;  // query tiles per work item
+    std::vector<std::vector<uint8_t>> fm(plans_.size());  // per batch and row: fully masked
+    std::vector<std::pair<int64_t, int64_t>> items;       // (batch, first query tile)
+    for (size_t b = 0; b < plans_.size(); ++b) {
+      BatchPlan& pl = plans_[b];
       pl.tile.assign(static_cast<size_t>(pl.nq * pl.nk), PairInfo{});
       pl.pairs_q.assign(static_cast<size_t>(pl.nq), 0);
       pl.pairs_k.assign(static_cast<size_t>(pl.nk), 0);
       pl.fm_rows.clear();
-      const bool has_mask = f_.atten_mask.data != nullptr;
-      // Per key tile of the current query tile: first and last visible column (relative), whether
-      // every entry of the rows is visible.
+      fm[b].assign(static_cast<size_t>(pl.bi.sq), 0);
+      for (int64_t i = 0; i < pl.nq; i += kChunk) items.emplace_back(static_cast<int64_t>(b), i);
+    }
+    const bool has_mask = f_.atten_mask.data != nullptr;
+    parallel_for(static_cast<int64_t>(items.size()), threads_, [&](int64_t item, int) {
+      const auto [b, i0] = items[static_cast<size_t>(item)];
+      BatchPlan& pl = plans_[static_cast<size_t>(b)];
+      const int64_t Bq = g_.Bq, C = pl.bi.c, Sq = pl.bi.sq;
+      // Per key tile of the current query tile: first and last visible column (relative), whether every entry
+      // of the rows is visible.
       std::vector<int64_t> lo(static_cast<size_t>(pl.nk)), hi(static_cast<size_t>(pl.nk));
       std::vector<uint8_t> all(static_cast<size_t>(pl.nk));
-      for (int64_t i = 0; i < pl.nq; ++i) {
+      for (int64_t i = i0; i < std::min(pl.nq, i0 + kChunk); ++i) {
         const int64_t s0 = i * Bq, s1 = std::min(Sq, s0 + Bq);
         std::fill(lo.begin(), lo.end(), kBc);
         std::fill(hi.begin(), hi.end(), -1);
         std::fill(all.begin(), all.end(), 1);
         for (int64_t s = s0; s < s1; ++s) {
-          bool row_any = false;
+          int64_t count = C, first = 0;
+          bool scattered = false;
+          if (has_mask) row_visibility(s, C, &count, &first, &scattered);
+          if (count == 0) {  // fully masked: every tile of the row has masked entries
+            fm[static_cast<size_t>(b)][static_cast<size_t>(s)] = 1;
+            std::fill(all.begin(), all.end(), 0);
+            continue;
+          }
           for (int64_t j = 0; j < pl.nk; ++j) {
             const int64_t c0 = j * kBc, nc = std::min(C, c0 + kBc) - c0;
-            int64_t first = -1, last = -1;
-            if (!has_mask) {
-              first = 0;
-              last = nc - 1;
+            int64_t f = -1, l = -1;
+            if (!scattered) {  // the run [first, first + count) clipped to the tile
+              const int64_t a = std::max(first, c0), e = std::min(first + count, c0 + nc);
+              if (a < e) {
+                f = a - c0;
+                l = e - 1 - c0;
+              }
+              if (!(first <= c0 && first + count >= c0 + nc)) all[static_cast<size_t>(j)] = 0;
             } else {
               for (int64_t c = 0; c < nc; ++c)
                 if (!masked(s, c0 + c)) {
-                  if (first < 0) first = c;
-                  last = c;
+                  if (f < 0) f = c;
+                  l = c;
                 } else {
                   all[static_cast<size_t>(j)] = 0;
                 }
             }
-            if (first >= 0) {
-              row_any = true;
-              lo[static_cast<size_t>(j)] = std::min(lo[static_cast<size_t>(j)], first);
-              hi[static_cast<size_t>(j)] = std::max(hi[static_cast<size_t>(j)], last);
+            if (f >= 0) {
+              lo[static_cast<size_t>(j)] = std::min(lo[static_cast<size_t>(j)], f);
+              hi[static_cast<size_t>(j)] = std::max(hi[static_cast<size_t>(j)], l);
             }
           }
-          if (!row_any) pl.fm_rows.push_back(s);
         }
         for (int64_t j = 0; j < pl.nk; ++j) {
           PairInfo& pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
@@ -553,12 +591,22 @@ class Backward {
           pi.state = all[static_cast<size_t>(j)] ? kFull : kPartial;
           pi.w0 = static_cast<uint8_t>(lo[static_cast<size_t>(j)] / kWin * kWin);
           pi.w1 = static_cast<uint8_t>((hi[static_cast<size_t>(j)] / kWin + 1) * kWin);
-          const int64_t work = (s1 - s0) * g_.G * (pi.w1 - pi.w0);
-          pl.pairs_q[static_cast<size_t>(i)] += work;
-          pl.pairs_k[static_cast<size_t>(j)] += work;
+          pl.pairs_q[static_cast<size_t>(i)] += (s1 - s0) * g_.G * (pi.w1 - pi.w0);
         }
       }
     });
+    for (size_t b = 0; b < plans_.size(); ++b) {
+      BatchPlan& pl = plans_[b];
+      for (int64_t i = 0; i < pl.nq; ++i) {
+        const int64_t rows = (std::min(pl.bi.sq, (i + 1) * g_.Bq) - i * g_.Bq) * g_.G;
+        for (int64_t j = 0; j < pl.nk; ++j) {
+          const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
+          if (pi.state != kSkip) pl.pairs_k[static_cast<size_t>(j)] += rows * (pi.w1 - pi.w0);
+        }
+      }
+      for (int64_t s = 0; s < pl.bi.sq; ++s)
+        if (fm[b][static_cast<size_t>(s)]) pl.fm_rows.push_back(s);
+    }
   }
 
   // ---------------------------------------------------------------- packed keys
