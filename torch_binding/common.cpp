@@ -28,8 +28,11 @@ void check_mask(const OptTensor& m, const char* name, const char* layout) {
 
 const uint8_t* mask_data(const OptTensor& m, nsa::Mask2* out) {
   if (!m.has_value() || !m->defined()) return nullptr;
-  // bool storage is one byte per element (0 or 1): read it as uint8 (SPEC §2).
-  const auto* data = static_cast<const uint8_t*>(m->const_data_ptr());
+  // bool storage is one byte per element (0 or 1): read it as uint8 (SPEC §2). A present but empty mask
+  // has no storage (null data pointer), which the library would read as "absent": point it at a
+  // placeholder so that its shape is checked (and rejected: maxSq, maxC >= 1).
+  static const uint8_t kEmptyMask = 0;
+  const auto* data = m->numel() == 0 ? &kEmptyMask : static_cast<const uint8_t*>(m->const_data_ptr());
   for (int i = 0; i < 2; ++i) {
     out->size[i] = m->size(i);
     out->stride[i] = m->stride(i);

@@ -3,6 +3,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "binding.h"
 
 namespace nsa_torch {
@@ -15,6 +17,10 @@ ForwardResult compress_attention_meta(const at::Tensor& query, const at::Tensor&
                                       const OptTensor& atten_mask, OptIntList /*actual_seq_qlen*/,
                                       OptIntList /*actual_cmp_seq_kvlen*/, OptIntList /*actual_sel_seq_kvlen*/) {
   check_forward_inputs(query, key, value, head_num, topk_mask, atten_mask);
+  // Real tensors on different devices (e.g. CPU and meta) also dispatch here: require one device.
+  // (Fake tensors under torch.compile all report their common device.)
+  const std::string device_name = c10::DeviceTypeName(query.device().type());
+  check_forward_devices(query, key, value, topk_mask, atten_mask, query.device().type(), device_name.c_str());
   TORCH_CHECK(select_block_count >= 1 && select_block_count <= 32, "select_block_count must be in [1, 32], got ",
               select_block_count);
   const auto opts = query.options();

@@ -250,7 +250,9 @@ _MIXED = {"mixed-key-meta", "mixed-query-meta", "mixed-mask-meta"}
 # An empty (0-element) mask has a null data pointer, which the binding passes on as "no mask".
 _EMPTY_MASK_BUG = ("torch_binding/common.cpp mask_data: a present but empty mask has data_ptr() == nullptr, which the "
                    "library reads as an absent mask: atten_mask of shape [0, 0] is silently ignored")
-_KNOWN = {**{c: _MIXED_DEVICE_BUG for c in _MIXED}, "atten-mask-empty": _EMPTY_MASK_BUG}
+# Both binding bugs above are fixed (mixed devices are rejected by the Meta kernel; an empty mask is
+# passed on as present and rejected by its shape); the cases stay in HOSTILE as regression tests.
+_KNOWN: dict = {}
 
 
 def _case_params():
@@ -326,8 +328,7 @@ def test_meta_tensors_give_meta_outputs_of_the_spec_shapes():
     _handled()
 
 
-@pytest.mark.parametrize("bad", [pytest.param("meta", marks=pytest.mark.xfail(reason=_MIXED_DEVICE_BUG, strict=False)),
-                                 "float", "2d"])
+@pytest.mark.parametrize("bad", ["meta", "float", "2d"])
 def test_tensor_lengths_of_the_wrong_kind_raise(request, bad):
     if request.node.get_closest_marker("xfail"):
         _COUNTS["known"] += 1
