@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <utility>
 
 #include "binding.h"
 
@@ -32,8 +33,22 @@ ForwardResult compress_attention_meta(const at::Tensor& query, const at::Tensor&
 ForwardResult compress_attention_tensor_lengths_meta(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale_value, int64_t head_num,
     int64_t compress_block_size, int64_t compress_stride, int64_t select_block_size, int64_t select_block_count,
-    const OptTensor& topk_mask, const OptTensor& atten_mask, const OptTensor& /*actual_seq_qlen*/,
-    const OptTensor& /*actual_cmp_seq_kvlen*/, const OptTensor& /*actual_sel_seq_kvlen*/) {
+    const OptTensor& topk_mask, const OptTensor& atten_mask, const OptTensor& actual_seq_qlen,
+    const OptTensor& actual_cmp_seq_kvlen, const OptTensor& actual_sel_seq_kvlen) {
+  // The values are read by the real kernels; here only what needs no data: rank, dtype, device.
+  const std::pair<const OptTensor*, const char*> lengths[] = {
+      {&actual_seq_qlen, "actual_seq_qlen"}, {&actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen"},
+      {&actual_sel_seq_kvlen, "actual_sel_seq_kvlen"}};
+  for (const auto& [t, name] : lengths) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const at::Tensor& x = **t;
+    TORCH_CHECK(x.dim() == 1, name, " must be a 1-D integer tensor (prefix sums, one per batch), got a ", x.dim(),
+                "-D tensor");
+    TORCH_CHECK(x.scalar_type() == at::kLong || x.scalar_type() == at::kInt, name,
+                " must be an int64 or int32 tensor, got ", x.scalar_type());
+    TORCH_CHECK(x.device().is_cpu() || x.device() == query.device(), name,
+                " must be a CPU tensor (the lengths are read on the host), got ", x.device());
+  }
   return compress_attention_meta(query, key, value, scale_value, head_num, compress_block_size, compress_stride,
                                  select_block_size, select_block_count, topk_mask, atten_mask, std::nullopt,
                                  std::nullopt, std::nullopt);
