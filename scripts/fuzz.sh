@@ -11,23 +11,22 @@
 #
 # Environment: NSA_FUZZ_SEED (leg a's seed, default the time; always printed), NSA_FUZZ_N (configurations,
 # default 300), NSA_LIBFUZZER_SECONDS (default 60), NSA_LIBFUZZER_SEED (default: libFuzzer's choice, printed),
-# NSA_FUZZ_NEGATIVE_STRIDES (default 0: negative strides off, see below), NSA_JOBS (build parallelism).
+# NSA_FUZZ_NEGATIVE_STRIDES (default 1: negative strides included, see below), NSA_JOBS (build parallelism).
 # Artifacts (crash inputs) go to build-fuzz/artifacts/; reproduce one with
 #   build-fuzz/fuzz/fuzz_validate build-fuzz/artifacts/crash-<hash>
 # or with gcc: build-asan/fuzz_validate_replay <file> (scripts/sanitizers.sh builds it).
 #
-# Negative strides: the API allows any int64 strides, but src/cpu/forward.cpp (query tile packing, fp32
-# and non-bf16-dot paths) forms `base * dtype_size(dt)` in size_t, so a negative element offset becomes a
-# wrapped unsigned offset (pointer overflow, reported by UBSan; tests/fuzz/regressions/
-# known_bug_forward_negative_stride.bin). Torch never makes negative strides. Until that is fixed the leg
-# leaves them out; NSA_FUZZ_NEGATIVE_STRIDES=1 puts them back (and replays the known-bug input).
+# Negative strides: the API allows any int64 strides (torch never makes negative ones). The fuzzer once
+# found src/cpu/forward.cpp forming `base * dtype_size(dt)` in size_t (a wrapped offset for negative
+# strides; fixed, replayed from tests/fuzz/regressions/validate_forward_negative_stride.bin);
+# NSA_FUZZ_NEGATIVE_STRIDES=0 leaves them out.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 JOBS="${NSA_JOBS:-$(nproc)}"
 DIR=build-fuzz
 SECS="${NSA_LIBFUZZER_SECONDS:-60}"
-export NSA_FUZZ_NEGATIVE_STRIDES="${NSA_FUZZ_NEGATIVE_STRIDES:-0}"
+export NSA_FUZZ_NEGATIVE_STRIDES="${NSA_FUZZ_NEGATIVE_STRIDES:-1}"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-halt_on_error=1:detect_leaks=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"
 CLANG="${NSA_FUZZ_CXX:-clang++}"
@@ -77,7 +76,6 @@ CORPUS="$DIR/corpus"
 rm -rf "$ART"
 mkdir -p "$ART" "$CORPUS"
 regress=(tests/fuzz/regressions/validate_*.bin)
-if [ "$NSA_FUZZ_NEGATIVE_STRIDES" = 1 ]; then regress+=(tests/fuzz/regressions/known_bug_*.bin); fi
 if ! "$DIR/fuzz/fuzz_validate" -artifact_prefix="$ART" "${regress[@]}" >"$DIR/regressions.log" 2>&1; then
   status=1
   echo "  a regression input fails again:"

@@ -19,6 +19,12 @@ ctest --test-dir build --output-on-failure -j "$(nproc)"
 stage "Python tests (pytest)"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/python
 
+stage "sanitizer legs (scripts/sanitizers.sh)"
+bash scripts/sanitizers.sh
+
+stage "fuzz legs (scripts/fuzz.sh)"
+bash scripts/fuzz.sh
+
 stage "packaging leg (scripts/package_check.sh)"
 bash scripts/package_check.sh
 

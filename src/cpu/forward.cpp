@@ -326,7 +326,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
         } else {
           float* dst = reinterpret_cast<float*>(sc.qa.get()) + r * pl.q_lda;
           if (q.stride[2] == 1)
-            pl.kt->load_row(static_cast<const uint8_t*>(q.data) + base * dtype_size(dt), dst, sh.D, dt);
+            pl.kt->load_row(static_cast<const uint8_t*>(q.data) + base * static_cast<int64_t>(dtype_size(dt)), dst, sh.D, dt);
           else
             for (int64_t d = 0; d < sh.D; ++d) dst[d] = detail::load_f32(q.data, base + d * q.stride[2], dt);
         }
@@ -441,7 +441,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g, h = n2 * G + g;
       const float* orow = full ? sc.uniform.get() : sc.o.get() + r * pl.d2p;
-      pl.kt->store_row(orow, static_cast<uint8_t*>(p.attention_out) + (t * sh.N1 + h) * sh.D2 * dtype_size(dt), sh.D2,
+      pl.kt->store_row(orow, static_cast<uint8_t*>(p.attention_out) + (t * sh.N1 + h) * sh.D2 * static_cast<int64_t>(dtype_size(dt)), sh.D2,
                        dt);
       const int64_t so = detail::stat_offset(bi, h, s);
       for (int e = 0; e < 8; ++e) {
