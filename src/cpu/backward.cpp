@@ -9,17 +9,16 @@
 //   dV_j^T += dO_i^T P,  dK_j^T += Q_i^T dS,  dQ_i += dS K_j   (dK and dQ times scale at the end).
 // dK and dV are accumulated transposed ([D][64]) so that P and dS serve as B operands as they are
 // (no per-pair transposes); Q^T and dO^T are built once per query tile load.
-// Each output element has exactly one writer and one fixed summation order:
-//   dK_j / dV_j accumulate over query tiles i = 0, 1, ... (ascending),
-//   dQ_i accumulates over key tiles j = 0, 1, ... (ascending),
-// and S, P, dP, dS of a pair are computed by the same code whatever task computes them. Two kinds of
-// schedule respect this and give bitwise identical results:
-//   one-pass  : a task owns a (batch, KV head): for i: for j: all five products (no recomputation);
-//   two-pass  : "kv" tasks own (batch, KV head, key tile j) and iterate i (dK_j, dV_j); "dq" tasks own
-//               (batch, KV head, query tile i) and iterate j (dQ_i), recomputing S and dP.
-// The schedule is chosen per call from the shape and the thread count capped at the hardware's (an LPT
-// estimate of both; two-pass costs (4D+3D2)/(3D+2D2) more FLOPs but has more, smaller tasks); results
-// never depend on it.
+// Each output element has exactly one writer and one fixed summation order, whatever the thread count:
+//   the query tiles of a (batch, KV head) are cut into chunks of ct tiles (ct from the shape and the mask
+//   only: kChunkRows rows, doubled while the dK/dV partials would exceed kPartialBudget). A chunk task runs
+//   for i in its chunk (ascending): for j (ascending): all five products, no recomputation. dQ_i is complete
+//   in its task (sum over j ascending); the chunk's dK_j^T / dV_j^T partial sums over its i ascending.
+//   Then one task per (batch, KV head, key tile j) adds the partials of the chunks in chunk order, adds the
+//   fully masked rows' share (below) and writes dK_j, dV_j.
+// Tasks are handed out largest first (LPT) to the workers; which worker runs a task never changes a result.
+// Many chunks keep both cores busy when another process takes one for a while, and parallelise a single
+// (batch, KV head).
 //
 // Masks. A plan per batch records, for every tile pair, whether anything is visible (else it is
 // skipped) and the 16-column window [w0, w1) of the key tile that holds every visible entry of its
@@ -30,7 +29,7 @@
 // zero and it adds nothing to dK.
 //
 // Products. Every product is one GEMM call of the per-ISA KernelTable (src/cpu/kernels.h) with the B
-// operand in its packed panel layout and a (col0, ncols) column range. Two paths, chosen once per call:
+// operand in its packed panel layout and a (col0, ncols) column range. Three paths, chosen once per call:
 //   bf16 pairs (bf16 inputs on an ISA with gemm_bf16, i.e. vdpbf16ps): P and dS are rounded to bf16 before
 //     the products that use them (§7 allows it; every sum stays fp32). Operands: Q and dO rows (pairs along
 //     D / D2), Q^T and dO^T (pairs along the tile's rows), P and dS as B panels with pairs along rows
@@ -43,15 +42,16 @@
 // exp is the KernelTable's on the first two (about 1 ulp, identical on every ISA). Dlt sums in a fixed order.
 //
 // Workspace: K and V of every (batch, KV head) packed once per call (O(T2 (2D + D2)), the size of the
-// inputs); per-worker tiles (O(R (D + D2) + R Bc)); in one-pass mode the dK/dV accumulators of one
-// (batch, KV head): O(maxC (D + D2)). Nothing grows with T x C except the plan (3 bytes per tile pair).
+// inputs); Dlt (T N1 floats); the chunks' dK/dV partials (at most kPartialBudget = 64 MB unless a single
+// chunk per (batch, KV head) needs more: O(N2 maxC (D + D2)) then); per-worker tiles (O(R (D + D2) + R Bc)).
+// Nothing grows with T x C except the plan (3 bytes per tile pair).
 #include <algorithm>
+#include <array>
 #include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -225,8 +225,11 @@ struct BatchPlan {
   int64_t tile0 = 0;                // index of the batch's first key tile over all batches
   std::vector<PairInfo> tile;       // [nq][nk]
   std::vector<int64_t> fm_rows;     // fully masked rows (local s), ascending
-  std::vector<int64_t> pairs_q;     // [nq] visible tile pairs x rows x cols, per query tile (cost)
-  std::vector<int64_t> pairs_k;     // [nk] the same per key tile
+  std::vector<int64_t> pairs_q;     // [nq] computed rows x window columns of the query tile's pairs (cost)
+  // Chunks of query tiles: chunk q holds tiles [q ct, (q+1) ct); jlo/jhi [nch]: the key tiles its pairs reach;
+  // part_off [nch][N2]: offset of its dK^T/dV^T partial in Backward::parts_.
+  int64_t ct = 1, nch = 0;
+  std::vector<int64_t> jlo, jhi, part_off;
 };
 
 struct Geo {
@@ -237,49 +240,30 @@ struct Geo {
   int64_t ktile = 0;                // elements of one packed key tile
 };
 
-enum class Kind : int { kOnePass = 0, kKv = 1, kDq = 2 };
-struct Task {
-  Kind kind;
-  int64_t b, n2, idx;
-  double cost;
-};
-
-// LPT estimate of the makespan of `costs` on `workers` workers (largest first, to the least loaded).
-double lpt_makespan(std::vector<double> costs, int workers) {
-  std::sort(costs.begin(), costs.end(), [](double a, double b) { return a > b; });
-  std::vector<double> load(static_cast<size_t>(std::max(workers, 1)), 0.0);
-  for (double c : costs) *std::min_element(load.begin(), load.end()) += c;
-  return *std::max_element(load.begin(), load.end());
-}
-
-// Threads that can run at once: the schedule's estimate never assumes more (3 threads on 2 cores run
-// like 2). Results do not depend on it.
-int concurrent_threads(int threads) {
-  const unsigned hc = std::thread::hardware_concurrency();
-  return hc > 0 ? std::min(threads, static_cast<int>(hc)) : threads;
-}
+constexpr int64_t kChunkRows = 8192;            // rows (token x head) of a chunk of query tiles, at least
+constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of dK/dV partials before chunks grow
 
 // Per-worker workspace (allocated once per call, zeroed: padding rows and columns are read as zeros).
-//   Query tile, fp32/fp64 path: Q rows qa [R][D], Q^T qT [D][R], dO rows oa [R][D2], dO^T oT [D2][R].
+//   Query tile, fp32/fp64 paths: Q rows qa [R][D], Q^T qT [D][R], dO rows oa [R][D2], dO^T oT [D2][R].
 //   Query tile, bf16 path: Q rows qb [Rp][2Dh], Q^T qTb [D][Rp], dO rows ob [Rp][2D2h], dO^T oTb [D2][Rp]
 //     (rows past the tile and the odd last column are zero).
 //   Per row: m (rm), 1/l_sum (ril), Dlt (rdlt).
 //   Pair: S/P s [Rp][64], dP/dS dp [Rp][64], keep [Rp][64] (1 = visible); bf16 path: P and dS as B panels
 //     pB, dsB [Rp/2][64][2], dS rows dsA [R][64].
-//   Accumulators: dQ dq [R][Dp]; dK^T [D][64] and dV^T [D2][64] per key tile (ktiles of them).
-//   u [D2]: the fully masked rows' dV share; ra, rb: rows being converted.
+//   dQ accumulator dq [R][Dp]; u [D2]: the fully masked rows' dV share; ra: a row being converted; zero_tile:
+//   the dK^T/dV^T of a key tile no query sees.
 template <typename Acc>
 struct Scratch {
   AlignedBuf<char> buf;
   Acc *qa = nullptr, *qT = nullptr, *oa = nullptr, *oT = nullptr;
   uint16_t *qb = nullptr, *qTb = nullptr, *ob = nullptr, *oTb = nullptr, *pB = nullptr, *dsB = nullptr,
            *dsA = nullptr;
-  Acc *ra = nullptr, *rb = nullptr, *s = nullptr, *dp = nullptr, *rm = nullptr, *ril = nullptr, *rdlt = nullptr;
-  Acc *dq = nullptr, *dkT = nullptr, *dvT = nullptr, *u = nullptr;
+  Acc *ra = nullptr, *s = nullptr, *dp = nullptr, *rm = nullptr, *ril = nullptr, *rdlt = nullptr;
+  Acc *dq = nullptr, *u = nullptr, *zero_tile = nullptr;
   uint8_t* keep = nullptr;
   bool ready = false;
 
-  void carve(Carver& c, const Geo& g, bool dot, int64_t ktiles) {
+  void carve(Carver& c, const Geo& g, bool dot) {
     const int64_t R = g.R, Rp = g.Rp;
     if (dot) {
       c.take(&qb, Rp * 2 * g.Dh);
@@ -295,27 +279,24 @@ struct Scratch {
       c.take(&oa, R * g.D2);
       c.take(&oT, g.D2 * R);
     }
-    const int64_t wide = std::max(g.D, g.D2);
-    c.take(&ra, wide);
-    c.take(&rb, wide);
+    c.take(&ra, std::max(g.D, g.D2));
     c.take(&s, Rp * kBc);
     c.take(&dp, Rp * kBc);
     c.take(&rm, R);
     c.take(&ril, R);
     c.take(&rdlt, R);
     c.take(&dq, R * g.Dp);
-    c.take(&dkT, ktiles * g.D * kBc);
-    c.take(&dvT, ktiles * g.D2 * kBc);
     c.take(&u, g.D2);
+    c.take(&zero_tile, (g.D + g.D2) * kBc);
     c.take(&keep, Rp * kBc);
   }
-  void init(const Geo& g, bool dot, int64_t ktiles) {
+  void init(const Geo& g, bool dot) {
     Carver count;
-    carve(count, g, dot, ktiles);
+    carve(count, g, dot);
     buf.reset(count.used);
     Carver assign;
     assign.base = buf.get();
-    carve(assign, g, dot, ktiles);
+    carve(assign, g, dot);
     ready = true;
   }
 };
@@ -397,48 +378,49 @@ class Backward {
 
   void run() {
     build_plans();
+    plan_chunks();
     pack_keys();
     compute_dlt();
-    // Costs in multiply-adds per visible (row, column) of a computed tile pair.
-    const double w_one = 3.0 * g_.D + 2.0 * g_.D2, w_kv = 2.0 * g_.D + 2.0 * g_.D2, w_dq = 2.0 * g_.D + g_.D2;
-    std::vector<Task> one, two;
+    parts_.reset(parts_total_);
+
+    // 1. chunk tasks (batch, KV head, chunk of query tiles), largest first (LPT; the order in which tasks run
+    //    never changes a result): dQ of the chunk's rows, its dK^T/dV^T partial.
+    struct Task {
+      int64_t b, n2, q;
+      double cost;
+    };
+    std::vector<Task> tasks;
+    const double w_one = 3.0 * g_.D + 2.0 * g_.D2;  // multiply-adds per computed (row, column) of a tile pair
     for (int64_t b = 0; b < static_cast<int64_t>(plans_.size()); ++b) {
       const BatchPlan& pl = plans_[static_cast<size_t>(b)];
-      int64_t total = 0;
-      for (int64_t v : pl.pairs_q) total += v;
-      const double fixed = static_cast<double>(pl.bi.c) * (g_.D + g_.D2);  // writing dK/dV rows
-      for (int64_t n2 = 0; n2 < g_.N2; ++n2) {
-        one.push_back({Kind::kOnePass, b, n2, 0, w_one * static_cast<double>(total) + fixed});
-        for (int64_t j = 0; j < pl.nk; ++j)
-          two.push_back({Kind::kKv, b, n2, j, w_kv * static_cast<double>(pl.pairs_k[j]) + kBc * (g_.D + g_.D2)});
-        for (int64_t i = 0; i < pl.nq; ++i)
-          two.push_back({Kind::kDq, b, n2, i, w_dq * static_cast<double>(pl.pairs_q[i]) + g_.R * g_.D});
+      for (int64_t q = 0; q < pl.nch; ++q) {
+        double work = 0;
+        for (int64_t i = q * pl.ct; i < std::min(pl.nq, (q + 1) * pl.ct); ++i)
+          work += w_one * static_cast<double>(pl.pairs_q[static_cast<size_t>(i)]) + g_.R * (g_.D + g_.D2);
+        for (int64_t n2 = 0; n2 < g_.N2; ++n2) tasks.push_back({b, n2, q, work});
       }
     }
-    auto costs = [](const std::vector<Task>& ts) {
-      std::vector<double> c;
-      for (const Task& t : ts) c.push_back(t.cost);
-      return c;
-    };
-    const int est = concurrent_threads(threads_);
-    const bool one_pass = est <= 1 || lpt_makespan(costs(one), est) <= lpt_makespan(costs(two), est);
-    std::vector<Task>& tasks = one_pass ? one : two;
-    // Largest first (LPT); the order in which tasks run never changes a result.
-    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
-
-    int64_t max_nk = 1;
-    for (const BatchPlan& pl : plans_) max_nk = std::max(max_nk, pl.nk);
-    const int workers = static_cast<int>(std::min<int64_t>(threads_, static_cast<int64_t>(tasks.size())));
-    std::vector<Scratch<Acc>> scratch(static_cast<size_t>(std::max(workers, 1)));
+    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+    const int workers = std::max(1, threads_);
+    std::vector<Scratch<Acc>> scratch(static_cast<size_t>(workers));
     parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
       Scratch<Acc>& sc = scratch[static_cast<size_t>(w)];
-      if (!sc.ready) sc.init(g_, kDot, one_pass ? max_nk : 1);
+      if (!sc.ready) sc.init(g_, kDot);
       const Task& task = tasks[static_cast<size_t>(t)];
-      switch (task.kind) {
-        case Kind::kOnePass: run_one_pass(task.b, task.n2, sc); break;
-        case Kind::kKv: run_kv(task.b, task.n2, task.idx, sc); break;
-        case Kind::kDq: run_dq(task.b, task.n2, task.idx, sc); break;
-      }
+      run_chunk(task.b, task.n2, task.q, sc);
+    });
+
+    // 2. per (batch, KV head, key tile): dK_j, dV_j = the chunks' partials summed in chunk order (+ the fully
+    //    masked rows' dV share), written in the dtype.
+    std::vector<std::array<int64_t, 3>> kv;
+    for (int64_t b = 0; b < static_cast<int64_t>(plans_.size()); ++b)
+      for (int64_t n2 = 0; n2 < g_.N2; ++n2)
+        for (int64_t j = 0; j < plans_[static_cast<size_t>(b)].nk; ++j) kv.push_back({b, n2, j});
+    parallel_for(static_cast<int64_t>(kv.size()), workers, [&](int64_t t, int w) {
+      Scratch<Acc>& sc = scratch[static_cast<size_t>(w)];
+      if (!sc.ready) sc.init(g_, kDot);
+      const auto& task = kv[static_cast<size_t>(t)];
+      reduce_kv(task[0], task[1], task[2], sc);
     });
 
     // Key/value rows past cmp_seq_kvlen[B-1] get zero gradient (§7).
@@ -532,7 +514,6 @@ class Backward {
       BatchPlan& pl = plans_[b];
       pl.tile.assign(static_cast<size_t>(pl.nq * pl.nk), PairInfo{});
       pl.pairs_q.assign(static_cast<size_t>(pl.nq), 0);
-      pl.pairs_k.assign(static_cast<size_t>(pl.nk), 0);
       pl.fm_rows.clear();
       fm[b].assign(static_cast<size_t>(pl.bi.sq), 0);
       for (int64_t i = 0; i < pl.nq; i += kChunk) items.emplace_back(static_cast<int64_t>(b), i);
@@ -597,15 +578,51 @@ class Backward {
     });
     for (size_t b = 0; b < plans_.size(); ++b) {
       BatchPlan& pl = plans_[b];
-      for (int64_t i = 0; i < pl.nq; ++i) {
-        const int64_t rows = (std::min(pl.bi.sq, (i + 1) * g_.Bq) - i * g_.Bq) * g_.G;
-        for (int64_t j = 0; j < pl.nk; ++j) {
-          const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
-          if (pi.state != kSkip) pl.pairs_k[static_cast<size_t>(j)] += rows * (pi.w1 - pi.w0);
-        }
-      }
       for (int64_t s = 0; s < pl.bi.sq; ++s)
         if (fm[b][static_cast<size_t>(s)]) pl.fm_rows.push_back(s);
+    }
+  }
+
+  // Chunks of query tiles (the same ct for every batch): ct = kChunkRows / R tiles, doubled while the partials
+  // would exceed kPartialBudget. A function of the shape and the mask only, never of the thread count.
+  void plan_chunks() {
+    const int64_t tile_bytes = (g_.D + g_.D2) * kBc * static_cast<int64_t>(sizeof(Acc));
+    int64_t max_nq = 1;
+    for (const BatchPlan& pl : plans_) max_nq = std::max(max_nq, pl.nq);
+    int64_t ct = std::max<int64_t>(1, kChunkRows / g_.R);
+    for (;;) {
+      int64_t total = 0;
+      for (BatchPlan& pl : plans_) {
+        pl.ct = ct;
+        pl.nch = (pl.nq + ct - 1) / ct;
+        pl.jlo.assign(static_cast<size_t>(pl.nch), 0);
+        pl.jhi.assign(static_cast<size_t>(pl.nch), 0);
+        for (int64_t q = 0; q < pl.nch; ++q) {
+          int64_t lo = pl.nk, hi = 0;
+          for (int64_t i = q * ct; i < std::min(pl.nq, (q + 1) * ct); ++i)
+            for (int64_t j = 0; j < pl.nk; ++j)
+              if (pl.tile[static_cast<size_t>(i * pl.nk + j)].state != kSkip) {
+                lo = std::min(lo, j);
+                hi = std::max(hi, j + 1);
+              }
+          if (hi > lo) {
+            pl.jlo[static_cast<size_t>(q)] = lo;
+            pl.jhi[static_cast<size_t>(q)] = hi;
+            total += (hi - lo) * g_.N2;
+          }
+        }
+      }
+      if (total * tile_bytes <= kPartialBudget || ct >= max_nq) break;
+      ct *= 2;
+    }
+    parts_total_ = 0;
+    for (BatchPlan& pl : plans_) {
+      pl.part_off.assign(static_cast<size_t>(pl.nch * g_.N2), 0);
+      for (int64_t q = 0; q < pl.nch; ++q)
+        for (int64_t n2 = 0; n2 < g_.N2; ++n2) {
+          pl.part_off[static_cast<size_t>(q * g_.N2 + n2)] = parts_total_;
+          parts_total_ += (pl.jhi[static_cast<size_t>(q)] - pl.jlo[static_cast<size_t>(q)]) * (g_.D + g_.D2) * kBc;
+        }
     }
   }
 
@@ -697,9 +714,9 @@ class Backward {
     return (std::min(pl.bi.sq, (i + 1) * g_.Bq) - i * g_.Bq) * g_.G;
   }
 
-  // Query tile i of (batch, n2): Q and dO as rows and (if `transposed`) transposed, the statistics m and
-  // 1/l_sum and Dlt of every row.
-  void load_q(const BatchPlan& pl, int64_t n2, int64_t i, bool transposed, Scratch<Acc>& sc) const {
+  // Query tile i of (batch, n2): Q and dO as rows and transposed, the statistics m and 1/l_sum and Dlt of every
+  // row.
+  void load_q(const BatchPlan& pl, int64_t n2, int64_t i, Scratch<Acc>& sc) const {
     const int64_t G = g_.G, D = g_.D, D2 = g_.D2, R = g_.R, Rp = g_.Rp, rows = tile_rows(pl, i);
     const Tensor3 &q = f_.query, &go = p_.grad_out;
     for (int64_t r = 0; r < rows; ++r) {
@@ -723,21 +740,19 @@ class Backward {
         std::memset(sc.ob + r * 2 * g_.D2h, 0, sizeof(uint16_t) * static_cast<size_t>(2 * g_.D2h));
       }
       const int64_t tr = round_up(rows, 2);
-      if (transposed) {
-        kt_->transpose_u16(sc.qb, 2 * g_.Dh, tr, D, sc.qTb, Rp);
-        kt_->transpose_u16(sc.ob, 2 * g_.D2h, tr, D2, sc.oTb, Rp);
-      }
-    } else if (transposed) {
+      kt_->transpose_u16(sc.qb, 2 * g_.Dh, tr, D, sc.qTb, Rp);
+      kt_->transpose_u16(sc.ob, 2 * g_.D2h, tr, D2, sc.oTb, Rp);
+    } else {
       transpose(sc.qa, D, rows, D, sc.qT, R);
       transpose(sc.oa, D2, rows, D2, sc.oT, R);
     }
   }
 
   // The tile pair (i, j) on a loaded query tile and the packed key tile `key`, on the columns [w0, w1) of its window:
-  // S, P, dP, dS; then dV_j^T += dO^T P and dK_j^T += Q^T dS (into dkT [D][64], dvT [D2][64]) and/or
+  // S, P, dP, dS; then dV_j^T += dO^T P and dK_j^T += Q^T dS (into dkT [D][64], dvT [D2][64]) and
   // dQ_i += dS K_j (into sc.dq).
   void pair(const BatchPlan& pl, int64_t i, int64_t j, PairInfo pi, const KElem* key, Acc* dkT, Acc* dvT,
-            bool do_dq, Scratch<Acc>& sc) const {
+            Scratch<Acc>& sc) const {
     const int64_t R = g_.R, rows = tile_rows(pl, i), c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
     const int64_t w0 = pi.w0, w1 = pi.w1, wn = w1 - w0;
     const int64_t wv = std::min(w1, nc);  // window columns below C_b
@@ -784,7 +799,6 @@ class Backward {
       }
     }
     if constexpr (kDot) {
-      const bool do_kv = dkT != nullptr;
       if (rows % 2 != 0) {  // the zero partner of the last row in the pair layouts
         std::memset(sc.s + rows * kBc + w0, 0, sizeof(float) * static_cast<size_t>(wn));
         std::memset(sc.dp + rows * kBc + w0, 0, sizeof(float) * static_cast<size_t>(wn));
@@ -794,30 +808,23 @@ class Backward {
       const int64_t half = (rows + 1) / 2;
       for (int64_t p = 0; p < half; ++p) {
         const int64_t r0 = 2 * p, r1 = 2 * p + 1;
-        if (do_kv) kt_->pack_rows_bf16(sc.s + r0 * kBc + w0, sc.s + r1 * kBc + w0, wn, sc.pB + p * 2 * kBc + 2 * w0,
-                                       nullptr, nullptr);
+        kt_->pack_rows_bf16(sc.s + r0 * kBc + w0, sc.s + r1 * kBc + w0, wn, sc.pB + p * 2 * kBc + 2 * w0, nullptr,
+                            nullptr);
         kt_->pack_rows_bf16(sc.dp + r0 * kBc + w0, sc.dp + r1 * kBc + w0, wn, sc.dsB + p * 2 * kBc + 2 * w0,
-                            do_dq ? sc.dsA + r0 * kBc + w0 : nullptr,
-                            do_dq && r1 < rows ? sc.dsA + r1 * kBc + w0 : nullptr);
+                            sc.dsA + r0 * kBc + w0, r1 < rows ? sc.dsA + r1 * kBc + w0 : nullptr);
       }
-      if (do_kv) {
-        gemm_pairs(sc.oTb, g_.Rp, g_.D2, sc.pB, 0, w0, wn, half, dvT + w0, kBc, 1.0f, true);  // dV^T += dO^T P
-        gemm_pairs(sc.qTb, g_.Rp, g_.D, sc.dsB, 0, w0, wn, half, dkT + w0, kBc, 1.0f, true);  // dK^T += Q^T dS
-      }
-      if (do_dq) {  // dQ += dS K over the window (dS = 0 past C_b, K pairs zero there)
-        const uint16_t* kpt = key + g_.Dh * 2 * kBc;
-        gemm_pairs(sc.dsA + w0, kBc, rows, kpt + (w0 / 2) * 2 * kPan, kBc * kPan, 0, g_.Dp, wn / 2, sc.dq, g_.Dp,
-                   1.0f, true);
-      }
+      gemm_pairs(sc.oTb, g_.Rp, g_.D2, sc.pB, 0, w0, wn, half, dvT + w0, kBc, 1.0f, true);  // dV^T += dO^T P
+      gemm_pairs(sc.qTb, g_.Rp, g_.D, sc.dsB, 0, w0, wn, half, dkT + w0, kBc, 1.0f, true);  // dK^T += Q^T dS
+      // dQ += dS K over the window (dS = 0 past C_b, K pairs zero there)
+      const uint16_t* kpt = key + g_.Dh * 2 * kBc;
+      gemm_pairs(sc.dsA + w0, kBc, rows, kpt + (w0 / 2) * 2 * kPan, kBc * kPan, 0, g_.Dp, wn / 2, sc.dq, g_.Dp, 1.0f,
+                 true);
     } else {
-      if (dkT != nullptr) {
-        gemm(sc.oT, R, g_.D2, sc.s, 0, w0, wn, rows, dvT + w0, kBc, Acc(1), true);  // dV^T += dO^T P
-        gemm(sc.qT, R, g_.D, sc.dp, 0, w0, wn, rows, dkT + w0, kBc, Acc(1), true);  // dK^T += Q^T dS
-      }
-      if (do_dq) {  // dQ += dS K over the window's key rows below C_b
-        const Acc* kp = key + g_.D * kBc;
-        gemm(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, g_.Dp, wv - w0, sc.dq, g_.Dp, Acc(1), true);
-      }
+      gemm(sc.oT, R, g_.D2, sc.s, 0, w0, wn, rows, dvT + w0, kBc, Acc(1), true);  // dV^T += dO^T P
+      gemm(sc.qT, R, g_.D, sc.dp, 0, w0, wn, rows, dkT + w0, kBc, Acc(1), true);  // dK^T += Q^T dS
+      // dQ += dS K over the window's key rows below C_b
+      const Acc* kp = key + g_.D * kBc;
+      gemm(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, g_.Dp, wv - w0, sc.dq, g_.Dp, Acc(1), true);
     }
   }
 
@@ -869,52 +876,54 @@ class Backward {
     }
   }
 
-  // Task: dK_j and dV_j of (batch, n2), over query tiles i ascending.
-  void run_kv(int64_t b, int64_t n2, int64_t j, Scratch<Acc>& sc) const {
-    const BatchPlan& pl = plans_[static_cast<size_t>(b)];
-    std::fill(sc.dkT, sc.dkT + g_.D * kBc, Acc(0));
-    std::fill(sc.dvT, sc.dvT + g_.D2 * kBc, Acc(0));
-    const KElem* kt = slot(pl, n2, j);
-    for (int64_t i = 0; i < pl.nq; ++i) {
-      const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
-      if (pi.state == kSkip) continue;
-      load_q(pl, n2, i, true, sc);
-      pair(pl, i, j, pi, kt, sc.dkT, sc.dvT, false, sc);
-    }
-    fully_masked_share(pl, n2, sc);
-    finish_kv(pl, n2, j, sc.dkT, sc.dvT, sc);
+  // Partial of chunk q of (batch, n2): dK^T [D][64] then dV^T [D2][64] for each key tile in [jlo, jhi).
+  Acc* partial(const BatchPlan& pl, int64_t n2, int64_t q) const {
+    return parts_.get() + pl.part_off[static_cast<size_t>(q * g_.N2 + n2)];
   }
 
-  // Task: dQ_i of (batch, n2), over key tiles j ascending.
-  void run_dq(int64_t b, int64_t n2, int64_t i, Scratch<Acc>& sc) const {
+  // Chunk task: query tiles [q ct, (q+1) ct) of (batch, n2) ascending, each with every key tile ascending
+  // (all five products, no recomputation): dQ of these rows, complete; dK^T/dV^T summed over the chunk's tiles.
+  void run_chunk(int64_t b, int64_t n2, int64_t q, Scratch<Acc>& sc) const {
     const BatchPlan& pl = plans_[static_cast<size_t>(b)];
-    std::fill(sc.dq, sc.dq + g_.R * g_.Dp, Acc(0));
-    load_q(pl, n2, i, false, sc);
-    for (int64_t j = 0; j < pl.nk; ++j) {
-      const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
-      if (pi.state == kSkip) continue;
-      pair(pl, i, j, pi, slot(pl, n2, j), nullptr, nullptr, true, sc);
-    }
-    write_dq(pl, n2, i, sc);
-  }
-
-  // Task: everything of (batch, n2) in one pass, for i: for j (the summation orders of run_kv / run_dq).
-  void run_one_pass(int64_t b, int64_t n2, Scratch<Acc>& sc) const {
-    const BatchPlan& pl = plans_[static_cast<size_t>(b)];
-    std::fill(sc.dkT, sc.dkT + pl.nk * g_.D * kBc, Acc(0));
-    std::fill(sc.dvT, sc.dvT + pl.nk * g_.D2 * kBc, Acc(0));
-    for (int64_t i = 0; i < pl.nq; ++i) {
+    const int64_t jlo = pl.jlo[static_cast<size_t>(q)], jhi = pl.jhi[static_cast<size_t>(q)];
+    const int64_t tile = (g_.D + g_.D2) * kBc;
+    Acc* part = partial(pl, n2, q);
+    std::fill(part, part + (jhi - jlo) * tile, Acc(0));
+    for (int64_t i = q * pl.ct; i < std::min(pl.nq, (q + 1) * pl.ct); ++i) {
       std::fill(sc.dq, sc.dq + g_.R * g_.Dp, Acc(0));
-      load_q(pl, n2, i, true, sc);
-      for (int64_t j = 0; j < pl.nk; ++j) {
+      load_q(pl, n2, i, sc);
+      for (int64_t j = jlo; j < jhi; ++j) {
         const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
         if (pi.state == kSkip) continue;
-        pair(pl, i, j, pi, slot(pl, n2, j), sc.dkT + j * g_.D * kBc, sc.dvT + j * g_.D2 * kBc, true, sc);
+        Acc* dkT = part + (j - jlo) * tile;
+        pair(pl, i, j, pi, slot(pl, n2, j), dkT, dkT + g_.D * kBc, sc);
       }
       write_dq(pl, n2, i, sc);
     }
+  }
+
+  // dK_j and dV_j of (batch, n2): the partials of the chunks that reach key tile j, summed in chunk order into
+  // the first one, plus the fully masked rows' share for dV; written in the dtype.
+  void reduce_kv(int64_t b, int64_t n2, int64_t j, Scratch<Acc>& sc) const {
+    const BatchPlan& pl = plans_[static_cast<size_t>(b)];
+    const int64_t tile = (g_.D + g_.D2) * kBc;
+    Acc* acc = nullptr;
+    for (int64_t q = 0; q < pl.nch; ++q) {
+      const int64_t jlo = pl.jlo[static_cast<size_t>(q)], jhi = pl.jhi[static_cast<size_t>(q)];
+      if (j < jlo || j >= jhi) continue;
+      Acc* part = partial(pl, n2, q) + (j - jlo) * tile;
+      if (acc == nullptr) {
+        acc = part;
+      } else {
+        for (int64_t e = 0; e < tile; ++e) acc[e] += part[e];
+      }
+    }
+    if (acc == nullptr) {  // no query row sees key tile j
+      std::fill(sc.zero_tile, sc.zero_tile + tile, Acc(0));
+      acc = sc.zero_tile;
+    }
     fully_masked_share(pl, n2, sc);
-    for (int64_t j = 0; j < pl.nk; ++j) finish_kv(pl, n2, j, sc.dkT + j * g_.D * kBc, sc.dvT + j * g_.D2 * kBc, sc);
+    finish_kv(pl, n2, j, acc, acc + g_.D * kBc, sc);
   }
 
   const CompressAttentionGradParams& p_;
@@ -926,6 +935,8 @@ class Backward {
   std::vector<BatchPlan> plans_;
   int64_t n_ktiles_ = 0;
   AlignedBuf<KElem> keys_;
+  AlignedBuf<Acc> parts_;    // dK^T/dV^T partials of every chunk (BatchPlan::part_off)
+  int64_t parts_total_ = 0;  // their total size (elements)
   std::vector<Acc> dlt_;  // [T][N1] Dlt of every (query row, head)
 };
 

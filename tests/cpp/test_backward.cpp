@@ -415,8 +415,7 @@ INSTANTIATE_TEST_SUITE_P(DtypesAndGroups, BackwardCpu,
                          });
 
 // No mask, D > 64 (two panels) with D2 != D, strided query/key/value, a single (batch, KV head) spread
-// over many tiles: with several threads the key-tile / query-tile split runs, with one thread the
-// single pass; both must give the same bits.
+// over several query and key tiles; the same bits for any thread count.
 TEST(BackwardCpuShapes, NoMaskWideHeadsStridedInputs) {
   for (DType dt : {DType::kBF16, DType::kF32}) {
     std::mt19937_64 rng(4242);
@@ -488,6 +487,35 @@ TEST(BackwardCpuShapes, BenchHeadSizesEveryIsa) {
         const Grads g = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
         ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
       }
+    }
+  }
+}
+
+// Enough rows (tokens x heads) for several chunks of query tiles in a batch (src/cpu/backward.cpp: 8192 rows
+// per chunk), so that dK/dV are the chunks' partials summed in chunk order: a causal band mask (chunks reach
+// different key tiles), fully masked rows, a second short batch, a key tile no query sees; the fp64 model with
+// the 3x rule and the same bits for any thread count, on every ISA.
+TEST(BackwardCpuShapes, SeveralChunksOfQueryTiles) {
+  std::mt19937_64 rng(8080);
+  Case cs = Case::make(DType::kBF16, {1100, 90}, {150, 200}, /*N1=*/16, /*N2=*/1, /*D=*/24, /*D2=*/16);
+  cs.fill_uniform(rng, -1.5, 1.5);
+  cs.enable_atten_mask();
+  // query s sees c in [s/8 - 40, s/8], rows 0..3 fully masked; batch 1 (90 rows) never reaches c >= 128
+  for (int64_t s = 0; s < cs.max_sq(); ++s)
+    for (int64_t c = 0; c < cs.max_c(); ++c) cs.atten_at(s, c) = (c > s / 8 || c < s / 8 - 40 || s < 4) ? 1 : 0;
+  SCOPED_TRACE(cs.describe());
+  const BwdInputs in = make_inputs(cs, rng);
+  const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
+  const Grads plain = run_bwd(cs, in, BwdBackend::kRefFp32);
+  const Grads plain_rounded = run_bwd(cs, in, BwdBackend::kPlainRounded);
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const Grads one = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
+    ASSERT_TRUE(check_grads(cs, one, model, cpu_rounds_p_ds(cs.dtype, isa) ? plain_rounded : plain));
+    ASSERT_TRUE(check_structural_zeros(cs, one));
+    for (int threads : {2, 3, 7}) {
+      const Grads g = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
+      ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
     }
   }
 }
