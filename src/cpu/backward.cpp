@@ -52,6 +52,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -105,17 +106,19 @@ struct EF64 {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// 64-byte aligned, zero-initialised buffer.
+// 64-byte aligned buffer, zero-initialised unless asked otherwise; std::bad_alloc when memory runs out (as a
+// std::vector would).
 template <typename T>
 struct AlignedBuf {
   struct Free {
     void operator()(void* p) const { std::free(p); }
   };
   std::unique_ptr<T, Free> ptr;
-  void reset(int64_t n) {
+  void reset(int64_t n, bool zero = true) {
     const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), 64));
     ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    std::memset(ptr.get(), 0, bytes);
+    if (ptr == nullptr) throw std::bad_alloc();
+    if (zero) std::memset(ptr.get(), 0, bytes);
   }
   T* get() const { return ptr.get(); }
 };
@@ -240,8 +243,8 @@ struct Geo {
   int64_t ktile = 0;                // elements of one packed key tile
 };
 
-constexpr int64_t kChunkRows = 8192;            // rows (token x head) of a chunk of query tiles, at least
-constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of dK/dV partials before chunks grow
+constexpr int64_t kChunkRows = 8192;                   // rows (token x head) of a chunk of query tiles
+constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of dK/dV partials above which chunks grow
 
 // Per-worker workspace (allocated once per call, zeroed: padding rows and columns are read as zeros).
 //   Query tile, fp32/fp64 paths: Q rows qa [R][D], Q^T qT [D][R], dO rows oa [R][D2], dO^T oT [D2][R].
@@ -381,7 +384,7 @@ class Backward {
     plan_chunks();
     pack_keys();
     compute_dlt();
-    parts_.reset(parts_total_);
+    parts_.reset(parts_total_, /*zero=*/false);  // each chunk zeroes its own partial
 
     // 1. chunk tasks (batch, KV head, chunk of query tiles), largest first (LPT; the order in which tasks run
     //    never changes a result): dQ of the chunk's rows, its dK^T/dV^T partial.
