@@ -13,11 +13,14 @@ stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s so far)"; }
 stage "set-up (scripts/setup.sh)"
 bash scripts/setup.sh
 
+LOGS="$(mktemp -d)"
 stage "C++ tests (ctest)"
-ctest --test-dir build --output-on-failure -j "$(nproc)"
+ctest --test-dir build --output-on-failure -j "$(nproc)" | tee "$LOGS/ctest.log"
+cpp_passed=$(sed -n 's/.*tests passed, 0 tests failed out of \([0-9]*\).*/\1/p' "$LOGS/ctest.log" | tail -1)
 
 stage "Python tests (pytest)"
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/python
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/python | tee "$LOGS/pytest.log"
+py_passed=$(grep -Eo '[0-9]+ passed' "$LOGS/pytest.log" | tail -1 | grep -Eo '[0-9]+')
 
 stage "sanitizer legs (scripts/sanitizers.sh)"
 bash scripts/sanitizers.sh
@@ -32,4 +35,5 @@ stage "CUDA compile-only leg (scripts/cuda_compile.sh)"
 bash scripts/cuda_compile.sh
 
 echo
-echo "== all tests passed in $(( $(date +%s) - start )) s"
+echo "== all tests and legs passed in $(( $(date +%s) - start )) s (C++: ${cpp_passed:-?} ctest tests, Python: ${py_passed:-?} pytest tests)"
+echo "total: $(( ${cpp_passed:-0} + ${py_passed:-0} )) passed, 0 failed"
