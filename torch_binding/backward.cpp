@@ -34,6 +34,7 @@ BackwardResult backward_cpu(const at::Tensor& grad_out, const at::Tensor& query,
   at::Tensor dq = at::empty(query.sizes(), query.options());
   at::Tensor dk = at::empty(key.sizes(), key.options());
   at::Tensor dv = at::empty(value.sizes(), value.options());
+  for (const at::Tensor* t : {&dq, &dk, &dv}) advise_huge_pages(*t);
   g.grad_query = dq.mutable_data_ptr();
   g.grad_key = dk.mutable_data_ptr();
   g.grad_value = dv.mutable_data_ptr();

@@ -4,6 +4,10 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace nsa_torch {
 namespace {
 
@@ -163,6 +167,7 @@ ForwardResult allocate_forward_outputs(nsa::CompressAttentionParams& params, con
   // [T, N1, 8] declared; the memory is the per-batch layout of SPEC §4, written by the library.
   at::Tensor smax = at::empty({sh.T, sh.N1, 8}, opts.dtype(at::kFloat));
   at::Tensor ssum = at::empty({sh.T, sh.N1, 8}, opts.dtype(at::kFloat));
+  for (const at::Tensor* t : {&out, &smax, &ssum}) advise_huge_pages(*t);
   params.attention_out = out.mutable_data_ptr();
   params.topk_indices = topk.mutable_data_ptr<int32_t>();
   params.softmax_max = smax.mutable_data_ptr<float>();
@@ -209,6 +214,18 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query, 
   };
   check_stat(softmax_max, "softmax_max");
   check_stat(softmax_sum, "softmax_sum");
+}
+
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;  // 2 MiB transparent huge pages
+  if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
+#else
+  (void)t;
+#endif
 }
 
 }  // namespace nsa_torch
