@@ -237,24 +237,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="default", help="comma-separated case names, 'default' or 'all' (see --list)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
-    ap.add_argument("--threads", type=int, default=None, help="threads for torch and the operator (default: all)")
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up runs per measurement (default 1)")
-    ap.add_argument("--repeat", type=int, default=5, help="measured runs, median kept (default 5)")
-    ap.add_argument("--budget", type=float, default=20.0,
-                    help="stop a measurement after this many seconds of measured runs (default 20)")
-    ap.add_argument("--chunk-mb", type=float, default=1024.0,
-                    help="composition: chunk query rows so one fp32 score block stays under this (default 1024)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
-    ap.add_argument("--no-check", action="store_true", help="skip the check against the fp32 composition")
-    ap.add_argument("--no-composition", action="store_true", help="skip the PyTorch autograd baseline")
-    ap.add_argument("--markdown", action="store_true", help="print the summary table in markdown")
-    ap.add_argument("--json-out", help="write every figure to this JSON file")
-    ap.add_argument("--peak-json", help="read the peak from a saved `peak_probe --json` output")
-    ap.add_argument("--no-probe", action="store_true", help="do not run peak_probe (use nominal peaks)")
-    ap.add_argument("--fresh-peak", action="store_true",
-                    help="use this run's probe only, not the best of earlier runs (build/bench/peak_cache.json)")
-    ap.add_argument("--peak-bf16", type=float, help="bf16 peak in GFLOP/s (overrides the probe)")
-    ap.add_argument("--peak-fp32", type=float, help="fp32 peak in GFLOP/s (overrides the probe)")
+    bl.add_common_arguments(ap, "measurement", "skip the PyTorch autograd baseline")
     args = ap.parse_args(argv)
 
     if args.list:

@@ -37,6 +37,29 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------ nsa_ops
+def add_common_arguments(ap, unit: str, composition_help: str) -> None:
+    """The options bench_forward.py and bench_backward.py share: threads, timing, inputs, baselines' chunking,
+    the check, output formats and the peak. `unit` names what one timing measures ("method", "measurement")."""
+    ap.add_argument("--threads", type=int, default=None, help="threads for torch and the operator (default: all)")
+    ap.add_argument("--warmup", type=int, default=1, help=f"warm-up runs per {unit} (default 1)")
+    ap.add_argument("--repeat", type=int, default=5, help=f"measured runs per {unit}, median kept (default 5)")
+    ap.add_argument("--budget", type=float, default=20.0,
+                    help=f"stop measuring a {unit} after this many seconds of measured runs (default 20)")
+    ap.add_argument("--chunk-mb", type=float, default=1024.0,
+                    help="baselines: chunk query rows so one fp32 score block stays under this (default 1024)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    ap.add_argument("--no-check", action="store_true", help="skip the check against the fp32 composition")
+    ap.add_argument("--no-composition", action="store_true", help=composition_help)
+    ap.add_argument("--markdown", action="store_true", help="print the summary table in markdown")
+    ap.add_argument("--json-out", help="write every figure to this JSON file")
+    ap.add_argument("--peak-json", help="read the peak from a saved `peak_probe --json` output")
+    ap.add_argument("--no-probe", action="store_true", help="do not run peak_probe (use nominal peaks)")
+    ap.add_argument("--fresh-peak", action="store_true",
+                    help="use this run's probe only, not the best of earlier runs (build/bench/peak_cache.json)")
+    ap.add_argument("--peak-bf16", type=float, help="bf16 peak in GFLOP/s (overrides the probe)")
+    ap.add_argument("--peak-fp32", type=float, help="fp32 peak in GFLOP/s (overrides the probe)")
+
+
 def import_nsa_ops():
     """Imports nsa_ops from <repo>/python; exits with a clear message (status 2) when that fails."""
     sys.path.insert(0, str(ROOT / "python"))
