@@ -301,7 +301,12 @@ Desc decode(Reader& r, Reader& mr) {
       case 17:
         if (!d.clen.empty()) d.clen[r.byte() % d.clen.size()] = r.edge();
         break;
-      case 18: d.sellen.empty() ? void() : (void)(d.sellen[r.byte() % d.sellen.size()] += r.range(-2, 2)); break;
+      case 18:  // a selected length nudged off its value (saturating: it may already be an edge value)
+        if (!d.sellen.empty()) {
+          int64_t& s = d.sellen[r.byte() % d.sellen.size()];
+          s = sat_add(s, r.range(-2, 2));
+        }
+        break;
       case 19:
         if (r.coin(50)) {
           if (!d.qlen.empty()) d.qlen.pop_back();
