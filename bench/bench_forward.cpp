@@ -127,7 +127,9 @@ Result run_case(const Case& cs, int threads, int isa, int warmup, int repeat) {
   }
   r.useful_gflop = 2.0 * cs.N1 * (kD + kD2) * pairs * 1e-9;
 
-  std::vector<uint8_t> out(static_cast<size_t>(T * cs.N1 * kD2) * nsa::dtype_size(cs.dtype));
+  // 64-byte aligned like torch's CPU allocator (the backend streams large aligned outputs)
+  std::vector<uint8_t> out_buf(static_cast<size_t>(T * cs.N1 * kD2) * nsa::dtype_size(cs.dtype) + 64);
+  uint8_t* out = out_buf.data() + (64 - reinterpret_cast<uintptr_t>(out_buf.data()) % 64) % 64;
   std::vector<int32_t> topk(static_cast<size_t>(T * cs.N2 * kK));
   std::vector<float> smax(static_cast<size_t>(T * cs.N1 * 8)), ssum(smax.size());
 
@@ -150,7 +152,7 @@ Result run_case(const Case& cs, int threads, int isa, int warmup, int repeat) {
   p.actual_seq_qlen = {pq.data(), static_cast<int64_t>(pq.size())};
   p.actual_cmp_seq_kvlen = {pc.data(), static_cast<int64_t>(pc.size())};
   p.actual_sel_seq_kvlen = {ps.data(), static_cast<int64_t>(ps.size())};
-  p.attention_out = out.data();
+  p.attention_out = out;
   p.topk_indices = topk.data();
   p.softmax_max = smax.data();
   p.softmax_sum = ssum.data();

@@ -89,6 +89,7 @@ struct Plan {
   int64_t d2p = 0;      // D2 rounded up to the panel width
   int64_t cp_max = 0;   // max_b C_b rounded up to the panel width
   int64_t bq = 1;       // query tokens per tile
+  bool stream_out = false;  // attention_out written with non-temporal stores (large outputs)
   std::vector<int64_t> cp;          // per batch: C_b rounded up to 64
   std::vector<int64_t> k_off, v_off;  // per (b, n2): element offset of the packed panels
   std::vector<RowInfo> rows;        // per query row t
@@ -188,6 +189,7 @@ struct Scratch {
   std::vector<float*> ptrs;
   std::vector<float> m, l;     // per row statistics
   std::vector<uint8_t> wide;   // per row: every visible score overflowed (see run_tile step 4)
+  std::vector<uint8_t> fused;  // per token: P normalized and group-summed in one pass (run_tile step 4)
   int64_t ld_s = 0, ld_p = 0;
 };
 
@@ -209,6 +211,7 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.m.resize(static_cast<size_t>(R));
   sc.l.resize(static_cast<size_t>(R));
   sc.wide.resize(static_cast<size_t>(R));
+  sc.fused.resize(static_cast<size_t>(pl.bq));
 }
 
 // ------------------------------------------------------------------ selection and top-k
@@ -281,9 +284,48 @@ void top_k(const float* score, int64_t sel, int64_t K, int32_t* idx) {
   for (int64_t i = 0; i < K; ++i) idx[i] = bidx[i];
 }
 
+// ------------------------------------------------------------------ query prefetch
+// The query rows of the next tile, loaded into L2 while this tile computes (they come from memory once
+// per call, and packing them would otherwise wait on DRAM). The cache lines are issued a few at a time
+// from step 4's row loop, not in one burst that would fill the load queue. Rows with unit element stride
+// only; a span is the G rows of a token when its heads are contiguous, else one row.
+struct QueryPrefetch {
+  const char* base = nullptr;  // query data
+  int64_t first_row = 0;       // element offset of the first span of the first token
+  int64_t token_stride = 0, head_stride = 0;  // elements
+  int64_t spans_per_token = 0, lines_per_span = 0, tokens = 0, esz = 0;
+  int64_t next = 0, total = 0;  // lines issued, lines in all
+
+  void plan(const Plan& pl, const BatchInfo& bi, int64_t n2, int64_t s0, int64_t s1) {
+    const Tensor3& q = pl.p->query;
+    next = total = 0;
+    if (q.stride[2] != 1) return;
+    const int64_t G = pl.sh.G;
+    esz = static_cast<int64_t>(dtype_size(pl.p->dtype));
+    const bool heads_contiguous = q.stride[1] == pl.sh.D;
+    base = static_cast<const char*>(q.data);
+    first_row = (bi.q_begin + s0) * q.stride[0] + n2 * G * q.stride[1];
+    token_stride = q.stride[0];
+    head_stride = q.stride[1];
+    spans_per_token = heads_contiguous ? 1 : G;
+    lines_per_span = ((heads_contiguous ? G : 1) * pl.sh.D * esz + 63) / 64;
+    tokens = s1 - s0;
+    total = tokens * spans_per_token * lines_per_span;
+  }
+  // issue the next `count` lines
+  void issue(int64_t count) {
+    const int64_t end = std::min(total, next + count);
+    for (; next < end; ++next) {
+      const int64_t span = next / lines_per_span, line = next % lines_per_span;
+      const int64_t tok = span / spans_per_token, g = span % spans_per_token;
+      __builtin_prefetch(base + (first_row + tok * token_stride + g * head_stride) * esz + line * 64, 0, 2);
+    }
+  }
+};
+
 // ------------------------------------------------------------------ one tile
 void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack, const BatchInfo& bi, int64_t n2,
-              int64_t s0, int64_t s1) {
+              int64_t s0, int64_t s1, QueryPrefetch& next_query) {
   const CompressAttentionParams& p = *pl.p;
   const CompressAttentionShape& sh = pl.sh;
   const DType dt = p.dtype;
@@ -343,21 +385,25 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     }
   }
 
-  // 4. mask + softmax per row; rounded P into the A operand of P.V
+  // 4. mask + softmax per row; rounded P into the A operand of P.V. A token whose G rows are all ordinary
+  //    (no wide row, not fully masked) is normalized in one fused pass that also forms the §3.6 group sum
+  //    of its fp32 P rows into its first score row (sc.fused[i]); otherwise each row keeps its fp32 P in S
+  //    and step 6 sums them.
   const int64_t cmax = std::min(hi, C);  // columns [cmax, hi) are padding past C_b
   const int64_t n_out = C - (cmax - lo);  // columns of [0, C) outside the window (masked)
   for (int64_t i = 0; i < ntok; ++i) {
     const int64_t s = s0 + i;
     const RowInfo& ri = pl.rows[bi.q_begin + s];
+    bool token_wide = false;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g;
+      next_query.issue((next_query.total + R - 1) / R);
       float* srow = S + r * sc.ld_s;
-      uint8_t* prow = sc.pa.get() + (r * sc.ld_p + lo) * esz;
       if (ri.kind == kFullyMasked) {
         sc.m[r] = -FLT_MAX;
         sc.l[r] = static_cast<float>(C);
         sc.wide[r] = false;
-        if (any_visible) std::memset(prow, 0, static_cast<size_t>(hi - lo) * esz);
+        if (any_visible) std::memset(sc.pa.get() + (r * sc.ld_p + lo) * esz, 0, static_cast<size_t>(hi - lo) * esz);
         continue;
       }
       if (ri.kind == kRange) {
@@ -376,10 +422,22 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       // rows are finished over all C columns below (rare; exact, slow).
       const bool wide = n_out > 0 && m == -FLT_MAX;
       if (wide) l += static_cast<float>(n_out);
-      pl.kt->normalize_row(srow + lo, hi - lo, l, prow, pl.pstore);
       sc.m[r] = m;
       sc.l[r] = l;
       sc.wide[r] = wide;
+      token_wide |= wide;
+    }
+    sc.fused[i] = ri.kind != kFullyMasked && !token_wide && G <= kMaxFusedGroup;
+    if (sc.fused[i]) {
+      float* row0 = S + i * G * sc.ld_s + lo;
+      pl.kt->normalize_group(row0, sc.ld_s, static_cast<int>(G), &sc.l[i * G], hi - lo,
+                             sc.pa.get() + (i * G * sc.ld_p + lo) * esz, sc.ld_p, pl.pstore, row0);
+    } else if (ri.kind != kFullyMasked) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = i * G + g;
+        pl.kt->normalize_row(S + r * sc.ld_s + lo, hi - lo, sc.l[r], sc.pa.get() + (r * sc.ld_p + lo) * esz,
+                             pl.pstore);
+      }
     }
   }
 
@@ -441,13 +499,15 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g, h = n2 * G + g;
       const float* orow = full ? sc.uniform.get() : sc.o.get() + r * pl.d2p;
-      pl.kt->store_row(orow, static_cast<uint8_t*>(p.attention_out) + (t * sh.N1 + h) * sh.D2 * static_cast<int64_t>(dtype_size(dt)), sh.D2,
-                       dt);
+      uint8_t* dst = static_cast<uint8_t*>(p.attention_out) + (t * sh.N1 + h) * sh.D2 * static_cast<int64_t>(dtype_size(dt));
+      (pl.stream_out ? pl.kt->store_row_stream : pl.kt->store_row)(orow, dst, sh.D2, dt);
       const int64_t so = detail::stat_offset(bi, h, s);
-      for (int e = 0; e < 8; ++e) {
-        p.softmax_max[so + e] = sc.m[r];
-        p.softmax_sum[so + e] = sc.l[r];
-      }
+      std::fill(p.softmax_max + so, p.softmax_max + so + 8, sc.m[r]);
+      std::fill(p.softmax_sum + so, p.softmax_sum + so + 8, sc.l[r]);
+    }
+    // the token's fp32 P rows with zero margins (or, fused, their group sum in its first row)
+    for (int64_t g = 0; g < (sc.fused[i] ? 1 : G); ++g) {
+      const int64_t r = i * G + g;
       float* srow = S + r * sc.ld_s;
       if (full) {  // uniform P = 1/C over [0, C)
         rlo = 0;
@@ -474,7 +534,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       // rounding), then the §3.5 box filters once, then the picks score[k] = box[M(k+1)].
       for (int64_t g = 0; g < G; ++g) sc.ptrs[g] = S + (i * G + g) * sc.ld_s;
       const int64_t x0 = rlo - kMargin, x1 = rhi + kMargin;  // margins included (zeros)
-      int64_t n = G;
+      int64_t n = sc.fused[i] ? 1 : G;  // fused: the sum is already in the first row
       while (n > 1) {
         const int64_t half = n / 2;
         for (int64_t a = 0; a < half; ++a) {
@@ -552,6 +612,9 @@ Status forward_impl(const CompressAttentionParams& p) {
   bq = std::min(bq, std::max<int64_t>(1, kMaxScoreBytes / (4 * G * (pl.cp_max + 2 * kMargin))));
   pl.bq = std::max<int64_t>(1, std::min(bq, sh.max_sq));
   const int threads = resolve_num_threads(p.num_threads);
+  // an output well beyond the caches is written once and not read back here: stream it
+  constexpr int64_t kStreamBytes = int64_t(16) << 20;
+  pl.stream_out = sh.T * sh.N1 * sh.D2 * static_cast<int64_t>(dtype_size(p.dtype)) >= kStreamBytes;
 
   // packed K/V panels of every (batch, KV head)
   const size_t esz = pl.bf16_dot ? 2 : 4;
@@ -605,12 +668,22 @@ Status forward_impl(const CompressAttentionParams& p) {
   const int workers = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<size_t>(1, pl.tasks.size())));
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
   for (Scratch& sc : scratch) init_scratch(pl, sc);
-  parallel_for(static_cast<int64_t>(pl.tasks.size()), workers, [&](int64_t task, int worker) {
+  // runs of consecutive tiles per worker: each tile prefetches the next one's query rows
+  parallel_for_runs(static_cast<int64_t>(pl.tasks.size()), workers, 8, [&](int64_t begin, int64_t end, int worker) {
     Scratch& sc = scratch[static_cast<size_t>(worker)];
-    const auto& tk = pl.tasks[static_cast<size_t>(task)];
-    const int64_t kv = tk[0] * sh.N2 + tk[1];
-    run_tile(pl, sc, kbuf.get() + pl.k_off[kv] * esz, vbuf.get() + pl.v_off[kv] * esz, pl.batches[tk[0]], tk[1],
-             tk[2], tk[3]);
+    QueryPrefetch next_query;
+    for (int64_t task = begin; task < end; ++task) {
+      next_query = QueryPrefetch();
+      if (task + 1 < end) {
+        const auto& nx = pl.tasks[static_cast<size_t>(task + 1)];
+        next_query.plan(pl, pl.batches[nx[0]], nx[1], nx[2], nx[3]);
+      }
+      const auto& tk = pl.tasks[static_cast<size_t>(task)];
+      const int64_t kv = tk[0] * sh.N2 + tk[1];
+      run_tile(pl, sc, kbuf.get() + pl.k_off[kv] * esz, vbuf.get() + pl.v_off[kv] * esz, pl.batches[tk[0]], tk[1],
+               tk[2], tk[3], next_query);
+    }
+    if (pl.stream_out) pl.kt->stream_fence();  // this worker's streaming stores, before the join
   });
   return Status::Ok();
 }

@@ -73,7 +73,22 @@ struct KernelTable {
   // The same for 32-bit elements (fp32 A operands).
   void (*transpose_u32)(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst,
                         int64_t ld_dst);
+
+  // ---- forward, fused per token ----
+  // The G rows of one token (1 <= G <= kMaxFusedGroup): x row g at x + g * ldx holds exp values, l[g] their
+  // sum. For each row, P = x / l[g] rounded as `store` says into out + g * ld_out (elements of the store's
+  // type), exactly as normalize_row; and sum_out[i] = the §3.6 pairwise group sum of the fp32 P_g[i] (level
+  // by level, sum[a] = v[2a] + v[2a+1], an odd last element carried up), the same sums as add_row over
+  // rows. x itself is not updated; sum_out may be x (row 0). n % 16 == 0.
+  void (*normalize_group)(const float* x, int64_t ldx, int G, const float* l, int64_t n, void* out,
+                          int64_t ld_out, PStore store, float* sum_out);
+  // store_row with non-temporal (streaming) stores where dst is 64-byte aligned and the row a whole number
+  // of 64-byte lines, else store_row: for large outputs written once, no read-for-ownership and no cache
+  // pollution. The caller runs stream_fence() before its results are read by another thread.
+  void (*store_row_stream)(const float* src, void* dst, int64_t n, DType dtype);
+  void (*stream_fence)();
 };
+constexpr int kMaxFusedGroup = 64;
 
 const KernelTable* kernels_scalar();
 const KernelTable* kernels_avx2();

@@ -12,6 +12,13 @@ struct V {
   static constexpr int W = 8;
   static constexpr int kSliceVectors = 4;  // 32 columns: half a panel
   static constexpr int kMaxRows = 2;       // 8 accumulators + 4 B vectors + broadcast (16 ymm registers)
+  static constexpr bool kStream = true;
+  static void stream64(void* dst, const void* line) {
+    const __m256i* l = static_cast<const __m256i*>(line);
+    _mm256_stream_si256(static_cast<__m256i*>(dst), _mm256_load_si256(l));
+    _mm256_stream_si256(static_cast<__m256i*>(dst) + 1, _mm256_load_si256(l + 1));
+  }
+  static void stream_fence() { _mm_sfence(); }
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
@@ -82,7 +89,7 @@ const KernelTable* kernels_avx2() {
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
                                     k::store_row_impl, k::load_row_impl,
                                     k::softmax_grad_row_impl, nullptr, k::transpose_u16_impl,
-                                    k::transpose_u32_impl};
+                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl};
   return &table;
 }
 }  // namespace nsa::cpu

@@ -9,6 +9,11 @@ struct V {
   static constexpr int W = 16;
   static constexpr int kSliceVectors = 4;  // 64 columns: the whole panel
   static constexpr int kMaxRows = 6;       // 24 accumulators + 4 B vectors + broadcast
+  static constexpr bool kStream = true;
+  static void stream64(void* dst, const void* line) {
+    _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(line));
+  }
+  static void stream_fence() { _mm_sfence(); }
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }

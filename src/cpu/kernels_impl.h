@@ -5,7 +5,8 @@
 // V must provide: type F, constexpr int W (fp32 lanes), zero(), load(p), store(p, v), set1(x),
 // fma(a, b, c) = a*b + c (fused), add, sub, mul, div, max(a, b) (returns b when either is NaN),
 // min(a, b), rint(x) (nearest even), scale2(p, n) (p * 2^n rounded once, p in [0.5, 2], integral n in
-// [-160, 128]), add_row-friendly loads/stores,
+// [-160, 128]), add_row-friendly loads/stores, kStream / stream64(dst, line) (one 64-byte non-temporal
+// store of an aligned line, dst 64-byte aligned) / stream_fence(),
 // keep_nan(x, r) (x where x is NaN, else r), round_bf16(x), round_f16(x) (float -> dtype -> float,
 // nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable), reduce_max(v, init).
 // Optional: V::kHasBf16Dot with a gemm_bf16 provided by the ISA file.
@@ -79,6 +80,58 @@ inline void normalize_row_impl(float* x, int64_t n, float l_sum, void* out, nsa:
   }
 }
 
+// The G rows of one token at once: P_g = x_g / l[g] (as normalize_row, stored rounded into out row g) and,
+// 16 columns at a time in registers, their pairwise group sum (§3.6: level by level, sum[a] = v[2a] + v[2a+1],
+// an odd last element carried up) into sum_out. x row g at x + g * ldx; out row g at out + g * ld_out elements
+// (uint16 for kBf16Bits, float otherwise); sum_out may be x (row 0): each 16-column chunk is read before it
+// is written. The fp32 P itself is not kept. n % 16 == 0, 1 <= G <= kMaxFusedGroup.
+template <int GT>  // GT > 0: G == GT known at compile time (registers); GT == 0: any G
+inline void normalize_group_t(const float* x, int64_t ldx, int G, const float* l, int64_t n, void* out,
+                              int64_t ld_out, nsa::cpu::PStore store, float* sum_out) {
+  using nsa::cpu::PStore;
+  constexpr int CAP = GT > 0 ? GT : nsa::cpu::kMaxFusedGroup;
+  const int g_count = GT > 0 ? GT : G;
+  V::F vl[CAP];
+  for (int g = 0; g < g_count; ++g) vl[g] = V::set1(l[g]);
+  for (int64_t i = 0; i < n; i += 16) {
+    for (int half = 0; half < 16 / V::W; ++half) {
+      const int64_t c = i + half * V::W;
+      V::F v[CAP];
+      for (int g = 0; g < g_count; ++g) {
+        const V::F p = V::div(V::load(x + g * ldx + c), vl[g]);
+        v[g] = p;
+        switch (store) {
+          case PStore::kBf16Bits:
+            V::store_bf16_bits(static_cast<uint16_t*>(out) + g * ld_out + c, V::round_bf16(p));
+            break;
+          case PStore::kF32AsBf16: V::store(static_cast<float*>(out) + g * ld_out + c, V::round_bf16(p)); break;
+          case PStore::kF32AsF16: V::store(static_cast<float*>(out) + g * ld_out + c, V::round_f16(p)); break;
+          case PStore::kF32: V::store(static_cast<float*>(out) + g * ld_out + c, p); break;
+        }
+      }
+      int m = g_count;
+      while (m > 1) {
+        const int h = m / 2;
+        for (int a = 0; a < h; ++a) v[a] = V::add(v[2 * a], v[2 * a + 1]);
+        if (m % 2) v[h] = v[m - 1];
+        m = h + m % 2;
+      }
+      V::store(sum_out + c, v[0]);
+    }
+  }
+}
+inline void normalize_group_impl(const float* x, int64_t ldx, int G, const float* l, int64_t n, void* out,
+                                 int64_t ld_out, nsa::cpu::PStore store, float* sum_out) {
+  switch (G) {
+    case 1: normalize_group_t<1>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
+    case 2: normalize_group_t<2>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
+    case 4: normalize_group_t<4>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
+    case 8: normalize_group_t<8>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
+    case 16: normalize_group_t<16>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
+    default: normalize_group_t<0>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
+  }
+}
+
 inline void box_sum_impl(const float* in, float* out, int64_t n, int width) {
   for (int64_t i = 0; i < n; i += V::W) {
     V::F acc = V::load(in + i);
@@ -114,6 +167,21 @@ inline void store_row_impl(const float* src, void* dst, int64_t n, nsa::DType dt
     __builtin_memcpy(static_cast<char*>(dst) + full * esz, out, esz * static_cast<size_t>(n - full));
   }
 }
+// Rows of 64-byte lines to 64-byte aligned memory: each line built in an aligned stack buffer and written
+// with one non-temporal store (V::stream64) where the ISA has one.
+inline void store_row_stream_impl(const float* src, void* dst, int64_t n, nsa::DType dt) {
+  const int64_t esz = (dt == nsa::DType::kBF16 || dt == nsa::DType::kF16) ? 2 : 4;
+  if (!V::kStream || (reinterpret_cast<uintptr_t>(dst) & 63) != 0 || (n * esz) % 64 != 0)
+    return store_row_impl(src, dst, n, dt);
+  const int64_t per_line = 64 / esz;
+  for (int64_t i = 0; i < n; i += per_line) {
+    alignas(64) unsigned char line[64];
+    for (int64_t j = 0; j < per_line; j += V::W) store_vec(src + i + j, line + j * esz, 0, dt);
+    V::stream64(static_cast<char*>(dst) + i * esz, line);
+  }
+}
+inline void stream_fence_impl() { V::stream_fence(); }
+
 inline V::F load_vec(const void* src, int64_t i, nsa::DType dt) {
   switch (dt) {
     case nsa::DType::kBF16: return V::load_bf16(static_cast<const uint16_t*>(src) + i);

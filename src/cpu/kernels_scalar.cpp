@@ -15,6 +15,9 @@ struct V {
   static constexpr int W = 1;
   static constexpr int kSliceVectors = 16;  // 16 columns per slice
   static constexpr int kMaxRows = 4;
+  static constexpr bool kStream = false;  // plain stores (store_row_stream falls back to store_row)
+  static void stream64(void*, const void*) {}
+  static void stream_fence() {}
   static F zero() { return 0.0f; }
   static F load(const float* p) { return *p; }
   static void store(float* p, F v) { *p = v; }
@@ -57,7 +60,7 @@ const KernelTable* kernels_scalar() {
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
                                     k::store_row_impl, k::load_row_impl,
                                     k::softmax_grad_row_impl, nullptr, k::transpose_u16_impl,
-                                    k::transpose_u32_impl};
+                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl};
   return &table;
 }
 }  // namespace nsa::cpu

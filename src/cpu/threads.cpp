@@ -39,4 +39,35 @@ int parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_
   return workers;
 }
 
+int parallel_for_runs(int64_t n_tasks, int n_threads, int64_t chunk,
+                      const std::function<void(int64_t, int64_t, int)>& fn) {
+  if (n_tasks <= 0) return 0;
+  if (chunk < 1) chunk = 1;
+  int workers = n_threads < 1 ? 1 : n_threads;
+  if (workers > n_tasks) workers = static_cast<int>(n_tasks);
+  if (workers == 1) {
+    fn(0, n_tasks, 0);
+    return 1;
+  }
+  std::atomic<int64_t> next{0};
+  auto run = [&](int worker) {
+    for (;;) {
+      // runs of `chunk` tasks while more than 2 * workers * chunk are left, then single tasks
+      int64_t begin = next.load(std::memory_order_relaxed), len;
+      do {
+        if (begin >= n_tasks) return;
+        const int64_t left = n_tasks - begin;
+        len = left > 2 * workers * chunk ? chunk : 1;
+      } while (!next.compare_exchange_weak(begin, begin + len, std::memory_order_relaxed));
+      fn(begin, begin + len, worker);
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(workers - 1));
+  for (int w = 1; w < workers; ++w) pool.emplace_back(run, w);
+  run(0);
+  for (auto& th : pool) th.join();
+  return workers;
+}
+
 }  // namespace nsa::cpu

@@ -16,4 +16,10 @@ int resolve_num_threads(int requested);
 // [0, n_workers)); returns the number of workers used. fn must not throw.
 int parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t task, int worker)>& fn);
 
+// Like parallel_for, but a worker takes runs of up to `chunk` consecutive tasks at a time and calls
+// fn(begin, end, worker) once per run, so it knows which task comes next (to prefetch its data).
+// The runs shrink to single tasks towards the end, keeping the workers' finish times close.
+int parallel_for_runs(int64_t n_tasks, int n_threads, int64_t chunk,
+                      const std::function<void(int64_t begin, int64_t end, int worker)>& fn);
+
 }  // namespace nsa::cpu

@@ -8,6 +8,7 @@
 // Fuzz: NSA_FUZZ_SEED (base seed) and NSA_FUZZ_ITERS (configurations per shard, 4 shards) override
 // the defaults; configuration i uses seed base + i, and a failure prints it, so
 // NSA_FUZZ_SEED=<seed> NSA_FUZZ_ITERS=1 ... --gtest_filter='*Fuzz*/0' reproduces it.
+#include <cfloat>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -92,11 +93,37 @@ TEST(CpuBackend, GroupSizes) {
     cs.set_random_mask(rng, 0.25, 0.1);
     check_cpu(cs);
   }
-  // G = 5, 6, 7 with one KV head (pairwise sum with carried odd elements).
-  for (int64_t G : {5, 6, 7}) {
+  // G = 5, 6, 7 with one KV head (pairwise sum with carried odd elements); G = 16 (the fused per-token
+  // normalize + group sum in registers), G = 12 (the same with G a runtime value), G = 65 and 70 (beyond
+  // kMaxFusedGroup = 64: rows normalized one by one, summed by add_row).
+  for (int64_t G : {5, 6, 7, 12, 16, 65, 70}) {
     SCOPED_TRACE("G=" + std::to_string(G));
-    check_cpu(random_filled(DType::kBF16, {7}, {26}, G, 1, 16, 16, 32, 16, 64, 3, 300 + G));
+    Case cs = random_filled(DType::kBF16, {7, 3}, {26, 5}, G, 1, 16, 16, 32, 16, 64, 2, 300 + G);
+    std::mt19937_64 rng(400 + G);
+    cs.set_random_mask(rng, 0.3, 0.2);
+    check_cpu(cs);
   }
+}
+
+// A token whose G rows differ: head 0's visible scores all overflow to -inf (below the mask value
+// -FLT_MAX), so its P is 1/32 on the 32 masked tokens outside the window (a "wide" row), while heads
+// 1..3 are ordinary. The token's rows then take the per-row path (no fused group sum), and the group
+// sum must still combine a full-width row with three window-only rows.
+TEST(CpuBackend, WideRowBesideOrdinaryRowsOfItsGroup) {
+  Case cs = Case::make(DType::kF32, {2}, {40}, 4, 1, 16, 4, 32, 16, 64, 3);
+  cs.scale = 1.0;
+  std::mt19937_64 rng(77);
+  cs.fill_uniform(rng, -1, 1);
+  for (int64_t j = 0; j < 16; ++j) cs.set_q(0, 0, j, j == 0 ? 1e20 : 0.0);
+  for (int64_t c = 32; c < 40; ++c) cs.set_k(c, 0, 0, -1e20);
+  cs.enable_atten_mask();
+  for (int64_t c = 0; c < 32; ++c) cs.atten_at(0, c) = 1;
+  check_cpu(cs);
+  const Result r = run_cpu(cs, nsa::cpu_active_isa());
+  const auto at = [&](const std::vector<float>& v, int64_t h) { return v[static_cast<size_t>(stat_index(cs, 0, h))]; };
+  EXPECT_EQ(at(r.smax, 0), -FLT_MAX);  // head 0 of token 0 is wide ...
+  EXPECT_EQ(at(r.ssum, 0), 32.0f);
+  EXPECT_GT(at(r.smax, 1), -FLT_MAX);  // ... head 1 is not
 }
 
 TEST(CpuBackend, HeadDims) {
