@@ -198,8 +198,14 @@ def get_peak(threads: int, peak_json: Optional[str] = None, probe: bool = True,
     pb = pf = None
     if data is not None:
         pb, pf = data["peak_gflops"].get("bf16"), data["peak_gflops"].get("fp32")
-        source += (f", {data['threads']} threads, vdpbf16ps zmm / vfmadd zmm chains, best of "
+        used = [k.get("instr", name) for name, k in data["kernels"].items() if k.get("supported")]
+        source += (f", {data['threads']} threads, chains of {' / '.join(used) or 'no supported kernel'}, best of "
                    f"{data['repeats']} x {data['seconds']:.2f} s, clock ~{data['clock_ghz_est']:.2f} GHz")
+        if pb is None and pf is not None:
+            # no vdpbf16ps on this CPU (AVX2 only, or AVX-512 without BF16): bf16 inputs are widened to
+            # fp32 and run on the FMA units, so the fp32 FMA rate is their peak
+            pb = pf
+            source += "; no bf16 dot-product instruction here: bf16 peak = fp32 FMA peak"
         busy = []
         for name, k in data["kernels"].items():
             if k.get("supported") and k["gflops_all"] < 0.8 * data["threads"] * k["gflops_1t"]:

@@ -10,8 +10,10 @@ namespace nsa::cpu::isa_avx2 {
 struct V {
   using F = __m256;
   static constexpr int W = 8;
-  static constexpr int kSliceVectors = 4;  // 32 columns: half a panel
-  static constexpr int kMaxRows = 2;       // 8 accumulators + 4 B vectors + broadcast (16 ymm registers)
+  // 6 x 16 micro-tile: 12 accumulators + 2 B vectors + broadcast (15 of 16 ymm registers); 12 independent
+  // FMA chains cover the FMA latency (4-5 cycles x 2 ports), 8 loads per 12 FMAs
+  static constexpr int kSliceVectors = 2;  // 16 columns: a quarter of a panel
+  static constexpr int kMaxRows = 6;
   static constexpr bool kStream = true;
   static void stream64(void* dst, const void* line) {
     const __m256i* l = static_cast<const __m256i*>(line);
