@@ -252,67 +252,6 @@ void top_k_general(const float* score, int64_t sel, int64_t K, int32_t* idx) {
   for (int64_t i = 0; i < K; ++i) idx[i] = bidx[i];
 }
 
-// Top-K without NaN, in three steps (scratch: `work`, 2 * sel ints; requires K <= sel, K <= 32):
-//   1. lane maxima gm[j] = max_{i % NG == j} score[i] for NG = 16 or 32 >= K groups; the K-th largest
-//      of them, t, is a lower bound of the K-th largest score (K groups have a member >= t);
-//   2. A = {i : score[i] > t} and the ties {i : score[i] == t}, in index order (branch-free
-//      compaction); every other score is < t and ranks below the top K;
-//   3. the K best of A (a sorted buffer filled in index order), then, if |A| < K, the first K - |A|
-//      ties (equal scores rank by index, after every member of A).
-// The same result as top_k_general (§3.8 order); much cheaper for thousands of blocks or many calls,
-// and no worse when most scores tie (early tokens of a causal mask: zeros).
-void top_k(const float* score, int64_t sel, int64_t K, int32_t* idx, int32_t* work) {
-  const int NG = K <= 16 ? 16 : 32;
-  float gm[32];
-  for (int j = 0; j < NG; ++j) gm[j] = -INFINITY;
-  bool nan = false;
-  int64_t i = 0;
-  for (; i + NG <= sel; i += NG)
-    for (int j = 0; j < NG; ++j) {
-      const float v = score[i + j];
-      nan |= v != v;
-      gm[j] = v > gm[j] ? v : gm[j];
-    }
-  for (int j = 0; i < sel; ++i, ++j) {
-    const float v = score[i];
-    nan |= v != v;
-    gm[j] = v > gm[j] ? v : gm[j];
-  }
-  if (nan) return top_k_general(score, sel, K, idx);
-  std::sort(gm, gm + NG, [](float x, float y) { return x > y; });
-  const float t = gm[K - 1];
-  int32_t* above = work;       // [sel]
-  int32_t* ties = work + sel;  // [sel]
-  int64_t na = 0, nt = 0;
-  for (int64_t k = 0; k < sel; ++k) {
-    const float v = score[k];
-    above[na] = static_cast<int32_t>(k);
-    ties[nt] = static_cast<int32_t>(k);
-    na += v > t;
-    nt += v == t;
-  }
-  // the K best of A, in index order: a candidate displaces a buffered entry iff strictly greater
-  float best[32];
-  int32_t bidx[32];
-  int64_t n = 0;
-  for (int64_t a = 0; a < na; ++a) {
-    const int32_t k = above[a];
-    const float v = score[k];
-    if (n == K && !(v > best[K - 1])) continue;
-    int64_t pos = 0;
-    for (int64_t j = 0; j < n; ++j) pos += best[j] >= v;  // entries >= v stay ahead
-    int64_t j = n < K ? n++ : K - 1;                       // the entry at K - 1 drops out when full
-    for (; j > pos; --j) {
-      best[j] = best[j - 1];
-      bidx[j] = bidx[j - 1];
-    }
-    best[pos] = v;
-    bidx[pos] = k;
-  }
-  for (int64_t e = 0; n < K; ++n, ++e) bidx[n] = ties[e];
-  for (int64_t k = 0; k < K; ++k) idx[k] = bidx[k];
-}
-
 // ------------------------------------------------------------------ query prefetch
 // The query rows of the next tile, loaded into L2 while this tile computes (they come from memory once
 // per call, and packing them would otherwise wait on DRAM). The cache lines are issued a few at a time
@@ -585,7 +524,9 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       for (int64_t k = 0; k < Sel; ++k)
         if (trow[k * p.topk_mask.stride[1]] != 0) score[k] = FLT_MAX;
     }
-    top_k(score, Sel, K, p.topk_indices + (t * sh.N2 + n2) * K, sc.topk_work.data());
+    int32_t* idx = p.topk_indices + (t * sh.N2 + n2) * K;
+    if (!pl.kt->top_k(score, Sel, static_cast<int>(K), idx, sc.topk_work.data()))
+      top_k_general(score, Sel, K, idx);  // a NaN score (§3.8 order of NaN)
   }
 }
 

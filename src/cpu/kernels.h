@@ -87,6 +87,10 @@ struct KernelTable {
   // pollution. The caller runs stream_fence() before its results are read by another thread.
   void (*store_row_stream)(const float* src, void* dst, int64_t n, DType dtype);
   void (*stream_fence)();
+  // Top-K of score[0..sel) in §3.8 order (descending, ties by smaller index) into idx[0..K), for
+  // 1 <= K <= 32, K <= sel; work: 2 * sel ints of scratch. Returns false, writing nothing, when a score
+  // is NaN (the caller then orders NaN as reference::topk_before does).
+  bool (*top_k)(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work);
 };
 constexpr int kMaxFusedGroup = 64;
 

@@ -74,6 +74,10 @@ struct V {
     for (int i = 0; i < 8; ++i) m = t[i] > m ? t[i] : m;
     return m;
   }
+  // number of p[0..8) >= v (a NaN on either side never counts)
+  static int count_ge(const float* p, float v) {
+    return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(load(p), set1(v), _CMP_GE_OQ))));
+  }
   // x where keep[i] != 0, else +0 (backward: masked entries of a tile pair); reads 8 bytes
   static F keep_bytes(F x, const uint8_t* keep) {
     const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep)));
@@ -91,7 +95,8 @@ const KernelTable* kernels_avx2() {
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
                                     k::store_row_impl, k::load_row_impl,
                                     k::softmax_grad_row_impl, nullptr, k::transpose_u16_impl,
-                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl};
+                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl,
+                                    k::top_k_impl};
   return &table;
 }
 }  // namespace nsa::cpu

@@ -17,7 +17,8 @@ const KernelTable* kernels_avx512() {
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
                                     k::store_row_impl, k::load_row_impl,
                                     k::softmax_grad_row_impl, nullptr, k::transpose_u16_impl,
-                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl};
+                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl,
+                                    k::top_k_impl};
   return &table;
 }
 }  // namespace nsa::cpu

@@ -8,7 +8,8 @@
 // [-160, 128]), add_row-friendly loads/stores, kStream / stream64(dst, line) (one 64-byte non-temporal
 // store of an aligned line, dst 64-byte aligned) / stream_fence(),
 // keep_nan(x, r) (x where x is NaN, else r), round_bf16(x), round_f16(x) (float -> dtype -> float,
-// nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable), reduce_max(v, init).
+// nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable), reduce_max(v, init),
+// count_ge(p, v) (number of p[0..W) >= v, NaN never counting).
 // Optional: V::kHasBf16Dot with a gemm_bf16 provided by the ISA file.
 
 // ------------------------------------------------------------------ exp
@@ -142,6 +143,86 @@ inline void box_sum_impl(const float* in, float* out, int64_t n, int width) {
 
 inline void add_row_impl(float* x, const float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += V::W) V::store(x + i, V::add(V::load(x + i), V::load(y + i)));
+}
+
+// ------------------------------------------------------------------ top-k (KernelTable::top_k)
+// Top-K of score[0..sel) in §3.8 order (score descending, ties by smaller index) into idx[0..K), in three
+// steps (scratch: work, 2 * sel ints; 1 <= K <= 32, K <= sel):
+//   1. lane maxima gm[j] = max_{i % NG == j} score[i] for NG = 16 or 32 >= K lanes; the K-th largest of
+//      them, t, is a lower bound of the K-th largest score (K lanes have a member >= t);
+//   2. A = {i : score[i] > t} and the ties {i : score[i] == t}, in index order (branch-free compaction);
+//      every other score is < t and ranks below the top K;
+//   3. the K best of A (a sorted buffer filled in index order: a candidate displaces an entry iff
+//      strictly greater), then, if |A| < K, the first K - |A| ties (they rank after every member of A).
+// Returns false, idx untouched, when a score is NaN (the caller's general top-k orders NaN). Fixed-length
+// loops (NG lanes, a buffer padded with -inf) so that they vectorize with the ISA's flags.
+inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work) {
+  const int NG = K <= 16 ? 16 : 32;
+  alignas(64) float gm[32];
+  for (int j = 0; j < 32; ++j) gm[j] = -__builtin_inff();
+  int nan = 0;
+  int64_t i = 0;
+  if (NG == 16) {
+    for (; i + 16 <= sel; i += 16)
+      for (int j = 0; j < 16; ++j) {
+        const float v = score[i + j];
+        nan |= v != v;
+        gm[j] = v > gm[j] ? v : gm[j];
+      }
+  } else {
+    for (; i + 32 <= sel; i += 32)
+      for (int j = 0; j < 32; ++j) {
+        const float v = score[i + j];
+        nan |= v != v;
+        gm[j] = v > gm[j] ? v : gm[j];
+      }
+  }
+  for (int j = 0; i < sel; ++i, ++j) {
+    const float v = score[i];
+    nan |= v != v;
+    gm[j] = v > gm[j] ? v : gm[j];
+  }
+  if (nan) return false;
+  // t = the K-th largest lane maximum: insertion sort of the NG maxima, descending
+  for (int a = 1; a < NG; ++a) {
+    const float x = gm[a];
+    int b = a;
+    for (; b > 0 && gm[b - 1] < x; --b) gm[b] = gm[b - 1];
+    gm[b] = x;
+  }
+  const float t = gm[K - 1];
+  int32_t* above = work;       // [sel]
+  int32_t* ties = work + sel;  // [sel]
+  int64_t na = 0, nt = 0;
+  for (int64_t k = 0; k < sel; ++k) {
+    const float v = score[k];
+    above[na] = static_cast<int32_t>(k);
+    ties[nt] = static_cast<int32_t>(k);
+    na += v > t;
+    nt += v == t;
+  }
+  // sorted buffer; unfilled entries hold -inf, which no member of A (> t >= -inf) is <= to
+  alignas(64) float best[32];
+  int32_t bidx[32];
+  for (int j = 0; j < 32; ++j) best[j] = -__builtin_inff();
+  int n = 0;
+  for (int64_t a = 0; a < na; ++a) {
+    const int32_t k = above[a];
+    const float v = score[k];
+    if (n == K && !(v > best[K - 1])) continue;
+    int pos = 0;  // entries >= v stay ahead
+    for (int j = 0; j < NG; j += V::W) pos += V::count_ge(best + j, v);
+    int j = n < K ? n++ : K - 1;  // the entry at K - 1 drops out when full
+    for (; j > pos; --j) {
+      best[j] = best[j - 1];
+      bidx[j] = bidx[j - 1];
+    }
+    best[pos] = v;
+    bidx[pos] = k;
+  }
+  for (int64_t e = 0; n < K; ++n, ++e) bidx[n] = ties[e];
+  for (int k = 0; k < K; ++k) idx[k] = bidx[k];
+  return true;
 }
 
 // ------------------------------------------------------------------ row conversions

@@ -47,6 +47,7 @@ struct V {
   static F load_f16(const uint16_t* p) { return detail::f16_to_f32(*p); }
   static float reduce_max(F v, float init) { return v > init ? v : init; }
   // x where keep[0] != 0, else +0 (backward: masked entries of a tile pair)
+  static int count_ge(const float* p, float v) { return p[0] >= v; }  // number of p[0..1) >= v
   static F keep_bytes(F x, const uint8_t* keep) { return keep[0] != 0 ? x : 0.0f; }
 };
 
@@ -60,7 +61,8 @@ const KernelTable* kernels_scalar() {
                                     k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
                                     k::store_row_impl, k::load_row_impl,
                                     k::softmax_grad_row_impl, nullptr, k::transpose_u16_impl,
-                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl};
+                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl,
+                                    k::top_k_impl};
   return &table;
 }
 }  // namespace nsa::cpu
