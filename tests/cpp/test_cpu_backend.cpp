@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/kernels.h"
+#include "reference/reference.h"
 #include "test_util.h"
 
 namespace nsa_test {
@@ -595,6 +597,60 @@ TEST_P(CpuFuzz, RandomConfigurations) {
       std::printf("[nsa] first failing fuzz seed: %llu\n", static_cast<unsigned long long>(seed));
       break;
     }
+  }
+}
+
+// KernelTable::top_k on every ISA this host runs, against a full stable sort in the §3.8 order
+// (reference::topk_before), on rows built to stress its threshold: all equal, ties exactly at the K-th
+// lane maximum, signed zeros, +-inf, FLT_MAX (forced blocks), few distinct values, sel == K, sel not a
+// multiple of the lane count, K = 1 ... 32. A NaN anywhere returns false with idx untouched.
+TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
+  std::mt19937_64 rng(77);
+  auto expected = [](const std::vector<float>& sc, int K) {
+    std::vector<int32_t> order(sc.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return nsa::reference::topk_before(sc[static_cast<size_t>(a)], a, sc[static_cast<size_t>(b)], b);
+    });
+    order.resize(static_cast<size_t>(K));
+    return order;
+  };
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    int checked = 0;
+    for (int64_t sel : {1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 100, 128, 257}) {
+      for (int K : {1, 2, 7, 16, 17, 31, 32}) {
+        if (K > sel) continue;
+        for (int kind = 0; kind < 8; ++kind) {
+          std::vector<float> sc(static_cast<size_t>(sel));
+          std::uniform_int_distribution<int> small(0, 3);
+          std::normal_distribution<float> nd;
+          for (auto& v : sc) {
+            switch (kind) {
+              case 0: v = nd(rng); break;                                              // distinct
+              case 1: v = 0.5f; break;                                                 // all equal
+              case 2: v = static_cast<float>(small(rng)); break;                       // 4 values
+              case 3: v = small(rng) == 0 ? -0.0f : 0.0f; break;                       // signed zeros
+              case 4: v = small(rng) == 0 ? FLT_MAX : nd(rng); break;                  // forced blocks
+              case 5: v = small(rng) == 0 ? INFINITY : (small(rng) == 0 ? -INFINITY : 0.0f); break;
+              case 6: v = static_cast<float>(sel) - static_cast<float>(&v - sc.data()); break;  // descending
+              default: v = static_cast<float>((&v - sc.data()) / 16 % 3); break;       // equal lane maxima
+            }
+          }
+          std::vector<int32_t> work(static_cast<size_t>(2 * sel)), got(static_cast<size_t>(K), -7);
+          ASSERT_TRUE(kt->top_k(sc.data(), sel, K, got.data(), work.data())) << "sel=" << sel << " K=" << K;
+          ASSERT_EQ(got, expected(sc, K)) << "sel=" << sel << " K=" << K << " kind=" << kind;
+          ++checked;
+          // a NaN anywhere: false, nothing written
+          sc[static_cast<size_t>(rng() % static_cast<uint64_t>(sel))] = NAN;
+          std::vector<int32_t> untouched(static_cast<size_t>(K), -7);
+          ASSERT_FALSE(kt->top_k(sc.data(), sel, K, untouched.data(), work.data())) << "sel=" << sel << " K=" << K;
+          ASSERT_EQ(untouched, std::vector<int32_t>(static_cast<size_t>(K), -7));
+        }
+      }
+    }
+    EXPECT_GT(checked, 300);
   }
 }
 
