@@ -17,6 +17,19 @@ int resolve_num_threads(int requested) {
   return hc > 0 ? static_cast<int>(hc) : 1;
 }
 
+namespace {
+// body(w) on `workers` threads, w = 0 on the calling thread; returns once all have finished.
+template <typename Body>
+int run_on_workers(int workers, const Body& body) {
+  std::vector<std::thread> pool;
+  pool.reserve(static_cast<size_t>(workers - 1));
+  for (int w = 1; w < workers; ++w) pool.emplace_back(body, w);
+  body(0);
+  for (auto& th : pool) th.join();
+  return workers;
+}
+}  // namespace
+
 int parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)>& fn) {
   if (n_tasks <= 0) return 0;
   int workers = n_threads < 1 ? 1 : n_threads;
@@ -31,12 +44,7 @@ int parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_
          t = next.fetch_add(1, std::memory_order_relaxed))
       fn(t, worker);
   };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(workers - 1));
-  for (int w = 1; w < workers; ++w) pool.emplace_back(run, w);
-  run(0);
-  for (auto& th : pool) th.join();
-  return workers;
+  return run_on_workers(workers, run);
 }
 
 int parallel_for_runs(int64_t n_tasks, int n_threads, int64_t chunk,
@@ -62,12 +70,7 @@ int parallel_for_runs(int64_t n_tasks, int n_threads, int64_t chunk,
       fn(begin, begin + len, worker);
     }
   };
-  std::vector<std::thread> pool;
-  pool.reserve(static_cast<size_t>(workers - 1));
-  for (int w = 1; w < workers; ++w) pool.emplace_back(run, w);
-  run(0);
-  for (auto& th : pool) th.join();
-  return workers;
+  return run_on_workers(workers, run);
 }
 
 }  // namespace nsa::cpu
