@@ -228,11 +228,9 @@ void row_box(const Plan& pl, Scratch& sc, const float* prow, int64_t lo, int64_t
   pl.kt->box_sum(q + lo, out + lo, n, static_cast<int>(pl.sh.M));
 }
 
-// Top-K of score[0..sel) in §3.8 order into idx[0..K): a buffer of the K best so far, sorted.
-// Candidates come in increasing index, so a candidate beats a buffered entry iff its score is
-// strictly greater (ties keep the earlier index). NaN ranks below every number
-// (reference::topk_before); a NaN can only enter the buffer while it fills, and then the general
-// comparison takes over from the start.
+// Top-K of score[0..sel) in §3.8 order into idx[0..K) when a score is NaN (KernelTable::top_k handles the
+// rest and returns false here): a sorted buffer of the K best so far, ordered by reference::topk_before
+// (NaN ranks below every number; equal scores keep the earlier index).
 void top_k_general(const float* score, int64_t sel, int64_t K, int32_t* idx) {
   float best[32];
   int32_t bidx[32];

@@ -46,8 +46,8 @@ struct V {
   static F load_bf16(const uint16_t* p) { return detail::bf16_to_f32(*p); }
   static F load_f16(const uint16_t* p) { return detail::f16_to_f32(*p); }
   static float reduce_max(F v, float init) { return v > init ? v : init; }
-  // x where keep[0] != 0, else +0 (backward: masked entries of a tile pair)
   static int count_ge(const float* p, float v) { return p[0] >= v; }  // number of p[0..1) >= v
+  // x where keep[0] != 0, else +0 (backward: masked entries of a tile pair)
   static F keep_bytes(F x, const uint8_t* keep) { return keep[0] != 0 ? x : 0.0f; }
 };
 
