@@ -156,11 +156,9 @@ Result run_case(const Case& cs, int threads, int isa, int warmup, int repeat) {
   p.topk_indices = topk.data();
   p.softmax_max = smax.data();
   p.softmax_sum = ssum.data();
-  p.cpu_isa = isa;
-  p.num_threads = threads;
 
   for (int i = 0; i < std::max(1, warmup); ++i) {
-    const nsa::Status st = nsa::compress_attention_cpu(p);
+    const nsa::Status st = nsa::compress_attention_cpu(p, nsa::CpuOptions{isa, threads});
     if (!st.ok()) {
       r.error = st.message();
       return r;
@@ -168,7 +166,7 @@ Result run_case(const Case& cs, int threads, int isa, int warmup, int repeat) {
   }
   for (int i = 0; i < std::max(1, repeat); ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    nsa::compress_attention_cpu(p);
+    nsa::compress_attention_cpu(p, nsa::CpuOptions{isa, threads});
     r.runs.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   std::vector<double> sorted = r.runs;

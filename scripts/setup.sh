@@ -32,6 +32,10 @@ fi
 # requirements.txt pins torch==2.13.0 (the CPU build on this machine's disk); pip skips what is there.
 .venv/bin/pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c 'import torch, numpy, pytest' >/dev/null
+# The package is importable from any directory after set-up: a .pth file puts python/ (nsa_ops) on the venv's
+# path (an editable install without a build step; the operator library is found in build/, see _lib.py).
+SITE="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$ROOT/python" > "$SITE/nsa_ops_repo.pth"
 
 # --- CMake build: core, tests, bench, PyTorch binding
 TORCH_PREFIX="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"

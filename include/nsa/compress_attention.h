@@ -20,58 +20,10 @@
 // sel_seq_kvlen[b] = Sel_0+..+Sel_b with Sel_b = ceil(C_b / M), M = select_block_size / compress_stride.
 #pragma once
 
-#include <cstddef>
-#include <cstdint>
-#include <string>
+#include "nsa/common.h"
+#include "nsa/cpu.h"
 
 namespace nsa {
-
-// Element type of query/key/value/attention_out. kF64 is a testing extension (gradcheck, fp64 models):
-// only the reference and the CPU backends accept it, and it does no rounding at all.
-enum class DType : int { kBF16 = 0, kF16 = 1, kF32 = 2, kF64 = 3 };
-
-const char* dtype_name(DType dtype);
-size_t dtype_size(DType dtype);
-
-// Result of every entry point: ok() or an error message naming the argument and the expectation.
-class Status {
- public:
-  Status() = default;
-  static Status Ok() { return Status(); }
-  static Status Error(std::string message) {
-    Status s;
-    s.ok_ = false;
-    s.message_ = std::move(message);
-    return s;
-  }
-  bool ok() const { return ok_; }
-  const std::string& message() const { return message_; }
-
- private:
-  bool ok_ = true;
-  std::string message_;
-};
-
-// A strided 3-D view: element [i][j][k] is at data + i*stride[0] + j*stride[1] + k*stride[2]
-// (strides in elements, may be 0; sizes >= 0). The dtype is the params' dtype.
-struct Tensor3 {
-  const void* data = nullptr;
-  int64_t size[3] = {0, 0, 0};
-  int64_t stride[3] = {0, 0, 0};
-};
-
-// A strided 2-D uint8 mask view (bool storage is one byte per element). data == nullptr means "absent".
-struct Mask2 {
-  const uint8_t* data = nullptr;
-  int64_t size[2] = {0, 0};
-  int64_t stride[2] = {0, 0};
-};
-
-// A list of int64 prefix sums (lengths). data == nullptr means "not given".
-struct IntList {
-  const int64_t* data = nullptr;
-  int64_t size = 0;
-};
 
 struct CompressAttentionParams {
   DType dtype = DType::kBF16;  // dtype of query, key, value and attention_out
@@ -99,25 +51,7 @@ struct CompressAttentionParams {
   int32_t* topk_indices = nullptr;  // [T, N2, K]
   float* softmax_max = nullptr;     // [T, N1, 8]
   float* softmax_sum = nullptr;     // [T, N1, 8]
-
-  // CPU backend only: -1 uses the active ISA (cpu_active_isa()); otherwise a CpuIsa value to force
-  // (an error if this CPU/OS cannot run it). Lets tests run every compiled path on one host.
-  int cpu_isa = -1;
-
-  // Worker threads for the CPU backend; <= 0 means "default" (environment NSA_NUM_THREADS if set,
-  // otherwise std::thread::hardware_concurrency()). Results do not depend on this value.
-  int num_threads = 0;
 };
-
-// CPU instruction-set paths of the CPU backend, in increasing order of capability.
-enum class CpuIsa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-const char* cpu_isa_name(CpuIsa isa);
-// Best path this CPU and OS support (cpuid + XCR0), ignoring NSA_CPU_ISA.
-CpuIsa cpu_detected_isa();
-// Path used by default: min(detected, cap from NSA_CPU_ISA=scalar|avx2|avx512|avx512bf16), read once.
-CpuIsa cpu_active_isa();
-// Whether `isa` can run here (isa <= cpu_detected_isa()).
-bool cpu_isa_supported(CpuIsa isa);
 
 // Derived sizes of a validated call (filled by validate_compress_attention).
 struct CompressAttentionShape {
@@ -136,7 +70,7 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
 // Reference: plain loops, the spec in code (single-threaded; slow). The tests' oracle.
 Status compress_attention_reference(const CompressAttentionParams& p);
 // Optimized CPU backend: SIMD with runtime ISA dispatch, multithreaded.
-Status compress_attention_cpu(const CompressAttentionParams& p);
+Status compress_attention_cpu(const CompressAttentionParams& p, const CpuOptions& options = {});
 
 // ---------------------------------------------------------------------------------------------
 // Backward (§7): gradients of attention_out with respect to query, key and value.
@@ -160,6 +94,6 @@ struct CompressAttentionGradParams {
 
 Status validate_compress_attention_backward(const CompressAttentionGradParams& p, CompressAttentionShape* shape);
 Status compress_attention_backward_reference(const CompressAttentionGradParams& p);
-Status compress_attention_backward_cpu(const CompressAttentionGradParams& p);
+Status compress_attention_backward_cpu(const CompressAttentionGradParams& p, const CpuOptions& options = {});
 
 }  // namespace nsa

@@ -9,9 +9,9 @@ from ._lib import library_path, load_library
 
 load_library()
 
-from . import _autograd  # noqa: E402
+from .ops import _compress_attention_autograd  # noqa: E402
 
-_autograd.register()
+_compress_attention_autograd.register()
 
 from .masks import (  # noqa: E402
     compressed_lengths,
@@ -21,8 +21,12 @@ from .masks import (  # noqa: E402
     prefix_sums,
     selection_lengths,
 )
-from .ops import CompressAttentionOutput, compress_attention, npu_nsa_compress_attention  # noqa: E402
-from .ops import cpu_isa  # noqa: E402
+from .ops.compress_attention import (  # noqa: E402
+    CompressAttentionOutput,
+    compress_attention,
+    cpu_isa,
+    npu_nsa_compress_attention,
+)
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 
 __all__ = [

@@ -95,10 +95,10 @@ Status resolve_isa(int requested, CpuIsa* out) {
     return Status::Ok();
   }
   if (requested < 0 || requested > static_cast<int>(CpuIsa::kAvx512Bf16))
-    return Status::Error("cpu_isa must be -1 (auto) or a CpuIsa value, got " + std::to_string(requested));
+    return Status::Error("options.isa must be -1 (auto) or a CpuIsa value, got " + std::to_string(requested));
   const CpuIsa isa = static_cast<CpuIsa>(requested);
   if (!cpu_isa_supported(isa))
-    return Status::Error(std::string("cpu_isa ") + cpu_isa_name(isa) + " is not supported by this CPU/OS (best: " +
+    return Status::Error(std::string("options.isa ") + cpu_isa_name(isa) + " is not supported by this CPU/OS (best: " +
                          cpu_isa_name(cpu_detected_isa()) + ")");
   *out = isa;
   return Status::Ok();

@@ -12,7 +12,8 @@
 
 #include <cstdint>
 
-#include "nsa/compress_attention.h"
+#include "nsa/common.h"
+#include "nsa/cpu.h"
 
 namespace nsa::cpu {
 
@@ -95,17 +96,13 @@ struct KernelTable {
 constexpr int kMaxFusedGroup = 64;
 
 const KernelTable* kernels_scalar();
+#if NSA_HAVE_X86_KERNELS
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx512bf16();
+#endif
 
-inline const KernelTable* kernels_for(CpuIsa isa) {
-  switch (isa) {
-    case CpuIsa::kAvx512Bf16: return kernels_avx512bf16();
-    case CpuIsa::kAvx512: return kernels_avx512();
-    case CpuIsa::kAvx2: return kernels_avx2();
-    default: return kernels_scalar();
-  }
-}
+// The table of a runnable path (resolve_isa's result); the scalar table where no SIMD table is compiled in.
+const KernelTable* kernels_for(CpuIsa isa);
 
 }  // namespace nsa::cpu

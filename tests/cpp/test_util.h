@@ -31,9 +31,9 @@
 #include <string>
 #include <vector>
 
-#include "core/numeric.h"
+#include "common/numeric.h"
 #include "nsa/compress_attention.h"
-#include "reference/reference.h"
+#include "ops/compress_attention/reference.h"
 
 namespace nsa_test {
 
@@ -417,12 +417,12 @@ inline const char* backend_name(Backend b) {
   return "?";
 }
 
-inline Status call(Backend b, const CompressAttentionParams& p) {
+inline Status call(Backend b, const CompressAttentionParams& p, const nsa::CpuOptions& options = {}) {
   switch (b) {
     case Backend::kReference: return nsa::compress_attention_reference(p);
     case Backend::kRefFp32: return nsa::reference::forward_fp32(p);
     case Backend::kRefFp64: return nsa::reference::forward_fp64(p);
-    case Backend::kCpu: return nsa::compress_attention_cpu(p);
+    case Backend::kCpu: return nsa::compress_attention_cpu(p, options);
   }
   return Status::Error("bad backend");
 }
@@ -449,12 +449,10 @@ inline Result collect(const Case& cs, const Bound& bd, Status st) {
   return r;
 }
 
-// cpu_isa / num_threads apply to the CPU backend (the others ignore them).
+// isa / num_threads (CpuOptions) apply to the CPU backend (the others ignore them).
 inline Result run(const Case& cs, Backend b, int cpu_isa = -1, int num_threads = 0) {
   Bound bd(cs);
-  bd.p.cpu_isa = cpu_isa;
-  bd.p.num_threads = num_threads;
-  const Status st = call(b, bd.p);
+  const Status st = call(b, bd.p, nsa::CpuOptions{cpu_isa, num_threads});
   return collect(cs, bd, st);
 }
 inline Result run_cpu(const Case& cs, CpuIsa isa, int num_threads = 0) {

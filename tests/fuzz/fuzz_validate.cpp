@@ -30,7 +30,7 @@
 #include <random>
 #include <vector>
 
-#include "core/numeric.h"
+#include "common/numeric.h"
 #include "nsa/compress_attention.h"
 
 namespace {
@@ -354,7 +354,7 @@ Desc decode(Reader& r, Reader& mr) {
   return d;
 }
 
-// SPEC §6 read independently of src/core/validate.cpp (plus: pointers non-null, cpu_isa in [-1, 3]).
+// SPEC §6 read independently of src/core/validate.cpp (plus: pointers non-null; CpuOptions::isa is checked by the CPU entry point, not by validation).
 bool spec_valid(const Desc& d) {
   if (d.dtype < 0 || d.dtype > 3) return false;
   if (d.q_null || d.k_null || d.v_null) return false;
@@ -396,7 +396,6 @@ bool spec_valid(const Desc& d) {
   if (d.has_topk && (d.tm[0] != max_sq || d.tm[1] != max_sel)) return false;
   for (bool n : d.null_out)
     if (n) return false;
-  if (d.cpu_isa < -1 || d.cpu_isa > 3) return false;
   return true;
 }
 
@@ -456,8 +455,6 @@ void run_one(const uint8_t* data, size_t size) {
   p.actual_cmp_seq_kvlen = {d.clen_given ? (d.clen.empty() ? kNone : d.clen.data()) : nullptr,
                             d.clen_size_override < 0 ? d.clen_size_override : static_cast<int64_t>(d.clen.size())};
   if (d.sel_given) p.actual_sel_seq_kvlen = {d.sellen.empty() ? kNone : d.sellen.data(), static_cast<int64_t>(d.sellen.size())};
-  p.cpu_isa = d.cpu_isa;
-  p.num_threads = d.threads;
 
   // sentinel outputs for the validation-only calls (nothing may be written when validation fails)
   unsigned char sentinel[4][64];
@@ -476,10 +473,9 @@ void run_one(const uint8_t* data, size_t size) {
   if (!st.ok()) {
     ++g_stats.rejected;
     if (st.message().empty()) fail("an error Status without a message");
-    for (auto fn : {&nsa::compress_attention_cpu, &nsa::compress_attention_reference}) {
-      const Status s2 = fn(p);
+    for (const Status& s2 : {nsa::compress_attention_cpu(p, nsa::CpuOptions{d.cpu_isa, d.threads}),
+                             nsa::compress_attention_reference(p)})
       if (s2.ok() || s2.message().empty()) fail("an entry point accepted what validation rejects");
-    }
     for (auto& s : sentinel)
       for (unsigned char c : s)
         if (c != 0xA5) fail("an output was written although validation failed");
@@ -522,7 +518,7 @@ void run_one(const uint8_t* data, size_t size) {
   Status s = nsa::compress_attention_reference(p);
   if (!s.ok()) fail("compress_attention_reference failed on a validated call", s.message());
   check_topk("reference");
-  s = nsa::compress_attention_cpu(p);
+  s = nsa::compress_attention_cpu(p, nsa::CpuOptions{d.cpu_isa, d.threads});
   if (s.ok() != supported) fail("compress_attention_cpu: unexpected status", s.message());
   if (!s.ok()) return;
   check_topk("cpu");
@@ -542,7 +538,7 @@ void run_one(const uint8_t* data, size_t size) {
   g.grad_query = gq.data();
   g.grad_key = gk.data();
   g.grad_value = gv.data();
-  s = nsa::compress_attention_backward_cpu(g);
+  s = nsa::compress_attention_backward_cpu(g, nsa::CpuOptions{d.cpu_isa, d.threads});
   if (!s.ok()) fail("compress_attention_backward_cpu failed on a validated call", s.message());
 }
 

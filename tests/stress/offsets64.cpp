@@ -75,9 +75,8 @@ Outs run_both(const CompressAttentionParams& in, const Case& cs, Which w, int is
   p.topk_indices = o.topk.data();
   p.softmax_max = o.smax.data();
   p.softmax_sum = o.ssum.data();
-  p.cpu_isa = isa;
-  p.num_threads = 2;
-  o.st = w == Which::kCpu ? nsa::compress_attention_cpu(p) : nsa::compress_attention_reference(p);
+  const nsa::CpuOptions options{isa, 2};
+  o.st = w == Which::kCpu ? nsa::compress_attention_cpu(p, options) : nsa::compress_attention_reference(p);
   if (!o.st.ok()) return o;
   o.gq.assign(T * cs.N1 * cs.D * es, 0xFF);
   o.gk.assign(static_cast<size_t>(cs.T2() * cs.N2 * cs.D) * es, 0xFF);
@@ -102,7 +101,7 @@ Outs run_both(const CompressAttentionParams& in, const Case& cs, Which w, int is
   g.grad_query = o.gq.data();
   g.grad_key = o.gk.data();
   g.grad_value = o.gv.data();
-  o.st = w == Which::kCpu ? nsa::compress_attention_backward_cpu(g) : nsa::compress_attention_backward_reference(g);
+  o.st = w == Which::kCpu ? nsa::compress_attention_backward_cpu(g, options) : nsa::compress_attention_backward_reference(g);
   return o;
 }
 

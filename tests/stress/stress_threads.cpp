@@ -60,9 +60,8 @@ Outputs call(const Shared& sh, int isa, int threads) {
   p.topk_indices = o.topk.data();
   p.softmax_max = o.smax.data();
   p.softmax_sum = o.ssum.data();
-  p.cpu_isa = isa;
-  p.num_threads = threads;
-  Status st = nsa::compress_attention_cpu(p);
+  const nsa::CpuOptions options{isa, threads};
+  Status st = nsa::compress_attention_cpu(p, options);
   if (!st.ok()) {
     o.error = "forward: " + st.message();
     return o;
@@ -94,7 +93,7 @@ Outputs call(const Shared& sh, int isa, int threads) {
   g.grad_query = o.gq.data();
   g.grad_key = o.gk.data();
   g.grad_value = o.gv.data();
-  st = nsa::compress_attention_backward_cpu(g);
+  st = nsa::compress_attention_backward_cpu(g, options);
   if (!st.ok()) o.error = "backward: " + st.message();
   return o;
 }

@@ -25,7 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "core/numeric.h"
+#include "common/numeric.h"
 
 #define NSA_CUDA_EMULATE 1
 

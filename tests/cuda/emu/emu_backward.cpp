@@ -1,2 +1,2 @@
 // src/cuda/backward.cu compiled as C++ against the CPU emulation (cuda_emu.h).
-#include "cuda/backward.cu"
+#include "ops/compress_attention/cuda_backward.cu"

@@ -1,2 +1,2 @@
 // src/cuda/forward.cu compiled as C++ against the CPU emulation (cuda_emu.h).
-#include "cuda/forward.cu"
+#include "ops/compress_attention/cuda_forward.cu"

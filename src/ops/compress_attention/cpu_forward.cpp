@@ -1,0 +1,665 @@
+// Optimized CPU forward of SPEC §3: a fused, tiled pass per (batch, KV head, query tile).
+//
+// Per task (b, n2, tokens [s0, s1) of batch b), with the G heads of the group stacked as the rows
+// of the tile (row r = i*G + g for token i, head h = n2*G + g), R = (s1 - s0)*G rows:
+//   1. window [lo, hi): the compressed tokens any non-fully-masked token of the tile sees (from
+//      atten_mask; 16-aligned). Columns outside it are masked for every such row, so P = 0 there
+//      exactly and their GEMM work is skipped (a causal mask removes about half the work).
+//   2. S[R][lo:hi] = (Q_tile . K^T) * scale           (GEMM; fp32 accumulation, §3.1)
+//   3. mask (-FLT_MAX replacement, §3.2); exact softmax per row over the whole row (§3.3) using the
+//      score block kept in per-thread scratch (no online rescaling: P must be final before use).
+//   4. O[R][D2] = round(P) . V                          (GEMM; P rounded to the dtype, §3.4)
+//   5. selection scores: fp32 P rows of the G heads summed pairwise over g (§3.6, applied before the
+//      linear §3.5 map: equal up to rounding), two box filters (width N, then M) picked every M
+//      (§3.5), forced blocks (§3.7), top-K with a sorted buffer (§3.8).
+// Fully masked tokens (§5) take the closed form: P = 1/C_b, O = sum_c round(1/C_b) v[c].
+// K and V of each (batch, KV head) are packed once per call into GEMM panels (kernels.h layouts):
+// bf16 pairs for the vdpbf16ps path, fp32 otherwise. Scratch is per worker and bounded by
+// R * C_max (no T x C buffer). Each output element has one writer: results do not depend on the
+// number of threads.
+#include <algorithm>
+#include <array>
+#include <cfloat>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ops/compress_attention/batches.h"
+#include "common/numeric.h"
+#include "cpu/isa.h"
+#include "cpu/kernels.h"
+#include "common/threads.h"
+#include "ops/compress_attention/reference.h"
+
+namespace nsa {
+namespace cpu {
+namespace {
+
+using detail::BatchInfo;
+
+constexpr int64_t kTargetRows = 64;         // rows (tokens x G heads) of a query tile
+constexpr int64_t kMaxScoreBytes = 4 << 20;  // cap of the per-worker score block R x C
+constexpr int64_t kPvChunk = 256;            // reduction chunk of the P.V GEMM (keeps a V chunk in L2)
+constexpr int64_t kMargin = 16;              // zero margin (floats) around a score row for the stencil
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Kind of a query row with respect to atten_mask within [0, C_b).
+enum RowKind : uint8_t {
+  kRange = 0,        // visible set is exactly [lo, hi)
+  kScattered = 1,    // visible set has holes inside [lo, hi): read the mask per element
+  kFullyMasked = 2,  // nothing visible (§5)
+};
+struct RowInfo {
+  int64_t lo = 0, hi = 0;
+  RowKind kind = kRange;
+};
+
+template <typename T>
+struct AlignedBuffer {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr;
+  void reset(size_t n) {  // throws std::bad_alloc (caught by forward())
+    const size_t bytes = round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64);
+    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!ptr) throw std::bad_alloc();
+  }
+  T* get() const { return ptr.get(); }
+};
+
+inline uint16_t load_bits16(const void* base, int64_t i) { return static_cast<const uint16_t*>(base)[i]; }
+
+struct Plan {
+  const CompressAttentionParams* p = nullptr;
+  CompressAttentionShape sh;
+  std::vector<BatchInfo> batches;
+  const KernelTable* kt = nullptr;
+  bool bf16_dot = false;  // GEMMs on bf16 pairs (vdpbf16ps) instead of fp32
+  PStore pstore = PStore::kF32;
+  float scale = 1.0f;
+  int64_t qk_red = 0;   // reduction length of Q.K^T: pairs (bf16) or elements (fp32)
+  int64_t q_lda = 0;    // elements per packed query row (even for bf16)
+  int64_t d2p = 0;      // D2 rounded up to the panel width
+  int64_t cp_max = 0;   // max_b C_b rounded up to the panel width
+  int64_t bq = 1;       // query tokens per tile
+  bool stream_out = false;  // attention_out written with non-temporal stores (large outputs)
+  std::vector<int64_t> cp;          // per batch: C_b rounded up to 64
+  std::vector<int64_t> k_off, v_off;  // per (b, n2): element offset of the packed panels
+  std::vector<RowInfo> rows;        // per query row t
+  std::vector<std::array<int64_t, 4>> tasks;  // (b, n2, s0, s1)
+};
+
+// ------------------------------------------------------------------ atten_mask row analysis
+RowInfo analyse_row(const Mask2& m, int64_t s, int64_t C) {
+  RowInfo ri;
+  if (m.data == nullptr) {
+    ri.lo = 0;
+    ri.hi = C;
+    return ri;
+  }
+  const uint8_t* row = m.data + s * m.stride[0];
+  const int64_t cs = m.stride[1];
+  int64_t first = -1, last = -1, visible = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    if (row[c * cs] == 0) {
+      if (first < 0) first = c;
+      last = c;
+      ++visible;
+    }
+  }
+  if (first < 0) {
+    ri.kind = kFullyMasked;
+    return ri;
+  }
+  ri.lo = first;
+  ri.hi = last + 1;
+  ri.kind = (visible == last + 1 - first) ? kRange : kScattered;
+  return ri;
+}
+
+// ------------------------------------------------------------------ packing of K and V
+// K of (b, n2) as the B operand of S = Q.K^T: columns = compressed tokens, reduction over D.
+void pack_k(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
+  const CompressAttentionParams& p = *pl.p;
+  const Tensor3& k = p.key;
+  const int64_t C = bi.c, cp = round_up(C, kPanel), D = pl.sh.D;
+  if (pl.bf16_dot) {
+    uint16_t* out = static_cast<uint16_t*>(dst);
+    const int64_t pairs = pl.qk_red;
+    std::memset(out, 0, sizeof(uint16_t) * cp * pairs * 2);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * k.stride[0] + n2 * k.stride[1];
+      uint16_t* col = out + (c / kPanel) * pairs * kPanel * 2 + (c % kPanel) * 2;
+      for (int64_t d = 0; d < D; ++d) col[(d / 2) * kPanel * 2 + (d % 2)] = load_bits16(k.data, base + d * k.stride[2]);
+    }
+  } else {
+    float* out = static_cast<float*>(dst);
+    std::memset(out, 0, sizeof(float) * cp * D);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * k.stride[0] + n2 * k.stride[1];
+      float* col = out + (c / kPanel) * D * kPanel + (c % kPanel);
+      for (int64_t d = 0; d < D; ++d) col[d * kPanel] = detail::load_f32(k.data, base + d * k.stride[2], p.dtype);
+    }
+  }
+}
+
+// V of (b, n2) as the B operand of O = P.V: columns = D2 (panels of 64), reduction over tokens.
+void pack_v(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
+  const CompressAttentionParams& p = *pl.p;
+  const Tensor3& v = p.value;
+  const int64_t C = bi.c, cp = round_up(C, kPanel), D2 = pl.sh.D2;
+  if (pl.bf16_dot) {
+    uint16_t* out = static_cast<uint16_t*>(dst);
+    std::memset(out, 0, sizeof(uint16_t) * cp * pl.d2p);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t j = 0; j < D2; ++j)
+        out[(j / kPanel) * (cp / 2) * kPanel * 2 + (c / 2) * kPanel * 2 + (j % kPanel) * 2 + (c % 2)] =
+            load_bits16(v.data, base + j * v.stride[2]);
+    }
+  } else {
+    float* out = static_cast<float*>(dst);
+    std::memset(out, 0, sizeof(float) * cp * pl.d2p);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t j = 0; j < D2; ++j)
+        out[(j / kPanel) * cp * kPanel + c * kPanel + (j % kPanel)] =
+            detail::load_f32(v.data, base + j * v.stride[2], p.dtype);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ per-worker scratch
+struct Scratch {
+  AlignedBuffer<float> s;      // [R][ld_s] score block / fp32 P (with kMargin floats each side)
+  AlignedBuffer<uint8_t> pa;   // [R][ld_p] rounded P, A operand of P.V (bf16 bits or fp32)
+  AlignedBuffer<uint8_t> qa;   // [R][q_lda] packed query tile
+  AlignedBuffer<float> o;      // [R][d2p] P.V result
+  AlignedBuffer<float> box1, box2;  // [ld_s] stencil rows
+  AlignedBuffer<float> heads;  // [ld_s] box-filtered group-summed P row of a token
+  AlignedBuffer<float> score;  // [max_sel]
+  AlignedBuffer<float> uniform;  // [D2] closed-form output of fully masked rows
+  std::vector<float*> ptrs;
+  std::vector<float> m, l;     // per row statistics
+  std::vector<uint8_t> wide;   // per row: every visible score overflowed (see run_tile step 4)
+  std::vector<int32_t> topk_work;  // [2 * max_sel] candidates of top_k
+  std::vector<uint8_t> fused;  // per token: P normalized and group-summed in one pass (run_tile step 4)
+  int64_t ld_s = 0, ld_p = 0;
+};
+
+void init_scratch(const Plan& pl, Scratch& sc) {
+  const int64_t R = pl.bq * pl.sh.G;
+  sc.ld_s = pl.cp_max + 2 * kMargin;
+  sc.ld_p = pl.cp_max;
+  const size_t esz = pl.bf16_dot ? 2 : 4;
+  sc.s.reset(static_cast<size_t>(R * sc.ld_s));
+  sc.pa.reset(static_cast<size_t>(R * sc.ld_p) * esz);
+  sc.qa.reset(static_cast<size_t>(R * pl.q_lda) * esz);
+  sc.o.reset(static_cast<size_t>(R * pl.d2p));
+  sc.box1.reset(static_cast<size_t>(sc.ld_s));
+  sc.box2.reset(static_cast<size_t>(sc.ld_s));
+  sc.heads.reset(static_cast<size_t>(sc.ld_s));
+  sc.score.reset(static_cast<size_t>(pl.sh.max_sel));
+  sc.uniform.reset(static_cast<size_t>(pl.sh.D2));
+  sc.ptrs.resize(static_cast<size_t>(pl.sh.G));
+  sc.m.resize(static_cast<size_t>(R));
+  sc.l.resize(static_cast<size_t>(R));
+  sc.wide.resize(static_cast<size_t>(R));
+  sc.fused.resize(static_cast<size_t>(pl.bq));
+  sc.topk_work.resize(static_cast<size_t>(2 * pl.sh.max_sel));
+}
+
+// ------------------------------------------------------------------ selection and top-k
+// Box-filtered fp32 P row for the selection scores (§3.5): out[x] = sum_{m<M} sum_{n<N} P[x-m-n] for
+// x in [lo, hi + kMargin), so that score_h[k] = out[M(k+1)] (weights w_i of §3.5 as two boxes).
+// prow must be zero on [lo - kMargin, lo) and [hi, hi + kMargin).
+void row_box(const Plan& pl, Scratch& sc, const float* prow, int64_t lo, int64_t hi, float* out) {
+  const int64_t n = hi - lo + kMargin;
+  float* q = sc.box1.get() + kMargin;
+  std::memset(q + lo - kMargin, 0, sizeof(float) * kMargin);
+  pl.kt->box_sum(prow + lo, q + lo, n, static_cast<int>(pl.sh.N));
+  pl.kt->box_sum(q + lo, out + lo, n, static_cast<int>(pl.sh.M));
+}
+
+// Top-K of score[0..sel) in §3.8 order into idx[0..K) when a score is NaN (KernelTable::top_k handles the
+// rest and returns false here): a sorted buffer of the K best so far, ordered by reference::topk_before
+// (NaN ranks below every number; equal scores keep the earlier index).
+void top_k_general(const float* score, int64_t sel, int64_t K, int32_t* idx) {
+  float best[32];
+  int32_t bidx[32];
+  int64_t count = 0;
+  for (int64_t k = 0; k < sel; ++k) {
+    const float v = score[k];
+    if (count == K && !reference::topk_before(v, k, best[K - 1], static_cast<int64_t>(bidx[K - 1]))) continue;
+    int64_t pos = count < K ? count++ : K - 1;
+    while (pos > 0 && reference::topk_before(v, k, best[pos - 1], static_cast<int64_t>(bidx[pos - 1]))) {
+      best[pos] = best[pos - 1];
+      bidx[pos] = bidx[pos - 1];
+      --pos;
+    }
+    best[pos] = v;
+    bidx[pos] = static_cast<int32_t>(k);
+  }
+  for (int64_t i = 0; i < K; ++i) idx[i] = bidx[i];
+}
+
+// ------------------------------------------------------------------ query prefetch
+// The query rows of the next tile, loaded into L2 while this tile computes (they come from memory once
+// per call, and packing them would otherwise wait on DRAM). The cache lines are issued a few at a time
+// from step 4's row loop, not in one burst that would fill the load queue. Rows with unit element stride
+// only; a span is the G rows of a token when its heads are contiguous, else one row.
+struct QueryPrefetch {
+  const char* base = nullptr;  // query data
+  int64_t first_row = 0;       // element offset of the first span of the first token
+  int64_t token_stride = 0, head_stride = 0;  // elements
+  int64_t spans_per_token = 0, lines_per_span = 0, tokens = 0, esz = 0;
+  int64_t next = 0, total = 0;  // lines issued, lines in all
+
+  void plan(const Plan& pl, const BatchInfo& bi, int64_t n2, int64_t s0, int64_t s1) {
+    const Tensor3& q = pl.p->query;
+    next = total = 0;
+    if (q.stride[2] != 1) return;
+    const int64_t G = pl.sh.G;
+    esz = static_cast<int64_t>(dtype_size(pl.p->dtype));
+    const bool heads_contiguous = q.stride[1] == pl.sh.D;
+    base = static_cast<const char*>(q.data);
+    first_row = (bi.q_begin + s0) * q.stride[0] + n2 * G * q.stride[1];
+    token_stride = q.stride[0];
+    head_stride = q.stride[1];
+    spans_per_token = heads_contiguous ? 1 : G;
+    lines_per_span = ((heads_contiguous ? G : 1) * pl.sh.D * esz + 63) / 64;
+    tokens = s1 - s0;
+    total = tokens * spans_per_token * lines_per_span;
+  }
+  // issue the next `count` lines
+  void issue(int64_t count) {
+    const int64_t end = std::min(total, next + count);
+    for (; next < end; ++next) {
+      const int64_t span = next / lines_per_span, line = next % lines_per_span;
+      const int64_t tok = span / spans_per_token, g = span % spans_per_token;
+      __builtin_prefetch(base + (first_row + tok * token_stride + g * head_stride) * esz + line * 64, 0, 2);
+    }
+  }
+};
+
+// ------------------------------------------------------------------ one tile
+void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack, const BatchInfo& bi, int64_t n2,
+              int64_t s0, int64_t s1, QueryPrefetch& next_query) {
+  const CompressAttentionParams& p = *pl.p;
+  const CompressAttentionShape& sh = pl.sh;
+  const DType dt = p.dtype;
+  const int64_t G = sh.G, C = bi.c, cp = round_up(C, kPanel), ntok = s1 - s0, R = ntok * G;
+  const size_t esz = pl.bf16_dot ? 2 : 4;
+
+  // 1. window of the tile
+  int64_t wlo = cp, whi = 0;
+  bool any_full = false;
+  for (int64_t i = 0; i < ntok; ++i) {
+    const RowInfo& ri = pl.rows[bi.q_begin + s0 + i];
+    if (ri.kind == kFullyMasked) {
+      any_full = true;
+      continue;
+    }
+    wlo = std::min(wlo, ri.lo);
+    whi = std::max(whi, ri.hi);
+  }
+  const bool any_visible = whi > 0;
+  int64_t lo = 0, hi = 0;
+  if (any_visible) {
+    lo = wlo / 16 * 16;
+    hi = std::min(round_up(whi, 16), cp);
+  }
+
+  float* S = sc.s.get() + kMargin;  // row r at S + r * ld_s
+  if (any_visible) {
+    // 2. pack the query tile: row r = i*G + g, head h = n2*G + g
+    const Tensor3& q = p.query;
+    for (int64_t i = 0; i < ntok; ++i) {
+      const int64_t t = bi.q_begin + s0 + i;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = i * G + g, base = t * q.stride[0] + (n2 * G + g) * q.stride[1];
+        if (pl.bf16_dot) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(sc.qa.get()) + r * pl.q_lda;
+          if (q.stride[2] == 1) std::memcpy(dst, static_cast<const uint16_t*>(q.data) + base, 2 * sh.D);
+          else
+            for (int64_t d = 0; d < sh.D; ++d) dst[d] = load_bits16(q.data, base + d * q.stride[2]);
+          for (int64_t d = sh.D; d < pl.q_lda; ++d) dst[d] = 0;
+        } else {
+          float* dst = reinterpret_cast<float*>(sc.qa.get()) + r * pl.q_lda;
+          if (q.stride[2] == 1)
+            pl.kt->load_row(static_cast<const uint8_t*>(q.data) + base * static_cast<int64_t>(dtype_size(dt)), dst, sh.D, dt);
+          else
+            for (int64_t d = 0; d < sh.D; ++d) dst[d] = detail::load_f32(q.data, base + d * q.stride[2], dt);
+        }
+      }
+    }
+    // 3. S = Q.K^T * scale over the window's panels
+    if (pl.bf16_dot) {
+      pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.qa.get()), pl.q_lda, R,
+                       static_cast<const uint16_t*>(kpack), pl.qk_red * kPanel * 2, lo, hi - lo, pl.qk_red,
+                       pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
+    } else {
+      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.qa.get()), pl.q_lda, R, static_cast<const float*>(kpack),
+                      pl.qk_red * kPanel, lo, hi - lo, pl.qk_red, pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
+    }
+  }
+
+  // 4. mask + softmax per row; rounded P into the A operand of P.V. A token whose G rows are all ordinary
+  //    (no wide row, not fully masked) is normalized in one fused pass that also forms the §3.6 group sum
+  //    of its fp32 P rows into its first score row (sc.fused[i]); otherwise each row keeps its fp32 P in S
+  //    and step 6 sums them.
+  const int64_t cmax = std::min(hi, C);  // columns [cmax, hi) are padding past C_b
+  const int64_t n_out = C - (cmax - lo);  // columns of [0, C) outside the window (masked)
+  for (int64_t i = 0; i < ntok; ++i) {
+    const int64_t s = s0 + i;
+    const RowInfo& ri = pl.rows[bi.q_begin + s];
+    bool token_wide = false;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g;
+      next_query.issue((next_query.total + R - 1) / R);
+      float* srow = S + r * sc.ld_s;
+      if (ri.kind == kFullyMasked) {
+        sc.m[r] = -FLT_MAX;
+        sc.l[r] = static_cast<float>(C);
+        sc.wide[r] = false;
+        if (any_visible) std::memset(sc.pa.get() + (r * sc.ld_p + lo) * esz, 0, static_cast<size_t>(hi - lo) * esz);
+        continue;
+      }
+      if (ri.kind == kRange) {
+        for (int64_t c = lo; c < ri.lo; ++c) srow[c] = -FLT_MAX;
+        for (int64_t c = ri.hi; c < cmax; ++c) srow[c] = -FLT_MAX;
+      } else {
+        const uint8_t* mrow = p.atten_mask.data + s * p.atten_mask.stride[0];
+        for (int64_t c = lo; c < cmax; ++c)
+          if (mrow[c * p.atten_mask.stride[1]] != 0) srow[c] = -FLT_MAX;
+      }
+      for (int64_t c = cmax; c < hi; ++c) srow[c] = -INFINITY;
+      const float m = pl.kt->row_max(srow + lo, hi - lo, n_out > 0 ? -FLT_MAX : -INFINITY);
+      float l = pl.kt->exp_sum(srow + lo, hi - lo, m);
+      // Every visible score at or below -FLT_MAX (fp32 overflow of q.k*scale): then m = -FLT_MAX and the
+      // masked columns outside the window get exp(-FLT_MAX - m) / l = 1/l (§3.3), not 0. Such "wide"
+      // rows are finished over all C columns below (rare; exact, slow).
+      const bool wide = n_out > 0 && m == -FLT_MAX;
+      if (wide) l += static_cast<float>(n_out);
+      sc.m[r] = m;
+      sc.l[r] = l;
+      sc.wide[r] = wide;
+      token_wide |= wide;
+    }
+    sc.fused[i] = ri.kind != kFullyMasked && !token_wide && G <= kMaxFusedGroup;
+    if (sc.fused[i]) {
+      float* row0 = S + i * G * sc.ld_s + lo;
+      pl.kt->normalize_group(row0, sc.ld_s, static_cast<int>(G), &sc.l[i * G], hi - lo,
+                             sc.pa.get() + (i * G * sc.ld_p + lo) * esz, sc.ld_p, pl.pstore, row0);
+    } else if (ri.kind != kFullyMasked) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = i * G + g;
+        pl.kt->normalize_row(S + r * sc.ld_s + lo, hi - lo, sc.l[r], sc.pa.get() + (r * sc.ld_p + lo) * esz,
+                             pl.pstore);
+      }
+    }
+  }
+
+  // 5. O = round(P).V over the window
+  if (any_visible) {
+    if (pl.bf16_dot) {
+      const uint16_t* vp = static_cast<const uint16_t*>(vpack);
+      const int64_t pstride = (cp / 2) * kPanel * 2;
+      pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.pa.get()) + lo, sc.ld_p, R, vp + (lo / 2) * kPanel * 2,
+                       pstride, 0, pl.d2p, (hi - lo) / 2, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
+    } else {
+      const float* vp = static_cast<const float*>(vpack);
+      const int64_t pstride = cp * kPanel;
+      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.pa.get()) + lo, sc.ld_p, R, vp + lo * kPanel, pstride, 0,
+                      pl.d2p, hi - lo, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
+    }
+  }
+  // wide rows (see step 4): fp32 P over all of [0, C) and O = sum_c round(P[c]) v[c] in c order
+  for (int64_t r = 0; r < R; ++r) {
+    if (!sc.wide[r]) continue;
+    float* srow = S + r * sc.ld_s;
+    const float pout = 1.0f / sc.l[r];
+    for (int64_t c = 0; c < lo; ++c) srow[c] = pout;
+    for (int64_t c = cmax; c < C; ++c) srow[c] = pout;
+    for (int64_t c = std::max(hi, C); c < cp; ++c) srow[c] = 0.0f;
+    float* orow = sc.o.get() + r * pl.d2p;
+    std::fill(orow, orow + sh.D2, 0.0f);
+    const Tensor3& v = p.value;
+    for (int64_t c = 0; c < C; ++c) {
+      const float pc = detail::round_to_dtype(srow[c], dt);
+      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t j = 0; j < sh.D2; ++j) orow[j] += pc * detail::load_f32(v.data, base + j * v.stride[2], dt);
+    }
+  }
+  if (any_full) {
+    // closed form of fully masked rows: sum_c round(1/C) v[c], accumulated in fp32 in c order
+    const float pc = detail::round_to_dtype(1.0f / static_cast<float>(C), dt);
+    float* u = sc.uniform.get();
+    std::fill(u, u + sh.D2, 0.0f);
+    const Tensor3& v = p.value;
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
+      for (int64_t j = 0; j < sh.D2; ++j) u[j] += pc * detail::load_f32(v.data, base + j * v.stride[2], dt);
+    }
+  }
+
+  // 6. outputs, statistics, selection scores and top-k per token
+  const int64_t M = sh.M, K = sh.K, Sel = bi.sel;
+  for (int64_t i = 0; i < ntok; ++i) {
+    const int64_t s = s0 + i, t = bi.q_begin + s;
+    const bool full = pl.rows[t].kind == kFullyMasked;
+    bool token_wide = false;  // a wide row makes the token's selection range all of [0, cp)
+    for (int64_t g = 0; g < G; ++g) token_wide |= static_cast<bool>(sc.wide[i * G + g]);
+    int64_t rlo = lo, rhi = hi;
+    if (token_wide) {
+      rlo = 0;
+      rhi = cp;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g, h = n2 * G + g;
+      const float* orow = full ? sc.uniform.get() : sc.o.get() + r * pl.d2p;
+      uint8_t* dst = static_cast<uint8_t*>(p.attention_out) + (t * sh.N1 + h) * sh.D2 * static_cast<int64_t>(dtype_size(dt));
+      (pl.stream_out ? pl.kt->store_row_stream : pl.kt->store_row)(orow, dst, sh.D2, dt);
+      const int64_t so = detail::stat_offset(bi, h, s);
+      std::fill(p.softmax_max + so, p.softmax_max + so + 8, sc.m[r]);
+      std::fill(p.softmax_sum + so, p.softmax_sum + so + 8, sc.l[r]);
+    }
+    // the token's fp32 P rows with zero margins (or, fused, their group sum in its first row)
+    for (int64_t g = 0; g < (sc.fused[i] ? 1 : G); ++g) {
+      const int64_t r = i * G + g;
+      float* srow = S + r * sc.ld_s;
+      if (full) {  // uniform P = 1/C over [0, C)
+        rlo = 0;
+        rhi = cp;
+        const float pu = 1.0f / static_cast<float>(C);
+        for (int64_t c = 0; c < C; ++c) srow[c] = pu;
+        for (int64_t c = C; c < cp; ++c) srow[c] = 0.0f;
+      } else if (token_wide && !sc.wide[r]) {  // P = 0 outside the window for the token's other rows
+        std::fill(srow, srow + lo, 0.0f);
+        std::fill(srow + hi, srow + cp, 0.0f);
+      }
+      std::memset(srow + rlo - kMargin, 0, sizeof(float) * kMargin);
+      std::memset(srow + rhi, 0, sizeof(float) * kMargin);
+    }
+    // blocks whose taps touch [rlo, rhi + kMargin): M(k+1) in [rlo, rhi + kMargin)
+    const int64_t k0 = std::max<int64_t>(0, (rlo + M - 1) / M - 1);
+    const int64_t k1 = std::min<int64_t>(Sel, (rhi + kMargin - 1) / M);
+    float* score = sc.score.get();
+    std::fill(score, score + std::min(k0, Sel), 0.0f);  // [k0, k1) is written below
+    std::fill(score + std::max(k0, std::min(k1, Sel)), score + Sel, 0.0f);
+    if (rhi > rlo && k1 > k0) {
+      // §3.6 pairwise group sum over g (odd last element carried up), applied elementwise to the
+      // fp32 P rows of the G heads (the §3.5 map is linear, so this equals summing score_h up to
+      // rounding), then the §3.5 box filters once, then the picks score[k] = box[M(k+1)].
+      for (int64_t g = 0; g < G; ++g) sc.ptrs[g] = S + (i * G + g) * sc.ld_s;
+      const int64_t x0 = rlo - kMargin, x1 = rhi + kMargin;  // margins included (zeros)
+      int64_t n = sc.fused[i] ? 1 : G;  // fused: the sum is already in the first row
+      while (n > 1) {
+        const int64_t half = n / 2;
+        for (int64_t a = 0; a < half; ++a) {
+          float* x = sc.ptrs[2 * a];
+          pl.kt->add_row(x + x0, sc.ptrs[2 * a + 1] + x0, x1 - x0);
+          sc.ptrs[a] = x;
+        }
+        if (n % 2) sc.ptrs[half] = sc.ptrs[n - 1];
+        n = half + n % 2;
+      }
+      float* boxed = sc.heads.get() + kMargin;
+      row_box(pl, sc, sc.ptrs[0], rlo, rhi, boxed);
+      for (int64_t k = k0; k < k1; ++k) score[k] = boxed[M * (k + 1)];
+    } else if (k1 > k0) {
+      std::fill(score + k0, score + k1, 0.0f);
+    }
+    if (p.topk_mask.data != nullptr) {  // §3.7
+      const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
+      for (int64_t k = 0; k < Sel; ++k)
+        if (trow[k * p.topk_mask.stride[1]] != 0) score[k] = FLT_MAX;
+    }
+    int32_t* idx = p.topk_indices + (t * sh.N2 + n2) * K;
+    if (!pl.kt->top_k(score, Sel, static_cast<int>(K), idx, sc.topk_work.data()))
+      top_k_general(score, Sel, K, idx);  // a NaN score (§3.8 order of NaN)
+  }
+}
+
+}  // namespace
+
+Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options);
+
+// Entry point: validation first (nothing written on error), then the tiled pass. Workspace that
+// cannot be allocated is reported as an error, never as a crash: all of it (packed K/V, per-worker
+// scratch) is allocated before the first output is written.
+Status forward(const CompressAttentionParams& p, const CpuOptions& options) {
+  try {
+    return forward_impl(p, options);
+  } catch (const std::bad_alloc&) {
+    return Status::Error("compress_attention_cpu: out of memory for the workspace (packed K/V and per-thread score "
+                         "blocks grow with C_b x G); reduce the sizes or the number of threads");
+  } catch (const std::exception& e) {  // e.g. std::system_error when no thread can be started
+    return Status::Error(std::string("compress_attention_cpu: ") + e.what());
+  }
+}
+
+Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options) {
+  Plan pl;
+  Status st = validate_compress_attention(p, &pl.sh);
+  if (!st.ok()) return st;
+  CpuIsa isa;
+  st = resolve_isa(options.isa, &isa);
+  if (!st.ok()) return st;
+  if (p.dtype == DType::kF64) return reference::forward_fp64(p);  // testing extension: no fast path
+
+  const CompressAttentionShape& sh = pl.sh;
+  // Workspace sizes below are products of C_b, D, D2 and G: refuse sizes whose byte counts could
+  // overflow 64-bit arithmetic (only reachable with stride-0 views of a small buffer).
+  constexpr int64_t kMaxDim = int64_t(1) << 40;
+  if (sh.max_c > kMaxDim || sh.T > kMaxDim || sh.D > (int64_t(1) << 20) || sh.N1 > (int64_t(1) << 20))
+    return Status::Error("compress_attention_cpu: sizes too large for the CPU backend's 64-bit workspace arithmetic "
+                         "(max C_b, T < 2^40; D, N1 < 2^20)");
+  pl.p = &p;
+  pl.batches = detail::make_batches(p, sh);
+  pl.kt = kernels_for(isa);
+  pl.bf16_dot = p.dtype == DType::kBF16 && pl.kt->gemm_bf16 != nullptr;
+  pl.pstore = pl.bf16_dot                  ? PStore::kBf16Bits
+              : p.dtype == DType::kBF16    ? PStore::kF32AsBf16
+              : p.dtype == DType::kF16     ? PStore::kF32AsF16
+                                           : PStore::kF32;
+  pl.scale = static_cast<float>(p.scale_value);
+  pl.qk_red = pl.bf16_dot ? (sh.D + 1) / 2 : sh.D;
+  pl.q_lda = pl.bf16_dot ? 2 * pl.qk_red : sh.D;
+  pl.d2p = round_up(sh.D2, kPanel);
+  pl.cp_max = round_up(sh.max_c, kPanel);
+  const int64_t G = sh.G;
+  int64_t bq = std::max<int64_t>(1, (kTargetRows + G / 2) / G);
+  bq = std::min(bq, std::max<int64_t>(1, kMaxScoreBytes / (4 * G * (pl.cp_max + 2 * kMargin))));
+  pl.bq = std::max<int64_t>(1, std::min(bq, sh.max_sq));
+  const int threads = resolve_num_threads(options.num_threads);
+  // an output well beyond the caches is written once and not read back here: stream it
+  constexpr int64_t kStreamBytes = int64_t(16) << 20;
+  pl.stream_out = sh.T * sh.N1 * sh.D2 * static_cast<int64_t>(dtype_size(p.dtype)) >= kStreamBytes;
+
+  // packed K/V panels of every (batch, KV head)
+  const size_t esz = pl.bf16_dot ? 2 : 4;
+  pl.cp.resize(pl.batches.size());
+  pl.k_off.resize(pl.batches.size() * sh.N2);
+  pl.v_off.resize(pl.batches.size() * sh.N2);
+  int64_t k_total = 0, v_total = 0;
+  for (size_t b = 0; b < pl.batches.size(); ++b) {
+    pl.cp[b] = round_up(pl.batches[b].c, kPanel);
+    for (int64_t n2 = 0; n2 < sh.N2; ++n2) {
+      pl.k_off[b * sh.N2 + n2] = k_total;
+      pl.v_off[b * sh.N2 + n2] = v_total;
+      k_total += pl.cp[b] * pl.q_lda;
+      v_total += pl.cp[b] * pl.d2p;
+    }
+  }
+  AlignedBuffer<uint8_t> kbuf, vbuf;
+  kbuf.reset(static_cast<size_t>(k_total) * esz);
+  vbuf.reset(static_cast<size_t>(v_total) * esz);
+
+  // row analysis of atten_mask, per query row (depends on the batch's C_b)
+  pl.rows.resize(static_cast<size_t>(sh.T));
+  std::vector<int64_t> row_batch(static_cast<size_t>(sh.T));
+  for (size_t b = 0; b < pl.batches.size(); ++b)
+    for (int64_t s = 0; s < pl.batches[b].sq; ++s) row_batch[pl.batches[b].q_begin + s] = static_cast<int64_t>(b);
+  constexpr int64_t kRowChunk = 256;
+  const int64_t n_row_chunks = (sh.T + kRowChunk - 1) / kRowChunk;
+  const int64_t n_pack = static_cast<int64_t>(pl.batches.size()) * sh.N2;
+  parallel_for(n_pack + n_row_chunks, threads, [&](int64_t task, int) {
+    if (task < n_pack) {
+      const int64_t b = task / sh.N2, n2 = task % sh.N2;
+      const BatchInfo& bi = pl.batches[b];
+      pack_k(pl, bi, n2, kbuf.get() + pl.k_off[task] * esz);
+      pack_v(pl, bi, n2, vbuf.get() + pl.v_off[task] * esz);
+      return;
+    }
+    const int64_t c0 = (task - n_pack) * kRowChunk, c1 = std::min(sh.T, c0 + kRowChunk);
+    for (int64_t t = c0; t < c1; ++t) {
+      const BatchInfo& bi = pl.batches[row_batch[t]];
+      pl.rows[t] = analyse_row(p.atten_mask, t - bi.q_begin, bi.c);
+    }
+  });
+
+  // tiles: (b, n2, query tokens [s0, s1))
+  for (size_t b = 0; b < pl.batches.size(); ++b)
+    for (int64_t n2 = 0; n2 < sh.N2; ++n2)
+      for (int64_t s0 = 0; s0 < pl.batches[b].sq; s0 += pl.bq)
+        pl.tasks.push_back({static_cast<int64_t>(b), n2, s0, std::min(pl.batches[b].sq, s0 + pl.bq)});
+  // per-worker scratch, allocated here (before any output is written) so that a failed allocation
+  // is an error, not a crash in a worker thread
+  const int workers = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<size_t>(1, pl.tasks.size())));
+  std::vector<Scratch> scratch(static_cast<size_t>(workers));
+  for (Scratch& sc : scratch) init_scratch(pl, sc);
+  // runs of consecutive tiles per worker: each tile prefetches the next one's query rows
+  parallel_for_runs(static_cast<int64_t>(pl.tasks.size()), workers, 8, [&](int64_t begin, int64_t end, int worker) {
+    Scratch& sc = scratch[static_cast<size_t>(worker)];
+    QueryPrefetch next_query;
+    for (int64_t task = begin; task < end; ++task) {
+      next_query = QueryPrefetch();
+      if (task + 1 < end) {
+        const auto& nx = pl.tasks[static_cast<size_t>(task + 1)];
+        next_query.plan(pl, pl.batches[nx[0]], nx[1], nx[2], nx[3]);
+      }
+      const auto& tk = pl.tasks[static_cast<size_t>(task)];
+      const int64_t kv = tk[0] * sh.N2 + tk[1];
+      run_tile(pl, sc, kbuf.get() + pl.k_off[kv] * esz, vbuf.get() + pl.v_off[kv] * esz, pl.batches[tk[0]], tk[1],
+               tk[2], tk[3], next_query);
+    }
+    if (pl.stream_out) pl.kt->stream_fence();  // this worker's streaming stores, before the join
+  });
+  return Status::Ok();
+}
+
+}  // namespace cpu
+
+Status compress_attention_cpu(const CompressAttentionParams& p, const CpuOptions& options) {
+  return cpu::forward(p, options);
+}
+
+}  // namespace nsa

@@ -1,0 +1,175 @@
+// Reference backward: SPEC §7 line by line, plain loops, single thread. The tests' oracle for the
+// gradients, and the backward's argument checks (shared by every backend).
+// Acc is the arithmetic type of every float32 quantity of §7 (float: the spec literally; double: the
+// fp64 model used to measure the error of other backends, and the gradcheck path for fp64 inputs).
+//
+// Choices that §7 leaves open, made here:
+// - P and dS stay in Acc: they are NOT rounded to the input dtype before the products that use them
+//   (§7 allows either; the unrounded form is the exact derivative of §3 up to Acc rounding).
+// - P uses the saved statistics as given (float32 m and l_sum), converted to Acc: P = exp(S - m) / l_sum.
+//   For fp64 inputs the statistics are therefore still float32 values: the gradient is exact up to their
+//   rounding (relative ~1e-7), which is far below what gradcheck resolves.
+// - Fully masked rows (§5, §7): P = exp(-FLT_MAX - (-FLT_MAX)) / l_sum = 1 / C_b goes to dV; dS is set to
+//   zero, so the row gives zero dQ and nothing to dK.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <sstream>
+#include <type_traits>
+#include <vector>
+
+#include "ops/compress_attention/batches.h"
+#include "common/numeric.h"
+#include "ops/compress_attention/reference.h"
+
+namespace nsa {
+
+namespace {
+
+template <typename... Args>
+Status err(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return Status::Error(os.str());
+}
+
+Status check_dout(const Tensor3& t, const char* name, const CompressAttentionShape& sh) {
+  if (t.data == nullptr) return err(name, " must not be null");
+  if (t.size[0] != sh.T || t.size[1] != sh.N1 || t.size[2] != sh.D2)
+    return err(name, " must have the shape of attention_out [T, N1, D2] = [", sh.T, ", ", sh.N1, ", ", sh.D2,
+               "], got [", t.size[0], ", ", t.size[1], ", ", t.size[2], "]");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status validate_compress_attention_backward(const CompressAttentionGradParams& p, CompressAttentionShape* shape) {
+  // The forward's output pointers play no part in the backward (the header says they are ignored), but
+  // validate_compress_attention requires them: hand it stand-ins that are never dereferenced.
+  CompressAttentionParams f = p.fwd;
+  static float dummy_f = 0.0f;
+  static int32_t dummy_i = 0;
+  f.attention_out = &dummy_f;
+  f.topk_indices = &dummy_i;
+  f.softmax_max = &dummy_f;
+  f.softmax_sum = &dummy_f;
+  CompressAttentionShape sh;
+  Status s = validate_compress_attention(f, &sh);
+  if (!s.ok()) return s;
+  if (!(s = check_dout(p.attention_out, "attention_out", sh)).ok()) return s;
+  if (!(s = check_dout(p.grad_out, "grad_out", sh)).ok()) return s;
+  if (p.softmax_max == nullptr) return err("softmax_max must not be null");
+  if (p.softmax_sum == nullptr) return err("softmax_sum must not be null");
+  if (p.grad_query == nullptr) return err("grad_query must not be null");
+  if (p.grad_key == nullptr) return err("grad_key must not be null");
+  if (p.grad_value == nullptr) return err("grad_value must not be null");
+  if (shape) *shape = sh;
+  return Status::Ok();
+}
+
+namespace reference {
+namespace {
+
+using detail::BatchInfo;
+
+template <typename Acc>
+Acc load(const Tensor3& t, int64_t i, int64_t j, int64_t k, DType dt) {
+  const int64_t off = i * t.stride[0] + j * t.stride[1] + k * t.stride[2];
+  if constexpr (std::is_same_v<Acc, double>) return detail::load_f64(t.data, off, dt);
+  else return detail::load_f32(t.data, off, dt);
+}
+
+bool mask_at(const Mask2& m, int64_t r, int64_t c) {
+  return m.data != nullptr && m.data[r * m.stride[0] + c * m.stride[1]] != 0;
+}
+
+template <typename Acc>
+Status backward(const CompressAttentionGradParams& p) {
+  CompressAttentionShape sh;
+  Status st = validate_compress_attention_backward(p, &sh);
+  if (!st.ok()) return st;
+  const CompressAttentionParams& f = p.fwd;
+  const DType dt = f.dtype;
+  const std::vector<BatchInfo> batches = detail::make_batches(f, sh);
+  const Acc scale = static_cast<Acc>(static_cast<float>(f.scale_value));  // §1: used as float32
+  const Acc neg_max = static_cast<Acc>(-FLT_MAX);
+  const int64_t G = sh.G, D = sh.D, D2 = sh.D2, N1 = sh.N1, N2 = sh.N2;
+
+  // dK (unscaled: Σ dS·q) and dV of every key/value row, in Acc; rows past the last prefix sum stay 0.
+  std::vector<Acc> dk(static_cast<size_t>(sh.T2 * N2 * D), Acc(0));
+  std::vector<Acc> dv(static_cast<size_t>(sh.T2 * N2 * D2), Acc(0));
+  std::vector<Acc> S, P, dS, dq(static_cast<size_t>(D));
+  for (const BatchInfo& bi : batches) {
+    const int64_t C = bi.c;
+    S.assign(static_cast<size_t>(C), 0);
+    P.assign(static_cast<size_t>(C), 0);
+    dS.assign(static_cast<size_t>(C), 0);
+    for (int64_t s = 0; s < bi.sq; ++s) {
+      const int64_t t = bi.q_begin + s;  // row of query / attention_out / grad_out
+      // §5: a row whose every atten_mask entry in [0, C_b) is set is fully masked.
+      bool fully_masked = f.atten_mask.data != nullptr;
+      for (int64_t c = 0; c < C && fully_masked; ++c) fully_masked = mask_at(f.atten_mask, s, c);
+      for (int64_t n2 = 0; n2 < N2; ++n2) {
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = n2 * G + g;  // query head; reads KV head h / G = n2 (§2)
+          // §3.1-3.2 scores recomputed: dot product in Acc, times the float32 scale, masked entries replaced.
+          for (int64_t c = 0; c < C; ++c) {
+            Acc dot = 0;
+            for (int64_t j = 0; j < D; ++j)
+              dot += load<Acc>(f.query, t, h, j, dt) * load<Acc>(f.key, bi.c_begin + c, n2, j, dt);
+            S[c] = mask_at(f.atten_mask, s, c) ? neg_max : dot * scale;
+          }
+          // §7: P from the saved statistics (§4 layout).
+          const int64_t so = detail::stat_offset(bi, h, s);
+          const Acc m = static_cast<Acc>(p.softmax_max[so]);
+          const Acc l_sum = static_cast<Acc>(p.softmax_sum[so]);
+          for (int64_t c = 0; c < C; ++c) P[c] = std::exp(S[c] - m) / l_sum;
+          // Dlt = Σ_j dO·O with O the attention_out as returned.
+          Acc dlt = 0;
+          for (int64_t j = 0; j < D2; ++j)
+            dlt += load<Acc>(p.grad_out, t, h, j, dt) * load<Acc>(p.attention_out, t, h, j, dt);
+          // dP = dO·v; dS = P (dP - Dlt), zero for a fully masked row (§7); dV += P dO.
+          for (int64_t c = 0; c < C; ++c) {
+            Acc dp = 0;
+            for (int64_t j = 0; j < D2; ++j)
+              dp += load<Acc>(p.grad_out, t, h, j, dt) * load<Acc>(f.value, bi.c_begin + c, n2, j, dt);
+            dS[c] = fully_masked ? Acc(0) : P[c] * (dp - dlt);
+            Acc* dvr = &dv[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D2)];
+            for (int64_t j = 0; j < D2; ++j) dvr[j] += P[c] * load<Acc>(p.grad_out, t, h, j, dt);
+          }
+          // dQ = scale Σ_c dS k (this row's only writer); dK += dS q (scaled once at the end).
+          std::fill(dq.begin(), dq.end(), Acc(0));
+          for (int64_t c = 0; c < C; ++c) {
+            Acc* dkr = &dk[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D)];
+            for (int64_t j = 0; j < D; ++j) {
+              dq[j] += dS[c] * load<Acc>(f.key, bi.c_begin + c, n2, j, dt);
+              dkr[j] += dS[c] * load<Acc>(f.query, t, h, j, dt);
+            }
+          }
+          for (int64_t j = 0; j < D; ++j)
+            detail::store_f64(p.grad_query, (t * N1 + h) * D + j, static_cast<double>(scale * dq[j]), dt);
+        }
+      }
+    }
+  }
+  // Outputs in the dtype; key/value rows past cmp_seq_kvlen[B-1] get zeros (§7).
+  for (int64_t i = 0; i < sh.T2 * N2 * D; ++i)
+    detail::store_f64(p.grad_key, i, static_cast<double>(scale * dk[static_cast<size_t>(i)]), dt);
+  for (int64_t i = 0; i < sh.T2 * N2 * D2; ++i)
+    detail::store_f64(p.grad_value, i, static_cast<double>(dv[static_cast<size_t>(i)]), dt);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status backward_fp32(const CompressAttentionGradParams& p) { return backward<float>(p); }
+Status backward_fp64(const CompressAttentionGradParams& p) { return backward<double>(p); }
+
+}  // namespace reference
+
+Status compress_attention_backward_reference(const CompressAttentionGradParams& p) {
+  if (p.fwd.dtype == DType::kF64) return reference::backward_fp64(p);
+  return reference::backward_fp32(p);
+}
+
+}  // namespace nsa

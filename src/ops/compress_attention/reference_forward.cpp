@@ -1,0 +1,140 @@
+// Reference backend: SPEC §3 line by line, plain loops, single thread. The tests' oracle.
+// Acc is the arithmetic type of every float32 quantity of §3 (float: the spec literally;
+// double: the fp64 model used to measure the error of other backends).
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "ops/compress_attention/batches.h"
+#include "common/numeric.h"
+#include "ops/compress_attention/reference.h"
+
+namespace nsa::reference {
+namespace {
+
+using detail::BatchInfo;
+
+template <typename Acc>
+Acc load(const Tensor3& t, int64_t i, int64_t j, int64_t k, DType dt) {
+  const int64_t off = i * t.stride[0] + j * t.stride[1] + k * t.stride[2];
+  if constexpr (std::is_same_v<Acc, double>) return detail::load_f64(t.data, off, dt);
+  else return detail::load_f32(t.data, off, dt);
+}
+
+bool mask_at(const Mask2& m, int64_t r, int64_t c) {
+  return m.data != nullptr && m.data[r * m.stride[0] + c * m.stride[1]] != 0;
+}
+
+// "cast(P)" of §3.4: P rounded to the input dtype (no-op for fp32/fp64 inputs).
+template <typename Acc>
+Acc round_p(Acc x, DType dt) {
+  if (dt == DType::kF32 || dt == DType::kF64) return x;
+  return static_cast<Acc>(detail::round_to_dtype(static_cast<float>(x), dt));
+}
+
+template <typename Acc>
+Status forward(const CompressAttentionParams& p) {
+  CompressAttentionShape sh;
+  Status st = validate_compress_attention(p, &sh);
+  if (!st.ok()) return st;
+  const DType dt = p.dtype;
+  const std::vector<BatchInfo> batches = detail::make_batches(p, sh);
+  const Acc scale = static_cast<Acc>(static_cast<float>(p.scale_value));  // §1: used as float32
+  const Acc neg_max = static_cast<Acc>(-FLT_MAX);
+  const Acc pos_max = static_cast<Acc>(FLT_MAX);
+  const int64_t G = sh.G, M = sh.M, N = sh.N, K = sh.K, D = sh.D, D2 = sh.D2;
+
+  std::vector<Acc> S, P, acc(static_cast<size_t>(D2)), score, score_h, group;
+  std::vector<int64_t> order;
+  for (const BatchInfo& bi : batches) {
+    const int64_t C = bi.c, Sel = bi.sel;
+    S.assign(static_cast<size_t>(C), 0);
+    P.assign(static_cast<size_t>(C), 0);
+    for (int64_t n2 = 0; n2 < sh.N2; ++n2) {
+      for (int64_t s = 0; s < bi.sq; ++s) {
+        const int64_t t = bi.q_begin + s;  // row of query / outputs
+        // score_h[g][k] for the G heads of the group (§3.5), summed in §3.6.
+        score_h.assign(static_cast<size_t>(G * Sel), 0);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = n2 * G + g;  // query head; reads KV head h / G = n2 (§2)
+          // §3.1 scores: dot product accumulated in Acc, then times the float32 scale.
+          for (int64_t c = 0; c < C; ++c) {
+            Acc dot = 0;
+            for (int64_t j = 0; j < D; ++j)
+              dot += load<Acc>(p.query, t, h, j, dt) * load<Acc>(p.key, bi.c_begin + c, n2, j, dt);
+            S[c] = dot * scale;
+          }
+          // §3.2 mask: replacement by -FLT_MAX.
+          for (int64_t c = 0; c < C; ++c)
+            if (mask_at(p.atten_mask, s, c)) S[c] = neg_max;
+          // §3.3 softmax over the whole row.
+          Acc m = S[0];
+          for (int64_t c = 1; c < C; ++c) m = S[c] > m ? S[c] : m;
+          Acc l_sum = 0;
+          for (int64_t c = 0; c < C; ++c) l_sum += std::exp(S[c] - m);
+          for (int64_t c = 0; c < C; ++c) P[c] = std::exp(S[c] - m) / l_sum;
+          // §3.4 output: P rounded to the dtype, products summed in Acc, one final rounding.
+          std::fill(acc.begin(), acc.end(), Acc(0));
+          for (int64_t c = 0; c < C; ++c) {
+            const Acc pc = round_p(P[c], dt);
+            for (int64_t j = 0; j < D2; ++j) acc[j] += pc * load<Acc>(p.value, bi.c_begin + c, n2, j, dt);
+          }
+          for (int64_t j = 0; j < D2; ++j)
+            detail::store_f64(p.attention_out, (t * sh.N1 + h) * D2 + j, static_cast<double>(acc[j]), dt);
+          // §3.9 statistics in the per-batch [N1][Sq_b][8] layout of §4.
+          const int64_t so = detail::stat_offset(bi, h, s);
+          for (int i = 0; i < 8; ++i) {
+            p.softmax_max[so + i] = static_cast<float>(m);
+            p.softmax_sum[so + i] = static_cast<float>(l_sum);
+          }
+          // §3.5 importance of selection block k: sum over m < M, n < N of P[M(k+1) - m - n]
+          // (note k+1), P[x] = 0 outside [0, C).
+          for (int64_t k = 0; k < Sel; ++k) {
+            Acc sc = 0;
+            for (int64_t mm = 0; mm < M; ++mm)
+              for (int64_t nn = 0; nn < N; ++nn) {
+                const int64_t x = M * (k + 1) - mm - nn;
+                if (x >= 0 && x < C) sc += P[x];
+              }
+            score_h[g * Sel + k] = sc;
+          }
+        }
+        // §3.6 group sum, pairwise tree over g.
+        score.assign(static_cast<size_t>(Sel), 0);
+        group.resize(static_cast<size_t>(G));
+        for (int64_t k = 0; k < Sel; ++k) {
+          for (int64_t g = 0; g < G; ++g) group[g] = score_h[g * Sel + k];
+          score[k] = pairwise_group_sum(group.data(), G);
+        }
+        // §3.7 forced blocks.
+        for (int64_t k = 0; k < Sel; ++k)
+          if (mask_at(p.topk_mask, s, k)) score[k] = pos_max;
+        // §3.8 top-k: stable descending order, first K.
+        order.resize(static_cast<size_t>(Sel));
+        std::iota(order.begin(), order.end(), int64_t(0));
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+          return topk_before(score[a], a, score[b], b);
+        });
+        for (int64_t i = 0; i < K; ++i)
+          p.topk_indices[(t * sh.N2 + n2) * K + i] = static_cast<int32_t>(order[i]);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status forward_fp32(const CompressAttentionParams& p) { return forward<float>(p); }
+Status forward_fp64(const CompressAttentionParams& p) { return forward<double>(p); }
+
+}  // namespace nsa::reference
+
+namespace nsa {
+Status compress_attention_reference(const CompressAttentionParams& p) {
+  if (p.dtype == DType::kF64) return reference::forward_fp64(p);
+  return reference::forward_fp32(p);
+}
+}  // namespace nsa

@@ -1,0 +1,167 @@
+// Argument rules of SPEC §6. Every failure names the argument and what was expected; nothing is
+// written by any entry point when this fails.
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "ops/compress_attention/batches.h"
+#include "nsa/compress_attention.h"
+
+namespace nsa {
+
+namespace {
+
+template <typename... Args>
+Status err(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return Status::Error(os.str());
+}
+
+std::string shape_str(const int64_t* s, int n) {
+  std::ostringstream os;
+  os << "[";
+  for (int i = 0; i < n; ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+Status check_tensor(const Tensor3& t, const char* name) {
+  if (t.data == nullptr) return err(name, " must not be null");
+  for (int i = 0; i < 3; ++i)
+    if (t.size[i] <= 0) return err(name, " must not be empty: got shape ", shape_str(t.size, 3));
+  return Status::Ok();
+}
+
+Status check_list(const IntList& l, const char* name) {
+  if (l.data == nullptr) return err(name, " must be given (a list of prefix sums, one per batch)");
+  if (l.size < 1) return err(name, " must have at least one element");
+  if (l.data[0] < 0) return err(name, " must start at a value >= 0, got ", l.data[0]);
+  for (int64_t i = 1; i < l.size; ++i)
+    if (l.data[i] < l.data[i - 1])
+      return err(name, " must be non-decreasing prefix sums, but element ", i, " (", l.data[i],
+                 ") < element ", i - 1, " (", l.data[i - 1], ")");
+  return Status::Ok();
+}
+
+Status check_mask(const Mask2& m, const char* name, int64_t rows, int64_t cols, const char* expect) {
+  if (m.data == nullptr) return Status::Ok();
+  if (m.size[0] != rows || m.size[1] != cols)
+    return err(name, " must have shape [", rows, ", ", cols, "] (", expect, "), got ", shape_str(m.size, 2));
+  return Status::Ok();
+}
+
+// ceil(a / b) for a >= 0, b > 0 without overflow: (a + b - 1) / b overflows for C_b near INT64_MAX (a key
+// tensor broadcast with stride 0 over that many rows is valid memory).
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+Status check_block_param(int64_t v, const char* name, int64_t lo, int64_t hi) {
+  if (v % 16 != 0 || v < lo || v > hi)
+    return err(name, " must be a multiple of 16 in [", lo, ", ", hi, "], got ", v);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status validate_compress_attention(const CompressAttentionParams& p, CompressAttentionShape* out_shape) {
+  Status s;
+  if (static_cast<int>(p.dtype) < 0 || static_cast<int>(p.dtype) > 3)
+    return err("dtype must be bfloat16, float16, float32 or float64");
+  if (!(s = check_tensor(p.query, "query")).ok()) return s;
+  if (!(s = check_tensor(p.key, "key")).ok()) return s;
+  if (!(s = check_tensor(p.value, "value")).ok()) return s;
+
+  CompressAttentionShape sh;
+  sh.T = p.query.size[0];
+  sh.N1 = p.query.size[1];
+  sh.D = p.query.size[2];
+  sh.T2 = p.key.size[0];
+  sh.N2 = p.key.size[1];
+  sh.D2 = p.value.size[2];
+  if (p.key.size[2] != sh.D)
+    return err("key must have the head dim D of query (", sh.D, "), got key.size(2) = ", p.key.size[2]);
+  if (p.value.size[0] != sh.T2 || p.value.size[1] != sh.N2)
+    return err("value must have the first two dims of key [", sh.T2, ", ", sh.N2, "], got [", p.value.size[0],
+               ", ", p.value.size[1], "]");
+  if (sh.D2 > sh.D)
+    return err("value head dim D2 (", sh.D2, ") must be <= the head dim D of query and key (", sh.D, ")");
+  if (!std::isfinite(p.scale_value)) return err("scale_value must be finite, got ", p.scale_value);
+  if (!std::isfinite(static_cast<float>(p.scale_value)))
+    return err("scale_value must be finite as float32, got ", p.scale_value);
+  if (p.head_num != sh.N1)
+    return err("head_num must equal the number of query heads query.size(1) = ", sh.N1, ", got ", p.head_num);
+  if (sh.N1 % sh.N2 != 0)
+    return err("the number of query heads (", sh.N1, ") must be a multiple of the number of key/value heads (",
+               sh.N2, ")");
+  sh.G = sh.N1 / sh.N2;
+
+  const int64_t l = p.compress_block_size, d = p.compress_stride, lp = p.select_block_size;
+  if (!(s = check_block_param(l, "compress_block_size", 16, 128)).ok()) return s;
+  if (!(s = check_block_param(d, "compress_stride", 16, 64)).ok()) return s;
+  if (!(s = check_block_param(lp, "select_block_size", 16, 128)).ok()) return s;
+  if (d > l) return err("compress_stride (", d, ") must be <= compress_block_size (", l, ")");
+  if (l > lp) return err("compress_block_size (", l, ") must be <= select_block_size (", lp, ")");
+  if (lp % d != 0)
+    return err("select_block_size (", lp, ") must be a multiple of compress_stride (", d, ")");
+  sh.M = lp / d;
+  sh.N = l / d;
+  sh.K = p.select_block_count;
+  if (sh.K < 1 || sh.K > 32) return err("select_block_count must be in [1, 32], got ", sh.K);
+
+  if (!(s = check_list(p.actual_seq_qlen, "actual_seq_qlen")).ok()) return s;
+  if (!(s = check_list(p.actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen")).ok()) return s;
+  sh.B = p.actual_seq_qlen.size;
+  if (p.actual_cmp_seq_kvlen.size != sh.B)
+    return err("actual_cmp_seq_kvlen must have as many elements as actual_seq_qlen (", sh.B, "), got ",
+               p.actual_cmp_seq_kvlen.size);
+  if (p.actual_seq_qlen.data[sh.B - 1] != sh.T)
+    return err("actual_seq_qlen[-1] must equal the number of query rows T = query.size(0) = ", sh.T, ", got ",
+               p.actual_seq_qlen.data[sh.B - 1]);
+  if (p.actual_cmp_seq_kvlen.data[sh.B - 1] > sh.T2)
+    return err("actual_cmp_seq_kvlen[-1] must be <= the number of key rows key.size(0) = ", sh.T2, ", got ",
+               p.actual_cmp_seq_kvlen.data[sh.B - 1]);
+  int64_t min_sel = INT64_MAX, q_prev = 0, c_prev = 0;
+  for (int64_t b = 0; b < sh.B; ++b) {
+    const int64_t sq = p.actual_seq_qlen.data[b] - q_prev;
+    const int64_t c = p.actual_cmp_seq_kvlen.data[b] - c_prev;
+    if (c < 1)
+      return err("actual_cmp_seq_kvlen must give every batch at least one compressed token, but batch ", b,
+                 " has C_b = ", c);
+    const int64_t sel = ceil_div(c, sh.M);
+    sh.max_sq = sq > sh.max_sq ? sq : sh.max_sq;
+    sh.max_c = c > sh.max_c ? c : sh.max_c;
+    sh.max_sel = sel > sh.max_sel ? sel : sh.max_sel;
+    min_sel = sel < min_sel ? sel : min_sel;
+    q_prev = p.actual_seq_qlen.data[b];
+    c_prev = p.actual_cmp_seq_kvlen.data[b];
+  }
+  if (sh.K > min_sel)
+    return err("select_block_count (", sh.K, ") must be <= the smallest number of selection blocks of a batch, ",
+               "min_b ceil(C_b / ", sh.M, ") = ", min_sel);
+  if (p.actual_sel_seq_kvlen.data != nullptr) {
+    if (p.actual_sel_seq_kvlen.size != sh.B)
+      return err("actual_sel_seq_kvlen must have as many elements as actual_seq_qlen (", sh.B, "), got ",
+                 p.actual_sel_seq_kvlen.size);
+    int64_t acc = 0;
+    c_prev = 0;
+    for (int64_t b = 0; b < sh.B; ++b) {
+      const int64_t c = p.actual_cmp_seq_kvlen.data[b] - c_prev;
+      c_prev = p.actual_cmp_seq_kvlen.data[b];
+      acc += ceil_div(c, sh.M);
+      if (p.actual_sel_seq_kvlen.data[b] != acc)
+        return err("actual_sel_seq_kvlen[", b, "] must be the prefix sum of ceil(C_b / ", sh.M,
+                   ") over the batches = ", acc, ", got ", p.actual_sel_seq_kvlen.data[b]);
+    }
+  }
+  if (!(s = check_mask(p.atten_mask, "atten_mask", sh.max_sq, sh.max_c, "[maxSq, maxC]")).ok()) return s;
+  if (!(s = check_mask(p.topk_mask, "topk_mask", sh.max_sq, sh.max_sel, "[maxSq, maxSel]")).ok()) return s;
+
+  if (p.attention_out == nullptr) return err("attention_out must not be null");
+  if (p.topk_indices == nullptr) return err("topk_indices must not be null");
+  if (p.softmax_max == nullptr) return err("softmax_max must not be null");
+  if (p.softmax_sum == nullptr) return err("softmax_sum must not be null");
+  if (out_shape) *out_shape = sh;
+  return Status::Ok();
+}
+
+}  // namespace nsa

@@ -1,0 +1,660 @@
+// compress_attention_cpu against the fp64 model of SPEC (reference::forward_fp64 plus the test
+// util's own fp64 scores), with STYLE.md's rules, on EVERY CpuIsa path this host runs:
+//   - a shape matrix: batches (incl. Sq_b = 0), G, D / D2, C_b around M, masks, forced blocks,
+//     ties, non-contiguous inputs and masks, all dtypes, and a seeded random fuzz;
+//   - small-integer inputs whose results are exact: bitwise equal across ISA paths and to the reference;
+//   - determinism: bitwise equal over repeats and num_threads 1, 2, 3, 7; a sequence alone equals
+//     the same sequence inside a batch.
+// Fuzz: NSA_FUZZ_SEED (base seed) and NSA_FUZZ_ITERS (configurations per shard, 4 shards) override
+// the defaults; configuration i uses seed base + i, and a failure prints it, so
+// NSA_FUZZ_SEED=<seed> NSA_FUZZ_ITERS=1 ... --gtest_filter='*Fuzz*/0' reproduces it.
+#include <cfloat>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "ops/compress_attention/reference.h"
+#include "test_util.h"
+
+namespace nsa_test {
+namespace {
+
+// Names the tested paths in every log (each ctest test is its own process).
+class IsaEnvironment : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    std::string names;
+    for (CpuIsa isa : supported_isas()) names += std::string(names.empty() ? "" : " ") + nsa::cpu_isa_name(isa);
+    std::printf("[nsa] CPU ISA paths tested: %s (detected: %s, active default: %s)\n", names.c_str(),
+                nsa::cpu_isa_name(nsa::cpu_detected_isa()), nsa::cpu_isa_name(nsa::cpu_active_isa()));
+    std::fflush(stdout);
+  }
+};
+[[maybe_unused]] ::testing::Environment* const kIsaEnv = ::testing::AddGlobalTestEnvironment(new IsaEnvironment);
+
+// Every supported ISA against the oracle; the plain reference must pass the same stats/topk rules
+// (a check of the tolerances themselves).
+void check_cpu(const Case& cs) {
+  SCOPED_TRACE(cs.describe());
+  const Oracle o = make_oracle(cs);
+  ASSERT_TRUE(o.model.status.ok()) << o.model.status.message();
+  ASSERT_TRUE(o.plain.status.ok()) << o.plain.status.message();
+  EXPECT_TRUE(check_complete(cs, o.model));
+  EXPECT_TRUE(check_stats(cs, o.plain, o.model, o.md)) << "(plain reference)";
+  EXPECT_TRUE(check_topk(cs, o.plain, o.md)) << "(plain reference)";
+  EXPECT_TRUE(check_topk(cs, o.model, o.md)) << "(fp64 reference)";
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(std::string("cpu_isa=") + nsa::cpu_isa_name(isa));
+    EXPECT_TRUE(check_all(cs, o, run_cpu(cs, isa)));
+  }
+}
+
+Case random_filled(DType dt, std::vector<int64_t> sq, std::vector<int64_t> c, int64_t N1, int64_t N2, int64_t D,
+                   int64_t D2, int64_t l, int64_t d, int64_t lp, int64_t K, uint64_t seed) {
+  Case cs = Case::make(dt, std::move(sq), std::move(c), N1, N2, D, D2, l, d, lp, K);
+  std::mt19937_64 rng(seed);
+  cs.fill_uniform(rng, -1, 1);
+  return cs;
+}
+
+// ------------------------------------------------------------------------------ shape matrix
+
+TEST(CpuBackend, DefaultIsaMatchesForcedActiveIsa) {
+  Case cs = random_filled(DType::kBF16, {9, 4}, {13, 6}, 4, 2, 32, 16, 32, 16, 64, 2, 1);
+  std::mt19937_64 rng(2);
+  cs.set_random_mask(rng, 0.3, 0.1);
+  EXPECT_TRUE(bitwise_equal(run(cs, Backend::kCpu, -1), run_cpu(cs, nsa::cpu_active_isa())));
+}
+
+TEST(CpuBackend, BatchesOfDifferentLengths) {
+  // Empty batches first, in the middle and last; an odd T; extra key/value rows.
+  {
+    Case cs = random_filled(DType::kBF16, {0, 5, 0, 17, 9, 0}, {3, 9, 13, 4, 30, 2}, 4, 2, 32, 24, 32, 16, 64, 1, 11);
+    std::mt19937_64 rng(12);
+    cs.set_random_mask(rng, 0.2, 0.1);
+    check_cpu(cs);
+  }
+  {
+    Case cs = Case::make(DType::kF16, {31, 1, 12}, {40, 9, 23}, 4, 1, 16, 16, 32, 16, 64, 3);
+    cs.extra_kv_rows = 5;
+    cs.resize();
+    std::mt19937_64 rng(13);
+    cs.fill_uniform(rng, -1, 1);
+    cs.set_local_topk_mask();
+    check_cpu(cs);
+  }
+}
+
+TEST(CpuBackend, GroupSizes) {
+  for (int64_t G : {1, 2, 3, 4, 8}) {
+    SCOPED_TRACE("G=" + std::to_string(G));
+    Case cs = random_filled(DType::kF16, {13, 6}, {21, 9}, 2 * G, 2, 24, 16, 32, 16, 64, 2, 100 + G);
+    std::mt19937_64 rng(200 + G);
+    cs.set_random_mask(rng, 0.25, 0.1);
+    check_cpu(cs);
+  }
+  // G = 5, 6, 7 with one KV head (pairwise sum with carried odd elements); G = 16 (the fused per-token
+  // normalize + group sum in registers), G = 12 (the same with G a runtime value), G = 65 and 70 (beyond
+  // kMaxFusedGroup = 64: rows normalized one by one, summed by add_row).
+  for (int64_t G : {5, 6, 7, 12, 16, 65, 70}) {
+    SCOPED_TRACE("G=" + std::to_string(G));
+    Case cs = random_filled(DType::kBF16, {7, 3}, {26, 5}, G, 1, 16, 16, 32, 16, 64, 2, 300 + G);
+    std::mt19937_64 rng(400 + G);
+    cs.set_random_mask(rng, 0.3, 0.2);
+    check_cpu(cs);
+  }
+}
+
+// A token whose G rows differ: head 0's visible scores all overflow to -inf (below the mask value
+// -FLT_MAX), so its P is 1/32 on the 32 masked tokens outside the window (a "wide" row), while heads
+// 1..3 are ordinary. The token's rows then take the per-row path (no fused group sum), and the group
+// sum must still combine a full-width row with three window-only rows.
+TEST(CpuBackend, WideRowBesideOrdinaryRowsOfItsGroup) {
+  Case cs = Case::make(DType::kF32, {2}, {40}, 4, 1, 16, 4, 32, 16, 64, 3);
+  cs.scale = 1.0;
+  std::mt19937_64 rng(77);
+  cs.fill_uniform(rng, -1, 1);
+  for (int64_t j = 0; j < 16; ++j) cs.set_q(0, 0, j, j == 0 ? 1e20 : 0.0);
+  for (int64_t c = 32; c < 40; ++c) cs.set_k(c, 0, 0, -1e20);
+  cs.enable_atten_mask();
+  for (int64_t c = 0; c < 32; ++c) cs.atten_at(0, c) = 1;
+  check_cpu(cs);
+  const Result r = run_cpu(cs, nsa::cpu_active_isa());
+  const auto at = [&](const std::vector<float>& v, int64_t h) { return v[static_cast<size_t>(stat_index(cs, 0, h))]; };
+  EXPECT_EQ(at(r.smax, 0), -FLT_MAX);  // head 0 of token 0 is wide ...
+  EXPECT_EQ(at(r.ssum, 0), 32.0f);
+  EXPECT_GT(at(r.smax, 1), -FLT_MAX);  // ... head 1 is not
+}
+
+TEST(CpuBackend, HeadDims) {
+  const std::pair<int64_t, int64_t> dims[] = {{16, 16}, {20, 20}, {33, 17}, {33, 1}, {64, 63}, {1, 1},
+                                              {7, 3},   {96, 80}, {128, 128}, {130, 65}};
+  for (auto [D, D2] : dims) {
+    SCOPED_TRACE("D=" + std::to_string(D) + " D2=" + std::to_string(D2));
+    check_cpu(random_filled(DType::kBF16, {11}, {19}, 2, 1, D, D2, 32, 16, 64, 2, static_cast<uint64_t>(D * 1000 + D2)));
+  }
+}
+
+TEST(CpuBackend, CompressedLengthsAroundM) {
+  struct Cfg {
+    int64_t l, d, lp;
+  };
+  for (Cfg cf : {Cfg{32, 16, 64}, Cfg{64, 16, 64}, Cfg{32, 32, 64}, Cfg{16, 16, 16}, Cfg{32, 16, 128},
+                 Cfg{128, 64, 128}, Cfg{16, 16, 128}}) {
+    const int64_t M = cf.lp / cf.d;
+    SCOPED_TRACE("(l,d,l')=(" + std::to_string(cf.l) + "," + std::to_string(cf.d) + "," + std::to_string(cf.lp) + ")");
+    std::vector<int64_t> c = {1, M, M + 1, 300, 7};
+    std::vector<int64_t> sq = {6, 5, 3, 9, 4};
+    if (M > 1) {
+      c.push_back(M - 1);
+      sq.push_back(4);
+    }
+    Case cs = random_filled(DType::kBF16, sq, c, 2, 1, 16, 16, cf.l, cf.d, cf.lp, 1, static_cast<uint64_t>(M * 31 + cf.l));
+    std::mt19937_64 rng(static_cast<uint64_t>(cf.lp));
+    cs.set_random_mask(rng, 0.3, 0.15);
+    check_cpu(cs);
+    // Large C alone with many selected blocks.
+    Case big = random_filled(DType::kF32, {23}, {301}, 4, 2, 24, 24, cf.l, cf.d, cf.lp, std::min<int64_t>(32, (301 + M - 1) / M),
+                             static_cast<uint64_t>(M * 77 + cf.d));
+    check_cpu(big);
+  }
+}
+
+TEST(CpuBackend, CausalMask) {
+  // SPEC §9 with the usual lengths: C_b = floor((Sq_b - l) / d) + 1; the early rows are fully masked.
+  struct Cfg {
+    int64_t l, d, lp;
+  };
+  for (Cfg cf : {Cfg{32, 16, 64}, Cfg{64, 16, 64}, Cfg{16, 16, 16}}) {
+    std::vector<int64_t> sq = {300, 100, 64}, c;
+    for (int64_t s : sq) c.push_back((s - cf.l) / cf.d + 1);
+    Case cs = random_filled(DType::kBF16, sq, c, 4, 2, 32, 32, cf.l, cf.d, cf.lp, 1, static_cast<uint64_t>(cf.l + cf.lp));
+    cs.set_causal_mask();
+    cs.set_local_topk_mask();
+    check_cpu(cs);
+  }
+}
+
+TEST(CpuBackend, BandMasks) {
+  // Windows that start at every residue mod 16, over several query tiles.
+  for (int64_t width : {1, 5, 17, 40}) {
+    SCOPED_TRACE("width " + std::to_string(width));
+    Case cs = random_filled(DType::kBF16, {200, 70}, {150, 61}, 2, 1, 32, 16, 32, 16, 64, 3, 80 + width);
+    cs.set_band_mask(width);
+    check_cpu(cs);
+  }
+  // Windows starting at every residue mod 16 at the first row of each 64-row tile (G = 1).
+  for (int64_t shift = 0; shift < 16; ++shift) {
+    SCOPED_TRACE("shift " + std::to_string(shift));
+    Case cs = random_filled(DType::kF32, {130}, {100}, 1, 1, 16, 8, 32, 16, 64, 2, 90 + shift);
+    cs.set_band_mask(7, shift);
+    check_cpu(cs);
+  }
+  Case g4 = random_filled(DType::kF16, {90}, {133}, 8, 2, 16, 16, 64, 16, 64, 4, 85);
+  g4.set_band_mask(23);
+  check_cpu(g4);
+}
+
+TEST(CpuBackend, RandomMasksWithFullyMaskedRows) {
+  for (double p : {0.1, 0.5, 0.95}) {
+    SCOPED_TRACE("p=" + std::to_string(p));
+    Case cs = random_filled(DType::kBF16, {17, 3, 11}, {29, 8, 41}, 4, 4, 32, 16, 32, 16, 64, 2, 7);
+    std::mt19937_64 rng(static_cast<uint64_t>(p * 1000));
+    cs.set_random_mask(rng, p, 0.25);
+    check_cpu(cs);
+  }
+  // Every row fully masked.
+  Case all = random_filled(DType::kF32, {5, 6}, {9, 17}, 2, 1, 16, 8, 32, 16, 64, 3, 8);
+  all.enable_atten_mask();
+  std::fill(all.atten.begin(), all.atten.end(), 1);
+  check_cpu(all);
+}
+
+TEST(CpuBackend, ForcedBlocks) {
+  // Few forced, more forced than K, all forced; combined with masks.
+  for (double p : {0.1, 0.5, 1.0}) {
+    SCOPED_TRACE("p=" + std::to_string(p));
+    Case cs = random_filled(DType::kBF16, {13, 9}, {70, 45}, 4, 2, 32, 16, 32, 16, 64, 4, 21);
+    std::mt19937_64 rng(static_cast<uint64_t>(p * 100) + 3);
+    cs.set_random_topk_mask(rng, p);
+    cs.set_random_mask(rng, 0.3, 0.1);
+    check_cpu(cs);
+  }
+  Case local = random_filled(DType::kF16, {130}, {61}, 2, 1, 16, 16, 32, 16, 64, 16, 22);
+  local.set_causal_mask();
+  local.set_local_topk_mask();
+  check_cpu(local);
+}
+
+TEST(CpuBackend, TiedScores) {
+  // Zero keys: every score equal, uniform P; zero queries likewise; keys all identical.
+  {
+    Case cs = random_filled(DType::kBF16, {9, 4}, {37, 11}, 2, 1, 16, 16, 32, 16, 64, 2, 31);
+    for (int64_t r = 0; r < cs.T2(); ++r)
+      for (int64_t j = 0; j < cs.D; ++j) cs.set_k(r, 0, j, 0.0);
+    check_cpu(cs);
+  }
+  {
+    Case cs = random_filled(DType::kF32, {9, 4}, {37, 11}, 4, 2, 16, 16, 64, 16, 64, 3, 32);
+    for (int64_t t = 0; t < cs.T(); ++t)
+      for (int64_t h = 0; h < cs.N1; ++h)
+        for (int64_t j = 0; j < cs.D; ++j) cs.set_q(t, h, j, 0.0);
+    std::mt19937_64 rng(33);
+    cs.set_random_mask(rng, 0.5, 0.0);
+    check_cpu(cs);
+  }
+  {
+    Case cs = random_filled(DType::kF16, {12}, {33}, 2, 2, 16, 16, 32, 16, 64, 5, 34);
+    for (int64_t r = 1; r < cs.T2(); ++r)
+      for (int64_t n = 0; n < 2; ++n)
+        for (int64_t j = 0; j < cs.D; ++j) cs.set_k(r, n, j, cs.k[cs.ki(0, n, j)]);
+    check_cpu(cs);
+  }
+  // Small integers in {-1, 0, 1}: many exact ties between blocks.
+  {
+    Case cs = Case::make(DType::kBF16, {15, 7}, {40, 24}, 4, 2, 8, 8, 32, 16, 64, 4);
+    cs.scale = 1.0;
+    std::mt19937_64 rng(35);
+    cs.fill_ints(rng, -1, 1);
+    check_cpu(cs);
+  }
+}
+
+TEST(CpuBackend, LargeAndSmallScores) {
+  // Peaked softmax (exp underflow for most tokens) and nearly flat softmax.
+  for (double mult : {0.01, 6.0, 20.0}) {
+    SCOPED_TRACE("scale multiplier " + std::to_string(mult));
+    Case cs = random_filled(DType::kBF16, {10, 6}, {50, 19}, 4, 2, 32, 32, 32, 16, 64, 3, 41);
+    cs.scale *= mult;
+    check_cpu(cs);
+  }
+}
+
+TEST(CpuBackend, AllDtypes) {
+  for (DType dt : kAllDtypes) {
+    SCOPED_TRACE(nsa::dtype_name(dt));
+    Case cs = random_filled(dt, {14, 0, 9}, {27, 5, 16}, 6, 2, 40, 24, 32, 16, 64, 2, 51);
+    std::mt19937_64 rng(52);
+    cs.set_random_mask(rng, 0.3, 0.1);
+    cs.set_random_topk_mask(rng, 0.1);
+    check_cpu(cs);
+  }
+}
+
+// A layout with every kind of stride: permuted dims, padding, an inner step, transposed masks.
+void make_strided(Case& cs) {
+  cs.q_layout.order = {1, 0, 2};  // [N1][T][D]
+  cs.q_layout.pad = {0, 0, 3};
+  cs.k_layout.pad = {2, 1, 5};
+  cs.k_layout.step = 2;
+  cs.v_layout.order = {2, 0, 1};  // [D2][T2][N2]
+  cs.v_layout.pad = {1, 0, 0};
+  cs.atten_layout.transposed = true;
+  cs.atten_layout.pad = {3, 1};
+  cs.topk_layout.pad = {0, 2};
+}
+
+TEST(CpuBackend, NonContiguousInputsAndMasks) {
+  for (DType dt : {DType::kBF16, DType::kF32}) {
+    SCOPED_TRACE(nsa::dtype_name(dt));
+    Case cs = random_filled(dt, {11, 6}, {23, 14}, 4, 2, 20, 12, 32, 16, 64, 2, 61);
+    std::mt19937_64 rng(62);
+    cs.set_random_mask(rng, 0.3, 0.1);
+    cs.set_random_topk_mask(rng, 0.15);
+    make_strided(cs);
+    check_cpu(cs);
+  }
+}
+
+// The memory layout must not change the arithmetic: strided inputs give the same bits as
+// contiguous ones, on each path; zero strides (broadcast heads / columns) likewise.
+TEST(CpuBackend, LayoutDoesNotChangeResults) {
+  Case cs = random_filled(DType::kBF16, {11, 6}, {23, 14}, 4, 2, 20, 12, 32, 16, 64, 2, 63);
+  std::mt19937_64 rng(64);
+  cs.set_random_mask(rng, 0.3, 0.1);
+  cs.set_random_topk_mask(rng, 0.15);
+  Case strided = cs;
+  make_strided(strided);
+  // Broadcast: every query head equal (stride 0 over N1), every value column equal (stride 0 over D2).
+  Case flat = cs;
+  for (int64_t t = 0; t < flat.T(); ++t)
+    for (int64_t h = 1; h < flat.N1; ++h)
+      for (int64_t j = 0; j < flat.D; ++j) flat.q[flat.qi(t, h, j)] = flat.q[flat.qi(t, 0, j)];
+  for (int64_t r = 0; r < flat.T2(); ++r)
+    for (int64_t n = 0; n < flat.N2; ++n)
+      for (int64_t j = 1; j < flat.D2; ++j) flat.v[flat.vi(r, n, j)] = flat.v[flat.vi(r, n, 0)];
+  Case broadcast = flat;
+  broadcast.q_layout.zero_dim = 1;
+  broadcast.v_layout.zero_dim = 2;
+  EXPECT_EQ(Bound(broadcast).p.query.stride[1], 0);
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    EXPECT_TRUE(bitwise_equal(run_cpu(cs, isa), run_cpu(strided, isa)));
+    EXPECT_TRUE(bitwise_equal(run_cpu(flat, isa), run_cpu(broadcast, isa)));
+  }
+}
+
+// ------------------------------------------------------------------------------ exact inputs
+
+// Small-integer inputs whose every result is exact: keys are one-hot (k_c = e_{class(c)}), query
+// entries are 0 or -256 and the scale is 1, so each score is 0, -256 or (masked) -FLT_MAX; a row's
+// maxima tie exactly and every other token has P = exp(-256) = 0 in fp32. Queries are redrawn
+// until the number n of maxima of every (row, head) is a power of two, so P = 1/n, the P.V sums
+// (values in [-3, 3]) and the selection scores are exact in every dtype. Then every path, in any
+// summation order, must give the reference's bits.
+// One draw of the construction; false when some (row, head) found no power-of-two query in time
+// (e.g. its unmasked tokens all share one class of 3).
+bool draw_exact_case(Case& cs, std::mt19937_64& rng) {
+  std::uniform_int_distribution<int> cls(0, static_cast<int>(cs.D) - 1), val(-3, 3);
+  std::uniform_real_distribution<double> u(0, 1);
+  for (int64_t r = 0; r < cs.T2(); ++r)
+    for (int64_t n = 0; n < cs.N2; ++n) {
+      const int hot = cls(rng);
+      for (int64_t j = 0; j < cs.D; ++j) cs.set_k(r, n, j, j == hot ? 1.0 : 0.0);
+      for (int64_t j = 0; j < cs.D2; ++j) cs.set_v(r, n, j, val(rng));
+    }
+  cs.enable_atten_mask();
+  for (int64_t s = 0; s < cs.max_sq(); ++s) {
+    const double kind = u(rng);
+    for (int64_t c = 0; c < cs.max_c(); ++c) cs.atten_at(s, c) = kind < 0.15 ? 1 : (kind < 0.5 ? (u(rng) < 0.3) : 0);
+  }
+  cs.set_random_topk_mask(rng, 0.1);
+  for (int64_t b = 0; b < cs.B(); ++b) {
+    const int64_t C = cs.c[static_cast<size_t>(b)], c0 = cs.c_begin(b);
+    for (int64_t s = 0; s < cs.sq[static_cast<size_t>(b)]; ++s) {
+      const int64_t t = cs.q_begin(b) + s;
+      for (int64_t h = 0; h < cs.N1; ++h) {
+        const int64_t n2 = h / cs.G();
+        bool ok = false;
+        for (int attempt = 0; attempt < 2000 && !ok; ++attempt) {
+          for (int64_t j = 0; j < cs.D; ++j) cs.set_q(t, h, j, u(rng) < 0.3 ? 0.0 : -256.0);
+          double best = -INFINITY;
+          int64_t n = 0, unmasked = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            if (cs.atten_at(s, c)) continue;
+            ++unmasked;
+            double sc = 0;
+            for (int64_t j = 0; j < cs.D; ++j) sc += cs.q[cs.qi(t, h, j)] * cs.k[cs.ki(c0 + c, n2, j)];
+            if (sc > best) {
+              best = sc;
+              n = 0;
+            }
+            if (sc == best) ++n;
+          }
+          if (unmasked == 0) n = C;
+          ok = (n & (n - 1)) == 0;
+        }
+        if (!ok) return false;
+      }
+    }
+  }
+  return true;
+}
+
+Case exact_case(DType dt, uint64_t seed) {
+  Case cs = Case::make(dt, {9, 0, 12, 5}, {32, 64, 16, 8}, 4, 2, 16, 12, 32, 16, 64, 2);
+  cs.scale = 1.0;
+  std::mt19937_64 rng(seed);
+  for (int round = 0; round < 100; ++round)
+    if (draw_exact_case(cs, rng)) return cs;
+  ADD_FAILURE() << "could not construct an exact case";
+  return cs;
+}
+
+TEST(CpuBackend, ExactSmallIntegersBitwiseAcrossIsas) {
+  for (DType dt : kAllDtypes) {
+    for (uint64_t seed : {1u, 2u, 3u}) {
+      SCOPED_TRACE(std::string(nsa::dtype_name(dt)) + " seed " + std::to_string(seed));
+      const Case cs = exact_case(dt, seed);
+      const Result ref = run(cs, Backend::kReference);
+      ASSERT_TRUE(check_complete(cs, ref));
+      // The construction works: the fp32 and fp64 references agree bit for bit on the output and
+      // the statistics (the fp64 model differs only by exp(-256) ~ 1e-111 in P, lost in rounding).
+      const Result m64 = run(cs, Backend::kRefFp64);
+      EXPECT_EQ(ref.out, m64.out);  // by value: an exact 0 may carry the sign of the 1e-111
+      EXPECT_EQ(ref.smax, m64.smax);
+      EXPECT_EQ(ref.ssum, m64.ssum);
+      std::vector<Result> per_isa;
+      for (CpuIsa isa : supported_isas()) {
+        SCOPED_TRACE(nsa::cpu_isa_name(isa));
+        per_isa.push_back(run_cpu(cs, isa));
+        EXPECT_TRUE(bitwise_equal(per_isa.back(), per_isa.front())) << "differs from " << nsa::cpu_isa_name(supported_isas()[0]);
+        EXPECT_TRUE(bitwise_equal(per_isa.back(), ref)) << "differs from the reference";
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ determinism
+
+Case determinism_case() {
+  Case cs = random_filled(DType::kBF16, {37, 0, 64, 23}, {40, 12, 77, 9}, 8, 2, 40, 24, 32, 16, 64, 3, 71);
+  std::mt19937_64 rng(72);
+  cs.set_random_mask(rng, 0.3, 0.1);
+  cs.set_random_topk_mask(rng, 0.1);
+  return cs;
+}
+
+TEST(CpuBackend, DeterministicOverRepeatsAndThreadCounts) {
+  for (DType dt : {DType::kBF16, DType::kF32}) {
+    Case cs = determinism_case();
+    cs.dtype = dt;
+    SCOPED_TRACE(nsa::dtype_name(dt));
+    for (CpuIsa isa : supported_isas()) {
+      SCOPED_TRACE(nsa::cpu_isa_name(isa));
+      const Result base = run_cpu(cs, isa, 1);
+      ASSERT_TRUE(check_complete(cs, base));
+      for (int nt : {1, 2, 3, 7, 2, 7, 0}) {
+        SCOPED_TRACE("num_threads=" + std::to_string(nt));
+        EXPECT_TRUE(bitwise_equal(run_cpu(cs, isa, nt), base));
+      }
+    }
+  }
+}
+
+// Batch b of cs as a call of its own (masks: the top-left [Sq_b, C_b] / [Sq_b, Sel_b] blocks).
+Case extract_batch(const Case& cs, int64_t b) {
+  const int64_t q0 = cs.q_begin(b), c0 = cs.c_begin(b), Sq = cs.sq[static_cast<size_t>(b)], C = cs.c[static_cast<size_t>(b)];
+  Case one = Case::make(cs.dtype, {Sq}, {C}, cs.N1, cs.N2, cs.D, cs.D2, cs.l, cs.d, cs.lp, cs.K);
+  one.scale = cs.scale;
+  for (int64_t t = 0; t < Sq; ++t)
+    for (int64_t h = 0; h < cs.N1; ++h)
+      for (int64_t j = 0; j < cs.D; ++j) one.q[one.qi(t, h, j)] = cs.q[cs.qi(q0 + t, h, j)];
+  for (int64_t r = 0; r < C; ++r)
+    for (int64_t n = 0; n < cs.N2; ++n) {
+      for (int64_t j = 0; j < cs.D; ++j) one.k[one.ki(r, n, j)] = cs.k[cs.ki(c0 + r, n, j)];
+      for (int64_t j = 0; j < cs.D2; ++j) one.v[one.vi(r, n, j)] = cs.v[cs.vi(c0 + r, n, j)];
+    }
+  if (cs.has_atten) {
+    one.enable_atten_mask();
+    for (int64_t s = 0; s < Sq; ++s)
+      for (int64_t c = 0; c < C; ++c) one.atten_at(s, c) = cs.atten_at(s, c);
+  }
+  if (cs.has_topk) {
+    one.enable_topk_mask();
+    for (int64_t s = 0; s < Sq; ++s)
+      for (int64_t k = 0; k < one.sel(0); ++k) one.topk_at(s, k) = cs.topk_at(s, k);
+  }
+  return one;
+}
+
+TEST(CpuBackend, SequenceAloneEqualsSequenceInBatch) {
+  Case cs = determinism_case();
+  const int64_t N1 = cs.N1, N2 = cs.N2, D2 = cs.D2, K = cs.K;
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const Result all = run_cpu(cs, isa);
+    ASSERT_TRUE(check_complete(cs, all));
+    for (int64_t b = 0; b < cs.B(); ++b) {
+      const int64_t Sq = cs.sq[static_cast<size_t>(b)], q0 = cs.q_begin(b);
+      if (Sq == 0) continue;
+      SCOPED_TRACE("batch " + std::to_string(b));
+      const Case one = extract_batch(cs, b);
+      const Result r = run_cpu(one, isa);
+      ASSERT_TRUE(check_complete(one, r));
+      const size_t es = nsa::dtype_size(cs.dtype);
+      const size_t ob = static_cast<size_t>(q0 * N1 * D2) * es, on = static_cast<size_t>(Sq * N1 * D2) * es;
+      EXPECT_TRUE(std::equal(r.out_bytes.begin(), r.out_bytes.end(), all.out_bytes.begin() + static_cast<std::ptrdiff_t>(ob)))
+          << "attention_out";
+      EXPECT_EQ(r.out_bytes.size(), on);
+      EXPECT_TRUE(std::equal(r.topk.begin(), r.topk.end(), all.topk.begin() + q0 * N2 * K)) << "topk_indices";
+      EXPECT_EQ(0, std::memcmp(r.smax.data(), all.smax.data() + 8 * N1 * q0, r.smax.size() * 4)) << "softmax_max";
+      EXPECT_EQ(0, std::memcmp(r.ssum.data(), all.ssum.data() + 8 * N1 * q0, r.ssum.size() * 4)) << "softmax_sum";
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ fuzz
+
+uint64_t env_u64(const char* name, uint64_t dflt) {
+  const char* s = std::getenv(name);
+  return s && *s ? std::strtoull(s, nullptr, 10) : dflt;
+}
+
+// A random valid configuration: any legal (l, d, l'), G up to 8, D up to 72, up to 4 batches with
+// empty ones and C_b near M, masks, forced blocks, strided layouts, every dtype.
+Case random_case(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  auto coin = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
+  struct Cfg {
+    int64_t l, d, lp;
+  };
+  std::vector<Cfg> cfgs;
+  for (int64_t d = 16; d <= 64; d += 16)
+    for (int64_t l = d; l <= 128; l += 16)
+      for (int64_t lp = l; lp <= 128; lp += 16)
+        if (lp % d == 0) cfgs.push_back({l, d, lp});
+  const Cfg cf = cfgs[static_cast<size_t>(pick(0, static_cast<int64_t>(cfgs.size()) - 1))];
+  const int64_t M = cf.lp / cf.d;
+  const DType dt = kAllDtypes[pick(0, 3)];
+  const int64_t N2 = pick(1, 3);
+  const int64_t G = std::min<int64_t>(pick(1, 8), 16 / N2);
+  const int64_t D = coin(0.2) ? 16 * pick(1, 4) : pick(1, 72);
+  const int64_t D2 = coin(0.3) ? D : pick(1, D);
+  const int64_t B = pick(1, 4);
+  std::vector<int64_t> sq, c;
+  for (int64_t b = 0; b < B; ++b) {
+    sq.push_back(coin(0.15) ? 0 : coin(0.2) ? pick(41, 150) : pick(1, 40));  // > 64/G: several query tiles
+    const int64_t choice = pick(0, 4);
+    c.push_back(choice == 0 ? 1 : choice == 1 ? std::max<int64_t>(1, M - 1) : choice == 2 ? M : choice == 3 ? M + 1 : pick(1, 90));
+  }
+  if (std::accumulate(sq.begin(), sq.end(), int64_t(0)) == 0) sq[0] = pick(1, 40);
+  Case probe = Case::make(dt, sq, c, N2 * G, N2, D, D2, cf.l, cf.d, cf.lp, 1);
+  const int64_t K = pick(1, std::min<int64_t>(32, probe.min_sel()));
+  Case cs = Case::make(dt, sq, c, N2 * G, N2, D, D2, cf.l, cf.d, cf.lp, K);
+  cs.extra_kv_rows = coin(0.3) ? pick(1, 3) : 0;
+  cs.resize();
+  cs.pass_sel = coin(0.5);
+  const int64_t fill = pick(0, 9);
+  if (fill < 7) {
+    cs.fill_uniform(rng, -1, 1);
+    cs.scale *= std::exp(std::uniform_real_distribution<double>(-1.0, 1.5)(rng));
+  } else if (fill < 9) {
+    cs.fill_ints(rng, -2, 2);
+    cs.scale = coin(0.5) ? 1.0 : 0.25;
+  } else {
+    cs.fill_uniform(rng, -1, 1);
+    for (auto& x : cs.k)
+      if (!std::isnan(x)) x = 0;  // all scores tie
+  }
+  const int64_t am = pick(0, 3);
+  if (am == 1) cs.set_causal_mask();
+  if (am == 2) cs.set_random_mask(rng, std::uniform_real_distribution<double>(0, 1)(rng), 0.2);
+  if (am == 3) cs.set_band_mask(pick(1, 40));
+  const int64_t tm = pick(0, 2);
+  if (tm == 1) cs.set_local_topk_mask();
+  if (tm == 2) cs.set_random_topk_mask(rng, std::uniform_real_distribution<double>(0, 0.6)(rng));
+  if (coin(0.35)) {
+    for (Layout3* lay : {&cs.q_layout, &cs.k_layout, &cs.v_layout}) {
+      std::shuffle(lay->order.begin(), lay->order.end(), rng);
+      for (auto& p : lay->pad) p = pick(0, 3);
+      lay->step = pick(1, 2);
+    }
+    cs.atten_layout.transposed = coin(0.5);
+    cs.atten_layout.pad = {pick(0, 2), pick(0, 2)};
+    cs.topk_layout.transposed = coin(0.5);
+    cs.topk_layout.pad = {pick(0, 2), pick(0, 2)};
+  }
+  return cs;
+}
+
+class CpuFuzz : public ::testing::TestWithParam<int> {};
+
+TEST_P(CpuFuzz, RandomConfigurations) {
+  const uint64_t base = env_u64("NSA_FUZZ_SEED", 20250601), iters = env_u64("NSA_FUZZ_ITERS", 100);
+  const uint64_t first = base + static_cast<uint64_t>(GetParam()) * iters;
+  std::printf("[nsa] fuzz shard %d: seeds %llu..%llu\n", GetParam(), static_cast<unsigned long long>(first),
+              static_cast<unsigned long long>(first + iters - 1));
+  for (uint64_t i = 0; i < iters; ++i) {
+    const uint64_t seed = first + i;
+    SCOPED_TRACE("fuzz seed " + std::to_string(seed) + " (NSA_FUZZ_SEED=" + std::to_string(seed) + " NSA_FUZZ_ITERS=1, shard 0)");
+    const Case cs = random_case(seed);
+    check_cpu(cs);
+    if (HasFailure()) {
+      std::printf("[nsa] first failing fuzz seed: %llu\n", static_cast<unsigned long long>(seed));
+      break;
+    }
+  }
+}
+
+// KernelTable::top_k on every ISA this host runs, against a full stable sort in the §3.8 order
+// (reference::topk_before), on rows built to stress its threshold: all equal, ties exactly at the K-th
+// lane maximum, signed zeros, +-inf, FLT_MAX (forced blocks), few distinct values, sel == K, sel not a
+// multiple of the lane count, K = 1 ... 32. A NaN anywhere returns false with idx untouched.
+TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
+  std::mt19937_64 rng(77);
+  auto expected = [](const std::vector<float>& sc, int K) {
+    std::vector<int32_t> order(sc.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      return nsa::reference::topk_before(sc[static_cast<size_t>(a)], a, sc[static_cast<size_t>(b)], b);
+    });
+    order.resize(static_cast<size_t>(K));
+    return order;
+  };
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    int checked = 0;
+    for (int64_t sel : {1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 100, 128, 257}) {
+      for (int K : {1, 2, 7, 16, 17, 31, 32}) {
+        if (K > sel) continue;
+        for (int kind = 0; kind < 8; ++kind) {
+          std::vector<float> sc(static_cast<size_t>(sel));
+          std::uniform_int_distribution<int> small(0, 3);
+          std::normal_distribution<float> nd;
+          for (auto& v : sc) {
+            switch (kind) {
+              case 0: v = nd(rng); break;                                              // distinct
+              case 1: v = 0.5f; break;                                                 // all equal
+              case 2: v = static_cast<float>(small(rng)); break;                       // 4 values
+              case 3: v = small(rng) == 0 ? -0.0f : 0.0f; break;                       // signed zeros
+              case 4: v = small(rng) == 0 ? FLT_MAX : nd(rng); break;                  // forced blocks
+              case 5: v = small(rng) == 0 ? INFINITY : (small(rng) == 0 ? -INFINITY : 0.0f); break;
+              case 6: v = static_cast<float>(sel) - static_cast<float>(&v - sc.data()); break;  // descending
+              default: v = static_cast<float>((&v - sc.data()) / 16 % 3); break;       // equal lane maxima
+            }
+          }
+          std::vector<int32_t> work(static_cast<size_t>(2 * sel)), got(static_cast<size_t>(K), -7);
+          ASSERT_TRUE(kt->top_k(sc.data(), sel, K, got.data(), work.data())) << "sel=" << sel << " K=" << K;
+          ASSERT_EQ(got, expected(sc, K)) << "sel=" << sel << " K=" << K << " kind=" << kind;
+          ++checked;
+          // a NaN anywhere: false, nothing written
+          sc[static_cast<size_t>(rng() % static_cast<uint64_t>(sel))] = NAN;
+          std::vector<int32_t> untouched(static_cast<size_t>(K), -7);
+          ASSERT_FALSE(kt->top_k(sc.data(), sel, K, untouched.data(), work.data())) << "sel=" << sel << " K=" << K;
+          ASSERT_EQ(untouched, std::vector<int32_t>(static_cast<size_t>(K), -7));
+        }
+      }
+    }
+    EXPECT_GT(checked, 300);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shards, CpuFuzz, ::testing::Values(0, 1, 2, 3));
+
+}  // namespace
+}  // namespace nsa_test
