@@ -1,5 +1,5 @@
 // bench_forward: times nsa::compress_attention_cpu directly (no Python, no torch), on the cases of
-// bench_forward.py (same shapes, SPEC §9 masks), and prints the median time and useful GFLOP/s.
+// bench_forward.py (same shapes, docs/spec/compress_attention.md §9 masks), and prints the median time and useful GFLOP/s.
 // See bench/README.md for the FLOP count (2 * N1 * (D + D2) * visible (query, compressed token) pairs).
 //
 //   bench_forward_cpp [--case NAME[,NAME...]|all] [--threads N] [--isa scalar|avx2|avx512|avx512bf16]
@@ -104,7 +104,7 @@ Result run_case(const Case& cs, int threads, int isa, int warmup, int repeat) {
   const auto q = random_tensor(cs.dtype, T * cs.N1 * kD, rng);
   const auto k = random_tensor(cs.dtype, T2 * cs.N2 * kD, rng);
   const auto v = random_tensor(cs.dtype, T2 * cs.N2 * kD2, rng);
-  // SPEC §9 masks: atten_mask[t][i] = i*d + l - 1 > t; topk_mask forces block 0 and {t/l' - 1, t/l'}.
+  // docs/spec/compress_attention.md §9 masks: atten_mask[t][i] = i*d + l - 1 > t; topk_mask forces block 0 and {t/l' - 1, t/l'}.
   std::vector<uint8_t> am, tm;
   if (cs.masks) {
     am.resize(static_cast<size_t>(max_sq * max_c));

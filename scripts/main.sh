@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set the machine up (scripts/setup.sh: apt packages, .venv, pip, CMake build of the
-# library, the PyTorch binding and bench/peak_probe; idempotent), then run the SPEC seed example on CPU
+# library, the PyTorch binding and bench/peak_probe; idempotent), then run the seed example of torch_npu's documentation on CPU
 # (bench/seed_example.py): output shapes, dtypes and checksums, time, GFLOP/s and share of peak.
 #
 #   bash scripts/main.sh                  # default size (see bench/seed_example.py: DEFAULT_TOKENS)

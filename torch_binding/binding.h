@@ -1,7 +1,7 @@
 // Internal header of the PyTorch binding (torch.ops.nsa): the checks and the tensor -> params
 // mapping shared by the backend kernels (cpu_kernel.cpp, meta_kernel.cpp, and a CUDA kernel file
 // later). Minimal torch headers only (STYLE lesson 6); the operator's semantics live in the
-// torch-free library (include/nsa/compress_attention.h, SPEC.md).
+// torch-free library (include/nsa/compress_attention.h, docs/spec/compress_attention.md).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,7 +18,7 @@ namespace nsa_torch {
 
 using OptTensor = std::optional<at::Tensor>;
 using OptIntList = at::OptionalIntArrayRef;
-// (attention_out, topk_indices, softmax_max, softmax_sum), the order of torch_npu (SPEC §1).
+// (attention_out, topk_indices, softmax_max, softmax_sum), the order of torch_npu (docs/spec/compress_attention.md §1).
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // A tensor as the library's strided 3-D view (sizes and element strides as they are).
@@ -29,7 +29,7 @@ nsa::DType to_nsa_dtype(at::ScalarType type, const char* name);
 
 // Cheap checks that need no data and no concrete lengths, shared by every backend including Meta:
 // query/key/value are 3-D, not empty, of one supported dtype; masks are 2-D bool/uint8; the head
-// counts agree with head_num (checked where the sizes are concrete). SPEC §6 is checked in full by
+// counts agree with head_num (checked where the sizes are concrete). docs/spec/compress_attention.md §6 is checked in full by
 // nsa::validate_compress_attention once the lengths are known.
 void check_forward_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                           int64_t head_num, const OptTensor& topk_mask, const OptTensor& atten_mask);
@@ -55,7 +55,7 @@ nsa::CompressAttentionParams make_forward_params(const at::Tensor& query, const 
 // before anything is allocated or written. Returns the derived sizes.
 nsa::CompressAttentionShape validate_forward_params(const nsa::CompressAttentionParams& params);
 
-// Allocates the four contiguous outputs (SPEC §4) with `options` (device) and points params at them.
+// Allocates the four contiguous outputs (docs/spec/compress_attention.md §4) with `options` (device) and points params at them.
 ForwardResult allocate_forward_outputs(nsa::CompressAttentionParams& params, const nsa::CompressAttentionShape& shape,
                                        const at::Tensor& query);
 

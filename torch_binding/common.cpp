@@ -32,7 +32,7 @@ void check_mask(const OptTensor& m, const char* name, const char* layout) {
 
 const uint8_t* mask_data(const OptTensor& m, nsa::Mask2* out) {
   if (!m.has_value() || !m->defined()) return nullptr;
-  // bool storage is one byte per element (0 or 1): read it as uint8 (SPEC §2). A present but empty mask
+  // bool storage is one byte per element (0 or 1): read it as uint8 (docs/spec/compress_attention.md §2). A present but empty mask
   // has no storage (null data pointer), which the library would read as "absent": point it at a
   // placeholder so that its shape is checked (and rejected: maxSq, maxC >= 1).
   static const uint8_t kEmptyMask = 0;
@@ -164,7 +164,7 @@ ForwardResult allocate_forward_outputs(nsa::CompressAttentionParams& params, con
   const auto opts = query.options();
   at::Tensor out = at::empty({sh.T, sh.N1, sh.D2}, opts);
   at::Tensor topk = at::empty({sh.T, sh.N2, sh.K}, opts.dtype(at::kInt));
-  // [T, N1, 8] declared; the memory is the per-batch layout of SPEC §4, written by the library.
+  // [T, N1, 8] declared; the memory is the per-batch layout of docs/spec/compress_attention.md §4, written by the library.
   at::Tensor smax = at::empty({sh.T, sh.N1, 8}, opts.dtype(at::kFloat));
   at::Tensor ssum = at::empty({sh.T, sh.N1, 8}, opts.dtype(at::kFloat));
   for (const at::Tensor* t : {&out, &smax, &ssum}) advise_huge_pages(*t);
@@ -210,7 +210,7 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query, 
     TORCH_CHECK(t.dim() == 3 && t.sym_size(0) == query.sym_size(0) && t.sym_size(1) == query.sym_size(1) &&
                     t.sym_size(2) == 8,
                 name, " must have shape [T, N1, 8], got ", t.sym_sizes());
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the per-batch layout of SPEC §4 as returned)");
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous (the per-batch layout of docs/spec/compress_attention.md §4 as returned)");
   };
   check_stat(softmax_max, "softmax_max");
   check_stat(softmax_sum, "softmax_sum");

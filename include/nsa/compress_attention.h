@@ -1,6 +1,6 @@
 // nsa-ops public C++ API: NSA compressed attention (torch-free).
 //
-// Reproduces torch_npu.npu_nsa_compress_attention; the contract is SPEC.md (sections cited as §).
+// Reproduces torch_npu.npu_nsa_compress_attention; the contract is docs/spec/compress_attention.md (sections cited as §).
 // Everything a backend needs is in CompressAttentionParams: raw pointers, sizes and element strides.
 // Every entry point validates its params first (validate_compress_attention) and writes nothing
 // when validation fails; the returned Status names the offending argument.
@@ -63,7 +63,7 @@ struct CompressAttentionShape {
   int64_t max_sq = 0, max_c = 0, max_sel = 0;
 };
 
-// Checks every rule of SPEC §6 (plus non-null pointers). On success fills *shape (may be null).
+// Checks every rule of docs/spec/compress_attention.md §6 (plus non-null pointers). On success fills *shape (may be null).
 Status validate_compress_attention(const CompressAttentionParams& p, CompressAttentionShape* shape);
 
 // Forward entry points (§3). Each validates first.

@@ -1,6 +1,6 @@
 // nsa-ops CUDA backend: entry points (torch-free). Built only with -DNSA_ENABLE_CUDA=ON (target nsa_cuda).
 //
-// Same params and the same contract (SPEC.md) as the CPU entry points of nsa/compress_attention.h, with
+// Same params and the same contract (docs/spec/compress_attention.md) as the CPU entry points of nsa/compress_attention.h, with
 // these differences in where the data lives:
 //   DEVICE pointers: query, key, value, attention_out, topk_indices, softmax_max, softmax_sum (forward);
 //                    attention_out, grad_out, softmax_max, softmax_sum, grad_query, grad_key, grad_value
@@ -24,7 +24,7 @@
 // environment variable below.
 //
 // NSA_CUDA_SIMPLE=1 (read at every call) selects the plain CUDA-core kernels for the forward instead of the
-// tensor-core ones (bf16/fp16 on sm_80+); fp32 inputs always use the CUDA-core kernels. Both follow SPEC §3
+// tensor-core ones (bf16/fp16 on sm_80+); fp32 inputs always use the CUDA-core kernels. Both follow docs/spec/compress_attention.md §3
 // literally (exact softmax, P rounded to the dtype before P.V, fp32 accumulation).
 #pragma once
 
@@ -32,10 +32,10 @@
 
 namespace nsa {
 
-// Forward (SPEC §3, §4, §5). Outputs in §4's layout (statistics per batch [N1][Sq_b][8]).
+// Forward (docs/spec/compress_attention.md §3, §4, §5). Outputs in §4's layout (statistics per batch [N1][Sq_b][8]).
 Status compress_attention_cuda(const CompressAttentionParams& p, void* stream);
 
-// Backward (SPEC §7): grad_query, grad_key, grad_value (contiguous, dtype); key/value rows past
+// Backward (docs/spec/compress_attention.md §7): grad_query, grad_key, grad_value (contiguous, dtype); key/value rows past
 // actual_cmp_seq_kvlen[B-1] and rows of batches without queries receive zeros. P and dS stay fp32.
 Status compress_attention_backward_cuda(const CompressAttentionGradParams& p, void* stream);
 

@@ -361,7 +361,7 @@ inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B
   }
 }
 
-// ------------------------------------------------------------------ backward (SPEC §7)
+// ------------------------------------------------------------------ backward (docs/spec/compress_attention.md §7)
 // P and dS of one row of a tile pair (KernelTable::softmax_grad_row). V::keep_bytes(x, keep) is x where
 // keep[i] != 0 and +0 elsewhere, so a masked entry gives exactly P = 0 whatever its score.
 inline void softmax_grad_row_impl(float* s, float* dp, const uint8_t* keep, int64_t n, float m, float il,

@@ -1,5 +1,5 @@
 // Test support for the C++ suite: a Case builder owning every input buffer, runners for the
-// backends, an independent fp64 model of the selection scores (SPEC §3.5-3.8), and the comparison
+// backends, an independent fp64 model of the selection scores (docs/spec/compress_attention.md §3.5-3.8), and the comparison
 // rules of STYLE.md's test-practices table.
 //
 //   Case cs = Case::make(DType::kBF16, /*sq=*/{5, 0, 9}, /*c=*/{7, 4, 12}, N1, N2, D, D2, l, d, lp, K);
@@ -280,7 +280,7 @@ struct Case {
     has_topk = true;
     topk.assign(static_cast<size_t>(max_sq() * max_sel()), 0);
   }
-  // SPEC §9: atten_mask[t][i] = 1 when i*d + l - 1 > t.
+  // docs/spec/compress_attention.md §9: atten_mask[t][i] = 1 when i*d + l - 1 > t.
   void set_causal_mask() {
     enable_atten_mask();
     for (int64_t s = 0; s < max_sq(); ++s)
@@ -304,7 +304,7 @@ struct Case {
       for (int64_t i = 0; i < max_c(); ++i) atten_at(s, i) = (i <= end && i > end - width) ? 0 : 1;
     }
   }
-  // SPEC §9 convention: block 0 and the local blocks s/lp, s/lp - 1 forced.
+  // docs/spec/compress_attention.md §9 convention: block 0 and the local blocks s/lp, s/lp - 1 forced.
   void set_local_topk_mask() {
     enable_topk_mask();
     for (int64_t s = 0; s < max_sq(); ++s) {
@@ -728,7 +728,7 @@ inline AssertionResult bitwise_equal(const Result& a, const Result& b) {
 
 // The expensive references of a case, computed once and checked against by every backend run.
 struct Oracle {
-  Result model;  // reference::forward_fp64: the fp64 model of SPEC
+  Result model;  // reference::forward_fp64: the fp64 model of docs/spec/compress_attention.md
   Result plain;  // the plain same-dtype implementation (forward_fp32; forward_fp64 for fp64 inputs)
   Model md;      // independent fp64 scores and magnitudes
 };

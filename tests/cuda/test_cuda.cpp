@@ -1,4 +1,4 @@
-// The CUDA backend (include/nsa/cuda.h) against the reference and the fp64 model of SPEC, with the rules of
+// The CUDA backend (include/nsa/cuda.h) against the reference and the fp64 model of docs/spec/compress_attention.md, with the rules of
 // STYLE.md's test table (tests/cpp/test_util.h: Case builder, strided layouts, oracle, checks):
 //   forward  - hand cases (mask replacement, scores overflowing below the mask value), a shape matrix
 //              (batches incl. Sq_b = 0, G in {1,2,3,5,8,16,64,96}, D != D2, D up to 288, C_b around M,
@@ -302,7 +302,7 @@ TEST(CudaArguments, BackwardErrorsAreTheReferenceMessages) {
 
 TEST(CudaForward, MaskedScoresAreReplaced) {
   NSA_REQUIRE_DEVICE();
-  // SPEC §3.2 / §5: row 0 fully masked -> P = 1/3, out = mean of V, m = -FLT_MAX, l = 3; row 1 masks the
+  // docs/spec/compress_attention.md §3.2 / §5: row 0 fully masked -> P = 1/3, out = mean of V, m = -FLT_MAX, l = 3; row 1 masks the
   // largest raw score: P = [1, 0, 0] (-1e32 underflows), out = v_0, m = 0, l = 1.
   Case cs = Case::make(DType::kF32, {2}, {3}, 1, 1, 16, 2, 16, 16, 16, 3);
   cs.scale = 1.0;
@@ -437,7 +437,7 @@ TEST(CudaForward, CompressedLengthsAroundM) {
 
 TEST(CudaForward, CausalMaskAndForcedBlocks) {
   NSA_REQUIRE_DEVICE();
-  // SPEC §9 conventions on one sequence of 600 tokens: C = 36, rows 0..30 fully masked; block 0 and
+  // docs/spec/compress_attention.md §9 conventions on one sequence of 600 tokens: C = 36, rows 0..30 fully masked; block 0 and
   // the local blocks forced; K = 8 of Sel = 9.
   for (DType dt : kCudaDtypes) {
     Case cs = random_filled(dt, {600}, {36}, 8, 2, 64, 48, 32, 16, 64, 8, 7);

@@ -10,7 +10,7 @@
 // Lists are real arrays of exactly `size` elements (or null / a negative size, which must be rejected).
 //
 // Checks per input:
-//   1. validate_compress_attention's verdict equals an independent reading of SPEC §6 (spec_valid below);
+//   1. validate_compress_attention's verdict equals an independent reading of docs/spec/compress_attention.md §6 (spec_valid below);
 //   2. invalid: compress_attention_cpu and compress_attention_reference return an error too, with a
 //      message, and write nothing (outputs are sentinel-filled and compared afterwards);
 //   3. valid and small: both entry points succeed; topk_indices are in [0, Sel_b) without duplicates for
@@ -354,7 +354,7 @@ Desc decode(Reader& r, Reader& mr) {
   return d;
 }
 
-// SPEC §6 read independently of src/core/validate.cpp (plus: pointers non-null; CpuOptions::isa is checked by the CPU entry point, not by validation).
+// docs/spec/compress_attention.md §6 read independently of src/core/validate.cpp (plus: pointers non-null; CpuOptions::isa is checked by the CPU entry point, not by validation).
 bool spec_valid(const Desc& d) {
   if (d.dtype < 0 || d.dtype > 3) return false;
   if (d.q_null || d.k_null || d.v_null) return false;
@@ -468,7 +468,7 @@ void run_one(const uint8_t* data, size_t size) {
   const Status st = nsa::validate_compress_attention(p, &sh);
   const bool expect = spec_valid(d);
   if (st.ok() != expect)
-    fail(st.ok() ? "validate accepted a description SPEC §6 rejects" : "validate rejected a valid description",
+    fail(st.ok() ? "validate accepted a description docs/spec/compress_attention.md §6 rejects" : "validate rejected a valid description",
          st.message());
   if (!st.ok()) {
     ++g_stats.rejected;

@@ -1,4 +1,4 @@
-// CUDA backward of SPEC §7, deterministic without atomics: three kernels on the caller's stream.
+// CUDA backward of §7, deterministic without atomics: three kernels on the caller's stream.
 //
 //   1. dlt_kernel:  Dlt[t][h] = sum_j dO[t,h,j] * O[t,h,j] (fp32; O = attention_out as returned), one warp
 //                   per (t, h), into a T x N1 scratch buffer.

@@ -1,4 +1,4 @@
-// CUDA forward of SPEC §3: one thread block per (query tile, KV head n2, [row block x D2 slice]).
+// CUDA forward of §3: one thread block per (query tile, KV head n2, [row block x D2 slice]).
 //
 // Tile. The block owns bq query tokens s0..s0+bq-1 of one batch and stacks the G heads of the group as
 // rows: row r = i*G + g is token s0+i, head h = n2*G + g (token-major, as the CPU backend). rp = R rounded

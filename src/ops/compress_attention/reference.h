@@ -10,7 +10,7 @@ namespace nsa::reference {
 Status forward_fp32(const CompressAttentionParams& p);
 // The same steps with every float32 quantity computed in float64 (dot products, softmax, P.V,
 // selection scores); P is still rounded to the input dtype before P.V and the output is rounded
-// once (§3.4). This is the "fp64 model of SPEC" that tolerances are measured against.
+// once (§3.4). This is the "fp64 model of the spec" that tolerances are measured against.
 Status forward_fp64(const CompressAttentionParams& p);
 
 // The §3.6 group sum: pairwise over g in order, halving; an odd last element is carried up.

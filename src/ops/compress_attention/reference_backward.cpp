@@ -1,4 +1,4 @@
-// Reference backward: SPEC §7 line by line, plain loops, single thread. The tests' oracle for the
+// Reference backward: §7 line by line, plain loops, single thread. The tests' oracle for the
 // gradients, and the backward's argument checks (shared by every backend).
 // Acc is the arithmetic type of every float32 quantity of §7 (float: the spec literally; double: the
 // fp64 model used to measure the error of other backends, and the gradcheck path for fp64 inputs).

@@ -1,4 +1,4 @@
-// Reference backend: SPEC §3 line by line, plain loops, single thread. The tests' oracle.
+// Reference backend: §3 line by line, plain loops, single thread. The tests' oracle.
 // Acc is the arithmetic type of every float32 quantity of §3 (float: the spec literally;
 // double: the fp64 model used to measure the error of other backends).
 #include <algorithm>

@@ -1,4 +1,4 @@
-// Argument rules of SPEC §6. Every failure names the argument and what was expected; nothing is
+// Argument rules of §6. Every failure names the argument and what was expected; nothing is
 // written by any entry point when this fails.
 #include <cmath>
 #include <sstream>

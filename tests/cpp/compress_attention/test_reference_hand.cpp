@@ -1,4 +1,4 @@
-// The reference on cases worked out by hand (SPEC §3, §4, §5, §8). Every expectation below is a
+// The reference on cases worked out by hand (docs/spec/compress_attention.md §3, §4, §5, §8). Every expectation below is a
 // number derived on paper, not the output of another implementation. The same expectations are
 // also applied to the CPU backend on every ISA path this host runs: the cases are exact.
 #include <cfloat>

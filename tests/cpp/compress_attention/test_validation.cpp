@@ -1,4 +1,4 @@
-// SPEC §6 argument rules: each violation is an error whose message names the argument, and no
+// docs/spec/compress_attention.md §6 argument rules: each violation is an error whose message names the argument, and no
 // entry point writes anything when it fails (outputs keep their 0xFF fill). Plus the boundary
 // values that must be accepted.
 #include <cfloat>
