@@ -56,7 +56,7 @@ struct KernelTable {
   // dst[i] = float(src[i]) for a contiguous bf16 / fp16 / fp32 row, any n.
   void (*load_row)(const void* src, float* dst, int64_t n, DType dtype);
 
-  // ---- backward (SPEC §7; src/cpu/backward.cpp) ----
+  // ---- backward (docs/spec/compress_attention.md §7; src/cpu/backward.cpp) ----
   // Softmax gradient of one row of a tile pair, in place, n % 16 == 0. On entry s holds the scaled
   // scores and dp the products dO.v; with e = exp(s[i] - m) * il (the exp of exp_sum):
   //   s[i] = P = (keep[i] != 0 ? e : 0),   dp[i] = dS = P * (dp[i] - dlt).

@@ -1,4 +1,4 @@
-// CPU backward (SPEC §7): fused tiles in FlashAttention-2 order, multithreaded, deterministic.
+// CPU backward (§7): fused tiles in FlashAttention-2 order, multithreaded, deterministic.
 //
 // Decomposition. The rows of a tile are (query token, head of the group) pairs: a query tile holds
 // Bq tokens x G heads = R rows (R ~ 128, token-major, so the G heads of a token are adjacent as in

@@ -1,4 +1,4 @@
-// Optimized CPU forward of SPEC §3: a fused, tiled pass per (batch, KV head, query tile).
+// Optimized CPU forward of §3: a fused, tiled pass per (batch, KV head, query tile).
 //
 // Per task (b, n2, tokens [s0, s1) of batch b), with the G heads of the group stacked as the rows
 // of the tile (row r = i*G + g for token i, head h = n2*G + g), R = (s1 - s0)*G rows:

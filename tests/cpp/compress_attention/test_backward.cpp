@@ -1,4 +1,4 @@
-// Backward (SPEC §7): the reference against finite differences of the fp64 forward (gradcheck), the
+// Backward (docs/spec/compress_attention.md §7): the reference against finite differences of the fp64 forward (gradcheck), the
 // fully masked rows of §5/§7, and compress_attention_backward_cpu against the fp64 model with
 // FlashAttention's rule (max error <= 3 x the max error of the plain same-dtype implementation, the
 // fp32 reference, plus a rounding floor), on every ISA this host runs; determinism over repeats and

@@ -1,4 +1,4 @@
-// compress_attention_cpu against the fp64 model of SPEC (reference::forward_fp64 plus the test
+// compress_attention_cpu against the fp64 model of docs/spec/compress_attention.md (reference::forward_fp64 plus the test
 // util's own fp64 scores), with STYLE.md's rules, on EVERY CpuIsa path this host runs:
 //   - a shape matrix: batches (incl. Sq_b = 0), G, D / D2, C_b around M, masks, forced blocks,
 //     ties, non-contiguous inputs and masks, all dtypes, and a seeded random fuzz;
@@ -163,7 +163,7 @@ TEST(CpuBackend, CompressedLengthsAroundM) {
 }
 
 TEST(CpuBackend, CausalMask) {
-  // SPEC §9 with the usual lengths: C_b = floor((Sq_b - l) / d) + 1; the early rows are fully masked.
+  // docs/spec/compress_attention.md §9 with the usual lengths: C_b = floor((Sq_b - l) / d) + 1; the early rows are fully masked.
   struct Cfg {
     int64_t l, d, lp;
   };

@@ -82,7 +82,7 @@ inline void gemm_bf16_impl(const uint16_t* A, int64_t lda, int64_t R, const uint
   }
 }
 
-// ------------------------------------------------------------------ backward (SPEC §7)
+// ------------------------------------------------------------------ backward (docs/spec/compress_attention.md §7)
 // pairs: lane i of each 512-bit store holds the pair (a[i], b[i]); rows: the bf16 halves of the lanes.
 inline void pack_rows_bf16_impl(const float* a, const float* b, int64_t n, uint16_t* pairs, uint16_t* row_a,
                                 uint16_t* row_b) {
