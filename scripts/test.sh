@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of nsa-ops on this machine (CI calls exactly this through .ci/run):
 #   set-up (apt, .venv, build) -> C++ tests (ctest: every CPU ISA path this CPU has) -> Python tests
-#   (pytest) -> packaging leg (wheel + C++ find_package example) -> CUDA compile-only leg (nvcc,
-#   sm_80/sm_90, kernels exercised by the CPU emulation) -> hardening legs (sanitizers, fuzzing).
+#   (pytest) -> aarch64 leg (cross-compiled C++ suite under qemu-user) -> packaging leg (wheel + C++
+#   find_package example) -> CUDA compile-only leg (nvcc, sm_80/sm_90, kernels exercised by the CPU
+#   emulation) -> hardening legs (sanitizers, fuzzing).
 # Each stage prints its own summary line; the script stops at the first failure.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +28,9 @@ bash scripts/sanitizers.sh
 
 stage "fuzz legs (scripts/fuzz.sh)"
 bash scripts/fuzz.sh
+
+stage "aarch64 leg (scripts/aarch64.sh)"
+bash scripts/aarch64.sh
 
 stage "packaging leg (scripts/package_check.sh)"
 bash scripts/package_check.sh
