@@ -27,18 +27,22 @@ enum class PStore : int {
   kF32 = 3,        // float32, unrounded (fp32 inputs)
 };
 
-struct KernelTable {
-  CpuIsa isa;
+// GEMM on packed panels (layouts at the top of this file).
+struct GemmKernels {
   // C[r][j] = alpha * sum_p A[r][p] B[p][col0 + j] (+ C[r][j] if accumulate), r < R, j < ncols;
   // col0 and ncols are multiples of 16 (any panel boundaries may be crossed).
   // The reduction is split in chunks of kc (the result of each chunk is added to C); pass
   // kc >= P for a single chunk (then C = alpha * full dot product, rounded once).
-  void (*gemm_f32)(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride, int64_t col0,
-                   int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha, bool accumulate);
+  void (*f32)(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride, int64_t col0,
+              int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha, bool accumulate);
   // Same with bf16 pairs (vdpbf16ps); null when the ISA has no bf16 dot product.
-  void (*gemm_bf16)(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
-                    int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
-                    bool accumulate);
+  void (*bf16)(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
+               int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
+               bool accumulate);
+};
+
+// Row-wise softmax steps, conversions and stores of the forward.
+struct RowKernels {
   // max(x[0..n)), NaN entries ignored, start value `init`. n % 16 == 0.
   float (*row_max)(const float* x, int64_t n, float init);
   // x[i] = exp(x[i] - m) in place; returns the sum in the canonical order (16 interleaved
@@ -46,6 +50,13 @@ struct KernelTable {
   float (*exp_sum)(float* x, int64_t n, float m);
   // x[i] /= l_sum (x keeps fp32 P) and out[i] = P rounded as `store` says. n % 16 == 0.
   void (*normalize_row)(float* x, int64_t n, float l_sum, void* out, PStore store);
+  // The G rows of one token (1 <= G <= kMaxFusedGroup): x row g at x + g * ldx holds exp values, l[g] their
+  // sum. For each row, P = x / l[g] rounded as `store` says into out + g * ld_out (elements of the store's
+  // type), exactly as normalize_row; and sum_out[i] = the §3.6 pairwise group sum of the fp32 P_g[i] (level
+  // by level, sum[a] = v[2a] + v[2a+1], an odd last element carried up), the same sums as add_row over
+  // rows. x itself is not updated; sum_out may be x (row 0). n % 16 == 0.
+  void (*normalize_group)(const float* x, int64_t ldx, int G, const float* l, int64_t n, void* out,
+                          int64_t ld_out, PStore store, float* sum_out);
   // out[i] = sum_{j < width} in[i - j] for i in [0, n), summed in order j = 0, 1, ...;
   // in[-width+1 .. -1] must be readable. n % 16 == 0.
   void (*box_sum)(const float* in, float* out, int64_t n, int width);
@@ -53,10 +64,25 @@ struct KernelTable {
   void (*add_row)(float* x, const float* y, int64_t n);
   // dst[i] = src[i] rounded to dtype (bf16 / fp16 nearest even, fp32 copy), any n.
   void (*store_row)(const float* src, void* dst, int64_t n, DType dtype);
+  // store_row with non-temporal (streaming) stores where dst is 64-byte aligned and the row a whole number
+  // of 64-byte lines, else store_row: for large outputs written once, no read-for-ownership and no cache
+  // pollution. The caller runs stream_fence() before its results are read by another thread.
+  void (*store_row_stream)(const float* src, void* dst, int64_t n, DType dtype);
+  void (*stream_fence)();
   // dst[i] = float(src[i]) for a contiguous bf16 / fp16 / fp32 row, any n.
   void (*load_row)(const void* src, float* dst, int64_t n, DType dtype);
+};
 
-  // ---- backward (docs/spec/compress_attention.md §7; src/cpu/backward.cpp) ----
+// Selection (docs/spec/compress_attention.md §3.8 order).
+struct SelectKernels {
+  // Top-K of score[0..sel) in §3.8 order (descending, ties by smaller index) into idx[0..K), for
+  // 1 <= K <= 32, K <= sel; work: 2 * sel ints of scratch. Returns false, writing nothing, when a score
+  // is NaN (the caller then orders NaN as reference::topk_before does).
+  bool (*top_k)(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work);
+};
+
+// Backward (docs/spec/compress_attention.md §7).
+struct GradKernels {
   // Softmax gradient of one row of a tile pair, in place, n % 16 == 0. On entry s holds the scaled
   // scores and dp the products dO.v; with e = exp(s[i] - m) * il (the exp of exp_sum):
   //   s[i] = P = (keep[i] != 0 ? e : 0),   dp[i] = dS = P * (dp[i] - dlt).
@@ -74,24 +100,16 @@ struct KernelTable {
   // The same for 32-bit elements (fp32 A operands).
   void (*transpose_u32)(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst,
                         int64_t ld_dst);
+};
 
-  // ---- forward, fused per token ----
-  // The G rows of one token (1 <= G <= kMaxFusedGroup): x row g at x + g * ldx holds exp values, l[g] their
-  // sum. For each row, P = x / l[g] rounded as `store` says into out + g * ld_out (elements of the store's
-  // type), exactly as normalize_row; and sum_out[i] = the §3.6 pairwise group sum of the fp32 P_g[i] (level
-  // by level, sum[a] = v[2a] + v[2a+1], an odd last element carried up), the same sums as add_row over
-  // rows. x itself is not updated; sum_out may be x (row 0). n % 16 == 0.
-  void (*normalize_group)(const float* x, int64_t ldx, int G, const float* l, int64_t n, void* out,
-                          int64_t ld_out, PStore store, float* sum_out);
-  // store_row with non-temporal (streaming) stores where dst is 64-byte aligned and the row a whole number
-  // of 64-byte lines, else store_row: for large outputs written once, no read-for-ownership and no cache
-  // pollution. The caller runs stream_fence() before its results are read by another thread.
-  void (*store_row_stream)(const float* src, void* dst, int64_t n, DType dtype);
-  void (*stream_fence)();
-  // Top-K of score[0..sel) in §3.8 order (descending, ties by smaller index) into idx[0..K), for
-  // 1 <= K <= 32, K <= sel; work: 2 * sel ints of scratch. Returns false, writing nothing, when a score
-  // is NaN (the caller then orders NaN as reference::topk_before does).
-  bool (*top_k)(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work);
+// One table per ISA path, filled with designated initializers in src/cpu/arch/<arch>/kernels_<isa>.cpp. A null
+// entry means the path has no such kernel (gemm.bf16 and grad.pack_rows_bf16 without a bf16 dot product).
+struct KernelTable {
+  CpuIsa isa;
+  GemmKernels gemm;
+  RowKernels rows;
+  SelectKernels select;
+  GradKernels grad;
 };
 constexpr int kMaxFusedGroup = 64;
 

@@ -137,7 +137,7 @@ struct Carver {
 // ---------------------------------------------------------------- portable GEMM (scalar ISA, fp64 inputs)
 // C[m][n - col0] = alpha * sum_{k<K} A[m*lda + k] * B[(n/64)*panel_stride + k*64 + n%64] (+ C when
 // accumulate, then alpha must be 1; the sum then starts from C), m < M, n in [col0, col0 + ncols) (col0,
-// ncols multiples of 16): the contract of KernelTable::gemm_f32. Each C element is summed in k order,
+// ncols multiples of 16): the contract of KernelTable::gemm.f32. Each C element is summed in k order,
 // whatever its position in the blocking. Written with GCC/Clang generic 16-byte vectors (SSE2 / NEON width,
 // the baseline of this file) so that the MR x NR accumulators stay in registers. Used where the KernelTable
 // has no fast GEMM: the scalar ISA (its std::fma kernels are a reference order, ~30x slower than this) and
@@ -329,8 +329,8 @@ inline Acc dot_fixed(const Acc* a, const Acc* b, int64_t n) {
 // How a call multiplies (chosen once per call, see the header comment).
 enum class Path : int {
   kPortable = 0,  // gemm_portable and exp_poly / std::exp (scalar ISA, fp64 inputs)
-  kF32 = 1,       // KernelTable::gemm_f32 on fp32 operands
-  kPairs = 2,     // KernelTable::gemm_bf16 on bf16 pairs, P and dS rounded to bf16
+  kF32 = 1,       // KernelTable::gemm.f32 on fp32 operands
+  kPairs = 2,     // KernelTable::gemm.bf16 on bf16 pairs, P and dS rounded to bf16
 };
 
 template <class E, Path kPath>
@@ -448,13 +448,13 @@ class Backward {
     if constexpr (kPortable) {
       gemm_portable(A, lda, M, B, panel_stride, col0, ncols, K, C, ldc, alpha, accumulate);
     } else {
-      kt_->gemm_f32(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
+      kt_->gemm.f32(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
     }
   }
   // bf16 pairs: K pairs of reduction, one chunk.
   void gemm_pairs(const uint16_t* A, int64_t lda, int64_t M, const uint16_t* B, int64_t panel_stride, int64_t col0,
                   int64_t ncols, int64_t K, float* C, int64_t ldc, float alpha, bool accumulate) const {
-    kt_->gemm_bf16(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
+    kt_->gemm.bf16(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
   }
 
   // Row n of a tensor (dtype E) as Acc.
@@ -462,7 +462,7 @@ class Backward {
     const int64_t off = row * t.stride[0] + head * t.stride[1];
     if constexpr (!kF64) {
       if (t.stride[2] == 1) {
-        kt_->load_row(static_cast<const Raw*>(t.data) + off, out, n, E::kType);
+        kt_->rows.load_row(static_cast<const Raw*>(t.data) + off, out, n, E::kType);
         return;
       }
     }
@@ -482,7 +482,7 @@ class Backward {
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
     } else {
-      kt_->transpose_u32(reinterpret_cast<const uint32_t*>(src), ld_src, rows, cols, reinterpret_cast<uint32_t*>(dst),
+      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(src), ld_src, rows, cols, reinterpret_cast<uint32_t*>(dst),
                          ld_dst);
     }
   }
@@ -743,8 +743,8 @@ class Backward {
         std::memset(sc.ob + r * 2 * g_.D2h, 0, sizeof(uint16_t) * static_cast<size_t>(2 * g_.D2h));
       }
       const int64_t tr = round_up(rows, 2);
-      kt_->transpose_u16(sc.qb, 2 * g_.Dh, tr, D, sc.qTb, Rp);
-      kt_->transpose_u16(sc.ob, 2 * g_.D2h, tr, D2, sc.oTb, Rp);
+      kt_->grad.transpose_u16(sc.qb, 2 * g_.Dh, tr, D, sc.qTb, Rp);
+      kt_->grad.transpose_u16(sc.ob, 2 * g_.D2h, tr, D2, sc.oTb, Rp);
     } else {
       transpose(sc.qa, D, rows, D, sc.qT, R);
       transpose(sc.oa, D2, rows, D2, sc.oT, R);
@@ -798,7 +798,7 @@ class Backward {
           dpr[c] = pc * (dpr[c] - dlt);  // dS
         }
       } else {
-        kt_->softmax_grad_row(sr + w0, dpr + w0, kr + w0, wn, sc.rm[r], sc.ril[r], sc.rdlt[r]);
+        kt_->grad.softmax_grad_row(sr + w0, dpr + w0, kr + w0, wn, sc.rm[r], sc.ril[r], sc.rdlt[r]);
       }
     }
     if constexpr (kDot) {
@@ -811,9 +811,9 @@ class Backward {
       const int64_t half = (rows + 1) / 2;
       for (int64_t p = 0; p < half; ++p) {
         const int64_t r0 = 2 * p, r1 = 2 * p + 1;
-        kt_->pack_rows_bf16(sc.s + r0 * kBc + w0, sc.s + r1 * kBc + w0, wn, sc.pB + p * 2 * kBc + 2 * w0, nullptr,
+        kt_->grad.pack_rows_bf16(sc.s + r0 * kBc + w0, sc.s + r1 * kBc + w0, wn, sc.pB + p * 2 * kBc + 2 * w0, nullptr,
                             nullptr);
-        kt_->pack_rows_bf16(sc.dp + r0 * kBc + w0, sc.dp + r1 * kBc + w0, wn, sc.dsB + p * 2 * kBc + 2 * w0,
+        kt_->grad.pack_rows_bf16(sc.dp + r0 * kBc + w0, sc.dp + r1 * kBc + w0, wn, sc.dsB + p * 2 * kBc + 2 * w0,
                             sc.dsA + r0 * kBc + w0, r1 < rows ? sc.dsA + r1 * kBc + w0 : nullptr);
       }
       gemm_pairs(sc.oTb, g_.Rp, g_.D2, sc.pB, 0, w0, wn, half, dvT + w0, kBc, 1.0f, true);  // dV^T += dO^T P
@@ -849,7 +849,7 @@ class Backward {
     if constexpr (kF64) {
       for (int64_t k = 0; k < n; ++k) dst[k] = E::put(x[k]);
     } else {
-      kt_->store_row(x, dst, n, E::kType);
+      kt_->rows.store_row(x, dst, n, E::kType);
     }
   }
 
@@ -966,12 +966,12 @@ Status backward_impl(const CompressAttentionGradParams& p, const CpuOptions& opt
   const cpu::KernelTable* kt = cpu::kernels_for(isa);
   const int threads = cpu::resolve_num_threads(options.num_threads);
   // The path, once per call: bf16 pairs where the ISA has a bf16 dot product, the portable GEMM on the scalar
-  // ISA and for fp64 inputs, KernelTable::gemm_f32 otherwise.
+  // ISA and for fp64 inputs, KernelTable::gemm.f32 otherwise.
   using cpu::Path;
   const bool portable = isa == CpuIsa::kScalar;
   switch (p.fwd.dtype) {
     case DType::kBF16:
-      if (kt->gemm_bf16 != nullptr && kt->pack_rows_bf16 != nullptr)
+      if (kt->gemm.bf16 != nullptr && kt->grad.pack_rows_bf16 != nullptr)
         cpu::run_backward<cpu::EBf16, Path::kPairs>(p, sh, kt, threads);
       else if (portable)
         cpu::run_backward<cpu::EBf16, Path::kPortable>(p, sh, kt, threads);

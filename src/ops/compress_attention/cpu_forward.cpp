@@ -224,11 +224,11 @@ void row_box(const Plan& pl, Scratch& sc, const float* prow, int64_t lo, int64_t
   const int64_t n = hi - lo + kMargin;
   float* q = sc.box1.get() + kMargin;
   std::memset(q + lo - kMargin, 0, sizeof(float) * kMargin);
-  pl.kt->box_sum(prow + lo, q + lo, n, static_cast<int>(pl.sh.N));
-  pl.kt->box_sum(q + lo, out + lo, n, static_cast<int>(pl.sh.M));
+  pl.kt->rows.box_sum(prow + lo, q + lo, n, static_cast<int>(pl.sh.N));
+  pl.kt->rows.box_sum(q + lo, out + lo, n, static_cast<int>(pl.sh.M));
 }
 
-// Top-K of score[0..sel) in §3.8 order into idx[0..K) when a score is NaN (KernelTable::top_k handles the
+// Top-K of score[0..sel) in §3.8 order into idx[0..K) when a score is NaN (KernelTable::select.top_k handles the
 // rest and returns false here): a sorted buffer of the K best so far, ordered by reference::topk_before
 // (NaN ranks below every number; equal scores keep the earlier index).
 void top_k_general(const float* score, int64_t sel, int64_t K, int32_t* idx) {
@@ -334,7 +334,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
         } else {
           float* dst = reinterpret_cast<float*>(sc.qa.get()) + r * pl.q_lda;
           if (q.stride[2] == 1)
-            pl.kt->load_row(static_cast<const uint8_t*>(q.data) + base * static_cast<int64_t>(dtype_size(dt)), dst, sh.D, dt);
+            pl.kt->rows.load_row(static_cast<const uint8_t*>(q.data) + base * static_cast<int64_t>(dtype_size(dt)), dst, sh.D, dt);
           else
             for (int64_t d = 0; d < sh.D; ++d) dst[d] = detail::load_f32(q.data, base + d * q.stride[2], dt);
         }
@@ -342,11 +342,11 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     }
     // 3. S = Q.K^T * scale over the window's panels
     if (pl.bf16_dot) {
-      pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.qa.get()), pl.q_lda, R,
+      pl.kt->gemm.bf16(reinterpret_cast<const uint16_t*>(sc.qa.get()), pl.q_lda, R,
                        static_cast<const uint16_t*>(kpack), pl.qk_red * kPanel * 2, lo, hi - lo, pl.qk_red,
                        pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
     } else {
-      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.qa.get()), pl.q_lda, R, static_cast<const float*>(kpack),
+      pl.kt->gemm.f32(reinterpret_cast<const float*>(sc.qa.get()), pl.q_lda, R, static_cast<const float*>(kpack),
                       pl.qk_red * kPanel, lo, hi - lo, pl.qk_red, pl.qk_red, S + lo, sc.ld_s, pl.scale, false);
     }
   }
@@ -381,8 +381,8 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
           if (mrow[c * p.atten_mask.stride[1]] != 0) srow[c] = -FLT_MAX;
       }
       for (int64_t c = cmax; c < hi; ++c) srow[c] = -INFINITY;
-      const float m = pl.kt->row_max(srow + lo, hi - lo, n_out > 0 ? -FLT_MAX : -INFINITY);
-      float l = pl.kt->exp_sum(srow + lo, hi - lo, m);
+      const float m = pl.kt->rows.row_max(srow + lo, hi - lo, n_out > 0 ? -FLT_MAX : -INFINITY);
+      float l = pl.kt->rows.exp_sum(srow + lo, hi - lo, m);
       // Every visible score at or below -FLT_MAX (fp32 overflow of q.k*scale): then m = -FLT_MAX and the
       // masked columns outside the window get exp(-FLT_MAX - m) / l = 1/l (§3.3), not 0. Such "wide"
       // rows are finished over all C columns below (rare; exact, slow).
@@ -396,12 +396,12 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     sc.fused[i] = ri.kind != kFullyMasked && !token_wide && G <= kMaxFusedGroup;
     if (sc.fused[i]) {
       float* row0 = S + i * G * sc.ld_s + lo;
-      pl.kt->normalize_group(row0, sc.ld_s, static_cast<int>(G), &sc.l[i * G], hi - lo,
+      pl.kt->rows.normalize_group(row0, sc.ld_s, static_cast<int>(G), &sc.l[i * G], hi - lo,
                              sc.pa.get() + (i * G * sc.ld_p + lo) * esz, sc.ld_p, pl.pstore, row0);
     } else if (ri.kind != kFullyMasked) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = i * G + g;
-        pl.kt->normalize_row(S + r * sc.ld_s + lo, hi - lo, sc.l[r], sc.pa.get() + (r * sc.ld_p + lo) * esz,
+        pl.kt->rows.normalize_row(S + r * sc.ld_s + lo, hi - lo, sc.l[r], sc.pa.get() + (r * sc.ld_p + lo) * esz,
                              pl.pstore);
       }
     }
@@ -412,12 +412,12 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     if (pl.bf16_dot) {
       const uint16_t* vp = static_cast<const uint16_t*>(vpack);
       const int64_t pstride = (cp / 2) * kPanel * 2;
-      pl.kt->gemm_bf16(reinterpret_cast<const uint16_t*>(sc.pa.get()) + lo, sc.ld_p, R, vp + (lo / 2) * kPanel * 2,
+      pl.kt->gemm.bf16(reinterpret_cast<const uint16_t*>(sc.pa.get()) + lo, sc.ld_p, R, vp + (lo / 2) * kPanel * 2,
                        pstride, 0, pl.d2p, (hi - lo) / 2, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
     } else {
       const float* vp = static_cast<const float*>(vpack);
       const int64_t pstride = cp * kPanel;
-      pl.kt->gemm_f32(reinterpret_cast<const float*>(sc.pa.get()) + lo, sc.ld_p, R, vp + lo * kPanel, pstride, 0,
+      pl.kt->gemm.f32(reinterpret_cast<const float*>(sc.pa.get()) + lo, sc.ld_p, R, vp + lo * kPanel, pstride, 0,
                       pl.d2p, hi - lo, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
     }
   }
@@ -466,7 +466,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       const int64_t r = i * G + g, h = n2 * G + g;
       const float* orow = full ? sc.uniform.get() : sc.o.get() + r * pl.d2p;
       uint8_t* dst = static_cast<uint8_t*>(p.attention_out) + (t * sh.N1 + h) * sh.D2 * static_cast<int64_t>(dtype_size(dt));
-      (pl.stream_out ? pl.kt->store_row_stream : pl.kt->store_row)(orow, dst, sh.D2, dt);
+      (pl.stream_out ? pl.kt->rows.store_row_stream : pl.kt->rows.store_row)(orow, dst, sh.D2, dt);
       const int64_t so = detail::stat_offset(bi, h, s);
       std::fill(p.softmax_max + so, p.softmax_max + so + 8, sc.m[r]);
       std::fill(p.softmax_sum + so, p.softmax_sum + so + 8, sc.l[r]);
@@ -505,7 +505,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
         const int64_t half = n / 2;
         for (int64_t a = 0; a < half; ++a) {
           float* x = sc.ptrs[2 * a];
-          pl.kt->add_row(x + x0, sc.ptrs[2 * a + 1] + x0, x1 - x0);
+          pl.kt->rows.add_row(x + x0, sc.ptrs[2 * a + 1] + x0, x1 - x0);
           sc.ptrs[a] = x;
         }
         if (n % 2) sc.ptrs[half] = sc.ptrs[n - 1];
@@ -523,7 +523,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
         if (trow[k * p.topk_mask.stride[1]] != 0) score[k] = FLT_MAX;
     }
     int32_t* idx = p.topk_indices + (t * sh.N2 + n2) * K;
-    if (!pl.kt->top_k(score, Sel, static_cast<int>(K), idx, sc.topk_work.data()))
+    if (!pl.kt->select.top_k(score, Sel, static_cast<int>(K), idx, sc.topk_work.data()))
       top_k_general(score, Sel, K, idx);  // a NaN score (§3.8 order of NaN)
   }
 }
@@ -565,7 +565,7 @@ Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options)
   pl.p = &p;
   pl.batches = detail::make_batches(p, sh);
   pl.kt = kernels_for(isa);
-  pl.bf16_dot = p.dtype == DType::kBF16 && pl.kt->gemm_bf16 != nullptr;
+  pl.bf16_dot = p.dtype == DType::kBF16 && pl.kt->gemm.bf16 != nullptr;
   pl.pstore = pl.bf16_dot                  ? PStore::kBf16Bits
               : p.dtype == DType::kBF16    ? PStore::kF32AsBf16
               : p.dtype == DType::kF16     ? PStore::kF32AsF16
@@ -651,7 +651,7 @@ Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options)
       run_tile(pl, sc, kbuf.get() + pl.k_off[kv] * esz, vbuf.get() + pl.v_off[kv] * esz, pl.batches[tk[0]], tk[1],
                tk[2], tk[3], next_query);
     }
-    if (pl.stream_out) pl.kt->stream_fence();  // this worker's streaming stores, before the join
+    if (pl.stream_out) pl.kt->rows.stream_fence();  // this worker's streaming stores, before the join
   });
   return Status::Ok();
 }

@@ -576,8 +576,8 @@ TEST(BackwardKernels, TableEntriesMatchPlainLoops) {
           src16[i] = static_cast<uint16_t>(rng());
           src32[i] = static_cast<uint32_t>(rng());
         }
-        kt->transpose_u16(src16.data(), ld_src, rows, cols, dst16.data(), ld_dst);
-        kt->transpose_u32(src32.data(), ld_src, rows, cols, dst32.data(), ld_dst);
+        kt->grad.transpose_u16(src16.data(), ld_src, rows, cols, dst16.data(), ld_dst);
+        kt->grad.transpose_u32(src32.data(), ld_src, rows, cols, dst32.data(), ld_dst);
         for (int64_t c = 0; c < cols; ++c)
           for (int64_t r = 0; r < ld_dst; ++r) {
             const size_t d = static_cast<size_t>(c * ld_dst + r), sidx = static_cast<size_t>(r * ld_src + c);
@@ -587,7 +587,7 @@ TEST(BackwardKernels, TableEntriesMatchPlainLoops) {
           }
       }
     // pack_rows_bf16: values with exact ties (x.5 ulp of bf16), random values, signed zeros
-    if (kt->pack_rows_bf16 != nullptr) {
+    if (kt->grad.pack_rows_bf16 != nullptr) {
       const int64_t n = 48;
       std::vector<float> a(n), b(n);
       std::uniform_real_distribution<float> u(-3, 3);
@@ -597,7 +597,7 @@ TEST(BackwardKernels, TableEntriesMatchPlainLoops) {
       }
       a[5] = -0.0f;
       std::vector<uint16_t> pairs(2 * n, 0), ra(n + 1, 0x1234), rb(n, 0);
-      kt->pack_rows_bf16(a.data(), b.data(), n, pairs.data(), ra.data(), rb.data());
+      kt->grad.pack_rows_bf16(a.data(), b.data(), n, pairs.data(), ra.data(), rb.data());
       for (int64_t i = 0; i < n; ++i) {
         ASSERT_EQ(pairs[2 * i], nsa::detail::f32_to_bf16(a[i])) << i;
         ASSERT_EQ(pairs[2 * i + 1], nsa::detail::f32_to_bf16(b[i])) << i;
@@ -606,7 +606,7 @@ TEST(BackwardKernels, TableEntriesMatchPlainLoops) {
       }
       ASSERT_EQ(ra[n], 0x1234);
       std::vector<uint16_t> pairs2(2 * n, 0);
-      kt->pack_rows_bf16(a.data(), b.data(), n, pairs2.data(), nullptr, nullptr);
+      kt->grad.pack_rows_bf16(a.data(), b.data(), n, pairs2.data(), nullptr, nullptr);
       ASSERT_TRUE(pairs2 == pairs);
     }
     // softmax_grad_row
@@ -626,7 +626,7 @@ TEST(BackwardKernels, TableEntriesMatchPlainLoops) {
       s[7] = -200.0f, keep[7] = 1;  // exp underflows to 0
       const float m = 1.5f, il = 0.25f, dlt = 0.375f;
       std::vector<float> s2 = s, dp2 = dp;
-      kt->softmax_grad_row(s2.data(), dp2.data(), keep.data(), n, m, il, dlt);
+      kt->grad.softmax_grad_row(s2.data(), dp2.data(), keep.data(), n, m, il, dlt);
       for (int64_t i = 0; i < n; ++i) {
         const double p = keep[i] ? std::exp(static_cast<double>(s[i]) - m) * il : 0.0;
         const double ds = p * (static_cast<double>(dp[i]) - dlt);

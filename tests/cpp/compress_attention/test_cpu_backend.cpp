@@ -600,7 +600,7 @@ TEST_P(CpuFuzz, RandomConfigurations) {
   }
 }
 
-// KernelTable::top_k on every ISA this host runs, against a full stable sort in the §3.8 order
+// KernelTable::select.top_k on every ISA this host runs, against a full stable sort in the §3.8 order
 // (reference::topk_before), on rows built to stress its threshold: all equal, ties exactly at the K-th
 // lane maximum, signed zeros, +-inf, FLT_MAX (forced blocks), few distinct values, sel == K, sel not a
 // multiple of the lane count, K = 1 ... 32. A NaN anywhere returns false with idx untouched.
@@ -639,13 +639,13 @@ TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
             }
           }
           std::vector<int32_t> work(static_cast<size_t>(2 * sel)), got(static_cast<size_t>(K), -7);
-          ASSERT_TRUE(kt->top_k(sc.data(), sel, K, got.data(), work.data())) << "sel=" << sel << " K=" << K;
+          ASSERT_TRUE(kt->select.top_k(sc.data(), sel, K, got.data(), work.data())) << "sel=" << sel << " K=" << K;
           ASSERT_EQ(got, expected(sc, K)) << "sel=" << sel << " K=" << K << " kind=" << kind;
           ++checked;
           // a NaN anywhere: false, nothing written
           sc[static_cast<size_t>(rng() % static_cast<uint64_t>(sel))] = NAN;
           std::vector<int32_t> untouched(static_cast<size_t>(K), -7);
-          ASSERT_FALSE(kt->top_k(sc.data(), sel, K, untouched.data(), work.data())) << "sel=" << sel << " K=" << K;
+          ASSERT_FALSE(kt->select.top_k(sc.data(), sel, K, untouched.data(), work.data())) << "sel=" << sel << " K=" << K;
           ASSERT_EQ(untouched, std::vector<int32_t>(static_cast<size_t>(K), -7));
         }
       }

@@ -153,12 +153,38 @@ inline void transpose_u16_avx512(const uint16_t* src, int64_t ld_src, int64_t ro
 namespace nsa::cpu {
 const KernelTable* kernels_avx512bf16() {
   namespace k = isa_avx512bf16;
-  static const KernelTable table = {CpuIsa::kAvx512Bf16, k::gemm_f32_impl, k::gemm_bf16_impl, k::row_max_impl,
-                                    k::exp_sum_impl, k::normalize_row_impl, k::box_sum_impl, k::add_row_impl,
-                                    k::store_row_impl, k::load_row_impl,
-                                    k::softmax_grad_row_impl, k::pack_rows_bf16_impl, k::transpose_u16_avx512,
-                                    k::transpose_u32_impl, k::normalize_group_impl, k::store_row_stream_impl, k::stream_fence_impl,
-                                    k::top_k_impl};
+  static const KernelTable table = {
+      .isa = CpuIsa::kAvx512Bf16,
+      .gemm =
+          {
+              .f32 = k::gemm_f32_impl,
+              .bf16 = k::gemm_bf16_impl,
+          },
+      .rows =
+          {
+              .row_max = k::row_max_impl,
+              .exp_sum = k::exp_sum_impl,
+              .normalize_row = k::normalize_row_impl,
+              .normalize_group = k::normalize_group_impl,
+              .box_sum = k::box_sum_impl,
+              .add_row = k::add_row_impl,
+              .store_row = k::store_row_impl,
+              .store_row_stream = k::store_row_stream_impl,
+              .stream_fence = k::stream_fence_impl,
+              .load_row = k::load_row_impl,
+          },
+      .select =
+          {
+              .top_k = k::top_k_impl,
+          },
+      .grad =
+          {
+              .softmax_grad_row = k::softmax_grad_row_impl,
+              .pack_rows_bf16 = k::pack_rows_bf16_impl,
+              .transpose_u16 = k::transpose_u16_avx512,
+              .transpose_u32 = k::transpose_u32_impl,
+          },
+  };
   return &table;
 }
 }  // namespace nsa::cpu
