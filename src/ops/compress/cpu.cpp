@@ -1,0 +1,334 @@
+// Optimized CPU backend of the compression operator (docs/spec/compress.md §4, §6).
+//
+// Forward: tasks of consecutive compressed rows of one batch (all heads). Output element (r, n, j) is the
+// weighted sum of the window's l input rows, added in the order w = 0, 1, ..., l-1 (KernelTable::weighted_rows,
+// vectorized over j), rounded half away from zero: the reference's order, so the result equals it bit for bit.
+//
+// Backward, one parallel pass over two kinds of tasks:
+//   input_grad  tokens of one batch (all heads). Gather formulation (§6): token p's element (n, j) is the
+//               weighted sum of the grad rows of the windows covering p (at most ceil(l/d), by increasing c),
+//               weight[p - c*d, n] as weights; no atomics, one writer per element, the reference's order.
+//   weight_grad fixed chunks of compressed rows (their number depends on R only, at most kWgMaxChunks). For each
+//               row r = (b, c) and head n: dots[w] = sum_j grad[r, n, j] * input[start_b + c*d + w, n, j]
+//               (KernelTable::row_dots: 16 interleaved partial sums over j, then a fixed tree), added to the
+//               chunk's partial [N][l] row after row. The partials are then summed in chunk order and rounded
+//               to nearest even.
+// Results depend neither on the number of threads nor on the ISA path (kernels.h), only on the data. Extra
+// memory: per worker l row pointers, l weights or dots, D floats and (for inputs whose last dimension is
+// strided) l*D gathered elements; plus kWgMaxChunks * N * l partial sums.
+//
+// Memory traffic (the operator is memory-bound): the forward reads each input row once from memory (a window
+// re-reads the l - d rows it shares with its predecessor from cache) and writes the R output rows; the backward
+// reads input and grad and writes input_grad (T rows) and weight_grad.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "common/numeric.h"
+#include "common/threads.h"
+#include "cpu/isa.h"
+#include "ops/compress/batches.h"
+#include "ops/compress/cpu_tuning.h"
+#include "ops/compress/kernels.h"
+#include "ops/compress/rounding.h"
+
+namespace nsa {
+namespace {
+
+using compress_detail::Batch;
+using compress_kernels::KernelTable;
+using compress_kernels::Round;
+
+constexpr int64_t kWgMaxChunks = 64;  // weight_grad: most chunks of compressed rows (fixed by R)
+constexpr int64_t kWgMinRows = 8;     // weight_grad: fewest rows per chunk
+
+std::atomic<int64_t> g_task_bytes{compress_detail::CpuTuning().task_bytes};
+std::atomic<int64_t> g_bytes_per_worker{compress_detail::CpuTuning().bytes_per_worker};
+
+// D contiguous elements of (row t, head n) of a view: the tensor's memory when its last dimension is contiguous,
+// else a copy in `gather` (D elements).
+inline const void* row_ptr(const Tensor3& x, int64_t t, int64_t n, int64_t D, int64_t esz, unsigned char* gather) {
+  const unsigned char* base = static_cast<const unsigned char*>(x.data) + (t * x.stride[0] + n * x.stride[1]) * esz;
+  if (x.stride[2] == 1) return base;
+  const int64_t step = x.stride[2] * esz;
+  for (int64_t j = 0; j < D; ++j) std::memcpy(gather + j * esz, base + j * step, static_cast<size_t>(esz));
+  return gather;
+}
+
+// ------------------------------------------------------------------ fp64 kernels (no rounding, §4)
+// The same orders as the fp32 KernelTable functions, in double.
+void weighted_rows_f64(const void* const* rows, const double* wts, int64_t m, int64_t D, void* out_v) {
+  double* out = static_cast<double*>(out_v);
+  for (int64_t j = 0; j < D; ++j) out[j] = 0.0;
+  for (int64_t i = 0; i < m; ++i) {
+    const double* r = static_cast<const double*>(rows[i]);
+    const double w = wts[i];
+    for (int64_t j = 0; j < D; ++j) out[j] = out[j] + w * r[j];
+  }
+}
+
+void row_dots_f64(const double* g, const void* const* rows, int64_t m, int64_t D, double* dots) {
+  for (int64_t i = 0; i < m; ++i) {
+    const double* r = static_cast<const double*>(rows[i]);
+    double part[16] = {};
+    int64_t j = 0;
+    for (; j + 16 <= D; j += 16)
+      for (int k = 0; k < 16; ++k) part[k] = part[k] + g[j + k] * r[j + k];
+    for (; j < D; ++j) part[j % 16] = part[j % 16] + g[j] * r[j];
+    for (int s = 8; s >= 1; s /= 2)
+      for (int k = 0; k < s; ++k) part[k] = part[k] + part[k + s];
+    dots[i] = part[0];
+  }
+}
+
+// Per-call state shared by the tasks.
+struct Plan {
+  DType dt = DType::kBF16;
+  CompressShape sh;
+  int64_t esz = 2;
+  bool f64 = false;
+  std::vector<Batch> batches;
+  const KernelTable* kt = nullptr;
+  std::vector<float> wt32;   // [N][l]: weight[w, n] widened, per head contiguous
+  std::vector<double> wt64;  // the same for fp64 inputs
+  int threads = 1;
+};
+
+Status make_plan(const CompressParams& p, const CompressShape& sh, const CpuOptions& options, Plan* pl) {
+  CpuIsa isa;
+  const Status st = cpu::resolve_isa(options.isa, &isa);
+  if (!st.ok()) return st;
+  pl->dt = p.dtype;
+  pl->sh = sh;
+  pl->esz = static_cast<int64_t>(dtype_size(p.dtype));
+  pl->f64 = p.dtype == DType::kF64;
+  pl->kt = compress_kernels::kernels_for(isa);
+  pl->batches = compress_detail::make_batches(p.actual_seq_len, sh.l, sh.d);
+  pl->threads = cpu::resolve_num_threads(options.num_threads);
+  const size_t wn = static_cast<size_t>(sh.N * sh.l);
+  if (pl->f64) pl->wt64.resize(wn);
+  else pl->wt32.resize(wn);
+  for (int64_t w = 0; w < sh.l; ++w)
+    for (int64_t n = 0; n < sh.N; ++n) {
+      const int64_t off = w * p.weight.stride[0] + n * p.weight.stride[1];
+      if (pl->f64) pl->wt64[static_cast<size_t>(n * sh.l + w)] = static_cast<const double*>(p.weight.data)[off];
+      else pl->wt32[static_cast<size_t>(n * sh.l + w)] = detail::load_f32(p.weight.data, off, p.dtype);
+    }
+  return Status::Ok();
+}
+
+// Worker threads for a call moving `bytes`: enough work per started thread to pay for starting it.
+int workers_for(const Plan& pl, int64_t bytes, int64_t tasks) {
+  const int64_t by_size = std::max<int64_t>(1, bytes / std::max<int64_t>(1, g_bytes_per_worker.load()));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(pl.threads), by_size, tasks})));
+}
+
+// Per-worker scratch (allocated before any output is written).
+struct Scratch {
+  std::vector<const void*> rows;
+  std::vector<float> f32;    // weights (input_grad) or dots (weight_grad); then D widened grad values
+  std::vector<double> f64;
+  std::vector<unsigned char> gather;
+  void init(int64_t max_rows, int64_t D, int64_t esz, bool strided) {
+    rows.resize(static_cast<size_t>(max_rows));
+    f32.resize(static_cast<size_t>(max_rows + D));
+    f64.resize(static_cast<size_t>(max_rows + D));
+    if (strided) gather.resize(static_cast<size_t>((max_rows + 1) * D * esz));
+  }
+  unsigned char* gather_row(int64_t i, int64_t D, int64_t esz) {
+    return gather.empty() ? nullptr : gather.data() + i * D * esz;
+  }
+};
+
+// ------------------------------------------------------------------ forward
+Status forward(const CompressParams& p, const CpuOptions& options) {
+  CompressShape sh;
+  Status st = validate_compress(p, &sh);
+  if (!st.ok()) return st;
+  Plan pl;
+  if (!(st = make_plan(p, sh, options, &pl)).ok()) return st;
+  if (sh.R == 0) return Status::Ok();  // §5: no windows, empty output
+  const int64_t l = sh.l, d = sh.d, N = sh.N, D = sh.D, esz = pl.esz;
+
+  // tasks: (batch, first row, end row), about CpuTuning::task_bytes of new input each (d rows per compressed row)
+  const int64_t per_row = std::max<int64_t>(1, d * N * D * esz);
+  const int64_t rows_per_task = std::max<int64_t>(1, g_task_bytes.load() / per_row);
+  struct Task {
+    int64_t b, c0, c1;
+  };
+  std::vector<Task> tasks;
+  for (size_t b = 0; b < pl.batches.size(); ++b)
+    for (int64_t c0 = 0; c0 < pl.batches[b].C; c0 += rows_per_task)
+      tasks.push_back({static_cast<int64_t>(b), c0, std::min(pl.batches[b].C, c0 + rows_per_task)});
+  const int64_t bytes = (sh.T + sh.R) * N * D * esz;
+  const int workers = workers_for(pl, bytes, static_cast<int64_t>(tasks.size()));
+  const bool strided = p.input.stride[2] != 1;
+  std::vector<Scratch> scratch(static_cast<size_t>(workers));
+  for (Scratch& s : scratch) s.init(l, D, esz, strided);
+
+  unsigned char* out = static_cast<unsigned char*>(p.output);
+  cpu::parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t ti, int worker) {
+    Scratch& s = scratch[static_cast<size_t>(worker)];
+    const Task& tk = tasks[static_cast<size_t>(ti)];
+    const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
+    for (int64_t c = tk.c0; c < tk.c1; ++c) {
+      for (int64_t n = 0; n < N; ++n) {
+        // §4: window c covers input rows [start_b + c*d, start_b + c*d + l)
+        const int64_t t0 = bt.start + c * d;
+        for (int64_t w = 0; w < l; ++w) s.rows[static_cast<size_t>(w)] = row_ptr(p.input, t0 + w, n, D, esz, s.gather_row(w, D, esz));
+        void* dst = out + ((bt.row_begin + c) * N + n) * D * esz;  // §3: output row R_b + c
+        if (pl.f64) weighted_rows_f64(s.rows.data(), pl.wt64.data() + n * l, l, D, dst);
+        else pl.kt->weighted_rows(pl.dt, s.rows.data(), pl.wt32.data() + n * l, l, D, dst, Round::kAway);
+      }
+    }
+  });
+  return Status::Ok();
+}
+
+// ------------------------------------------------------------------ backward
+Status backward(const CompressGradParams& g, const CpuOptions& options) {
+  CompressShape sh;
+  Status st = validate_compress_backward(g, &sh);
+  if (!st.ok()) return st;
+  const CompressParams& p = g.fwd;
+  Plan pl;
+  if (!(st = make_plan(p, sh, options, &pl)).ok()) return st;
+  const int64_t l = sh.l, d = sh.d, N = sh.N, D = sh.D, esz = pl.esz, R = sh.R;
+
+  // weight_grad chunks: a function of R only (not of the thread count)
+  const int64_t chunk_rows = std::max(kWgMinRows, (R + kWgMaxChunks - 1) / kWgMaxChunks);
+  const int64_t n_chunks = (R + chunk_rows - 1) / chunk_rows;
+  std::vector<float> part32(pl.f64 ? 0 : static_cast<size_t>(n_chunks * N * l));
+  std::vector<double> part64(pl.f64 ? static_cast<size_t>(n_chunks * N * l) : 0);
+  // batches that own rows, with their first row, for the chunks' row -> batch lookup
+  std::vector<const Batch*> owners;
+  for (const Batch& bt : pl.batches)
+    if (bt.C > 0) owners.push_back(&bt);
+
+  // input_grad tasks: (batch, first token, end token), about CpuTuning::task_bytes of output each
+  const int64_t tokens_per_task = std::max<int64_t>(1, g_task_bytes.load() / std::max<int64_t>(1, N * D * esz));
+  struct Task {
+    int64_t b, p0, p1;
+  };
+  std::vector<Task> tasks;
+  for (size_t b = 0; b < pl.batches.size(); ++b)
+    for (int64_t p0 = 0; p0 < pl.batches[b].S; p0 += tokens_per_task)
+      tasks.push_back({static_cast<int64_t>(b), p0, std::min(pl.batches[b].S, p0 + tokens_per_task)});
+  const int64_t n_tasks = n_chunks + static_cast<int64_t>(tasks.size());
+  const int64_t bytes = (2 * sh.T + 2 * R) * N * D * esz;
+  const int workers = workers_for(pl, bytes, n_tasks);
+  const bool strided = p.input.stride[2] != 1 || g.grad.stride[2] != 1;
+  std::vector<Scratch> scratch(static_cast<size_t>(workers));
+  for (Scratch& s : scratch) s.init(l, D, esz, strided);
+
+  unsigned char* in_grad = static_cast<unsigned char*>(g.input_grad);
+  cpu::parallel_for(n_tasks, workers, [&](int64_t ti, int worker) {
+    Scratch& s = scratch[static_cast<size_t>(worker)];
+    if (ti < n_chunks) {
+      // ---- weight_grad partial of rows [r0, r1)
+      const int64_t r0 = ti * chunk_rows, r1 = std::min(R, r0 + chunk_rows);
+      float* acc32 = pl.f64 ? nullptr : part32.data() + ti * N * l;
+      double* acc64 = pl.f64 ? part64.data() + ti * N * l : nullptr;
+      for (int64_t i = 0; i < N * l; ++i) pl.f64 ? (void)(acc64[i] = 0.0) : (void)(acc32[i] = 0.0f);
+      size_t ob = static_cast<size_t>(std::upper_bound(owners.begin(), owners.end(), r0,
+                                                       [](int64_t r, const Batch* b) { return r < b->row_begin; }) -
+                                      owners.begin()) - 1;
+      for (int64_t r = r0; r < r1; ++r) {
+        while (r >= owners[ob]->row_begin + owners[ob]->C) ++ob;
+        const Batch& bt = *owners[ob];
+        const int64_t t0 = bt.start + (r - bt.row_begin) * d;  // window of row r: input rows [t0, t0 + l)
+        for (int64_t n = 0; n < N; ++n) {
+          const void* grow = row_ptr(g.grad, r, n, D, esz, s.gather_row(l, D, esz));
+          for (int64_t w = 0; w < l; ++w) s.rows[static_cast<size_t>(w)] = row_ptr(p.input, t0 + w, n, D, esz, s.gather_row(w, D, esz));
+          if (pl.f64) {
+            double* gv = s.f64.data() + l;
+            std::memcpy(gv, grow, static_cast<size_t>(D) * sizeof(double));
+            row_dots_f64(gv, s.rows.data(), l, D, s.f64.data());
+            for (int64_t w = 0; w < l; ++w) acc64[n * l + w] = acc64[n * l + w] + s.f64[static_cast<size_t>(w)];
+          } else {
+            float* gv = s.f32.data() + l;
+            pl.kt->widen(pl.dt, grow, D, gv);
+            pl.kt->row_dots(pl.dt, gv, s.rows.data(), l, D, s.f32.data());
+            for (int64_t w = 0; w < l; ++w) acc32[n * l + w] = acc32[n * l + w] + s.f32[static_cast<size_t>(w)];
+          }
+        }
+      }
+      return;
+    }
+    // ---- input_grad of tokens [p0, p1) of one batch
+    const Task& tk = tasks[static_cast<size_t>(ti - n_chunks)];
+    const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
+    for (int64_t pos = tk.p0; pos < tk.p1; ++pos) {
+      int64_t first, last;
+      compress_detail::covering_windows(pos, bt.C, l, d, &first, &last);
+      const int64_t m = std::max<int64_t>(0, last - first + 1);  // 0: uncovered (tail, short batch): zeros (§5)
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t c = first + i;
+          s.rows[static_cast<size_t>(i)] = row_ptr(g.grad, bt.row_begin + c, n, D, esz, s.gather_row(i, D, esz));
+          const int64_t w = pos - c * d;  // position of the token in window c
+          if (pl.f64) s.f64[static_cast<size_t>(i)] = pl.wt64[static_cast<size_t>(n * l + w)];
+          else s.f32[static_cast<size_t>(i)] = pl.wt32[static_cast<size_t>(n * l + w)];
+        }
+        void* dst = in_grad + ((bt.start + pos) * N + n) * D * esz;
+        if (pl.f64) weighted_rows_f64(s.rows.data(), s.f64.data(), m, D, dst);
+        else pl.kt->weighted_rows(pl.dt, s.rows.data(), s.f32.data(), m, D, dst, Round::kEven);
+      }
+    }
+  });
+
+  // weight_grad[w, n] = rne_T(sum of the chunks' partials, in chunk order) (§6)
+  for (int64_t w = 0; w < l; ++w)
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t o = w * N + n;
+      if (pl.f64) {
+        double acc = 0.0;
+        for (int64_t k = 0; k < n_chunks; ++k) acc = acc + part64[static_cast<size_t>(k * N * l + n * l + w)];
+        static_cast<double*>(g.weight_grad)[o] = acc;
+      } else {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < n_chunks; ++k) acc = acc + part32[static_cast<size_t>(k * N * l + n * l + w)];
+        switch (pl.dt) {
+          case DType::kBF16: static_cast<uint16_t*>(g.weight_grad)[o] = compress_detail::f32_to_bf16_rne(acc); break;
+          case DType::kF16: static_cast<uint16_t*>(g.weight_grad)[o] = compress_detail::f32_to_f16_rne(acc); break;
+          default: static_cast<float*>(g.weight_grad)[o] = acc; break;
+        }
+      }
+    }
+  return Status::Ok();
+}
+
+}  // namespace
+
+namespace compress_detail {
+CpuTuning cpu_tuning() {
+  CpuTuning t;
+  t.task_bytes = g_task_bytes.load();
+  t.bytes_per_worker = g_bytes_per_worker.load();
+  return t;
+}
+void set_cpu_tuning(const CpuTuning& t) {
+  g_task_bytes.store(t.task_bytes);
+  g_bytes_per_worker.store(t.bytes_per_worker);
+}
+}  // namespace compress_detail
+
+Status compress_cpu(const CompressParams& p, const CpuOptions& options) {
+  try {
+    return forward(p, options);
+  } catch (const std::bad_alloc&) {
+    return Status::Error("compress_cpu: out of memory for the backend's scratch buffers");
+  }
+}
+
+Status compress_backward_cpu(const CompressGradParams& p, const CpuOptions& options) {
+  try {
+    return backward(p, options);
+  } catch (const std::bad_alloc&) {
+    return Status::Error("compress_backward_cpu: out of memory for the backend's scratch buffers");
+  }
+}
+
+}  // namespace nsa

@@ -1,0 +1,20 @@
+// Work-splitting knobs of the compression CPU backend (internal). They change only how the work is cut into
+// tasks and how many worker threads start, never a result (each output element has one writer and a fixed order;
+// the weight gradient's chunks depend on R only). Tests lower them to run many tasks on many workers with small
+// shapes.
+#pragma once
+
+#include <cstdint>
+
+namespace nsa::compress_detail {
+
+struct CpuTuning {
+  int64_t task_bytes = 64 << 10;         // bytes of input (forward) / input_grad (backward) a task aims to cover
+  int64_t bytes_per_worker = 512 << 10;  // bytes moved per worker thread started (fewer workers for small calls)
+};
+
+CpuTuning cpu_tuning();
+// Not synchronized with running calls: set it before calling, from one thread.
+void set_cpu_tuning(const CpuTuning& t);
+
+}  // namespace nsa::compress_detail
