@@ -2,7 +2,7 @@
 
 Importing the package loads the compiled operator library (see :mod:`nsa_ops._lib` for where it is
 looked for) and registers ``torch.ops.nsa.compress_attention`` (and ``compress_attention_reference``,
-the plain-loop oracle). The contract is SPEC.md.
+the plain-loop oracle). The contract is docs/spec/compress_attention.md.
 """
 
 from ._lib import library_path, load_library

@@ -1,6 +1,6 @@
 """The compact benchmark behind ``python -m nsa_ops bench`` (self-contained: works from an installed wheel).
 
-One causal sequence per case (SPEC §9 masks, built with :func:`nsa_ops.make_atten_mask` and
+One causal sequence per case (docs/spec/compress_attention.md §9 masks, built with :func:`nsa_ops.make_atten_mask` and
 :func:`nsa_ops.make_topk_mask`), swept over sequence lengths. Per case: the median time of the operator, its
 useful throughput ``GFLOP/s = 2 * N1 * (D + D2) * visible pairs / s`` (visible pairs: (query row, compressed
 token) pairs that atten_mask keeps; a fully masked row counts 0), and the time of the same computation written
@@ -84,7 +84,7 @@ def useful_flop(case: Case, atten_mask: torch.Tensor) -> float:
 
 
 def _score_matrix(case: Case) -> torch.Tensor:
-    """[C, Sel] fp32: the weight of compressed token c in the score of selection block k (SPEC §3.5)."""
+    """[C, Sel] fp32: the weight of compressed token c in the score of selection block k (docs/spec/compress_attention.md §3.5)."""
     M, N = case.M, case.l // case.d
     c = torch.arange(case.C).unsqueeze(1)
     k = torch.arange(case.Sel).unsqueeze(0)

@@ -1,10 +1,10 @@
-"""Lengths and masks the way callers of the operator build them (SPEC §2, §9).
+"""Lengths and masks the way callers of the operator build them (docs/spec/compress_attention.md §2, §9).
 
 Lengths: the operator takes *prefix sums* of per-batch lengths (``actual_seq_qlen``,
 ``actual_cmp_seq_kvlen``, ``actual_sel_seq_kvlen``, no leading zero). These helpers work on
 per-batch lengths and convert.
 
-Masks (SPEC §9, the paper's convention; the operator does not enforce it): both are indexed by the
+Masks (docs/spec/compress_attention.md §9, the paper's convention; the operator does not enforce it): both are indexed by the
 position ``t`` of a query inside its own sequence (top-left aligned, shared by all batches and
 heads). They assume the queries of a batch are the tokens of the sequence itself, so that query row
 ``t`` of the batch is token ``t``.
@@ -33,7 +33,7 @@ def compressed_lengths(token_lengths: Any, compress_block_size: int, compress_st
 
     ``l = compress_block_size``, ``d = compress_stride``. Compressed token ``i`` summarises tokens
     ``[i*d, i*d + l)``; only complete windows exist, so a sequence shorter than ``l`` has none (and
-    the operator rejects a batch with ``C_b = 0``, SPEC §5). Example (SPEC §8): 1024 tokens,
+    the operator rejects a batch with ``C_b = 0``, docs/spec/compress_attention.md §5). Example (docs/spec/compress_attention.md §8): 1024 tokens,
     l = 32, d = 16 -> 63.
 
     token_lengths: per-sequence token counts ``L_b`` (list, tuple or 1-D integer tensor).
@@ -53,7 +53,7 @@ def selection_lengths(cmp_lengths: Any, compress_stride: int, select_block_size:
     """Selection blocks per sequence: ``Sel_b = ceil(C_b / M)`` with ``M = select_block_size // compress_stride``.
 
     cmp_lengths: per-sequence compressed lengths ``C_b`` (e.g. from :func:`compressed_lengths`).
-    Example (SPEC §8): C = 63, d = 16, l' = 64 -> M = 4, Sel = 16.
+    Example (docs/spec/compress_attention.md §8): C = 63, d = 16, l' = 64 -> M = 4, Sel = 16.
     """
     lengths = non_negative_lengths(cmp_lengths, "cmp_lengths")
     d = int_arg(compress_stride, "compress_stride")
@@ -92,11 +92,11 @@ def lengths_from_prefix_sums(prefix: Any) -> list[int]:
 
 def make_atten_mask(max_sq: int, max_c: int, compress_block_size: int, compress_stride: int, *,
                     device: torch.device | str | None = None) -> torch.Tensor:
-    """Causal mask of the compressed tokens (SPEC §9): bool ``[max_sq, max_c]``.
+    """Causal mask of the compressed tokens (docs/spec/compress_attention.md §9): bool ``[max_sq, max_c]``.
 
     ``atten_mask[t][i] = True`` (removed) when ``i*d + l - 1 > t``: compressed token ``i`` covers
     tokens ``[i*d, i*d + l)`` and query ``t`` may only see tokens ``<= t``. Rows
-    ``t < l - 1`` are fully masked (SPEC §5 defines their output). Example (SPEC §8, l = 32, d = 16):
+    ``t < l - 1`` are fully masked (docs/spec/compress_attention.md §5 defines their output). Example (docs/spec/compress_attention.md §8, l = 32, d = 16):
     t = 0..30 see nothing, t = 31..46 see {0}, t = 100 sees {0..4}.
 
     max_sq: rows (largest query count of a batch); max_c: columns (largest ``C_b``).
@@ -116,7 +116,7 @@ def make_atten_mask(max_sq: int, max_c: int, compress_block_size: int, compress_
 
 def make_topk_mask(max_sq: int, max_sel: int, select_block_size: int, *, num_init: int = 1, num_local: int = 2,
                    device: torch.device | str | None = None) -> torch.Tensor:
-    """Forced selection blocks (SPEC §9): bool ``[max_sq, max_sel]``, True = forced into the top-k.
+    """Forced selection blocks (docs/spec/compress_attention.md §9): bool ``[max_sq, max_sel]``, True = forced into the top-k.
 
     Selection block ``k`` (the operator's index) covers tokens ``[k*l', (k+1)*l')``, ``l' =
     select_block_size``. Row ``t`` forces

@@ -1,4 +1,4 @@
-"""Reading and writing the softmax statistics in the operator's layout (SPEC §4).
+"""Reading and writing the softmax statistics in the operator's layout (docs/spec/compress_attention.md §4).
 
 ``softmax_max`` and ``softmax_sum`` are declared ``[T, N1, 8]`` float32 but their memory is laid out
 per batch: batch ``b`` occupies the contiguous float range starting at ``8 * N1 * q_b`` (``q_b`` =
@@ -66,7 +66,7 @@ def softmax_stats_view(stats: torch.Tensor, actual_seq_qlen: Any = None, *, cu_s
     lengths = query_lengths(actual_seq_qlen, cu_seqlens_q=cu_seqlens_q)
     _, N1 = _check_stats(stats, lengths)
     if not stats.is_contiguous():
-        raise ValueError("stats must be contiguous (the layout of SPEC §4 is a memory layout)")
+        raise ValueError("stats must be contiguous (the layout of docs/spec/compress_attention.md §4 is a memory layout)")
     flat = stats.view(-1)
     out, begin = [], 0
     for sq in lengths:
@@ -87,7 +87,7 @@ def softmax_stats_dense(stats: torch.Tensor, actual_seq_qlen: Any = None, *, cu_
 
 def softmax_stats_pack(dense: torch.Tensor, actual_seq_qlen: Any = None, *, cu_seqlens_q: Any = None
                        ) -> torch.Tensor:
-    """Inverse of :func:`softmax_stats_dense`: ``[T, N1]`` -> ``[T, N1, 8]`` float32 in the layout of SPEC §4.
+    """Inverse of :func:`softmax_stats_dense`: ``[T, N1]`` -> ``[T, N1, 8]`` float32 in the layout of docs/spec/compress_attention.md §4.
 
     Use it to hand statistics computed elsewhere to code that expects the operator's layout (the backward).
     """

@@ -2,7 +2,7 @@
 
 :func:`plot_selection` draws ``topk_indices`` as a heat map: query position down the y axis, selection block
 index along the x axis, a cell coloured when the block is in that query's top-k. Blocks forced by
-``topk_mask`` get their own colour, and so do slots that SPEC §5 fills with blocks of score 0 (a query that sees
+``topk_mask`` get their own colour, and so do slots that docs/spec/compress_attention.md §5 fills with blocks of score 0 (a query that sees
 fewer than K blocks gets the remaining slots in ascending index order; consumers must mask those).
 """
 
@@ -20,14 +20,14 @@ COLORS = {
     "none": (1.0, 1.0, 1.0),          # not selected
     "selected": (0.12, 0.31, 0.60),   # in the top-k by its score
     "forced": (0.95, 0.56, 0.17),     # forced by topk_mask (and so in the top-k)
-    "forced_out": (0.99, 0.85, 0.71),  # forced but left out (more than K forced blocks, SPEC §5)
-    "filler": (0.72, 0.72, 0.72),     # in the top-k with score 0 (fewer than K scored blocks, SPEC §5)
+    "forced_out": (0.99, 0.85, 0.71),  # forced but left out (more than K forced blocks, docs/spec/compress_attention.md §5)
+    "filler": (0.72, 0.72, 0.72),     # in the top-k with score 0 (fewer than K scored blocks, docs/spec/compress_attention.md §5)
 }
 LABELS = {
     "selected": "selected (top-k by score)",
     "forced": "forced by topk_mask",
     "forced_out": "forced, not kept (more than K forced)",
-    "filler": "filler: score 0, fills the remaining slots (SPEC §5)",
+    "filler": "filler: score 0, fills the remaining slots (docs/spec/compress_attention.md §5)",
 }
 
 
@@ -57,11 +57,11 @@ def _as_tensor(x: Any, name: str) -> torch.Tensor:
 
 def zero_score_blocks(atten_mask: Optional[torch.Tensor], num_rows: int, cmp_len: int, compress_block_size: int,
                       compress_stride: int, select_block_size: int) -> torch.Tensor:
-    """Bool ``[num_rows, Sel]``: True where selection block k of row s necessarily scores 0 (SPEC §3.5).
+    """Bool ``[num_rows, Sel]``: True where selection block k of row s necessarily scores 0 (docs/spec/compress_attention.md §3.5).
 
     Block k sums P over the compressed tokens ``c = M(k+1) - i``, ``0 <= i <= M+N-2`` (``c < cmp_len``); it
     scores 0 when atten_mask removes all of them from row s (and the row is not fully masked: a fully masked
-    row has the uniform P of SPEC §5, so every block with a token scores). One batch: rows are positions
+    row has the uniform P of docs/spec/compress_attention.md §5, so every block with a token scores). One batch: rows are positions
     inside it, ``cmp_len`` its compressed length.
     """
     M = select_block_size // compress_stride
@@ -94,7 +94,7 @@ def plot_selection(topk_indices: Any, topk_mask: Any = None, kv_head: int = 0, p
         then looked up by the position inside the batch; batch boundaries are drawn). Default: one batch.
     num_blocks: width of the x axis (default: the largest index + 1, or topk_mask's width).
     zero_score: optional bool ``[T, Sel]`` (rows as in topk_indices), True where a block scores 0 for that
-        query (e.g. from :func:`zero_score_blocks`): selected such blocks are drawn as SPEC §5 fillers.
+        query (e.g. from :func:`zero_score_blocks`): selected such blocks are drawn as docs/spec/compress_attention.md §5 fillers.
     Raises MissingDependency when matplotlib is not installed.
     """
     Figure, FigureCanvasAgg, Patch = require_matplotlib()

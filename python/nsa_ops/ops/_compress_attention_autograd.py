@@ -1,8 +1,8 @@
-"""Autograd of torch.ops.nsa.compress_attention (SPEC §7), registered with torch.library.
+"""Autograd of torch.ops.nsa.compress_attention (docs/spec/compress_attention.md §7), registered with torch.library.
 
 Gradients flow to query, key and value; none to the masks, the lengths, topk_indices or the softmax
 statistics (their incoming gradients are ignored). The backward recomputes P from the saved
-statistics (softmax_max/softmax_sum in SPEC §4's per-batch layout) and attention_out, as the NPU's
+statistics (softmax_max/softmax_sum in docs/spec/compress_attention.md §4's per-batch layout) and attention_out, as the NPU's
 FlashAttention backward does, in torch.ops.nsa.compress_attention_backward. Double backward is not
 supported and raises.
 """

@@ -1,4 +1,4 @@
-"""Python entry points of the operator (torch.ops.nsa.compress_attention); the contract is SPEC.md.
+"""Python entry points of the operator (torch.ops.nsa.compress_attention); the contract is docs/spec/compress_attention.md.
 
 * :func:`npu_nsa_compress_attention`: a drop-in for ``torch_npu.npu_nsa_compress_attention``: the same
   signature, argument order, defaults and output order.
@@ -29,7 +29,7 @@ def cpu_isa() -> tuple[str, str]:
 
 
 class CompressAttentionOutput(NamedTuple):
-    """Outputs of the operator (SPEC §4), in torch_npu's order.
+    """Outputs of the operator (docs/spec/compress_attention.md §4), in torch_npu's order.
 
     attention_out: ``[T, N1, D2]``, query's dtype, contiguous.
     topk_indices:  ``[T, N2, K]`` int32, selection-block indices local to the batch, in ``[0, Sel_b)``,
@@ -48,7 +48,7 @@ class CompressAttentionOutput(NamedTuple):
 def npu_nsa_compress_attention(query, key, value, scale_value, head_num, compress_block_size, compress_stride,
                                select_block_size, select_block_count, topk_mask=None, atten_mask=None,
                                actual_seq_qlen=None, actual_cmp_seq_kvlen=None, actual_sel_seq_kvlen=None):
-    """Drop-in replacement for ``torch_npu.npu_nsa_compress_attention`` (SPEC §1-§6).
+    """Drop-in replacement for ``torch_npu.npu_nsa_compress_attention`` (docs/spec/compress_attention.md §1-§6).
 
     Arguments as in torch_npu: ``query [T, N1, D]``, ``key [T2, N2, D]``, ``value [T2, N2, D2]`` (bf16,
     fp16; fp32 and fp64 as extensions; any strides), ``scale_value`` (float), ``head_num`` (= N1), the
@@ -60,7 +60,7 @@ def npu_nsa_compress_attention(query, key, value, scale_value, head_num, compres
     reads them inside the kernel: under ``torch.compile`` new lengths then cause no recompilation.
 
     Returns the tuple ``(attention_out, topk_indices, softmax_max, softmax_sum)``; see
-    :class:`CompressAttentionOutput`. Violations of SPEC §6 raise RuntimeError naming the argument.
+    :class:`CompressAttentionOutput`. Violations of docs/spec/compress_attention.md §6 raise RuntimeError naming the argument.
     """
     lengths = (actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen)
     if any(isinstance(x, torch.Tensor) for x in lengths):
@@ -116,7 +116,7 @@ def compress_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        select_block_size: int, select_block_count: int, scale: Optional[float] = None,
                        atten_mask: Optional[torch.Tensor] = None, topk_mask: Optional[torch.Tensor] = None
                        ) -> CompressAttentionOutput:
-    """Compressed attention of Native Sparse Attention with top-k block selection (SPEC.md).
+    """Compressed attention of Native Sparse Attention with top-k block selection (docs/spec/compress_attention.md).
 
     Batches are packed along the first dimension ("TND", as in FlashAttention's varlen API);
     batch ``b`` owns query rows ``[cu_seqlens_q[b], cu_seqlens_q[b+1])`` and compressed key/value rows
@@ -142,19 +142,19 @@ def compress_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         atten_mask: optional ``[maxSq, maxC]`` bool/uint8, any strides; True removes compressed token
             ``c`` from the softmax of query row ``s`` (position inside its batch, shared by batches and
             heads). See :func:`nsa_ops.make_atten_mask`. A fully masked row gives the mean of the
-            batch's values (SPEC §5).
+            batch's values (docs/spec/compress_attention.md §5).
         topk_mask: optional ``[maxSq, maxSel]`` bool/uint8; True forces block ``k`` into the top-k of
             row ``s``. See :func:`nsa_ops.make_topk_mask`.
 
     Returns:
         :class:`CompressAttentionOutput` ``(attention_out [T, N1, D2] query dtype, topk_indices
         [T, N2, K] int32, softmax_max [T, N1, 8] float32, softmax_sum [T, N1, 8] float32)``. The
-        statistics use the per-batch memory layout of SPEC §4: read them with
+        statistics use the per-batch memory layout of docs/spec/compress_attention.md §4: read them with
         :func:`nsa_ops.softmax_stats_view` / :func:`nsa_ops.softmax_stats_dense` (``cu_seqlens_q=``).
 
     Raises:
         TypeError / ValueError: malformed Python arguments (the message names the argument).
-        RuntimeError: other violations of SPEC §6, from the operator (the message names the argument).
+        RuntimeError: other violations of docs/spec/compress_attention.md §6, from the operator (the message names the argument).
     """
     _check_tensor(query, "query", 3, "[T, N1, D]")
     _check_tensor(key, "key", 3, "[T2, N2, D]")
