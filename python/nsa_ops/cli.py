@@ -6,8 +6,8 @@ Commands (``--help`` on each says more):
   ``--plot`` PNG); ``--suite`` runs the source tree's full bench/bench_forward.py instead.
 * ``golden``: run the operator on inputs read from .npy files / a .safetensors / an .npz file and write the four
   outputs as .npy plus manifest.json: golden data to check another implementation (e.g. the NPU's) against.
-* ``check``: compare two output sets with SPEC.md's tolerances; names the rows (t, head) that differ and exits
-  with status 1 on a mismatch.
+* ``check``: compare two output sets with the rules of nsa_ops.tolerance; names the rows (t, head) that differ
+  and exits with status 1 on a mismatch.
 * ``select-map``: run a causal example and draw which selection blocks each query picks (PNG heat map).
 
 Exit status: 0 success, 1 check mismatch, 2 bad arguments or input files, 3 an optional package is missing.
@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from . import tolerance
 
 EXIT_MISMATCH, EXIT_USAGE, EXIT_MISSING = 1, 2, 3
 
@@ -101,7 +103,7 @@ def cmd_bench(args) -> int:
               f"{torch.get_num_threads()} threads, CPU ISA {active} (detected {detected}); "
               f"median of {args.repeat} runs after {args.warmup} warm-up(s)")
     print(header)
-    print(f"cases: {cases[0].describe().replace(f'T={cases[0].tokens} ', '')}, causal SPEC §9 masks; "
+    print(f"cases: {cases[0].describe().replace(f'T={cases[0].tokens} ', '')}, causal docs/spec/compress_attention.md §9 masks; "
           f"T = {', '.join(map(str, lens))}", flush=True)
     results = _bench.run(cases, warmup=args.warmup, repeat=args.repeat, baseline=not args.no_composition,
                          seed=args.seed, progress=not args.no_progress)
@@ -209,7 +211,7 @@ def cmd_select_map(args) -> int:
     if args.pattern == "planted":
         # A shared direction in every query and in the keys of a few "landmark" selection blocks: each query
         # attends to the landmarks it can see, so they show as columns starting at the causal frontier.
-        # Block k scores the compressed tokens c in [M(k+1) - (M+N-2), M(k+1)] (SPEC §3.5); those in
+        # Block k scores the compressed tokens c in [M(k+1) - (M+N-2), M(k+1)] (docs/spec/compress_attention.md §3.5); those in
         # [Mk+1, Mk+M-N+1] count for block k alone, so a landmark lights up one column.
         M, Nw = lp // d, l // d
         u = torch.randn(args.dim, generator=g)
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads (torch.set_num_threads; the operator uses torch.get_num_threads())")
 
     p = sub.add_parser("bench", formatter_class=fmt, help="time the operator against a plain PyTorch composition",
-                       description="Times the operator on one causal sequence per length (SPEC §9 masks) and the "
+                       description="Times the operator on one causal sequence per length (docs/spec/compress_attention.md §9 masks) and the "
                        "same computation as plain PyTorch ops; prints a table of time, useful GFLOP/s "
                        "(2*N1*(D+D2)*visible pairs / s) and the speed-up. A progress bar runs on stderr (tqdm if "
                        "installed). --suite runs the source tree's bench/bench_forward.py instead.")
@@ -289,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "actual_sel_seq_kvlen and dtype (bf16/fp16/fp32). bf16 inputs: uint16 bit patterns, or "
                        "float32 values exactly representable in bf16. bf16 attention_out is written as float32 "
                        "holding the exact bf16 values (or --bf16-storage uint16: bit patterns); the manifest "
-                       "says which. softmax_max/sum keep the operator's SPEC §4 per-batch layout.")
+                       "says which. softmax_max/sum keep the operator's docs/spec/compress_attention.md §4 per-batch layout.")
     p.add_argument("source", help="input directory, .safetensors or .npz file")
     p.add_argument("-o", "--output", required=True, help="output directory (created)")
     p.add_argument("--args", default=None,
@@ -305,19 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="threads (torch.set_num_threads)")
     p.set_defaults(func=cmd_golden)
 
-    p = sub.add_parser("check", formatter_class=fmt, help="compare two output sets with SPEC tolerances",
-                       description="Compares ACTUAL (e.g. the NPU's outputs) with EXPECTED (e.g. golden data): "
-                       "topk_indices identical (with --inputs: ties and near-ties may be ordered differently), "
-                       "softmax_max/sum within rtol + atol, attention_out within --out-ulps units in the last "
-                       "place of the dtype (or --out-acc-rtol x max|expected|; with --inputs, bf16/fp16: also "
-                       "within two rounding flips of P, SPEC §3.4). Each output set is a directory written by `golden` (or any directory with "
-                       "the four .npy files), an .npz or a .safetensors file. Prints the rows (t, head) that "
-                       "differ; exit status 1 on a mismatch.")
+    p = sub.add_parser("check", formatter_class=fmt, help="compare two output sets with the rules of nsa_ops.tolerance",
+                       description="Compares ACTUAL (e.g. the NPU's outputs) with EXPECTED (e.g. golden data) by "
+                       "the rules of nsa_ops.tolerance: topk_indices identical (with --inputs: near ties of computed "
+                       "scores may be ordered differently), softmax_max/sum within rtol + atol, attention_out "
+                       "within --out-ulps units in the last place of the dtype (or --out-acc-rtol x max|expected|; "
+                       "with --inputs, a row beyond that passes when every element of ACTUAL lies within the "
+                       "per-element bound of the fp64 model of docs/spec/compress_attention.md §3). Each output "
+                       "set is a directory written by `golden` (or any directory with the four .npy files), an "
+                       ".npz or a .safetensors file. Prints the rows (t, head) that differ; exit status 1 on a "
+                       "mismatch.")
     p.add_argument("actual", help="output set to check")
     p.add_argument("expected", help="reference output set (golden data)")
     p.add_argument("--inputs", default=None,
                    help="the inputs both were computed from (as for `golden`): enables the tie tolerance of "
-                        "topk_indices and the P rounding-flip tolerance of attention_out")
+                        "topk_indices and the per-element model bound of attention_out")
     p.add_argument("--args", default=None, help="arguments JSON of --inputs (as for `golden`)")
     p.add_argument("--case", default=None, help="entry of a list-of-cases arguments JSON")
     p.add_argument("--round-inputs", action="store_true", help="as for `golden`")
@@ -329,16 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-acc-rtol", type=float, default=1e-6,
                    help="attention_out also passes within this x max|expected attention_out| (fp32 accumulation "
                         "order; matters for values that cancel to near 0)")
-    p.add_argument("--stats-rtol", type=float, default=1e-5, help="softmax_max/sum relative tolerance")
-    p.add_argument("--stats-atol", type=float, default=1e-6, help="softmax_max/sum absolute tolerance")
+    p.add_argument("--stats-rtol", type=float, default=tolerance.STATS_RTOL,
+                   help="softmax_max/sum relative tolerance")
+    p.add_argument("--stats-atol", type=float, default=tolerance.STATS_MAX_ATOL,
+                   help="softmax_max/sum absolute tolerance")
     p.add_argument("--max-rows", type=int, default=20, help="differing rows to print")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("select-map", formatter_class=fmt, help="draw which blocks each query selects (PNG)",
-                       description="Runs a causal example (SPEC §9 masks from nsa_ops.make_atten_mask / "
+                       description="Runs a causal example (docs/spec/compress_attention.md §9 masks from nsa_ops.make_atten_mask / "
                        "make_topk_mask) and writes a heat map of topk_indices: query position against selection "
-                       "block, forced blocks and SPEC §5 zero-score fillers in their own colours. "
+                       "block, forced blocks and docs/spec/compress_attention.md §5 zero-score fillers in their own colours. "
                        "--pattern planted adds a few landmark blocks every query is drawn to. Needs matplotlib.")
     p.add_argument("-o", "--output", default="selection.png", help="PNG to write")
     p.add_argument("--tokens", type=int, default=2048, help="sequence length T")
@@ -372,7 +378,7 @@ def main(argv: Optional[list] = None) -> int:
     except (GoldenError, ValueError, FileNotFoundError) as e:
         print(f"nsa_ops {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except RuntimeError as e:  # the operator's argument checks (SPEC §6) name the argument
+    except RuntimeError as e:  # the operator's argument checks (docs/spec/compress_attention.md §6) name the argument
         print(f"nsa_ops {args.command}: the operator rejected the inputs: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

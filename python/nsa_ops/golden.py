@@ -4,7 +4,7 @@ Two halves, used by ``python -m nsa_ops golden`` and ``python -m nsa_ops check``
 
 * :func:`load_inputs` + :func:`run_golden` + :func:`write_outputs`: read ``query``/``key``/``value``, the masks
   and the arguments, run the operator, write the four outputs as ``.npy`` files plus ``manifest.json``.
-* :func:`load_outputs` + :func:`compare`: compare two output sets with the tolerances of SPEC.md and name the
+* :func:`load_outputs` + :func:`compare`: compare two output sets with the rules of :mod:`nsa_ops.tolerance` and name the
   rows ``(t, head)`` that differ.
 
 Input formats (:func:`load_inputs`):
@@ -15,13 +15,13 @@ Input formats (:func:`load_inputs`):
 * one ``.safetensors`` file with the same tensor names (read with the ``safetensors`` package when it is
   installed, else with the small reader here); arguments from a JSON file, or from the file's metadata
   entry ``nsa_args`` (a JSON string);
-* one ``.npz`` archive with the same names (the layout of the project's shared reference vectors).
+* one ``.npz`` archive with the same names (the layout of the reference vectors in tests/data/vectors).
 
 The arguments JSON is an object with ``scale_value``, ``head_num``, ``compress_block_size``,
 ``compress_stride``, ``select_block_size``, ``select_block_count``, ``actual_seq_qlen``,
 ``actual_cmp_seq_kvlen`` (prefix sums, no leading 0; or as tensors, see above), optionally
 ``actual_sel_seq_kvlen`` and ``dtype`` (``bf16``, ``fp16``, ``fp32``). It may also be a list of such objects
-with a ``name`` each (like ``cases.json`` of the shared vectors): the entry named like the input file's stem is
+with a ``name`` each (like ``cases.json`` of the reference vectors): the entry named like the input file's stem is
 used, or the one named by ``case``.
 
 Element types of the inputs. NumPy has no bfloat16, so bf16 data is given either as ``uint16`` arrays holding
@@ -32,8 +32,8 @@ fp16 may come as ``float16``, ``uint16`` bit patterns or exact ``float32``; fp32
 Masks: bool, or integers (non-zero = set).
 
 Output files (:func:`write_outputs`): ``attention_out.npy`` ([T, N1, D2]), ``topk_indices.npy`` ([T, N2, K]
-int32), ``softmax_max.npy`` and ``softmax_sum.npy`` ([T, N1, 8] float32, memory in SPEC §4's per-batch
-layout, exactly as the operator returns them), and ``manifest.json``. bf16 ``attention_out`` is stored as
+int32), ``softmax_max.npy`` and ``softmax_sum.npy`` ([T, N1, 8] float32, memory in the per-batch
+layout of docs/spec/compress_attention.md §4, exactly as the operator returns them), and ``manifest.json``. bf16 ``attention_out`` is stored as
 ``float32`` holding the exact bf16 values (default; ``np.load`` gives usable numbers and ``.astype`` back to
 bf16 is exact) or, with ``bf16_storage="uint16"``, as the raw bit patterns; the manifest records which
 (``outputs.attention_out.storage``). fp16 is stored as ``float16``, fp32 as ``float32``.
@@ -51,6 +51,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from . import tolerance
 
 __all__ = [
     "DTYPES",
@@ -76,11 +78,9 @@ SCALAR_NAMES = ("scale_value", "head_num", "compress_block_size", "compress_stri
 LENGTH_NAMES = ("actual_seq_qlen", "actual_cmp_seq_kvlen", "actual_sel_seq_kvlen")
 TENSOR_NAMES = ("query", "key", "value", "atten_mask", "topk_mask")
 OUTPUT_NAMES = ("attention_out", "topk_indices", "softmax_max", "softmax_sum")
-STATS_LAYOUT = ("[T, N1, 8] float32; memory per batch (SPEC §4): batch b starts at float 8*N1*(query rows before b), "
+STATS_LAYOUT = ("[T, N1, 8] float32; memory per batch (docs/spec/compress_attention.md §4): batch b starts at float 8*N1*(query rows before b), "
                 "ordered [N1][Sq_b][8], each value repeated 8 times")
 
-# Mantissa bits of each dtype (for ulps) and the integer type of its bit pattern.
-_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
 class GoldenError(ValueError):
@@ -405,7 +405,7 @@ def write_outputs(outdir: str | Path, outputs: tuple, inputs: Inputs, *, backend
     entries["softmax_max"]["layout"] = entries["softmax_sum"]["layout"] = STATS_LAYOUT
     manifest = {
         "format": FORMAT,
-        "operator": "npu_nsa_compress_attention (SPEC.md)",
+        "operator": "npu_nsa_compress_attention (docs/spec/compress_attention.md)",
         "backend": backend,
         "dtype": inputs.dtype,
         "args": {**inputs.scalars, **{k: v for k, v in inputs.lengths.items()}},
@@ -541,24 +541,8 @@ def _batch_of(seq_qlen: Optional[list], t: int) -> tuple[Optional[int], Optional
     return None, None
 
 
-def _ordered_bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit patterns mapped to integers whose difference counts ulps (sign-magnitude -> two's complement)."""
-    it = _BITS[t.dtype]
-    bits = t.contiguous().view(it).to(torch.int64)
-    mag_mask = (1 << (torch.finfo(t.dtype).bits - 1)) - 1
-    return torch.where(bits < 0, -(bits & mag_mask), bits)
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a - b| in units in the last place of their dtype (int64; NaN anywhere -> huge unless both NaN)."""
-    d = (_ordered_bits(a) - _ordered_bits(b)).abs()
-    na, nb = torch.isnan(a), torch.isnan(b)
-    d = torch.where(na & nb, torch.zeros_like(d), d)
-    return torch.where(na ^ nb, torch.full_like(d, 1 << 40), d)
-
-
 def _stats_rows(T: int, N1: int, seq_qlen: list) -> tuple[np.ndarray, np.ndarray]:
-    """For every float of a [T, N1, 8] statistic in SPEC §4's layout: its query row t and head h."""
+    """For every float of a [T, N1, 8] statistic in the §4 layout: its query row t and head h."""
     t_of = np.empty(T * N1 * 8, dtype=np.int64)
     h_of = np.empty(T * N1 * 8, dtype=np.int64)
     q0 = 0
@@ -575,7 +559,9 @@ def _stats_rows(T: int, N1: int, seq_qlen: list) -> tuple[np.ndarray, np.ndarray
 
 
 class _RowModel:
-    """fp64 model of SPEC §3 for single rows (tie tolerance and P rounding flips need the inputs)."""
+    """fp64 model of docs/spec/compress_attention.md §3 for single rows, with the bounds of
+    :mod:`nsa_ops.tolerance` (tie tolerance of the top-k and the per-element bound of attention_out need the
+    inputs)."""
 
     def __init__(self, inputs: Inputs):
         self.x = inputs
@@ -586,6 +572,8 @@ class _RowModel:
         self.N1 = inputs.query.shape[1]
         self.N2 = inputs.key.shape[1]
         self.G = self.N1 // self.N2
+        self.D = inputs.query.shape[2]
+        self.dtype = inputs.query.dtype
         self.q = inputs.query.double()
         self.k = inputs.key.double()
         self.v = inputs.value.double()
@@ -598,23 +586,31 @@ class _RowModel:
                 return b, t - self.cq[b]
         raise IndexError(t)
 
-    def probs(self, t: int, h: int) -> tuple[torch.Tensor, int]:
+    def probs(self, t: int, h: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(P of row t, head h (exact, §3.1-§3.3), the bound of an implementation's relative error of P [1],
+        batch)."""
         b, s = self._batch(t)
         c0, c1 = self.cc[b], self.cc[b + 1]
-        n2 = h // self.G
-        sc = (self.k[c0:c1, n2] @ self.q[t, h]).float().double() * self.scale
+        k = self.k[c0:c1, h // self.G]
+        sc = (k @ self.q[t, h]) * self.scale
+        dot_abs = (k.abs() @ self.q[t, h].abs()) * abs(self.scale)
+        visible = torch.ones_like(sc, dtype=torch.bool)
         if self.x.atten_mask is not None:
-            m = self.x.atten_mask[s, :c1 - c0].bool()
-            sc = torch.where(m, torch.tensor(-3.4028234663852886e38, dtype=torch.float64), sc)
+            visible = ~self.x.atten_mask[s, :c1 - c0].bool()
+        p_err = tolerance.p_rel_error(sc, dot_abs, visible, self.D, self.dtype)
+        sc = torch.where(visible, sc, torch.tensor(-tolerance.FLT_MAX, dtype=torch.float64))
         p = torch.exp(sc - sc.max())
-        return p / p.sum(), b
+        return p / p.sum(), p_err, b
 
-    def scores(self, t: int, n2: int) -> torch.Tensor:
-        """Importance of every selection block of row t, KV head n2 (forced blocks +inf)."""
+    def scores(self, t: int, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(importance of every selection block of row t, KV head n2 (forced blocks +inf), the relative error
+        bound of one computed score [1])."""
         total = None
+        rel = 0.0
         for g in range(self.G):
-            p, b = self.probs(t, n2 * self.G + g)
+            p, p_err, b = self.probs(t, n2 * self.G + g)
             total = p if total is None else total + p
+            rel = torch.maximum(p_err, torch.as_tensor(rel, dtype=torch.float64))
         C = total.shape[0]
         sel = -(-C // self.M)
         sc = torch.zeros(sel, dtype=torch.float64)
@@ -627,33 +623,40 @@ class _RowModel:
             _, s = self._batch(t)
             forced = self.x.topk_mask[s, :sel].bool()
             sc = torch.where(forced, torch.tensor(math.inf, dtype=torch.float64), sc)
-        return sc
+        return sc, rel + tolerance.gamma(self.G * (self.M + self.N - 1) + 1, self.dtype)
 
-    def flip_bound(self, t: int, h: int, dt: torch.dtype) -> torch.Tensor:
-        """Per output column j: max_c ulp_dtype(P_c) |v_cj|, what one rounding flip of P moves the output by."""
-        p, b = self.probs(t, h)
-        c0, c1 = self.cc[b], self.cc[b + 1]
-        eps = torch.finfo(dt).eps  # ulp(1)
-        ulp_p = torch.where(p > 0, torch.exp2(torch.floor(torch.log2(p.clamp_min(1e-300)))) * eps,
-                            torch.zeros_like(p))
-        return (ulp_p.unsqueeze(1) * self.v[c0:c1, h // self.G].abs()).amax(dim=0)
+    def topk_ok(self, t: int, n2: int, idx: list) -> bool:
+        """Whether ``idx`` is a top-k of row t, KV head n2 by the rule of tolerance.topk_slot_errors."""
+        sc, rel = self.scores(t, n2)
+        bad, _ = tolerance.topk_slot_errors(torch.tensor(idx), sc, rel, self.G * self.M * self.N)
+        return not bool(bad.any())
+
+    def out_row(self, t: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention_out of row t, head h (exact sum of the rounded P times V, §3.4), its per-element bound)."""
+        p, p_err, b = self.probs(t, h)
+        v = self.v[self.cc[b]:self.cc[b + 1], h // self.G]
+        ref = tolerance.round_to(p, self.dtype) @ v if self.dtype in tolerance.LOW_PRECISION else p @ v
+        return ref, tolerance.attention_out_bound(ref, self.dtype, p, v, p_err)
 
 
 def compare(a: OutputSet, b: OutputSet, *, inputs: Optional[Inputs] = None, out_ulps: int = 2,
-            out_acc_rtol: float = 1e-6, stats_rtol: float = 1e-5, stats_atol: float = 1e-6,
-            score_rtol: float = 1e-5) -> Comparison:
+            out_acc_rtol: float = 1e-6, stats_rtol: float = tolerance.STATS_RTOL,
+            stats_atol: float = tolerance.STATS_MAX_ATOL) -> Comparison:
     """Compares output set ``a`` (e.g. the NPU's) with ``b`` (the golden data).
 
-    * topk_indices: identical; with ``inputs`` a differing row (t, KV head) is accepted when both lists hold
-      distinct in-range blocks whose scores (fp64 model of SPEC §3 on the inputs) agree slot by slot within
-      ``score_rtol`` (ties and near-ties ordered differently).
+    * topk_indices: identical; with ``inputs`` a differing row (t, KV head) is accepted when both lists are a
+      top-k of the scores of the fp64 model (docs/spec/compress_attention.md §3) by the rule of
+      :func:`nsa_ops.tolerance.topk_slot_errors`: distinct in-range blocks, the model's score at each equal to the
+      model's k-th within the tolerance of an fp32 score, the same index wherever that score is separated from
+      its neighbours or forced (ties and near ties of computed scores may be ordered differently).
     * softmax_max, softmax_sum: ``|a - b| <= stats_rtol |b| + stats_atol`` element by element of the [T, N1, 8]
-      arrays (SPEC §4 layout; the row (t, head) of each float is worked out from actual_seq_qlen).
+      arrays (§4 layout; the row (t, head) of each float is worked out from actual_seq_qlen).
     * attention_out: within ``out_ulps`` units in the last place of the dtype, or within
       ``out_acc_rtol * max|b|`` (the fp32 accumulation of P.V in another order: a value that cancels to near 0
-      has few correct ulps, most visibly in fp32); with ``inputs`` (bf16/fp16) also
-      accepted within 2 ulps + two rounding flips of P (SPEC §3.4 rounds P before P.V: an exp that differs by
-      an fp32 ulp may round one P_c the other way, moving the output by ulp(P_c) |v_c|).
+      has few correct ulps, most visibly in fp32); with ``inputs``, a row (t, head) beyond that is accepted when
+      every element of ``a`` lies within :func:`nsa_ops.tolerance.attention_out_bound` of the fp64 model (the
+      rule the test suite applies to this operator: the final rounding, the fp32 accumulation, and the
+      §3.4 roundings of P that P's fp32 error can turn the other way).
     NaN equals NaN at the same place.
     """
     diffs: list = []
@@ -680,18 +683,9 @@ def compare(a: OutputSet, b: OutputSet, *, inputs: Optional[Inputs] = None, out_
     accepted = 0
     for t, n2 in rows:
         la, lb = ka[t, n2].tolist(), kb[t, n2].tolist()
-        if model is not None:
-            sc = model.scores(t, n2)
-            sel = sc.shape[0]
-            valid = all(0 <= i < sel for i in la + lb) and len(set(la)) == len(la) and len(set(lb)) == len(lb)
-            if valid:
-                sa, sb = sc[la], sc[lb]
-                both_inf = torch.isinf(sa) & torch.isinf(sb)  # forced blocks
-                close = (torch.isfinite(sa) & torch.isfinite(sb)
-                         & ((sa - sb).abs() <= score_rtol * torch.maximum(sa.abs(), sb.abs()) + 1e-30))
-                if bool((both_inf | close).all()):
-                    accepted += 1
-                    continue
+        if model is not None and model.topk_ok(t, n2, la) and model.topk_ok(t, n2, lb):
+            accepted += 1
+            continue
         bb, s = where(t)
         diffs.append(Difference("topk_indices", t, n2, bb, s, f"{la} vs {lb}"))
     n_topk = len(rows) - accepted
@@ -710,8 +704,7 @@ def compare(a: OutputSet, b: OutputSet, *, inputs: Optional[Inputs] = None, out_
         sa = getattr(a, name).double().reshape(-1)
         sb = getattr(b, name).double().reshape(-1)
         same = (sa == sb) | (torch.isnan(sa) & torch.isnan(sb))
-        close = same | ((sa - sb).abs() <= stats_rtol * sb.abs() + stats_atol)
-        bad = (~close).nonzero().reshape(-1)
+        bad = tolerance.stats_errors(sa, sb, rtol=stats_rtol, atol=stats_atol).nonzero().reshape(-1)
         rel = ((sa - sb).abs() / sb.abs().clamp_min(1e-30))[~same]
         worst = float(rel.max()) if rel.numel() else 0.0
         seen = set()
@@ -732,25 +725,21 @@ def compare(a: OutputSet, b: OutputSet, *, inputs: Optional[Inputs] = None, out_
 
     # attention_out
     oa, ob = a.attention_out, b.attention_out
-    if oa.dtype != ob.dtype or oa.dtype not in _BITS:
+    if oa.dtype != ob.dtype or oa.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         summary.append(f"attention_out: dtypes differ or unsupported ({oa.dtype} vs {ob.dtype})")
         return Comparison(False, summary, diffs, notes)
-    u = ulp_distance(oa, ob)
+    u = tolerance.ulp_distance(oa, ob)
     acc = out_acc_rtol * float(ob.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if ob.numel() else 0.0
     bad = (u > out_ulps) & ~((oa.double() - ob.double()).abs() <= acc)
-    flip_ok = 0
+    model_ok = 0
     row_bad = bad.any(dim=-1).nonzero().tolist()
     n_out = 0
     for t, h in row_bad:
         cols = bad[t, h].nonzero().reshape(-1)
-        if model is not None and oa.dtype != torch.float32:
-            bound = model.flip_bound(t, h, oa.dtype)
-            step = (torch.finfo(oa.dtype).eps * ob[t, h].double().abs())
-            err = (oa[t, h].double() - ob[t, h].double()).abs()
-            fine = err <= 2 * step + 2 * bound + acc
-            cols = cols[~fine[cols]]
-            if cols.numel() == 0:
-                flip_ok += 1
+        if model is not None:
+            ref, bound = model.out_row(t, h)
+            if bool(((oa[t, h].double() - ref).abs() <= bound).all()):
+                model_ok += 1
                 continue
         j = int(cols[u[t, h][cols].argmax()])
         bb, s = where(t)
@@ -762,7 +751,7 @@ def compare(a: OutputSet, b: OutputSet, *, inputs: Optional[Inputs] = None, out_
     summary.append(f"attention_out ({a.dtype or oa.dtype}): {n_out} of {oa.shape[0] * oa.shape[1]} rows (t, head) "
                    f"beyond {out_ulps} ulps (+ {out_acc_rtol:g} x max|expected| = {acc:.3g} for the fp32 "
                    f"accumulation order); max {maxu} ulps"
-                   + (f" ({flip_ok} more rows within rounding flips of P, accepted)" if flip_ok else ""))
+                   + (f" ({model_ok} more rows within the bound of the fp64 model, accepted)" if model_ok else ""))
     ok &= n_out == 0
     diffs.sort(key=lambda d: (d.t, d.head, OUTPUT_NAMES.index(d.output)))
     return Comparison(bool(ok), summary, diffs, notes)

@@ -1,27 +1,31 @@
-"""pytest set-up for the nsa_ops Python suite: makes <repo>/python importable and locates the shared vectors."""
+"""pytest set-up for the nsa_ops Python suite: where the reference vectors are, and a report header naming the
+operator library and the CPU instruction set in use.
+
+nsa_ops itself is imported as installed: scripts/setup.sh puts <repo>/python on the .venv's path (a .pth file),
+a wheel installs the package; this suite's own helpers (cases.py, spec_model.py) sit beside the tests, where
+pytest's rootdir-relative import finds them.
+"""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "python"))
 
 
 def vectors_dir() -> Path:
-    """<repo>/../shared/vectors (CI has shared/ beside the clone); NSA_VECTORS_DIR overrides."""
+    """<repo>/tests/data/vectors (see its README); the environment variable NSA_VECTORS_DIR overrides."""
     env = os.environ.get("NSA_VECTORS_DIR")
-    return Path(env) if env else REPO.parent / "shared" / "vectors"
+    return Path(env) if env else REPO / "tests" / "data" / "vectors"
 
 
 @pytest.fixture(scope="session")
-def shared_vectors() -> Path:
+def vectors() -> Path:
     path = vectors_dir()
     if not (path / "cases.json").is_file():
-        pytest.fail(f"shared reference vectors not found at {path} (expected cases.json and <name>.npz there; "
-                    "the repository expects shared/ beside the clone, or set NSA_VECTORS_DIR)")
+        pytest.fail(f"reference vectors not found at {path} (expected cases.json and <name>.npz there: "
+                    "tests/data/vectors of the repository, or the directory NSA_VECTORS_DIR names)")
     return path
 
 
@@ -31,4 +35,5 @@ def pytest_report_header(config):
     except ImportError as e:  # the tests report it properly
         return [f"nsa_ops: not importable ({e})"]
     detected, active = nsa_ops.cpu_isa()
-    return [f"nsa_ops: library {nsa_ops.library_path()}; CPU ISA detected {detected}, active {active}"]
+    return [f"nsa_ops: {Path(nsa_ops.__file__).parent}, library {nsa_ops.library_path()}; "
+            f"CPU ISA detected {detected}, active {active}"]

@@ -1,10 +1,12 @@
-"""The shape matrix: the CPU op and the C++ reference op against this suite's fp64 model of SPEC §3/§4."""
+"""The shape matrix: the CPU op and the C++ reference op against this suite's fp64 model of
+docs/spec/compress_attention.md §3/§4, with the comparison rules of nsa_ops.tolerance."""
 
 import pytest
 import torch
 
 import nsa_ops
 import spec_model
+from nsa_ops import tolerance
 from cases import MATRIX, Case, make_args
 
 OPS = {
@@ -23,7 +25,7 @@ def check_against_model(case: Case, op, args=None):
     res = spec_model.model_forward(**args)
     plain = spec_model.plain_same_dtype(args["query"], args["key"], args["value"], args["scale_value"],
                                         args["atten_mask"], args["actual_seq_qlen"], args["actual_cmp_seq_kvlen"])
-    spec_model.check_attention_out(out, res.attention_out, plain, what=case.name)
+    spec_model.check_attention_out(out, res, plain, what=case.name)
     spec_model.check_stats(smax, ssum, res, what=case.name)
     spec_model.check_topk(topk, res, args["actual_seq_qlen"], case.k, what=case.name)
     return out, topk, smax, ssum
@@ -51,15 +53,24 @@ def test_matrix_covers_the_required_shapes():
 
 
 def test_cpu_matches_reference_topk_and_stats():
-    """The CPU backend and the C++ reference agree on every case (topk exactly; stats as §3 fp32)."""
-    for case in MATRIX[:6]:
+    """The CPU backend and the C++ reference on every case of the matrix: both top-k lists by the tie rule
+    against the model (so they are identical wherever a slot's score is separated from its neighbours, forced,
+    or an exact tie, and elsewhere hold blocks of equal score within the tolerance, without duplicates), and
+    the two statistics within tolerance.STATS_RTOL of each other."""
+    n_slots = n_differ = 0
+    for case in MATRIX:
         args = make_args(case)
         a = torch.ops.nsa.compress_attention(**args)
         b = torch.ops.nsa.compress_attention_reference(**args)
         res = spec_model.model_forward(**args)
-        spec_model.check_topk(a[1], res, args["actual_seq_qlen"], case.k, what=case.name)
-        torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(a[3], b[3], rtol=1e-5, atol=0.0)
+        spec_model.check_topk(a[1], res, args["actual_seq_qlen"], case.k, what=f"{case.name} cpu")
+        spec_model.check_topk(b[1], res, args["actual_seq_qlen"], case.k, what=f"{case.name} reference")
+        n_slots += a[1].numel()
+        n_differ += int((a[1] != b[1]).sum())
+        assert not tolerance.stats_errors(a[2], b[2], atol=tolerance.STATS_MAX_ATOL).any(), case.name
+        assert not tolerance.stats_errors(a[3], b[3]).any(), case.name
+    # Near ties are rare in random data: the two backends pick the same block in almost every slot.
+    assert n_differ <= n_slots // 100, f"{n_differ} of {n_slots} top-k slots differ between cpu and reference"
 
 
 def test_strided_equals_contiguous():

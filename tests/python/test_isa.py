@@ -1,5 +1,5 @@
 """Every CPU instruction-set path of the CPU backend, capped with NSA_CPU_ISA (read once per process, so
-each path runs in a subprocess) over a few cases of the shape matrix and the shared vectors. A cap above
+each path runs in a subprocess) over a few cases of the shape matrix and the reference vectors. A cap above
 what this CPU has runs the best path it has (the log names the active one)."""
 
 import os
