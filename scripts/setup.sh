@@ -41,8 +41,16 @@ echo "$ROOT/python" > "$SITE/nsa_ops_repo.pth"
 TORCH_PREFIX="$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 GEN=""
 if [ -x .venv/bin/ninja ]; then GEN="-G Ninja -DCMAKE_MAKE_PROGRAM=$ROOT/.venv/bin/ninja"; fi
+# Torch_DIR names the .venv's torch package outright; the binding links only that torch's libraries, even
+# where another torch is installed (Debian's libtorch-dev in /usr/lib: torch_binding/CMakeLists.txt).
 if [ ! -f build/CMakeCache.txt ]; then
   cmake -S . -B build $GEN -DCMAKE_BUILD_TYPE=Release -DNSA_ENABLE_TORCH=ON \
-    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" >/dev/null
+    -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DTorch_DIR="$TORCH_PREFIX/Torch" \
+    -DPython3_EXECUTABLE="$ROOT/.venv/bin/python" >/dev/null
 fi
 cmake --build build -j "$(nproc)"
+# A binding that resolves c10/torch outside the .venv's torch crashes on its first error: stop here instead.
+if ! .venv/bin/python tests/python/test_binding_deps.py build/torch_binding/libnsa_ops_torch.so >/dev/null; then
+  echo "[setup] build/torch_binding/libnsa_ops_torch.so does not link the .venv's torch only (above)" >&2
+  exit 1
+fi
