@@ -13,6 +13,10 @@ from .ops import _compress_attention_autograd  # noqa: E402
 
 _compress_attention_autograd.register()
 
+from .ops import _compress_autograd  # noqa: E402
+
+_compress_autograd.register()
+
 from .masks import (  # noqa: E402
     compressed_lengths,
     lengths_from_prefix_sums,
@@ -27,6 +31,13 @@ from .ops.compress_attention import (  # noqa: E402
     cpu_isa,
     npu_nsa_compress_attention,
 )
+from .ops.compress import (  # noqa: E402
+    CompressOutput,
+    compress,
+    compressed_offsets,
+    npu_nsa_compress,
+    npu_nsa_compress_grad,
+)
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 
 __all__ = [
@@ -34,6 +45,11 @@ __all__ = [
     "compress_attention",
     "npu_nsa_compress_attention",
     "compressed_lengths",
+    "CompressOutput",
+    "compress",
+    "compressed_offsets",
+    "npu_nsa_compress",
+    "npu_nsa_compress_grad",
     "selection_lengths",
     "prefix_sums",
     "lengths_from_prefix_sums",
