@@ -9,18 +9,19 @@
 #       validate / reference / cpu / backward; first the regression inputs of tests/fuzz/regressions, then a
 #       time-bounded run. Prints: libfuzzer leg: 60 s, N executions, 0 crashes
 #
-# Environment: NSA_FUZZ_SEED (leg a's seed, default the time; always printed), NSA_FUZZ_N (configurations,
-# default 300), NSA_LIBFUZZER_SECONDS (default 60), NSA_LIBFUZZER_RUNS (default 150000: whichever bound comes first), NSA_LIBFUZZER_SEED (default 20261125, see below),
+# Environment: NSA_FUZZ_SEED (leg a's base seed: fixed by default, 20261125; "random" for a fresh one; always
+# printed), NSA_FUZZ_N (configurations, default 300), NSA_LIBFUZZER_SECONDS (default 60), NSA_LIBFUZZER_RUNS (default 150000: whichever bound comes first), NSA_LIBFUZZER_SEED (default 20261125, see below),
 # NSA_FUZZ_NEGATIVE_STRIDES (default 1: negative strides included, see below), NSA_JOBS (build parallelism).
 # Artifacts (crash inputs) go to build-fuzz/artifacts/; reproduce one with
 #   build-fuzz/fuzz/fuzz_validate build-fuzz/artifacts/crash-<hash>
 # or with gcc: build-asan/fuzz_validate_replay <file> (scripts/sanitizers.sh builds it).
 #
-# Reproducible by default: the test command runs libFuzzer with a fixed seed from a fresh corpus (the regression
-# inputs), so a CI run explores the same inputs as the last local run and fails only on a change of the code,
-# never on a new random find (a CI run on 2026-11-24 failed that way: libFuzzer's own random seed reached a
+# Reproducible by default: the test command runs fuzz_backends and libFuzzer with fixed seeds, libFuzzer from a
+# fresh corpus (the regression inputs), so a CI run explores the same inputs as the last local run and fails only
+# on a change of the code, never on a new random find (a CI run on 2026-11-24 failed that way: libFuzzer's own random seed reached a
 # harness overflow that no earlier run had). Exploration is separate and meant to run long:
-#   NSA_LIBFUZZER_SEED=random NSA_LIBFUZZER_SECONDS=1800 NSA_LIBFUZZER_CORPUS=build-fuzz/corpus scripts/fuzz.sh
+#   NSA_FUZZ_SEED=random NSA_LIBFUZZER_SEED=random NSA_LIBFUZZER_SECONDS=1800 NSA_LIBFUZZER_CORPUS=build-fuzz/corpus \
+#     scripts/fuzz.sh
 # (random: libFuzzer's choice, printed; the corpus directory is kept and grows). Add what it finds to
 # tests/fuzz/regressions/ once fixed.
 #

@@ -5,7 +5,7 @@
 #
 #   build-asan  -DNSA_SANITIZE=address,undefined (+ -D_GLIBCXX_ASSERTIONS), torch and bench off
 #               planted_oob (heap over-read) and planted_ub (signed overflow) MUST be reported;
-#               ctest: the full C++ suite (tests/cpp); fuzz_backends (a short run), stress_threads,
+#               ctest: the full C++ suite (tests/cpp); fuzz_backends (a short run, fixed seed), stress_threads,
 #               offsets64 (views with element offsets > 2^31), fuzz_validate_replay (tests/fuzz/regressions)
 #   build-tsan  -DNSA_SANITIZE=thread, NSA_NUM_THREADS=4 (every default-threaded call uses 4 workers)
 #               planted_race (two std::threads, no lock) MUST be reported;
