@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Backward benchmark of nsa_ops (SPEC §7 gradients) on CPU (see bench/README.md, "Backward").
+"""Backward benchmark of nsa_ops (docs/spec/compress_attention.md §7 gradients) on CPU (see bench/README.md, "Backward").
 
 For each case: the time of our backward (torch.autograd.grad through nsa_ops.npu_nsa_compress_attention,
 the graph kept between runs) and of forward + backward, their useful GFLOP/s and share of the machine's
@@ -16,10 +16,8 @@ process at the same thread count. Once per case our gradients are compared with 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ FLT_MAX = bl.FLT_MAX
 # ------------------------------------------------------------------------------------------------ cases
 VARLEN = [1024, 2048, 3072, 4096]
 CASES = {
-    # One 8192-token sequence, C = 511; N1 = 32, N2 = 2 (G = 16); SPEC §9 causal masks.
+    # One 8192-token sequence, C = 511; N1 = 32, N2 = 2 (G = 16); docs/spec/compress_attention.md §9 causal masks.
     "bench-8k": bl.make_case("bench-8k", "bf16", [8192], N1=32, N2=2),
     # Four causal sequences of 1k-4k tokens (C = 63, 127, 191, 255), masks built for the longest.
     "varlen": bl.make_case("varlen", "bf16", VARLEN, N1=32, N2=2),
@@ -59,9 +57,9 @@ def composition_attention(case: bl.Case, x: bl.Inputs, q, k, v, row_chunk: int, 
     [N2, rows*G, D], the G heads of a group stacked): S = matmul in the input dtype, .float() * scale,
     masked_fill(atten_mask, -FLT_MAX), softmax in fp32, P cast to the dtype, matmul with V.
 
-    A fully masked row (SPEC §5) gets P = 1/C from the softmax (every score is -FLT_MAX): its output is the
+    A fully masked row (docs/spec/compress_attention.md §5) gets P = 1/C from the softmax (every score is -FLT_MAX): its output is the
     mean of V, and masked_fill makes its scores constants, so autograd gives it dV = dO / C and zero dQ/dK:
-    exactly SPEC §7. exact=True: the same in fp32 from upcast inputs, P not rounded (the check's reference).
+    exactly docs/spec/compress_attention.md §7. exact=True: the same in fp32 from upcast inputs, P not rounded (the check's reference).
     """
     dt = q.dtype
     N2, G, D2 = case.N2, case.G, case.D2
@@ -92,31 +90,6 @@ def composition_attention(case: bl.Case, x: bl.Inputs, q, k, v, row_chunk: int, 
 
 
 # ------------------------------------------------------------------------------------------------ timing
-@dataclasses.dataclass
-class Timing:
-    median: float       # wall seconds
-    runs: list          # every measured run (wall seconds)
-    cpu_per_thread: float  # median process CPU seconds / threads (what a quiet machine would take at best)
-
-
-def time_fn(fn, warmup: int, repeat: int, budget_s: float, threads: int) -> Timing:
-    """Median wall time of up to `repeat` runs after `warmup` runs (stops once `budget_s` of measured runs
-    have passed, at least one run), plus the median process CPU time per thread of the same runs."""
-    for _ in range(warmup):
-        fn()
-    runs, cpus, spent = [], [], 0.0
-    while len(runs) < max(1, repeat):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        runs.append(dt)
-        cpus.append(dc)
-        spent += dt
-        if spent >= budget_s:
-            break
-    return Timing(statistics.median(runs), runs, statistics.median(cpus) / max(1, threads))
-
-
 # ------------------------------------------------------------------------------------------------ main
 def fmt_ms(t):
     return "-" if t is None else (f"{t * 1e3:.1f}" if t < 1 else f"{t * 1e3:.0f}")
@@ -124,7 +97,7 @@ def fmt_ms(t):
 
 def run_case(case: bl.Case, args, nsa_ops, peak: bl.Peak, threads: int) -> dict:
     t0 = time.perf_counter()
-    x = bl.make_inputs(case, args.seed, nsa_ops)
+    x = bl.make_inputs(case, args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     dout = torch.randn(case.T, case.N1, case.D2, generator=g, dtype=case.torch_dtype)
     bwd_flop, fwd_flop = flop_counts(case, x.atten_mask)
@@ -151,11 +124,11 @@ def run_case(case: bl.Case, args, nsa_ops, peak: bl.Peak, threads: int) -> dict:
     # Ours: backward alone on a kept graph, then forward + backward.
     out = ours_forward()
     ours_grads = torch.autograd.grad(out, leaves, dout, retain_graph=True)
-    t_bwd = time_fn(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), max(0, args.warmup - 1),
-                    args.repeat, args.budget, threads)
+    t_bwd = bl.time_fn(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), max(0, args.warmup - 1),
+                       args.repeat, args.budget, threads)
     del out
-    t_all = time_fn(lambda: torch.autograd.grad(ours_forward(), leaves, dout), args.warmup, args.repeat,
-                    args.budget, threads)
+    t_all = bl.time_fn(lambda: torch.autograd.grad(ours_forward(), leaves, dout), args.warmup, args.repeat,
+                       args.budget, threads)
     for name, t, fl in (("bwd", t_bwd, bwd_flop), ("fwd_bwd", t_all, bwd_flop + fwd_flop)):
         res[f"ours_{name}_s"] = t.median
         res[f"ours_{name}_runs_s"] = t.runs
@@ -190,11 +163,11 @@ def run_case(case: bl.Case, args, nsa_ops, peak: bl.Peak, threads: int) -> dict:
     if not args.no_composition:
         try:
             out = comp_forward()
-            t_cbwd = time_fn(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), args.warmup,
-                             args.repeat, args.budget, threads)
+            t_cbwd = bl.time_fn(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True), args.warmup,
+                                args.repeat, args.budget, threads)
             del out
-            t_call = time_fn(lambda: torch.autograd.grad(comp_forward(), leaves, dout), args.warmup, args.repeat,
-                             args.budget, threads)
+            t_call = bl.time_fn(lambda: torch.autograd.grad(comp_forward(), leaves, dout), args.warmup,
+                                args.repeat, args.budget, threads)
             for name, t, ours in (("bwd", t_cbwd, t_bwd), ("fwd_bwd", t_call, t_all)):
                 res[f"torch_{name}_s"] = t.median
                 res[f"torch_{name}_runs_s"] = t.runs

@@ -5,8 +5,8 @@ For each case: time of our operator (median of runs after warm-up), useful GFLOP
 machine's peak (bench/peak_probe), and the time of two baselines measured side by side in the same
 process at the same thread count: (a) the plain PyTorch composition of the operator and (b)
 torch.nn.functional.scaled_dot_product_attention (attention only), as is and with V zero-padded so
-that torch's CPU flash kernel runs. Once per case our outputs are checked against a closer-to-SPEC
-fp32 composition (max abs diff of attention_out, top-k agreement, statistics).
+that torch's CPU flash kernel runs. Once per case our outputs are checked against a fp32 composition
+closer to docs/spec/compress_attention.md §3 (max abs diff of attention_out, top-k agreement, statistics).
 
     .venv/bin/python bench/bench_forward.py                  # default cases
     .venv/bin/python bench/bench_forward.py --cases bench-8k --markdown
@@ -39,7 +39,7 @@ CASES = {
     # Four sequences of 1k-4k tokens (C = 63, 127, 191, 255); masks built for the longest.
     "varlen-g16": bl.make_case("varlen-g16", "bf16", VARLEN, N1=32, N2=2),
     "varlen-g1": bl.make_case("varlen-g1", "bf16", VARLEN, N1=8, N2=8),
-    # SPEC's seed example: query [65536, 64, 192], key [4096, 4, 192], value [4096, 4, 128], no masks.
+    # The seed example of torch_npu's documentation: query [65536, 64, 192], key [4096, 4, 192], value [4096, 4, 128], no masks.
     "seed-full": bl.make_case("seed-full", "bf16", [65536], N1=64, N2=4, masks=False, cmp_lens=[4096]),
 }
 DEFAULT_CASES = ["bench-8k", "bench-8k-g1", "varlen-g16", "varlen-g1", "bench-8k-fp32"]
@@ -94,7 +94,7 @@ def check(case: bl.Case, x: bl.Inputs, ours, row_chunk: int, full_rows_limit: in
     gap = torch.where(ours_s == ref_s, torch.zeros_like(gap), gap)  # FLT_MAX == FLT_MAX
     equal_score = (gap <= 1e-4).all(dim=-1)
 
-    # Statistics: the per-batch layout of SPEC §4, first of the 8 copies.
+    # Statistics: the per-batch layout of docs/spec/compress_attention.md §4, first of the 8 copies.
     def dense(stats):
         flat, parts = stats.reshape(-1), []
         for b, sq in enumerate(case.seq_lens):
@@ -144,7 +144,7 @@ def fmt_ratio(base, ours):
 
 def run_case(case: bl.Case, args, nsa_ops, peak: bl.Peak) -> dict:
     t0 = time.perf_counter()
-    x = bl.make_inputs(case, args.seed, nsa_ops)
+    x = bl.make_inputs(case, args.seed)
     flop = bl.useful_flop(case, x.atten_mask)
     dflop = bl.dense_flop(case)
     chunk = bl.rows_per_chunk(case, args.chunk_mb)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The seed example of SPEC/torch_npu's documentation, on CPU (see bench/README.md).
+"""The seed example of torch_npu's documentation, on CPU (see bench/README.md).
 
     query [65536, 64, 192], key [4096, 4, 192], value [4096, 4, 128], bf16, scale 1/sqrt(192),
     l = 32, d = 16, l' = 64, K = 16, actual_seq_qlen = [65536], actual_cmp_seq_kvlen = [4096],
@@ -70,8 +70,7 @@ def call(nsa_ops, q, k, v):
 
 def checksum(t: torch.Tensor) -> str:
     """sum and sum of |x| in float64 (NaN/inf left out and counted; ints: int64 sums), and the first 16
-    hex digits of sha256 of the bytes (equal across thread counts: every output element has one writer,
-    STYLE lesson 7)."""
+    hex digits of sha256 of the bytes (equal across thread counts: every output element has one writer)."""
     t = t.contiguous()
     digest = hashlib.sha256(t.view(torch.uint8).numpy()).hexdigest()[:16]
     if t.dtype.is_floating_point:
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
     nsa_ops = bl.import_nsa_ops()
     dtype = bl.DTYPES[args.dtype]
     peak = bl.get_peak(threads, args.peak_json, not args.no_probe, use_cache=not args.fresh_peak)
-    print(f"NSA compressed attention: the SPEC seed example on CPU (nsa_ops {bl.git_describe()}, torch "
+    print(f"NSA compressed attention: the seed example of torch_npu's documentation on CPU (nsa_ops {bl.git_describe()}, torch "
           f"{torch.__version__}, {threads} threads, {bl.isa_str(nsa_ops)})")
     print(peak.describe())
 

@@ -1,12 +1,17 @@
-"""The compact benchmark behind ``python -m nsa_ops bench`` (self-contained: works from an installed wheel).
+"""Benchmark pieces of nsa_ops, in one place: the compact benchmark behind ``python -m nsa_ops bench`` (works
+from an installed wheel) and the source tree's bench/ scripts (bench/benchlib.py imports them from here).
 
-One causal sequence per case (docs/spec/compress_attention.md §9 masks, built with :func:`nsa_ops.make_atten_mask` and
-:func:`nsa_ops.make_topk_mask`), swept over sequence lengths. Per case: the median time of the operator, its
-useful throughput ``GFLOP/s = 2 * N1 * (D + D2) * visible pairs / s`` (visible pairs: (query row, compressed
-token) pairs that atten_mask keeps; a fully masked row counts 0), and the time of the same computation written
-as plain PyTorch (matmul, masked_fill, softmax, matmul, selection scores as a matmul, topk), measured in the
-same process at the same thread count. The fuller benchmark of the source tree is bench/bench_forward.py
-(``python -m nsa_ops bench --suite``).
+* :class:`Case` / :func:`make_case`: shapes, per-batch lengths and masks of one benchmark case;
+  :func:`make_inputs`: seeded standard-normal inputs with the masks of docs/spec/compress_attention.md §9
+  (:func:`nsa_ops.make_atten_mask`, :func:`nsa_ops.make_topk_mask`);
+* :func:`useful_flop` (``2 * N1 * (D + D2) * visible pairs``: (query row, compressed token) pairs that atten_mask
+  keeps; a fully masked row counts 0), :func:`dense_flop`;
+* :func:`composition`: the operator written as plain PyTorch (matmul, masked_fill, softmax, matmul, selection
+  scores as a matmul with the [C, Sel] weights of §3.5, topk), the baseline a user would write, and with
+  ``exact=True`` a closer-to-§3 fp32 variant used as a sanity check;
+* :func:`time_fn`: median wall time of runs after warm-up (with a time budget), and their process CPU time;
+* :func:`run` / :func:`table` / :func:`plot`: the compact benchmark (one causal sequence per length, the
+  operator against the composition, same process, same thread count).
 """
 
 from __future__ import annotations
@@ -20,114 +25,270 @@ from typing import Callable, Optional
 
 import torch
 
+from .masks import compressed_lengths, make_atten_mask, make_topk_mask, prefix_sums
+
 FLT_MAX = 3.4028234663852886e38
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# ------------------------------------------------------------------------------------------------ cases
 @dataclasses.dataclass
 class Case:
-    tokens: int
-    N1: int = 32
-    N2: int = 2
+    name: str
+    dtype: str                 # bf16 | fp16 | fp32
+    seq_lens: list             # query tokens per batch (Sq_b)
+    cmp_lens: list             # compressed tokens per batch (C_b)
+    N1: int
+    N2: int
     D: int = 192
     D2: int = 128
-    dtype: str = "bf16"
     l: int = 32
     d: int = 16
     lp: int = 64
     K: int = 16
-
-    @property
-    def C(self) -> int:
-        return (self.tokens - self.l) // self.d + 1 if self.tokens >= self.l else 0
+    masks: bool = True         # §9 causal atten_mask + topk_mask (1 initial, 2 local blocks)
+    note: str = ""
 
     @property
     def M(self) -> int:
         return self.lp // self.d
 
     @property
-    def Sel(self) -> int:
-        return -(-self.C // self.M)
+    def N(self) -> int:
+        return self.l // self.d
 
-    def describe(self) -> str:
-        return (f"T={self.tokens} C={self.C} Sel={self.Sel} N1={self.N1} N2={self.N2} D={self.D} D2={self.D2} "
-                f"l={self.l} d={self.d} l'={self.lp} K={self.K} {self.dtype}")
+    @property
+    def G(self) -> int:
+        return self.N1 // self.N2
+
+    @property
+    def sel_lens(self) -> list:
+        return [-(-c // self.M) for c in self.cmp_lens]
+
+    @property
+    def T(self) -> int:
+        return sum(self.seq_lens)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def shape_str(self) -> str:
+        sq = "+".join(str(s) for s in self.seq_lens)
+        c = "+".join(str(s) for s in self.cmp_lens)
+        return (f"T={sq} C={c} N1={self.N1} N2={self.N2} D={self.D} D2={self.D2} "
+                f"l={self.l} d={self.d} l'={self.lp} K={self.K}{' masks' if self.masks else ''}")
 
     def check(self) -> None:
-        if self.C < 1:
-            raise ValueError(f"--seq-lens: {self.tokens} tokens give no compressed token (need >= l = {self.l})")
-        if self.K > self.Sel:
-            raise ValueError(f"--topk {self.K} exceeds the {self.Sel} selection blocks of {self.tokens} tokens "
-                             f"(use more tokens or a smaller --topk)")
+        """ValueError, in the compact benchmark's option names, for a case the operator would reject."""
+        for tokens, c in zip(self.seq_lens, self.cmp_lens):
+            if c < 1:
+                raise ValueError(f"--seq-lens: {tokens} tokens give no compressed token (need >= l = {self.l})")
+        for tokens, sel in zip(self.seq_lens, self.sel_lens):
+            if self.K > sel:
+                raise ValueError(f"--topk {self.K} exceeds the {sel} selection blocks of {tokens} tokens "
+                                 f"(use more tokens or a smaller --topk)")
 
 
-def make_inputs(case: Case, seed: int) -> dict:
-    import nsa_ops
+def make_case(name: str, dtype: str, seq_lens: list, N1: int, N2: int, masks: bool = True,
+              cmp_lens: Optional[list] = None, **kw) -> Case:
+    """A case whose compressed lengths are those of its sequences (:func:`nsa_ops.compressed_lengths`) unless
+    ``cmp_lens`` gives them."""
+    if cmp_lens is None:
+        cmp_lens = compressed_lengths(list(seq_lens), kw.get("l", 32), kw.get("d", 16))
+    return Case(name=name, dtype=dtype, seq_lens=list(seq_lens), cmp_lens=list(cmp_lens), N1=N1, N2=N2,
+                masks=masks, **kw)
 
+
+@dataclasses.dataclass
+class Inputs:
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scale: float
+    atten_mask: Optional[torch.Tensor]
+    topk_mask: Optional[torch.Tensor]
+    seq_qlen: list   # prefix sums (the operator's actual_seq_qlen)
+    cmp_kvlen: list
+    sel_kvlen: list
+
+
+def make_inputs(case: Case, seed: int) -> Inputs:
+    """Seeded standard-normal q/k/v drawn in the case's dtype (query, key, value in that order); the §9 masks
+    built for the longest sequence; scale 1/sqrt(D)."""
     g = torch.Generator().manual_seed(seed)
-    dt = DTYPES[case.dtype]
-    x = dict(query=torch.randn(case.tokens, case.N1, case.D, generator=g).to(dt),
-             key=torch.randn(case.C, case.N2, case.D, generator=g).to(dt),
-             value=torch.randn(case.C, case.N2, case.D2, generator=g).to(dt))
-    x["atten_mask"] = nsa_ops.make_atten_mask(case.tokens, case.C, case.l, case.d)
-    x["topk_mask"] = nsa_ops.make_topk_mask(case.tokens, case.Sel, case.lp)
-    x["scale"] = 1.0 / math.sqrt(case.D)
-    return x
+    dt = case.torch_dtype
+    q = torch.randn(case.T, case.N1, case.D, generator=g, dtype=dt)
+    T2 = sum(case.cmp_lens)
+    k = torch.randn(T2, case.N2, case.D, generator=g, dtype=dt)
+    v = torch.randn(T2, case.N2, case.D2, generator=g, dtype=dt)
+    am = tm = None
+    if case.masks:
+        max_sq, max_c, max_sel = max(case.seq_lens), max(case.cmp_lens), max(case.sel_lens)
+        am = make_atten_mask(max_sq, max_c, case.l, case.d)
+        tm = make_topk_mask(max_sq, max_sel, case.lp)
+    return Inputs(q, k, v, 1.0 / math.sqrt(case.D), am, tm, prefix_sums(case.seq_lens), prefix_sums(case.cmp_lens),
+                  prefix_sums(case.sel_lens))
 
 
-def visible_pairs(atten_mask: torch.Tensor) -> int:
-    return int((~atten_mask).sum())
+# ------------------------------------------------------------------------------------------------ FLOPs
+def visible_pairs(case: Case, atten_mask: Optional[torch.Tensor]) -> int:
+    """(query row, compressed token) pairs of one head that atten_mask does not remove, over all batches.
+
+    A fully masked row counts 0: its output is the mean of V (§5), no q.k product is needed.
+    Without a mask every pair is visible: sum_b Sq_b * C_b.
+    """
+    total = 0
+    for sq, c in zip(case.seq_lens, case.cmp_lens):
+        if atten_mask is None:
+            total += sq * c
+        else:
+            total += int((~atten_mask[:sq, :c].bool()).sum())
+    return total
 
 
-def useful_flop(case: Case, atten_mask: torch.Tensor) -> float:
-    return 2.0 * case.N1 * (case.D + case.D2) * visible_pairs(atten_mask)
+def useful_flop(case: Case, atten_mask: Optional[torch.Tensor]) -> float:
+    """2 * N1 * (D + D2) * visible pairs: one multiply-add per element of q.k (D) and of P.v (D2).
+
+    Softmax, selection scores and top-k are O(C) per row and are not counted (less than 1% here).
+    """
+    return 2.0 * case.N1 * (case.D + case.D2) * visible_pairs(case, atten_mask)
 
 
-def _score_matrix(case: Case) -> torch.Tensor:
-    """[C, Sel] fp32: the weight of compressed token c in the score of selection block k (docs/spec/compress_attention.md §3.5)."""
-    M, N = case.M, case.l // case.d
-    c = torch.arange(case.C).unsqueeze(1)
-    k = torch.arange(case.Sel).unsqueeze(0)
-    i = M * (k + 1) - c
-    w = torch.minimum(torch.minimum(i + 1, torch.full_like(i, N)), M + N - 1 - i)
-    return torch.where((i >= 0) & (i <= M + N - 2), w, 0).float()
+def dense_flop(case: Case) -> float:
+    """The same count with every pair visible (what a dense implementation does)."""
+    return 2.0 * case.N1 * (case.D + case.D2) * sum(s * c for s, c in zip(case.seq_lens, case.cmp_lens))
 
 
-def composition(case: Case, x: dict, chunk_rows: int, W: torch.Tensor) -> tuple:
-    """The operator as plain PyTorch ops (one sequence), chunked over query rows to bound the score memory."""
-    q, k, v = x["query"], x["key"], x["value"]
+# ------------------------------------------------------------------------------------------------ composition
+_W_CACHE: dict = {}
+
+
+def score_weights(C: int, Sel: int, M: int, N: int) -> torch.Tensor:
+    """[C, Sel] fp32 matrix of §3.5: W[c, k] = w_i with i = M(k+1) - c, w_i = min(i+1, N, M+N-1-i) for
+    0 <= i <= M+N-2, else 0. Then score_h = P @ W."""
+    key = (C, Sel, M, N)
+    if key not in _W_CACHE:
+        c = torch.arange(C).unsqueeze(1)
+        k = torch.arange(Sel).unsqueeze(0)
+        i = M * (k + 1) - c
+        w = torch.minimum(torch.minimum(i + 1, torch.full_like(i, N)), M + N - 1 - i)
+        _W_CACHE[key] = torch.where((i >= 0) & (i <= M + N - 2), w, 0).to(torch.float32)
+    return _W_CACHE[key]
+
+
+def rows_per_chunk(case: Case, chunk_mb: float) -> int:
+    """Query rows per chunk so that one fp32 score block [N1, rows, maxC] stays within chunk_mb."""
+    per_row = case.N1 * max(case.cmp_lens) * 4
+    return max(1, min(max(case.seq_lens), int(chunk_mb * 2**20) // per_row))
+
+
+def composition(case: Case, x: Inputs, row_chunk: int, exact: bool = False,
+                row_ranges: Optional[list] = None):
+    """The operator written as plain PyTorch, per batch and per chunk of query rows.
+
+    exact=False (the timed baseline, what a user would write): S = matmul in the input dtype (fp32
+    accumulation inside, result rounded to the dtype) then .float() * scale; masked_fill(-FLT_MAX);
+    softmax in fp32; P cast to the dtype; matmul with V; selection scores as P (summed over the G heads
+    of a group) @ W ([C, Sel], §3.5); masked_fill(+FLT_MAX) for forced blocks; torch.topk.
+
+    exact=True (the sanity check; closer to §3): S from the inputs upcast to fp32 (exact products,
+    fp32 sums), P rounded to the dtype then multiplied with V in fp32 and rounded once, top-k by a stable
+    descending sort (ties: smaller index first); also returns the statistics m and l_sum.
+
+    row_ranges: optional list of (b, r0, r1) to compute only those query rows (check of big cases).
+    Returns (out [T, N1, D2], topk [T, N2, K] int32, m [T, N1] or None, lsum [T, N1] or None, scores
+    [T, N2, maxSel] or None); rows outside row_ranges are left uninitialised.
+    """
+    q, k, v = x.query, x.key, x.value
     dt = q.dtype
-    T, G = case.tokens, case.N1 // case.N2
-    out = torch.empty(T, case.N1, case.D2, dtype=dt)
-    topk = torch.empty(T, case.N2, case.K, dtype=torch.int32)
-    kT = k.permute(1, 2, 0)  # [N2, D, C]
-    vv = v.permute(1, 0, 2)  # [N2, C, D2]
-    for r0 in range(0, T, chunk_rows):
-        r1 = min(T, r0 + chunk_rows)
+    T, N1, D = q.shape
+    N2, G, D2, K = case.N2, case.G, case.D2, case.K
+    out = torch.empty(T, N1, D2, dtype=dt)
+    topk = torch.empty(T, N2, K, dtype=torch.int32)
+    m_all = torch.empty(T, N1) if exact else None
+    l_all = torch.empty(T, N1) if exact else None
+    sc_all = torch.zeros(T, N2, max(case.sel_lens)) if exact else None
+    if row_ranges is None:
+        row_ranges = [(b, r0, min(r0 + row_chunk, sq)) for b, sq in enumerate(case.seq_lens)
+                      for r0 in range(0, sq, row_chunk)]
+    q0s = [0] + x.seq_qlen[:-1]
+    c0s = [0] + x.cmp_kvlen[:-1]
+    for b, r0, r1 in row_ranges:
+        C, Sel = case.cmp_lens[b], case.sel_lens[b]
+        q0, c0 = q0s[b], c0s[b]
         R = r1 - r0
-        qh = q[r0:r1].reshape(R, case.N2, G, case.D).permute(1, 0, 2, 3).reshape(case.N2, R * G, case.D)
-        S = torch.matmul(qh, kT).float().mul_(x["scale"]).view(case.N2, R, G, case.C)
-        S.masked_fill_(x["atten_mask"][r0:r1].view(1, R, 1, case.C), -FLT_MAX)
-        P = torch.softmax(S, dim=-1)
-        O = torch.matmul(P.to(dt).view(case.N2, R * G, case.C), vv)
-        out[r0:r1] = O.view(case.N2, R, G, case.D2).permute(1, 0, 2, 3).reshape(R, case.N1, case.D2)
-        score = torch.matmul(P.sum(dim=2), W)
-        score.masked_fill_(x["topk_mask"][r0:r1].unsqueeze(0), FLT_MAX)
-        topk[r0:r1] = torch.topk(score, case.K, dim=-1).indices.permute(1, 0, 2).to(torch.int32)
-    return out, topk
+        kT = k[c0:c0 + C].permute(1, 2, 0)   # [N2, D, C]
+        vv = v[c0:c0 + C].permute(1, 0, 2)   # [N2, C, D2]
+        qh = q[q0 + r0:q0 + r1].reshape(R, N2, G, D).permute(1, 0, 2, 3).reshape(N2, R * G, D)
+        if exact:
+            S = torch.matmul(qh.float(), kT.float()).mul_(x.scale)
+        else:
+            S = torch.matmul(qh, kT).float().mul_(x.scale)
+        S = S.view(N2, R, G, C)
+        if x.atten_mask is not None:
+            S.masked_fill_(x.atten_mask[r0:r1, :C].bool().view(1, R, 1, C), -FLT_MAX)
+        if exact:
+            m = S.amax(dim=-1, keepdim=True)
+            E = torch.exp(S - m)
+            lsum = E.sum(dim=-1, keepdim=True)
+            P = E.div_(lsum)
+            m_all[q0 + r0:q0 + r1] = m.squeeze(-1).permute(1, 0, 2).reshape(R, N1)
+            l_all[q0 + r0:q0 + r1] = lsum.squeeze(-1).permute(1, 0, 2).reshape(R, N1)
+            O = torch.matmul(P.to(dt).float().view(N2, R * G, C), vv.float()).to(dt)
+        else:
+            P = torch.softmax(S, dim=-1)
+            O = torch.matmul(P.to(dt).view(N2, R * G, C), vv)
+        out[q0 + r0:q0 + r1] = O.view(N2, R, G, D2).permute(1, 0, 2, 3).reshape(R, N1, D2)
+        score = torch.matmul(P.sum(dim=2), score_weights(C, Sel, case.M, case.N))  # [N2, R, Sel]
+        if x.topk_mask is not None:
+            score.masked_fill_(x.topk_mask[r0:r1, :Sel].bool().unsqueeze(0), FLT_MAX)
+        if exact:
+            idx = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :K]
+            sc_all[q0 + r0:q0 + r1, :, :Sel] = score.permute(1, 0, 2)
+        else:
+            idx = torch.topk(score, K, dim=-1).indices
+        topk[q0 + r0:q0 + r1] = idx.permute(1, 0, 2).to(torch.int32)
+    return out, topk, m_all, l_all, sc_all
 
 
-def time_fn(fn: Callable[[], object], warmup: int, repeat: int) -> tuple[float, list]:
+# ------------------------------------------------------------------------------------------------ timing
+@dataclasses.dataclass
+class Timing:
+    median: float       # wall seconds
+    runs: list          # every measured run, wall seconds
+    cpu: list           # process CPU seconds of each measured run
+    warmup: int
+    threads: int
+
+    @property
+    def cpu_per_thread(self) -> float:
+        """Median process CPU seconds / threads (what a quiet machine would take at best)."""
+        return statistics.median(self.cpu) / max(1, self.threads)
+
+
+def time_fn(fn: Callable[[], object], warmup: int, repeat: int, budget_s: float = math.inf,
+            threads: Optional[int] = None) -> Timing:
+    """Median wall time of up to `repeat` runs after `warmup` runs; stops early once `budget_s` seconds of
+    measured runs have passed (at least one measured run). The result of each run is dropped. threads (for
+    cpu_per_thread): default torch.get_num_threads()."""
     for _ in range(warmup):
         fn()
-    runs = []
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
+    runs, cpus, spent = [], [], 0.0
+    while len(runs) < max(1, repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs), runs
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        runs.append(dt)
+        cpus.append(dc)
+        spent += dt
+        if spent >= budget_s:
+            break
+    return Timing(statistics.median(runs), runs, cpus, warmup,
+                  threads if threads is not None else torch.get_num_threads())
 
 
+# ------------------------------------------------------------------------------------------------ compact run
 class Progress:
     """tqdm when it is installed (and wanted), else a plain textual bar on stderr."""
 
@@ -176,7 +337,10 @@ class Progress:
 
 def run(cases: list, *, warmup: int = 1, repeat: int = 3, baseline: bool = True, seed: int = 0,
         chunk_mb: float = 256.0, progress: bool = True, use_tqdm: Optional[bool] = None) -> list:
-    import nsa_ops
+    """The compact benchmark: per case (one sequence each, see :func:`make_case`), the operator's median time
+    and useful GFLOP/s, and with ``baseline`` the composition's, chunked so that its three fp32 [N1, rows, C]
+    blocks (scores, exponentials, P) stay within ``chunk_mb`` together."""
+    from .ops.compress_attention import npu_nsa_compress_attention
 
     for c in cases:
         c.check()
@@ -186,28 +350,27 @@ def run(cases: list, *, warmup: int = 1, repeat: int = 3, baseline: bool = True,
     try:
         for case in cases:
             x = make_inputs(case, seed)
-            flop = useful_flop(case, x["atten_mask"])
+            flop = useful_flop(case, x.atten_mask)
 
             def ours():
-                return nsa_ops.npu_nsa_compress_attention(
-                    x["query"], x["key"], x["value"], x["scale"], case.N1, case.l, case.d, case.lp, case.K,
-                    topk_mask=x["topk_mask"], atten_mask=x["atten_mask"], actual_seq_qlen=[case.tokens],
-                    actual_cmp_seq_kvlen=[case.C])
+                return npu_nsa_compress_attention(
+                    x.query, x.key, x.value, x.scale, case.N1, case.l, case.d, case.lp, case.K,
+                    topk_mask=x.topk_mask, atten_mask=x.atten_mask, actual_seq_qlen=x.seq_qlen,
+                    actual_cmp_seq_kvlen=x.cmp_kvlen)
 
-            bar.step(f"T={case.tokens}: nsa_ops")
-            t_ours, runs = time_fn(ours, warmup, repeat)
+            bar.step(f"T={case.T}: nsa_ops")
+            t_ours = time_fn(ours, warmup, repeat)
             bar.advance()
-            res = {"tokens": case.tokens, "shape": case.describe(), "useful_gflop": flop / 1e9, "ours_s": t_ours,
-                   "ours_runs_s": runs, "gflops": flop / t_ours / 1e9, "composition_s": None,
+            res = {"tokens": case.T, "shape": case.shape_str(), "useful_gflop": flop / 1e9, "ours_s": t_ours.median,
+                   "ours_runs_s": t_ours.runs, "gflops": flop / t_ours.median / 1e9, "composition_s": None,
                    "composition_gflops": None, "speedup": None}
             if baseline:
-                W = _score_matrix(case)
-                chunk = max(1, min(case.tokens, int(chunk_mb * 2**20) // (case.N1 * case.C * 4 * 3)))
-                bar.step(f"T={case.tokens}: PyTorch composition")
-                t_comp, runs_c = time_fn(lambda: composition(case, x, chunk, W), warmup, repeat)
+                chunk = rows_per_chunk(case, chunk_mb / 3)
+                bar.step(f"T={case.T}: PyTorch composition")
+                t_comp = time_fn(lambda: composition(case, x, chunk), warmup, repeat)
                 bar.advance()
-                res.update(composition_s=t_comp, composition_runs_s=runs_c, composition_gflops=flop / t_comp / 1e9,
-                           speedup=t_comp / t_ours)
+                res.update(composition_s=t_comp.median, composition_runs_s=t_comp.runs,
+                           composition_gflops=flop / t_comp.median / 1e9, speedup=t_comp.median / t_ours.median)
             results.append(res)
     finally:
         bar.close()

@@ -95,15 +95,16 @@ def cmd_bench(args) -> int:
     lens = _int_list(args.seq_lens, "--seq-lens")
     if args.dtype not in _bench.DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(_bench.DTYPES)}, got {args.dtype!r}")
-    cases = [_bench.Case(tokens=n, N1=args.heads, N2=args.kv_heads, D=args.dim, D2=args.dim_v, dtype=args.dtype,
-                         l=args.compress_block_size, d=args.compress_stride, lp=args.select_block_size, K=args.topk)
+    cases = [_bench.make_case(f"T={n}", args.dtype, [n], N1=args.heads, N2=args.kv_heads, D=args.dim, D2=args.dim_v,
+                              l=args.compress_block_size, d=args.compress_stride, lp=args.select_block_size, K=args.topk)
              for n in lens]
     detected, active = nsa_ops.cpu_isa()
     header = (f"nsa_ops {_version()} ({nsa_ops.library_path()}), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, CPU ISA {active} (detected {detected}); "
               f"median of {args.repeat} runs after {args.warmup} warm-up(s)")
     print(header)
-    print(f"cases: {cases[0].describe().replace(f'T={cases[0].tokens} ', '')}, causal docs/spec/compress_attention.md §9 masks; "
+    shape = cases[0].shape_str().replace(f"T={lens[0]} C={cases[0].cmp_lens[0]} ", "").replace(" masks", "")
+    print(f"cases: {shape} {args.dtype}, causal masks of docs/spec/compress_attention.md §9; "
           f"T = {', '.join(map(str, lens))}", flush=True)
     results = _bench.run(cases, warmup=args.warmup, repeat=args.repeat, baseline=not args.no_composition,
                          seed=args.seed, progress=not args.no_progress)
