@@ -1,8 +1,8 @@
 // nsa-ops C++ demo: one causal bf16 sequence through the optimized CPU backend and the reference,
-// checked against each other (SPEC.md: topk_indices identical, statistics within rtol 1e-5,
+// checked against each other (docs/spec/compress_attention.md: topk_indices identical, statistics within rtol 1e-5,
 // attention_out within 2 bf16 ulps or one rounding flip of P), then the shapes and the top-k of a few query rows.
 //
-// Masks follow SPEC §9: atten_mask[t][i] = 1 when i*d + l - 1 > t (compressed token i ends after t);
+// Masks follow docs/spec/compress_attention.md §9: atten_mask[t][i] = 1 when i*d + l - 1 > t (compressed token i ends after t);
 // topk_mask forces block 0 and the two local blocks {t/l' - 1, t/l'}.
 #include <nsa/compress_attention.h>
 
@@ -137,7 +137,7 @@ int main() {
   bad.softmax_sum = unused.ssum.data();
   nsa::Status bad_status = nsa::compress_attention_cpu(bad);
 
-  // attention_out: within 2 bf16 ulps, except where P's rounding flipped. SPEC §3.4 rounds P to bf16
+  // attention_out: within 2 bf16 ulps, except where P's rounding flipped. docs/spec/compress_attention.md §3.4 rounds P to bf16
   // before P.V; the CPU backend's exp may differ from the reference's by an fp32 ulp, which now and then
   // rounds one P_c the other way and moves the output by ulp(P_c) |v_c| <= 2^-8 max|v| (P_c <= 1).
   float vmax = 0.f;

@@ -72,7 +72,7 @@ def make_args(case: Case) -> dict:
         atten_mask = nsa_ops.make_atten_mask(max_sq, max_c, case.l, case.stride)
     elif case.atten == "random":
         atten_mask = torch.rand(max_sq, max_c, generator=g) < 0.4
-        atten_mask[::7] = True  # fully masked rows (SPEC §5)
+        atten_mask[::7] = True  # fully masked rows (docs/spec/compress_attention.md §5)
     topk_mask = None
     if case.topk == "local":
         topk_mask = nsa_ops.make_topk_mask(max_sq, max_sel, case.lp)

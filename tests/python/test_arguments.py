@@ -1,4 +1,4 @@
-"""Every bad argument raises, and the message names the argument (SPEC §6).
+"""Every bad argument raises, and the message names the argument (docs/spec/compress_attention.md §6).
 
 Operator rules (torch.ops.nsa.compress_attention, through the torch_npu drop-in) raise RuntimeError;
 malformed Python arguments of the Python API raise ValueError (TypeError for a wrong type)."""

@@ -1,9 +1,9 @@
-"""Gradients (SPEC §7) through every entry point, and torch.compile / opcheck of the op with autograd.
+"""Gradients (docs/spec/compress_attention.md §7) through every entry point, and torch.compile / opcheck of the op with autograd.
 
 The gradient oracle is an independent differentiable fp64 composition written here: per batch and KV
 head, scores, the -FLT_MAX replacement of atten_mask, softmax, P.V; a fully masked row is the mean of
-the batch's values (SPEC §5), which does not depend on q or k: its exact derivative gives dV the uniform
-share and nothing to dQ/dK (SPEC §7). P is not rounded (fp64 inputs, or the rounding is treated as
+the batch's values (docs/spec/compress_attention.md §5), which does not depend on q or k: its exact derivative gives dV the uniform
+share and nothing to dQ/dK (docs/spec/compress_attention.md §7). P is not rounded (fp64 inputs, or the rounding is treated as
 noise in the lower-precision comparisons: §7 allows rounding P and dS).
 """
 
@@ -18,7 +18,7 @@ FLT_MAX = torch.finfo(torch.float32).max
 
 
 def model_attention(q, k, v, scale, atten_mask, seq_q, seq_c):
-    """attention_out of SPEC §3-§5 in fp64, differentiable (the other outputs carry no gradient)."""
+    """attention_out of docs/spec/compress_attention.md §3-§5 in fp64, differentiable (the other outputs carry no gradient)."""
     T, N1, _ = q.shape
     N2 = k.shape[1]
     G = N1 // N2

@@ -3,7 +3,6 @@
 (PNG with matplotlib, the clear error without it), the compact benchmark."""
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -30,9 +29,7 @@ def _has_matplotlib() -> bool:
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "python") + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return dict(os.environ)  # nsa_ops is installed (.venv's .pth file, or a wheel): no PYTHONPATH needed
 
 
 def make_case(root: Path, *, lens=(300, 130, 200), N1=4, N2=2, D=32, D2=16, K=2, zero_keys=False,

@@ -1,5 +1,5 @@
-"""Concurrency and determinism through Python (STYLE: "each output element has exactly one writer:
-results are identical whatever the thread count").
+"""Concurrency and determinism through Python (each output element has exactly one writer: results are
+identical whatever the thread count).
 
 * Calls from several Python threads at once (ThreadPoolExecutor; the operator runs with the GIL
   released) give bitwise the same outputs, and the same gradients, as the same calls made one by one;
@@ -7,23 +7,17 @@ results are identical whatever the thread count").
 * Repeats, and torch.set_num_threads(1 / 2 / 3 / 7) (the binding passes torch's intra-op thread count to
   the CPU backend), give bitwise equal outputs and gradients.
 * A sequence alone equals the same sequence inside a batch, bitwise: attention_out and topk_indices rows,
-  and the statistics' per-batch memory block (SPEC §4: batch b owns floats [8 N1 q_b, 8 N1 q_{b+1})).
+  and the statistics' per-batch memory block (docs/spec/compress_attention.md §4: batch b owns floats [8 N1 q_b, 8 N1 q_{b+1})).
 """
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "python") not in sys.path:
-    sys.path.insert(0, str(REPO / "python"))
-
-import nsa_ops  # noqa: E402
+import nsa_ops
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -38,7 +32,7 @@ def _same(a, b) -> bool:
 
 def _case(kind: str) -> dict:
     """Three shapes: bf16 varlen (an empty batch, random masks with fully masked rows, forced blocks, G = 4);
-    fp16 causal (SPEC §9 masks, G = 1, several query tiles); fp32 strided inputs (G = 3, band mask)."""
+    fp16 causal (docs/spec/compress_attention.md §9 masks, G = 1, several query tiles); fp32 strided inputs (G = 3, band mask)."""
     g = torch.Generator().manual_seed({"bf16": 1, "fp16": 2, "fp32": 3}[kind])
     if kind == "bf16":
         sq, c, n1, n2, d, d2, blk, k = [37, 0, 50, 13], [40, 9, 61, 17], 8, 2, 40, 24, (32, 16, 64), 2

@@ -1,4 +1,4 @@
-"""Length, mask and statistics helpers against SPEC §2/§4/§8/§9 worked by hand, and the §8 example end to end."""
+"""Length, mask and statistics helpers against docs/spec/compress_attention.md §2/§4/§8/§9 worked by hand, and the §8 example end to end."""
 
 import pytest
 import torch
@@ -75,7 +75,7 @@ def test_topk_mask_choice():
 
 
 def test_stats_helpers_layout():
-    # B = 2, Sq = [3, 2], N1 = 4 (the SPEC §4 example): batch 1, s = 0, head 2 is at float 96 + (2*2 + 0)*8.
+    # B = 2, Sq = [3, 2], N1 = 4 (the docs/spec/compress_attention.md §4 example): batch 1, s = 0, head 2 is at float 96 + (2*2 + 0)*8.
     T, N1 = 5, 4
     dense = torch.arange(T * N1, dtype=torch.float32).view(T, N1)   # value = 4*t + h
     packed = nsa_ops.softmax_stats_pack(dense, [3, 5])
@@ -132,7 +132,7 @@ def test_spec8_end_to_end(dtype):
     # t = 100 sees {0..4}: scores [P0+2P1+2P2+2P3+P4, P4, 0, ...] -> [0, 1, 2, ..., 15] (or 1 first if P4 wins)
     row = topk[100, 0].tolist()
     assert row[2:] == list(range(2, 16)) and sorted(row[:2]) == [0, 1]
-    # t = 0..30 fully masked (SPEC §5): max = -FLT_MAX, sum = C, output = mean of the values, uniform scores
+    # t = 0..30 fully masked (docs/spec/compress_attention.md §5): max = -FLT_MAX, sum = C, output = mean of the values, uniform scores
     assert (smax[:31] == -FLT_MAX).all() and (ssum[:31] == C).all()
     mean = v.double().mean(dim=0)
     tol = 1e-6 if dtype == torch.float32 else 2 ** -7

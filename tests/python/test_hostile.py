@@ -43,16 +43,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "python") not in sys.path:
-    sys.path.insert(0, str(REPO / "python"))
-
-import nsa_ops  # noqa: E402
+import nsa_ops
 
 BF = torch.bfloat16
 ERRORS = (RuntimeError, ValueError, TypeError, OverflowError, IndexError)
@@ -393,8 +388,7 @@ def test_absurd_compressed_length_raises_cleanly_in_a_subprocess():
     not: a RuntimeError, not a crash (run in a child process so that a regression cannot take pytest down)."""
     _tried()
     code = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(REPO / 'python')!r})
+        import torch
         import nsa_ops
         bf = torch.bfloat16
         q = torch.randn(1, 1, 16).to(bf)
