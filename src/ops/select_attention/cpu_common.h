@@ -1,0 +1,328 @@
+// Pieces shared by the CPU forward and backward of selected attention (docs/spec/select_attention.md), internal.
+//
+// Two arithmetic paths, chosen once per call:
+//   pairs (kPairs = true):  bf16 inputs on an ISA with KernelTable::gemm.bf16 (vdpbf16ps). Operands are bf16 bits,
+//                           reductions run over pairs of elements (products exact, sums in fp32).
+//   fp32  (kPairs = false): every other dtype and ISA (bf16 without a bf16 dot product, fp16, fp32), through
+//                           KernelTable::gemm.f32 on fp32 operands. (fp64 inputs take the fp64 reference.)
+// U = 2 (pairs) or 1 (fp32) elements per reduction unit; E = uint16_t (bf16 bits) or float.
+//
+// Packed key blocks. Selection block x of (batch b, KV head n2) covers the batch's key positions [x l', (x+1) l')
+// (§2). Each block that some visible entry reaches is packed once per call into GEMM B operands (src/cpu/kernels.h
+// layouts, panels of 64 columns, zero padded), with lpp = l' rounded up to 16 and only its valid keys (positions
+// < Skv_b) filled, so that keys past the batch's end are zeros and never read from the tensors:
+//   KQ [ceil(lpp/64) panels][Dr][64]  key block as the B operand of S = Q K^T   (reduction over D, columns = keys)
+//   VO [Dvp/64 panels][lpp][64]        value block as the B operand of O = P V (reduction over keys, columns = Dv)
+//   VD [ceil(lpp/64) panels][Dvr][64]  value block as the B operand of dP = dO V^T (backward)
+//   KT [Dp/64 panels][lpp][64]         key block as the B operand of dQ = dS K   (backward)
+// In each, the reduction index p and the column c of a panel are stored at (p / U) 64 U + c U + p % U (for U = 2
+// the bf16 pairs of vdpbf16ps). Dr, Dvr: D, Dv rounded up to U; Dp, Dvp: rounded up to 64.
+//
+// Entries of a query tile. A tile is (batch, KV head, consecutive query rows); its GEMM rows are (row i of the
+// tile, head g of the group), r = i G + g. Every slot (i, j) with at least one visible entry (§3) is an entry of the
+// tile; entries are grouped by block in first-appearance order (rows ascending, then slots): the union of the
+// blocks the tile reaches. A block's entries share its packed operands in one GEMM (their Q rows gathered), which
+// is what keeps the B operand hot when the G heads alone are few (G = 1). A slot repeated in a row (a duplicate,
+// §6) is a separate entry, so it counts twice as the contract requires.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "common/numeric.h"
+#include "cpu/kernels.h"
+#include "nsa/select_attention.h"
+#include "ops/select_attention/batches.h"
+#include "ops/select_attention/rounding.h"
+
+namespace nsa::select_cpu {
+
+using select_detail::BatchInfo;
+using cpu::KernelTable;
+using cpu::kPanel;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// 64-byte aligned buffer; std::bad_alloc when memory runs out (the entry points turn it into a Status).
+template <typename T>
+struct AlignedBuf {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr;
+  int64_t n = 0;
+  void reset(int64_t count, bool zero = false) {
+    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(T)), 64));
+    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!ptr) throw std::bad_alloc();
+    if (zero) std::memset(ptr.get(), 0, bytes);
+    n = count;
+  }
+  T* get() const { return ptr.get(); }
+};
+
+// Sizes of a validated call and of the packed operands.
+struct Geo {
+  int64_t T1 = 0, N1 = 0, N2 = 0, G = 0, D = 0, Dv = 0, K = 0, lp = 0;
+  int64_t lpp = 0;             // l' rounded up to 16: columns of a block in score rows, P.V reduction length
+  int64_t npb = 0;             // panels of 64 keys per block (ceil(lpp / 64))
+  int64_t Dr = 0, Dvr = 0;     // D, Dv rounded up to U
+  int64_t Dp = 0, Dvp = 0;     // D, Dv rounded up to 64
+  int64_t kq = 0, vo = 0, vd = 0, kt = 0;  // elements of each packed operand of one block (0 when not packed)
+  int64_t block_elems = 0;     // kq + vo + vd + kt
+};
+
+inline Geo make_geo(const SelectAttentionShape& sh, bool pairs, bool backward) {
+  Geo g;
+  const int64_t U = pairs ? 2 : 1;
+  g.T1 = sh.T1;
+  g.N1 = sh.N1;
+  g.N2 = sh.N2;
+  g.G = sh.G;
+  g.D = sh.D;
+  g.Dv = sh.Dv;
+  g.K = sh.K;
+  g.lp = sh.block;
+  g.lpp = round_up(sh.block, 16);
+  g.npb = (g.lpp + kPanel - 1) / kPanel;
+  g.Dr = round_up(sh.D, U);
+  g.Dvr = round_up(sh.Dv, U);
+  g.Dp = round_up(sh.D, kPanel);
+  g.Dvp = round_up(sh.Dv, kPanel);
+  g.kq = g.npb * g.Dr * kPanel;
+  if (backward) {
+    g.vd = g.npb * g.Dvr * kPanel;
+    g.kt = g.Dp * g.lpp;
+  } else {
+    g.vo = g.Dvp * g.lpp;
+  }
+  g.block_elems = g.kq + g.vo + g.vd + g.kt;
+  return g;
+}
+
+// The GEMMs of both paths with reduction lengths in elements (multiples of U) and E operands.
+template <bool kPairs>
+struct Path {
+  using E = typename std::conditional<kPairs, uint16_t, float>::type;
+  static constexpr int64_t U = kPairs ? 2 : 1;
+  // C[r][c] (+)= alpha sum_p A[r][p] B[p][col0 + c], r < R, c < ncols (a multiple of 16), p < red.
+  static void gemm(const KernelTable* kt, const E* A, int64_t lda, int64_t R, const E* B, int64_t panel_stride,
+                   int64_t col0, int64_t ncols, int64_t red, float* C, int64_t ldc, float alpha, bool accumulate) {
+    if (R <= 0 || ncols <= 0) return;
+    if constexpr (kPairs) {
+      kt->gemm.bf16(A, lda, R, B, panel_stride, col0, ncols, red / 2, red / 2, C, ldc, alpha, accumulate);
+    } else {
+      kt->gemm.f32(A, lda, R, B, panel_stride, col0, ncols, red, red, C, ldc, alpha, accumulate);
+    }
+  }
+  // Element (p, c) of a packed B operand whose panels hold `red` reduction elements (red a multiple of U).
+  static int64_t b_index(int64_t p, int64_t c, int64_t red) {
+    return (c / kPanel) * red * kPanel + (p / U) * kPanel * U + (c % kPanel) * U + p % U;
+  }
+  // x rounded half away from zero to the input dtype as an operand: bf16 bits (pairs), else a float holding
+  // rha_T(x) (bf16 / fp16) or x (fp32).
+  static E rha(float x, DType dt) {
+    if constexpr (kPairs) {
+      return select_detail::f32_to_bf16_rha(x);
+    } else {
+      return select_detail::round_rha(x, dt);
+    }
+  }
+  static float value(E x) {
+    if constexpr (kPairs) {
+      return detail::bf16_to_f32(x);
+    } else {
+      return x;
+    }
+  }
+};
+
+// Row of a tensor (t, h) as operand elements: bf16 bits (pairs) or floats; out[n..n_pad) = 0.
+template <bool kPairs>
+inline void load_operand_row(const KernelTable* kt, const Tensor3& x, DType dt, int64_t row, int64_t head, int64_t n,
+                             int64_t n_pad, typename Path<kPairs>::E* out) {
+  const int64_t off = row * x.stride[0] + head * x.stride[1];
+  if constexpr (kPairs) {
+    const uint16_t* src = static_cast<const uint16_t*>(x.data) + off;
+    if (x.stride[2] == 1) std::memcpy(out, src, sizeof(uint16_t) * static_cast<size_t>(n));
+    else
+      for (int64_t k = 0; k < n; ++k) out[k] = src[k * x.stride[2]];
+  } else {
+    if (x.stride[2] == 1 && dt != DType::kF64) {
+      kt->rows.load_row(static_cast<const char*>(x.data) + off * static_cast<int64_t>(dtype_size(dt)), out, n, dt);
+    } else {
+      for (int64_t k = 0; k < n; ++k) out[k] = detail::load_f32(x.data, off + k * x.stride[2], dt);
+    }
+  }
+  for (int64_t k = n; k < n_pad; ++k) out[k] = 0;
+}
+
+// Whether an operand element is inf or NaN.
+template <bool kPairs>
+inline bool non_finite(typename Path<kPairs>::E v) {
+  if constexpr (kPairs) {
+    return (v & 0x7f80u) == 0x7f80u;
+  } else {
+    return !std::isfinite(v);
+  }
+}
+
+// Packed blocks of a call: the blocks some visible entry reaches, in (batch, block, KV head) order.
+struct BlockTable {
+  std::vector<int64_t> first;   // per batch: global id of its block 0 (ids: (first[b] + x) * N2 + n2)
+  std::vector<int64_t> slot;    // per id: index among the packed blocks, or -1 (not reached: not packed)
+  std::vector<uint8_t> dirty_k, dirty_v;  // per packed block: a valid key / value element is inf or NaN
+  std::vector<int64_t> packed_id;  // per packed block: its id
+  int64_t n_ids = 0;
+  int64_t id(int64_t b, int64_t x, int64_t n2, int64_t N2) const { return (first[static_cast<size_t>(b)] + x) * N2 + n2; }
+};
+
+// Marks the blocks that some visible entry reaches (one pass over the indices, O(T1 N2 K)) and numbers them.
+inline void mark_blocks(const SelectAttentionParams& p, const Geo& g, const std::vector<BatchInfo>& batches,
+                        BlockTable& bt) {
+  bt.first.resize(batches.size());
+  int64_t total = 0;
+  for (size_t b = 0; b < batches.size(); ++b) {
+    bt.first[b] = total;
+    total += batches[b].blocks;
+  }
+  bt.n_ids = total * g.N2;
+  bt.slot.assign(static_cast<size_t>(bt.n_ids), -1);
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const BatchInfo& bi = batches[b];
+    for (int64_t s = 0; s < bi.sq; ++s)
+      for (int64_t n2 = 0; n2 < g.N2; ++n2)
+        for (int64_t j = 0; j < g.K; ++j) {
+          const int64_t x = select_detail::index_at(p, bi.q_begin + s, n2, j);
+          if (select_detail::visible_count(x, s, bi.skv, g.lp, p.causal) > 0)
+            bt.slot[static_cast<size_t>(bt.id(static_cast<int64_t>(b), x, n2, g.N2))] = 0;
+        }
+  }
+  int64_t n = 0;
+  for (int64_t i = 0; i < bt.n_ids; ++i)
+    if (bt.slot[static_cast<size_t>(i)] == 0) {
+      bt.slot[static_cast<size_t>(i)] = n++;
+      bt.packed_id.push_back(i);
+    }
+  bt.dirty_k.assign(static_cast<size_t>(n), 0);
+  bt.dirty_v.assign(static_cast<size_t>(n), 0);
+}
+
+// Packs block x of (batch bi, KV head n2) into dst (g.block_elems elements: KQ, VO, VD, KT in this order, each
+// present when its size is not 0) and reports non-finite valid elements of K and V.
+template <bool kPairs>
+void pack_block(const KernelTable* kt, const SelectAttentionParams& p, const Geo& g, const BatchInfo& bi, int64_t x,
+                int64_t n2, typename Path<kPairs>::E* dst, uint8_t* dirty_k, uint8_t* dirty_v) {
+  using P = Path<kPairs>;
+  using E = typename P::E;
+  std::memset(dst, 0, sizeof(E) * static_cast<size_t>(g.block_elems));
+  E* kq = dst;
+  E* vo = kq + g.kq;
+  E* vd = vo + g.vo;
+  E* ktp = vd + g.vd;
+  const int64_t valid = std::min(g.lp, bi.skv - x * g.lp);  // keys of the block below Skv_b
+  std::vector<E> row(static_cast<size_t>(std::max(g.Dr, g.Dvr)));
+  bool bad_k = false, bad_v = false;
+  for (int64_t c = 0; c < valid; ++c) {
+    const int64_t key_row = bi.k_begin + x * g.lp + c;
+    load_operand_row<kPairs>(kt, p.key, p.dtype, key_row, n2, g.D, g.Dr, row.data());
+    for (int64_t d = 0; d < g.D; ++d) {
+      bad_k |= non_finite<kPairs>(row[static_cast<size_t>(d)]);
+      kq[P::b_index(d, c, g.Dr)] = row[static_cast<size_t>(d)];
+      if (g.kt) ktp[P::b_index(c, d, g.lpp)] = row[static_cast<size_t>(d)];
+    }
+    load_operand_row<kPairs>(kt, p.value, p.dtype, key_row, n2, g.Dv, g.Dvr, row.data());
+    for (int64_t e = 0; e < g.Dv; ++e) {
+      bad_v |= non_finite<kPairs>(row[static_cast<size_t>(e)]);
+      if (g.vo) vo[P::b_index(c, e, g.lpp)] = row[static_cast<size_t>(e)];
+      if (g.vd) vd[P::b_index(e, c, g.Dvr)] = row[static_cast<size_t>(e)];
+    }
+  }
+  *dirty_k = bad_k;
+  *dirty_v = bad_v;
+}
+
+// The entries of a query tile grouped by block (see the header comment).
+struct TileEntries {
+  std::vector<int64_t> x;      // [rows * K]: block of slot (i, j), -1 when the slot has no visible entry
+  std::vector<int32_t> vis;    // [rows * K]: its visible entries (a prefix of the block, §3)
+  std::vector<int64_t> nvis;   // [rows]: visible entries of row i (0: a row without visible entry, §6)
+  std::vector<int32_t> map;    // [max_blocks]: block -> position in the union, -1 otherwise (reset after use)
+  std::vector<int64_t> ublock; // blocks of the union in first-appearance order
+  std::vector<int32_t> ustart; // [union + 1]: their entries are ent[ustart[u] .. ustart[u+1])
+  std::vector<int32_t> ent;    // entries i K + j, grouped by block, rows ascending then slots within a block
+  int64_t n_entries = 0;
+
+  void init(int64_t max_rows, int64_t K, int64_t max_blocks) {
+    x.resize(static_cast<size_t>(max_rows * K));
+    vis.resize(static_cast<size_t>(max_rows * K));
+    nvis.resize(static_cast<size_t>(max_rows));
+    map.assign(static_cast<size_t>(std::max<int64_t>(max_blocks, 1)), -1);
+    ublock.reserve(static_cast<size_t>(std::min(max_blocks, max_rows * K)));
+    ustart.reserve(static_cast<size_t>(std::min(max_blocks, max_rows * K) + 1));
+    ent.resize(static_cast<size_t>(max_rows * K));
+  }
+
+  // Rows [s0, s0 + rows) of batch bi (local positions), KV head n2.
+  void build(const SelectAttentionParams& p, const BatchInfo& bi, int64_t n2, int64_t s0, int64_t rows, int64_t K,
+             int64_t lp) {
+    ublock.clear();
+    ustart.clear();
+    std::vector<int32_t>& count = ustart;  // counts first, then (shifted) start offsets
+    n_entries = 0;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t s = s0 + i;
+      int64_t total = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t xx = select_detail::index_at(p, bi.q_begin + s, n2, j);
+        const int64_t v = select_detail::visible_count(xx, s, bi.skv, lp, p.causal);
+        const size_t e = static_cast<size_t>(i * K + j);
+        x[e] = v > 0 ? xx : -1;
+        vis[e] = static_cast<int32_t>(v);
+        total += v;
+        if (v > 0) {
+          int32_t& u = map[static_cast<size_t>(xx)];
+          if (u < 0) {
+            u = static_cast<int32_t>(ublock.size());
+            ublock.push_back(xx);
+            count.push_back(0);
+          }
+          ++count[static_cast<size_t>(u)];
+          ++n_entries;
+        }
+      }
+      nvis[static_cast<size_t>(i)] = total;
+    }
+    // counts -> start offsets (ustart[u] = entries of the blocks before u), then fill in (i, j) order
+    int32_t acc = 0;
+    for (int32_t& c : count) {
+      const int32_t n = c;
+      c = acc;
+      acc += n;
+    }
+    count.push_back(acc);
+    std::vector<int32_t>& pos = count;  // running fill position per block: advanced, then restored below
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < K; ++j) {
+        const size_t e = static_cast<size_t>(i * K + j);
+        if (x[e] < 0) continue;
+        const int32_t u = map[static_cast<size_t>(x[e])];
+        ent[static_cast<size_t>(pos[static_cast<size_t>(u)]++)] = static_cast<int32_t>(i * K + j);
+      }
+    // pos[u] now holds the end of block u = the start of block u + 1: shift back
+    for (size_t u = ublock.size(); u > 0; --u) pos[u] = pos[u - 1];
+    pos[0] = 0;
+    for (int64_t xx : ublock) map[static_cast<size_t>(xx)] = -1;
+  }
+  int64_t blocks() const { return static_cast<int64_t>(ublock.size()); }
+};
+
+}  // namespace nsa::select_cpu

@@ -1,0 +1,330 @@
+// Optimized CPU forward of selected attention (docs/spec/select_attention.md §3-§6).
+//
+// Once per call: the blocks some visible entry reaches are packed into GEMM operands (cpu_common.h: KQ and VO per
+// block, only the batch's valid keys, zero padded). Then one task per query tile = (batch, KV head n2, Bq
+// consecutive query rows); its R = Bq G GEMM rows are (row i, head g), r = i G + g. Per tile:
+//   1. entries: every slot with a visible entry (§3), grouped by block (cpu_common.h TileEntries);
+//   2. scores: for each block of the tile's union, its entries' Q rows gathered (G rows per entry) and
+//      S = (Q K_x^T) scale in one GEMM (fp32 dot products, then times the float32 scale: §4 step 1); each entry's
+//      scores are copied into its row's score line at slot j: line (i, g) holds K slots of lpp columns, slot j at
+//      j lpp; invisible positions (past the causal limit or Skv_b) and empty slots hold -inf, so they take no part
+//      in the maximum or the sum (§4 step 2: exp(-inf - m) = 0 exactly);
+//   3. exact softmax per line (§4 step 3): m = max, l_sum = sum of exp(S - m) (KernelTable row kernels: one pass
+//      each over the whole line, no online rescaling), P = exp(S - m) / l_sum rounded half away from zero to the
+//      input dtype (§4 step 4, rha_T);
+//   4. O = sum over blocks of rha(P)_entries V_x: for each block, its entries' P slices gathered and multiplied by
+//      the packed V block in one GEMM (fp32 accumulation), the products added to the rows' fp32 accumulators in a
+//      fixed order (blocks of the union, then entries);
+//   5. attention_out rounded to nearest even (§4 step 4), statistics m and l_sum x 8 (§5); a row without visible
+//      entry gets zeros, -FLT_MAX and +FLT_MAX (§6).
+// A value block holding inf or NaN (dirty) takes a scalar path for the entries that see only part of it, so that
+// invisible values never meet a zero probability (0 x inf = NaN); every other entry runs through the GEMM.
+// Extra memory: the packed blocks (at most the size of the key and value inputs) and per-worker tile buffers,
+// O(R (K lpp + D + Dv)); nothing grows with T1 x K x l'. Each output element has one writer and one summation
+// order fixed by the shape and the indices: results do not depend on the number of threads.
+#include <algorithm>
+#include <array>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/threads.h"
+#include "cpu/isa.h"
+#include "ops/select_attention/cpu_common.h"
+#include "ops/select_attention/reference.h"
+
+namespace nsa::select_cpu {
+namespace {
+
+constexpr int64_t kTargetRows = 64;                      // GEMM rows (query rows x G heads) of a tile
+constexpr int64_t kMaxLineBytes = int64_t(4) << 20;      // cap of a worker's score lines (R x K lpp floats)
+
+template <bool kPairs>
+class Forward {
+ public:
+  using P = Path<kPairs>;
+  using E = typename P::E;
+
+  Forward(const SelectAttentionParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads)
+      : p_(p), sh_(sh), kt_(kt), threads_(threads) {
+    g_ = make_geo(sh, kPairs, /*backward=*/false);
+    scale_ = static_cast<float>(p.scale_value);
+    ld_s_ = g_.K * g_.lpp;
+    int64_t bq = std::max<int64_t>(1, (kTargetRows + g_.G / 2) / g_.G);
+    bq = std::min(bq, std::max<int64_t>(1, kMaxLineBytes / (static_cast<int64_t>(sizeof(float) + sizeof(E)) * g_.G * ld_s_)));
+    bq_ = std::max<int64_t>(1, std::min(bq, std::max<int64_t>(sh.max_sq, 1)));
+    rmax_ = bq_ * g_.G;
+  }
+
+  void run() {
+    batches_ = select_detail::make_batches(p_);
+    mark_blocks(p_, g_, batches_, bt_);
+    const int64_t n_packed = static_cast<int64_t>(bt_.packed_id.size());
+    packs_.reset(n_packed * g_.block_elems);
+    // tasks: tiles (b, n2, s0, s1), largest first (cost: visible entries); the order never changes a result
+    struct Task {
+      int64_t b, n2, s0, s1, cost;
+    };
+    std::vector<Task> tasks;
+    for (size_t b = 0; b < batches_.size(); ++b) {
+      const BatchInfo& bi = batches_[b];
+      for (int64_t s0 = 0; s0 < bi.sq; s0 += bq_) {
+        const int64_t s1 = std::min(bi.sq, s0 + bq_);
+        for (int64_t n2 = 0; n2 < g_.N2; ++n2) {
+          int64_t cost = 0;
+          for (int64_t s = s0; s < s1; ++s)
+            for (int64_t j = 0; j < g_.K; ++j)
+              cost += select_detail::visible_count(select_detail::index_at(p_, bi.q_begin + s, n2, j), s, bi.skv,
+                                                   g_.lp, p_.causal);
+          tasks.push_back({static_cast<int64_t>(b), n2, s0, s1, cost});
+        }
+      }
+    }
+    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+    const int workers = std::max(1, threads_);
+    std::vector<Scratch> scratch(static_cast<size_t>(workers));
+    // every allocation before the first output is written: a failure is a Status, not a partial result
+    for (Scratch& sc : scratch) sc.init(*this);
+
+    // pack the reached blocks
+    cpu::parallel_for(n_packed, workers, [&](int64_t i, int) {
+      const int64_t id = bt_.packed_id[static_cast<size_t>(i)];
+      const int64_t n2 = id % g_.N2, gb = id / g_.N2;
+      const int64_t b = static_cast<int64_t>(std::upper_bound(bt_.first.begin(), bt_.first.end(), gb) - bt_.first.begin()) - 1;
+      const int64_t x = gb - bt_.first[static_cast<size_t>(b)];
+      pack_block<kPairs>(kt_, p_, g_, batches_[static_cast<size_t>(b)], x, n2, packs_.get() + i * g_.block_elems,
+                         &bt_.dirty_k[static_cast<size_t>(i)], &bt_.dirty_v[static_cast<size_t>(i)]);
+    });
+    cpu::parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
+      const Task& tk = tasks[static_cast<size_t>(t)];
+      run_tile(scratch[static_cast<size_t>(w)], tk.b, tk.n2, tk.s0, tk.s1);
+    });
+  }
+
+ private:
+  struct Scratch {
+    AlignedBuf<E> qa;     // [R][Dr] the tile's query rows
+    AlignedBuf<E> asub;   // [R][max(Dr, lpp)] gathered A rows of one block's entries
+    AlignedBuf<float> stmp;  // [R][lpp] scores of one block's entries
+    AlignedBuf<float> s;     // [R][K lpp] score lines, then exp values
+    AlignedBuf<E> pr;        // [R][K lpp] rha(P) lines
+    AlignedBuf<float> otmp;  // [R][Dvp] P.V of one block's entries
+    AlignedBuf<float> o;     // [R][Dvp] output accumulators
+    std::vector<float> m, l;
+    TileEntries te;
+    void init(const Forward& f) {
+      const Geo& g = f.g_;
+      const int64_t R = f.rmax_;
+      qa.reset(R * g.Dr);
+      asub.reset(R * std::max(g.Dr, g.lpp));
+      stmp.reset(R * g.lpp);
+      s.reset(R * f.ld_s_);
+      pr.reset(R * f.ld_s_);
+      otmp.reset(R * g.Dvp);
+      o.reset(R * g.Dvp);
+      m.resize(static_cast<size_t>(R));
+      l.resize(static_cast<size_t>(R));
+      te.init(f.bq_, g.K, f.sh_.max_blocks);
+    }
+  };
+
+  const E* kq(int64_t slot) const { return packs_.get() + slot * g_.block_elems; }
+  const E* vo(int64_t slot) const { return packs_.get() + slot * g_.block_elems + g_.kq; }
+
+  void run_tile(Scratch& sc, int64_t b, int64_t n2, int64_t s0, int64_t s1) {
+    const BatchInfo& bi = batches_[static_cast<size_t>(b)];
+    const int64_t G = g_.G, K = g_.K, lpp = g_.lpp, ntok = s1 - s0, R = ntok * G;
+    const DType dt = p_.dtype;
+    TileEntries& te = sc.te;
+    te.build(p_, bi, n2, s0, ntok, K, g_.lp);  // 1.
+
+    // 2. scores
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    if (te.n_entries > 0) {
+      for (int64_t i = 0; i < ntok; ++i) {
+        load_operand_rows(sc.qa.get() + i * G * g_.Dr, bi.q_begin + s0 + i, n2);
+        for (int64_t j = 0; j < K; ++j)
+          if (te.x[static_cast<size_t>(i * K + j)] < 0)
+            for (int64_t g = 0; g < G; ++g) std::fill_n(sc.s.get() + (i * G + g) * ld_s_ + j * lpp, lpp, neg_inf);
+      }
+    }
+    for (int64_t u = 0; u < te.blocks(); ++u) {
+      const int64_t slot = bt_.slot[static_cast<size_t>(bt_.id(b, te.ublock[static_cast<size_t>(u)], n2, g_.N2))];
+      const int32_t* e0 = te.ent.data() + te.ustart[static_cast<size_t>(u)];
+      const int64_t ne = te.ustart[static_cast<size_t>(u) + 1] - te.ustart[static_cast<size_t>(u)];
+      for (int64_t c0 = 0; c0 < ne; c0 += bq_) {
+        const int64_t nc = std::min(bq_, ne - c0);
+        for (int64_t e = 0; e < nc; ++e) {
+          const int64_t i = e0[c0 + e] / K;
+          std::memcpy(sc.asub.get() + e * G * g_.Dr, sc.qa.get() + i * G * g_.Dr, sizeof(E) * static_cast<size_t>(G * g_.Dr));
+        }
+        P::gemm(kt_, sc.asub.get(), g_.Dr, nc * G, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.stmp.get(), lpp,
+                scale_, false);
+        for (int64_t e = 0; e < nc; ++e) {
+          const int64_t ij = e0[c0 + e], i = ij / K, j = ij % K, v = te.vis[static_cast<size_t>(ij)];
+          for (int64_t g = 0; g < G; ++g) {
+            float* dst = sc.s.get() + (i * G + g) * ld_s_ + j * lpp;
+            std::memcpy(dst, sc.stmp.get() + (e * G + g) * lpp, sizeof(float) * static_cast<size_t>(v));
+            std::fill(dst + v, dst + lpp, neg_inf);
+          }
+        }
+      }
+    }
+
+    // 3. softmax per line, rha(P)
+    for (int64_t i = 0; i < ntok; ++i) {
+      if (te.nvis[static_cast<size_t>(i)] == 0) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = i * G + g;
+        float* line = sc.s.get() + r * ld_s_;
+        const float m = kt_->rows.row_max(line, ld_s_, neg_inf);
+        const float l = kt_->rows.exp_sum(line, ld_s_, m);
+        E* pl = sc.pr.get() + r * ld_s_;
+        for (int64_t c = 0; c < ld_s_; ++c) pl[c] = P::rha(line[c] / l, dt);
+        sc.m[static_cast<size_t>(r)] = m;
+        sc.l[static_cast<size_t>(r)] = l;
+      }
+    }
+
+    // 4. O = sum over blocks of rha(P) V
+    std::fill_n(sc.o.get(), R * g_.Dvp, 0.0f);
+    for (int64_t u = 0; u < te.blocks(); ++u) {
+      const int64_t x = te.ublock[static_cast<size_t>(u)];
+      const int64_t slot = bt_.slot[static_cast<size_t>(bt_.id(b, x, n2, g_.N2))];
+      const bool dirty = bt_.dirty_v[static_cast<size_t>(slot)] != 0;
+      const int64_t valid = std::min(g_.lp, bi.skv - x * g_.lp);
+      const int32_t* e0 = te.ent.data() + te.ustart[static_cast<size_t>(u)];
+      const int64_t ne = te.ustart[static_cast<size_t>(u) + 1] - te.ustart[static_cast<size_t>(u)];
+      int64_t c0 = 0;
+      while (c0 < ne) {
+        // up to bq_ entries for the GEMM; entries of a dirty block that see only part of it go to the scalar path
+        int64_t nc = 0, taken = 0;
+        int32_t chunk[1024];
+        const int64_t cap = std::min<int64_t>(bq_, 1024);
+        for (; c0 + taken < ne && nc < cap; ++taken) {
+          const int32_t ij = e0[c0 + taken];
+          if (dirty && te.vis[static_cast<size_t>(ij)] < valid) {
+            scalar_pv(sc, bi, n2, x, ij);
+            continue;
+          }
+          chunk[nc++] = ij;
+        }
+        c0 += taken;
+        if (nc == 0) continue;
+        for (int64_t e = 0; e < nc; ++e) {
+          const int64_t i = chunk[e] / K, j = chunk[e] % K;
+          for (int64_t g = 0; g < G; ++g)
+            std::memcpy(sc.asub.get() + (e * G + g) * lpp, sc.pr.get() + (i * G + g) * ld_s_ + j * lpp,
+                        sizeof(E) * static_cast<size_t>(lpp));
+        }
+        P::gemm(kt_, sc.asub.get(), lpp, nc * G, vo(slot), lpp * kPanel, 0, g_.Dvp, lpp, sc.otmp.get(), g_.Dvp, 1.0f,
+                false);
+        for (int64_t e = 0; e < nc; ++e) {
+          const int64_t i = chunk[e] / K;
+          for (int64_t g = 0; g < G; ++g)
+            kt_->rows.add_row(sc.o.get() + (i * G + g) * g_.Dvp, sc.otmp.get() + (e * G + g) * g_.Dvp, g_.Dvp);
+        }
+      }
+    }
+
+    // 5. outputs
+    const size_t esz = dtype_size(dt);
+    for (int64_t i = 0; i < ntok; ++i) {
+      const int64_t t = bi.q_begin + s0 + i;
+      const bool empty = te.nvis[static_cast<size_t>(i)] == 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = i * G + g, h = n2 * G + g;
+        char* dst = static_cast<char*>(p_.attention_out) + (t * g_.N1 + h) * g_.Dv * static_cast<int64_t>(esz);
+        const int64_t so = select_detail::stat_offset(t, h, g_.N1);
+        if (empty) {  // §6
+          std::memset(dst, 0, esz * static_cast<size_t>(g_.Dv));
+          std::fill_n(p_.softmax_max + so, 8, -FLT_MAX);
+          std::fill_n(p_.softmax_sum + so, 8, FLT_MAX);
+          continue;
+        }
+        kt_->rows.store_row(sc.o.get() + r * g_.Dvp, dst, g_.Dv, dt);  // rne_T
+        std::fill_n(p_.softmax_max + so, 8, sc.m[static_cast<size_t>(r)]);
+        std::fill_n(p_.softmax_sum + so, 8, sc.l[static_cast<size_t>(r)]);
+      }
+    }
+  }
+
+  // The G query rows of (query row t, KV head n2) as operand rows of Dr elements at dst.
+  void load_operand_rows(E* dst, int64_t t, int64_t n2) const {
+    for (int64_t g = 0; g < g_.G; ++g)
+      load_operand_row<kPairs>(kt_, p_.query, p_.dtype, t, n2 * g_.G + g, g_.D, g_.Dr, dst + g * g_.Dr);
+  }
+
+  // Entry ij of a dirty value block seen in part: o[row] += sum_{r < vis} rha(P)[r] v[r], read from the tensor.
+  void scalar_pv(Scratch& sc, const BatchInfo& bi, int64_t n2, int64_t x, int32_t ij) const {
+    const int64_t K = g_.K, i = ij / K, j = ij % K, v = sc.te.vis[static_cast<size_t>(ij)];
+    const Tensor3& val = p_.value;
+    for (int64_t g = 0; g < g_.G; ++g) {
+      const int64_t r = i * g_.G + g;
+      const E* pl = sc.pr.get() + r * ld_s_ + j * g_.lpp;
+      float* o = sc.o.get() + r * g_.Dvp;
+      for (int64_t c = 0; c < v; ++c) {
+        const float pc = P::value(pl[c]);
+        const int64_t base = (bi.k_begin + x * g_.lp + c) * val.stride[0] + n2 * val.stride[1];
+        for (int64_t e = 0; e < g_.Dv; ++e) o[e] += pc * detail::load_f32(val.data, base + e * val.stride[2], p_.dtype);
+      }
+    }
+  }
+
+  const SelectAttentionParams& p_;
+  const SelectAttentionShape& sh_;
+  const KernelTable* kt_;
+  int threads_;
+  Geo g_;
+  float scale_ = 1.0f;
+  int64_t ld_s_ = 0, bq_ = 1, rmax_ = 1;
+  std::vector<BatchInfo> batches_;
+  BlockTable bt_;
+  AlignedBuf<E> packs_;
+};
+
+Status forward_impl(const SelectAttentionParams& p, const CpuOptions& options) {
+  SelectAttentionShape sh;
+  Status st = validate_select_attention(p, &sh);
+  if (!st.ok()) return st;
+  CpuIsa isa;
+  st = cpu::resolve_isa(options.isa, &isa);
+  if (!st.ok()) return st;
+  if (p.dtype == DType::kF64) return select_reference::forward_fp64(p);  // testing extension: no fast path
+  if (sh.T1 == 0) return Status::Ok();
+  // Workspace sizes are products of these: refuse sizes whose byte counts could overflow 64-bit arithmetic (only
+  // reachable with stride-0 views of a small buffer).
+  constexpr int64_t kMaxDim = int64_t(1) << 20;
+  if (sh.D > kMaxDim || sh.K > kMaxDim || sh.block > kMaxDim || sh.N1 > kMaxDim)
+    return Status::Error("select_attention_cpu: sizes too large for the CPU backend's workspace (D, K, "
+                         "select_block_size and N1 must be < 2^20)");
+  const KernelTable* kt = cpu::kernels_for(isa);
+  const int threads = cpu::resolve_num_threads(options.num_threads);
+  if (p.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr) Forward<true>(p, sh, kt, threads).run();
+  else Forward<false>(p, sh, kt, threads).run();
+  return Status::Ok();
+}
+
+}  // namespace
+}  // namespace nsa::select_cpu
+
+namespace nsa {
+
+// Workspace that cannot be allocated is reported as an error, never as a crash: all of it (packed blocks,
+// per-worker tiles) is allocated before the first output is written.
+Status select_attention_cpu(const SelectAttentionParams& p, const CpuOptions& options) {
+  try {
+    return select_cpu::forward_impl(p, options);
+  } catch (const std::bad_alloc&) {
+    return Status::Error("select_attention_cpu: out of memory for the workspace (packed key/value blocks and "
+                         "per-thread tiles); reduce the sizes or the number of threads");
+  } catch (const std::exception& e) {  // e.g. std::system_error when no thread can be started
+    return Status::Error(std::string("select_attention_cpu: ") + e.what());
+  }
+}
+
+}  // namespace nsa

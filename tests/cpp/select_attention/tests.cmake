@@ -1,0 +1,6 @@
+# Tests of the selected-attention operator (docs/spec/select_attention.md); select_util.h holds the case builder,
+# the runners, the fp64 model and the comparison rules of §10.
+#   test_forward.cpp     §10 worked example; references and select_attention_cpu vs the fp64 model on every ISA
+#                        path; thread counts, layouts, index dtypes; inputs no entry reaches
+list(APPEND NSA_CPP_TEST_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/test_forward.cpp)
