@@ -61,6 +61,7 @@ void check_compress_inputs(const at::Tensor& input, const at::Tensor& weight, in
               input.scalar_type(), "), got ", weight.scalar_type());
   const auto l = weight.sym_size(0).maybe_as_int(), wn = weight.sym_size(1).maybe_as_int(),
              n = input.sym_size(1).maybe_as_int();
+  if (compress_block_size < 1) return;  // the library names compress_block_size itself
   if (l) {
     TORCH_CHECK(*l == compress_block_size, "weight must have shape [compress_block_size, N] = [", compress_block_size,
                 ", N], got ", weight.sym_sizes());
