@@ -45,9 +45,41 @@ def int_arg(value: Any, name: str) -> int:
         raise ValueError(f"{name} must be an int, got {value!r}") from None
 
 
+def bounded_int(value: Any, name: str, minimum: int) -> int:
+    """:func:`int_arg`, and ``>= minimum`` (ValueError naming `name`)."""
+    x = int_arg(value, name)
+    if x < minimum:
+        raise ValueError(f"{name} must be {'> 0' if minimum == 1 else f'>= {minimum}'}, got {x}")
+    return x
+
+
 def non_negative_lengths(value: Any, name: str) -> list[int]:
     out = int_list(value, name)
     for i, x in enumerate(out):
         if x < 0:
             raise ValueError(f"{name}[{i}] must be >= 0, got {x}")
     return out
+
+
+def differences(prefix: list[int], name: str) -> list[int]:
+    """Per-batch lengths from running totals without the leading 0: ``[p0, p1 - p0, ...]``; ValueError naming
+    `name` where the totals decrease."""
+    out, prev = [], 0
+    for i, x in enumerate(prefix):
+        if x < prev:
+            raise ValueError(f"{name} must be non-decreasing, but {name}[{i}] = {x} < {prev}")
+        out.append(x - prev)
+        prev = x
+    return out
+
+
+def cu_seqlens_list(value: Any, name: str) -> list[int]:
+    """FlashAttention-style offsets as Python ints: B+1 >= 2 entries, a leading 0, non-decreasing (errors name
+    `name`)."""
+    cu = int_list(value, name)
+    if len(cu) < 2:
+        raise ValueError(f"{name} must have B+1 >= 2 entries (a leading 0, then the running totals), got {cu}")
+    if cu[0] != 0:
+        raise ValueError(f"{name} must start with 0 (FlashAttention's cu_seqlens convention), got {cu[0]}")
+    differences(cu, name)
+    return cu

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._args import int_arg, non_negative_lengths
+from ._args import bounded_int, differences, int_arg, non_negative_lengths
 
 __all__ = [
     "compressed_lengths",
@@ -40,12 +40,8 @@ def compressed_lengths(token_lengths: Any, compress_block_size: int, compress_st
     Returns a list of ints.
     """
     lengths = non_negative_lengths(token_lengths, "token_lengths")
-    l = int_arg(compress_block_size, "compress_block_size")
-    d = int_arg(compress_stride, "compress_stride")
-    if l <= 0:
-        raise ValueError(f"compress_block_size must be > 0, got {l}")
-    if d <= 0:
-        raise ValueError(f"compress_stride must be > 0, got {d}")
+    l = bounded_int(compress_block_size, "compress_block_size", 1)
+    d = bounded_int(compress_stride, "compress_stride", 1)
     return [(L - l) // d + 1 if L >= l else 0 for L in lengths]
 
 
@@ -56,10 +52,8 @@ def selection_lengths(cmp_lengths: Any, compress_stride: int, select_block_size:
     Example (docs/spec/compress_attention.md §8): C = 63, d = 16, l' = 64 -> M = 4, Sel = 16.
     """
     lengths = non_negative_lengths(cmp_lengths, "cmp_lengths")
-    d = int_arg(compress_stride, "compress_stride")
+    d = bounded_int(compress_stride, "compress_stride", 1)
     lp = int_arg(select_block_size, "select_block_size")
-    if d <= 0:
-        raise ValueError(f"compress_stride must be > 0, got {d}")
     if lp <= 0 or lp % d != 0:
         raise ValueError(f"select_block_size must be a positive multiple of compress_stride ({d}), got {lp}")
     M = lp // d
@@ -80,14 +74,7 @@ def prefix_sums(lengths: Any, *, leading_zero: bool = False) -> list[int]:
 
 def lengths_from_prefix_sums(prefix: Any) -> list[int]:
     """Inverse of :func:`prefix_sums` (no leading zero): ``[p0, p1 - p0, ...]``; must be non-decreasing."""
-    p = non_negative_lengths(prefix, "prefix")
-    out, prev = [], 0
-    for i, x in enumerate(p):
-        if x < prev:
-            raise ValueError(f"prefix must be non-decreasing, but prefix[{i}] = {x} < {prev}")
-        out.append(x - prev)
-        prev = x
-    return out
+    return differences(non_negative_lengths(prefix, "prefix"), "prefix")
 
 
 def make_atten_mask(max_sq: int, max_c: int, compress_block_size: int, compress_stride: int, *,
@@ -101,14 +88,10 @@ def make_atten_mask(max_sq: int, max_c: int, compress_block_size: int, compress_
 
     max_sq: rows (largest query count of a batch); max_c: columns (largest ``C_b``).
     """
-    max_sq = int_arg(max_sq, "max_sq")
-    max_c = int_arg(max_c, "max_c")
+    max_sq = bounded_int(max_sq, "max_sq", 0)
+    max_c = bounded_int(max_c, "max_c", 0)
     l = int_arg(compress_block_size, "compress_block_size")
     d = int_arg(compress_stride, "compress_stride")
-    if max_sq < 0:
-        raise ValueError(f"max_sq must be >= 0, got {max_sq}")
-    if max_c < 0:
-        raise ValueError(f"max_c must be >= 0, got {max_c}")
     t = torch.arange(max_sq, device=device).unsqueeze(1)
     i = torch.arange(max_c, device=device).unsqueeze(0)
     return i * d + (l - 1) > t
@@ -128,21 +111,11 @@ def make_topk_mask(max_sq: int, max_sel: int, select_block_size: int, *, num_ini
     clipped to ``[0, max_sel)``. Example: l' = 64, t = 100 forces {0, 1} (block 0 twice);
     t = 300 forces {0, 3, 4}.
     """
-    max_sq = int_arg(max_sq, "max_sq")
-    max_sel = int_arg(max_sel, "max_sel")
-    lp = int_arg(select_block_size, "select_block_size")
-    num_init = int_arg(num_init, "num_init")
-    num_local = int_arg(num_local, "num_local")
-    if max_sq < 0:
-        raise ValueError(f"max_sq must be >= 0, got {max_sq}")
-    if max_sel < 0:
-        raise ValueError(f"max_sel must be >= 0, got {max_sel}")
-    if lp <= 0:
-        raise ValueError(f"select_block_size must be > 0, got {lp}")
-    if num_init < 0:
-        raise ValueError(f"num_init must be >= 0, got {num_init}")
-    if num_local < 0:
-        raise ValueError(f"num_local must be >= 0, got {num_local}")
+    max_sq = bounded_int(max_sq, "max_sq", 0)
+    max_sel = bounded_int(max_sel, "max_sel", 0)
+    lp = bounded_int(select_block_size, "select_block_size", 1)
+    num_init = bounded_int(num_init, "num_init", 0)
+    num_local = bounded_int(num_local, "num_local", 0)
     cur = (torch.arange(max_sq, device=device) // lp).unsqueeze(1)
     k = torch.arange(max_sel, device=device).unsqueeze(0)
     return (k < num_init) | ((k <= cur) & (k > cur - num_local))

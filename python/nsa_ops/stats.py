@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._args import int_list
+from ._args import cu_seqlens_list, differences, int_list
 
 __all__ = ["query_lengths", "softmax_stats_view", "softmax_stats_dense", "softmax_stats_pack"]
 
@@ -27,21 +27,11 @@ def query_lengths(actual_seq_qlen: Any = None, *, cu_seqlens_q: Any = None) -> l
     if (actual_seq_qlen is None) == (cu_seqlens_q is None):
         raise ValueError("give exactly one of actual_seq_qlen (prefix sums) and cu_seqlens_q (leading 0)")
     if cu_seqlens_q is not None:
-        cu = int_list(cu_seqlens_q, "cu_seqlens_q")
-        if len(cu) < 2 or cu[0] != 0:
-            raise ValueError(f"cu_seqlens_q must have B+1 >= 2 entries starting with 0, got {cu}")
-        name, prefix = "cu_seqlens_q", cu[1:]
-    else:
-        name, prefix = "actual_seq_qlen", int_list(actual_seq_qlen, "actual_seq_qlen")
-        if len(prefix) < 1:
-            raise ValueError("actual_seq_qlen must have at least one element")
-    out, prev = [], 0
-    for i, x in enumerate(prefix):
-        if x < prev:
-            raise ValueError(f"{name} must be non-decreasing prefix sums from 0, got {x} after {prev}")
-        out.append(x - prev)
-        prev = x
-    return out
+        return differences(cu_seqlens_list(cu_seqlens_q, "cu_seqlens_q"), "cu_seqlens_q")[1:]
+    prefix = int_list(actual_seq_qlen, "actual_seq_qlen")
+    if len(prefix) < 1:
+        raise ValueError("actual_seq_qlen must have at least one element")
+    return differences(prefix, "actual_seq_qlen")
 
 
 def _check_stats(stats: torch.Tensor, lengths: list[int], name: str = "stats") -> tuple[int, int]:

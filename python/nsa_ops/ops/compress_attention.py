@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .._args import int_arg, int_list, optional_int_list
+from .._args import cu_seqlens_list, int_arg, int_list, optional_int_list
 from .._lib import load_library
 
 load_library()
@@ -89,19 +89,6 @@ def _lengths_tensor(value: Any, name: str) -> Optional[torch.Tensor]:
     return torch.tensor(int_list(value, name), dtype=torch.int64)
 
 
-def _check_cu_seqlens(value: Any, name: str) -> list[int]:
-    cu = int_list(value, name)
-    if len(cu) < 2:
-        raise ValueError(f"{name} must have B+1 >= 2 entries (a leading 0, then the running totals), got {cu}")
-    if cu[0] != 0:
-        raise ValueError(f"{name} must start with 0 (FlashAttention's cu_seqlens convention), got {cu[0]}")
-    for i in range(1, len(cu)):
-        if cu[i] < cu[i - 1]:
-            raise ValueError(f"{name} must be non-decreasing, but {name}[{i}] = {cu[i]} < {name}[{i - 1}] = "
-                             f"{cu[i - 1]}")
-    return cu
-
-
 def _check_tensor(t: Any, name: str, rank: int, layout: str, optional: bool = False) -> None:
     if t is None and optional:
         return
@@ -161,8 +148,8 @@ def compress_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     _check_tensor(value, "value", 3, "[T2, N2, D2]")
     _check_tensor(atten_mask, "atten_mask", 2, "[maxSq, maxC]", optional=True)
     _check_tensor(topk_mask, "topk_mask", 2, "[maxSq, maxSel]", optional=True)
-    cu_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q")
-    cu_c = _check_cu_seqlens(cu_seqlens_cmp, "cu_seqlens_cmp")
+    cu_q = cu_seqlens_list(cu_seqlens_q, "cu_seqlens_q")
+    cu_c = cu_seqlens_list(cu_seqlens_cmp, "cu_seqlens_cmp")
     if len(cu_c) != len(cu_q):
         raise ValueError(f"cu_seqlens_cmp must have as many entries as cu_seqlens_q ({len(cu_q)}), got {len(cu_c)}")
     if cu_q[-1] != query.shape[0]:
