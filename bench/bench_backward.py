@@ -16,8 +16,6 @@ process at the same thread count. Once per case our gradients are compared with 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -91,8 +89,7 @@ def composition_attention(case: bl.Case, x: bl.Inputs, q, k, v, row_chunk: int, 
 
 # ------------------------------------------------------------------------------------------------ timing
 # ------------------------------------------------------------------------------------------------ main
-def fmt_ms(t):
-    return "-" if t is None else (f"{t * 1e3:.1f}" if t < 1 else f"{t * 1e3:.0f}")
+fmt_ms = bl.fmt_ms
 
 
 def run_case(case: bl.Case, args, nsa_ops, peak: bl.Peak, threads: int) -> dict:
@@ -196,66 +193,25 @@ def table(results, markdown: bool) -> str:
                      f"{r['ours_fwd_bwd_gflops']:.0f}", f"{100 * r['ours_fwd_bwd_peak_share']:.1f}",
                      fmt_ms(r.get("torch_bwd_s")), ratio("bwd"), fmt_ms(r.get("torch_fwd_bwd_s")), ratio("fwd_bwd"),
                      "-" if chk is None else ("OK" if chk["ok"] else "MISMATCH")])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-    else:
-        w = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-        lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head))]
-        lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
-    return "\n".join(lines)
+    return bl.render_table(head, rows, markdown)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="default", help="comma-separated case names, 'default' or 'all' (see --list)")
-    ap.add_argument("--list", action="store_true", help="list the cases and exit")
     bl.add_common_arguments(ap, "measurement", "skip the PyTorch autograd baseline")
     args = ap.parse_args(argv)
-
     if args.list:
-        for name, c in CASES.items():
-            print(f"{name:<15} {c.dtype:<5} {'default' if name in DEFAULT_CASES else '':<8} {c.shape_str()}")
-        return 0
-    names = (list(DEFAULT_CASES) if args.cases == "default" else list(CASES) if args.cases == "all"
-             else [n.strip() for n in args.cases.split(",") if n.strip()])
-    bad = [n for n in names if n not in CASES]
-    if bad:
-        print(f"unknown case(s): {', '.join(bad)}; known: {', '.join(CASES)}", file=sys.stderr)
+        return bl.list_cases(CASES, lambda name: "default" if name in DEFAULT_CASES else "")
+    names = bl.case_names(args.cases, CASES, DEFAULT_CASES)
+    if names is None:
         return 2
-
-    threads = bl.set_threads(args.threads)
-    nsa_ops = bl.import_nsa_ops()
-    peak = bl.get_peak(threads, args.peak_json, not args.no_probe, args.peak_bf16, args.peak_fp32,
-                       use_cache=not args.fresh_peak)
-    header = [
-        f"nsa_ops {bl.git_describe()} ({nsa_ops.library_path()}), torch {torch.__version__}, "
-        f"{threads} threads (torch.get_num_threads() = {torch.get_num_threads()}, NSA_NUM_THREADS = "
-        f"{os.environ.get('NSA_NUM_THREADS')}), {bl.isa_str(nsa_ops)}",
-        peak.describe(),
-        f"timing: median of up to {args.repeat} runs after {args.warmup} warm-up(s), at most {args.budget:.0f} s of "
-        f"measured runs per measurement; CPU time per thread printed beside; seed {args.seed}",
-    ]
-    print("\n".join(header), flush=True)
+    threads, nsa_ops, peak, header = bl.start(args, "measurement", "; CPU time per thread printed beside")
     results = [run_case(CASES[n], args, nsa_ops, peak, threads) for n in names]
-
-    print()
-    if args.markdown:
-        print("\n".join("- " + h for h in header))
-        print()
-    print(table(results, args.markdown))
-    print("\nuseful GFLOP: backward 2 * N1 * (3D + 2D2), forward 2 * N1 * (D + D2) per (query, compressed token) pair "
-          "not removed by atten_mask (fully masked rows count 0); % peak against the bf16 peak for bf16, the fp32 FMA "
-          "peak otherwise; 'vs torch' = time of PyTorch autograd through the plain composition / our time.")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"header": header, "peak": {"bf16": peak.bf16, "fp32": peak.fp32, "source": peak.source},
-                       "results": results}, f, indent=1)
-    failed = [r["case"] for r in results if r.get("check") and not r["check"]["ok"]]
-    if failed:
-        print(f"\nCHECK MISMATCH in: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return bl.finish(args, header, peak, results, table(results, args.markdown),
+                     "useful GFLOP: backward 2 * N1 * (3D + 2D2), forward 2 * N1 * (D + D2) per (query, compressed "
+                     "token) pair not removed by atten_mask (fully masked rows count 0); % peak against the bf16 peak "
+                     "for bf16, the fp32 FMA peak otherwise; 'vs torch' = time of PyTorch autograd through the plain "
+                     "composition / our time.")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ closer to docs/spec/compress_attention.md §3 (max abs diff of attention_out, to
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -134,8 +132,7 @@ def check(case: bl.Case, x: bl.Inputs, ours, row_chunk: int, full_rows_limit: in
 
 
 # ------------------------------------------------------------------------------------------------ main
-def fmt_ms(t):
-    return "-" if t is None else (f"{t * 1e3:.1f}" if t < 1 else f"{t * 1e3:.0f}")
+fmt_ms = bl.fmt_ms
 
 
 def fmt_ratio(base, ours):
@@ -213,22 +210,12 @@ def table(results, peak: bl.Peak, markdown: bool) -> str:
                      fmt_ms(r.get("sdpa_s")), fmt_ratio(r.get("sdpa_s"), r["ours_s"]),
                      fmt_ms(r.get("sdpa_flash_padv_s")), fmt_ratio(r.get("sdpa_flash_padv_s"), r["ours_s"]),
                      "-" if chk is None else ("OK" if chk["ok"] else "MISMATCH")])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-    else:
-        w = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-        lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head))]
-        lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
-    return "\n".join(lines)
+    return bl.render_table(head, rows, markdown)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="default",
-                    help="comma-separated case names, 'default' or 'all' (see --list)")
     ap.add_argument("--full", action="store_true", help="add the full seed example (seed-full; slow)")
-    ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--full-check-rows", type=int, default=16384,
                     help="check every row when T is at most this, else a sample (default 16384)")
     ap.add_argument("--no-sdpa", action="store_true", help="skip baseline (b), SDPA as is")
@@ -237,59 +224,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.list:
-        for name, c in CASES.items():
-            tag = "default" if name in DEFAULT_CASES else ("--full" if name in FULL_CASES else "")
-            print(f"{name:<15} {c.dtype:<5} {tag:<8} {c.shape_str()}")
-        return 0
-    if args.cases == "default":
-        names = list(DEFAULT_CASES)
-    elif args.cases == "all":
-        names = list(CASES)
-    else:
-        names = [n.strip() for n in args.cases.split(",") if n.strip()]
-    if args.full:
-        names += [n for n in FULL_CASES if n not in names]
-    bad = [n for n in names if n not in CASES]
-    if bad:
-        print(f"unknown case(s): {', '.join(bad)}; known: {', '.join(CASES)}", file=sys.stderr)
+        return bl.list_cases(CASES, lambda name: "default" if name in DEFAULT_CASES else
+                             ("--full" if name in FULL_CASES else ""))
+    names = bl.case_names(args.cases, CASES, DEFAULT_CASES, FULL_CASES if args.full else ())
+    if names is None:
         return 2
-
-    threads = bl.set_threads(args.threads)
-    nsa_ops = bl.import_nsa_ops()
-    peak = bl.get_peak(threads, args.peak_json, not args.no_probe, args.peak_bf16, args.peak_fp32,
-                       use_cache=not args.fresh_peak)
-    header = [
-        f"nsa_ops {bl.git_describe()} ({nsa_ops.library_path()}), torch {torch.__version__}, "
-        f"{threads} threads (torch.get_num_threads() = {torch.get_num_threads()}, NSA_NUM_THREADS = "
-        f"{os.environ.get('NSA_NUM_THREADS')}), {bl.isa_str(nsa_ops)}",
-        peak.describe(),
-        f"timing: median of up to {args.repeat} runs after {args.warmup} warm-up(s), at most "
-        f"{args.budget:.0f} s of measured runs per method; seed {args.seed}",
-    ]
-    print("\n".join(header), flush=True)
-
-    results = []
-    for n in names:
-        results.append(run_case(CASES[n], args, nsa_ops, peak))
-
-    print()
-    if args.markdown:
-        print("\n".join("- " + h for h in header))
-        print()
-    print(table(results, peak, args.markdown))
-    print("\nuseful GFLOP = 2 * N1 * (D + D2) * (query, compressed token) pairs not removed by atten_mask "
-          "(fully masked rows count 0); % peak against the bf16 peak for bf16, the fp32 FMA peak otherwise; "
-          "'vs X' = time of X / our time.")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"header": header, "peak": {"bf16": peak.bf16, "fp32": peak.fp32, "source": peak.source,
-                                                  "probe": peak.probe},
-                       "results": results}, f, indent=1)
-    failed = [r["case"] for r in results if r.get("check") and not r["check"]["ok"]]
-    if failed:
-        print(f"\nCHECK MISMATCH in: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    _, nsa_ops, peak, header = bl.start(args, "method")
+    results = [run_case(CASES[n], args, nsa_ops, peak) for n in names]
+    return bl.finish(args, header, peak, results, table(results, peak, args.markdown),
+                     "useful GFLOP = 2 * N1 * (D + D2) * (query, compressed token) pairs not removed by atten_mask "
+                     "(fully masked rows count 0); % peak against the bf16 peak for bf16, the fp32 FMA peak "
+                     "otherwise; 'vs X' = time of X / our time.")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,10 @@ NOMINAL_PEAK = {"bf16": 465.0, "fp32": 231.0}
 # ------------------------------------------------------------------------------------------------ nsa_ops
 def add_common_arguments(ap, unit: str, composition_help: str) -> None:
     """The options bench_forward.py and bench_backward.py share: threads, timing, inputs, baselines' chunking,
-    the check, output formats and the peak. `unit` names what one timing measures ("method", "measurement")."""
+    the check, output formats and the peak, and the choice of cases. `unit` names what one timing measures
+    ("method", "measurement")."""
+    ap.add_argument("--cases", default="default", help="comma-separated case names, 'default' or 'all' (see --list)")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--threads", type=int, default=None, help="threads for torch and the operator (default: all)")
     ap.add_argument("--warmup", type=int, default=1, help=f"warm-up runs per {unit} (default 1)")
     ap.add_argument("--repeat", type=int, default=5, help=f"measured runs per {unit}, median kept (default 5)")
@@ -75,6 +78,82 @@ def add_common_arguments(ap, unit: str, composition_help: str) -> None:
                     help="use this run's probe only, not the best of earlier runs (build/bench/peak_cache.json)")
     ap.add_argument("--peak-bf16", type=float, help="bf16 peak in GFLOP/s (overrides the probe)")
     ap.add_argument("--peak-fp32", type=float, help="fp32 peak in GFLOP/s (overrides the probe)")
+
+
+def fmt_ms(t: Optional[float]) -> str:
+    """Seconds as milliseconds: one decimal below a second, none above; '-' for None."""
+    return "-" if t is None else (f"{t * 1e3:.1f}" if t < 1 else f"{t * 1e3:.0f}")
+
+
+def render_table(head: list, rows: list, markdown: bool) -> str:
+    """A summary table: markdown, or columns padded to their widest cell."""
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    else:
+        w = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+        lines = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head))]
+        lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+    return "\n".join(lines)
+
+
+def list_cases(cases: dict, tag: Callable[[str], str]) -> int:
+    """--list: one line per case (name, dtype, tag, shape); returns the exit status 0."""
+    for name, c in cases.items():
+        print(f"{name:<15} {c.dtype:<5} {tag(name):<8} {c.shape_str()}")
+    return 0
+
+
+def case_names(spec: str, cases: dict, default: list, extra: tuple = ()) -> Optional[list]:
+    """The case names that --cases asks for ('default', 'all' or a comma-separated list), plus `extra`; None,
+    after a message on stderr, when one is unknown."""
+    names = (list(default) if spec == "default" else list(cases) if spec == "all"
+             else [n.strip() for n in spec.split(",") if n.strip()])
+    names += [n for n in extra if n not in names]
+    bad = [n for n in names if n not in cases]
+    if bad:
+        print(f"unknown case(s): {', '.join(bad)}; known: {', '.join(cases)}", file=sys.stderr)
+        return None
+    return names
+
+
+def start(args, unit: str, timing_note: str = "") -> tuple:
+    """Threads, nsa_ops, the peak and the printed header of a benchmark run (options of add_common_arguments;
+    `unit` names what one timing measures, `timing_note` is added to the timing line)."""
+    threads = set_threads(args.threads)
+    peak = get_peak(threads, args.peak_json, not args.no_probe, args.peak_bf16, args.peak_fp32,
+                    use_cache=not args.fresh_peak)
+    header = [
+        f"nsa_ops {git_describe()} ({nsa_ops.library_path()}), torch {torch.__version__}, "
+        f"{threads} threads (torch.get_num_threads() = {torch.get_num_threads()}, NSA_NUM_THREADS = "
+        f"{os.environ.get('NSA_NUM_THREADS')}), {isa_str(nsa_ops)}",
+        peak.describe(),
+        f"timing: median of up to {args.repeat} runs after {args.warmup} warm-up(s), at most "
+        f"{args.budget:.0f} s of measured runs per {unit}{timing_note}; seed {args.seed}",
+    ]
+    print("\n".join(header), flush=True)
+    return threads, nsa_ops, peak, header
+
+
+def finish(args, header: list, peak: "Peak", results: list, table_text: str, legend: str) -> int:
+    """Prints the summary table (after the header again with --markdown) and the legend, writes --json-out;
+    status 1 when a case's check failed."""
+    print()
+    if args.markdown:
+        print("\n".join("- " + h for h in header))
+        print()
+    print(table_text)
+    print("\n" + legend)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"header": header, "peak": {"bf16": peak.bf16, "fp32": peak.fp32, "source": peak.source,
+                                                  "probe": peak.probe},
+                       "results": results}, f, indent=1)
+    failed = [r["case"] for r in results if r.get("check") and not r["check"]["ok"]]
+    if failed:
+        print(f"\nCHECK MISMATCH in: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def import_nsa_ops():
