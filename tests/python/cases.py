@@ -1,4 +1,5 @@
-"""Input builders for the shape matrix: seeded random inputs in the operator's argument form."""
+"""Input builders: the shape matrix (seeded random inputs in the operator's argument form), and the small valid
+call that the argument and hostile-input tests vary one argument at a time."""
 
 from __future__ import annotations
 
@@ -100,6 +101,28 @@ def make_args(case: Case) -> dict:
 
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+
+
+def base_args(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> dict:
+    """A valid call: B = 2, Sq = [8, 12], C = [5, 7], N1 = 4, N2 = 2, D = 32, D2 = 16, (l, d, l') = (32, 16, 64):
+    M = 4, Sel = [2, 2]; maxSq = 12, maxC = 7, maxSel = 2."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        query=torch.randn(20, 4, 32, generator=g).to(dtype), key=torch.randn(12, 2, 32, generator=g).to(dtype),
+        value=torch.randn(12, 2, 16, generator=g).to(dtype), scale_value=0.2, head_num=4, compress_block_size=32,
+        compress_stride=16, select_block_size=64, select_block_count=2,
+        topk_mask=torch.zeros(12, 2, dtype=torch.bool), atten_mask=torch.zeros(12, 7, dtype=torch.bool),
+        actual_seq_qlen=[8, 20], actual_cmp_seq_kvlen=[5, 12], actual_sel_seq_kvlen=[2, 4])
+
+
+def args_with(**changes):
+    """A maker of base_args() with some arguments replaced: a value, or a function of the base arguments."""
+    def make():
+        a = base_args()
+        for k, v in changes.items():
+            a[k] = v(a) if callable(v) else v
+        return a
+    return make
 
 # The shape matrix. Sized for the slow reference (T <= a few hundred, C <= ~150, N1 <= 8).
 MATRIX = [

@@ -9,27 +9,8 @@ import pytest
 import torch
 
 import nsa_ops
-
-
-def base_args():
-    """A valid call: B = 2, Sq = [8, 12], C = [5, 7], Sel = [2, 2]; maxSq = 12, maxC = 7, maxSel = 2."""
-    g = torch.Generator().manual_seed(0)
-    bf = torch.bfloat16
-    return dict(
-        query=torch.randn(20, 4, 32, generator=g).to(bf), key=torch.randn(12, 2, 32, generator=g).to(bf),
-        value=torch.randn(12, 2, 16, generator=g).to(bf), scale_value=0.2, head_num=4, compress_block_size=32,
-        compress_stride=16, select_block_size=64, select_block_count=2,
-        topk_mask=torch.zeros(12, 2, dtype=torch.bool), atten_mask=torch.zeros(12, 7, dtype=torch.bool),
-        actual_seq_qlen=[8, 20], actual_cmp_seq_kvlen=[5, 12], actual_sel_seq_kvlen=[2, 4])
-
-
-def _with(**changes):
-    def make():
-        a = base_args()
-        for k, v in changes.items():
-            a[k] = v(a) if callable(v) else v
-        return a
-    return make
+from cases import args_with as _with
+from cases import base_args
 
 
 def test_base_call_is_valid():

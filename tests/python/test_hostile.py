@@ -48,6 +48,8 @@ import pytest
 import torch
 
 import nsa_ops
+from cases import args_with as _with
+from cases import base_args
 
 BF = torch.bfloat16
 ERRORS = (RuntimeError, ValueError, TypeError, OverflowError, IndexError)
@@ -93,18 +95,6 @@ def expect_error(fn, pattern):
 
 # ----------------------------------------------------------------------------------- calls
 
-def base_args(dtype=BF, seed=0):
-    """A valid call: B = 2, Sq = [8, 12], C = [5, 7], N1 = 4, N2 = 2, D = 32, D2 = 16, (l, d, l') = (32, 16, 64):
-    M = 4, Sel = [2, 2]; maxSq = 12, maxC = 7, maxSel = 2."""
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        query=torch.randn(20, 4, 32, generator=g).to(dtype), key=torch.randn(12, 2, 32, generator=g).to(dtype),
-        value=torch.randn(12, 2, 16, generator=g).to(dtype), scale_value=0.2, head_num=4, compress_block_size=32,
-        compress_stride=16, select_block_size=64, select_block_count=2,
-        topk_mask=torch.zeros(12, 2, dtype=torch.bool), atten_mask=torch.zeros(12, 7, dtype=torch.bool),
-        actual_seq_qlen=[8, 20], actual_cmp_seq_kvlen=[5, 12], actual_sel_seq_kvlen=[2, 4])
-
-
 _ORDER = ("query", "key", "value", "scale_value", "head_num", "compress_block_size", "compress_stride",
           "select_block_size", "select_block_count", "topk_mask", "atten_mask", "actual_seq_qlen",
           "actual_cmp_seq_kvlen", "actual_sel_seq_kvlen")
@@ -123,15 +113,6 @@ def ref_op(a):
 
 
 ENTRIES = {"drop_in": drop_in, "op": raw_op, "reference": ref_op}
-
-
-def _with(**changes):
-    def make():
-        a = base_args()
-        for k, v in changes.items():
-            a[k] = v(a) if callable(v) else v
-        return a
-    return make
 
 
 def _float8():
