@@ -34,6 +34,7 @@
 
 #include "common/threads.h"
 #include "cpu/isa.h"
+#include "ops/select_attention/cpu.h"
 #include "ops/select_attention/cpu_common.h"
 #include "ops/select_attention/reference.h"
 
@@ -49,12 +50,14 @@ class Forward {
   using P = Path<kPairs>;
   using E = typename P::E;
 
-  Forward(const SelectAttentionParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads)
+  Forward(const SelectAttentionParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
+          const Tuning& tuning)
       : p_(p), sh_(sh), kt_(kt), threads_(threads) {
     g_ = make_geo(sh, kPairs, /*backward=*/false);
     scale_ = static_cast<float>(p.scale_value);
     ld_s_ = g_.K * g_.lpp;
-    int64_t bq = std::max<int64_t>(1, (kTargetRows + g_.G / 2) / g_.G);
+    const int64_t target = tuning.fwd_tile_rows > 0 ? tuning.fwd_tile_rows : kTargetRows;
+    int64_t bq = std::max<int64_t>(1, (target + g_.G / 2) / g_.G);
     bq = std::min(bq, std::max<int64_t>(1, kMaxLineBytes / (static_cast<int64_t>(sizeof(float) + sizeof(E)) * g_.G * ld_s_)));
     bq_ = std::max<int64_t>(1, std::min(bq, std::max<int64_t>(sh.max_sq, 1)));
     rmax_ = bq_ * g_.G;
@@ -287,7 +290,7 @@ class Forward {
   AlignedBuf<E> packs_;
 };
 
-Status forward_impl(const SelectAttentionParams& p, const CpuOptions& options) {
+Status forward_impl(const SelectAttentionParams& p, const CpuOptions& options, const Tuning& tuning) {
   SelectAttentionShape sh;
   Status st = validate_select_attention(p, &sh);
   if (!st.ok()) return st;
@@ -304,27 +307,32 @@ Status forward_impl(const SelectAttentionParams& p, const CpuOptions& options) {
                          "select_block_size and N1 must be < 2^20)");
   const KernelTable* kt = cpu::kernels_for(isa);
   const int threads = cpu::resolve_num_threads(options.num_threads);
-  if (p.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr) Forward<true>(p, sh, kt, threads).run();
-  else Forward<false>(p, sh, kt, threads).run();
+  if (p.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr) Forward<true>(p, sh, kt, threads, tuning).run();
+  else Forward<false>(p, sh, kt, threads, tuning).run();
   return Status::Ok();
 }
 
 }  // namespace
-}  // namespace nsa::select_cpu
-
-namespace nsa {
 
 // Workspace that cannot be allocated is reported as an error, never as a crash: all of it (packed blocks,
 // per-worker tiles) is allocated before the first output is written.
-Status select_attention_cpu(const SelectAttentionParams& p, const CpuOptions& options) {
+Status forward(const SelectAttentionParams& p, const CpuOptions& options, const Tuning& tuning) {
   try {
-    return select_cpu::forward_impl(p, options);
+    return forward_impl(p, options, tuning);
   } catch (const std::bad_alloc&) {
     return Status::Error("select_attention_cpu: out of memory for the workspace (packed key/value blocks and "
                          "per-thread tiles); reduce the sizes or the number of threads");
   } catch (const std::exception& e) {  // e.g. std::system_error when no thread can be started
     return Status::Error(std::string("select_attention_cpu: ") + e.what());
   }
+}
+
+}  // namespace nsa::select_cpu
+
+namespace nsa {
+
+Status select_attention_cpu(const SelectAttentionParams& p, const CpuOptions& options) {
+  return select_cpu::forward(p, options, select_cpu::Tuning{});
 }
 
 }  // namespace nsa

@@ -33,6 +33,7 @@
 #include "common/numeric.h"
 #include "nsa/select_attention.h"
 #include "ops/select_attention/batches.h"
+#include "ops/select_attention/cpu.h"
 #include "ops/select_attention/reference.h"
 #include "ops/select_attention/rounding.h"
 
@@ -398,6 +399,19 @@ inline SResult run(const SCase& cs, SBackend b, int isa = -1, int threads = 0) {
 inline SResult run_cpu(const SCase& cs, CpuIsa isa, int threads = 0) {
   return run(cs, SBackend::kCpu, static_cast<int>(isa), threads);
 }
+// The CPU forward with its tiling knobs (src/ops/select_attention/cpu.h).
+inline SResult run_cpu_tuned(const SCase& cs, CpuIsa isa, int threads, const nsa::select_cpu::Tuning& tuning) {
+  SBound bd(cs);
+  SResult r;
+  r.status = nsa::select_cpu::forward(bd.p, nsa::CpuOptions{static_cast<int>(isa), threads}, tuning);
+  const size_t n = static_cast<size_t>(cs.T1() * cs.N1 * cs.Dv);
+  r.out.resize(n);
+  for (size_t i = 0; i < n; ++i) r.out[i] = nsa::detail::load_f64(bd.out.data(), static_cast<int64_t>(i), cs.dtype);
+  r.out_bytes.assign(bd.out.begin(), bd.out.begin() + static_cast<std::ptrdiff_t>(n * nsa::dtype_size(cs.dtype)));
+  r.smax.assign(bd.smax.begin(), bd.smax.begin() + cs.T1() * cs.N1 * 8);
+  r.ssum.assign(bd.ssum.begin(), bd.ssum.begin() + cs.T1() * cs.N1 * 8);
+  return r;
+}
 
 // ------------------------------------------------------------------------------------ fp64 model
 
@@ -483,8 +497,9 @@ inline SModel make_model(const SCase& cs) {
 
 // ------------------------------------------------------------------------------------ forward checks
 
-// Status ok; every statistic has 8 equal copies; no NaN where the inputs are finite (a missing write).
-inline AssertionResult check_complete(const SCase& cs, const SResult& r) {
+// Status ok; every statistic has 8 equal copies; no NaN (a missing write) except where the model says a visible
+// input is inf / NaN.
+inline AssertionResult check_complete(const SCase& cs, const SResult& r, const SModel* md = nullptr) {
   if (!r.status.ok()) return AssertionFailure() << "call failed: " << r.status.message();
   for (int64_t t = 0; t < cs.T1(); ++t)
     for (int64_t h = 0; h < cs.N1; ++h) {
@@ -492,10 +507,13 @@ inline AssertionResult check_complete(const SCase& cs, const SResult& r) {
       for (int i = 1; i < 8; ++i)
         if (std::memcmp(&r.smax[o], &r.smax[o + i], 4) || std::memcmp(&r.ssum[o], &r.ssum[o + i], 4))
           return AssertionFailure() << "statistics of (t=" << t << ", h=" << h << ") differ between copies 0 and " << i;
+      const size_t th = static_cast<size_t>(t * cs.N1 + h);
+      if (md != nullptr && !(std::isfinite(md->m[th]) && std::isfinite(md->l[th]))) continue;
       if (std::isnan(r.smax[o]) || std::isnan(r.ssum[o]))
         return AssertionFailure() << "statistic of (t=" << t << ", h=" << h << ") is NaN (not written?)";
       for (int64_t j = 0; j < cs.Dv; ++j)
-        if (std::isnan(r.out[static_cast<size_t>((t * cs.N1 + h) * cs.Dv + j)]))
+        if (std::isnan(r.out[static_cast<size_t>((t * cs.N1 + h) * cs.Dv + j)]) &&
+            (md == nullptr || std::isfinite(md->out[static_cast<size_t>((t * cs.N1 + h) * cs.Dv + j)])))
           return AssertionFailure() << "attention_out[" << t << "][" << h << "][" << j << "] is NaN (not written?)";
     }
   return AssertionSuccess();
@@ -506,9 +524,15 @@ inline AssertionResult check_complete(const SCase& cs, const SResult& r) {
 // times sum_e |rha(P_e) v_e| (another summation order or exp), and for bf16 / fp16 two flips of the rounding of P.
 inline AssertionResult check_out(const SCase& cs, const SResult& got, const SModel& md, const SResult& plain) {
   double plain_err = 0;
-  for (size_t i = 0; i < md.out.size(); ++i) plain_err = std::max(plain_err, std::fabs(plain.out[i] - md.out[i]));
+  for (size_t i = 0; i < md.out.size(); ++i)
+    if (std::isfinite(md.out[i])) plain_err = std::max(plain_err, std::fabs(plain.out[i] - md.out[i]));
   const double acc_eps = cs.dtype == DType::kF64 ? 64 * DBL_EPSILON : 16 * FLT_EPSILON;
   for (size_t i = 0; i < md.out.size(); ++i) {
+    if (!std::isfinite(md.out[i])) {  // a visible inf / NaN input: the backend must not produce a finite value
+      if (std::isfinite(got.out[i]))
+        return AssertionFailure() << "attention_out[flat " << i << "] = " << got.out[i] << ", the model's is " << md.out[i];
+      continue;
+    }
     const double err = std::fabs(got.out[i] - md.out[i]);
     const double tol = 2 * plain_err + ulp_of(cs.dtype, md.out[i]) + acc_eps * md.pv_abs[i] + 2 * md.pv_flip[i];
     if (!(err <= tol)) {
@@ -537,6 +561,7 @@ inline AssertionResult check_stats(const SCase& cs, const SResult& got, const SM
             return AssertionFailure() << "row without visible entry t=" << t << " h=" << h << ": attention_out must be +0";
         continue;
       }
+      if (!std::isfinite(md.l[th]) || !std::isfinite(md.m[th])) continue;  // a visible inf / NaN input
       const double dot_tol = static_cast<double>(cs.D) * (cs.dtype == DType::kF64 ? DBL_EPSILON : FLT_EPSILON) * md.dot_abs[th];
       const double rt = cs.dtype == DType::kF64 ? 1e-7 : 1e-5;  // the statistics are float32 for every dtype
       if (!(std::fabs(got.smax[o] - md.m[th]) <= rt * std::fabs(md.m[th]) + dot_tol + 1e-30))
@@ -580,7 +605,7 @@ inline SOracle make_oracle(const SCase& cs) {
 }
 
 inline AssertionResult check_forward(const SCase& cs, const SOracle& o, const SResult& got) {
-  AssertionResult r = check_complete(cs, got);
+  AssertionResult r = check_complete(cs, got, &o.md);
   if (r) r = check_out(cs, got, o.md, o.plain);
   if (r) r = check_stats(cs, got, o.md);
   return r;
@@ -718,10 +743,13 @@ struct Grads {
   std::vector<unsigned char> raw;
 };
 
-inline Grads run_bwd(const SCase& cs, const BwdInputs& in, BwdBackend b, int isa = -1, int threads = 0) {
+// tuning: the CPU backward's tiling knobs (kCpu only; null = the defaults).
+inline Grads run_bwd(const SCase& cs, const BwdInputs& in, BwdBackend b, int isa = -1, int threads = 0,
+                     const nsa::select_cpu::Tuning* tuning = nullptr) {
   SBoundBwd bd(cs, in);
   Grads g;
-  g.status = call_bwd(b, bd.p, nsa::CpuOptions{isa, threads});
+  if (tuning != nullptr && b == BwdBackend::kCpu) g.status = nsa::select_cpu::backward(bd.p, nsa::CpuOptions{isa, threads}, *tuning);
+  else g.status = call_bwd(b, bd.p, nsa::CpuOptions{isa, threads});
   auto conv = [&](const std::vector<unsigned char>& raw, int64_t n, std::vector<double>* out) {
     out->resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) (*out)[static_cast<size_t>(i)] = nsa::detail::load_f64(raw.data(), i, cs.dtype);
@@ -790,10 +818,15 @@ inline AssertionResult check_grad(const char* name, DType dt, const std::vector<
                                   const std::vector<double>& model, const std::vector<double>& mag,
                                   const std::vector<double>& plain, bool rounded) {
   double plain_err = 0;
-  for (size_t i = 0; i < model.size(); ++i) plain_err = std::max(plain_err, std::fabs(plain[i] - model[i]));
+  for (size_t i = 0; i < model.size(); ++i)
+    if (std::isfinite(model[i])) plain_err = std::max(plain_err, std::fabs(plain[i] - model[i]));
   const double eps = dt == DType::kF64 ? DBL_EPSILON : FLT_EPSILON;
   const double round_eps = rounded ? 2 * ulp_of(dt, 1.0) : 0.0;
   for (size_t i = 0; i < model.size(); ++i) {
+    if (!std::isfinite(model[i])) {  // a visible inf / NaN input: the backend must not produce a finite value
+      if (std::isfinite(got[i])) return AssertionFailure() << name << "[flat " << i << "] = " << got[i] << ", the model's is " << model[i];
+      continue;
+    }
     const double err = std::fabs(got[i] - model[i]);
     const double tol = 3 * plain_err + ulp_of(dt, model[i]) + (64 * eps + round_eps) * mag[i];
     if (!(err <= tol))

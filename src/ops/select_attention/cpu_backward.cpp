@@ -1,0 +1,626 @@
+// Optimized CPU backward of selected attention (docs/spec/select_attention.md §8), deterministic.
+//
+// Per visible entry e of (query row t, head h) with key row p: S = (q . k_p) scale, P = exp(S - m) / l_sum from the
+// saved statistics, dP = dO . v_p, dS = P (dP - Dlt) with Dlt = dO . O; then dQ_t += scale dS k_p,
+// dK_p += scale dS q_t, dV_p += P dO_t. dQ gathers over the entries of a query row, dK and dV scatter into the
+// key rows that many query rows selected. Both are computed without atomics and without O(T1 K l') buffers, in two
+// independent kinds of tasks that recompute S and dP (cpu_common.h describes the packed operands and the tile
+// entries):
+//   A. query tiles (batch, KV head n2, Bq rows), exactly as the forward's: for each block the tile reaches, its
+//      entries' Q and dO rows gathered, S and dP by GEMM against the packed KQ and VD, P and dS, then
+//      dQ += dS K by GEMM against the packed KT; each query row's dQ is complete in its tile and written once
+//      (rha_T after the final multiplication by scale).
+//   B. key blocks (batch, KV head n2, block x): the index map inverted once per call, so that each block lists the
+//      entries (query row, slot) that reach it, rows ascending; chunks of them gathered (G rows per entry),
+//      S, dP, P, dS as in A, then dV^T += dO^T P and dK^T += Q^T dS by GEMM with the chunk's rows as the reduction
+//      ([D][lpp] and [Dv][lpp] accumulators that stay in cache for the whole list). A block reached by many rows is
+//      cut into pieces of a fixed number of rows (from the shape and the indices only); each piece sums into its
+//      own partial, and the partials are added in piece order afterwards. Each key row of the block is written once.
+// Every summation order is fixed by the shape and the indices: results do not depend on the number of threads.
+// Rounding: on the bf16 dot-product path (pairs) P and dS are rounded with rha_T before the products that use them
+// (§8 allows it); on the fp32 path they stay fp32. Gradients are rounded once with rha_T (§8).
+// Rows without visible entry get dQ = 0 and contribute nothing (§6); key rows no entry reaches (never selected,
+// past Skv_b, past the last prefix sum) get zeros.
+// Invisible positions get P = dS = 0 exactly (set, not multiplied), so inf / NaN in keys or values they do not see
+// never reach dK or dV; for dQ, the entries of a key block holding inf / NaN that see only part of it take a scalar
+// path (the GEMM would multiply the invisible keys by dS = 0).
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/threads.h"
+#include "cpu/isa.h"
+#include "ops/select_attention/cpu.h"
+#include "ops/select_attention/cpu_common.h"
+#include "ops/select_attention/reference.h"
+
+namespace nsa::select_cpu {
+namespace {
+
+constexpr int64_t kTileRows = 64;    // GEMM rows (query rows x G) of a phase-A tile
+constexpr int64_t kChunkRows = 128;  // GEMM rows (entries x G) of a phase-B chunk
+constexpr int64_t kPieceRows = 8192; // GEMM rows of a phase-B piece (grown while the partials exceed the budget)
+constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of phase-B partials
+
+float load_stat(const Tensor3& t, int64_t i, int64_t j) {
+  return static_cast<const float*>(t.data)[i * t.stride[0] + j * t.stride[1]];
+}
+
+template <bool kPairs>
+class Backward {
+ public:
+  using P = Path<kPairs>;
+  using E = typename P::E;
+
+  Backward(const SelectAttentionGradParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
+           const Tuning& tuning)
+      : p_(p), f_(p.fwd), sh_(sh), kt_(kt), threads_(std::max(1, threads)) {
+    g_ = make_geo(sh, kPairs, /*backward=*/true);
+    scale_ = static_cast<float>(f_.scale_value);
+    const int64_t tile = tuning.bwd_tile_rows > 0 ? tuning.bwd_tile_rows : kTileRows;
+    const int64_t chunk = tuning.bwd_chunk_rows > 0 ? tuning.bwd_chunk_rows : kChunkRows;
+    piece_rows_ = tuning.bwd_piece_rows > 0 ? tuning.bwd_piece_rows : kPieceRows;
+    bq_ = std::max<int64_t>(1, std::min((tile + g_.G / 2) / g_.G, std::max<int64_t>(sh.max_sq, 1)));
+    ra_ = bq_ * g_.G;
+    bc_ = std::max<int64_t>(1, (chunk + g_.G / 2) / g_.G);
+    rb_ = bc_ * g_.G;
+    rbp_ = round_up(rb_, 2);
+  }
+
+  void run() {
+    batches_ = select_detail::make_batches(f_);
+    mark_blocks(f_, g_, batches_, bt_);
+    const int64_t n_packed = static_cast<int64_t>(bt_.packed_id.size());
+    packs_.reset(n_packed * g_.block_elems);
+    invert();
+    plan_pieces();
+    dlt_.resize(static_cast<size_t>(g_.T1 * g_.N1));
+
+    // tasks: phase-A tiles and phase-B pieces, largest first (LPT; the order never changes a result)
+    struct Task {
+      int kind;  // 0: query tile (b, n2, s0, s1); 1: piece index
+      int64_t b, n2, s0, s1;
+      double cost;
+    };
+    std::vector<Task> tasks;
+    const double wa = 2.0 * g_.D + g_.Dv, wb = 2.0 * g_.D + 2.0 * g_.Dv;
+    for (size_t b = 0; b < batches_.size(); ++b) {
+      const BatchInfo& bi = batches_[b];
+      for (int64_t s0 = 0; s0 < bi.sq; s0 += bq_) {
+        const int64_t s1 = std::min(bi.sq, s0 + bq_);
+        for (int64_t n2 = 0; n2 < g_.N2; ++n2) {
+          double vis = 0;
+          for (int64_t s = s0; s < s1; ++s)
+            for (int64_t j = 0; j < g_.K; ++j)
+              vis += static_cast<double>(select_detail::visible_count(
+                  select_detail::index_at(f_, bi.q_begin + s, n2, j), s, bi.skv, g_.lp, f_.causal));
+          tasks.push_back({0, static_cast<int64_t>(b), n2, s0, s1, vis * g_.G * wa + (s1 - s0)});
+        }
+      }
+    }
+    for (size_t i = 0; i < pieces_.size(); ++i)
+      tasks.push_back({1, static_cast<int64_t>(i), 0, 0, 0, pieces_[i].vis * g_.G * wb + 1});
+    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+
+    const int workers = threads_;
+    std::vector<Scratch> scratch(static_cast<size_t>(workers));
+    for (Scratch& sc : scratch) sc.init(*this);  // every allocation before the first output is written
+    parts_.reset(parts_total_);
+
+    // packing, Dlt, zero rows no entry reaches
+    constexpr int64_t kDltChunk = 64;
+    const int64_t n_dlt = (g_.T1 + kDltChunk - 1) / kDltChunk;
+    cpu::parallel_for(n_packed + n_dlt + 1, workers, [&](int64_t i, int w) {
+      if (i < n_packed) {
+        const int64_t id = bt_.packed_id[static_cast<size_t>(i)];
+        int64_t b, x, n2;
+        decode(id, &b, &x, &n2);
+        pack_block<kPairs>(kt_, f_, g_, batches_[static_cast<size_t>(b)], x, n2, packs_.get() + i * g_.block_elems,
+                           &bt_.dirty_k[static_cast<size_t>(i)], &bt_.dirty_v[static_cast<size_t>(i)]);
+      } else if (i < n_packed + n_dlt) {
+        compute_dlt((i - n_packed) * kDltChunk, std::min(g_.T1, (i - n_packed + 1) * kDltChunk),
+                    scratch[static_cast<size_t>(w)]);
+      } else {
+        zero_unreached();
+      }
+    });
+    cpu::parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
+      const Task& tk = tasks[static_cast<size_t>(t)];
+      Scratch& sc = scratch[static_cast<size_t>(w)];
+      if (tk.kind == 0) run_tile(sc, tk.b, tk.n2, tk.s0, tk.s1);
+      else run_piece(sc, pieces_[static_cast<size_t>(tk.b)]);
+    });
+    // blocks cut into several pieces: partials summed in piece order
+    cpu::parallel_for(static_cast<int64_t>(multi_.size()), workers, [&](int64_t i, int w) {
+      const Multi& mb = multi_[static_cast<size_t>(i)];
+      float* acc = parts_.get() + pieces_[static_cast<size_t>(mb.first)].part;
+      const int64_t n = (g_.D + g_.Dv) * g_.lpp;
+      for (int64_t k = mb.first + 1; k < mb.first + mb.count; ++k) {
+        const float* part = parts_.get() + pieces_[static_cast<size_t>(k)].part;
+        for (int64_t e = 0; e < n; ++e) acc[e] += part[e];
+      }
+      const Piece& pc = pieces_[static_cast<size_t>(mb.first)];
+      finish_block(scratch[static_cast<size_t>(w)], pc.b, pc.x, pc.n2, acc, acc + g_.D * g_.lpp);
+    });
+  }
+
+ private:
+  // A piece of phase B: entries [e0, e1) of block x of (b, n2); part = offset of its partial (-1: single piece).
+  struct Piece {
+    int64_t b, x, n2, e0, e1, part;
+    double vis;
+  };
+  struct Multi {
+    int64_t first, count;
+  };
+
+  struct Scratch {
+    // phase A
+    AlignedBuf<E> qa, oa;      // [Ra][Dr], [Ra][Dvr] the tile's Q and dO rows
+    AlignedBuf<float> dq;      // [Ra][Dp] dQ accumulators
+    std::vector<float> m, il, dlt;  // per tile row
+    TileEntries te;
+    // both phases
+    AlignedBuf<E> asq, aso;    // [Rbp][Dr], [Rbp][Dvr] gathered Q and dO rows of a block's entries
+    AlignedBuf<float> s, dp;   // [Rbp][lpp] S -> P, dP -> dS
+    AlignedBuf<E> dsa;         // [Rbp][lpp] dS as the A operand of dQ = dS K
+    AlignedBuf<float> dqt;     // [Rbp][Dp]
+    // phase B
+    AlignedBuf<E> qT, oT;      // [Dr][Rbp], [Dvr][Rbp] transposed gathered rows (A operands)
+    AlignedBuf<E> pB, dsB;     // [npb][Rbp][64] P and dS as B panels (reduction over rows)
+    AlignedBuf<float> acc;     // [(D + Dv) lpp] dK^T, dV^T of a single-piece block
+    std::vector<float> row;    // a row being converted / stored
+    std::vector<uint8_t> keep; // [lpp] ones
+    std::vector<float> em, eil, edlt;  // per chunk row (phase B)
+
+    void init(const Backward& bw) {
+      const Geo& g = bw.g_;
+      const int64_t Ra = bw.ra_, Rc = std::max(bw.rbp_, round_up(Ra, 2));
+      qa.reset(Ra * g.Dr);
+      oa.reset(Ra * g.Dvr);
+      dq.reset(Ra * g.Dp);
+      m.resize(static_cast<size_t>(Ra));
+      il.resize(static_cast<size_t>(Ra));
+      dlt.resize(static_cast<size_t>(Ra));
+      te.init(bw.bq_, g.K, bw.sh_.max_blocks);
+      asq.reset(Rc * g.Dr, true);
+      aso.reset(Rc * g.Dvr, true);
+      s.reset(Rc * g.lpp);
+      dp.reset(Rc * g.lpp);
+      dsa.reset(Rc * g.lpp);
+      dqt.reset(Rc * g.Dp);
+      qT.reset(g.Dr * bw.rbp_);
+      oT.reset(g.Dvr * bw.rbp_);
+      pB.reset(g.npb * bw.rbp_ * kPanel, true);
+      dsB.reset(g.npb * bw.rbp_ * kPanel, true);
+      acc.reset((g.D + g.Dv) * g.lpp);
+      row.resize(static_cast<size_t>(std::max(g.Dp, g.Dvp) + g.lpp));
+      keep.assign(static_cast<size_t>(g.lpp), 1);
+      em.resize(static_cast<size_t>(bw.rbp_));
+      eil.resize(static_cast<size_t>(bw.rbp_));
+      edlt.resize(static_cast<size_t>(bw.rbp_));
+    }
+  };
+
+  void decode(int64_t id, int64_t* b, int64_t* x, int64_t* n2) const {
+    *n2 = id % g_.N2;
+    const int64_t gb = id / g_.N2;
+    *b = static_cast<int64_t>(std::upper_bound(bt_.first.begin(), bt_.first.end(), gb) - bt_.first.begin()) - 1;
+    // empty batches share their `first` with the next one: upper_bound finds the last batch starting at or
+    // before gb, which is the one that owns block gb
+    *x = gb - bt_.first[static_cast<size_t>(*b)];
+  }
+  const E* kq(int64_t slot) const { return packs_.get() + slot * g_.block_elems; }
+  const E* vd(int64_t slot) const { return packs_.get() + slot * g_.block_elems + g_.kq; }
+  const E* ktp(int64_t slot) const { return packs_.get() + slot * g_.block_elems + g_.kq + g_.vd; }
+
+  // The inverted index: per (b, n2) and block x, the entries s K + j reaching it, rows ascending then slots.
+  void invert() {
+    const int64_t ids = bt_.n_ids;
+    inv_start_.assign(static_cast<size_t>(ids + 1), 0);
+    inv_vis_.assign(static_cast<size_t>(ids), 0.0);
+    for (size_t b = 0; b < batches_.size(); ++b) {
+      const BatchInfo& bi = batches_[b];
+      for (int64_t s = 0; s < bi.sq; ++s)
+        for (int64_t n2 = 0; n2 < g_.N2; ++n2)
+          for (int64_t j = 0; j < g_.K; ++j) {
+            const int64_t x = select_detail::index_at(f_, bi.q_begin + s, n2, j);
+            const int64_t v = select_detail::visible_count(x, s, bi.skv, g_.lp, f_.causal);
+            if (v == 0) continue;
+            const int64_t id = bt_.id(static_cast<int64_t>(b), x, n2, g_.N2);
+            ++inv_start_[static_cast<size_t>(id) + 1];
+            inv_vis_[static_cast<size_t>(id)] += static_cast<double>(v);
+          }
+    }
+    for (int64_t i = 0; i < ids; ++i) inv_start_[static_cast<size_t>(i) + 1] += inv_start_[static_cast<size_t>(i)];
+    inv_.resize(static_cast<size_t>(inv_start_[static_cast<size_t>(ids)]));
+    std::vector<int64_t> pos(inv_start_.begin(), inv_start_.end() - 1);
+    for (size_t b = 0; b < batches_.size(); ++b) {
+      const BatchInfo& bi = batches_[b];
+      for (int64_t s = 0; s < bi.sq; ++s)
+        for (int64_t n2 = 0; n2 < g_.N2; ++n2)
+          for (int64_t j = 0; j < g_.K; ++j) {
+            const int64_t x = select_detail::index_at(f_, bi.q_begin + s, n2, j);
+            if (select_detail::visible_count(x, s, bi.skv, g_.lp, f_.causal) == 0) continue;
+            const int64_t id = bt_.id(static_cast<int64_t>(b), x, n2, g_.N2);
+            inv_[static_cast<size_t>(pos[static_cast<size_t>(id)]++)] = s * g_.K + j;
+          }
+    }
+  }
+
+  // Pieces of every reached block: ceil(entries G / piece_rows) pieces of equal entry counts; piece_rows doubles
+  // while the partials of multi-piece blocks exceed the budget (a function of the shape and the indices only).
+  void plan_pieces() {
+    const int64_t part = (g_.D + g_.Dv) * g_.lpp;
+    int64_t piece_rows = piece_rows_;
+    for (;;) {
+      int64_t total = 0;
+      for (int64_t id : bt_.packed_id) {
+        const int64_t n = inv_start_[static_cast<size_t>(id) + 1] - inv_start_[static_cast<size_t>(id)];
+        const int64_t np = (n * g_.G + piece_rows - 1) / piece_rows;
+        if (np > 1) total += np * part;
+      }
+      if (total * static_cast<int64_t>(sizeof(float)) <= kPartialBudget) break;
+      piece_rows *= 2;
+    }
+    parts_total_ = 0;
+    for (int64_t id : bt_.packed_id) {
+      const int64_t e0 = inv_start_[static_cast<size_t>(id)], n = inv_start_[static_cast<size_t>(id) + 1] - e0;
+      const int64_t np = std::max<int64_t>(1, (n * g_.G + piece_rows - 1) / piece_rows);
+      int64_t b, x, n2;
+      decode(id, &b, &x, &n2);
+      if (np > 1) multi_.push_back({static_cast<int64_t>(pieces_.size()), np});
+      for (int64_t k = 0; k < np; ++k) {
+        const int64_t a = e0 + n * k / np, z = e0 + n * (k + 1) / np;
+        int64_t off = -1;
+        if (np > 1) {
+          off = parts_total_;
+          parts_total_ += part;
+        }
+        pieces_.push_back({b, x, n2, a, z, off, inv_vis_[static_cast<size_t>(id)] * static_cast<double>(z - a) / std::max<int64_t>(n, 1)});
+      }
+    }
+  }
+
+  // Dlt = dO . O of the rows [t0, t1), every head: fp32, 8 interleaved partial sums then a fixed tree.
+  void compute_dlt(int64_t t0, int64_t t1, Scratch& sc) {
+    const int64_t Dv = g_.Dv;
+    float* a = sc.row.data();
+    std::vector<float> o(static_cast<size_t>(Dv));
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t h = 0; h < g_.N1; ++h) {
+        load_f32_row(p_.grad, t, h, Dv, a);
+        load_f32_row(p_.attention_out, t, h, Dv, o.data());
+        float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 8 <= Dv; i += 8)
+          for (int k = 0; k < 8; ++k) part[k] += a[i + k] * o[static_cast<size_t>(i + k)];
+        for (int k = 0; i < Dv; ++i, ++k) part[k] += a[i] * o[static_cast<size_t>(i)];
+        dlt_[static_cast<size_t>(t * g_.N1 + h)] =
+            ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+      }
+  }
+
+  void load_f32_row(const Tensor3& x, int64_t t, int64_t h, int64_t n, float* out) const {
+    const int64_t off = t * x.stride[0] + h * x.stride[1];
+    if (x.stride[2] == 1) {
+      kt_->rows.load_row(static_cast<const char*>(x.data) + off * static_cast<int64_t>(dtype_size(f_.dtype)), out, n,
+                         f_.dtype);
+    } else {
+      for (int64_t k = 0; k < n; ++k) out[k] = detail::load_f32(x.data, off + k * x.stride[2], f_.dtype);
+    }
+  }
+
+  // Stores x[0..n) rounded with rha_T at element offset `off` of a contiguous gradient.
+  void store_rha_row(const float* x, int64_t n, void* base, int64_t off) const {
+    const DType dt = f_.dtype;
+    if (dt == DType::kBF16) {
+      uint16_t* d = static_cast<uint16_t*>(base) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = select_detail::f32_to_bf16_rha(x[i]);
+    } else if (dt == DType::kF16) {
+      uint16_t* d = static_cast<uint16_t*>(base) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = select_detail::f32_to_f16_rha(x[i]);
+    } else {
+      std::memcpy(static_cast<float*>(base) + off, x, sizeof(float) * static_cast<size_t>(n));
+    }
+  }
+
+  // Key/value rows no entry reaches: at or past the last prefix sum, and the valid rows of unreached blocks.
+  void zero_unreached() const {
+    const size_t es = dtype_size(f_.dtype);
+    char* gk = static_cast<char*>(p_.grad_key);
+    char* gv = static_cast<char*>(p_.grad_value);
+    const int64_t N2 = g_.N2, D = g_.D, Dv = g_.Dv;
+    auto zero_rows = [&](int64_t r0, int64_t r1, int64_t n2) {  // rows [r0, r1) of KV head n2 (all heads: n2 < 0)
+      for (int64_t r = r0; r < r1; ++r) {
+        if (n2 < 0) {
+          std::memset(gk + r * N2 * D * static_cast<int64_t>(es), 0, es * static_cast<size_t>(N2 * D));
+          std::memset(gv + r * N2 * Dv * static_cast<int64_t>(es), 0, es * static_cast<size_t>(N2 * Dv));
+        } else {
+          std::memset(gk + (r * N2 + n2) * D * static_cast<int64_t>(es), 0, es * static_cast<size_t>(D));
+          std::memset(gv + (r * N2 + n2) * Dv * static_cast<int64_t>(es), 0, es * static_cast<size_t>(Dv));
+        }
+      }
+    };
+    zero_rows(sh_.kv_end, sh_.T2, -1);
+    for (size_t b = 0; b < batches_.size(); ++b) {
+      const BatchInfo& bi = batches_[b];
+      for (int64_t x = 0; x < bi.blocks; ++x)
+        for (int64_t n2 = 0; n2 < N2; ++n2) {
+          if (bt_.slot[static_cast<size_t>(bt_.id(static_cast<int64_t>(b), x, n2, N2))] >= 0) continue;
+          const int64_t r0 = bi.k_begin + x * g_.lp;
+          zero_rows(r0, r0 + std::min(g_.lp, bi.skv - x * g_.lp), n2);
+        }
+    }
+  }
+
+  // P and dS of `rows` gathered rows whose S (scaled) and dP are in sc.s / sc.dp, row r visible on [0, vis[r]):
+  // s <- P, dp <- dS on the visible prefix, exactly 0 beyond it.
+  void softmax_grad(Scratch& sc, int64_t rows, const float* m, const float* il, const float* dlt, const int32_t* vis) const {
+    const int64_t lpp = g_.lpp;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = sc.s.get() + r * lpp;
+      float* dr = sc.dp.get() + r * lpp;
+      kt_->grad.softmax_grad_row(sr, dr, sc.keep.data(), lpp, m[r], il[r], dlt[r]);
+      const int64_t v = vis[r];
+      std::fill(sr + v, sr + lpp, 0.0f);
+      std::fill(dr + v, dr + lpp, 0.0f);
+    }
+  }
+
+  // ------------------------------------------------------------------ phase A: query tile -> dQ
+  void run_tile(Scratch& sc, int64_t b, int64_t n2, int64_t s0, int64_t s1) const {
+    const BatchInfo& bi = batches_[static_cast<size_t>(b)];
+    const int64_t G = g_.G, K = g_.K, lpp = g_.lpp, ntok = s1 - s0, R = ntok * G;
+    TileEntries& te = sc.te;
+    te.build(f_, bi, n2, s0, ntok, K, g_.lp);
+    std::fill_n(sc.dq.get(), R * g_.Dp, 0.0f);
+    if (te.n_entries > 0) {
+      for (int64_t i = 0; i < ntok; ++i) {
+        const int64_t t = bi.q_begin + s0 + i;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = i * G + g, h = n2 * G + g;
+          load_operand_row<kPairs>(kt_, f_.query, f_.dtype, t, h, g_.D, g_.Dr, sc.qa.get() + r * g_.Dr);
+          load_operand_row<kPairs>(kt_, p_.grad, f_.dtype, t, h, g_.Dv, g_.Dvr, sc.oa.get() + r * g_.Dvr);
+          sc.m[static_cast<size_t>(r)] = load_stat(p_.softmax_max, t, h);
+          sc.il[static_cast<size_t>(r)] = 1.0f / load_stat(p_.softmax_sum, t, h);
+          sc.dlt[static_cast<size_t>(r)] = dlt_[static_cast<size_t>(t * g_.N1 + h)];
+        }
+      }
+    }
+    std::vector<int32_t> vis(static_cast<size_t>(ra_));
+    std::vector<float> cm(static_cast<size_t>(ra_)), cil(static_cast<size_t>(ra_)), cdlt(static_cast<size_t>(ra_));
+    int32_t chunk[1024];
+    const int64_t cap = std::min<int64_t>(bq_, 1024);
+    for (int64_t u = 0; u < te.blocks(); ++u) {
+      const int64_t x = te.ublock[static_cast<size_t>(u)];
+      const int64_t slot = bt_.slot[static_cast<size_t>(bt_.id(b, x, n2, g_.N2))];
+      const bool dirty = bt_.dirty_k[static_cast<size_t>(slot)] != 0;
+      const int64_t valid = std::min(g_.lp, bi.skv - x * g_.lp);
+      const int32_t* e0 = te.ent.data() + te.ustart[static_cast<size_t>(u)];
+      const int64_t ne = te.ustart[static_cast<size_t>(u) + 1] - te.ustart[static_cast<size_t>(u)];
+      int64_t c0 = 0;
+      while (c0 < ne) {
+        int64_t nc = 0, taken = 0;
+        for (; c0 + taken < ne && nc < cap; ++taken) {
+          const int32_t ij = e0[c0 + taken];
+          if (dirty && te.vis[static_cast<size_t>(ij)] < valid) {
+            scalar_dq(sc, bi, n2, s0, x, ij);
+            continue;
+          }
+          chunk[nc++] = ij;
+        }
+        c0 += taken;
+        if (nc == 0) continue;
+        for (int64_t e = 0; e < nc; ++e) {
+          const int64_t i = chunk[e] / K;
+          std::memcpy(sc.asq.get() + e * G * g_.Dr, sc.qa.get() + i * G * g_.Dr, sizeof(E) * static_cast<size_t>(G * g_.Dr));
+          std::memcpy(sc.aso.get() + e * G * g_.Dvr, sc.oa.get() + i * G * g_.Dvr, sizeof(E) * static_cast<size_t>(G * g_.Dvr));
+          for (int64_t g = 0; g < G; ++g) {
+            const size_t r = static_cast<size_t>(e * G + g), ri = static_cast<size_t>(i * G + g);
+            vis[r] = te.vis[static_cast<size_t>(chunk[e])];
+            cm[r] = sc.m[ri];
+            cil[r] = sc.il[ri];
+            cdlt[r] = sc.dlt[ri];
+          }
+        }
+        const int64_t rows = nc * G;
+        P::gemm(kt_, sc.asq.get(), g_.Dr, rows, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.s.get(), lpp, scale_, false);
+        P::gemm(kt_, sc.aso.get(), g_.Dvr, rows, vd(slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dp.get(), lpp, 1.0f, false);
+        softmax_grad(sc, rows, cm.data(), cil.data(), cdlt.data(), vis.data());
+        E* dsa = sc.dsa.get();
+        const float* ds = sc.dp.get();
+        for (int64_t k = 0; k < rows * lpp; ++k) dsa[k] = ds_operand(ds[k]);
+        P::gemm(kt_, dsa, lpp, rows, ktp(slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp, 1.0f, false);
+        for (int64_t e = 0; e < nc; ++e) {
+          const int64_t i = chunk[e] / K;
+          for (int64_t g = 0; g < G; ++g)
+            kt_->rows.add_row(sc.dq.get() + (i * G + g) * g_.Dp, sc.dqt.get() + (e * G + g) * g_.Dp, g_.Dp);
+        }
+      }
+    }
+    for (int64_t i = 0; i < ntok; ++i) {
+      const int64_t t = bi.q_begin + s0 + i;
+      for (int64_t g = 0; g < G; ++g) {
+        float* d = sc.dq.get() + (i * G + g) * g_.Dp;
+        for (int64_t k = 0; k < g_.D; ++k) d[k] *= scale_;
+        store_rha_row(d, g_.D, p_.grad_query, (t * g_.N1 + n2 * G + g) * g_.D);
+      }
+    }
+  }
+
+  // P or dS as a GEMM operand: rha_T bf16 bits on the pairs path, fp32 (unrounded) otherwise.
+  static E ds_operand(float x) {
+    if constexpr (kPairs) {
+      return select_detail::f32_to_bf16_rha(x);
+    } else {
+      return x;
+    }
+  }
+
+  // Entry ij of the tile (rows s0 + i) on a key block holding inf / NaN, seen in part: its dQ contribution from
+  // the visible keys only, computed directly from the tensors (fp32, as the reference).
+  void scalar_dq(Scratch& sc, const BatchInfo& bi, int64_t n2, int64_t s0, int64_t x, int32_t ij) const {
+    const int64_t K = g_.K, i = ij / K, v = sc.te.vis[static_cast<size_t>(ij)], t = bi.q_begin + s0 + i;
+    const DType dt = f_.dtype;
+    auto ld = [dt](const Tensor3& a, int64_t r, int64_t h, int64_t k) {
+      return detail::load_f32(a.data, r * a.stride[0] + h * a.stride[1] + k * a.stride[2], dt);
+    };
+    for (int64_t g = 0; g < g_.G; ++g) {
+      const int64_t r = i * g_.G + g, h = n2 * g_.G + g;
+      float* dq = sc.dq.get() + r * g_.Dp;
+      for (int64_t c = 0; c < v; ++c) {
+        const int64_t key = bi.k_begin + x * g_.lp + c;
+        float dot = 0, dp = 0;
+        for (int64_t d = 0; d < g_.D; ++d) dot += ld(f_.query, t, h, d) * ld(f_.key, key, n2, d);
+        for (int64_t e = 0; e < g_.Dv; ++e) dp += ld(p_.grad, t, h, e) * ld(f_.value, key, n2, e);
+        const float pr = std::exp(dot * scale_ - sc.m[static_cast<size_t>(r)]) * sc.il[static_cast<size_t>(r)];
+        const float ds = P::value(ds_operand(pr * (dp - sc.dlt[static_cast<size_t>(r)])));
+        for (int64_t d = 0; d < g_.D; ++d) dq[d] += ds * ld(f_.key, key, n2, d);
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------ phase B: key block -> dK, dV
+  void run_piece(Scratch& sc, const Piece& pc) const {
+    const BatchInfo& bi = batches_[static_cast<size_t>(pc.b)];
+    const int64_t G = g_.G, K = g_.K, lpp = g_.lpp, D = g_.D, Dv = g_.Dv;
+    const int64_t slot = bt_.slot[static_cast<size_t>(bt_.id(pc.b, pc.x, pc.n2, g_.N2))];
+    float* acc = pc.part >= 0 ? parts_.get() + pc.part : sc.acc.get();
+    float* dkT = acc;            // [D][lpp]
+    float* dvT = acc + D * lpp;  // [Dv][lpp]
+    std::fill_n(acc, (D + Dv) * lpp, 0.0f);
+    std::vector<int32_t> vis(static_cast<size_t>(rbp_));
+    for (int64_t c0 = pc.e0; c0 < pc.e1; c0 += bc_) {
+      const int64_t nc = std::min(bc_, pc.e1 - c0), rows = nc * G, rp = round_up(rows, 2);
+      for (int64_t e = 0; e < nc; ++e) {
+        const int64_t sj = inv_[static_cast<size_t>(c0 + e)], s = sj / K, j = sj % K, t = bi.q_begin + s;
+        const int32_t v = static_cast<int32_t>(select_detail::visible_count(pc.x, s, bi.skv, g_.lp, f_.causal));
+        (void)j;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = e * G + g, h = pc.n2 * G + g;
+          load_operand_row<kPairs>(kt_, f_.query, f_.dtype, t, h, D, g_.Dr, sc.asq.get() + r * g_.Dr);
+          load_operand_row<kPairs>(kt_, p_.grad, f_.dtype, t, h, Dv, g_.Dvr, sc.aso.get() + r * g_.Dvr);
+          sc.em[static_cast<size_t>(r)] = load_stat(p_.softmax_max, t, h);
+          sc.eil[static_cast<size_t>(r)] = 1.0f / load_stat(p_.softmax_sum, t, h);
+          sc.edlt[static_cast<size_t>(r)] = dlt_[static_cast<size_t>(t * g_.N1 + h)];
+          vis[static_cast<size_t>(r)] = v;
+        }
+      }
+      if (rp > rows) {  // the zero partner row of the pair layouts
+        std::fill_n(sc.asq.get() + rows * g_.Dr, g_.Dr, E(0));
+        std::fill_n(sc.aso.get() + rows * g_.Dvr, g_.Dvr, E(0));
+      }
+      P::gemm(kt_, sc.asq.get(), g_.Dr, rows, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.s.get(), lpp, scale_, false);
+      P::gemm(kt_, sc.aso.get(), g_.Dvr, rows, vd(slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dp.get(), lpp, 1.0f, false);
+      softmax_grad(sc, rows, sc.em.data(), sc.eil.data(), sc.edlt.data(), vis.data());
+      // P and dS as B panels over the chunk's rows: element (row r, key c) at (c / 64) rp 64 + (r / U) 64 U +
+      // (c % 64) U + r % U, rounded with rha_T on the pairs path
+      const int64_t red = kPairs ? rp : rows;
+      for (int64_t r = 0; r < red; ++r) {
+        const float* sr = r < rows ? sc.s.get() + r * lpp : nullptr;
+        const float* dr = r < rows ? sc.dp.get() + r * lpp : nullptr;
+        for (int64_t c = 0; c < lpp; ++c) {
+          const int64_t o = P::b_index(r, c, red);
+          sc.pB.get()[o] = sr ? ds_operand(sr[c]) : E(0);
+          sc.dsB.get()[o] = sr ? ds_operand(dr[c]) : E(0);
+        }
+      }
+      // Q^T and dO^T: A operands whose reduction runs over the chunk's rows
+      if constexpr (kPairs) {
+        kt_->grad.transpose_u16(sc.asq.get(), g_.Dr, rp, D, sc.qT.get(), rp);
+        kt_->grad.transpose_u16(sc.aso.get(), g_.Dvr, rp, Dv, sc.oT.get(), rp);
+      } else {
+        kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(sc.asq.get()), g_.Dr, rows, D,
+                                reinterpret_cast<uint32_t*>(sc.qT.get()), rows);
+        kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(sc.aso.get()), g_.Dvr, rows, Dv,
+                                reinterpret_cast<uint32_t*>(sc.oT.get()), rows);
+      }
+      P::gemm(kt_, sc.oT.get(), red, Dv, sc.pB.get(), red * kPanel, 0, lpp, red, dvT, lpp, 1.0f, true);
+      P::gemm(kt_, sc.qT.get(), red, D, sc.dsB.get(), red * kPanel, 0, lpp, red, dkT, lpp, 1.0f, true);
+    }
+    if (pc.part < 0) finish_block(sc, pc.b, pc.x, pc.n2, dkT, dvT);
+  }
+
+  // Writes the valid key rows of block x of (b, n2): dK = scale dK^T^T, dV = dV^T^T, rounded with rha_T.
+  void finish_block(Scratch& sc, int64_t b, int64_t x, int64_t n2, const float* dkT, const float* dvT) const {
+    const BatchInfo& bi = batches_[static_cast<size_t>(b)];
+    const int64_t lpp = g_.lpp, valid = std::min(g_.lp, bi.skv - x * g_.lp);
+    float* row = sc.row.data();
+    for (int64_t c = 0; c < valid; ++c) {
+      const int64_t key = bi.k_begin + x * g_.lp + c;
+      for (int64_t d = 0; d < g_.D; ++d) row[d] = scale_ * dkT[d * lpp + c];
+      store_rha_row(row, g_.D, p_.grad_key, (key * g_.N2 + n2) * g_.D);
+      for (int64_t e = 0; e < g_.Dv; ++e) row[e] = dvT[e * lpp + c];
+      store_rha_row(row, g_.Dv, p_.grad_value, (key * g_.N2 + n2) * g_.Dv);
+    }
+  }
+
+  const SelectAttentionGradParams& p_;
+  const SelectAttentionParams& f_;
+  const SelectAttentionShape& sh_;
+  const KernelTable* kt_;
+  int threads_;
+  Geo g_;
+  float scale_ = 1.0f;
+  int64_t bq_ = 1, ra_ = 1;         // phase A: query rows and GEMM rows of a tile
+  int64_t bc_ = 1, rb_ = 1, rbp_ = 2;  // phase B: entries, GEMM rows (and rounded to even) of a chunk
+  int64_t piece_rows_ = kPieceRows;
+  std::vector<BatchInfo> batches_;
+  BlockTable bt_;
+  AlignedBuf<E> packs_;
+  std::vector<int64_t> inv_start_, inv_;  // inverted index: per id, entries s K + j
+  std::vector<double> inv_vis_;           // per id: visible entries (cost)
+  std::vector<Piece> pieces_;
+  std::vector<Multi> multi_;
+  AlignedBuf<float> parts_;
+  int64_t parts_total_ = 0;
+  std::vector<float> dlt_;
+};
+
+Status backward_impl(const SelectAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning) {
+  SelectAttentionShape sh;
+  Status st = validate_select_attention_backward(p, &sh);
+  if (!st.ok()) return st;
+  CpuIsa isa;
+  st = cpu::resolve_isa(options.isa, &isa);
+  if (!st.ok()) return st;
+  if (p.fwd.dtype == DType::kF64) return select_reference::backward_fp64(p);  // testing extension: no fast path
+  constexpr int64_t kMaxDim = int64_t(1) << 20;
+  if (sh.D > kMaxDim || sh.K > kMaxDim || sh.block > kMaxDim || sh.N1 > kMaxDim)
+    return Status::Error("select_attention_backward_cpu: sizes too large for the CPU backend's workspace (D, K, "
+                         "select_block_size and N1 must be < 2^20)");
+  const KernelTable* kt = cpu::kernels_for(isa);
+  const int threads = cpu::resolve_num_threads(options.num_threads);
+  if (p.fwd.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr) Backward<true>(p, sh, kt, threads, tuning).run();
+  else Backward<false>(p, sh, kt, threads, tuning).run();
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status backward(const SelectAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning) {
+  try {
+    return backward_impl(p, options, tuning);
+  } catch (const std::bad_alloc&) {
+    return Status::Error("select_attention_backward_cpu: out of memory for the workspace (packed key/value blocks, "
+                         "the inverted index, partials and per-thread tiles); reduce the sizes or the number of threads");
+  } catch (const std::exception& e) {
+    return Status::Error(std::string("select_attention_backward_cpu: ") + e.what());
+  }
+}
+
+}  // namespace nsa::select_cpu
+
+namespace nsa {
+
+Status select_attention_backward_cpu(const SelectAttentionGradParams& p, const CpuOptions& options) {
+  return select_cpu::backward(p, options, select_cpu::Tuning{});
+}
+
+}  // namespace nsa
