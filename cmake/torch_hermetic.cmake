@@ -1,16 +1,42 @@
-# Hermetic torch link, included by torch_binding/CMakeLists.txt right after find_package(Torch). Sets
-#   NSA_TORCH_LIBDIR          <torch>/lib of the torch package found (Torch_DIR), symbolic links resolved
+# find_package(Torch) for the PyTorch binding, hermetically: the binding links only the torch it is configured
+# with, whatever other torch the system has. Included by torch_binding/CMakeLists.txt instead of a plain
+# find_package(Torch REQUIRED); sets what that sets (TORCH_LIBRARIES, TORCH_INSTALL_PREFIX, ...) plus
+#   NSA_TORCH_LIBDIR          <torch>/lib of that torch, symbolic links resolved
 #   NSA_TORCH_LINK_LIBRARIES  TORCH_LIBRARIES with every file inside NSA_TORCH_LIBDIR
-# or stops the configuration.
+# or stops the configuration with the list of offending files.
 #
-# Why: TorchConfig.cmake looks some libraries up with find_library(<name> PATHS <torch>/lib), and find_library
-# searches the system directories before PATHS. With Debian's libtorch-dev installed, c10_LIBRARY and
-# TORCH_LIBRARY become /usr/lib/<arch>/libc10.so and libtorch.so: the binding then needs two c10 libraries
-# (libc10.so.1.13 and torch's libc10.so) and crashes on its first exception.
-# How: every library file found outside <torch>/lib of which <torch>/lib has a file of the same name is
-# replaced by that file, in the cache (c10_LIBRARY, TORCH_LIBRARY, ...) and in the link list; any other file
-# outside <torch>/lib that the link list names (directly, or as an imported target's location) is an error.
-# tests/python/test_binding_deps.py checks the built library's resolved dependencies.
+# Why: with a second torch on the system (Debian's libtorch-dev: torch 1.13 in /usr/lib/<arch>, its CMake
+# packages in /usr/lib/<arch>/cmake), torch's own CMake package mixes the two:
+#  * TorchConfig.cmake loads Caffe2 (the imported targets c10, torch_cpu, torch) with
+#    find_package(Caffe2 PATHS <its own dir>/../Caffe2), and the system directories come before PATHS: unless
+#    CMAKE_PREFIX_PATH happens to hold torch/share/cmake, the system's Caffe2 is loaded;
+#  * it looks c10 and torch up with find_library(<name> PATHS <torch>/lib), same order: c10_LIBRARY and
+#    TORCH_LIBRARY become /usr/lib/<arch>/libc10.so and libtorch.so.
+# The binding then needs two c10 libraries (libc10.so.1.13 and torch's libc10.so) and crashes on its first
+# exception. tests/python/test_binding_deps.py checks the built library's resolved dependencies.
+#
+# How:
+#  1. Which torch: Torch_DIR when given; else the torch that the configured Python imports
+#     (Python3_EXECUTABLE: scripts/setup.sh and scikit-build-core set it); else CMake's search.
+#  2. Caffe2_DIR is set to the Caffe2 package next to Torch_DIR, before TorchConfig.cmake looks for one.
+#  3. After find_package(Torch): every library file cached or listed outside <torch>/lib of which <torch>/lib
+#     has a file of the same name is replaced by that file (in the cache: c10_LIBRARY, TORCH_LIBRARY, ...,
+#     and in the link list); any other file outside <torch>/lib that the link list names (directly, or as an
+#     imported target's location) is an error.
+if(NOT Torch_DIR AND Python3_EXECUTABLE)
+  execute_process(
+    COMMAND "${Python3_EXECUTABLE}" -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
+    OUTPUT_VARIABLE _nsa_torch_cmake RESULT_VARIABLE _nsa_rc ERROR_QUIET OUTPUT_STRIP_TRAILING_WHITESPACE)
+  if(_nsa_rc EQUAL 0 AND EXISTS "${_nsa_torch_cmake}/Torch/TorchConfig.cmake")
+    set(Torch_DIR "${_nsa_torch_cmake}/Torch" CACHE PATH "The directory containing TorchConfig.cmake")
+    message(STATUS "torch binding: torch of ${Python3_EXECUTABLE}: Torch_DIR=${Torch_DIR}")
+  endif()
+endif()
+if(Torch_DIR AND EXISTS "${Torch_DIR}/../Caffe2/Caffe2Config.cmake")
+  get_filename_component(_nsa_caffe2 "${Torch_DIR}/../Caffe2" ABSOLUTE)
+  set(Caffe2_DIR "${_nsa_caffe2}" CACHE PATH "The directory containing Caffe2Config.cmake" FORCE)
+endif()
+find_package(Torch REQUIRED)
 get_filename_component(NSA_TORCH_LIBDIR "${TORCH_INSTALL_PREFIX}/lib" REALPATH)
 
 # out = file when it lies inside <torch>/lib (symbolic links resolved), else <torch>/lib/<its name> when that
@@ -116,7 +142,7 @@ if(_nsa_foreign)
   list(JOIN _nsa_foreign "\n  " _nsa_foreign)
   message(FATAL_ERROR "torch binding: the torch package found (Torch_DIR=${Torch_DIR}) would link files "
     "outside its own library directory ${NSA_TORCH_LIBDIR}:\n  ${_nsa_foreign}\n"
-    "A binary linking two torch installations crashes. Point Torch_DIR (or CMAKE_PREFIX_PATH) at a complete "
-    "torch installation, or remove the other one from the library search path, then configure a fresh build "
-    "folder (or set the cache variable named above to torch's own file).")
+    "(its Caffe2 package: Caffe2_DIR=${Caffe2_DIR}). A binary linking two torch installations crashes. "
+    "Configure with -DTorch_DIR=<the torch package to build against> (here ${Torch_DIR}; Caffe2_DIR is then "
+    "taken next to it), or set the cache variable named above to torch's own file.")
 endif()
