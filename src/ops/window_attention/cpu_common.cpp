@@ -1,0 +1,60 @@
+// Shared pieces of the window-attention CPU backend (see cpu.h).
+#include "ops/window_attention/cpu.h"
+
+#include "common/threads.h"
+#include "ops/window_attention/rounding.h"
+
+namespace nsa::window_cpu {
+
+std::vector<Tile> plan_tiles(const WindowAttentionParams& p, const WindowAttentionShape& sh,
+                             const std::vector<window_detail::WBatch>& batches, const window_detail::Visibility& vis,
+                             int64_t Bq, int threads) {
+  (void)p;
+  (void)sh;
+  std::vector<Tile> tiles;
+  for (size_t b = 0; b < batches.size(); ++b)
+    for (int64_t s0 = 0; s0 < batches[b].sq; s0 += Bq) {
+      Tile t;
+      t.b = static_cast<int64_t>(b);
+      t.s0 = s0;
+      t.s1 = std::min(batches[b].sq, s0 + Bq);
+      tiles.push_back(t);
+    }
+  // Spans: O(1) per row for the band modes, a scan of the row's mask entries in modes 0/1 with a mask.
+  constexpr int64_t kPer = 16;  // tiles per work item
+  const int64_t n = static_cast<int64_t>(tiles.size());
+  cpu::parallel_for((n + kPer - 1) / kPer, vis.mask_bits() ? threads : 1, [&](int64_t item, int) {
+    for (int64_t x = item * kPer; x < std::min(n, (item + 1) * kPer); ++x) {
+      Tile& t = tiles[static_cast<size_t>(x)];
+      const window_detail::WBatch& bi = batches[static_cast<size_t>(t.b)];
+      int64_t lo = INT64_MAX, hi = INT64_MIN;
+      for (int64_t i = t.s0; i < t.s1; ++i) {
+        const RowInfo ri = row_info(vis, bi, i);
+        if (ri.kind == kNone) {
+          t.any_none = true;
+          continue;
+        }
+        lo = std::min(lo, ri.lo);
+        hi = std::max(hi, ri.hi);
+      }
+      if (hi > lo) {
+        t.lo = lo;
+        t.hi = hi;
+      }
+    }
+  });
+  return tiles;
+}
+
+void store_rha(const float* src, void* dst, int64_t n, DType dt) { window_detail::store_row_rha(src, dst, n, dt); }
+
+float dot_fixed(const float* a, const float* b, int64_t n) {
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[k + j] * b[k + j];
+  for (int j = 0; k < n; ++k, ++j) part[j] += a[k] * b[k];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+}  // namespace nsa::window_cpu

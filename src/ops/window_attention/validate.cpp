@@ -1,0 +1,248 @@
+// Argument rules of docs/spec/window_attention.md §2, §3, §4 and §9 that the torch-free params carry, for the
+// forward and the backward. Every failure names the argument (with torch_npu's Python names: pre_tockens,
+// actual_seq_kvlen, ...) and what was expected; nothing is written by any entry point when this fails.
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "nsa/window_attention.h"
+#include "ops/window_attention/batches.h"
+
+namespace nsa {
+
+namespace {
+
+using window_detail::last_nonzero;
+
+template <typename... Args>
+Status err(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return Status::Error(os.str());
+}
+
+std::string shape_str(const int64_t* s, int n) {
+  std::ostringstream os;
+  os << "[";
+  for (int i = 0; i < n; ++i) os << (i ? ", " : "") << s[i];
+  os << "]";
+  return os.str();
+}
+
+Status check_tensor(const Tensor3& t, const char* name, const char* layout) {
+  if (t.data == nullptr) return err(name, " must not be null");
+  for (int i = 0; i < 3; ++i)
+    if (t.size[i] <= 0) return err(name, " ", layout, " must not be empty: got shape ", shape_str(t.size, 3));
+  return Status::Ok();
+}
+
+// A prefix-sum list of §3: given, B >= 1 entries; up to its last non-zero entry non-decreasing from a value >= 0
+// (the zeros after it are the trailing empty batches).
+Status check_list(const IntList& l, const char* name) {
+  if (l.data == nullptr) return err(name, " must be given (the prefix sums of the lengths, one per batch; TND)");
+  if (l.size < 1) return err(name, " must have at least one element");
+  const int64_t last = last_nonzero(l);
+  if (last >= 0 && l.data[0] < 0) return err(name, " must start at a value >= 0, got ", l.data[0]);
+  for (int64_t i = 1; i <= last; ++i)
+    if (l.data[i] < l.data[i - 1])
+      return err(name, " must be non-decreasing prefix sums (apart from a trailing run of zeros), but element ", i,
+                 " (", l.data[i], ") < element ", i - 1, " (", l.data[i - 1], ")");
+  return Status::Ok();
+}
+
+// The compressed mask of modes 2-4 (§4): [2048, 2048], entry [a][c] set (non-zero) exactly where c > a.
+Status check_compressed_mask(const Mask2& m, int64_t mode) {
+  constexpr int64_t kN = 2048;
+  if (m.size[0] != kN || m.size[1] != kN)
+    return err("atten_mask must be the compressed mask of sparse_mode ", mode,
+               ": a [2048, 2048] bool/uint8 tensor equal to triu(ones(2048, 2048), diagonal=1), got shape ",
+               shape_str(m.size, 2));
+  for (int64_t a = 0; a < kN; ++a) {
+    const uint8_t* row = m.data + a * m.stride[0];
+    const int64_t cs = m.stride[1];
+    uint8_t any_set = 0, any_clear = 0;
+    if (cs == 1) {  // vectorizable reductions
+      for (int64_t c = 0; c <= a; ++c) any_set |= row[c];
+      for (int64_t c = a + 1; c < kN; ++c) any_clear |= static_cast<uint8_t>(row[c] == 0);
+    } else {
+      for (int64_t c = 0; c <= a; ++c) any_set |= row[c * cs];
+      for (int64_t c = a + 1; c < kN; ++c) any_clear |= static_cast<uint8_t>(row[c * cs] == 0);
+    }
+    if (any_set || any_clear) {
+      int64_t c = 0;
+      while (c < kN && ((row[c * cs] != 0) == (c > a))) ++c;
+      return err("atten_mask must be the compressed mask of sparse_mode ", mode,
+                 ": triu(ones(2048, 2048), diagonal=1) (entry [a][c] set exactly where c > a), but entry [", a, "][",
+                 c, "] is ", (row[c * cs] != 0 ? "set" : "0"));
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+int64_t window_attention_numels(int64_t head_num, const IntList& q, const IntList& kv) {
+  if (q.data == nullptr || kv.data == nullptr) return 0;
+  const int64_t n = q.size < kv.size ? q.size : kv.size;
+  __int128 acc = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    const __int128 dq = b == 0 ? q.data[0] : static_cast<__int128>(q.data[b]) - q.data[b - 1];
+    const __int128 dk = b == 0 ? kv.data[0] : static_cast<__int128>(kv.data[b]) - kv.data[b - 1];
+    acc += dq * dk;
+  }
+  return static_cast<int64_t>(acc * head_num);
+}
+
+Status validate_window_attention(const WindowAttentionParams& p, WindowAttentionShape* out_shape) {
+  Status s;
+  if (static_cast<int>(p.dtype) < 0 || static_cast<int>(p.dtype) > 3)
+    return err("dtype must be bfloat16, float16, float32 or float64");
+  if (!(s = check_tensor(p.query, "query", "[T1, N1, D]")).ok()) return s;
+  if (!(s = check_tensor(p.key, "key", "[T2, N2, D]")).ok()) return s;
+  if (!(s = check_tensor(p.value, "value", "[T2, N2, Dv]")).ok()) return s;
+
+  WindowAttentionShape sh;
+  sh.T1 = p.query.size[0];
+  sh.N1 = p.query.size[1];
+  sh.D = p.query.size[2];
+  sh.T2 = p.key.size[0];
+  sh.N2 = p.key.size[1];
+  sh.Dv = p.value.size[2];
+  if (p.key.size[2] != sh.D)
+    return err("key must have the head dim D of query (", sh.D, "), got key.size(2) = ", p.key.size[2]);
+  if (p.value.size[0] != sh.T2 || p.value.size[1] != sh.N2)
+    return err("value must have the first two dims of key [", sh.T2, ", ", sh.N2, "], got [", p.value.size[0], ", ",
+               p.value.size[1], "]");
+  if (sh.Dv > sh.D)
+    return err("value head dim Dv (", sh.Dv, ") must be <= the head dim D of query and key (", sh.D, ")");
+  if (!std::isfinite(p.scale)) return err("scale must be finite, got ", p.scale);
+  if (!std::isfinite(static_cast<float>(p.scale))) return err("scale must be finite as float32, got ", p.scale);
+  if (p.head_num != sh.N1)
+    return err("head_num must equal the number of query heads query.size(1) = ", sh.N1, ", got ", p.head_num);
+  if (sh.N1 % sh.N2 != 0)
+    return err("the number of query heads (", sh.N1, ") must be a multiple of the number of key/value heads (", sh.N2,
+               ")");
+  sh.G = sh.N1 / sh.N2;
+
+  if (p.sparse_mode < 0 || p.sparse_mode > 4)
+    return err("sparse_mode must be 0, 1, 2, 3 or 4 (defaultMask, allMask, leftUpCausal, rightDownCausal, band); got ",
+               p.sparse_mode, " (other modes of torch_npu are not supported)");
+  if (p.inner_precise < 0 || p.inner_precise > 2) return err("inner_precise must be 0, 1 or 2, got ", p.inner_precise);
+  if (p.softmax_layout != StatsLayout::kPerBatch && p.softmax_layout != StatsLayout::kTnd)
+    return err("softmax_layout must be \"\" (per batch) or \"TND\"");
+  if (p.compressed_mask_implied) {
+    if (p.sparse_mode < 2) return err("compressed_mask_implied needs sparse_mode 2, 3 or 4, got ", p.sparse_mode);
+    if (p.atten_mask.data != nullptr) return err("atten_mask must be absent when compressed_mask_implied is set");
+  }
+
+  if (!(s = check_list(p.actual_seq_qlen, "actual_seq_qlen")).ok()) return s;
+  if (!(s = check_list(p.actual_seq_kvlen, "actual_seq_kvlen")).ok()) return s;
+  sh.B = p.actual_seq_qlen.size;
+  if (p.actual_seq_kvlen.size != sh.B)
+    return err("actual_seq_kvlen must have as many elements as actual_seq_qlen (", sh.B, "), got ",
+               p.actual_seq_kvlen.size);
+  const int64_t lq = last_nonzero(p.actual_seq_qlen), lk = last_nonzero(p.actual_seq_kvlen);
+  const int64_t q_max = lq >= 0 ? p.actual_seq_qlen.data[lq] : 0;
+  const int64_t kv_max = lk >= 0 ? p.actual_seq_kvlen.data[lk] : 0;
+  if (q_max != sh.T1)
+    return err("max(actual_seq_qlen) must equal the number of query rows T1 = query.size(0) = ", sh.T1, ", got ",
+               q_max);
+  if (kv_max > sh.T2)
+    return err("max(actual_seq_kvlen) must be <= the number of key rows T2 = key.size(0) = ", sh.T2, ", got ",
+               kv_max);
+  const std::vector<window_detail::WBatch> batches = window_detail::make_batches(p);
+  for (int64_t b = 0; b < sh.B; ++b) {
+    const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
+    if (w.sq > 0 && w.skv == 0)
+      return err("actual_seq_kvlen must give every batch with queries at least one key, but batch ", b, " has Sq_b = ",
+                 w.sq, " and Skv_b = 0");
+    sh.max_sq = w.sq > sh.max_sq ? w.sq : sh.max_sq;
+    sh.max_skv = w.skv > sh.max_skv ? w.skv : sh.max_skv;
+  }
+
+  // Masks (§4).
+  const bool explicit_mask = p.atten_mask.data != nullptr;
+  sh.has_mask = explicit_mask || p.compressed_mask_implied;
+  if (explicit_mask) {
+    if (p.sparse_mode <= 1) {
+      if (p.atten_mask.size[0] != sh.max_sq || p.atten_mask.size[1] != sh.max_skv)
+        return err("atten_mask must have shape [maxSq, maxSkv] = [", sh.max_sq, ", ", sh.max_skv, "] in sparse_mode ",
+                   p.sparse_mode, ", got ", shape_str(p.atten_mask.size, 2));
+    } else if (!(s = check_compressed_mask(p.atten_mask, p.sparse_mode)).ok()) {
+      return s;
+    }
+  }
+
+  // Band parameter rules of §4 (exact: 128-bit arithmetic for any int64 pre/next).
+  using I = __int128;
+  const I pre = p.pre_tockens, next = p.next_tockens;
+  if (p.sparse_mode == 3) {
+    for (int64_t b = 0; b < sh.B; ++b) {
+      const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
+      if (w.sq > w.skv)
+        return err("sparse_mode 3 (rightDownCausal) needs Sq_b <= Skv_b in every batch (actual_seq_qlen, ",
+                   "actual_seq_kvlen), but batch ", b, " has Sq_b = ", w.sq, " > Skv_b = ", w.skv);
+    }
+  } else if (p.sparse_mode == 4) {
+    if (pre < 0) return err("pre_tockens must be >= 0 in sparse_mode 4 (band), got ", p.pre_tockens);
+    if (next < 0 && pre + next < 0)
+      return err("next_tockens (", p.next_tockens, ") must be >= -pre_tockens (pre_tockens = ", p.pre_tockens,
+                 ") in sparse_mode 4 (band): pre_tockens + next_tockens >= 0");
+    for (int64_t b = 0; b < sh.B; ++b) {
+      const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
+      if (w.sq > 0 && w.skv > 0 && static_cast<I>(w.sq) - next > w.skv)
+        return err("sparse_mode 4 (band) needs Sq_b - next_tockens <= Skv_b in every batch (actual_seq_qlen, ",
+                   "actual_seq_kvlen), or its first rows see no key: batch ", b, " has Sq_b = ", w.sq, ", Skv_b = ",
+                   w.skv, ", next_tockens = ", p.next_tockens);
+    }
+  } else if (p.sparse_mode == 0 && !(pre >= sh.max_sq && next >= sh.max_skv)) {
+    if (next < 0)
+      return err("next_tockens must be >= 0 in sparse_mode 0 with a restricting band (pre_tockens < maxSq or ",
+                 "next_tockens < maxSkv), got ", p.next_tockens);
+    if (pre < 0 && next < -pre)
+      return err("next_tockens (", p.next_tockens, ") must be >= -pre_tockens (pre_tockens = ", p.pre_tockens,
+                 ") in sparse_mode 0 when pre_tockens < 0");
+    for (int64_t b = 0; b < sh.B; ++b) {
+      const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
+      if (w.sq > 0 && static_cast<I>(w.skv) + pre < w.sq)
+        return err("pre_tockens (", p.pre_tockens, ") is too small for sparse_mode 0: Skv_b + pre_tockens >= Sq_b ",
+                   "is needed in every batch (actual_seq_qlen, actual_seq_kvlen), but batch ", b, " has Sq_b = ",
+                   w.sq, ", Skv_b = ", w.skv);
+    }
+  }
+
+  if (p.attention_out == nullptr) return err("attention_out must not be null");
+  if (p.softmax_max == nullptr) return err("softmax_max must not be null");
+  if (p.softmax_sum == nullptr) return err("softmax_sum must not be null");
+  if (out_shape) *out_shape = sh;
+  return Status::Ok();
+}
+
+Status validate_window_attention_backward(const WindowAttentionGradParams& p, WindowAttentionShape* shape) {
+  // The forward's output pointers play no part in the backward (the header says they are ignored), but
+  // validate_window_attention requires them: stand-ins that are never dereferenced.
+  WindowAttentionParams f = p.fwd;
+  static float dummy = 0.0f;
+  f.attention_out = &dummy;
+  f.softmax_max = &dummy;
+  f.softmax_sum = &dummy;
+  WindowAttentionShape sh;
+  Status s = validate_window_attention(f, &sh);
+  if (!s.ok()) return s;
+  for (const auto& [t, name] : {std::pair<const Tensor3*, const char*>{&p.attention_in, "attention_in"},
+                                std::pair<const Tensor3*, const char*>{&p.dy, "dy"}}) {
+    if (t->data == nullptr) return err(name, " must be given");
+    if (t->size[0] != sh.T1 || t->size[1] != sh.N1 || t->size[2] != sh.Dv)
+      return err(name, " must have the shape of attention_out [T1, N1, Dv] = [", sh.T1, ", ", sh.N1, ", ", sh.Dv,
+                 "], got ", shape_str(t->size, 3));
+  }
+  if (p.softmax_max == nullptr) return err("softmax_max must be given");
+  if (p.softmax_sum == nullptr) return err("softmax_sum must be given");
+  if (p.grad_query == nullptr) return err("grad_query must not be null");
+  if (p.grad_key == nullptr) return err("grad_key must not be null");
+  if (p.grad_value == nullptr) return err("grad_value must not be null");
+  if (shape) *shape = sh;
+  return Status::Ok();
+}
+
+}  // namespace nsa
