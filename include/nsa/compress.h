@@ -88,8 +88,8 @@ Status validate_compress_backward(const CompressGradParams& p, CompressShape* sh
 // weight_grad by increasing (b, c, j).
 Status compress_backward_reference(const CompressGradParams& p);
 // Optimized CPU backend. input_grad equals the reference's bit for bit (same order); weight_grad is summed in
-// a fixed order of its own (16 interleaved partial sums over j, then rows, then fixed chunks of rows), the
-// same on every ISA and thread count.
+// a fixed order of its own (16 interleaved partial sums over the rows of a chunk and j, a fixed tree, then the
+// chunks in order; the chunks depend on R only), the same on every ISA and thread count.
 Status compress_backward_cpu(const CompressGradParams& p, const CpuOptions& options = {});
 
 }  // namespace nsa

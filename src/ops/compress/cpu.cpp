@@ -7,15 +7,17 @@
 // Backward, one parallel pass over two kinds of tasks:
 //   input_grad  tokens of one batch (all heads). Gather formulation (§6): token p's element (n, j) is the
 //               weighted sum of the grad rows of the windows covering p (at most ceil(l/d), by increasing c),
-//               weight[p - c*d, n] as weights; no atomics, one writer per element, the reference's order.
+//               weight[p - c*d, n] as weights; no atomics, one writer per element, the reference's order. Runs of
+//               consecutive tokens covered by the same windows share those grad rows, widened to fp32 once
+//               (KernelTable::weighted_rows_shared).
 //   weight_grad fixed chunks of compressed rows (their number depends on R only, at most kWgMaxChunks). For each
-//               row r = (b, c) and head n: dots[w] = sum_j grad[r, n, j] * input[start_b + c*d + w, n, j]
-//               (KernelTable::row_dots: 16 interleaved partial sums over j, then a fixed tree), added to the
-//               chunk's partial [N][l] row after row. The partials are then summed in chunk order and rounded
-//               to nearest even.
+//               (n, w), 16 partial sums: lane k adds grad[r, n, j] * input[start_b + c*d + w, n, j] for the
+//               chunk's rows r = (b, c) in increasing order and, within a row, j = k, k+16, ... in increasing
+//               order (KernelTable::dot_lanes); the chunk's partial is their canonical tree (kernels.h). The
+//               partials are then summed in chunk order and rounded to nearest even.
 // Results depend neither on the number of threads nor on the ISA path (kernels.h), only on the data. Extra
-// memory: per worker l row pointers, l weights or dots, D floats and (for inputs whose last dimension is
-// strided) l*D gathered elements; plus kWgMaxChunks * N * l partial sums.
+// memory: per worker l row pointers, N*l*16 partial sums, ceil(l/d) widened rows and their weights for 64 tokens,
+// and (for views whose last dimension is strided) (l+1)*D gathered elements; plus kWgMaxChunks*N*l chunk sums.
 //
 // Memory traffic (the operator is memory-bound): the forward reads each input row once from memory (a window
 // re-reads the l - d rows it shares with its predecessor from cache) and writes the R output rows; the backward
@@ -57,6 +59,17 @@ inline const void* row_ptr(const Tensor3& x, int64_t t, int64_t n, int64_t D, in
   return gather;
 }
 
+// Distance of the prefetches: input rows are requested kPrefetchWindows windows (kPrefetchWindows * d rows) before
+// their window is summed; the kernels interleave these prefetches with the sums. The windows walk the rows in a
+// strided pattern (one head's D elements of each row, then the next head) that the hardware prefetchers follow
+// poorly from memory (about 1.5x faster beyond the caches with it on the development machine).
+constexpr int64_t kPrefetchWindows = 2;
+
+// The byte distance for rows of view x (0: none, for views whose rows are gathered).
+int64_t prefetch_distance(const Tensor3& x, int64_t d, int64_t esz) {
+  return x.stride[2] == 1 ? kPrefetchWindows * d * x.stride[0] * esz : 0;
+}
+
 // ------------------------------------------------------------------ fp64 kernels (no rounding, §4)
 // The same orders as the fp32 KernelTable functions, in double.
 void weighted_rows_f64(const void* const* rows, const double* wts, int64_t m, int64_t D, void* out_v) {
@@ -69,17 +82,21 @@ void weighted_rows_f64(const void* const* rows, const double* wts, int64_t m, in
   }
 }
 
-void row_dots_f64(const double* g, const void* const* rows, int64_t m, int64_t D, double* dots) {
+void weighted_rows_shared_f64(const double* rows, const double* wts, int64_t P, int64_t m, int64_t D, void* out_v,
+                              int64_t out_stride) {
+  for (int64_t p = 0; p < P; ++p) {
+    double* out = static_cast<double*>(out_v) + p * out_stride;
+    for (int64_t j = 0; j < D; ++j) out[j] = 0.0;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < D; ++j) out[j] = out[j] + wts[p * m + i] * rows[i * D + j];
+  }
+}
+
+void dot_lanes_f64(const double* g, const void* const* rows, int64_t m, int64_t D, double* lanes) {
   for (int64_t i = 0; i < m; ++i) {
     const double* r = static_cast<const double*>(rows[i]);
-    double part[16] = {};
-    int64_t j = 0;
-    for (; j + 16 <= D; j += 16)
-      for (int k = 0; k < 16; ++k) part[k] = part[k] + g[j + k] * r[j + k];
-    for (; j < D; ++j) part[j % 16] = part[j % 16] + g[j] * r[j];
-    for (int s = 8; s >= 1; s /= 2)
-      for (int k = 0; k < s; ++k) part[k] = part[k] + part[k + s];
-    dots[i] = part[0];
+    double* lane = lanes + i * 16;
+    for (int64_t j = 0; j < D; ++j) lane[j % 16] = lane[j % 16] + g[j] * r[j];
   }
 }
 
@@ -127,19 +144,12 @@ int workers_for(const Plan& pl, int64_t bytes, int64_t tasks) {
 
 // Per-worker scratch (allocated before any output is written).
 struct Scratch {
-  std::vector<const void*> rows;
-  std::vector<float> f32;    // weights (input_grad) or dots (weight_grad); then D widened grad values
-  std::vector<double> f64;
-  std::vector<unsigned char> gather;
-  void init(int64_t max_rows, int64_t D, int64_t esz, bool strided) {
-    rows.resize(static_cast<size_t>(max_rows));
-    f32.resize(static_cast<size_t>(max_rows + D));
-    f64.resize(static_cast<size_t>(max_rows + D));
-    if (strided) gather.resize(static_cast<size_t>((max_rows + 1) * D * esz));
-  }
-  unsigned char* gather_row(int64_t i, int64_t D, int64_t esz) {
-    return gather.empty() ? nullptr : gather.data() + i * D * esz;
-  }
+  std::vector<const void*> rows;      // row pointers (a window's l rows)
+  std::vector<float> wts32, rows32, g32, lanes32;
+  std::vector<double> wts64, rows64, g64, lanes64;
+  std::vector<unsigned char> gather;  // rows of views whose last dimension is strided
+  int64_t D = 0, esz = 0;
+  unsigned char* gather_row(int64_t i) { return gather.empty() ? nullptr : gather.data() + i * D * esz; }
 };
 
 // ------------------------------------------------------------------ forward
@@ -166,21 +176,27 @@ Status forward(const CompressParams& p, const CpuOptions& options) {
   const int workers = workers_for(pl, bytes, static_cast<int64_t>(tasks.size()));
   const bool strided = p.input.stride[2] != 1;
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
-  for (Scratch& s : scratch) s.init(l, D, esz, strided);
+  for (Scratch& s : scratch) {
+    s.D = D;
+    s.esz = esz;
+    s.rows.resize(static_cast<size_t>(l));
+    if (strided) s.gather.resize(static_cast<size_t>(l * D * esz));
+  }
 
   unsigned char* out = static_cast<unsigned char*>(p.output);
   cpu::parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t ti, int worker) {
     Scratch& s = scratch[static_cast<size_t>(worker)];
     const Task& tk = tasks[static_cast<size_t>(ti)];
     const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
+    const int64_t pf = prefetch_distance(p.input, d, esz);
     for (int64_t c = tk.c0; c < tk.c1; ++c) {
       for (int64_t n = 0; n < N; ++n) {
         // §4: window c covers input rows [start_b + c*d, start_b + c*d + l)
         const int64_t t0 = bt.start + c * d;
-        for (int64_t w = 0; w < l; ++w) s.rows[static_cast<size_t>(w)] = row_ptr(p.input, t0 + w, n, D, esz, s.gather_row(w, D, esz));
+        for (int64_t w = 0; w < l; ++w) s.rows[static_cast<size_t>(w)] = row_ptr(p.input, t0 + w, n, D, esz, s.gather_row(w));
         void* dst = out + ((bt.row_begin + c) * N + n) * D * esz;  // §3: output row R_b + c
         if (pl.f64) weighted_rows_f64(s.rows.data(), pl.wt64.data() + n * l, l, D, dst);
-        else pl.kt->weighted_rows(pl.dt, s.rows.data(), pl.wt32.data() + n * l, l, D, dst, Round::kAway);
+        else pl.kt->weighted_rows(pl.dt, s.rows.data(), pl.wt32.data() + n * l, l, D, dst, Round::kAway, pf);
       }
     }
   });
@@ -196,13 +212,15 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
   Plan pl;
   if (!(st = make_plan(p, sh, options, &pl)).ok()) return st;
   const int64_t l = sh.l, d = sh.d, N = sh.N, D = sh.D, esz = pl.esz, R = sh.R;
+  const int64_t max_cover = (l + d - 1) / d;  // windows covering one token (§5)
+  constexpr int64_t kMaxRun = 64;             // tokens per weighted_rows_shared call
 
   // weight_grad chunks: a function of R only (not of the thread count)
   const int64_t chunk_rows = std::max(kWgMinRows, (R + kWgMaxChunks - 1) / kWgMaxChunks);
   const int64_t n_chunks = (R + chunk_rows - 1) / chunk_rows;
   std::vector<float> part32(pl.f64 ? 0 : static_cast<size_t>(n_chunks * N * l));
   std::vector<double> part64(pl.f64 ? static_cast<size_t>(n_chunks * N * l) : 0);
-  // batches that own rows, with their first row, for the chunks' row -> batch lookup
+  // batches that own rows, for the chunks' row -> batch lookup
   std::vector<const Batch*> owners;
   for (const Batch& bt : pl.batches)
     if (bt.C > 0) owners.push_back(&bt);
@@ -221,17 +239,29 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
   const int workers = workers_for(pl, bytes, n_tasks);
   const bool strided = p.input.stride[2] != 1 || g.grad.stride[2] != 1;
   std::vector<Scratch> scratch(static_cast<size_t>(workers));
-  for (Scratch& s : scratch) s.init(l, D, esz, strided);
+  for (Scratch& s : scratch) {
+    s.D = D;
+    s.esz = esz;
+    s.rows.resize(static_cast<size_t>(l));
+    const size_t nw = static_cast<size_t>(kMaxRun * max_cover), nr = static_cast<size_t>(max_cover * D),
+                 nl = static_cast<size_t>(N * l * 16);
+    if (pl.f64) {
+      s.wts64.resize(nw), s.rows64.resize(nr), s.g64.resize(static_cast<size_t>(D)), s.lanes64.resize(nl);
+    } else {
+      s.wts32.resize(nw), s.rows32.resize(nr), s.g32.resize(static_cast<size_t>(D)), s.lanes32.resize(nl);
+    }
+    if (strided) s.gather.resize(static_cast<size_t>((l + 1) * D * esz));
+  }
 
   unsigned char* in_grad = static_cast<unsigned char*>(g.input_grad);
+  const int64_t pf_in = prefetch_distance(p.input, d, esz);
   cpu::parallel_for(n_tasks, workers, [&](int64_t ti, int worker) {
     Scratch& s = scratch[static_cast<size_t>(worker)];
     if (ti < n_chunks) {
-      // ---- weight_grad partial of rows [r0, r1)
+      // ---- weight_grad partial of rows [r0, r1): 16 lanes per (n, w), accumulated row after row, then reduced
       const int64_t r0 = ti * chunk_rows, r1 = std::min(R, r0 + chunk_rows);
-      float* acc32 = pl.f64 ? nullptr : part32.data() + ti * N * l;
-      double* acc64 = pl.f64 ? part64.data() + ti * N * l : nullptr;
-      for (int64_t i = 0; i < N * l; ++i) pl.f64 ? (void)(acc64[i] = 0.0) : (void)(acc32[i] = 0.0f);
+      if (pl.f64) std::fill(s.lanes64.begin(), s.lanes64.end(), 0.0);
+      else std::fill(s.lanes32.begin(), s.lanes32.end(), 0.0f);
       size_t ob = static_cast<size_t>(std::upper_bound(owners.begin(), owners.end(), r0,
                                                        [](int64_t r, const Batch* b) { return r < b->row_begin; }) -
                                       owners.begin()) - 1;
@@ -240,42 +270,60 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
         const Batch& bt = *owners[ob];
         const int64_t t0 = bt.start + (r - bt.row_begin) * d;  // window of row r: input rows [t0, t0 + l)
         for (int64_t n = 0; n < N; ++n) {
-          const void* grow = row_ptr(g.grad, r, n, D, esz, s.gather_row(l, D, esz));
-          for (int64_t w = 0; w < l; ++w) s.rows[static_cast<size_t>(w)] = row_ptr(p.input, t0 + w, n, D, esz, s.gather_row(w, D, esz));
+          const void* grow = row_ptr(g.grad, r, n, D, esz, s.gather_row(l));
+          for (int64_t w = 0; w < l; ++w) s.rows[static_cast<size_t>(w)] = row_ptr(p.input, t0 + w, n, D, esz, s.gather_row(w));
           if (pl.f64) {
-            double* gv = s.f64.data() + l;
-            std::memcpy(gv, grow, static_cast<size_t>(D) * sizeof(double));
-            row_dots_f64(gv, s.rows.data(), l, D, s.f64.data());
-            for (int64_t w = 0; w < l; ++w) acc64[n * l + w] = acc64[n * l + w] + s.f64[static_cast<size_t>(w)];
+            std::memcpy(s.g64.data(), grow, static_cast<size_t>(D) * sizeof(double));
+            dot_lanes_f64(s.g64.data(), s.rows.data(), l, D, s.lanes64.data() + n * l * 16);
           } else {
-            float* gv = s.f32.data() + l;
-            pl.kt->widen(pl.dt, grow, D, gv);
-            pl.kt->row_dots(pl.dt, gv, s.rows.data(), l, D, s.f32.data());
-            for (int64_t w = 0; w < l; ++w) acc32[n * l + w] = acc32[n * l + w] + s.f32[static_cast<size_t>(w)];
+            pl.kt->widen(pl.dt, grow, D, s.g32.data());
+            pl.kt->dot_lanes(pl.dt, s.g32.data(), s.rows.data(), l, D, s.lanes32.data() + n * l * 16, pf_in);
           }
         }
       }
+      for (int64_t i = 0; i < N * l; ++i) {
+        if (pl.f64) part64[static_cast<size_t>(ti * N * l + i)] = compress_kernels::canonical16(s.lanes64.data() + i * 16);
+        else part32[static_cast<size_t>(ti * N * l + i)] = compress_kernels::canonical16(s.lanes32.data() + i * 16);
+      }
       return;
     }
-    // ---- input_grad of tokens [p0, p1) of one batch
+    // ---- input_grad of tokens [p0, p1) of one batch, in runs of tokens covered by the same windows
     const Task& tk = tasks[static_cast<size_t>(ti - n_chunks)];
     const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
-    for (int64_t pos = tk.p0; pos < tk.p1; ++pos) {
-      int64_t first, last;
+    for (int64_t pos = tk.p0; pos < tk.p1;) {
+      int64_t first, last, f2, l2;
       compress_detail::covering_windows(pos, bt.C, l, d, &first, &last);
-      const int64_t m = std::max<int64_t>(0, last - first + 1);  // 0: uncovered (tail, short batch): zeros (§5)
+      int64_t end = pos + 1;
+      while (end < tk.p1 && end - pos < kMaxRun) {
+        compress_detail::covering_windows(end, bt.C, l, d, &f2, &l2);
+        if (f2 != first || l2 != last) break;
+        ++end;
+      }
+      const int64_t P = end - pos;
+      unsigned char* dst = in_grad + (bt.start + pos) * N * D * esz;
+      if (first > last) {  // no window covers these tokens (a tail, a short batch): +0 (§5)
+        std::memset(dst, 0, static_cast<size_t>(P * N * D * esz));
+        pos = end;
+        continue;
+      }
+      const int64_t m = last - first + 1;
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t i = 0; i < m; ++i) {
-          const int64_t c = first + i;
-          s.rows[static_cast<size_t>(i)] = row_ptr(g.grad, bt.row_begin + c, n, D, esz, s.gather_row(i, D, esz));
-          const int64_t w = pos - c * d;  // position of the token in window c
-          if (pl.f64) s.f64[static_cast<size_t>(i)] = pl.wt64[static_cast<size_t>(n * l + w)];
-          else s.f32[static_cast<size_t>(i)] = pl.wt32[static_cast<size_t>(n * l + w)];
+          const void* grow = row_ptr(g.grad, bt.row_begin + first + i, n, D, esz, s.gather_row(0));
+          if (pl.f64) std::memcpy(s.rows64.data() + i * D, grow, static_cast<size_t>(D) * sizeof(double));
+          else pl.kt->widen(pl.dt, grow, D, s.rows32.data() + i * D);
         }
-        void* dst = in_grad + ((bt.start + pos) * N + n) * D * esz;
-        if (pl.f64) weighted_rows_f64(s.rows.data(), s.f64.data(), m, D, dst);
-        else pl.kt->weighted_rows(pl.dt, s.rows.data(), s.f32.data(), m, D, dst, Round::kEven);
+        for (int64_t q = 0; q < P; ++q)
+          for (int64_t i = 0; i < m; ++i) {
+            const size_t wi = static_cast<size_t>(n * l + (pos + q) - (first + i) * d);  // token's place in window
+            if (pl.f64) s.wts64[static_cast<size_t>(q * m + i)] = pl.wt64[wi];
+            else s.wts32[static_cast<size_t>(q * m + i)] = pl.wt32[wi];
+          }
+        if (pl.f64) weighted_rows_shared_f64(s.rows64.data(), s.wts64.data(), P, m, D, dst + n * D * esz, N * D);
+        else pl.kt->weighted_rows_shared(pl.dt, s.rows32.data(), s.wts32.data(), P, m, D, dst + n * D * esz, N * D,
+                                         Round::kEven);
       }
+      pos = end;
     }
   });
 

@@ -26,16 +26,33 @@ struct KernelTable {
   CpuIsa isa;
   // out[j] = round(acc_j), acc_j = (...((0 + wts[0]*rows[0][j]) + wts[1]*rows[1][j]) + ...) + wts[m-1]*rows[m-1][j]
   // for j < D: a weighted sum of m rows, added in row order (m == 0 writes zeros). out: D contiguous elements of
-  // dt, rounded as `mode` says (no rounding for fp32).
+  // dt, rounded as `mode` says (no rounding for fp32). (The forward: one output row from its window's l rows.)
+  // pf != 0: each row's D elements at rows[i] + pf bytes are prefetched (a later window's rows; the address need
+  // not be valid).
   void (*weighted_rows)(DType dt, const void* const* rows, const float* wts, int64_t m, int64_t D, void* out,
-                        Round mode);
-  // dots[i] = sum_j g[j] * rows[i][j] for i < m, in the canonical order: 16 partial sums, partial k adding the
-  // products of j = k, k+16, k+32, ... in increasing j (starting from 0), then for s = 8, 4, 2, 1:
-  // part[k] = part[k] + part[k + s] (k < s); dots[i] = part[0]. g: D floats.
-  void (*row_dots)(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* dots);
+                        Round mode, int64_t pf);
+  // The same for P output rows that share their m source rows, given widened to fp32 (rows32[i*D + j]), each
+  // with its own weights: out + p*out_stride (elements of dt) receives round(sum_i wts[p*m + i] * rows32[i*D + j])
+  // added in the order i = 0, 1, ..., m-1 from +0. (input_grad: a run of tokens covered by the same windows.)
+  void (*weighted_rows_shared)(DType dt, const float* rows32, const float* wts, int64_t P, int64_t m, int64_t D,
+                               void* out, int64_t out_stride, Round mode);
+  // 16 interleaved partial sums of the dot products of g with m rows: lanes[i*16 + k] += g[j] * rows[i][j] for
+  // j = k, k+16, k+32, ... < D, in increasing j (each product rounded, then added). g: D floats; rows: D elements
+  // of dt. Called row after row on the same lanes, then reduced with canonical16 (weight_grad).
+  // pf: as weighted_rows.
+  void (*dot_lanes)(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes, int64_t pf);
   // dst[j] = f32(src[j]) for j < D (exact widening).
   void (*widen)(DType dt, const void* src, int64_t D, float* dst);
 };
+
+// The canonical reduction of 16 partial sums: for s = 8, 4, 2, 1: part[k] = part[k] + part[k + s] (k < s);
+// returns part[0] (part is overwritten).
+template <typename F>
+inline F canonical16(F* part) {
+  for (int s = 8; s >= 1; s /= 2)
+    for (int k = 0; k < s; ++k) part[k] = part[k] + part[k + s];
+  return part[0];
+}
 
 const KernelTable* kernels_scalar();
 #if NSA_HAVE_X86_KERNELS

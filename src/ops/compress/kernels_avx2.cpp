@@ -68,14 +68,6 @@ struct V {
     h = select(gt(a, c32(cd::kF32Inf)), h, c32(0x7e00u));
     store16(p, _mm256_or_si256(h, sign));
   }
-  // canonical tree of kernels.h over v[0] (lanes 0-7) and v[1] (lanes 8-15)
-  static float reduce16(const F* v) {
-    const __m256 a = _mm256_add_ps(v[0], v[1]);
-    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    const __m128 d = _mm_add_ss(c, _mm_shuffle_ps(c, c, 1));
-    return _mm_cvtss_f32(d);
-  }
 };
 
 #include "ops/compress/kernels_impl.h"
@@ -84,7 +76,8 @@ struct V {
 
 namespace nsa::compress_kernels {
 const KernelTable* kernels_avx2() {
-  static const KernelTable t{CpuIsa::kAvx2, &isa_avx2::weighted_rows_impl, &isa_avx2::row_dots_impl,
+  static const KernelTable t{CpuIsa::kAvx2, &isa_avx2::weighted_rows_impl, &isa_avx2::weighted_rows_shared_impl,
+                             &isa_avx2::dot_lanes_impl,
                              &isa_avx2::widen_impl};
   return &t;
 }

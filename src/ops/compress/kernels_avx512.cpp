@@ -64,14 +64,6 @@ struct V {
     h = _mm512_mask_mov_epi32(h, _mm512_cmpgt_epi32_mask(a, c32(cd::kF32Inf)), c32(0x7e00u));
     store16(p, _mm512_or_si512(h, sign));
   }
-  // canonical tree of kernels.h: (k, k+8), (k, k+4), (k, k+2), (k, k+1)
-  static float reduce16(const F* v) {
-    const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v[0]), _mm512_extractf32x8_ps(v[0], 1));
-    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-    const __m128 d = _mm_add_ss(c, _mm_shuffle_ps(c, c, 1));
-    return _mm_cvtss_f32(d);
-  }
 };
 
 #include "ops/compress/kernels_impl.h"
@@ -80,7 +72,8 @@ struct V {
 
 namespace nsa::compress_kernels {
 const KernelTable* kernels_avx512() {
-  static const KernelTable t{CpuIsa::kAvx512, &isa_avx512::weighted_rows_impl, &isa_avx512::row_dots_impl,
+  static const KernelTable t{CpuIsa::kAvx512, &isa_avx512::weighted_rows_impl, &isa_avx512::weighted_rows_shared_impl,
+                             &isa_avx512::dot_lanes_impl,
                              &isa_avx512::widen_impl};
   return &t;
 }

@@ -6,8 +6,7 @@
 // V provides: type F (W fp32 lanes, 16 % W == 0), zero(), set1(x), add(a, b), mul(a, b),
 // load_f32(const float*), load_bf16(const uint16_t*), load_f16(const uint16_t*) (exact widening),
 // store_f32(float*, F), store_bf16(uint16_t*, F, bool away), store_f16(uint16_t*, F, bool away) (the
-// roundings of rounding.h lane by lane: away = rha, else rne), and reduce16(const F* v): the canonical tree of
-// kernels.h over the 16 lanes held by v[0 .. 16/W) (lane k of the 16 = lane k % W of v[k / W]).
+// roundings of rounding.h lane by lane: away = rha, else rne).
 // Elements past the last whole vector of a row are handled by the scalar code below, with the same operations.
 
 using nsa::DType;
@@ -45,15 +44,31 @@ inline void storev(void* out, int64_t j, V::F x, bool away) {
   else V::store_f32(static_cast<float*>(out) + j, x);
 }
 
+// Prefetch of `bytes` bytes at row + pf (pf == 0: none). The address is formed as an integer: it may lie past the
+// tensor (prefetches never fault).
+inline void prefetch_span(const void* row, int64_t pf, int64_t bytes) {
+  if (pf == 0) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(pf);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(reinterpret_cast<const void*>(a + static_cast<uintptr_t>(o)), 0, 3);
+}
+
+template <DType DT>
+constexpr int64_t elem_bytes() {
+  return DT == DType::kF32 ? 4 : 2;
+}
+
 // ------------------------------------------------------------------ weighted_rows
 // NV vectors of columns [j0, j0 + NV*W): accumulators in registers across the m rows.
+// (The first tile of a row also prefetches the row pf bytes further: a later window's row, as the driver chose.)
 template <DType DT, int NV>
-inline void weighted_tile(const void* const* rows, const float* wts, int64_t m, int64_t j0, void* out, bool away) {
+inline void weighted_tile(const void* const* rows, const float* wts, int64_t m, int64_t j0, void* out, bool away,
+                          int64_t pf, int64_t pf_bytes) {
   V::F acc[NV];
   for (int v = 0; v < NV; ++v) acc[v] = V::zero();
   for (int64_t i = 0; i < m; ++i) {
     const V::F wv = V::set1(wts[i]);
     const void* row = rows[i];
+    prefetch_span(row, pf, pf_bytes);
     for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, loadv<DT>(row, j0 + v * V::W)));
   }
   for (int v = 0; v < NV; ++v) storev<DT>(out, j0 + v * V::W, acc[v], away);
@@ -62,19 +77,23 @@ inline void weighted_tile(const void* const* rows, const float* wts, int64_t m, 
 constexpr int kTileVectors = 8;  // accumulators per tile (8 of the 16 / 32 vector registers)
 
 template <DType DT>
-inline void weighted_rows_t(const void* const* rows, const float* wts, int64_t m, int64_t D, void* out, bool away) {
+inline void weighted_rows_t(const void* const* rows, const float* wts, int64_t m, int64_t D, void* out, bool away,
+                            int64_t pf) {
   const int64_t nvec = D / V::W;
+  const int64_t row_bytes = D * elem_bytes<DT>();
   int64_t v0 = 0;
-  for (; v0 + kTileVectors <= nvec; v0 += kTileVectors) weighted_tile<DT, kTileVectors>(rows, wts, m, v0 * V::W, out, away);
-  const int64_t j0 = v0 * V::W;
+  // the first tile prefetches whole rows, the others none
+  for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
+    weighted_tile<DT, kTileVectors>(rows, wts, m, v0 * V::W, out, away, v0 == 0 ? pf : 0, row_bytes);
+  const int64_t j0 = v0 * V::W, tp = v0 == 0 ? pf : 0;
   switch (nvec - v0) {
-    case 1: weighted_tile<DT, 1>(rows, wts, m, j0, out, away); break;
-    case 2: weighted_tile<DT, 2>(rows, wts, m, j0, out, away); break;
-    case 3: weighted_tile<DT, 3>(rows, wts, m, j0, out, away); break;
-    case 4: weighted_tile<DT, 4>(rows, wts, m, j0, out, away); break;
-    case 5: weighted_tile<DT, 5>(rows, wts, m, j0, out, away); break;
-    case 6: weighted_tile<DT, 6>(rows, wts, m, j0, out, away); break;
-    case 7: weighted_tile<DT, 7>(rows, wts, m, j0, out, away); break;
+    case 1: weighted_tile<DT, 1>(rows, wts, m, j0, out, away, tp, row_bytes); break;
+    case 2: weighted_tile<DT, 2>(rows, wts, m, j0, out, away, tp, row_bytes); break;
+    case 3: weighted_tile<DT, 3>(rows, wts, m, j0, out, away, tp, row_bytes); break;
+    case 4: weighted_tile<DT, 4>(rows, wts, m, j0, out, away, tp, row_bytes); break;
+    case 5: weighted_tile<DT, 5>(rows, wts, m, j0, out, away, tp, row_bytes); break;
+    case 6: weighted_tile<DT, 6>(rows, wts, m, j0, out, away, tp, row_bytes); break;
+    case 7: weighted_tile<DT, 7>(rows, wts, m, j0, out, away, tp, row_bytes); break;
     default: break;
   }
   for (int64_t j = nvec * V::W; j < D; ++j) {  // the last D % W columns, same operations one at a time
@@ -85,33 +104,79 @@ inline void weighted_rows_t(const void* const* rows, const float* wts, int64_t m
 }
 
 inline void weighted_rows_impl(DType dt, const void* const* rows, const float* wts, int64_t m, int64_t D, void* out,
-                               Round mode) {
+                               Round mode, int64_t pf) {
   const bool away = mode == Round::kAway;
   switch (dt) {
-    case DType::kBF16: weighted_rows_t<DType::kBF16>(rows, wts, m, D, out, away); break;
-    case DType::kF16: weighted_rows_t<DType::kF16>(rows, wts, m, D, out, away); break;
-    default: weighted_rows_t<DType::kF32>(rows, wts, m, D, out, away); break;
+    case DType::kBF16: weighted_rows_t<DType::kBF16>(rows, wts, m, D, out, away, pf); break;
+    case DType::kF16: weighted_rows_t<DType::kF16>(rows, wts, m, D, out, away, pf); break;
+    default: weighted_rows_t<DType::kF32>(rows, wts, m, D, out, away, pf); break;
   }
 }
 
-// ------------------------------------------------------------------ row_dots
-constexpr int kLaneVectors = 16 / V::W;  // vectors holding the 16 canonical partial sums
-constexpr int kDotRows = 4;              // rows per pass: independent dependency chains
-
-// Scalar form of the canonical reduction (tails and the scalar table).
-inline float canonical16(float* part) {
-  for (int s = 8; s >= 1; s /= 2)
-    for (int k = 0; k < s; ++k) part[k] = part[k] + part[k + s];
-  return part[0];
+// ------------------------------------------------------------------ weighted_rows_shared
+template <DType DT, int NV>
+inline void shared_tile(const float* rows32, const float* wts, int64_t P, int64_t m, int64_t D, int64_t j0, void* out,
+                        int64_t out_stride, bool away) {
+  for (int64_t p = 0; p < P; ++p) {
+    V::F acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V::zero();
+    for (int64_t i = 0; i < m; ++i) {
+      const V::F wv = V::set1(wts[p * m + i]);
+      const float* row = rows32 + i * D + j0;
+      for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, V::load_f32(row + v * V::W)));
+    }
+    for (int v = 0; v < NV; ++v) storev<DT>(out, p * out_stride + j0 + v * V::W, acc[v], away);
+  }
 }
 
-// The 16 partial sums of NR rows: whole groups of 16 columns in vectors, the last D % 16 columns added to their
-// lanes one at a time (lane k = j % 16), then the canonical tree.
+template <DType DT>
+inline void weighted_rows_shared_t(const float* rows32, const float* wts, int64_t P, int64_t m, int64_t D, void* out,
+                                   int64_t out_stride, bool away) {
+  const int64_t nvec = D / V::W;
+  int64_t v0 = 0;
+  for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
+    shared_tile<DT, kTileVectors>(rows32, wts, P, m, D, v0 * V::W, out, out_stride, away);
+  const int64_t j0 = v0 * V::W;
+  switch (nvec - v0) {
+    case 1: shared_tile<DT, 1>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
+    case 2: shared_tile<DT, 2>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
+    case 3: shared_tile<DT, 3>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
+    case 4: shared_tile<DT, 4>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
+    case 5: shared_tile<DT, 5>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
+    case 6: shared_tile<DT, 6>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
+    case 7: shared_tile<DT, 7>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
+    default: break;
+  }
+  for (int64_t j = nvec * V::W; j < D; ++j)  // the last D % W columns, same operations one at a time
+    for (int64_t p = 0; p < P; ++p) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < m; ++i) acc = acc + wts[p * m + i] * rows32[i * D + j];
+      store1<DT>(out, p * out_stride + j, acc, away);
+    }
+}
+
+inline void weighted_rows_shared_impl(DType dt, const float* rows32, const float* wts, int64_t P, int64_t m, int64_t D,
+                                      void* out, int64_t out_stride, Round mode) {
+  const bool away = mode == Round::kAway;
+  switch (dt) {
+    case DType::kBF16: weighted_rows_shared_t<DType::kBF16>(rows32, wts, P, m, D, out, out_stride, away); break;
+    case DType::kF16: weighted_rows_shared_t<DType::kF16>(rows32, wts, P, m, D, out, out_stride, away); break;
+    default: weighted_rows_shared_t<DType::kF32>(rows32, wts, P, m, D, out, out_stride, away); break;
+  }
+}
+
+// ------------------------------------------------------------------ dot_lanes
+constexpr int kLaneVectors = 16 / V::W;  // vectors holding the 16 partial sums of one row
+constexpr int kDotRows = 4;              // rows per pass: independent dependency chains
+
+// NR rows: their 16 lanes in registers over the whole groups of 16 columns, then the last D % 16 columns added to
+// lanes j % 16 one at a time.
 template <DType DT, int NR>
-inline void dots_group(const float* g, const void* const* rows, int64_t D, float* dots) {
+inline void dot_lanes_group(const float* g, const void* const* rows, int64_t D, float* lanes, int64_t pf) {
+  for (int r = 0; r < NR; ++r) prefetch_span(rows[r], pf, D * elem_bytes<DT>());
   V::F acc[NR][kLaneVectors];
   for (int r = 0; r < NR; ++r)
-    for (int a = 0; a < kLaneVectors; ++a) acc[r][a] = V::zero();
+    for (int a = 0; a < kLaneVectors; ++a) acc[r][a] = V::load_f32(lanes + r * 16 + a * V::W);
   const int64_t d16 = D / 16 * 16;
   for (int64_t j = 0; j < d16; j += 16) {
     for (int a = 0; a < kLaneVectors; ++a) {
@@ -120,29 +185,24 @@ inline void dots_group(const float* g, const void* const* rows, int64_t D, float
     }
   }
   for (int r = 0; r < NR; ++r) {
-    if (d16 == D) {
-      dots[r] = V::reduce16(acc[r]);
-      continue;
-    }
-    alignas(64) float part[16];
-    for (int a = 0; a < kLaneVectors; ++a) V::store_f32(part + a * V::W, acc[r][a]);
-    for (int64_t j = d16; j < D; ++j) part[j - d16] = part[j - d16] + g[j] * load1<DT>(rows[r], j);
-    dots[r] = canonical16(part);
+    for (int a = 0; a < kLaneVectors; ++a) V::store_f32(lanes + r * 16 + a * V::W, acc[r][a]);
+    for (int64_t j = d16; j < D; ++j) lanes[r * 16 + (j - d16)] = lanes[r * 16 + (j - d16)] + g[j] * load1<DT>(rows[r], j);
   }
 }
 
 template <DType DT>
-inline void row_dots_t(const float* g, const void* const* rows, int64_t m, int64_t D, float* dots) {
+inline void dot_lanes_t(const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes, int64_t pf) {
   int64_t i = 0;
-  for (; i + kDotRows <= m; i += kDotRows) dots_group<DT, kDotRows>(g, rows + i, D, dots + i);
-  for (; i < m; ++i) dots_group<DT, 1>(g, rows + i, D, dots + i);
+  for (; i + kDotRows <= m; i += kDotRows) dot_lanes_group<DT, kDotRows>(g, rows + i, D, lanes + i * 16, pf);
+  for (; i < m; ++i) dot_lanes_group<DT, 1>(g, rows + i, D, lanes + i * 16, pf);
 }
 
-inline void row_dots_impl(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* dots) {
+inline void dot_lanes_impl(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes,
+                           int64_t pf) {
   switch (dt) {
-    case DType::kBF16: row_dots_t<DType::kBF16>(g, rows, m, D, dots); break;
-    case DType::kF16: row_dots_t<DType::kF16>(g, rows, m, D, dots); break;
-    default: row_dots_t<DType::kF32>(g, rows, m, D, dots); break;
+    case DType::kBF16: dot_lanes_t<DType::kBF16>(g, rows, m, D, lanes, pf); break;
+    case DType::kF16: dot_lanes_t<DType::kF16>(g, rows, m, D, lanes, pf); break;
+    default: dot_lanes_t<DType::kF32>(g, rows, m, D, lanes, pf); break;
   }
 }
 

@@ -25,13 +25,6 @@ struct V {
   static void store_f16(uint16_t* p, F v, bool away) {
     *p = away ? compress_detail::f32_to_f16_rha(v) : compress_detail::f32_to_f16_rne(v);
   }
-  static float reduce16(const F* v) {
-    float part[16];
-    for (int k = 0; k < 16; ++k) part[k] = v[k];
-    for (int s = 8; s >= 1; s /= 2)
-      for (int k = 0; k < s; ++k) part[k] = part[k] + part[k + s];
-    return part[0];
-  }
 };
 
 #include "ops/compress/kernels_impl.h"
@@ -41,7 +34,8 @@ struct V {
 namespace nsa::compress_kernels {
 
 const KernelTable* kernels_scalar() {
-  static const KernelTable t{CpuIsa::kScalar, &isa_scalar::weighted_rows_impl, &isa_scalar::row_dots_impl,
+  static const KernelTable t{CpuIsa::kScalar, &isa_scalar::weighted_rows_impl, &isa_scalar::weighted_rows_shared_impl,
+                             &isa_scalar::dot_lanes_impl,
                              &isa_scalar::widen_impl};
   return &t;
 }
