@@ -3,7 +3,7 @@
 # also with -fsanitize=fuzzer-no-link for coverage), through tests/stress/CMakeLists.txt:
 #
 #   (a) fuzz_backends: seeded random configurations, compress_attention_cpu on every ISA path this host runs
-#       vs the fp64 model / fp32 reference (STYLE rules), NaN-in-masked-key and thread-count invariance.
+#       vs the fp64 model / fp32 reference (docs/CONTRIBUTING.md rules), NaN-in-masked-key and thread-count invariance.
 #       Prints: fuzz leg: N configurations x M ISA paths, 0 mismatches (seed S)
 #   (b) fuzz_validate (libFuzzer): random bytes -> CompressAttentionParams backed by real buffers ->
 #       validate / reference / cpu / backward; first the regression inputs of tests/fuzz/regressions, then a
@@ -26,7 +26,7 @@
 # tests/fuzz/regressions/ once fixed.
 #
 # Negative strides: the API allows any int64 strides (torch never makes negative ones). The fuzzer once
-# found src/cpu/forward.cpp forming `base * dtype_size(dt)` in size_t (a wrapped offset for negative
+# found src/ops/compress_attention/cpu_forward.cpp forming `base * dtype_size(dt)` in size_t (a wrapped offset for negative
 # strides; fixed, replayed from tests/fuzz/regressions/validate_forward_negative_stride.bin);
 # NSA_FUZZ_NEGATIVE_STRIDES=0 leaves them out.
 set -uo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sanitizer legs of nsa-ops (STYLE: "ASan + UBSan and TSan runs with zero reports; a planted bug must be
+# Sanitizer legs of nsa-ops (docs/CONTRIBUTING.md: "ASan + UBSan and TSan runs with zero reports; a planted bug must be
 # caught, so that zero means something"). Two builds of the torch-free library and every C++ test
 # through tests/stress/CMakeLists.txt (the root project as a subdirectory plus the hardening programs):
 #

@@ -1,6 +1,6 @@
 // Internal header of the PyTorch binding (torch.ops.nsa): the checks and the tensor -> params
 // mapping shared by the backend kernels (cpu_kernel.cpp, meta_kernel.cpp, and a CUDA kernel file
-// later). Minimal torch headers only (STYLE lesson 6); the operator's semantics live in the
+// later). Minimal torch headers only (docs/CONTRIBUTING.md rule 6); the operator's semantics live in the
 // torch-free library (include/nsa/compress_attention.h, docs/spec/compress_attention.md).
 #pragma once
 

@@ -1,7 +1,7 @@
 // Minimal fork-join parallel loop for the CPU backend (internal). Each call starts its own workers,
 // so concurrent calls from several caller threads never share state. Tasks are handed out in
 // index order through an atomic counter; which thread runs a task never changes a result, because
-// each task writes its own outputs (STYLE lesson 7).
+// each task writes its own outputs (docs/CONTRIBUTING.md rule 7).
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // The CUDA backend (include/nsa/cuda.h) against the reference and the fp64 model of docs/spec/compress_attention.md, with the rules of
-// STYLE.md's test table (tests/cpp/test_util.h: Case builder, strided layouts, oracle, checks):
+// docs/CONTRIBUTING.md's test table (tests/cpp/test_util.h: Case builder, strided layouts, oracle, checks):
 //   forward  - hand cases (mask replacement, scores overflowing below the mask value), a shape matrix
 //              (batches incl. Sq_b = 0, G in {1,2,3,5,8,16,64,96}, D != D2, D up to 288, C_b around M,
 //              causal / random / band masks with fully masked rows, forced blocks, ties, strided inputs and

@@ -354,7 +354,7 @@ Desc decode(Reader& r, Reader& mr) {
   return d;
 }
 
-// docs/spec/compress_attention.md §6 read independently of src/core/validate.cpp (plus: pointers non-null; CpuOptions::isa is checked by the CPU entry point, not by validation).
+// docs/spec/compress_attention.md §6 read independently of src/ops/compress_attention/validate.cpp (plus: pointers non-null; CpuOptions::isa is checked by the CPU entry point, not by validation).
 bool spec_valid(const Desc& d) {
   if (d.dtype < 0 || d.dtype > 3) return false;
   if (d.q_null || d.k_null || d.v_null) return false;

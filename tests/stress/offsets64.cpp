@@ -3,7 +3,7 @@
 // pages actually written and read become resident (a few MB), so this runs within CI memory. Each case
 // runs compress_attention_reference and compress_attention_cpu on every ISA path on the huge-stride views
 // and on the same values laid out contiguously, and requires bitwise equal outputs (strides must not
-// change a single bit, STYLE determinism), and the backward likewise (grad outputs are contiguous, so only
+// change a single bit, docs/CONTRIBUTING.md rule 7), and the backward likewise (grad outputs are contiguous, so only
 // its input offsets are huge).
 //
 // Cases (element strides; 2^31 = 2147483648):
