@@ -67,6 +67,7 @@ struct Scratch {
   void* slots = nullptr;
   float* kv_acc = nullptr;
   float* dq = nullptr;
+  float* dq_tile = nullptr;  // [R][Dp]: dQ of an owned tile in a dK/dV task
   std::vector<RowInfo> info;
 };
 
@@ -172,40 +173,12 @@ class Backward {
  private:
   // ---------------------------------------------------------------- plan
   void plan() {
-    // dQ strips: consecutive tiles of a batch, at most st tokens and strip_rows rows (their dQ accumulators).
-    int64_t st = sh_.T1 * sh_.N2 / std::max<int64_t>(1, 4 * static_cast<int64_t>(threads_));
-    st = std::clamp<int64_t>(round_down(st, Bq_), Bq_, std::max(Bq_, tu_.strip_tokens));
-    max_qrows_ = R_;
-    for (size_t i = 0; i < tiles_.size();) {
-      QStrip s;
-      s.t0 = i;
-      int64_t tokens = 0;
-      s.jlo = INT64_MAX;
-      s.jhi = INT64_MIN;
-      size_t j = i;
-      for (; j < tiles_.size() && tiles_[j].b == tiles_[i].b; ++j) {
-        const Tile& t = tiles_[j];
-        const int64_t tk = t.s1 - t.s0;
-        if (j > i && (tokens + tk > st || s.rows + tk * G_ > std::max(R_, tu_.strip_rows))) break;
-        tokens += tk;
-        s.rows += tk * G_;
-        if (t.hi > t.lo) {
-          s.jlo = std::min(s.jlo, t.lo / kBc);
-          s.jhi = std::max(s.jhi, (t.hi + kBc - 1) / kBc);
-        }
-      }
-      s.t1 = j;
-      if (s.jhi < s.jlo) s.jlo = s.jhi = 0;
-      double cost = 0;
-      for (size_t x = s.t0; x < s.t1; ++x)
-        cost += static_cast<double>((tiles_[x].s1 - tiles_[x].s0) * G_) *
-                (static_cast<double>(std::max<int64_t>(0, tiles_[x].hi - tiles_[x].lo)) * (2 * D_ + Dv_) + D_ + Dv_);
-      qcost_.push_back(cost);
-      max_qrows_ = std::max(max_qrows_, s.rows);
-      qstrips_.push_back(s);
-      i = j;
-    }
-    // dK/dV strips: strip_keys keys of every batch with keys; the query tiles meeting each, ascending.
+    // dK/dV strips: strip_keys keys of every batch with keys (fewer where the shape would give under 2 tasks per
+    // thread; strips never change a result); the query tiles meeting each, ascending.
+    int64_t keys = 0;
+    for (const WBatch& bi : batches_) keys += bi.skv;
+    const int64_t target = round_up(keys * sh_.N2 / std::max<int64_t>(1, 2 * static_cast<int64_t>(threads_)), kBc);
+    strip_keys_ = std::clamp<int64_t>(target, std::min<int64_t>(512, strip_keys_), strip_keys_);
     size_t tb = 0;  // first tile of batch b
     batch_tiles_.assign(batches_.size() + 1, 0);
     for (size_t b = 0; b < batches_.size(); ++b) {
@@ -230,15 +203,58 @@ class Backward {
       }
       tb = te;
     }
+    // A tile whose whole span lies in one dK/dV strip is "owned" by it: that task also accumulates its dQ (the same
+    // products in the same order as a dQ task would: the result does not depend on who computes it), so dQ tasks
+    // skip it and the pairs' S, P, dP, dS are computed once instead of twice.
+    owned_.assign(tiles_.size(), 0);
+    for (const KStrip& ks : kstrips_)
+      for (size_t x : ks.tiles)
+        if (tiles_[x].lo >= ks.j0 * kBc && tiles_[x].hi <= ks.j1 * kBc) owned_[x] = 1;
     for (const KStrip& ks : kstrips_) {
       double cost = static_cast<double>(ks.j1 - ks.j0) * kBc * (D_ + Dv_);
       for (size_t x : ks.tiles) {
         const Tile& t = tiles_[x];
         const int64_t a = std::max(t.lo, ks.j0 * kBc), e = std::min(t.hi, ks.j1 * kBc);
         cost += static_cast<double>((t.s1 - t.s0) * G_) * static_cast<double>(std::max<int64_t>(0, e - a)) *
-                (2 * D_ + 2 * Dv_);
+                (owned_[x] ? 3 * D_ + 2 * Dv_ : 2 * D_ + 2 * Dv_);
       }
       kcost_.push_back(cost);
+    }
+    // dQ strips: consecutive tiles of a batch, at most st tokens and strip_rows rows (their dQ accumulators), for
+    // the tiles no dK/dV task owns; a strip of owned tiles only is no task.
+    int64_t st = sh_.T1 * sh_.N2 / std::max<int64_t>(1, 4 * static_cast<int64_t>(threads_));
+    st = std::clamp<int64_t>(round_down(st, Bq_), Bq_, std::max(Bq_, tu_.strip_tokens));
+    max_qrows_ = R_;
+    for (size_t i = 0; i < tiles_.size();) {
+      QStrip s;
+      s.t0 = i;
+      int64_t tokens = 0;
+      s.jlo = INT64_MAX;
+      s.jhi = INT64_MIN;
+      bool any = false;
+      double cost = 0;
+      size_t j = i;
+      for (; j < tiles_.size() && tiles_[j].b == tiles_[i].b; ++j) {
+        const Tile& t = tiles_[j];
+        const int64_t tk = t.s1 - t.s0;
+        if (j > i && (tokens + tk > st || s.rows + tk * G_ > std::max(R_, tu_.strip_rows))) break;
+        tokens += tk;
+        s.rows += tk * G_;
+        if (owned_[j]) continue;
+        any = true;
+        if (t.hi > t.lo) {
+          s.jlo = std::min(s.jlo, t.lo / kBc);
+          s.jhi = std::max(s.jhi, (t.hi + kBc - 1) / kBc);
+        }
+        cost += static_cast<double>(tk * G_) * (static_cast<double>(std::max<int64_t>(0, t.hi - t.lo)) * (2 * D_ + Dv_) + D_);
+      }
+      s.t1 = j;
+      i = j;
+      if (!any) continue;
+      if (s.jhi < s.jlo) s.jlo = s.jhi = 0;
+      qcost_.push_back(cost);
+      max_qrows_ = std::max(max_qrows_, s.rows);
+      qstrips_.push_back(s);
     }
   }
 
@@ -272,6 +288,7 @@ class Backward {
     else c.take(reinterpret_cast<float**>(&x.slots), slots);
     c.take(&x.kv_acc, strip_keys_ / kBc * (D_ + Dv_) * kBc);
     c.take(&x.dq, max_qrows_ * Dp_);
+    c.take(&x.dq_tile, R_ * Dp_);
   }
 
   void init_scratch(Scratch& sc) const {
@@ -472,11 +489,14 @@ class Backward {
       const Tile& t = tiles_[x];
       load_tile(t, n2, true, sc);
       const int64_t rows = tile_rows(t);
+      const bool owned = owned_[x];  // the tile's whole span lies in this strip: its dQ is computed here too
+      if (owned) std::fill(sc.dq_tile, sc.dq_tile + rows * Dp_, 0.0f);
       for (int64_t j = ks.j0; j < ks.j1; ++j) {
         int64_t w0, w1;
         if (!window_of(t, j, &w0, &w1)) continue;
         const int64_t wn = w1 - w0;
         pair_softmax(t, j, slot(sc, j - ks.j0), w0, w1, sc);
+        if (owned) accumulate_dq(t, slot(sc, j - ks.j0), w0, w1, sc.dq_tile, sc);
         float* dkT = sc.kv_acc + (j - ks.j0) * acc_tile;
         float* dvT = dkT + D_ * kBc;
         if (dot_) {
@@ -495,6 +515,7 @@ class Backward {
           kt_->gemm.f32(sc.qT, R_, D_, sc.dp, 0, w0, wn, rows, rows, dkT + w0, kBc, 1.0f, true);
         }
       }
+      if (owned) write_dq(t, n2, sc.dq_tile);
     }
     // dK = scale dK^T, dV = dV^T (+ the share of rows without a visible key), rounded with rha.
     const std::vector<float>& u = share_[static_cast<size_t>(ks.b * sh_.N2 + n2)];
@@ -514,6 +535,38 @@ class Backward {
   }
 
   // ---------------------------------------------------------------- dQ tasks
+  // dQ_t += dS K_j on the pair's window (dS of pair_softmax in sc.dp), into the rows dq [rows][Dp].
+  void accumulate_dq(const Tile& t, const void* key, int64_t w0, int64_t w1, float* dq, Scratch& sc) const {
+    const int64_t rows = tile_rows(t), wn = w1 - w0;
+    if (dot_) {
+      const uint16_t* kk = static_cast<const uint16_t*>(key) + (Dh_ + Dvh_) * 2 * kBc;
+      for (int64_t pp = 0; pp < (rows + 1) / 2; ++pp) {
+        const int64_t r0 = 2 * pp, r1 = 2 * pp + 1;
+        kt_->grad.pack_rows_bf16(sc.dp + r0 * kBc + w0, sc.dp + r1 * kBc + w0, wn, sc.pair_tmp, sc.dsA + r0 * kBc + w0,
+                                 r1 < rows ? sc.dsA + r1 * kBc + w0 : nullptr);
+      }
+      kt_->gemm.bf16(sc.dsA + w0, kBc, rows, kk + (w0 / 2) * 2 * kPan, kBc * kPan, 0, Dp_, wn / 2, wn / 2, dq, Dp_, 1.0f,
+                     true);
+    } else {
+      const float* kp = static_cast<const float*>(key) + (D_ + Dv_) * kBc;
+      kt_->gemm.f32(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, Dp_, wn, wn, dq, Dp_, 1.0f, true);
+    }
+  }
+
+  // dQ = scale * sum of tile t's rows dq [rows][Dp], rounded with rha; rows without a visible key hold 0.
+  void write_dq(const Tile& t, int64_t n2, float* dq) const {
+    const WBatch& bi = batches_[static_cast<size_t>(t.b)];
+    const size_t esz = dtype_size(p_.dtype);
+    for (int64_t r = 0; r < tile_rows(t); ++r) {
+      const int64_t i = t.s0 + r / G_, h = n2 * G_ + r % G_, tq = bi.q0 + i;
+      float* dqr = dq + r * Dp_;
+      for (int64_t d = 0; d < D_; ++d) dqr[d] *= scale_;
+      store_rha(dqr, static_cast<char*>(g_.grad_query) + (tq * sh_.N1 + h) * D_ * static_cast<int64_t>(esz), D_,
+                p_.dtype);
+    }
+  }
+
+  // ---------------------------------------------------------------- dQ tasks
   void run_query_strip(const QStrip& qs, int64_t n2, Scratch& sc) const {
     const WBatch& bi = batches_[static_cast<size_t>(tiles_[qs.t0].b)];
     std::fill(sc.dq, sc.dq + qs.rows * Dp_, 0.0f);
@@ -525,6 +578,10 @@ class Backward {
       for (size_t x = qs.t0; x < qs.t1; ++x) {
         const Tile& t = tiles_[x];
         const int64_t rows = tile_rows(t);
+        if (owned_[x]) {  // its dQ is written by the dK/dV task whose strip holds its whole span
+          row0 += rows;
+          continue;
+        }
         bool loaded = false;
         for (int64_t j = ja; j < jb; ++j) {
           int64_t w0, w1;
@@ -533,40 +590,17 @@ class Backward {
             load_tile(t, n2, false, sc);
             loaded = true;
           }
-          const int64_t wn = w1 - w0;
           const void* key = slot(sc, j - ja);
           pair_softmax(t, j, key, w0, w1, sc);
-          float* dq = sc.dq + row0 * Dp_;
-          if (dot_) {
-            const uint16_t* kk = static_cast<const uint16_t*>(key) + (Dh_ + Dvh_) * 2 * kBc;
-            for (int64_t pp = 0; pp < (rows + 1) / 2; ++pp) {
-              const int64_t r0 = 2 * pp, r1 = 2 * pp + 1;
-              kt_->grad.pack_rows_bf16(sc.dp + r0 * kBc + w0, sc.dp + r1 * kBc + w0, wn, sc.pair_tmp, sc.dsA + r0 * kBc + w0,
-                                       r1 < rows ? sc.dsA + r1 * kBc + w0 : nullptr);
-            }
-            kt_->gemm.bf16(sc.dsA + w0, kBc, rows, kk + (w0 / 2) * 2 * kPan, kBc * kPan, 0, Dp_, wn / 2, wn / 2, dq, Dp_,
-                           1.0f, true);
-          } else {
-            const float* kp = static_cast<const float*>(key) + (D_ + Dv_) * kBc;
-            kt_->gemm.f32(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, Dp_, wn, wn, dq, Dp_, 1.0f, true);
-          }
+          accumulate_dq(t, key, w0, w1, sc.dq + row0 * Dp_, sc);
         }
         row0 += rows;
       }
     }
-    // dQ = scale * sum, rounded with rha; rows without a visible key were never reached: 0.
-    const size_t esz = dtype_size(p_.dtype);
     int64_t row0 = 0;
     for (size_t x = qs.t0; x < qs.t1; ++x) {
-      const Tile& t = tiles_[x];
-      for (int64_t r = 0; r < tile_rows(t); ++r) {
-        const int64_t i = t.s0 + r / G_, h = n2 * G_ + r % G_, tq = bi.q0 + i;
-        float* dqr = sc.dq + (row0 + r) * Dp_;
-        for (int64_t d = 0; d < D_; ++d) dqr[d] *= scale_;
-        store_rha(dqr, static_cast<char*>(g_.grad_query) + (tq * sh_.N1 + h) * D_ * static_cast<int64_t>(esz), D_,
-                  p_.dtype);
-      }
-      row0 += tile_rows(t);
+      if (!owned_[x]) write_dq(tiles_[x], n2, sc.dq + row0 * Dp_);
+      row0 += tile_rows(tiles_[x]);
     }
   }
 
@@ -584,6 +618,7 @@ class Backward {
   int64_t chunk_ = 64, strip_keys_ = 64, max_qrows_ = 1;
   std::vector<Tile> tiles_;
   std::vector<QStrip> qstrips_;
+  std::vector<uint8_t> owned_;  // per tile: its dQ is computed by a dK/dV task
   std::vector<KStrip> kstrips_;
   std::vector<double> qcost_, kcost_;
   std::vector<std::vector<float>> share_;  // [b * N2 + n2][Dv]: dV share of rows without a visible key
