@@ -17,6 +17,10 @@ from .ops import _compress_autograd  # noqa: E402
 
 _compress_autograd.register()
 
+from .ops import _window_attention_autograd  # noqa: E402
+
+_window_attention_autograd.register()
+
 from .masks import (  # noqa: E402
     compressed_lengths,
     lengths_from_prefix_sums,
@@ -38,6 +42,13 @@ from .ops.compress import (  # noqa: E402
     npu_nsa_compress,
     npu_nsa_compress_grad,
 )
+from .ops.window_attention import (  # noqa: E402
+    WindowAttentionOutput,
+    compressed_atten_mask,
+    npu_fusion_attention,
+    npu_fusion_attention_grad,
+    sliding_window_attention,
+)
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 
 __all__ = [
@@ -50,6 +61,11 @@ __all__ = [
     "compressed_offsets",
     "npu_nsa_compress",
     "npu_nsa_compress_grad",
+    "WindowAttentionOutput",
+    "compressed_atten_mask",
+    "npu_fusion_attention",
+    "npu_fusion_attention_grad",
+    "sliding_window_attention",
     "selection_lengths",
     "prefix_sums",
     "lengths_from_prefix_sums",
