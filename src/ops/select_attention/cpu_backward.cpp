@@ -37,6 +37,7 @@
 #include "cpu/isa.h"
 #include "ops/select_attention/cpu.h"
 #include "ops/select_attention/cpu_common.h"
+#include "ops/select_attention/kernels.h"
 #include "ops/select_attention/reference.h"
 
 namespace nsa::select_cpu {
@@ -46,6 +47,9 @@ constexpr int64_t kTileRows = 64;    // GEMM rows (query rows x G) of a phase-A 
 constexpr int64_t kChunkRows = 128;  // GEMM rows (entries x G) of a phase-B chunk
 constexpr int64_t kPieceRows = 8192; // GEMM rows of a phase-B piece (grown while the partials exceed the budget)
 constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of phase-B partials
+// From this G on, phase A runs each entry's GEMMs on its G tile rows in place (no gathers); below it, a block's
+// entries are gathered into one GEMM (as the forward does).
+constexpr int64_t kDirectMinG = 8;
 
 float load_stat(const Tensor3& t, int64_t i, int64_t j) {
   return static_cast<const float*>(t.data)[i * t.stride[0] + j * t.stride[1]];
@@ -68,6 +72,8 @@ class Backward {
     bq_ = std::max<int64_t>(1, std::min((tile + g_.G / 2) / g_.G, std::max<int64_t>(sh.max_sq, 1)));
     ra_ = bq_ * g_.G;
     bc_ = std::max<int64_t>(1, (chunk + g_.G / 2) / g_.G);
+    sk_ = select_kernels::table_for(kt->isa);
+    direct_ = g_.G >= kDirectMinG;
     rb_ = bc_ * g_.G;
     rbp_ = round_up(rb_, 2);
   }
@@ -316,18 +322,10 @@ class Backward {
     }
   }
 
-  // Stores x[0..n) rounded with rha_T at element offset `off` of a contiguous gradient.
-  void store_rha_row(const float* x, int64_t n, void* base, int64_t off) const {
-    const DType dt = f_.dtype;
-    if (dt == DType::kBF16) {
-      uint16_t* d = static_cast<uint16_t*>(base) + off;
-      for (int64_t i = 0; i < n; ++i) d[i] = select_detail::f32_to_bf16_rha(x[i]);
-    } else if (dt == DType::kF16) {
-      uint16_t* d = static_cast<uint16_t*>(base) + off;
-      for (int64_t i = 0; i < n; ++i) d[i] = select_detail::f32_to_f16_rha(x[i]);
-    } else {
-      std::memcpy(static_cast<float*>(base) + off, x, sizeof(float) * static_cast<size_t>(n));
-    }
+  // Stores alpha x[0..n) rounded with rha_T at element offset `off` of a contiguous gradient.
+  void store_rha_row(const float* x, int64_t n, float alpha, void* base, int64_t off) const {
+    const int64_t es = static_cast<int64_t>(dtype_size(f_.dtype));
+    sk_->store_rha(x, n, alpha, static_cast<char*>(base) + off * es, f_.dtype);
   }
 
   // Key/value rows no entry reaches: at or past the last prefix sum, and the valid rows of unreached blocks.
@@ -417,6 +415,20 @@ class Backward {
         }
         c0 += taken;
         if (nc == 0) continue;
+        if (direct_) {  // each entry's G rows are contiguous in the tile: its GEMMs on them in place
+          for (int64_t e = 0; e < nc; ++e) {
+            const int64_t i = chunk[e] / K;
+            std::fill_n(vis.data(), G, te.vis[static_cast<size_t>(chunk[e])]);
+            P::gemm(kt_, sc.qa.get() + i * G * g_.Dr, g_.Dr, G, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.s.get(), lpp,
+                    scale_, false);
+            P::gemm(kt_, sc.oa.get() + i * G * g_.Dvr, g_.Dvr, G, vd(slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dp.get(),
+                    lpp, 1.0f, false);
+            softmax_grad(sc, G, sc.m.data() + i * G, sc.il.data() + i * G, sc.dlt.data() + i * G, vis.data());
+            P::gemm(kt_, ds_rows(sc, G), lpp, G, ktp(slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dq.get() + i * G * g_.Dp,
+                    g_.Dp, 1.0f, true);
+          }
+          continue;
+        }
         for (int64_t e = 0; e < nc; ++e) {
           const int64_t i = chunk[e] / K;
           std::memcpy(sc.asq.get() + e * G * g_.Dr, sc.qa.get() + i * G * g_.Dr, sizeof(E) * static_cast<size_t>(G * g_.Dr));
@@ -433,10 +445,7 @@ class Backward {
         P::gemm(kt_, sc.asq.get(), g_.Dr, rows, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.s.get(), lpp, scale_, false);
         P::gemm(kt_, sc.aso.get(), g_.Dvr, rows, vd(slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dp.get(), lpp, 1.0f, false);
         softmax_grad(sc, rows, cm.data(), cil.data(), cdlt.data(), vis.data());
-        E* dsa = sc.dsa.get();
-        const float* ds = sc.dp.get();
-        for (int64_t k = 0; k < rows * lpp; ++k) dsa[k] = ds_operand(ds[k]);
-        P::gemm(kt_, dsa, lpp, rows, ktp(slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp, 1.0f, false);
+        P::gemm(kt_, ds_rows(sc, rows), lpp, rows, ktp(slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp, 1.0f, false);
         for (int64_t e = 0; e < nc; ++e) {
           const int64_t i = chunk[e] / K;
           for (int64_t g = 0; g < G; ++g)
@@ -447,10 +456,19 @@ class Backward {
     for (int64_t i = 0; i < ntok; ++i) {
       const int64_t t = bi.q_begin + s0 + i;
       for (int64_t g = 0; g < G; ++g) {
-        float* d = sc.dq.get() + (i * G + g) * g_.Dp;
-        for (int64_t k = 0; k < g_.D; ++k) d[k] *= scale_;
-        store_rha_row(d, g_.D, p_.grad_query, (t * g_.N1 + n2 * G + g) * g_.D);
+        store_rha_row(sc.dq.get() + (i * G + g) * g_.Dp, g_.D, scale_, p_.grad_query, (t * g_.N1 + n2 * G + g) * g_.D);
       }
+    }
+  }
+
+  // The dS rows in sc.dp as the A operand of dQ = dS K: rha_T bf16 bits (in sc.dsa) on the pairs path, the fp32
+  // values themselves otherwise.
+  const E* ds_rows(Scratch& sc, int64_t rows) const {
+    if constexpr (kPairs) {
+      sk_->store_rha(sc.dp.get(), rows * g_.lpp, 1.0f, sc.dsa.get(), DType::kBF16);
+      return sc.dsa.get();
+    } else {
+      return sc.dp.get();
     }
   }
 
@@ -522,13 +540,21 @@ class Backward {
       // P and dS as B panels over the chunk's rows: element (row r, key c) at (c / 64) rp 64 + (r / U) 64 U +
       // (c % 64) U + r % U, rounded with rha_T on the pairs path
       const int64_t red = kPairs ? rp : rows;
-      for (int64_t r = 0; r < red; ++r) {
-        const float* sr = r < rows ? sc.s.get() + r * lpp : nullptr;
-        const float* dr = r < rows ? sc.dp.get() + r * lpp : nullptr;
-        for (int64_t c = 0; c < lpp; ++c) {
-          const int64_t o = P::b_index(r, c, red);
-          sc.pB.get()[o] = sr ? ds_operand(sr[c]) : E(0);
-          sc.dsB.get()[o] = sr ? ds_operand(dr[c]) : E(0);
+      for (int64_t c0 = 0; c0 < lpp; c0 += kPanel) {
+        const int64_t w = std::min(kPanel, lpp - c0);
+        E* pb = sc.pB.get() + (c0 / kPanel) * red * kPanel;
+        E* db = sc.dsB.get() + (c0 / kPanel) * red * kPanel;
+        for (int64_t r = 0; r < rows; r += P::U) {
+          const float* s0 = sc.s.get() + r * lpp + c0;
+          const float* d0 = sc.dp.get() + r * lpp + c0;
+          if constexpr (kPairs) {
+            const bool pair = r + 1 < rows;
+            sk_->pack_pairs_rha(s0, pair ? s0 + lpp : nullptr, w, pb + r * kPanel);
+            sk_->pack_pairs_rha(d0, pair ? d0 + lpp : nullptr, w, db + r * kPanel);
+          } else {
+            std::memcpy(pb + r * kPanel, s0, sizeof(float) * static_cast<size_t>(w));
+            std::memcpy(db + r * kPanel, d0, sizeof(float) * static_cast<size_t>(w));
+          }
         }
       }
       // Q^T and dO^T: A operands whose reduction runs over the chunk's rows
@@ -554,10 +580,10 @@ class Backward {
     float* row = sc.row.data();
     for (int64_t c = 0; c < valid; ++c) {
       const int64_t key = bi.k_begin + x * g_.lp + c;
-      for (int64_t d = 0; d < g_.D; ++d) row[d] = scale_ * dkT[d * lpp + c];
-      store_rha_row(row, g_.D, p_.grad_key, (key * g_.N2 + n2) * g_.D);
+      for (int64_t d = 0; d < g_.D; ++d) row[d] = dkT[d * lpp + c];
+      store_rha_row(row, g_.D, scale_, p_.grad_key, (key * g_.N2 + n2) * g_.D);
       for (int64_t e = 0; e < g_.Dv; ++e) row[e] = dvT[e * lpp + c];
-      store_rha_row(row, g_.Dv, p_.grad_value, (key * g_.N2 + n2) * g_.Dv);
+      store_rha_row(row, g_.Dv, 1.0f, p_.grad_value, (key * g_.N2 + n2) * g_.Dv);
     }
   }
 
@@ -571,6 +597,8 @@ class Backward {
   int64_t bq_ = 1, ra_ = 1;         // phase A: query rows and GEMM rows of a tile
   int64_t bc_ = 1, rb_ = 1, rbp_ = 2;  // phase B: entries, GEMM rows (and rounded to even) of a chunk
   int64_t piece_rows_ = kPieceRows;
+  const select_kernels::Table* sk_ = nullptr;  // rha conversions of this ISA
+  bool direct_ = false;  // phase A with G >= kDirectMinG: each entry's GEMMs on its tile rows in place
   std::vector<BatchInfo> batches_;
   BlockTable bt_;
   AlignedBuf<E> packs_;

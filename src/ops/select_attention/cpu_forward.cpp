@@ -36,6 +36,7 @@
 #include "cpu/isa.h"
 #include "ops/select_attention/cpu.h"
 #include "ops/select_attention/cpu_common.h"
+#include "ops/select_attention/kernels.h"
 #include "ops/select_attention/reference.h"
 
 namespace nsa::select_cpu {
@@ -43,6 +44,10 @@ namespace {
 
 constexpr int64_t kTargetRows = 64;                      // GEMM rows (query rows x G heads) of a tile
 constexpr int64_t kMaxLineBytes = int64_t(4) << 20;      // cap of a worker's score lines (R x K lpp floats)
+// From this G on, the G rows of an entry alone fill the GEMM micro-kernel (6 rows): each entry's GEMMs run on its
+// rows in place (scores written into its lines, O accumulated in place). Below it, a block's entries are gathered
+// into one GEMM (their rows copied) so that the packed block is reused across query rows.
+constexpr int64_t kDirectMinG = 8;
 
 template <bool kPairs>
 class Forward {
@@ -61,6 +66,11 @@ class Forward {
     bq = std::min(bq, std::max<int64_t>(1, kMaxLineBytes / (static_cast<int64_t>(sizeof(float) + sizeof(E)) * g_.G * ld_s_)));
     bq_ = std::max<int64_t>(1, std::min(bq, std::max<int64_t>(sh.max_sq, 1)));
     rmax_ = bq_ * g_.G;
+    direct_ = g_.G >= kDirectMinG;
+    sk_ = select_kernels::table_for(kt->isa);
+    using select_kernels::PMode;
+    pmode_ = kPairs ? PMode::kBf16Bits
+                    : (p.dtype == DType::kBF16 ? PMode::kF32Bf16 : (p.dtype == DType::kF16 ? PMode::kF32F16 : PMode::kF32));
   }
 
   void run() {
@@ -159,6 +169,17 @@ class Forward {
       const int64_t slot = bt_.slot[static_cast<size_t>(bt_.id(b, te.ublock[static_cast<size_t>(u)], n2, g_.N2))];
       const int32_t* e0 = te.ent.data() + te.ustart[static_cast<size_t>(u)];
       const int64_t ne = te.ustart[static_cast<size_t>(u) + 1] - te.ustart[static_cast<size_t>(u)];
+      if (direct_) {  // each entry's G query rows are contiguous: its scores straight into its line
+        for (int64_t e = 0; e < ne; ++e) {
+          const int64_t ij = e0[e], i = ij / K, j = ij % K, v = te.vis[static_cast<size_t>(ij)];
+          float* dst = sc.s.get() + i * G * ld_s_ + j * lpp;
+          P::gemm(kt_, sc.qa.get() + i * G * g_.Dr, g_.Dr, G, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, dst, ld_s_,
+                  scale_, false);
+          if (v < lpp)
+            for (int64_t g = 0; g < G; ++g) std::fill(dst + g * ld_s_ + v, dst + g * ld_s_ + lpp, neg_inf);
+        }
+        continue;
+      }
       for (int64_t c0 = 0; c0 < ne; c0 += bq_) {
         const int64_t nc = std::min(bq_, ne - c0);
         for (int64_t e = 0; e < nc; ++e) {
@@ -187,7 +208,8 @@ class Forward {
         const float m = kt_->rows.row_max(line, ld_s_, neg_inf);
         const float l = kt_->rows.exp_sum(line, ld_s_, m);
         E* pl = sc.pr.get() + r * ld_s_;
-        for (int64_t c = 0; c < ld_s_; ++c) pl[c] = P::rha(line[c] / l, dt);
+        for (int64_t j = 0; j < K; ++j)  // the slots P.V reads: those with a visible entry
+          if (te.x[static_cast<size_t>(i * K + j)] >= 0) sk_->normalize_rha(line + j * lpp, lpp, l, pl + j * lpp, pmode_);
         sc.m[static_cast<size_t>(r)] = m;
         sc.l[static_cast<size_t>(r)] = l;
       }
@@ -218,6 +240,14 @@ class Forward {
         }
         c0 += taken;
         if (nc == 0) continue;
+        if (direct_) {  // each entry's G rows of rha(P) are a strided block of its lines: O += P V in place
+          for (int64_t e = 0; e < nc; ++e) {
+            const int64_t i = chunk[e] / K, j = chunk[e] % K;
+            P::gemm(kt_, sc.pr.get() + i * G * ld_s_ + j * lpp, ld_s_, G, vo(slot), lpp * kPanel, 0, g_.Dvp, lpp,
+                    sc.o.get() + i * G * g_.Dvp, g_.Dvp, 1.0f, true);
+          }
+          continue;
+        }
         for (int64_t e = 0; e < nc; ++e) {
           const int64_t i = chunk[e] / K, j = chunk[e] % K;
           for (int64_t g = 0; g < G; ++g)
@@ -285,6 +315,9 @@ class Forward {
   Geo g_;
   float scale_ = 1.0f;
   int64_t ld_s_ = 0, bq_ = 1, rmax_ = 1;
+  bool direct_ = false;
+  const select_kernels::Table* sk_ = nullptr;  // rha conversions of this ISA
+  select_kernels::PMode pmode_ = select_kernels::PMode::kF32;  // how rha(P) is stored for P.V  // G >= kDirectMinG: one GEMM per entry on its rows in place (no gathers, no copies)
   std::vector<BatchInfo> batches_;
   BlockTable bt_;
   AlignedBuf<E> packs_;

@@ -26,25 +26,31 @@ inline uint16_t f32_to_bf16_rha(float x) {
   return static_cast<uint16_t>((u + 0x8000u) >> 16);
 }
 
-// fp16 bits of x rounded half away from zero.
-//   normal results:    rebias the exponent (127 -> 15) and add half of the 13 dropped mantissa bits;
-//   subnormal results: |x| 2^24 (exact, < 1024) rounded half away to an integer: the subnormal's bits (1024 is the
-//                      smallest normal, also correct); no flush to zero (docs/spec/select_attention.md §12 item 2);
+// fp16 bits of x rounded half away from zero, with integer operations only (so that loops over it vectorize and
+// every ISA path gives the same bits):
+//   |x| >= 2^-14, normal results: rebias the exponent (127 -> 15) and add half of the 13 dropped mantissa bits
+//                      (a carry into the exponent is the correct result);
+//   |x| <  2^-14, subnormal results: |x| 2^24 = mant 2^(e - 126) (mant with its implicit bit, e the biased fp32
+//                      exponent) rounded half away to an integer by (mant + 2^(s-1)) >> s, s = 126 - e >= 14 (clamped
+//                      to 31, where the result is 0 anyway); 1024 is the smallest normal, also correct; no flush to
+//                      zero (docs/spec/select_attention.md §12 item 2);
 //   |x| >= 65520:      inf (the tie between 65504 and 2^16 rounds up);
 //   NaN:               sign | 0x7e00.
 inline uint16_t f32_to_f16_rha(float x) {
   const uint32_t u = detail::f32_bits(x);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);
-  if (a < 0x38800000u) {  // below 2^-14: subnormal or zero
-    const float v = detail::bits_f32(a) * 16777216.0f;  // exact
-    const float t = std::floor(v);
-    const uint32_t r = static_cast<uint32_t>(t) + (v - t >= 0.5f ? 1u : 0u);
-    return static_cast<uint16_t>(sign | r);
-  }
-  return static_cast<uint16_t>(sign | ((a - (112u << 23) + 0x1000u) >> 13));
+  const int32_t e = static_cast<int32_t>(a >> 23);
+  // used where e <= 112 (126 - e >= 14); clamped to [1, 31] so that it is a valid shift for every x
+  const int32_t sh = 126 - e < 1 ? 1 : (126 - e > 31 ? 31 : 126 - e);
+  const uint32_t shift = static_cast<uint32_t>(sh);
+  const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t sub = (mant + (1u << (shift - 1u))) >> shift;
+  const uint32_t normal = (a - (112u << 23) + 0x1000u) >> 13;
+  uint32_t r = a < 0x38800000u ? sub : normal;
+  r = a >= 0x477ff000u ? 0x7c00u : r;
+  r = a > 0x7f800000u ? 0x7e00u : r;
+  return static_cast<uint16_t>(sign | r);
 }
 
 // rha_T(x) as a float (the value P takes before P.V). fp32 / fp64: x.

@@ -4,6 +4,8 @@
 #                        path; thread counts, layouts, index dtypes; inputs no entry reaches
 #   test_backward.cpp    §8: reference gradcheck (finite differences), §10 gradients, CPU vs the fp64 model,
 #                        structural zeros, thread counts, layouts, invisible inf / NaN
+#   test_kernels.cpp     the per-ISA rha row kernels against rounding.h; fp16 rha against a double rounding
 list(APPEND NSA_CPP_TEST_SOURCES
+  ${CMAKE_CURRENT_LIST_DIR}/test_kernels.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_forward.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_backward.cpp)
