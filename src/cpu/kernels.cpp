@@ -10,8 +10,13 @@ const KernelTable* kernels_for(CpuIsa isa) {
     case CpuIsa::kAvx512: return kernels_avx512();
     case CpuIsa::kAvx2: return kernels_avx2();
 #endif
-    default: return kernels_scalar();
+    default: break;
   }
+#if NSA_HAVE_X86_KERNELS
+  // the scalar table built with FMA: the same results, where the CPU (and OS) can run it
+  if (cpu_detected_isa() >= CpuIsa::kAvx2) return kernels_scalar_fma();
+#endif
+  return kernels_scalar();
 }
 
 }  // namespace nsa::cpu

@@ -77,7 +77,7 @@ struct RowKernels {
 struct SelectKernels {
   // Top-K of score[0..sel) in §3.8 order (descending, ties by smaller index) into idx[0..K), for
   // 1 <= K <= 32, K <= sel; work: 2 * sel ints of scratch. Returns false, writing nothing, when a score
-  // is NaN (the caller then orders NaN as reference::topk_before does).
+  // is NaN (the caller then orders NaN by detail::topk_before, common/topk_order.h).
   bool (*top_k)(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work);
 };
 
@@ -102,8 +102,9 @@ struct GradKernels {
                         int64_t ld_dst);
 };
 
-// One table per ISA path, filled with designated initializers in src/cpu/arch/<arch>/kernels_<isa>.cpp. A null
-// entry means the path has no such kernel (gemm.bf16 and grad.pack_rows_bf16 without a bf16 dot product).
+// One table per ISA path, filled with designated initializers by make_table (src/cpu/kernels_impl.h) in
+// src/cpu/arch/<arch>/kernels_<isa>.cpp. A null entry means the path has no such kernel (gemm.bf16 and
+// grad.pack_rows_bf16 without a bf16 dot product).
 struct KernelTable {
   CpuIsa isa;
   GemmKernels gemm;
@@ -115,12 +116,14 @@ constexpr int kMaxFusedGroup = 64;
 
 const KernelTable* kernels_scalar();
 #if NSA_HAVE_X86_KERNELS
+const KernelTable* kernels_scalar_fma();  // the scalar table built with FMA (same results); needs FMA + AVX state
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx512bf16();
 #endif
 
-// The table of a runnable path (resolve_isa's result); the scalar table where no SIMD table is compiled in.
+// The table of a runnable path (resolve_isa's result); the scalar table where no SIMD table is compiled in. For
+// CpuIsa::kScalar on an x86 CPU with FMA it is kernels_scalar_fma() (same results, faster).
 const KernelTable* kernels_for(CpuIsa isa);
 
 }  // namespace nsa::cpu

@@ -1,6 +1,7 @@
 // Generic kernel bodies, instantiated once per ISA. Include this file INSIDE a namespace unique to
 // the ISA, after defining `struct V` (the vector traits below) in that namespace, so nothing here
-// is shared between translation units compiled with different flags (no ODR mixing).
+// is shared between translation units compiled with different flags (no ODR mixing). The including file
+// includes cpu/kernels.h and common/group_sum.h at global scope first.
 //
 // V must provide: type F, constexpr int W (fp32 lanes), zero(), load(p), store(p, v), set1(x),
 // fma(a, b, c) = a*b + c (fused), add, sub, mul, div, max(a, b) (returns b when either is NaN),
@@ -8,7 +9,7 @@
 // [-160, 128]), add_row-friendly loads/stores, kStream / stream64(dst, line) (one 64-byte non-temporal
 // store of an aligned line, dst 64-byte aligned) / stream_fence(),
 // keep_nan(x, r) (x where x is NaN, else r), round_bf16(x), round_f16(x) (float -> dtype -> float,
-// nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable), reduce_max(v, init),
+// nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable),
 // count_ge(p, v) (number of p[0..W) >= v, NaN never counting).
 // Optional: V::kHasBf16Dot with a gemm_bf16 provided by the ISA file.
 
@@ -40,7 +41,11 @@ inline V::F vexp(V::F x) {
 inline float row_max_impl(const float* x, int64_t n, float init) {
   V::F m = V::set1(init);
   for (int64_t i = 0; i < n; i += V::W) m = V::max(V::load(x + i), m);
-  return V::reduce_max(m, init);
+  alignas(64) float lane[V::W];  // the lanes' maxima, then their maximum in lane order
+  V::store(lane, m);
+  float r = init;
+  for (int i = 0; i < V::W; ++i) r = lane[i] > r ? lane[i] : r;
+  return r;
 }
 
 inline float canonical_sum16(float* part) {
@@ -110,14 +115,7 @@ inline void normalize_group_t(const float* x, int64_t ldx, int G, const float* l
           case PStore::kF32: V::store(static_cast<float*>(out) + g * ld_out + c, p); break;
         }
       }
-      int m = g_count;
-      while (m > 1) {
-        const int h = m / 2;
-        for (int a = 0; a < h; ++a) v[a] = V::add(v[2 * a], v[2 * a + 1]);
-        if (m % 2) v[h] = v[m - 1];
-        m = h + m % 2;
-      }
-      V::store(sum_out + c, v[0]);
+      V::store(sum_out + c, nsa::detail::pairwise_reduce(v, g_count, [](V::F a, V::F b) { return V::add(a, b); }));
     }
   }
 }
@@ -340,11 +338,13 @@ inline void gemm_slice_f32(int nv, const float* A, int64_t lda, int64_t R, const
   }
 }
 
-// Columns [col0, col0 + ncols) of the panel matrix (both multiples of 16), into C[:, 0..ncols).
-inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride,
-                          int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
-                          bool accumulate) {
-  constexpr int64_t SLICE = V::kSliceVectors * V::W;  // columns per full slice
+// The blocks of a packed-panel GEMM (the contract of GemmKernels): the reduction in chunks [p0, p0 + pk) of kc
+// (kc <= 0: one chunk), the first chunk computing C (or adding to it when `accumulate`), the later ones adding;
+// in each chunk, the columns [col0, col0 + ncols) in runs of at most `slice` that never cross a panel (slice
+// divides 64). body(p0, pk, c, w, acc) computes columns [c, c + w) of chunk p0.
+template <typename Body>
+inline void for_each_block(int64_t P, int64_t kc, int64_t col0, int64_t ncols, int64_t slice, bool accumulate,
+                           Body&& body) {
   constexpr int64_t PANEL = nsa::cpu::kPanel;
   if (kc <= 0) kc = P;
   for (int64_t p0 = 0; p0 < P; p0 += kc) {
@@ -353,12 +353,24 @@ inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B
     for (int64_t c = col0; c < col0 + ncols;) {
       const int64_t panel_end = (c / PANEL + 1) * PANEL;
       const int64_t end = panel_end < col0 + ncols ? panel_end : col0 + ncols;
-      const int64_t w = end - c < SLICE ? end - c : SLICE;  // never crosses a panel (SLICE divides 64)
-      const float* Bs = B + (c / PANEL) * panel_stride + p0 * PANEL + (c % PANEL);
-      gemm_slice_f32(static_cast<int>(w / V::W), A + p0, lda, R, Bs, pk, C + (c - col0), ldc, alpha, acc);
+      const int64_t w = end - c < slice ? end - c : slice;
+      body(p0, pk, c, w, acc);
       c += w;
     }
   }
+}
+
+// Columns [col0, col0 + ncols) of the panel matrix (both multiples of 16), into C[:, 0..ncols).
+inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride,
+                          int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
+                          bool accumulate) {
+  constexpr int64_t PANEL = nsa::cpu::kPanel;
+  for_each_block(P, kc, col0, ncols, V::kSliceVectors * V::W, accumulate,
+                 [&](int64_t p0, int64_t pk, int64_t c, int64_t w, bool acc) {
+                   const float* Bs = B + (c / PANEL) * panel_stride + p0 * PANEL + (c % PANEL);
+                   gemm_slice_f32(static_cast<int>(w / V::W), A + p0, lda, R, Bs, pk, C + (c - col0), ldc, alpha,
+                                  acc);
+                 });
 }
 
 // ------------------------------------------------------------------ backward (docs/spec/compress_attention.md §7)
@@ -394,4 +406,24 @@ inline void transpose_u16_impl(const uint16_t* src, int64_t ld_src, int64_t rows
 inline void transpose_u32_impl(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst,
                                int64_t ld_dst) {
   transpose_blocked(src, ld_src, rows, cols, dst, ld_dst);
+}
+
+// ------------------------------------------------------------------ the table
+// This ISA's KernelTable (src/cpu/kernels.h): every kernel above, plus what only some ISA files provide (null
+// where the ISA has none): the bf16 dot-product GEMM and its P/dS packing, and a transpose_u16 of its own.
+inline constexpr nsa::cpu::KernelTable make_table(
+    nsa::CpuIsa isa, decltype(nsa::cpu::GemmKernels::bf16) gemm_bf16 = nullptr,
+    decltype(nsa::cpu::GradKernels::pack_rows_bf16) pack_rows_bf16 = nullptr,
+    decltype(nsa::cpu::GradKernels::transpose_u16) transpose_u16 = transpose_u16_impl) {
+  nsa::cpu::KernelTable t{};
+  t.isa = isa;
+  t.gemm = {.f32 = gemm_f32_impl, .bf16 = gemm_bf16};
+  t.rows = {.row_max = row_max_impl, .exp_sum = exp_sum_impl, .normalize_row = normalize_row_impl,
+            .normalize_group = normalize_group_impl, .box_sum = box_sum_impl, .add_row = add_row_impl,
+            .store_row = store_row_impl, .store_row_stream = store_row_stream_impl, .stream_fence = stream_fence_impl,
+            .load_row = load_row_impl};
+  t.select = {.top_k = top_k_impl};
+  t.grad = {.softmax_grad_row = softmax_grad_row_impl, .pack_rows_bf16 = pack_rows_bf16,
+            .transpose_u16 = transpose_u16, .transpose_u32 = transpose_u32_impl};
+  return t;
 }

@@ -1,12 +1,13 @@
 // AVX-512F vector traits for kernels_impl.h (included by the AVX-512 ISA files only).
 #pragma once
-// (immintrin.h and cstdint are included at global scope by the including .cpp)
+// (immintrin.h, cstdint and cpu/arch/vector_base.h are included at global scope by the including .cpp)
 
 
 
-struct V {
-  using F = __m512;
-  static constexpr int W = 16;
+// (__m512's may_alias attribute is dropped in the template argument: VectorBase loads and stores through memcpy)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+struct V : nsa::cpu::VectorBase<__m512, V> {
   static constexpr int kSliceVectors = 4;  // 64 columns: the whole panel
   static constexpr int kMaxRows = 6;       // 24 accumulators + 4 B vectors + broadcast
   static constexpr bool kStream = true;
@@ -14,15 +15,7 @@ struct V {
     _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(line));
   }
   static void stream_fence() { _mm_sfence(); }
-  static F zero() { return _mm512_setzero_ps(); }
-  static F load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static F set1(float x) { return _mm512_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F add(F a, F b) { return _mm512_add_ps(a, b); }
-  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F div(F a, F b) { return _mm512_div_ps(a, b); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
   static F rint(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -46,18 +39,7 @@ struct V {
   static void store_f16(uint16_t* p, F v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  static F load_bf16(const uint16_t* p) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  }
   static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static float reduce_max(F v, float init) {
-    alignas(64) float t[16];
-    _mm512_store_ps(t, v);
-    float m = init;
-    for (int i = 0; i < 16; ++i) m = t[i] > m ? t[i] : m;
-    return m;
-  }
   // number of p[0..16) >= v (a NaN on either side never counts)
   static int count_ge(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(load(p), set1(v), _CMP_GE_OQ)));
@@ -68,3 +50,4 @@ struct V {
     return _mm512_maskz_mov_ps(_mm_test_epi8_mask(k, k), x);
   }
 };
+#pragma GCC diagnostic pop

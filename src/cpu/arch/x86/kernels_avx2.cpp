@@ -3,13 +3,16 @@
 
 #include <cstdint>
 
+#include "common/group_sum.h"
+#include "cpu/arch/vector_base.h"
 #include "cpu/kernels.h"
 
 namespace nsa::cpu::isa_avx2 {
 
-struct V {
-  using F = __m256;
-  static constexpr int W = 8;
+// (__m256's may_alias attribute is dropped in the template argument: VectorBase loads and stores through memcpy)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+struct V : nsa::cpu::VectorBase<__m256, V> {
   // 6 x 16 micro-tile: 12 accumulators + 2 B vectors + broadcast (15 of 16 ymm registers); 12 independent
   // FMA chains cover the FMA latency (4-5 cycles x 2 ports), 8 loads per 12 FMAs
   static constexpr int kSliceVectors = 2;  // 16 columns: a quarter of a panel
@@ -21,15 +24,7 @@ struct V {
     _mm256_stream_si256(static_cast<__m256i*>(dst) + 1, _mm256_load_si256(l + 1));
   }
   static void stream_fence() { _mm_sfence(); }
-  static F zero() { return _mm256_setzero_ps(); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F set1(float x) { return _mm256_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F div(F a, F b) { return _mm256_div_ps(a, b); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F min(F a, F b) { return _mm256_min_ps(a, b); }
   static F rint(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -62,18 +57,7 @@ struct V {
   static void store_f16(uint16_t* p, F v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  static F load_bf16(const uint16_t* p) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
   static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static float reduce_max(F v, float init) {
-    alignas(32) float t[8];
-    _mm256_store_ps(t, v);
-    float m = init;
-    for (int i = 0; i < 8; ++i) m = t[i] > m ? t[i] : m;
-    return m;
-  }
   // number of p[0..8) >= v (a NaN on either side never counts)
   static int count_ge(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(load(p), set1(v), _CMP_GE_OQ))));
@@ -84,45 +68,12 @@ struct V {
     return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_setzero_si256())));
   }
 };
+#pragma GCC diagnostic pop
 
 #include "cpu/kernels_impl.h"
 }  // namespace nsa::cpu::isa_avx2
 
-namespace nsa::cpu {
-const KernelTable* kernels_avx2() {
-  namespace k = isa_avx2;
-  static const KernelTable table = {
-      .isa = CpuIsa::kAvx2,
-      .gemm =
-          {
-              .f32 = k::gemm_f32_impl,
-              .bf16 = nullptr,
-          },
-      .rows =
-          {
-              .row_max = k::row_max_impl,
-              .exp_sum = k::exp_sum_impl,
-              .normalize_row = k::normalize_row_impl,
-              .normalize_group = k::normalize_group_impl,
-              .box_sum = k::box_sum_impl,
-              .add_row = k::add_row_impl,
-              .store_row = k::store_row_impl,
-              .store_row_stream = k::store_row_stream_impl,
-              .stream_fence = k::stream_fence_impl,
-              .load_row = k::load_row_impl,
-          },
-      .select =
-          {
-              .top_k = k::top_k_impl,
-          },
-      .grad =
-          {
-              .softmax_grad_row = k::softmax_grad_row_impl,
-              .pack_rows_bf16 = nullptr,
-              .transpose_u16 = k::transpose_u16_impl,
-              .transpose_u32 = k::transpose_u32_impl,
-          },
-  };
-  return &table;
+const nsa::cpu::KernelTable* nsa::cpu::kernels_avx2() {
+  static const KernelTable t = isa_avx2::make_table(CpuIsa::kAvx2);
+  return &t;
 }
-}  // namespace nsa::cpu

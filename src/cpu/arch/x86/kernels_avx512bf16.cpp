@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "common/group_sum.h"
+#include "cpu/arch/vector_base.h"
 #include "cpu/kernels.h"
 
 namespace nsa::cpu::isa_avx512bf16 {
@@ -61,25 +63,18 @@ inline void gemm_bf16_rows(const uint16_t* A, int64_t lda, int64_t R, const uint
 inline void gemm_bf16_impl(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
                            int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
                            bool accumulate) {
-  if (kc <= 0) kc = P;
-  for (int64_t p0 = 0; p0 < P; p0 += kc) {
-    const int64_t pk = P - p0 < kc ? P - p0 : kc;
-    const bool acc = accumulate || p0 > 0;
-    for (int64_t c = col0; c < col0 + ncols;) {
-      const int64_t panel_end = (c / kPanel + 1) * kPanel;
-      const int64_t end = panel_end < col0 + ncols ? panel_end : col0 + ncols;
-      const uint16_t* Bs = B + (c / kPanel) * panel_stride + p0 * kPanel * 2 + (c % kPanel) * 2;
-      const uint16_t* As = A + 2 * p0;
-      float* Cs = C + (c - col0);
-      switch ((end - c) / 16) {
-        case 4: gemm_bf16_rows<4>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
-        case 3: gemm_bf16_rows<3>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
-        case 2: gemm_bf16_rows<2>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
-        default: gemm_bf16_rows<1>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
-      }
-      c = end;
+  // whole panels at a time (up to 64 columns: 4 vectors)
+  for_each_block(P, kc, col0, ncols, kPanel, accumulate, [&](int64_t p0, int64_t pk, int64_t c, int64_t w, bool acc) {
+    const uint16_t* Bs = B + (c / kPanel) * panel_stride + p0 * kPanel * 2 + (c % kPanel) * 2;
+    const uint16_t* As = A + 2 * p0;
+    float* Cs = C + (c - col0);
+    switch (w / 16) {
+      case 4: gemm_bf16_rows<4>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
+      case 3: gemm_bf16_rows<3>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
+      case 2: gemm_bf16_rows<2>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
+      default: gemm_bf16_rows<1>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
     }
-  }
+  });
 }
 
 // ------------------------------------------------------------------ backward (docs/spec/compress_attention.md §7)
@@ -150,41 +145,9 @@ inline void transpose_u16_avx512(const uint16_t* src, int64_t ld_src, int64_t ro
 }
 }  // namespace nsa::cpu::isa_avx512bf16
 
-namespace nsa::cpu {
-const KernelTable* kernels_avx512bf16() {
+const nsa::cpu::KernelTable* nsa::cpu::kernels_avx512bf16() {
   namespace k = isa_avx512bf16;
-  static const KernelTable table = {
-      .isa = CpuIsa::kAvx512Bf16,
-      .gemm =
-          {
-              .f32 = k::gemm_f32_impl,
-              .bf16 = k::gemm_bf16_impl,
-          },
-      .rows =
-          {
-              .row_max = k::row_max_impl,
-              .exp_sum = k::exp_sum_impl,
-              .normalize_row = k::normalize_row_impl,
-              .normalize_group = k::normalize_group_impl,
-              .box_sum = k::box_sum_impl,
-              .add_row = k::add_row_impl,
-              .store_row = k::store_row_impl,
-              .store_row_stream = k::store_row_stream_impl,
-              .stream_fence = k::stream_fence_impl,
-              .load_row = k::load_row_impl,
-          },
-      .select =
-          {
-              .top_k = k::top_k_impl,
-          },
-      .grad =
-          {
-              .softmax_grad_row = k::softmax_grad_row_impl,
-              .pack_rows_bf16 = k::pack_rows_bf16_impl,
-              .transpose_u16 = k::transpose_u16_avx512,
-              .transpose_u32 = k::transpose_u32_impl,
-          },
-  };
-  return &table;
+  static const KernelTable t =
+      k::make_table(CpuIsa::kAvx512Bf16, k::gemm_bf16_impl, k::pack_rows_bf16_impl, k::transpose_u16_avx512);
+  return &t;
 }
-}  // namespace nsa::cpu

@@ -1,0 +1,39 @@
+// The part of the vector traits V of kernels_impl.h that every ISA writes the same way (internal). F is float (the
+// scalar traits) or a GCC/Clang vector of floats (__m256, __m512), for which the C++ operators and memcpy compile to
+// the plain vector instructions (vaddps, vmovups, vbroadcastss, ...). A traits struct derives from
+// VectorBase<F, V>: naming V makes each instantiation belong to one ISA's translation unit, so none is shared
+// between files compiled with different instruction-set flags.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace nsa::cpu {
+
+template <typename FT, typename Self>
+struct VectorBase {
+  using F = FT;
+  static constexpr int W = static_cast<int>(sizeof(F) / sizeof(float));  // fp32 lanes
+  static F zero() { return F{}; }
+  static F set1(float x) { return x - F{}; }  // x - 0 == x exactly for every x (signed zeros, inf, NaN): a broadcast
+  static F load(const float* p) {
+    F v;
+    std::memcpy(&v, p, sizeof(F));
+    return v;
+  }
+  static void store(float* p, F v) { std::memcpy(p, &v, sizeof(F)); }
+  // bf16 bits to float: the bits are the upper half of the float's (exact)
+  static F load_bf16(const uint16_t* p) {
+    uint32_t u[W];
+    for (int i = 0; i < W; ++i) u[i] = static_cast<uint32_t>(p[i]) << 16;
+    F v;
+    std::memcpy(&v, u, sizeof(F));
+    return v;
+  }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F div(F a, F b) { return a / b; }
+};
+
+}  // namespace nsa::cpu
