@@ -1,12 +1,15 @@
-// Scalar conversions between the storage dtypes and float32, in one place (STYLE lesson 3).
+// Scalar conversions between the storage dtypes and float32, in one place (docs/CONTRIBUTING.md rule 3): the bit-level
+// conversions, the element type of each dtype (Element<dtype>: its stored type and conversions, for code that is
+// a template over the dtype) and the run-time-dtype helpers built on them.
 // bf16 and fp16 are rounded to nearest even; NaN stays NaN; overflow gives +-inf.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#include "nsa/compress_attention.h"
+#include "nsa/common.h"
 
 namespace nsa::detail {
 
@@ -61,26 +64,64 @@ inline uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | (v >> 13));
 }
 
+// The element type of a dtype: Raw, the stored type; Value, the arithmetic type of its values (float, double
+// for fp64); get(), the exact value of a stored element; put(), a value rounded to the dtype (nearest even).
+template <typename RawT, typename ValueT, DType kDt, ValueT (*kGet)(RawT), RawT (*kPut)(ValueT)>
+struct ElementOf {
+  using Raw = RawT;
+  using Value = ValueT;
+  static constexpr DType kType = kDt;
+  static Value get(Raw v) { return kGet(v); }
+  static Raw put(Value x) { return kPut(x); }
+};
+template <typename T>
+inline T same_value(T x) { return x; }
+
+template <DType>
+struct Element;
+template <>
+struct Element<DType::kBF16> : ElementOf<uint16_t, float, DType::kBF16, bf16_to_f32, f32_to_bf16> {};
+template <>
+struct Element<DType::kF16> : ElementOf<uint16_t, float, DType::kF16, f16_to_f32, f32_to_f16> {};
+template <>
+struct Element<DType::kF32> : ElementOf<float, float, DType::kF32, same_value<float>, same_value<float>> {};
+template <>
+struct Element<DType::kF64> : ElementOf<double, double, DType::kF64, same_value<double>, same_value<double>> {};
+
+// Element i (an element offset) of a dtype buffer.
+template <DType dt>
+inline typename Element<dt>::Value load_elem(const void* base, int64_t i) {
+  return Element<dt>::get(static_cast<const typename Element<dt>::Raw*>(base)[i]);
+}
+
 // Load element i (an element offset) of a dtype buffer as float / double.
 inline float load_f32(const void* base, int64_t i, DType dt) {
   switch (dt) {
-    case DType::kBF16: return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
-    case DType::kF16: return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
-    case DType::kF32: return static_cast<const float*>(base)[i];
-    case DType::kF64: return static_cast<float>(static_cast<const double*>(base)[i]);
+    case DType::kBF16: return load_elem<DType::kBF16>(base, i);
+    case DType::kF16: return load_elem<DType::kF16>(base, i);
+    case DType::kF32: return load_elem<DType::kF32>(base, i);
+    case DType::kF64: return static_cast<float>(load_elem<DType::kF64>(base, i));
   }
   return 0.0f;
 }
 inline double load_f64(const void* base, int64_t i, DType dt) {
-  if (dt == DType::kF64) return static_cast<const double*>(base)[i];
+  if (dt == DType::kF64) return load_elem<DType::kF64>(base, i);
   return static_cast<double>(load_f32(base, i, dt));
+}
+
+// Element (i, j, k) of a 3-D tensor view of a dtype, as Acc (float: load_f32, double: load_f64).
+template <typename Acc>
+inline Acc load_at(const Tensor3& t, int64_t i, int64_t j, int64_t k, DType dt) {
+  const int64_t off = i * t.stride[0] + j * t.stride[1] + k * t.stride[2];
+  if constexpr (std::is_same_v<Acc, double>) return load_f64(t.data, off, dt);
+  else return load_f32(t.data, off, dt);
 }
 
 // Round a float to the dtype and back (the "cast" of §3.4). fp32/fp64: unchanged.
 inline float round_to_dtype(float x, DType dt) {
   switch (dt) {
-    case DType::kBF16: return bf16_to_f32(f32_to_bf16(x));
-    case DType::kF16: return f16_to_f32(f32_to_f16(x));
+    case DType::kBF16: return Element<DType::kBF16>::get(Element<DType::kBF16>::put(x));
+    case DType::kF16: return Element<DType::kF16>::get(Element<DType::kF16>::put(x));
     default: return x;
   }
 }
@@ -88,8 +129,8 @@ inline float round_to_dtype(float x, DType dt) {
 // Store a value into element i of a dtype buffer (rounding to nearest even).
 inline void store_f64(void* base, int64_t i, double x, DType dt) {
   switch (dt) {
-    case DType::kBF16: static_cast<uint16_t*>(base)[i] = f32_to_bf16(static_cast<float>(x)); break;
-    case DType::kF16: static_cast<uint16_t*>(base)[i] = f32_to_f16(static_cast<float>(x)); break;
+    case DType::kBF16: static_cast<uint16_t*>(base)[i] = Element<DType::kBF16>::put(static_cast<float>(x)); break;
+    case DType::kF16: static_cast<uint16_t*>(base)[i] = Element<DType::kF16>::put(static_cast<float>(x)); break;
     case DType::kF32: static_cast<float*>(base)[i] = static_cast<float>(x); break;
     case DType::kF64: static_cast<double*>(base)[i] = x; break;
   }

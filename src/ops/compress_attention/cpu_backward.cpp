@@ -29,17 +29,17 @@
 // zero and it adds nothing to dK.
 //
 // Products. Every product is one GEMM call of the per-ISA KernelTable (src/cpu/kernels.h) with the B
-// operand in its packed panel layout and a (col0, ncols) column range. Three paths, chosen once per call:
+// operand in its packed panel layout and a (col0, ncols) column range. Two paths, chosen once per call:
 //   bf16 pairs (bf16 inputs on an ISA with gemm_bf16, i.e. vdpbf16ps): P and dS are rounded to bf16 before
 //     the products that use them (§7 allows it; every sum stays fp32). Operands: Q and dO rows (pairs along
 //     D / D2), Q^T and dO^T (pairs along the tile's rows), P and dS as B panels with pairs along rows
 //     (pack_rows_bf16), dS rows (pairs along key columns), and per key tile K with pairs along D (for S),
 //     K with pairs along key tokens (for dQ) and V with pairs along D2 (for dP).
-//   fp32 (fp16, fp32, and bf16 without vdpbf16ps, on AVX2 / AVX-512): gemm_f32 on fp32 operands; P and dS
-//     unrounded.
-//   portable (the scalar ISA, whose table kernels are a std::fma reference order ~30x slower, and fp64
-//     inputs, a testing extension): a GEMM on generic 16-byte vectors in float / double, exp_poly / std::exp.
-// exp is the KernelTable's on the first two (about 1 ulp, identical on every ISA). Dlt sums in a fixed order.
+//   fp32 (fp16, fp32, and bf16 without vdpbf16ps, on every ISA including the scalar one): gemm_f32 on fp32
+//     operands; P and dS unrounded. Its results are the same on every ISA (the table kernels share one
+//     operation order), so the scalar path computes exactly what AVX2 and AVX-512 compute.
+// exp is the KernelTable's (about 1 ulp, identical on every ISA). Dlt sums in a fixed order. fp64 inputs (a
+// testing extension) take the fp64 reference, as the forward does.
 //
 // Workspace: K and V of every (batch, KV head) packed once per call (O(T2 (2D + D2)), the size of the
 // inputs); Dlt (T N1 floats); the chunks' dK/dV partials (at most kPartialBudget = 64 MB unless a single
@@ -56,11 +56,15 @@
 #include <type_traits>
 #include <vector>
 
-#include "ops/compress_attention/batches.h"
+#include "common/aligned_buffer.h"
+#include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "common/status_guard.h"
+#include "common/threads.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
-#include "common/threads.h"
+#include "ops/compress_attention/batches.h"
+#include "ops/compress_attention/reference.h"
 
 namespace nsa::cpu {
 namespace {
@@ -74,143 +78,9 @@ constexpr int64_t kWin = 16;         // column granularity of the windows
 
 static_assert(kBc == kPan, "a key tile is one panel");
 
-// ---------------------------------------------------------------- element types
-struct EBf16 {
-  using Raw = uint16_t;
-  using Acc = float;
-  static constexpr DType kType = DType::kBF16;
-  static float get(Raw v) { return detail::bf16_to_f32(v); }
-  static Raw put(float x) { return detail::f32_to_bf16(x); }
-};
-struct EF16 {
-  using Raw = uint16_t;
-  using Acc = float;
-  static constexpr DType kType = DType::kF16;
-  static float get(Raw v) { return detail::f16_to_f32(v); }
-  static Raw put(float x) { return detail::f32_to_f16(x); }
-};
-struct EF32 {
-  using Raw = float;
-  using Acc = float;
-  static constexpr DType kType = DType::kF32;
-  static float get(Raw v) { return v; }
-  static Raw put(float x) { return x; }
-};
-struct EF64 {
-  using Raw = double;
-  using Acc = double;
-  static constexpr DType kType = DType::kF64;
-  static double get(Raw v) { return v; }
-  static Raw put(double x) { return x; }
-};
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// 64-byte aligned buffer, zero-initialised unless asked otherwise; std::bad_alloc when memory runs out (as a
-// std::vector would).
-template <typename T>
-struct AlignedBuf {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> ptr;
-  void reset(int64_t n, bool zero = true) {
-    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), 64));
-    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (ptr == nullptr) throw std::bad_alloc();
-    if (zero) std::memset(ptr.get(), 0, bytes);
-  }
-  T* get() const { return ptr.get(); }
-};
-
-// Carves consecutive 64-byte aligned arrays out of one buffer: pass 1 counts (base == nullptr), pass 2 assigns.
-struct Carver {
-  char* base = nullptr;
-  int64_t used = 0;
-  template <typename T>
-  void take(T** out, int64_t n) {
-    if (base != nullptr) *out = reinterpret_cast<T*>(base + used);
-    used += round_up(std::max<int64_t>(n, 0) * static_cast<int64_t>(sizeof(T)), 64);
-  }
-};
-
-// ---------------------------------------------------------------- portable GEMM (scalar ISA, fp64 inputs)
-// C[m][n - col0] = alpha * sum_{k<K} A[m*lda + k] * B[(n/64)*panel_stride + k*64 + n%64] (+ C when
-// accumulate, then alpha must be 1; the sum then starts from C), m < M, n in [col0, col0 + ncols) (col0,
-// ncols multiples of 16): the contract of KernelTable::gemm.f32. Each C element is summed in k order,
-// whatever its position in the blocking. Written with GCC/Clang generic 16-byte vectors (SSE2 / NEON width,
-// the baseline of this file) so that the MR x NR accumulators stay in registers. Used where the KernelTable
-// has no fast GEMM: the scalar ISA (its std::fma kernels are a reference order, ~30x slower than this) and
-// fp64 inputs.
-template <typename T>
-struct Vec16 {
-  typedef T type __attribute__((vector_size(16)));
-  static constexpr int kLanes = 16 / sizeof(T);
-};
-
-template <int MR, int NV, typename T>
-inline void micro(const T* __restrict A, int64_t lda, const T* __restrict B, int64_t K, T* __restrict C,
-                  int64_t ldc, T alpha, bool accumulate) {
-  using V = typename Vec16<T>::type;
-  constexpr int L = Vec16<T>::kLanes;
-  V acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) {
-      if (accumulate) std::memcpy(&acc[i][j], C + i * ldc + j * L, sizeof(V));
-      else acc[i][j] = V{};
-    }
-  for (int64_t k = 0; k < K; ++k) {
-    V b[NV];
-    for (int j = 0; j < NV; ++j) std::memcpy(&b[j], B + k * kPan + j * L, sizeof(V));
-    for (int i = 0; i < MR; ++i) {
-      const T a = A[i * lda + k];
-      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
-    }
-  }
-  if (!accumulate)
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) acc[i][j] *= alpha;
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) std::memcpy(C + i * ldc + j * L, &acc[i][j], sizeof(V));
-}
-
-template <typename T>
-void gemm_portable(const T* A, int64_t lda, int64_t M, const T* B, int64_t panel_stride, int64_t col0,
-                   int64_t ncols, int64_t K, T* C, int64_t ldc, T alpha, bool accumulate) {
-  constexpr int MR = 4, NV = 2, NR = NV * Vec16<T>::kLanes;  // 8 accumulators + 2 B registers
-  for (int64_t n0 = col0; n0 < col0 + ncols; n0 += NR) {
-    const T* Bp = B + (n0 / kPan) * panel_stride + n0 % kPan;
-    T* Cp = C + (n0 - col0);
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR) micro<MR, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, alpha, accumulate);
-    for (; m < M; ++m) micro<1, NV>(A + m * lda, lda, Bp, K, Cp + m * ldc, ldc, alpha, accumulate);
-  }
-}
-
-// exp(x) for x <= ~88, 0 below -87.3 (where expf is at most 1.2e-38), for the portable path. Branch-free so
-// that loops over it vectorize: Cody-Waite reduction by ln 2, degree-6 polynomial on [-ln2/2, ln2/2], 2^n
-// from the bits.
-inline float exp_poly(float x) {
-  float xc = x > -87.3f ? x : -87.3f;  // NaN -> -87.3 here; the NaN is returned at the end
-  xc = xc < 88.0f ? xc : 88.0f;
-  const float t = xc * 1.44269504088896341f;
-  const float fn = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
-  const float r = (xc - fn * 0.693359375f) - fn * -2.12194440e-4f;
-  float q = 1.9875691500e-4f;
-  q = q * r + 1.3981999507e-3f;
-  q = q * r + 8.3334519073e-3f;
-  q = q * r + 4.1665795894e-2f;
-  q = q * r + 1.6666665459e-1f;
-  q = q * r + 5.0000001201e-1f;
-  q = (q * r) * r + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(fn);
-  uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
-  float scale2;
-  std::memcpy(&scale2, &bits, 4);
-  return x < -87.3f ? 0.0f : (x == x ? q * scale2 : x);
-}
-inline double exp_portable(double x) { return std::exp(x); }
-inline float exp_portable(float x) { return exp_poly(x); }
+using detail::AlignedBuffer;
+using detail::Carver;
+using detail::round_up;
 
 // ---------------------------------------------------------------- plan
 enum TileState : uint8_t { kSkip = 0, kPartial = 1, kFull = 2 };
@@ -255,16 +125,14 @@ constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of dK/dV partial
 //     pB, dsB [Rp/2][64][2], dS rows dsA [R][64].
 //   dQ accumulator dq [R][Dp]; u [D2]: the fully masked rows' dV share; ra: a row being converted; zero_tile:
 //   the dK^T/dV^T of a key tile no query sees.
-template <typename Acc>
 struct Scratch {
-  AlignedBuf<char> buf;
-  Acc *qa = nullptr, *qT = nullptr, *oa = nullptr, *oT = nullptr;
+  AlignedBuffer<char> buf;
+  float *qa = nullptr, *qT = nullptr, *oa = nullptr, *oT = nullptr;
   uint16_t *qb = nullptr, *qTb = nullptr, *ob = nullptr, *oTb = nullptr, *pB = nullptr, *dsB = nullptr,
            *dsA = nullptr;
-  Acc *ra = nullptr, *s = nullptr, *dp = nullptr, *rm = nullptr, *ril = nullptr, *rdlt = nullptr;
-  Acc *dq = nullptr, *u = nullptr, *zero_tile = nullptr;
+  float *ra = nullptr, *s = nullptr, *dp = nullptr, *rm = nullptr, *ril = nullptr, *rdlt = nullptr;
+  float *dq = nullptr, *u = nullptr, *zero_tile = nullptr;
   uint8_t* keep = nullptr;
-  bool ready = false;
 
   void carve(Carver& c, const Geo& g, bool dot) {
     const int64_t R = g.R, Rp = g.Rp;
@@ -296,17 +164,16 @@ struct Scratch {
   void init(const Geo& g, bool dot) {
     Carver count;
     carve(count, g, dot);
-    buf.reset(count.used);
+    buf.reset(count.used, /*zero=*/true);
     Carver assign;
     assign.base = buf.get();
     carve(assign, g, dot);
-    ready = true;
   }
 };
 
-// out[k] = element (base + off + k*stride), k < n, converted to Acc.
+// out[k] = element (base + off + k*stride), k < n, converted to float.
 template <class E>
-inline void load_row(const void* base, int64_t off, int64_t stride, int64_t n, typename E::Acc* out) {
+inline void load_row(const void* base, int64_t off, int64_t stride, int64_t n, float* out) {
   const typename E::Raw* src = static_cast<const typename E::Raw*>(base) + off;
   if (stride == 1) {
     for (int64_t k = 0; k < n; ++k) out[k] = E::get(src[k]);
@@ -316,9 +183,8 @@ inline void load_row(const void* base, int64_t off, int64_t stride, int64_t n, t
 }
 
 // sum_k a[k] * b[k] in a fixed order: 8 interleaved partial sums (k % 8), then ((0+1)+(2+3))+((4+5)+(6+7)).
-template <typename Acc>
-inline Acc dot_fixed(const Acc* a, const Acc* b, int64_t n) {
-  Acc part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+inline float dot_fixed(const float* a, const float* b, int64_t n) {
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
     for (int j = 0; j < 8; ++j) part[j] += a[k + j] * b[k + j];
@@ -328,21 +194,19 @@ inline Acc dot_fixed(const Acc* a, const Acc* b, int64_t n) {
 
 // How a call multiplies (chosen once per call, see the header comment).
 enum class Path : int {
-  kPortable = 0,  // gemm_portable and exp_poly / std::exp (scalar ISA, fp64 inputs)
-  kF32 = 1,       // KernelTable::gemm.f32 on fp32 operands
-  kPairs = 2,     // KernelTable::gemm.bf16 on bf16 pairs, P and dS rounded to bf16
+  kF32 = 1,    // KernelTable::gemm.f32 on fp32 operands
+  kPairs = 2,  // KernelTable::gemm.bf16 on bf16 pairs, P and dS rounded to bf16
 };
 
-template <class E, Path kPath>
+// The backward of one call on inputs of dtype kDt (bf16, fp16 or fp32).
+template <DType kDt, Path kPath>
 class Backward {
  public:
-  using Acc = typename E::Acc;
+  using E = detail::Element<kDt>;
   using Raw = typename E::Raw;
-  static constexpr bool kF64 = std::is_same<Acc, double>::value;
   static constexpr bool kDot = kPath == Path::kPairs;
-  static constexpr bool kPortable = kPath == Path::kPortable;
-  static_assert(!kDot || std::is_same<E, EBf16>::value, "the pair path is for bf16 inputs");
-  static_assert(!kF64 || kPortable, "fp64 inputs take the portable path");
+  static_assert(!kDot || kDt == DType::kBF16, "the pair path is for bf16 inputs");
+  static_assert(kDt != DType::kF64, "fp64 inputs take the fp64 reference");
 
   Backward(const CompressAttentionGradParams& p, const CompressAttentionShape& sh, const KernelTable* kt,
            int threads)
@@ -364,7 +228,7 @@ class Backward {
     // along tokens [nDp][32][64][2] + V pairs along D2 [D2h][64][2].
     g_.ktile = kDot ? (g_.Dh + g_.D2h) * 2 * kBc + g_.nDp * kBc * kPan
                     : (g_.D + g_.D2) * kBc + g_.nDp * kBc * kPan;
-    scale_ = static_cast<Acc>(static_cast<float>(f_.scale_value));  // §1: used as float32
+    scale_ = static_cast<float>(static_cast<float>(f_.scale_value));  // §1: used as float32
     const std::vector<BatchInfo> bis = detail::make_batches(f_, sh);
     plans_.resize(bis.size());
     int64_t tiles = 0;
@@ -404,24 +268,24 @@ class Backward {
       }
     }
     std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
-    const int workers = std::max(1, threads_);
-    std::vector<Scratch<Acc>> scratch(static_cast<size_t>(workers));
-    parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
-      Scratch<Acc>& sc = scratch[static_cast<size_t>(w)];
-      if (!sc.ready) sc.init(g_, kDot);
-      const Task& task = tasks[static_cast<size_t>(t)];
-      run_chunk(task.b, task.n2, task.q, sc);
-    });
-
-    // 2. per (batch, KV head, key tile): dK_j, dV_j = the chunks' partials summed in chunk order (+ the fully
-    //    masked rows' dV share), written in the dtype.
+    // 2. (below) per (batch, KV head, key tile): dK_j, dV_j = the chunks' partials summed in chunk order (+ the
+    //    fully masked rows' dV share), written in the dtype.
     std::vector<std::array<int64_t, 3>> kv;
     for (int64_t b = 0; b < static_cast<int64_t>(plans_.size()); ++b)
       for (int64_t n2 = 0; n2 < g_.N2; ++n2)
         for (int64_t j = 0; j < plans_[static_cast<size_t>(b)].nk; ++j) kv.push_back({b, n2, j});
+    // per-worker tiles, allocated before the first output is written (a failed allocation is an error Status,
+    // not a partial result)
+    const int64_t most_tasks = std::max<int64_t>({1, static_cast<int64_t>(tasks.size()), static_cast<int64_t>(kv.size())});
+    const int workers = static_cast<int>(std::min<int64_t>(std::max(1, threads_), most_tasks));
+    std::vector<Scratch> scratch(static_cast<size_t>(workers));
+    for (Scratch& sc : scratch) sc.init(g_, kDot);
+    parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
+      const Task& task = tasks[static_cast<size_t>(t)];
+      run_chunk(task.b, task.n2, task.q, scratch[static_cast<size_t>(w)]);
+    });
     parallel_for(static_cast<int64_t>(kv.size()), workers, [&](int64_t t, int w) {
-      Scratch<Acc>& sc = scratch[static_cast<size_t>(w)];
-      if (!sc.ready) sc.init(g_, kDot);
+      Scratch& sc = scratch[static_cast<size_t>(w)];
       const auto& task = kv[static_cast<size_t>(t)];
       reduce_kv(task[0], task[1], task[2], sc);
     });
@@ -430,26 +294,17 @@ class Backward {
     const int64_t c_end = plans_.back().bi.c_begin + plans_.back().bi.c;
     Raw* gk = static_cast<Raw*>(p_.grad_key);
     Raw* gv = static_cast<Raw*>(p_.grad_value);
-    std::fill(gk + c_end * g_.N2 * g_.D, gk + g_.T2 * g_.N2 * g_.D, E::put(Acc(0)));
-    std::fill(gv + c_end * g_.N2 * g_.D2, gv + g_.T2 * g_.N2 * g_.D2, E::put(Acc(0)));
+    std::fill(gk + c_end * g_.N2 * g_.D, gk + g_.T2 * g_.N2 * g_.D, E::put(0.0f));
+    std::fill(gv + c_end * g_.N2 * g_.D2, gv + g_.T2 * g_.N2 * g_.D2, E::put(0.0f));
   }
 
  private:
-  using KElem = typename std::conditional<kDot, uint16_t, Acc>::type;  // element of the packed key tiles
+  using KElem = typename std::conditional<kDot, uint16_t, float>::type;  // element of the packed key tiles
 
-  bool masked(int64_t s, int64_t c) const {
-    const Mask2& m = f_.atten_mask;
-    return m.data[s * m.stride[0] + c * m.stride[1]] != 0;
-  }
-
-  // ---------------------------------------------------------------- GEMM of the fp32 / fp64 paths
-  void gemm(const Acc* A, int64_t lda, int64_t M, const Acc* B, int64_t panel_stride, int64_t col0, int64_t ncols,
-            int64_t K, Acc* C, int64_t ldc, Acc alpha, bool accumulate) const {
-    if constexpr (kPortable) {
-      gemm_portable(A, lda, M, B, panel_stride, col0, ncols, K, C, ldc, alpha, accumulate);
-    } else {
-      kt_->gemm.f32(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
-    }
+  // ---------------------------------------------------------------- GEMM of the fp32 path
+  void gemm(const float* A, int64_t lda, int64_t M, const float* B, int64_t panel_stride, int64_t col0,
+            int64_t ncols, int64_t K, float* C, int64_t ldc, float alpha, bool accumulate) const {
+    kt_->gemm.f32(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
   }
   // bf16 pairs: K pairs of reduction, one chunk.
   void gemm_pairs(const uint16_t* A, int64_t lda, int64_t M, const uint16_t* B, int64_t panel_stride, int64_t col0,
@@ -457,14 +312,12 @@ class Backward {
     kt_->gemm.bf16(A, lda, M, B, panel_stride, col0, ncols, K, K, C, ldc, alpha, accumulate);
   }
 
-  // Row n of a tensor (dtype E) as Acc.
-  void load_acc_row(const Tensor3& t, int64_t row, int64_t head, int64_t n, Acc* out) const {
+  // Row n of a tensor (dtype E) as float.
+  void load_acc_row(const Tensor3& t, int64_t row, int64_t head, int64_t n, float* out) const {
     const int64_t off = row * t.stride[0] + head * t.stride[1];
-    if constexpr (!kF64) {
-      if (t.stride[2] == 1) {
-        kt_->rows.load_row(static_cast<const Raw*>(t.data) + off, out, n, E::kType);
-        return;
-      }
+    if (t.stride[2] == 1) {
+      kt_->rows.load_row(static_cast<const Raw*>(t.data) + off, out, n, E::kType);
+      return;
     }
     load_row<E>(t.data, off, t.stride[2], n, out);
   }
@@ -477,37 +330,12 @@ class Backward {
       for (int64_t k = 0; k < n; ++k) dst[k] = src[k * t.stride[2]];
     }
   }
-  void transpose(const Acc* src, int64_t ld_src, int64_t rows, int64_t cols, Acc* dst, int64_t ld_dst) const {
-    if constexpr (kF64) {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-    } else {
-      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(src), ld_src, rows, cols, reinterpret_cast<uint32_t*>(dst),
-                         ld_dst);
-    }
+  void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) const {
+    kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(src), ld_src, rows, cols, reinterpret_cast<uint32_t*>(dst),
+                            ld_dst);
   }
 
   // ---------------------------------------------------------------- plan
-  // Visible entries of row s of atten_mask on [0, C): their number, and when they form one contiguous run (the
-  // usual case: causal, band) its first column; scattered = true otherwise.
-  void row_visibility(int64_t s, int64_t C, int64_t* count, int64_t* first, bool* scattered) const {
-    const Mask2& m = f_.atten_mask;
-    const uint8_t* row = m.data + s * m.stride[0];
-    const int64_t cs = m.stride[1];
-    int64_t z = 0;
-    for (int64_t c = 0; c < C; ++c) z += row[c * cs] == 0;
-    *count = z;
-    *first = 0;
-    *scattered = false;
-    if (z == 0) return;
-    int64_t a = 0;
-    while (row[a * cs] != 0) ++a;
-    int64_t run = 0;
-    for (int64_t c = a; c < a + z && c < C; ++c) run += row[c * cs] == 0;
-    *first = a;
-    *scattered = run != z;
-  }
-
   // Tile visibility map, fully masked rows and tile costs of every batch (parallel over chunks of query tiles).
   void build_plans() {
     constexpr int64_t kChunk = 16;  // query tiles per work item
@@ -521,7 +349,6 @@ class Backward {
       fm[b].assign(static_cast<size_t>(pl.bi.sq), 0);
       for (int64_t i = 0; i < pl.nq; i += kChunk) items.emplace_back(static_cast<int64_t>(b), i);
     }
-    const bool has_mask = f_.atten_mask.data != nullptr;
     parallel_for(static_cast<int64_t>(items.size()), threads_, [&](int64_t item, int) {
       const auto [b, i0] = items[static_cast<size_t>(item)];
       BatchPlan& pl = plans_[static_cast<size_t>(b)];
@@ -536,10 +363,8 @@ class Backward {
         std::fill(hi.begin(), hi.end(), -1);
         std::fill(all.begin(), all.end(), 1);
         for (int64_t s = s0; s < s1; ++s) {
-          int64_t count = C, first = 0;
-          bool scattered = false;
-          if (has_mask) row_visibility(s, C, &count, &first, &scattered);
-          if (count == 0) {  // fully masked: every tile of the row has masked entries
+          const detail::MaskRow mr = detail::analyse_mask_row(f_.atten_mask, s, C);
+          if (mr.kind == detail::MaskRowKind::kFullyMasked) {  // every tile of the row has masked entries
             fm[static_cast<size_t>(b)][static_cast<size_t>(s)] = 1;
             std::fill(all.begin(), all.end(), 0);
             continue;
@@ -547,16 +372,16 @@ class Backward {
           for (int64_t j = 0; j < pl.nk; ++j) {
             const int64_t c0 = j * kBc, nc = std::min(C, c0 + kBc) - c0;
             int64_t f = -1, l = -1;
-            if (!scattered) {  // the run [first, first + count) clipped to the tile
-              const int64_t a = std::max(first, c0), e = std::min(first + count, c0 + nc);
+            if (mr.kind == detail::MaskRowKind::kRange) {  // the run [mr.lo, mr.hi) clipped to the tile
+              const int64_t a = std::max(mr.lo, c0), e = std::min(mr.hi, c0 + nc);
               if (a < e) {
                 f = a - c0;
                 l = e - 1 - c0;
               }
-              if (!(first <= c0 && first + count >= c0 + nc)) all[static_cast<size_t>(j)] = 0;
+              if (!(mr.lo <= c0 && mr.hi >= c0 + nc)) all[static_cast<size_t>(j)] = 0;
             } else {
               for (int64_t c = 0; c < nc; ++c)
-                if (!masked(s, c0 + c)) {
+                if (!detail::mask_at(f_.atten_mask, s, c0 + c)) {
                   if (f < 0) f = c;
                   l = c;
                 } else {
@@ -589,7 +414,7 @@ class Backward {
   // Chunks of query tiles (the same ct for every batch): ct = kChunkRows / R tiles, doubled while the partials
   // would exceed kPartialBudget. A function of the shape and the mask only, never of the thread count.
   void plan_chunks() {
-    const int64_t tile_bytes = (g_.D + g_.D2) * kBc * static_cast<int64_t>(sizeof(Acc));
+    const int64_t tile_bytes = (g_.D + g_.D2) * kBc * static_cast<int64_t>(sizeof(float));
     int64_t max_nq = 1;
     for (const BatchPlan& pl : plans_) max_nq = std::max(max_nq, pl.nq);
     int64_t ct = std::max<int64_t>(1, kChunkRows / g_.R);
@@ -638,7 +463,7 @@ class Backward {
   //   fp32/fp64: K^T [D][64] (B of S), K panels [nDp][64 tokens][64] (B of dQ), V^T [D2][64] (B of dP);
   //   bf16 pairs: K [Dh][64][2] (pairs along D), K [nDp][32][64][2] (pairs along tokens), V [D2h][64][2].
   void pack_keys() {
-    keys_.reset(n_ktiles_ * g_.N2 * g_.ktile);
+    keys_.reset(n_ktiles_ * g_.N2 * g_.ktile, /*zero=*/true);
     std::vector<std::pair<int64_t, int64_t>> list;  // (batch, key tile)
     for (int64_t b = 0; b < static_cast<int64_t>(plans_.size()); ++b)
       if (plans_[static_cast<size_t>(b)].nq > 0)
@@ -671,9 +496,9 @@ class Backward {
         for (int64_t e = 0; e < D2; ++e) vpd[(e / 2) * 2 * kBc + c * 2 + e % 2] = row[static_cast<size_t>(e)];
       }
     } else {
-      Acc* kt = dst;
-      Acc* kp = kt + D * kBc;
-      Acc* vt = kp + g_.nDp * kBc * kPan;
+      float* kt = dst;
+      float* kp = kt + D * kBc;
+      float* vt = kp + g_.nDp * kBc * kPan;
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t tk = pl.bi.c_begin + c0 + c;
         for (int64_t pn = 0; pn < g_.nDp; ++pn) {
@@ -683,7 +508,7 @@ class Backward {
         }
       }
       for (int64_t d = 0; d < D; ++d) {
-        const Acc* src = kp + (d / kPan) * kBc * kPan + d % kPan;
+        const float* src = kp + (d / kPan) * kBc * kPan + d % kPan;
         for (int64_t c = 0; c < nc; ++c) kt[d * kBc + c] = src[c * kPan];
       }
       for (int64_t c = 0; c < nc; ++c) {
@@ -698,10 +523,10 @@ class Backward {
   void compute_dlt() {
     const int64_t T = f_.query.size[0], N1 = g_.N1, D2 = g_.D2;
     constexpr int64_t kChunk = 64;
-    dlt_.assign(static_cast<size_t>(T * N1), Acc(0));
-    std::vector<std::vector<Acc>> rows(static_cast<size_t>(std::max(threads_, 1)));
+    dlt_.assign(static_cast<size_t>(T * N1), 0.0f);
+    std::vector<std::vector<float>> rows(static_cast<size_t>(std::max(threads_, 1)));
     parallel_for((T + kChunk - 1) / kChunk, threads_, [&](int64_t chunk, int w) {
-      std::vector<Acc>& buf = rows[static_cast<size_t>(w)];
+      std::vector<float>& buf = rows[static_cast<size_t>(w)];
       buf.resize(static_cast<size_t>(2 * D2));
       for (int64_t t = chunk * kChunk; t < std::min(T, (chunk + 1) * kChunk); ++t)
         for (int64_t h = 0; h < N1; ++h) {
@@ -719,15 +544,15 @@ class Backward {
 
   // Query tile i of (batch, n2): Q and dO as rows and transposed, the statistics m and 1/l_sum and Dlt of every
   // row.
-  void load_q(const BatchPlan& pl, int64_t n2, int64_t i, Scratch<Acc>& sc) const {
+  void load_q(const BatchPlan& pl, int64_t n2, int64_t i, Scratch& sc) const {
     const int64_t G = g_.G, D = g_.D, D2 = g_.D2, R = g_.R, Rp = g_.Rp, rows = tile_rows(pl, i);
     const Tensor3 &q = f_.query, &go = p_.grad_out;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t s = i * g_.Bq + r / G, h = n2 * G + r % G, t = pl.bi.q_begin + s;
       sc.rdlt[r] = dlt_[static_cast<size_t>(t * g_.N1 + h)];
       const int64_t so = detail::stat_offset(pl.bi, h, s);
-      sc.rm[r] = static_cast<Acc>(p_.softmax_max[so]);
-      sc.ril[r] = Acc(1) / static_cast<Acc>(p_.softmax_sum[so]);
+      sc.rm[r] = static_cast<float>(p_.softmax_max[so]);
+      sc.ril[r] = 1.0f / static_cast<float>(p_.softmax_sum[so]);
       if constexpr (kDot) {
         load_bits_row(q, t, h, D, sc.qb + r * 2 * g_.Dh);
         load_bits_row(go, t, h, D2, sc.ob + r * 2 * g_.D2h);
@@ -754,8 +579,8 @@ class Backward {
   // The tile pair (i, j) on a loaded query tile and the packed key tile `key`, on the columns [w0, w1) of its window:
   // S, P, dP, dS; then dV_j^T += dO^T P and dK_j^T += Q^T dS (into dkT [D][64], dvT [D2][64]) and
   // dQ_i += dS K_j (into sc.dq).
-  void pair(const BatchPlan& pl, int64_t i, int64_t j, PairInfo pi, const KElem* key, Acc* dkT, Acc* dvT,
-            Scratch<Acc>& sc) const {
+  void pair(const BatchPlan& pl, int64_t i, int64_t j, PairInfo pi, const KElem* key, float* dkT, float* dvT,
+            Scratch& sc) const {
     const int64_t R = g_.R, rows = tile_rows(pl, i), c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
     const int64_t w0 = pi.w0, w1 = pi.w1, wn = w1 - w0;
     const int64_t wv = std::min(w1, nc);  // window columns below C_b
@@ -766,10 +591,10 @@ class Backward {
       gemm_pairs(sc.qb, 2 * g_.Dh, rows, kpd, 0, w0, wn, g_.Dh, sc.s + w0, kBc, scale_, false);
       gemm_pairs(sc.ob, 2 * g_.D2h, rows, vpd, 0, w0, wn, g_.D2h, sc.dp + w0, kBc, 1.0f, false);
     } else {
-      const Acc* ktr = key;
-      const Acc* vt = key + g_.D * kBc + g_.nDp * kBc * kPan;
+      const float* ktr = key;
+      const float* vt = key + g_.D * kBc + g_.nDp * kBc * kPan;
       gemm(sc.qa, g_.D, rows, ktr, 0, w0, wn, g_.D, sc.s + w0, kBc, scale_, false);
-      gemm(sc.oa, g_.D2, rows, vt, 0, w0, wn, g_.D2, sc.dp + w0, kBc, Acc(1), false);
+      gemm(sc.oa, g_.D2, rows, vt, 0, w0, wn, g_.D2, sc.dp + w0, kBc, 1.0f, false);
     }
     // Visible entries of the window: columns < nc, and not removed by atten_mask in a partial pair.
     uint8_t* keep = sc.keep;
@@ -786,20 +611,10 @@ class Backward {
     }
     // P and dS
     for (int64_t r = 0; r < rows; ++r) {
-      Acc* sr = sc.s + r * kBc;
-      Acc* dpr = sc.dp + r * kBc;
+      float* sr = sc.s + r * kBc;
+      float* dpr = sc.dp + r * kBc;
       const uint8_t* kr = keep + r * kBc;
-      if constexpr (kPortable) {
-        const Acc m = sc.rm[r], il = sc.ril[r], dlt = sc.rdlt[r];
-        for (int64_t c = w0; c < w1; ++c) {
-          const Acc e = exp_portable(sr[c] - m) * il;
-          const Acc pc = kr[c] ? e : Acc(0);
-          sr[c] = pc;                    // P
-          dpr[c] = pc * (dpr[c] - dlt);  // dS
-        }
-      } else {
-        kt_->grad.softmax_grad_row(sr + w0, dpr + w0, kr + w0, wn, sc.rm[r], sc.ril[r], sc.rdlt[r]);
-      }
+      kt_->grad.softmax_grad_row(sr + w0, dpr + w0, kr + w0, wn, sc.rm[r], sc.ril[r], sc.rdlt[r]);
     }
     if constexpr (kDot) {
       if (rows % 2 != 0) {  // the zero partner of the last row in the pair layouts
@@ -823,38 +638,32 @@ class Backward {
       gemm_pairs(sc.dsA + w0, kBc, rows, kpt + (w0 / 2) * 2 * kPan, kBc * kPan, 0, g_.Dp, wn / 2, sc.dq, g_.Dp, 1.0f,
                  true);
     } else {
-      gemm(sc.oT, R, g_.D2, sc.s, 0, w0, wn, rows, dvT + w0, kBc, Acc(1), true);  // dV^T += dO^T P
-      gemm(sc.qT, R, g_.D, sc.dp, 0, w0, wn, rows, dkT + w0, kBc, Acc(1), true);  // dK^T += Q^T dS
+      gemm(sc.oT, R, g_.D2, sc.s, 0, w0, wn, rows, dvT + w0, kBc, 1.0f, true);  // dV^T += dO^T P
+      gemm(sc.qT, R, g_.D, sc.dp, 0, w0, wn, rows, dkT + w0, kBc, 1.0f, true);  // dK^T += Q^T dS
       // dQ += dS K over the window's key rows below C_b
-      const Acc* kp = key + g_.D * kBc;
-      gemm(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, g_.Dp, wv - w0, sc.dq, g_.Dp, Acc(1), true);
+      const float* kp = key + g_.D * kBc;
+      gemm(sc.dp + w0, kBc, rows, kp + w0 * kPan, kBc * kPan, 0, g_.Dp, wv - w0, sc.dq, g_.Dp, 1.0f, true);
     }
   }
 
   // u = sum over fully masked rows s (ascending) and heads g of dO[s, h] / l_sum[s, h]: their dV share.
-  void fully_masked_share(const BatchPlan& pl, int64_t n2, Scratch<Acc>& sc) const {
+  void fully_masked_share(const BatchPlan& pl, int64_t n2, Scratch& sc) const {
     const int64_t D2 = g_.D2;
-    std::fill(sc.u, sc.u + D2, Acc(0));
+    std::fill(sc.u, sc.u + D2, 0.0f);
     for (int64_t s : pl.fm_rows)
       for (int64_t g = 0; g < g_.G; ++g) {
         const int64_t h = n2 * g_.G + g, t = pl.bi.q_begin + s;
         load_acc_row(p_.grad_out, t, h, D2, sc.ra);
-        const Acc il = Acc(1) / static_cast<Acc>(p_.softmax_sum[detail::stat_offset(pl.bi, h, s)]);
+        const float il = 1.0f / static_cast<float>(p_.softmax_sum[detail::stat_offset(pl.bi, h, s)]);
         for (int64_t e = 0; e < D2; ++e) sc.u[e] += il * sc.ra[e];
       }
   }
 
-  // Stores the Acc row x[0..n) in the dtype at dst.
-  void store_acc_row(Acc* x, int64_t n, Raw* dst) const {
-    if constexpr (kF64) {
-      for (int64_t k = 0; k < n; ++k) dst[k] = E::put(x[k]);
-    } else {
-      kt_->rows.store_row(x, dst, n, E::kType);
-    }
-  }
+  // Stores the fp32 row x[0..n) in the dtype at dst.
+  void store_acc_row(const float* x, int64_t n, Raw* dst) const { kt_->rows.store_row(x, dst, n, E::kType); }
 
   // Writes dK_j (times scale) and dV_j (plus u) of key tile j in the dtype, from dK^T / dV^T.
-  void finish_kv(const BatchPlan& pl, int64_t n2, int64_t j, const Acc* dkT, const Acc* dvT, Scratch<Acc>& sc) const {
+  void finish_kv(const BatchPlan& pl, int64_t n2, int64_t j, const float* dkT, const float* dvT, Scratch& sc) const {
     const int64_t D = g_.D, D2 = g_.D2, c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
     const bool has_fm = !pl.fm_rows.empty();
     Raw* gk = static_cast<Raw*>(p_.grad_key);
@@ -868,37 +677,37 @@ class Backward {
     }
   }
 
-  void write_dq(const BatchPlan& pl, int64_t n2, int64_t i, Scratch<Acc>& sc) const {
+  void write_dq(const BatchPlan& pl, int64_t n2, int64_t i, Scratch& sc) const {
     const int64_t G = g_.G, D = g_.D, rows = tile_rows(pl, i);
     Raw* gq = static_cast<Raw*>(p_.grad_query);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t t = pl.bi.q_begin + i * g_.Bq + r / G, h = n2 * G + r % G;
-      Acc* dqr = sc.dq + r * g_.Dp;
+      float* dqr = sc.dq + r * g_.Dp;
       for (int64_t d = 0; d < D; ++d) dqr[d] *= scale_;
       store_acc_row(dqr, D, gq + (t * g_.N1 + h) * D);
     }
   }
 
   // Partial of chunk q of (batch, n2): dK^T [D][64] then dV^T [D2][64] for each key tile in [jlo, jhi).
-  Acc* partial(const BatchPlan& pl, int64_t n2, int64_t q) const {
+  float* partial(const BatchPlan& pl, int64_t n2, int64_t q) const {
     return parts_.get() + pl.part_off[static_cast<size_t>(q * g_.N2 + n2)];
   }
 
   // Chunk task: query tiles [q ct, (q+1) ct) of (batch, n2) ascending, each with every key tile ascending
   // (all five products, no recomputation): dQ of these rows, complete; dK^T/dV^T summed over the chunk's tiles.
-  void run_chunk(int64_t b, int64_t n2, int64_t q, Scratch<Acc>& sc) const {
+  void run_chunk(int64_t b, int64_t n2, int64_t q, Scratch& sc) const {
     const BatchPlan& pl = plans_[static_cast<size_t>(b)];
     const int64_t jlo = pl.jlo[static_cast<size_t>(q)], jhi = pl.jhi[static_cast<size_t>(q)];
     const int64_t tile = (g_.D + g_.D2) * kBc;
-    Acc* part = partial(pl, n2, q);
-    std::fill(part, part + (jhi - jlo) * tile, Acc(0));
+    float* part = partial(pl, n2, q);
+    std::fill(part, part + (jhi - jlo) * tile, 0.0f);
     for (int64_t i = q * pl.ct; i < std::min(pl.nq, (q + 1) * pl.ct); ++i) {
-      std::fill(sc.dq, sc.dq + g_.R * g_.Dp, Acc(0));
+      std::fill(sc.dq, sc.dq + g_.R * g_.Dp, 0.0f);
       load_q(pl, n2, i, sc);
       for (int64_t j = jlo; j < jhi; ++j) {
         const PairInfo pi = pl.tile[static_cast<size_t>(i * pl.nk + j)];
         if (pi.state == kSkip) continue;
-        Acc* dkT = part + (j - jlo) * tile;
+        float* dkT = part + (j - jlo) * tile;
         pair(pl, i, j, pi, slot(pl, n2, j), dkT, dkT + g_.D * kBc, sc);
       }
       write_dq(pl, n2, i, sc);
@@ -907,14 +716,14 @@ class Backward {
 
   // dK_j and dV_j of (batch, n2): the partials of the chunks that reach key tile j, summed in chunk order into
   // the first one, plus the fully masked rows' share for dV; written in the dtype.
-  void reduce_kv(int64_t b, int64_t n2, int64_t j, Scratch<Acc>& sc) const {
+  void reduce_kv(int64_t b, int64_t n2, int64_t j, Scratch& sc) const {
     const BatchPlan& pl = plans_[static_cast<size_t>(b)];
     const int64_t tile = (g_.D + g_.D2) * kBc;
-    Acc* acc = nullptr;
+    float* acc = nullptr;
     for (int64_t q = 0; q < pl.nch; ++q) {
       const int64_t jlo = pl.jlo[static_cast<size_t>(q)], jhi = pl.jhi[static_cast<size_t>(q)];
       if (j < jlo || j >= jhi) continue;
-      Acc* part = partial(pl, n2, q) + (j - jlo) * tile;
+      float* part = partial(pl, n2, q) + (j - jlo) * tile;
       if (acc == nullptr) {
         acc = part;
       } else {
@@ -922,7 +731,7 @@ class Backward {
       }
     }
     if (acc == nullptr) {  // no query row sees key tile j
-      std::fill(sc.zero_tile, sc.zero_tile + tile, Acc(0));
+      std::fill(sc.zero_tile, sc.zero_tile + tile, 0.0f);
       acc = sc.zero_tile;
     }
     fully_masked_share(pl, n2, sc);
@@ -934,20 +743,45 @@ class Backward {
   const KernelTable* kt_;
   int threads_;
   Geo g_;
-  Acc scale_;
+  float scale_;
   std::vector<BatchPlan> plans_;
   int64_t n_ktiles_ = 0;
-  AlignedBuf<KElem> keys_;
-  AlignedBuf<Acc> parts_;    // dK^T/dV^T partials of every chunk (BatchPlan::part_off)
+  AlignedBuffer<KElem> keys_;
+  AlignedBuffer<float> parts_;    // dK^T/dV^T partials of every chunk (BatchPlan::part_off)
   int64_t parts_total_ = 0;  // their total size (elements)
-  std::vector<Acc> dlt_;  // [T][N1] Dlt of every (query row, head)
+  std::vector<float> dlt_;  // [T][N1] Dlt of every (query row, head)
 };
 
-template <class E, Path kPath>
+template <DType kDt, Path kPath>
 void run_backward(const CompressAttentionGradParams& p, const CompressAttentionShape& sh, const KernelTable* kt,
                   int threads) {
-  Backward<E, kPath> bw(p, sh, kt, threads);
+  Backward<kDt, kPath> bw(p, sh, kt, threads);
   bw.run();
+}
+
+Status backward_impl(const CompressAttentionGradParams& p, const CpuOptions& options) {
+  CompressAttentionShape sh;
+  Status st = validate_compress_attention_backward(p, &sh);
+  if (!st.ok()) return st;
+  CpuIsa isa;
+  st = resolve_isa(options.isa, &isa);
+  if (!st.ok()) return st;
+  if (p.fwd.dtype == DType::kF64) return reference::backward_fp64(p);  // testing extension: no fast path
+  const KernelTable* kt = kernels_for(isa);
+  const int threads = resolve_num_threads(options.num_threads);
+  // The path, once per call: bf16 pairs where the ISA has a bf16 dot product, KernelTable::gemm.f32 otherwise.
+  switch (p.fwd.dtype) {
+    case DType::kBF16:
+      if (kt->gemm.bf16 != nullptr && kt->grad.pack_rows_bf16 != nullptr)
+        run_backward<DType::kBF16, Path::kPairs>(p, sh, kt, threads);
+      else
+        run_backward<DType::kBF16, Path::kF32>(p, sh, kt, threads);
+      break;
+    case DType::kF16: run_backward<DType::kF16, Path::kF32>(p, sh, kt, threads); break;
+    case DType::kF32: run_backward<DType::kF32, Path::kF32>(p, sh, kt, threads); break;
+    case DType::kF64: break;
+  }
+  return Status::Ok();
 }
 
 }  // namespace
@@ -955,54 +789,11 @@ void run_backward(const CompressAttentionGradParams& p, const CompressAttentionS
 
 namespace nsa {
 
-namespace {
-Status backward_impl(const CompressAttentionGradParams& p, const CpuOptions& options) {
-  CompressAttentionShape sh;
-  Status st = validate_compress_attention_backward(p, &sh);
-  if (!st.ok()) return st;
-  CpuIsa isa;
-  st = cpu::resolve_isa(options.isa, &isa);
-  if (!st.ok()) return st;
-  const cpu::KernelTable* kt = cpu::kernels_for(isa);
-  const int threads = cpu::resolve_num_threads(options.num_threads);
-  // The path, once per call: bf16 pairs where the ISA has a bf16 dot product, the portable GEMM on the scalar
-  // ISA and for fp64 inputs, KernelTable::gemm.f32 otherwise.
-  using cpu::Path;
-  const bool portable = isa == CpuIsa::kScalar;
-  switch (p.fwd.dtype) {
-    case DType::kBF16:
-      if (kt->gemm.bf16 != nullptr && kt->grad.pack_rows_bf16 != nullptr)
-        cpu::run_backward<cpu::EBf16, Path::kPairs>(p, sh, kt, threads);
-      else if (portable)
-        cpu::run_backward<cpu::EBf16, Path::kPortable>(p, sh, kt, threads);
-      else
-        cpu::run_backward<cpu::EBf16, Path::kF32>(p, sh, kt, threads);
-      break;
-    case DType::kF16:
-      if (portable) cpu::run_backward<cpu::EF16, Path::kPortable>(p, sh, kt, threads);
-      else cpu::run_backward<cpu::EF16, Path::kF32>(p, sh, kt, threads);
-      break;
-    case DType::kF32:
-      if (portable) cpu::run_backward<cpu::EF32, Path::kPortable>(p, sh, kt, threads);
-      else cpu::run_backward<cpu::EF32, Path::kF32>(p, sh, kt, threads);
-      break;
-    case DType::kF64: cpu::run_backward<cpu::EF64, Path::kPortable>(p, sh, kt, threads); break;
-  }
-  return Status::Ok();
-}
-}  // namespace
-
-// Workspace that cannot be allocated (chunk partials, per-worker tiles) is reported as an error, never as a
-// crash.
+// Workspace that cannot be allocated (packed keys, chunk partials, per-worker tiles) is reported as an error,
+// never as a crash.
 Status compress_attention_backward_cpu(const CompressAttentionGradParams& p, const CpuOptions& options) {
-  try {
-    return backward_impl(p, options);
-  } catch (const std::bad_alloc&) {
-    return Status::Error("compress_attention_backward_cpu: out of memory for the workspace (dK/dV chunk partials and "
-                         "per-thread tiles); reduce the sizes or the number of threads");
-  } catch (const std::exception& e) {  // e.g. std::system_error when no thread can be started
-    return Status::Error(std::string("compress_attention_backward_cpu: ") + e.what());
-  }
+  return detail::guarded("compress_attention_backward_cpu", "dK/dV chunk partials and per-thread tiles",
+                         [&] { return cpu::backward_impl(p, options); });
 }
 
 }  // namespace nsa

@@ -29,11 +29,16 @@
 #include <string>
 #include <vector>
 
-#include "ops/compress_attention/batches.h"
+#include "common/aligned_buffer.h"
+#include "common/group_sum.h"
+#include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "common/status_guard.h"
+#include "common/threads.h"
+#include "common/topk_order.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
-#include "common/threads.h"
+#include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/reference.h"
 
 namespace nsa {
@@ -47,32 +52,12 @@ constexpr int64_t kMaxScoreBytes = 4 << 20;  // cap of the per-worker score bloc
 constexpr int64_t kPvChunk = 256;            // reduction chunk of the P.V GEMM (keeps a V chunk in L2)
 constexpr int64_t kMargin = 16;              // zero margin (floats) around a score row for the stencil
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// Kind of a query row with respect to atten_mask within [0, C_b).
-enum RowKind : uint8_t {
-  kRange = 0,        // visible set is exactly [lo, hi)
-  kScattered = 1,    // visible set has holes inside [lo, hi): read the mask per element
-  kFullyMasked = 2,  // nothing visible (§5)
-};
-struct RowInfo {
-  int64_t lo = 0, hi = 0;
-  RowKind kind = kRange;
-};
-
-template <typename T>
-struct AlignedBuffer {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> ptr;
-  void reset(size_t n) {  // throws std::bad_alloc (caught by forward())
-    const size_t bytes = round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64);
-    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (!ptr) throw std::bad_alloc();
-  }
-  T* get() const { return ptr.get(); }
-};
+using detail::AlignedBuffer;
+using detail::round_up;
+// A query row with respect to atten_mask within [0, C_b): its visible span and kind (fully masked: §5).
+using RowInfo = detail::MaskRow;
+constexpr detail::MaskRowKind kRange = detail::MaskRowKind::kRange;
+constexpr detail::MaskRowKind kFullyMasked = detail::MaskRowKind::kFullyMasked;
 
 inline uint16_t load_bits16(const void* base, int64_t i) { return static_cast<const uint16_t*>(base)[i]; }
 
@@ -96,84 +81,42 @@ struct Plan {
   std::vector<std::array<int64_t, 4>> tasks;  // (b, n2, s0, s1)
 };
 
-// ------------------------------------------------------------------ atten_mask row analysis
-RowInfo analyse_row(const Mask2& m, int64_t s, int64_t C) {
-  RowInfo ri;
-  if (m.data == nullptr) {
-    ri.lo = 0;
-    ri.hi = C;
-    return ri;
-  }
-  const uint8_t* row = m.data + s * m.stride[0];
-  const int64_t cs = m.stride[1];
-  int64_t first = -1, last = -1, visible = 0;
-  for (int64_t c = 0; c < C; ++c) {
-    if (row[c * cs] == 0) {
-      if (first < 0) first = c;
-      last = c;
-      ++visible;
-    }
-  }
-  if (first < 0) {
-    ri.kind = kFullyMasked;
-    return ri;
-  }
-  ri.lo = first;
-  ri.hi = last + 1;
-  ri.kind = (visible == last + 1 - first) ? kRange : kScattered;
-  return ri;
-}
-
 // ------------------------------------------------------------------ packing of K and V
-// K of (b, n2) as the B operand of S = Q.K^T: columns = compressed tokens, reduction over D.
-void pack_k(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
-  const CompressAttentionParams& p = *pl.p;
-  const Tensor3& k = p.key;
-  const int64_t C = bi.c, cp = round_up(C, kPanel), D = pl.sh.D;
-  if (pl.bf16_dot) {
-    uint16_t* out = static_cast<uint16_t*>(dst);
-    const int64_t pairs = pl.qk_red;
-    std::memset(out, 0, sizeof(uint16_t) * cp * pairs * 2);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t base = (bi.c_begin + c) * k.stride[0] + n2 * k.stride[1];
-      uint16_t* col = out + (c / kPanel) * pairs * kPanel * 2 + (c % kPanel) * 2;
-      for (int64_t d = 0; d < D; ++d) col[(d / 2) * kPanel * 2 + (d % 2)] = load_bits16(k.data, base + d * k.stride[2]);
-    }
-  } else {
-    float* out = static_cast<float*>(dst);
-    std::memset(out, 0, sizeof(float) * cp * D);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t base = (bi.c_begin + c) * k.stride[0] + n2 * k.stride[1];
-      float* col = out + (c / kPanel) * D * kPanel + (c % kPanel);
-      for (int64_t d = 0; d < D; ++d) col[d * kPanel] = detail::load_f32(k.data, base + d * k.stride[2], p.dtype);
+// Offset of element (p, n) of a B operand (reduction index p < P, column n) in its packed panels (kernels.h):
+// fp32 [n / 64][P][64]; bf16 pairs [n / 64][P / 2][64][2] (P even).
+inline int64_t panel_offset(bool pairs, int64_t P, int64_t p, int64_t n) {
+  const int64_t panel = (n / kPanel) * P * kPanel;
+  return pairs ? panel + (p / 2) * kPanel * 2 + (n % kPanel) * 2 + p % 2 : panel + p * kPanel + n % kPanel;
+}
+
+// Rows [c_begin, c_begin + C) of KV head n2 of t (key or value, E elements per row) as a B operand with P x N
+// elements (zero padded): element (c, e) at reduction index e and column c for K (S = Q.K^T, tokens are columns),
+// at reduction index c and column e for V (O = P.V, tokens are the reduction).
+void pack_b(const Plan& pl, const Tensor3& t, const BatchInfo& bi, int64_t n2, int64_t E, bool tokens_are_columns,
+            int64_t P, int64_t N, void* dst) {
+  const bool pairs = pl.bf16_dot;
+  std::memset(dst, 0, static_cast<size_t>(P * N) * (pairs ? 2 : 4));
+  for (int64_t c = 0; c < bi.c; ++c) {
+    const int64_t base = (bi.c_begin + c) * t.stride[0] + n2 * t.stride[1];
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t off = tokens_are_columns ? panel_offset(pairs, P, e, c) : panel_offset(pairs, P, c, e);
+      if (pairs) static_cast<uint16_t*>(dst)[off] = load_bits16(t.data, base + e * t.stride[2]);
+      else static_cast<float*>(dst)[off] = detail::load_f32(t.data, base + e * t.stride[2], pl.p->dtype);
     }
   }
 }
 
-// V of (b, n2) as the B operand of O = P.V: columns = D2 (panels of 64), reduction over tokens.
+// K of (b, n2) as the B operand of S = Q.K^T: columns = compressed tokens (C_b rounded up to 64), reduction over D
+// (qk_red pairs or elements).
+void pack_k(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
+  const int64_t P = pl.bf16_dot ? 2 * pl.qk_red : pl.sh.D;
+  pack_b(pl, pl.p->key, bi, n2, pl.sh.D, /*tokens_are_columns=*/true, P, round_up(bi.c, kPanel), dst);
+}
+
+// V of (b, n2) as the B operand of O = P.V: columns = D2 (panels of 64), reduction over the tokens (C_b rounded up
+// to 64).
 void pack_v(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
-  const CompressAttentionParams& p = *pl.p;
-  const Tensor3& v = p.value;
-  const int64_t C = bi.c, cp = round_up(C, kPanel), D2 = pl.sh.D2;
-  if (pl.bf16_dot) {
-    uint16_t* out = static_cast<uint16_t*>(dst);
-    std::memset(out, 0, sizeof(uint16_t) * cp * pl.d2p);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
-      for (int64_t j = 0; j < D2; ++j)
-        out[(j / kPanel) * (cp / 2) * kPanel * 2 + (c / 2) * kPanel * 2 + (j % kPanel) * 2 + (c % 2)] =
-            load_bits16(v.data, base + j * v.stride[2]);
-    }
-  } else {
-    float* out = static_cast<float*>(dst);
-    std::memset(out, 0, sizeof(float) * cp * pl.d2p);
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
-      for (int64_t j = 0; j < D2; ++j)
-        out[(j / kPanel) * cp * kPanel + c * kPanel + (j % kPanel)] =
-            detail::load_f32(v.data, base + j * v.stride[2], p.dtype);
-    }
-  }
+  pack_b(pl, pl.p->value, bi, n2, pl.sh.D2, /*tokens_are_columns=*/false, round_up(bi.c, kPanel), pl.d2p, dst);
 }
 
 // ------------------------------------------------------------------ per-worker scratch
@@ -198,16 +141,16 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   const int64_t R = pl.bq * pl.sh.G;
   sc.ld_s = pl.cp_max + 2 * kMargin;
   sc.ld_p = pl.cp_max;
-  const size_t esz = pl.bf16_dot ? 2 : 4;
-  sc.s.reset(static_cast<size_t>(R * sc.ld_s));
-  sc.pa.reset(static_cast<size_t>(R * sc.ld_p) * esz);
-  sc.qa.reset(static_cast<size_t>(R * pl.q_lda) * esz);
-  sc.o.reset(static_cast<size_t>(R * pl.d2p));
-  sc.box1.reset(static_cast<size_t>(sc.ld_s));
-  sc.box2.reset(static_cast<size_t>(sc.ld_s));
-  sc.heads.reset(static_cast<size_t>(sc.ld_s));
-  sc.score.reset(static_cast<size_t>(pl.sh.max_sel));
-  sc.uniform.reset(static_cast<size_t>(pl.sh.D2));
+  const int64_t esz = pl.bf16_dot ? 2 : 4;
+  sc.s.reset(R * sc.ld_s);
+  sc.pa.reset(R * sc.ld_p * esz);
+  sc.qa.reset(R * pl.q_lda * esz);
+  sc.o.reset(R * pl.d2p);
+  sc.box1.reset(sc.ld_s);
+  sc.box2.reset(sc.ld_s);
+  sc.heads.reset(sc.ld_s);
+  sc.score.reset(pl.sh.max_sel);
+  sc.uniform.reset(pl.sh.D2);
   sc.ptrs.resize(static_cast<size_t>(pl.sh.G));
   sc.m.resize(static_cast<size_t>(R));
   sc.l.resize(static_cast<size_t>(R));
@@ -226,28 +169,6 @@ void row_box(const Plan& pl, Scratch& sc, const float* prow, int64_t lo, int64_t
   std::memset(q + lo - kMargin, 0, sizeof(float) * kMargin);
   pl.kt->rows.box_sum(prow + lo, q + lo, n, static_cast<int>(pl.sh.N));
   pl.kt->rows.box_sum(q + lo, out + lo, n, static_cast<int>(pl.sh.M));
-}
-
-// Top-K of score[0..sel) in §3.8 order into idx[0..K) when a score is NaN (KernelTable::select.top_k handles the
-// rest and returns false here): a sorted buffer of the K best so far, ordered by reference::topk_before
-// (NaN ranks below every number; equal scores keep the earlier index).
-void top_k_general(const float* score, int64_t sel, int64_t K, int32_t* idx) {
-  float best[32];
-  int32_t bidx[32];
-  int64_t count = 0;
-  for (int64_t k = 0; k < sel; ++k) {
-    const float v = score[k];
-    if (count == K && !reference::topk_before(v, k, best[K - 1], static_cast<int64_t>(bidx[K - 1]))) continue;
-    int64_t pos = count < K ? count++ : K - 1;
-    while (pos > 0 && reference::topk_before(v, k, best[pos - 1], static_cast<int64_t>(bidx[pos - 1]))) {
-      best[pos] = best[pos - 1];
-      bidx[pos] = bidx[pos - 1];
-      --pos;
-    }
-    best[pos] = v;
-    bidx[pos] = static_cast<int32_t>(k);
-  }
-  for (int64_t i = 0; i < K; ++i) idx[i] = bidx[i];
 }
 
 // ------------------------------------------------------------------ query prefetch
@@ -500,19 +421,13 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       // rounding), then the §3.5 box filters once, then the picks score[k] = box[M(k+1)].
       for (int64_t g = 0; g < G; ++g) sc.ptrs[g] = S + (i * G + g) * sc.ld_s;
       const int64_t x0 = rlo - kMargin, x1 = rhi + kMargin;  // margins included (zeros)
-      int64_t n = sc.fused[i] ? 1 : G;  // fused: the sum is already in the first row
-      while (n > 1) {
-        const int64_t half = n / 2;
-        for (int64_t a = 0; a < half; ++a) {
-          float* x = sc.ptrs[2 * a];
-          pl.kt->rows.add_row(x + x0, sc.ptrs[2 * a + 1] + x0, x1 - x0);
-          sc.ptrs[a] = x;
-        }
-        if (n % 2) sc.ptrs[half] = sc.ptrs[n - 1];
-        n = half + n % 2;
-      }
+      // fused: the sum is already in the first row
+      float* sum = detail::pairwise_reduce(sc.ptrs.data(), sc.fused[i] ? 1 : G, [&](float* x, float* y) {
+        pl.kt->rows.add_row(x + x0, y + x0, x1 - x0);
+        return x;
+      });
       float* boxed = sc.heads.get() + kMargin;
-      row_box(pl, sc, sc.ptrs[0], rlo, rhi, boxed);
+      row_box(pl, sc, sum, rlo, rhi, boxed);
       for (int64_t k = k0; k < k1; ++k) score[k] = boxed[M * (k + 1)];
     } else if (k1 > k0) {
       std::fill(score + k0, score + k1, 0.0f);
@@ -524,27 +439,11 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     }
     int32_t* idx = p.topk_indices + (t * sh.N2 + n2) * K;
     if (!pl.kt->select.top_k(score, Sel, static_cast<int>(K), idx, sc.topk_work.data()))
-      top_k_general(score, Sel, K, idx);  // a NaN score (§3.8 order of NaN)
+      detail::top_k_ordered(score, Sel, K, idx);  // a NaN score (§3.8 order of NaN)
   }
 }
 
 }  // namespace
-
-Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options);
-
-// Entry point: validation first (nothing written on error), then the tiled pass. Workspace that
-// cannot be allocated is reported as an error, never as a crash: all of it (packed K/V, per-worker
-// scratch) is allocated before the first output is written.
-Status forward(const CompressAttentionParams& p, const CpuOptions& options) {
-  try {
-    return forward_impl(p, options);
-  } catch (const std::bad_alloc&) {
-    return Status::Error("compress_attention_cpu: out of memory for the workspace (packed K/V and per-thread score "
-                         "blocks grow with C_b x G); reduce the sizes or the number of threads");
-  } catch (const std::exception& e) {  // e.g. std::system_error when no thread can be started
-    return Status::Error(std::string("compress_attention_cpu: ") + e.what());
-  }
-}
 
 Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options) {
   Plan pl;
@@ -600,8 +499,8 @@ Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options)
     }
   }
   AlignedBuffer<uint8_t> kbuf, vbuf;
-  kbuf.reset(static_cast<size_t>(k_total) * esz);
-  vbuf.reset(static_cast<size_t>(v_total) * esz);
+  kbuf.reset(k_total * esz);
+  vbuf.reset(v_total * esz);
 
   // row analysis of atten_mask, per query row (depends on the batch's C_b)
   pl.rows.resize(static_cast<size_t>(sh.T));
@@ -622,7 +521,7 @@ Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options)
     const int64_t c0 = (task - n_pack) * kRowChunk, c1 = std::min(sh.T, c0 + kRowChunk);
     for (int64_t t = c0; t < c1; ++t) {
       const BatchInfo& bi = pl.batches[row_batch[t]];
-      pl.rows[t] = analyse_row(p.atten_mask, t - bi.q_begin, bi.c);
+      pl.rows[t] = detail::analyse_mask_row(p.atten_mask, t - bi.q_begin, bi.c);
     }
   });
 
@@ -658,8 +557,12 @@ Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options)
 
 }  // namespace cpu
 
+// Entry point: validation first (nothing written on error), then the tiled pass. Workspace that cannot be
+// allocated is reported as an error, never as a crash: all of it (packed K/V, per-worker scratch) is allocated
+// before the first output is written.
 Status compress_attention_cpu(const CompressAttentionParams& p, const CpuOptions& options) {
-  return cpu::forward(p, options);
+  return detail::guarded("compress_attention_cpu", "packed K/V and per-thread score blocks grow with C_b x G",
+                         [&] { return cpu::forward_impl(p, options); });
 }
 
 }  // namespace nsa

@@ -24,7 +24,7 @@
 // equals the group sum of the head scores up to rounding, as in the CPU backend); blocks whose taps
 // cross a chunk boundary read the previous chunk's last kHalo columns, kept in front of the row.
 // Forced blocks (§3.7) score FLT_MAX. Every block index of [0, Sel_b) is offered to a per-token top-K
-// kept sorted by a warp (WarpTopK, order of reference::topk_before); blocks left of the window score 0.
+// kept sorted by a warp (WarpTopK, order of detail::topk_before, src/common/topk_order.h); blocks left of the window score 0.
 //
 // GEMMs. Simple path (any dtype): fp32 CUDA-core FMAs on tiles staged in shared memory as fp32.
 // Tensor-core path (bf16/fp16, sm_80+): mma.sync m16n8k16 with fp32 accumulation; Q.K^T on the

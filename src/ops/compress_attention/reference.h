@@ -1,7 +1,11 @@
 // Internal entry points of the reference backend (for tests and for other backends' fallbacks).
 #pragma once
 
+#include <cstdint>
+
+#include "common/numeric.h"
 #include "nsa/compress_attention.h"
+#include "ops/compress_attention/batches.h"
 
 namespace nsa::reference {
 
@@ -13,33 +17,23 @@ Status forward_fp32(const CompressAttentionParams& p);
 // once (§3.4). This is the "fp64 model of the spec" that tolerances are measured against.
 Status forward_fp64(const CompressAttentionParams& p);
 
-// The §3.6 group sum: pairwise over g in order, halving; an odd last element is carried up.
-// Sums v[0..n) in place (destroys v) and returns the total.
-template <typename T>
-T pairwise_group_sum(T* v, int64_t n) {
-  if (n <= 0) return T(0);
-  while (n > 1) {
-    const int64_t half = n / 2;
-    for (int64_t i = 0; i < half; ++i) v[i] = v[2 * i] + v[2 * i + 1];
-    if (n % 2) v[half] = v[n - 1];
-    n = half + (n % 2);
-  }
-  return v[0];
-}
-
-// Order of §3.8: higher score first, equal scores by smaller index; NaN ranks below every number
-// (a policy of ours: the NPU's order for NaN is undefined).
-template <typename T>
-bool topk_before(T sa, int64_t ia, T sb, int64_t ib) {
-  const bool na = sa != sa, nb = sb != sb;
-  if (na != nb) return nb;
-  if (!na && sa != sb) return sa > sb;
-  return ia < ib;
-}
-
-// Backward (§7), see src/reference/backward.cpp: the spec in float32 arithmetic (the public reference for
+// Backward (§7), see reference_backward.cpp: the spec in float32 arithmetic (the public reference for
 // bf16/fp16/fp32) and the same steps in float64 (the fp64 model of the gradients; fp64 inputs use it).
 Status backward_fp32(const CompressAttentionGradParams& p);
 Status backward_fp64(const CompressAttentionGradParams& p);
+
+// §3.1 scores of query row t, head h (KV head n2 = h / G) of batch bi, before the mask, as the forward and the
+// backward reference compute them: S[c] = (q . k_c, accumulated in Acc) * scale for c < C_b.
+template <typename Acc>
+void scores(const CompressAttentionParams& p, const detail::BatchInfo& bi, int64_t t, int64_t h, int64_t n2, Acc scale,
+            Acc* S) {
+  const int64_t D = p.query.size[2];
+  for (int64_t c = 0; c < bi.c; ++c) {
+    Acc dot = 0;
+    for (int64_t j = 0; j < D; ++j)
+      dot += detail::load_at<Acc>(p.query, t, h, j, p.dtype) * detail::load_at<Acc>(p.key, bi.c_begin + c, n2, j, p.dtype);
+    S[c] = dot * scale;
+  }
+}
 
 }  // namespace nsa::reference

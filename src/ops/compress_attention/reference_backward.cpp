@@ -1,5 +1,6 @@
 // Reference backward: §7 line by line, plain loops, single thread. The tests' oracle for the
-// gradients, and the backward's argument checks (shared by every backend).
+// gradients (the argument checks, shared by every backend, are validate_compress_attention_backward in
+// validate.cpp).
 // Acc is the arithmetic type of every float32 quantity of §7 (float: the spec literally; double: the
 // fp64 model used to measure the error of other backends, and the gradcheck path for fp64 inputs).
 //
@@ -14,74 +15,21 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <sstream>
 #include <type_traits>
 #include <vector>
 
-#include "ops/compress_attention/batches.h"
+#include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/reference.h"
 
 namespace nsa {
-
-namespace {
-
-template <typename... Args>
-Status err(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return Status::Error(os.str());
-}
-
-Status check_dout(const Tensor3& t, const char* name, const CompressAttentionShape& sh) {
-  if (t.data == nullptr) return err(name, " must not be null");
-  if (t.size[0] != sh.T || t.size[1] != sh.N1 || t.size[2] != sh.D2)
-    return err(name, " must have the shape of attention_out [T, N1, D2] = [", sh.T, ", ", sh.N1, ", ", sh.D2,
-               "], got [", t.size[0], ", ", t.size[1], ", ", t.size[2], "]");
-  return Status::Ok();
-}
-
-}  // namespace
-
-Status validate_compress_attention_backward(const CompressAttentionGradParams& p, CompressAttentionShape* shape) {
-  // The forward's output pointers play no part in the backward (the header says they are ignored), but
-  // validate_compress_attention requires them: hand it stand-ins that are never dereferenced.
-  CompressAttentionParams f = p.fwd;
-  static float dummy_f = 0.0f;
-  static int32_t dummy_i = 0;
-  f.attention_out = &dummy_f;
-  f.topk_indices = &dummy_i;
-  f.softmax_max = &dummy_f;
-  f.softmax_sum = &dummy_f;
-  CompressAttentionShape sh;
-  Status s = validate_compress_attention(f, &sh);
-  if (!s.ok()) return s;
-  if (!(s = check_dout(p.attention_out, "attention_out", sh)).ok()) return s;
-  if (!(s = check_dout(p.grad_out, "grad_out", sh)).ok()) return s;
-  if (p.softmax_max == nullptr) return err("softmax_max must not be null");
-  if (p.softmax_sum == nullptr) return err("softmax_sum must not be null");
-  if (p.grad_query == nullptr) return err("grad_query must not be null");
-  if (p.grad_key == nullptr) return err("grad_key must not be null");
-  if (p.grad_value == nullptr) return err("grad_value must not be null");
-  if (shape) *shape = sh;
-  return Status::Ok();
-}
 
 namespace reference {
 namespace {
 
 using detail::BatchInfo;
-
-template <typename Acc>
-Acc load(const Tensor3& t, int64_t i, int64_t j, int64_t k, DType dt) {
-  const int64_t off = i * t.stride[0] + j * t.stride[1] + k * t.stride[2];
-  if constexpr (std::is_same_v<Acc, double>) return detail::load_f64(t.data, off, dt);
-  else return detail::load_f32(t.data, off, dt);
-}
-
-bool mask_at(const Mask2& m, int64_t r, int64_t c) {
-  return m.data != nullptr && m.data[r * m.stride[0] + c * m.stride[1]] != 0;
-}
+using detail::mask_at;
 
 template <typename Acc>
 Status backward(const CompressAttentionGradParams& p) {
@@ -113,12 +61,9 @@ Status backward(const CompressAttentionGradParams& p) {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = n2 * G + g;  // query head; reads KV head h / G = n2 (§2)
           // §3.1-3.2 scores recomputed: dot product in Acc, times the float32 scale, masked entries replaced.
-          for (int64_t c = 0; c < C; ++c) {
-            Acc dot = 0;
-            for (int64_t j = 0; j < D; ++j)
-              dot += load<Acc>(f.query, t, h, j, dt) * load<Acc>(f.key, bi.c_begin + c, n2, j, dt);
-            S[c] = mask_at(f.atten_mask, s, c) ? neg_max : dot * scale;
-          }
+          scores(f, bi, t, h, n2, scale, S.data());
+          for (int64_t c = 0; c < C; ++c)
+            if (mask_at(f.atten_mask, s, c)) S[c] = neg_max;
           // §7: P from the saved statistics (§4 layout).
           const int64_t so = detail::stat_offset(bi, h, s);
           const Acc m = static_cast<Acc>(p.softmax_max[so]);
@@ -127,23 +72,23 @@ Status backward(const CompressAttentionGradParams& p) {
           // Dlt = Σ_j dO·O with O the attention_out as returned.
           Acc dlt = 0;
           for (int64_t j = 0; j < D2; ++j)
-            dlt += load<Acc>(p.grad_out, t, h, j, dt) * load<Acc>(p.attention_out, t, h, j, dt);
+            dlt += detail::load_at<Acc>(p.grad_out, t, h, j, dt) * detail::load_at<Acc>(p.attention_out, t, h, j, dt);
           // dP = dO·v; dS = P (dP - Dlt), zero for a fully masked row (§7); dV += P dO.
           for (int64_t c = 0; c < C; ++c) {
             Acc dp = 0;
             for (int64_t j = 0; j < D2; ++j)
-              dp += load<Acc>(p.grad_out, t, h, j, dt) * load<Acc>(f.value, bi.c_begin + c, n2, j, dt);
+              dp += detail::load_at<Acc>(p.grad_out, t, h, j, dt) * detail::load_at<Acc>(f.value, bi.c_begin + c, n2, j, dt);
             dS[c] = fully_masked ? Acc(0) : P[c] * (dp - dlt);
             Acc* dvr = &dv[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D2)];
-            for (int64_t j = 0; j < D2; ++j) dvr[j] += P[c] * load<Acc>(p.grad_out, t, h, j, dt);
+            for (int64_t j = 0; j < D2; ++j) dvr[j] += P[c] * detail::load_at<Acc>(p.grad_out, t, h, j, dt);
           }
           // dQ = scale Σ_c dS k (this row's only writer); dK += dS q (scaled once at the end).
           std::fill(dq.begin(), dq.end(), Acc(0));
           for (int64_t c = 0; c < C; ++c) {
             Acc* dkr = &dk[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D)];
             for (int64_t j = 0; j < D; ++j) {
-              dq[j] += dS[c] * load<Acc>(f.key, bi.c_begin + c, n2, j, dt);
-              dkr[j] += dS[c] * load<Acc>(f.query, t, h, j, dt);
+              dq[j] += dS[c] * detail::load_at<Acc>(f.key, bi.c_begin + c, n2, j, dt);
+              dkr[j] += dS[c] * detail::load_at<Acc>(f.query, t, h, j, dt);
             }
           }
           for (int64_t j = 0; j < D; ++j)

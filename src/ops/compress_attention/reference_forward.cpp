@@ -7,25 +7,18 @@
 #include <numeric>
 #include <vector>
 
-#include "ops/compress_attention/batches.h"
+#include "common/group_sum.h"
+#include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "common/topk_order.h"
+#include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/reference.h"
 
 namespace nsa::reference {
 namespace {
 
 using detail::BatchInfo;
-
-template <typename Acc>
-Acc load(const Tensor3& t, int64_t i, int64_t j, int64_t k, DType dt) {
-  const int64_t off = i * t.stride[0] + j * t.stride[1] + k * t.stride[2];
-  if constexpr (std::is_same_v<Acc, double>) return detail::load_f64(t.data, off, dt);
-  else return detail::load_f32(t.data, off, dt);
-}
-
-bool mask_at(const Mask2& m, int64_t r, int64_t c) {
-  return m.data != nullptr && m.data[r * m.stride[0] + c * m.stride[1]] != 0;
-}
+using detail::mask_at;
 
 // "cast(P)" of §3.4: P rounded to the input dtype (no-op for fp32/fp64 inputs).
 template <typename Acc>
@@ -44,7 +37,7 @@ Status forward(const CompressAttentionParams& p) {
   const Acc scale = static_cast<Acc>(static_cast<float>(p.scale_value));  // §1: used as float32
   const Acc neg_max = static_cast<Acc>(-FLT_MAX);
   const Acc pos_max = static_cast<Acc>(FLT_MAX);
-  const int64_t G = sh.G, M = sh.M, N = sh.N, K = sh.K, D = sh.D, D2 = sh.D2;
+  const int64_t G = sh.G, M = sh.M, N = sh.N, K = sh.K, D2 = sh.D2;
 
   std::vector<Acc> S, P, acc(static_cast<size_t>(D2)), score, score_h, group;
   std::vector<int64_t> order;
@@ -60,12 +53,7 @@ Status forward(const CompressAttentionParams& p) {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = n2 * G + g;  // query head; reads KV head h / G = n2 (§2)
           // §3.1 scores: dot product accumulated in Acc, then times the float32 scale.
-          for (int64_t c = 0; c < C; ++c) {
-            Acc dot = 0;
-            for (int64_t j = 0; j < D; ++j)
-              dot += load<Acc>(p.query, t, h, j, dt) * load<Acc>(p.key, bi.c_begin + c, n2, j, dt);
-            S[c] = dot * scale;
-          }
+          scores(p, bi, t, h, n2, scale, S.data());
           // §3.2 mask: replacement by -FLT_MAX.
           for (int64_t c = 0; c < C; ++c)
             if (mask_at(p.atten_mask, s, c)) S[c] = neg_max;
@@ -79,7 +67,7 @@ Status forward(const CompressAttentionParams& p) {
           std::fill(acc.begin(), acc.end(), Acc(0));
           for (int64_t c = 0; c < C; ++c) {
             const Acc pc = round_p(P[c], dt);
-            for (int64_t j = 0; j < D2; ++j) acc[j] += pc * load<Acc>(p.value, bi.c_begin + c, n2, j, dt);
+            for (int64_t j = 0; j < D2; ++j) acc[j] += pc * detail::load_at<Acc>(p.value, bi.c_begin + c, n2, j, dt);
           }
           for (int64_t j = 0; j < D2; ++j)
             detail::store_f64(p.attention_out, (t * sh.N1 + h) * D2 + j, static_cast<double>(acc[j]), dt);
@@ -106,7 +94,7 @@ Status forward(const CompressAttentionParams& p) {
         group.resize(static_cast<size_t>(G));
         for (int64_t k = 0; k < Sel; ++k) {
           for (int64_t g = 0; g < G; ++g) group[g] = score_h[g * Sel + k];
-          score[k] = pairwise_group_sum(group.data(), G);
+          score[k] = detail::pairwise_group_sum(group.data(), G);
         }
         // §3.7 forced blocks.
         for (int64_t k = 0; k < Sel; ++k)
@@ -115,7 +103,7 @@ Status forward(const CompressAttentionParams& p) {
         order.resize(static_cast<size_t>(Sel));
         std::iota(order.begin(), order.end(), int64_t(0));
         std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-          return topk_before(score[a], a, score[b], b);
+          return detail::topk_before(score[a], a, score[b], b);
         });
         for (int64_t i = 0; i < K; ++i)
           p.topk_indices[(t * sh.N2 + n2) * K + i] = static_cast<int32_t>(order[i]);

@@ -1,29 +1,24 @@
-// Argument rules of §6. Every failure names the argument and what was expected; nothing is
-// written by any entry point when this fails.
+// Argument rules of §6 (forward) and of the backward's extra arguments (§7: the forward's results and dO),
+// shared by every backend. Every failure names the argument and what was expected; nothing is written by any
+// entry point when this fails.
 #include <cmath>
-#include <sstream>
 #include <string>
+#include <utility>
 
-#include "ops/compress_attention/batches.h"
+#include "common/arg_checks.h"
 #include "nsa/compress_attention.h"
+#include "ops/compress_attention/batches.h"
 
 namespace nsa {
 
 namespace {
 
+using detail::ceil_div;
+using detail::shape_str;
+
 template <typename... Args>
 Status err(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return Status::Error(os.str());
-}
-
-std::string shape_str(const int64_t* s, int n) {
-  std::ostringstream os;
-  os << "[";
-  for (int i = 0; i < n; ++i) os << (i ? ", " : "") << s[i];
-  os << "]";
-  return os.str();
+  return detail::arg_error(std::forward<Args>(args)...);
 }
 
 Status check_tensor(const Tensor3& t, const char* name) {
@@ -51,9 +46,14 @@ Status check_mask(const Mask2& m, const char* name, int64_t rows, int64_t cols, 
   return Status::Ok();
 }
 
-// ceil(a / b) for a >= 0, b > 0 without overflow: (a + b - 1) / b overflows for C_b near INT64_MAX (a key
-// tensor broadcast with stride 0 over that many rows is valid memory).
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+// A [T, N1, D2] argument of the backward (attention_out, grad_out).
+Status check_dout(const Tensor3& t, const char* name, const CompressAttentionShape& sh) {
+  if (t.data == nullptr) return err(name, " must not be null");
+  if (t.size[0] != sh.T || t.size[1] != sh.N1 || t.size[2] != sh.D2)
+    return err(name, " must have the shape of attention_out [T, N1, D2] = [", sh.T, ", ", sh.N1, ", ", sh.D2,
+               "], got [", t.size[0], ", ", t.size[1], ", ", t.size[2], "]");
+  return Status::Ok();
+}
 
 Status check_block_param(int64_t v, const char* name, int64_t lo, int64_t hi) {
   if (v % 16 != 0 || v < lo || v > hi)
@@ -156,12 +156,31 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
   if (!(s = check_mask(p.atten_mask, "atten_mask", sh.max_sq, sh.max_c, "[maxSq, maxC]")).ok()) return s;
   if (!(s = check_mask(p.topk_mask, "topk_mask", sh.max_sq, sh.max_sel, "[maxSq, maxSel]")).ok()) return s;
 
-  if (p.attention_out == nullptr) return err("attention_out must not be null");
-  if (p.topk_indices == nullptr) return err("topk_indices must not be null");
-  if (p.softmax_max == nullptr) return err("softmax_max must not be null");
-  if (p.softmax_sum == nullptr) return err("softmax_sum must not be null");
-  if (out_shape) *out_shape = sh;
-  return Status::Ok();
+  s = detail::check_not_null({{p.attention_out, "attention_out"}, {p.topk_indices, "topk_indices"},
+                              {p.softmax_max, "softmax_max"}, {p.softmax_sum, "softmax_sum"}});
+  if (s.ok() && out_shape) *out_shape = sh;
+  return s;
+}
+
+Status validate_compress_attention_backward(const CompressAttentionGradParams& p, CompressAttentionShape* shape) {
+  // The forward's output pointers play no part in the backward (the header says they are ignored), but
+  // validate_compress_attention requires them: hand it stand-ins that are never dereferenced.
+  CompressAttentionParams f = p.fwd;
+  static float dummy_f = 0.0f;
+  static int32_t dummy_i = 0;
+  f.attention_out = &dummy_f;
+  f.topk_indices = &dummy_i;
+  f.softmax_max = &dummy_f;
+  f.softmax_sum = &dummy_f;
+  CompressAttentionShape sh;
+  Status s = validate_compress_attention(f, &sh);
+  if (!s.ok()) return s;
+  if (!(s = check_dout(p.attention_out, "attention_out", sh)).ok()) return s;
+  if (!(s = check_dout(p.grad_out, "grad_out", sh)).ok()) return s;
+  s = detail::check_not_null({{p.softmax_max, "softmax_max"}, {p.softmax_sum, "softmax_sum"},
+                              {p.grad_query, "grad_query"}, {p.grad_key, "grad_key"}, {p.grad_value, "grad_value"}});
+  if (s.ok() && shape) *shape = sh;
+  return s;
 }
 
 }  // namespace nsa

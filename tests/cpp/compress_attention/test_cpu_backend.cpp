@@ -1,5 +1,5 @@
 // compress_attention_cpu against the fp64 model of docs/spec/compress_attention.md (reference::forward_fp64 plus the test
-// util's own fp64 scores), with STYLE.md's rules, on EVERY CpuIsa path this host runs:
+// util's own fp64 scores), with docs/CONTRIBUTING.md's rules, on EVERY CpuIsa path this host runs:
 //   - a shape matrix: batches (incl. Sq_b = 0), G, D / D2, C_b around M, masks, forced blocks,
 //     ties, non-contiguous inputs and masks, all dtypes, and a seeded random fuzz;
 //   - small-integer inputs whose results are exact: bitwise equal across ISA paths and to the reference;
@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "common/topk_order.h"
 #include "cpu/kernels.h"
 #include "ops/compress_attention/reference.h"
 #include "test_util.h"
@@ -601,7 +602,7 @@ TEST_P(CpuFuzz, RandomConfigurations) {
 }
 
 // KernelTable::select.top_k on every ISA this host runs, against a full stable sort in the §3.8 order
-// (reference::topk_before), on rows built to stress its threshold: all equal, ties exactly at the K-th
+// (detail::topk_before, common/topk_order.h), on rows built to stress its threshold: all equal, ties exactly at the K-th
 // lane maximum, signed zeros, +-inf, FLT_MAX (forced blocks), few distinct values, sel == K, sel not a
 // multiple of the lane count, K = 1 ... 32. A NaN anywhere returns false with idx untouched.
 TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
@@ -610,7 +611,7 @@ TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
     std::vector<int32_t> order(sc.size());
     for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
     std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-      return nsa::reference::topk_before(sc[static_cast<size_t>(a)], a, sc[static_cast<size_t>(b)], b);
+      return nsa::detail::topk_before(sc[static_cast<size_t>(a)], a, sc[static_cast<size_t>(b)], b);
     });
     order.resize(static_cast<size_t>(K));
     return order;
@@ -652,6 +653,114 @@ TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
     }
     EXPECT_GT(checked, 300);
   }
+}
+
+// The scalar table built twice on x86 (src/cpu/arch/scalar): for the baseline (std::fma a call into libm) and with
+// FMA (kernels_scalar_fma, what kernels_for(kScalar) returns on this host). Every entry on the same inputs gives the
+// same bits: random rows with NaN, +-inf, -FLT_MAX, signed zeros, subnormals and values that overflow exp, GEMMs
+// of every shape class (rows past the micro-tile, column windows inside and across panels, reduction chunks,
+// alpha, accumulation), every PStore and dtype.
+TEST(CpuKernels, ScalarFmaBuildEqualsBaselineBuild) {
+#if NSA_HAVE_X86_KERNELS
+  if (nsa::cpu_detected_isa() < CpuIsa::kAvx2) GTEST_SKIP() << "no FMA on this CPU: the scalar FMA build is not used";
+  const nsa::cpu::KernelTable* base = nsa::cpu::kernels_scalar();
+  const nsa::cpu::KernelTable* fma = nsa::cpu::kernels_scalar_fma();
+  ASSERT_EQ(nsa::cpu::kernels_for(CpuIsa::kScalar), fma);
+  std::mt19937_64 rng(31);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  const float specials[] = {NAN, INFINITY, -INFINITY, -FLT_MAX, FLT_MAX, -0.0f, 0.0f, 1e-40f, -3e-39f, 100.0f, -120.0f};
+  auto row = [&](int64_t n, bool with_specials) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float& v : x) v = nd(rng);
+    if (with_specials)
+      for (float sp : specials) x[static_cast<size_t>(rng() % static_cast<uint64_t>(n))] = sp;
+    return x;
+  };
+  auto same = [](const void* a, const void* b, size_t bytes) { return std::memcmp(a, b, bytes) == 0; };
+  // GEMM: C[R][ncols] (+)= alpha A[R][P] B[P][cols], B as panels of 64 columns
+  for (int64_t R : {1, 2, 3, 4, 7, 13})
+    for (int64_t P : {1, 5, 64, 130})
+      for (int64_t c0 : {0, 16, 48})
+        for (int64_t nc : {16, 64, 112}) {
+          const int64_t panels = (c0 + nc + 63) / 64;
+          const std::vector<float> A = row(R * P, false), B = row(panels * P * 64, false);
+          for (int variant = 0; variant < 4; ++variant) {
+            const float alpha = variant % 2 == 1 ? 0.37f : 1.0f;
+            const bool acc = variant >= 2;
+            const int64_t kc = variant == 2 ? 48 : P;
+            std::vector<float> c1 = row(R * nc, false), c2 = c1;
+            base->gemm.f32(A.data(), P, R, B.data(), P * 64, c0, nc, P, kc, c1.data(), nc, alpha, acc);
+            fma->gemm.f32(A.data(), P, R, B.data(), P * 64, c0, nc, P, kc, c2.data(), nc, alpha, acc);
+            ASSERT_TRUE(same(c1.data(), c2.data(), c1.size() * 4)) << "gemm R=" << R << " P=" << P << " col0=" << c0;
+          }
+        }
+  for (int64_t n : {16, 64, 528}) {
+    const std::vector<float> x = row(n, true), y = row(n, true);
+    ASSERT_TRUE(same(std::vector<float>{base->rows.row_max(x.data(), n, -FLT_MAX)}.data(),
+                     std::vector<float>{fma->rows.row_max(x.data(), n, -FLT_MAX)}.data(), 4));
+    const std::vector<float> fin = row(n, false);
+    for (float m : {0.0f, 2.5f, -FLT_MAX}) {
+      std::vector<float> e1 = fin, e2 = fin;
+      const float l1 = base->rows.exp_sum(e1.data(), n, m), l2 = fma->rows.exp_sum(e2.data(), n, m);
+      ASSERT_TRUE(same(&l1, &l2, 4) && same(e1.data(), e2.data(), e1.size() * 4)) << "exp_sum n=" << n << " m=" << m;
+      for (int st = 0; st < 4; ++st) {
+        const auto store = static_cast<nsa::cpu::PStore>(st);
+        std::vector<float> x1 = e1, x2 = e1, o1(static_cast<size_t>(n), 7.0f), o2 = o1;
+        base->rows.normalize_row(x1.data(), n, l1, o1.data(), store);
+        fma->rows.normalize_row(x2.data(), n, l1, o2.data(), store);
+        ASSERT_TRUE(same(x1.data(), x2.data(), x1.size() * 4) && same(o1.data(), o2.data(), o1.size() * 4)) << st;
+      }
+    }
+    for (int G : {1, 3, 16, 64}) {
+      const std::vector<float> xs = row(G * n, false);
+      std::vector<float> l(static_cast<size_t>(G));
+      for (float& v : l) v = 1.0f + std::fabs(nd(rng));
+      std::vector<float> o1(static_cast<size_t>(G * n), 7.0f), o2 = o1, s1(static_cast<size_t>(n)), s2 = s1;
+      base->rows.normalize_group(xs.data(), n, G, l.data(), n, o1.data(), n, nsa::cpu::PStore::kF32AsBf16, s1.data());
+      fma->rows.normalize_group(xs.data(), n, G, l.data(), n, o2.data(), n, nsa::cpu::PStore::kF32AsBf16, s2.data());
+      ASSERT_TRUE(same(o1.data(), o2.data(), o1.size() * 4) && same(s1.data(), s2.data(), s1.size() * 4)) << "G=" << G;
+    }
+    {
+      std::vector<float> in = row(n + 16, false), b1(static_cast<size_t>(n)), b2 = b1;
+      base->rows.box_sum(in.data() + 16, b1.data(), n, 5);
+      fma->rows.box_sum(in.data() + 16, b2.data(), n, 5);
+      ASSERT_TRUE(same(b1.data(), b2.data(), b1.size() * 4));
+      std::vector<float> a1 = x, a2 = x;
+      base->rows.add_row(a1.data(), y.data(), n);
+      fma->rows.add_row(a2.data(), y.data(), n);
+      ASSERT_TRUE(same(a1.data(), a2.data(), a1.size() * 4));
+    }
+    for (DType dt : {DType::kBF16, DType::kF16, DType::kF32}) {
+      const int64_t m = n - 3;  // a tail shorter than a vector
+      std::vector<unsigned char> d1(static_cast<size_t>(m) * 4, 0xAB), d2 = d1;
+      base->rows.store_row(x.data(), d1.data(), m, dt);
+      fma->rows.store_row(x.data(), d2.data(), m, dt);
+      ASSERT_TRUE(d1 == d2) << nsa::dtype_name(dt);
+      std::vector<float> r1(static_cast<size_t>(m)), r2 = r1;
+      base->rows.load_row(d1.data(), r1.data(), m, dt);
+      fma->rows.load_row(d1.data(), r2.data(), m, dt);
+      ASSERT_TRUE(same(r1.data(), r2.data(), r1.size() * 4)) << nsa::dtype_name(dt);
+    }
+    {
+      std::vector<float> s1 = row(n, true), dp1 = row(n, true);
+      std::vector<uint8_t> keep(static_cast<size_t>(n));
+      for (auto& k : keep) k = (rng() % 3) != 0;
+      std::vector<float> s2 = s1, dp2 = dp1;
+      base->grad.softmax_grad_row(s1.data(), dp1.data(), keep.data(), n, 1.25f, 0.125f, -0.5f);
+      fma->grad.softmax_grad_row(s2.data(), dp2.data(), keep.data(), n, 1.25f, 0.125f, -0.5f);
+      ASSERT_TRUE(same(s1.data(), s2.data(), s1.size() * 4) && same(dp1.data(), dp2.data(), dp1.size() * 4));
+    }
+    {
+      const int K = 16;
+      std::vector<float> sc = row(n, false);
+      std::vector<int32_t> w(static_cast<size_t>(2 * n)), i1(K), i2(K);
+      ASSERT_EQ(base->select.top_k(sc.data(), n, K, i1.data(), w.data()), fma->select.top_k(sc.data(), n, K, i2.data(), w.data()));
+      ASSERT_EQ(i1, i2);
+    }
+  }
+#else
+  GTEST_SKIP() << "the scalar table has one build on this architecture";
+#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(Shards, CpuFuzz, ::testing::Values(0, 1, 2, 3));

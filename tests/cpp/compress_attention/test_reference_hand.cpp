@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "common/group_sum.h"
 #include "ops/compress_attention/batches.h"
 #include "test_util.h"
 
@@ -230,7 +231,7 @@ struct Expr {
 std::string tree(int n) {
   std::vector<Expr> v;
   for (int i = 0; i < n; ++i) v.emplace_back(std::string(1, static_cast<char>('a' + i)));
-  return nsa::reference::pairwise_group_sum(v.data(), n).s;
+  return nsa::detail::pairwise_group_sum(v.data(), n).s;
 }
 
 // §3.6: pairwise over g in order, halving; an odd last element is carried up.
@@ -247,19 +248,19 @@ TEST(ReferenceHand, PairwiseGroupSumOrder) {
   // The same in float, with values where the order changes the result.
   {
     float v[4] = {1e8f, 1.0f, -1e8f, 1.0f};  // (1e8+1) = 1e8, (-1e8+1) = -1e8: total 0 (left to right: 1)
-    EXPECT_EQ(nsa::reference::pairwise_group_sum(v, 4), 0.0f);
+    EXPECT_EQ(nsa::detail::pairwise_group_sum(v, 4), 0.0f);
   }
   {
     float v[3] = {1.0f, 1e8f, -1e8f};  // (1+1e8) - 1e8 = 0 (right to left: 1)
-    EXPECT_EQ(nsa::reference::pairwise_group_sum(v, 3), 0.0f);
+    EXPECT_EQ(nsa::detail::pairwise_group_sum(v, 3), 0.0f);
   }
   {
     float v[5] = {1e8f, 1.0f, -1e8f, 1.0f, 1.0f};  // 0 + 1 (left to right: 2)
-    EXPECT_EQ(nsa::reference::pairwise_group_sum(v, 5), 1.0f);
+    EXPECT_EQ(nsa::detail::pairwise_group_sum(v, 5), 1.0f);
   }
   {
     float v[2] = {0.5f, 0.25f};
-    EXPECT_EQ(nsa::reference::pairwise_group_sum(v, 0), 0.0f);
+    EXPECT_EQ(nsa::detail::pairwise_group_sum(v, 0), 0.0f);
   }
 }
 
