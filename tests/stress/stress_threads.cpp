@@ -1,8 +1,11 @@
 // Concurrency stress for the TSan leg (and the ASan leg): several caller threads run
 // compress_attention_cpu and compress_attention_backward_cpu at the same time on SHARED read-only
-// inputs, each call with its own worker threads (num_threads 1, 2, 3, 5) and a forced ISA path, and
-// every result must be bitwise equal to the serial (num_threads = 1) result of the same case and path.
-// The CPU backend uses std::thread only, so ThreadSanitizer sees every synchronisation of the library.
+// inputs, each call with num_threads 1, 2, 3 or 5 and a forced ISA path, and every result must be bitwise
+// equal to the serial (num_threads = 1) result of the same case and path. The calls' parallel loops meet in
+// the library's persistent worker pool (src/common/threads.cpp): one call at a time runs on it, the others
+// start private workers, and the pool grows when a call asks for more workers than it has. The CPU backend
+// synchronises with std::mutex, std::condition_variable and atomics only (no OpenMP), so ThreadSanitizer sees
+// every synchronisation of the library.
 //
 // Environment: NSA_STRESS_CALLERS (default 4), NSA_STRESS_ROUNDS (calls per caller, default 24).
 // Last line: "stress_threads: N concurrent calls (C callers x 1-5 workers), M mismatches". Exit 1 on any mismatch.
