@@ -21,6 +21,10 @@ from .ops import _window_attention_autograd  # noqa: E402
 
 _window_attention_autograd.register()
 
+from .ops import _select_attention_autograd  # noqa: E402
+
+_select_attention_autograd.register()
+
 from .masks import (  # noqa: E402
     compressed_lengths,
     lengths_from_prefix_sums,
@@ -49,6 +53,12 @@ from .ops.window_attention import (  # noqa: E402
     npu_fusion_attention_grad,
     sliding_window_attention,
 )
+from .ops.select_attention import (  # noqa: E402
+    SelectAttentionOutput,
+    npu_nsa_select_attention,
+    npu_nsa_select_attention_grad,
+    select_attention,
+)
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 
 __all__ = [
@@ -66,6 +76,10 @@ __all__ = [
     "npu_fusion_attention",
     "npu_fusion_attention_grad",
     "sliding_window_attention",
+    "SelectAttentionOutput",
+    "npu_nsa_select_attention",
+    "npu_nsa_select_attention_grad",
+    "select_attention",
     "selection_lengths",
     "prefix_sums",
     "lengths_from_prefix_sums",
