@@ -5,6 +5,10 @@
 #   (a) fuzz_backends: seeded random configurations, compress_attention_cpu on every ISA path this host runs
 #       vs the fp64 model / fp32 reference (docs/CONTRIBUTING.md rules), NaN-in-masked-key and thread-count invariance.
 #       Prints: fuzz leg: N configurations x M ISA paths, 0 mismatches (seed S)
+#   (a2) fuzz_compress (where the compress operator is built): seeded random configurations of npu_nsa_compress /
+#       npu_nsa_compress_grad on every ISA path, thread count and work split vs the reference (bitwise) and the fp64
+#       model. Prints: fuzz_compress: N configurations x M ISA paths, 0 mismatches (seed S). Environment:
+#       NSA_FUZZ_COMPRESS_SEED (default 20260301), NSA_FUZZ_COMPRESS_N (300), NSA_FUZZ_COMPRESS_SECONDS (100).
 #   (b) fuzz_validate (libFuzzer): random bytes -> CompressAttentionParams backed by real buffers ->
 #       validate / reference / cpu / backward; first the regression inputs of tests/fuzz/regressions, then a
 #       time-bounded run. Prints: libfuzzer leg: 60 s, N executions, 0 crashes
@@ -57,7 +61,10 @@ mkdir -p "$DIR"
   -DCMAKE_CXX_FLAGS="-fsanitize=fuzzer-no-link" -DNSA_SANITIZE=address,undefined -DNSA_ENABLE_TORCH=OFF \
   -DNSA_BUILD_BENCH=OFF -DNSA_BUILD_TESTS=OFF -DNSA_LIBFUZZER=ON -DNSA_HARDEN_PROGRAMS=ON \
   >"$DIR/configure.log" 2>&1 || { cat "$DIR/configure.log"; exit 1; }
-"$CMAKE" --build "$DIR" -j "$JOBS" --target fuzz_validate fuzz_backends >"$DIR/build.log" 2>&1 \
+targets=(fuzz_validate fuzz_backends)
+# fuzz_compress exists where the compress operator is built (NSA_OPERATORS)
+if "$CMAKE" --build "$DIR" --target help 2>/dev/null | grep -q 'fuzz_compress'; then targets+=(fuzz_compress); fi
+"$CMAKE" --build "$DIR" -j "$JOBS" --target "${targets[@]}" >"$DIR/build.log" 2>&1 \
   || { tail -50 "$DIR/build.log"; exit 1; }
 echo "  built in $((SECONDS - t0)) s"
 
@@ -76,6 +83,25 @@ fi
 line="$line [$((SECONDS - t1)) s]"
 summaries+=("$line")
 echo "$line"
+
+# ------------------------------------------------------------------ (a2) the compress operator vs its reference
+if [ -x "$DIR/fuzz_compress" ]; then
+  t1=$SECONDS
+  echo "== fuzz leg (fuzz_compress, every ISA path and thread count vs the reference and the fp64 model)"
+  NSA_FUZZ_SEED="${NSA_FUZZ_COMPRESS_SEED:-20260301}" NSA_FUZZ_N="${NSA_FUZZ_COMPRESS_N:-300}" \
+    NSA_FUZZ_SECONDS="${NSA_FUZZ_COMPRESS_SECONDS:-100}" "$DIR/fuzz_compress" >"$DIR/fuzz_compress.log" 2>&1
+  rc=$?
+  grep -E "^(MISMATCH|  )" "$DIR/fuzz_compress.log" | head -40
+  line="$(grep -E '^fuzz_compress: [0-9]+ configurations x' "$DIR/fuzz_compress.log" | tail -1)"
+  if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
+    status=1
+    tail -20 "$DIR/fuzz_compress.log"
+    line="${line:-fuzz_compress: FAILED (exit $rc)} FAILED (log: $DIR/fuzz_compress.log)"
+  fi
+  line="$line [$((SECONDS - t1)) s]"
+  summaries+=("$line")
+  echo "$line"
+fi
 
 # ------------------------------------------------------------------ (b) libFuzzer
 t2=$SECONDS
