@@ -9,6 +9,10 @@
 #       npu_nsa_compress_grad on every ISA path, thread count and work split vs the reference (bitwise) and the fp64
 #       model. Prints: fuzz_compress: N configurations x M ISA paths, 0 mismatches (seed S). Environment:
 #       NSA_FUZZ_COMPRESS_SEED (default 20260301), NSA_FUZZ_COMPRESS_N (300), NSA_FUZZ_COMPRESS_SECONDS (100).
+#   (a3) fuzz_select_attention (where the select_attention operator is built): seeded random configurations of
+#       npu_nsa_select_attention and its grad on every ISA path, thread count and tile size vs the fp64 model.
+#       Prints: fuzz leg (select_attention): N configurations x M ISA paths, 0 mismatches (seed S). Environment:
+#       NSA_FUZZ_SELECT_SEED (default 20261130), NSA_FUZZ_SELECT_N (200), NSA_FUZZ_SELECT_SECONDS (100).
 #   (b) fuzz_validate (libFuzzer): random bytes -> CompressAttentionParams backed by real buffers ->
 #       validate / reference / cpu / backward; first the regression inputs of tests/fuzz/regressions, then a
 #       time-bounded run. Prints: libfuzzer leg: 60 s, N executions, 0 crashes
@@ -64,6 +68,8 @@ mkdir -p "$DIR"
 targets=(fuzz_validate fuzz_backends)
 # fuzz_compress exists where the compress operator is built (NSA_OPERATORS)
 if "$CMAKE" --build "$DIR" --target help 2>/dev/null | grep -q 'fuzz_compress'; then targets+=(fuzz_compress); fi
+# fuzz_select_attention exists where the select_attention operator is built
+if "$CMAKE" --build "$DIR" --target help 2>/dev/null | grep -q 'fuzz_select_attention'; then targets+=(fuzz_select_attention); fi
 "$CMAKE" --build "$DIR" -j "$JOBS" --target "${targets[@]}" >"$DIR/build.log" 2>&1 \
   || { tail -50 "$DIR/build.log"; exit 1; }
 echo "  built in $((SECONDS - t0)) s"
@@ -97,6 +103,25 @@ if [ -x "$DIR/fuzz_compress" ]; then
     status=1
     tail -20 "$DIR/fuzz_compress.log"
     line="${line:-fuzz_compress: FAILED (exit $rc)} FAILED (log: $DIR/fuzz_compress.log)"
+  fi
+  line="$line [$((SECONDS - t1)) s]"
+  summaries+=("$line")
+  echo "$line"
+fi
+
+# ------------------------------------------------------------------ (a3) selected attention vs its fp64 model
+if [ -x "$DIR/fuzz_select_attention" ]; then
+  t1=$SECONDS
+  echo "== fuzz leg (fuzz_select_attention, every ISA path, thread count and tile size vs the fp64 model)"
+  NSA_FUZZ_SEED="${NSA_FUZZ_SELECT_SEED:-20261130}" NSA_FUZZ_N="${NSA_FUZZ_SELECT_N:-200}" \
+    NSA_FUZZ_SECONDS="${NSA_FUZZ_SELECT_SECONDS:-100}" "$DIR/fuzz_select_attention" >"$DIR/fuzz_select_attention.log" 2>&1
+  rc=$?
+  grep -E "^(MISMATCH|  )" "$DIR/fuzz_select_attention.log" | head -40
+  line="$(grep -E '^fuzz leg \(select_attention\):' "$DIR/fuzz_select_attention.log" | tail -1)"
+  if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
+    status=1
+    tail -20 "$DIR/fuzz_select_attention.log"
+    line="${line:-fuzz leg (select_attention): FAILED (exit $rc)} FAILED (log: $DIR/fuzz_select_attention.log)"
   fi
   line="$line [$((SECONDS - t1)) s]"
   summaries+=("$line")

@@ -7,7 +7,8 @@
 #               planted_oob (heap over-read) and planted_ub (signed overflow) MUST be reported;
 #               ctest: the full C++ suite (tests/cpp); fuzz_backends (a short run, fixed seed), stress_threads,
 #               offsets64 (views with element offsets > 2^31), fuzz_validate_replay (tests/fuzz/regressions),
-#               fuzz_compress (a short run, fixed seed; where the compress operator is built)
+#               fuzz_compress (a short run, fixed seed; where the compress operator is built),
+#               fuzz_select_attention (a short run, fixed seed; where the select_attention operator is built)
 #   build-tsan  -DNSA_SANITIZE=thread, NSA_NUM_THREADS=4 (every default-threaded call uses 4 workers)
 #               planted_race (two std::threads, no lock) MUST be reported;
 #               ctest: the full C++ suite (the CPU backend uses std::thread only, no OpenMP: TSan sees all);
@@ -95,10 +96,14 @@ leg_asan() {
   local progs="fuzz_backends stress_threads offsets64" nprog=4
   if [ -x "$dir/fuzz_compress" ]; then  # built when the compress operator is (a short run, fixed seed)
     NSA_FUZZ_N="${NSA_SAN_FUZZ_COMPRESS_N:-40}" NSA_FUZZ_SECONDS=120 "$dir/fuzz_compress" >"$logs/fuzz_compress.log" 2>&1 || { echo "  fuzz_compress failed:"; tail -20 "$logs/fuzz_compress.log"; fail=1; }
-    progs="$progs fuzz_compress"; nprog=5
+    progs="$progs fuzz_compress"; nprog=$((nprog + 1))
+  fi
+  if [ -x "$dir/fuzz_select_attention" ]; then  # built when the select_attention operator is (a short run, fixed seed)
+    NSA_FUZZ_N="${NSA_SAN_FUZZ_SELECT_N:-30}" NSA_FUZZ_SECONDS=120 "$dir/fuzz_select_attention" >"$logs/fuzz_select_attention.log" 2>&1 || { echo "  fuzz_select_attention failed:"; tail -20 "$logs/fuzz_select_attention.log"; fail=1; }
+    progs="$progs fuzz_select_attention"; nprog=$((nprog + 1))
   fi
   for f in $progs; do echo "  $(tail -1 "$logs/$f.log")"; done
-  local reports; reports=$(count_reports "$logs"/ctest.log "$dir"/Testing/Temporary/LastTest.log "$logs"/fuzz_backends.log "$logs"/stress_threads.log "$logs"/offsets64.log "$logs"/fuzz_validate_replay.log "$logs"/fuzz_compress.log)
+  local reports; reports=$(count_reports "$logs"/ctest.log "$dir"/Testing/Temporary/LastTest.log "$logs"/fuzz_backends.log "$logs"/stress_threads.log "$logs"/offsets64.log "$logs"/fuzz_validate_replay.log "$logs"/fuzz_compress.log "$logs"/fuzz_select_attention.log)
   [ "$reports" -eq 0 ] || fail=1
   local line="sanitizer leg asan+ubsan: $ntests tests (full C++ suite) + $nprog programs, $reports reports; planted bugs caught ($caught) [$((SECONDS - t0)) s]"
   [ "$fail" -eq 0 ] || line="$line FAILED (logs: $logs)"

@@ -764,10 +764,11 @@ inline Grads run_bwd(const SCase& cs, const BwdInputs& in, BwdBackend b, int isa
 }
 
 // §8 in double from the same inputs (statistics and O as given), written here independently: the model of the
-// gradients (no rounding of P or dS, outputs not rounded), plus each element's magnitude (the sum of |terms|).
+// gradients (no rounding of P or dS, outputs not rounded), plus each element's magnitude: the sum over its terms of
+// what their rounding errors scale with (|terms|, with dS's sum of |products| in place of |dS|, see below).
 struct GradModel {
   std::vector<double> dq, dk, dv;
-  std::vector<double> aq, ak, av;  // sums of |terms|
+  std::vector<double> aq, ak, av;
 };
 
 inline GradModel make_grad_model(const SCase& cs, const BwdInputs& in) {
@@ -786,14 +787,27 @@ inline GradModel make_grad_model(const SCase& cs, const BwdInputs& in) {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = n2 * G + g, th = t * N1 + h;
         const double m = in.fwd.smax[static_cast<size_t>(th * 8)], l = in.fwd.ssum[static_cast<size_t>(th * 8)];
-        double dlt = 0;
-        for (int64_t i = 0; i < Dv; ++i) dlt += in.go[static_cast<size_t>(th * Dv + i)] * in.fwd.out[static_cast<size_t>(th * Dv + i)];
+        double dlt = 0, adlt = 0;
+        for (int64_t i = 0; i < Dv; ++i) {
+          dlt += in.go[static_cast<size_t>(th * Dv + i)] * in.fwd.out[static_cast<size_t>(th * Dv + i)];
+          adlt += std::fabs(in.go[static_cast<size_t>(th * Dv + i)] * in.fwd.out[static_cast<size_t>(th * Dv + i)]);
+        }
         for (const int64_t row : E) {
-          double dot = 0, dp = 0;
-          for (int64_t d = 0; d < D; ++d) dot += cs.q[cs.qi(t, h, d)] * cs.k[cs.ki(row, n2, d)];
-          for (int64_t i = 0; i < Dv; ++i) dp += in.go[static_cast<size_t>(th * Dv + i)] * cs.v[cs.vi(row, n2, i)];
+          double dot = 0, adot = 0, dp = 0, adp = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            dot += cs.q[cs.qi(t, h, d)] * cs.k[cs.ki(row, n2, d)];
+            adot += std::fabs(cs.q[cs.qi(t, h, d)] * cs.k[cs.ki(row, n2, d)]);
+          }
+          for (int64_t i = 0; i < Dv; ++i) {
+            dp += in.go[static_cast<size_t>(th * Dv + i)] * cs.v[cs.vi(row, n2, i)];
+            adp += std::fabs(in.go[static_cast<size_t>(th * Dv + i)] * cs.v[cs.vi(row, n2, i)]);
+          }
           const double P = std::exp(dot * scale - m) / l, dS = P * (dp - dlt);
-          const double adS = P * (std::fabs(dp) + std::fabs(dlt));
+          // what the rounding errors of dS scale with: the dot products dP and Dlt (their sums of |terms|, not their
+          // values: dP - Dlt cancels), and P's relative error, which follows the score's absolute error
+          // (|scale| sum |q k| eps) and a few eps of exp and the division
+          const double prel = 1.0 + std::fabs(scale) * adot;
+          const double adS = P * (adp + adlt + std::fabs(dp - dlt) * prel);
           for (int64_t d = 0; d < D; ++d) {
             gm.dq[cs.qi(t, h, d)] += scale * dS * cs.k[cs.ki(row, n2, d)];
             gm.aq[cs.qi(t, h, d)] += std::fabs(scale * adS * cs.k[cs.ki(row, n2, d)]);
@@ -802,7 +816,7 @@ inline GradModel make_grad_model(const SCase& cs, const BwdInputs& in) {
           }
           for (int64_t i = 0; i < Dv; ++i) {
             gm.dv[cs.vi(row, n2, i)] += P * in.go[static_cast<size_t>(th * Dv + i)];
-            gm.av[cs.vi(row, n2, i)] += std::fabs(P * in.go[static_cast<size_t>(th * Dv + i)]);
+            gm.av[cs.vi(row, n2, i)] += std::fabs(P * prel * in.go[static_cast<size_t>(th * Dv + i)]);
           }
         }
       }
