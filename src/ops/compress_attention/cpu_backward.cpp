@@ -23,10 +23,14 @@
 // Masks. A plan per batch records, for every tile pair, whether anything is visible (else it is
 // skipped) and the 16-column window [w0, w1) of the key tile that holds every visible entry of its
 // rows: all five products run on the window only (a causal mask leaves on average half of the last
-// tile of a row visible). A fully masked row (§5) has P = 1/l_sum = 1/C_b on every column and
-// contributes only to dV (§7): its share u = sum over such rows of dO / l_sum is added to every dV row
-// of the batch after the tile contributions; inside tiles its entries are masked (P = 0), so its dQ is
-// zero and it adds nothing to dK.
+// tile of a row visible). Inside tiles a masked entry has P = 0 and dS = 0, so it never reaches dQ or dK
+// (§7 rule 1). Its dV share, P dO with P = exp(-FLT_MAX - m) / l_sum the P of the forward (§7 rule 2), is
+// zero except where m = -FLT_MAX, and is added after the tile contributions:
+//   - a fully masked row (§5) has P = 1/C_b on every column: its share u = sum over such rows of
+//     dO / l_sum goes to every dV row of the batch; its dQ is zero and it adds nothing to dK;
+//   - a partially masked row whose every visible score overflowed to -inf has P = 1/l_sum on each masked
+//     column (and P = 0 on the visible ones): dO / l_sum goes to the dV rows of its masked columns
+//     (BatchPlan::masked_share, found from the saved m; empty in ordinary inputs).
 //
 // Products. Every product is one GEMM call of the per-ISA KernelTable (src/cpu/kernels.h) with the B
 // operand in its packed panel layout and a (col0, ncols) column range. Two paths, chosen once per call:
@@ -98,6 +102,14 @@ struct BatchPlan {
   int64_t tile0 = 0;                // index of the batch's first key tile over all batches
   std::vector<PairInfo> tile;       // [nq][nk]
   std::vector<int64_t> fm_rows;     // fully masked rows (local s), ascending
+  // (row s, head h) pairs whose masked entries have P != 0 in a partially masked row: the forward's m was
+  // -FLT_MAX because every visible score overflowed to -inf (§7, the general rule); p = exp(-FLT_MAX - m) / l_sum,
+  // the P of each of its masked entries. Ascending in (s, h); empty in ordinary inputs.
+  struct MaskedShare {
+    int64_t s, h;
+    float p;
+  };
+  std::vector<MaskedShare> masked_share;
   std::vector<int64_t> pairs_q;     // [nq] computed rows x window columns of the query tile's pairs (cost)
   // Chunks of query tiles: chunk q holds tiles [q ct, (q+1) ct); jlo/jhi [nch]: the key tiles its pairs reach;
   // part_off [nch][N2]: offset of its dK^T/dV^T partial in Backward::parts_.
@@ -124,14 +136,15 @@ constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of dK/dV partial
 //   Pair: S/P s [Rp][64], dP/dS dp [Rp][64], keep [Rp][64] (1 = visible); bf16 path: P and dS as B panels
 //     pB, dsB [Rp/2][64][2], dS rows dsA [R][64].
 //   dQ accumulator dq [R][Dp]; u [D2]: the fully masked rows' dV share; ra: a row being converted; zero_tile:
-//   the dK^T/dV^T of a key tile no query sees.
+//   the dK^T/dV^T of a key tile no query sees; wide [64][D2]: the masked entries' dV share of a key tile
+//   (BatchPlan::masked_share).
 struct Scratch {
   AlignedBuffer<char> buf;
   float *qa = nullptr, *qT = nullptr, *oa = nullptr, *oT = nullptr;
   uint16_t *qb = nullptr, *qTb = nullptr, *ob = nullptr, *oTb = nullptr, *pB = nullptr, *dsB = nullptr,
            *dsA = nullptr;
   float *ra = nullptr, *s = nullptr, *dp = nullptr, *rm = nullptr, *ril = nullptr, *rdlt = nullptr;
-  float *dq = nullptr, *u = nullptr, *zero_tile = nullptr;
+  float *dq = nullptr, *u = nullptr, *zero_tile = nullptr, *wide = nullptr;
   uint8_t* keep = nullptr;
 
   void carve(Carver& c, const Geo& g, bool dot) {
@@ -159,6 +172,7 @@ struct Scratch {
     c.take(&dq, R * g.Dp);
     c.take(&u, g.D2);
     c.take(&zero_tile, (g.D + g.D2) * kBc);
+    c.take(&wide, kBc * g.D2);
     c.take(&keep, Rp * kBc);
   }
   void init(const Geo& g, bool dot) {
@@ -339,13 +353,15 @@ class Backward {
   // Tile visibility map, fully masked rows and tile costs of every batch (parallel over chunks of query tiles).
   void build_plans() {
     constexpr int64_t kChunk = 16;  // query tiles per work item
-    std::vector<std::vector<uint8_t>> fm(plans_.size());  // per batch and row: fully masked
+    // per batch and row: 1 fully masked, 2 partially masked (some entries masked, some visible), 0 no entry masked
+    std::vector<std::vector<uint8_t>> fm(plans_.size());
     std::vector<std::pair<int64_t, int64_t>> items;       // (batch, first query tile)
     for (size_t b = 0; b < plans_.size(); ++b) {
       BatchPlan& pl = plans_[b];
       pl.tile.assign(static_cast<size_t>(pl.nq * pl.nk), PairInfo{});
       pl.pairs_q.assign(static_cast<size_t>(pl.nq), 0);
       pl.fm_rows.clear();
+      pl.masked_share.clear();
       fm[b].assign(static_cast<size_t>(pl.bi.sq), 0);
       for (int64_t i = 0; i < pl.nq; i += kChunk) items.emplace_back(static_cast<int64_t>(b), i);
     }
@@ -369,6 +385,8 @@ class Backward {
             std::fill(all.begin(), all.end(), 0);
             continue;
           }
+          if (mr.kind == detail::MaskRowKind::kScattered || mr.lo > 0 || mr.hi < C)
+            fm[static_cast<size_t>(b)][static_cast<size_t>(s)] = 2;
           for (int64_t j = 0; j < pl.nk; ++j) {
             const int64_t c0 = j * kBc, nc = std::min(C, c0 + kBc) - c0;
             int64_t f = -1, l = -1;
@@ -406,8 +424,20 @@ class Backward {
     });
     for (size_t b = 0; b < plans_.size(); ++b) {
       BatchPlan& pl = plans_[b];
-      for (int64_t s = 0; s < pl.bi.sq; ++s)
-        if (fm[b][static_cast<size_t>(s)]) pl.fm_rows.push_back(s);
+      for (int64_t s = 0; s < pl.bi.sq; ++s) {
+        const uint8_t kind = fm[b][static_cast<size_t>(s)];
+        if (kind == 1) pl.fm_rows.push_back(s);
+        if (kind != 2) continue;
+        // a masked entry's P, exp(-FLT_MAX - m) / l_sum, is 0 unless m <= -FLT_MAX (or NaN): for any larger m the
+        // difference is at most -2^104
+        for (int64_t h = 0; h < g_.N1; ++h) {
+          const int64_t so = detail::stat_offset(pl.bi, h, s);
+          const float m = p_.softmax_max[so];
+          if (m > -FLT_MAX) continue;
+          const float e = std::exp(-FLT_MAX - m);
+          if (e != 0.0f) pl.masked_share.push_back({s, h, e * (1.0f / p_.softmax_sum[so])});
+        }
+      }
     }
   }
 
@@ -659,11 +689,33 @@ class Backward {
       }
   }
 
+  // wide[c][e] = sum over the (s, h) of pl.masked_share in group n2 (ascending) whose row s masks column c0 + c of
+  // key tile j of p * dO[s, h, e]: the dV share of masked entries with P != 0 in partially masked rows. Returns
+  // false (wide untouched) when there is none.
+  bool masked_entries_share(const BatchPlan& pl, int64_t n2, int64_t j, Scratch& sc) const {
+    const int64_t D2 = g_.D2, c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
+    bool any = false;
+    for (const BatchPlan::MaskedShare& ms : pl.masked_share) {
+      if (ms.h / g_.G != n2) continue;
+      bool loaded = false;
+      for (int64_t c = 0; c < nc; ++c) {
+        if (!detail::mask_at(f_.atten_mask, ms.s, c0 + c)) continue;
+        if (!any) std::fill(sc.wide, sc.wide + kBc * D2, 0.0f);
+        if (!loaded) load_acc_row(p_.grad_out, pl.bi.q_begin + ms.s, ms.h, D2, sc.ra);
+        any = loaded = true;
+        for (int64_t e = 0; e < D2; ++e) sc.wide[c * D2 + e] += ms.p * sc.ra[e];
+      }
+    }
+    return any;
+  }
+
   // Stores the fp32 row x[0..n) in the dtype at dst.
   void store_acc_row(const float* x, int64_t n, Raw* dst) const { kt_->rows.store_row(x, dst, n, E::kType); }
 
-  // Writes dK_j (times scale) and dV_j (plus u) of key tile j in the dtype, from dK^T / dV^T.
-  void finish_kv(const BatchPlan& pl, int64_t n2, int64_t j, const float* dkT, const float* dvT, Scratch& sc) const {
+  // Writes dK_j (times scale) and dV_j (plus u, plus sc.wide where has_wide) of key tile j in the dtype, from
+  // dK^T / dV^T.
+  void finish_kv(const BatchPlan& pl, int64_t n2, int64_t j, const float* dkT, const float* dvT, bool has_wide,
+                 Scratch& sc) const {
     const int64_t D = g_.D, D2 = g_.D2, c0 = j * kBc, nc = std::min(pl.bi.c, c0 + kBc) - c0;
     const bool has_fm = !pl.fm_rows.empty();
     Raw* gk = static_cast<Raw*>(p_.grad_key);
@@ -673,6 +725,8 @@ class Backward {
       for (int64_t d = 0; d < D; ++d) sc.ra[d] = scale_ * dkT[d * kBc + c];
       store_acc_row(sc.ra, D, gk + row * D);
       for (int64_t e = 0; e < D2; ++e) sc.ra[e] = has_fm ? dvT[e * kBc + c] + sc.u[e] : dvT[e * kBc + c];
+      if (has_wide)
+        for (int64_t e = 0; e < D2; ++e) sc.ra[e] += sc.wide[c * D2 + e];
       store_acc_row(sc.ra, D2, gv + row * D2);
     }
   }
@@ -715,7 +769,8 @@ class Backward {
   }
 
   // dK_j and dV_j of (batch, n2): the partials of the chunks that reach key tile j, summed in chunk order into
-  // the first one, plus the fully masked rows' share for dV; written in the dtype.
+  // the first one, plus for dV the fully masked rows' share and the masked entries' share of the rows whose
+  // visible scores all overflowed; written in the dtype.
   void reduce_kv(int64_t b, int64_t n2, int64_t j, Scratch& sc) const {
     const BatchPlan& pl = plans_[static_cast<size_t>(b)];
     const int64_t tile = (g_.D + g_.D2) * kBc;
@@ -735,7 +790,8 @@ class Backward {
       acc = sc.zero_tile;
     }
     fully_masked_share(pl, n2, sc);
-    finish_kv(pl, n2, j, acc, acc + g_.D * kBc, sc);
+    const bool has_wide = !pl.masked_share.empty() && masked_entries_share(pl, n2, j, sc);
+    finish_kv(pl, n2, j, acc, acc + g_.D * kBc, has_wide, sc);
   }
 
   const CompressAttentionGradParams& p_;

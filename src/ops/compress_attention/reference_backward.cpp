@@ -10,8 +10,10 @@
 // - P uses the saved statistics as given (float32 m and l_sum), converted to Acc: P = exp(S - m) / l_sum.
 //   For fp64 inputs the statistics are therefore still float32 values: the gradient is exact up to their
 //   rounding (relative ~1e-7), which is far below what gradcheck resolves.
-// - Fully masked rows (§5, §7): P = exp(-FLT_MAX - (-FLT_MAX)) / l_sum = 1 / C_b goes to dV; dS is set to
-//   zero, so the row gives zero dQ and nothing to dK.
+// Masked entries (§7, the general rule): dV gets the P the forward used, exp(-FLT_MAX - m) / l_sum, and dS is set
+// to zero, so a masked entry never reaches dQ or dK. P is 0 there in an ordinary row; it is 1 / C_b in a fully
+// masked row (§5: the row gives dV its uniform share, zero dQ, nothing to dK) and 1 / l_sum in a row whose every
+// visible score overflowed to -inf (m = -FLT_MAX: its masked columns share dV, P = 0 on the visible ones).
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
@@ -54,9 +56,6 @@ Status backward(const CompressAttentionGradParams& p) {
     dS.assign(static_cast<size_t>(C), 0);
     for (int64_t s = 0; s < bi.sq; ++s) {
       const int64_t t = bi.q_begin + s;  // row of query / attention_out / grad_out
-      // §5: a row whose every atten_mask entry in [0, C_b) is set is fully masked.
-      bool fully_masked = f.atten_mask.data != nullptr;
-      for (int64_t c = 0; c < C && fully_masked; ++c) fully_masked = mask_at(f.atten_mask, s, c);
       for (int64_t n2 = 0; n2 < N2; ++n2) {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = n2 * G + g;  // query head; reads KV head h / G = n2 (§2)
@@ -73,12 +72,12 @@ Status backward(const CompressAttentionGradParams& p) {
           Acc dlt = 0;
           for (int64_t j = 0; j < D2; ++j)
             dlt += detail::load_at<Acc>(p.grad_out, t, h, j, dt) * detail::load_at<Acc>(p.attention_out, t, h, j, dt);
-          // dP = dO·v; dS = P (dP - Dlt), zero for a fully masked row (§7); dV += P dO.
+          // dP = dO·v; dS = P (dP - Dlt), zero for a masked entry (§7 rule 1); dV += P dO.
           for (int64_t c = 0; c < C; ++c) {
             Acc dp = 0;
             for (int64_t j = 0; j < D2; ++j)
               dp += detail::load_at<Acc>(p.grad_out, t, h, j, dt) * detail::load_at<Acc>(f.value, bi.c_begin + c, n2, j, dt);
-            dS[c] = fully_masked ? Acc(0) : P[c] * (dp - dlt);
+            dS[c] = mask_at(f.atten_mask, s, c) ? Acc(0) : P[c] * (dp - dlt);  // §7 rule 1
             Acc* dvr = &dv[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D2)];
             for (int64_t j = 0; j < D2; ++j) dvr[j] += P[c] * detail::load_at<Acc>(p.grad_out, t, h, j, dt);
           }

@@ -48,7 +48,7 @@ inline BwdInputs make_inputs(const Case& cs, std::mt19937_64& rng, double go_sca
 // dtype (nearest even) before the products that use them, sums in float32, as the NPU does. It is the
 // "plain same-dtype implementation" of FlashAttention's rule for a backend that rounds P and dS (the CPU
 // backend's bf16 dot-product path). Fully masked rows (§5) give dV the unrounded share dO / l_sum and nothing
-// else, as the CPU backend does.
+// else, as the CPU backend does; a masked entry never contributes to dQ or dK (§7 rule 1).
 inline Status plain_rounded_backward(const CompressAttentionGradParams& p) {
   nsa::CompressAttentionShape sh;
   Status st = nsa::validate_compress_attention_backward(p, &sh);
@@ -86,7 +86,7 @@ inline Status plain_rounded_backward(const CompressAttentionGradParams& p) {
           const float sc = masked(s, c) ? -FLT_MAX : dot * scale;
           const float pc = std::exp(sc - m) / l_sum;
           P[c] = fm ? pc : nsa::detail::round_to_dtype(pc, dt);
-          dS[c] = fm ? 0.0f : nsa::detail::round_to_dtype(pc * (dpc - dlt), dt);
+          dS[c] = masked(s, c) ? 0.0f : nsa::detail::round_to_dtype(pc * (dpc - dlt), dt);  // §7 rule 1
         }
         std::fill(dq.begin(), dq.end(), 0.0f);
         for (int64_t c = 0; c < C; ++c) {
@@ -110,7 +110,7 @@ inline Status plain_rounded_backward(const CompressAttentionGradParams& p) {
 }
 
 // Whether compress_attention_backward_cpu rounds P and dS to the dtype on this ISA: its bf16 dot-product
-// path (bf16 inputs on an ISA with vdpbf16ps; src/cpu/backward.cpp). Every other path keeps them in fp32.
+// path (bf16 inputs on an ISA with vdpbf16ps; src/ops/compress_attention/cpu_backward.cpp). Every other path keeps them in fp32.
 inline bool cpu_rounds_p_ds(DType dt, CpuIsa isa) { return dt == DType::kBF16 && isa == CpuIsa::kAvx512Bf16; }
 
 enum class BwdBackend { kRefFp32, kRefFp64, kReference, kCpu, kPlainRounded };
@@ -352,6 +352,114 @@ TEST(BackwardReference, FullyMaskedRowsGiveUniformDvAndNoDqDk) {
   }
 }
 
+// Rows with masked entries whose every visible score overflows fp32 to -inf (§7, "the general rule"): the forward
+// has m = -FLT_MAX, P = 1/l_sum on each masked column (l_sum = their number) and P = 0 on the visible ones. The
+// exact derivative: dV of each masked column gets dO / l_sum, dQ of the row is 0, dK gets nothing. Here every row
+// is such a row (a huge scale makes q.k * scale = -inf in fp32; it is finite in fp64, where exp gives P = 0 all
+// the same), so dQ = dK = 0 exactly and dV is closed form. Masked columns in both key tiles of C = 70, inside and
+// outside the visible windows; a second batch; every backend, every ISA, 1 and 3 threads.
+TEST(BackwardMaskedOverflow, MaskedEntriesOfOverflowingRowsFeedDvOnly) {
+  const std::vector<std::vector<int64_t>> masked_cols = {{0, 5, 64, 69}, {3, 10, 11, 12, 13}, {1, 2, 66, 67, 68}};
+  for (DType dt : kAllDtypes) {
+    std::mt19937_64 rng(404);
+    Case cs = Case::make(dt, {3, 2}, {70, 9}, /*N1=*/4, /*N2=*/2, /*D=*/16, /*D2=*/8);
+    cs.scale = 3e38;  // finite as float32
+    std::uniform_real_distribution<double> u(-1, 1);
+    for (double& x : cs.q) x = round_to(dt, 0.5 + 0.5 * std::fabs(u(rng)));  // q > 0, k < 0: q.k < 0
+    for (double& x : cs.k) x = round_to(dt, -0.5 - 0.5 * std::fabs(u(rng)));
+    for (double& x : cs.v) x = round_to(dt, u(rng));
+    cs.enable_atten_mask();
+    for (int64_t s = 0; s < cs.max_sq(); ++s)
+      for (int64_t c : masked_cols[static_cast<size_t>(s)]) cs.atten_at(s, c) = 1;
+    SCOPED_TRACE(cs.describe());
+    const BwdInputs in = make_inputs(cs, rng);
+    for (int64_t t = 0; t < cs.T(); ++t)  // the forward saw what this test is about
+      for (int64_t h = 0; h < cs.N1; ++h) ASSERT_EQ(in.fwd.smax[static_cast<size_t>(stat_index(cs, t, h))], -FLT_MAX);
+    // dV of key row c of batch b, head group n2: sum over rows s that mask c and heads g of dO / l_sum(s)
+    auto want_dv = [&](int64_t b, int64_t c, int64_t n2, int64_t j, double* mag) {
+      double want = 0;
+      *mag = 0;
+      for (int64_t s = 0; s < cs.sq[static_cast<size_t>(b)]; ++s) {
+        if (!cs.atten_at(s, c)) continue;
+        int64_t l = 0;
+        for (int64_t cc = 0; cc < cs.c[static_cast<size_t>(b)]; ++cc) l += cs.atten_at(s, cc);
+        for (int64_t g = 0; g < cs.G(); ++g) {
+          const double x = in.go[static_cast<size_t>(((cs.q_begin(b) + s) * cs.N1 + n2 * cs.G() + g) * cs.D2 + j)];
+          want += x / static_cast<double>(l);
+          *mag += std::fabs(x / static_cast<double>(l));
+        }
+      }
+      return want;
+    };
+    std::vector<std::pair<BwdBackend, int>> runs = {{BwdBackend::kRefFp32, -1}, {BwdBackend::kRefFp64, -1}};
+    for (CpuIsa isa : supported_isas()) runs.emplace_back(BwdBackend::kCpu, static_cast<int>(isa));
+    for (const auto& [be, isa] : runs) {
+      if (be == BwdBackend::kRefFp32 && dt == DType::kF64) continue;  // fp32 arithmetic: not for fp64 inputs
+      for (int threads : {1, 3}) {
+        SCOPED_TRACE(::testing::Message() << "backend " << static_cast<int>(be) << " isa " << isa << " threads " << threads);
+        const Grads g = run_bwd(cs, in, be, isa, threads);
+        ASSERT_TRUE(g.status.ok()) << g.status.message();
+        for (size_t i = 0; i < g.dq.size(); ++i) ASSERT_EQ(g.dq[i], 0.0) << "grad_query[flat " << i << "]";
+        for (size_t i = 0; i < g.dk.size(); ++i) ASSERT_EQ(g.dk[i], 0.0) << "grad_key[flat " << i << "]";
+        for (int64_t b = 0; b < cs.B(); ++b)
+          for (int64_t c = 0; c < cs.c[static_cast<size_t>(b)]; ++c)
+            for (int64_t n2 = 0; n2 < cs.N2; ++n2)
+              for (int64_t j = 0; j < cs.D2; ++j) {
+                double mag = 0;
+                const double want = want_dv(b, c, n2, j, &mag);
+                const double tol = ulp_of(dt, want) + 16 * (dt == DType::kF64 ? DBL_EPSILON : FLT_EPSILON) * mag;
+                ASSERT_NEAR(g.dv[cs.vi(cs.c_begin(b) + c, n2, j)], want, tol)
+                    << "grad_value of batch " << b << " token " << c << " (masked in some row: "
+                    << (want != 0.0) << ")";
+              }
+      }
+    }
+  }
+}
+
+// A few such rows among ordinary ones (a causal diagonal with fully masked rows; the overflowing rows have q
+// entries of 3e38, so that their q.k overflow while the other rows' scores stay ordinary): the CPU backward
+// against the fp64 model with the 3x rule on every ISA, dQ of the overflowing rows exactly 0, the same bits for
+// any thread count.
+TEST(BackwardMaskedOverflow, AmongOrdinaryRowsCpuMatchesModel) {
+  for (DType dt : {DType::kBF16, DType::kF32}) {
+    std::mt19937_64 rng(505);
+    Case cs = Case::make(dt, {40, 9}, {70, 12}, /*N1=*/6, /*N2=*/2, /*D=*/20, /*D2=*/12);
+    std::uniform_real_distribution<double> u(-1, 1);
+    for (double& x : cs.q) x = round_to(dt, u(rng));
+    for (double& x : cs.k) x = round_to(dt, -0.5 - 0.5 * std::fabs(u(rng)));  // k < 0
+    for (double& x : cs.v) x = round_to(dt, u(rng));
+    const std::vector<int64_t> overflow_rows = {5, 17, 30, 46};  // token rows t (the last one in batch 1)
+    for (int64_t t : overflow_rows)
+      for (int64_t h = 0; h < cs.N1; ++h)
+        for (int64_t j = 0; j < cs.D; ++j) cs.set_q(t, h, j, 3e38);
+    set_diag_mask(cs, rng, /*fm_rows=*/2, /*p=*/0.1);
+    SCOPED_TRACE(cs.describe());
+    const BwdInputs in = make_inputs(cs, rng);
+    for (int64_t t : overflow_rows) ASSERT_EQ(in.fwd.smax[static_cast<size_t>(stat_index(cs, t, 0))], -FLT_MAX) << t;
+    const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
+    const Grads plain = run_bwd(cs, in, BwdBackend::kRefFp32);
+    const Grads plain_rounded = run_bwd(cs, in, BwdBackend::kPlainRounded);
+    for (const Grads* r : {&model, &plain, &plain_rounded})
+      for (int64_t t : overflow_rows)
+        for (int64_t h = 0; h < cs.N1; ++h)
+          for (int64_t j = 0; j < cs.D; ++j) ASSERT_EQ(r->dq[cs.qi(t, h, j)], 0.0) << "reference dQ of row " << t;
+    for (CpuIsa isa : supported_isas()) {
+      SCOPED_TRACE(nsa::cpu_isa_name(isa));
+      const Grads one = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
+      ASSERT_TRUE(check_grads(cs, one, model, cpu_rounds_p_ds(dt, isa) ? plain_rounded : plain));
+      ASSERT_TRUE(check_structural_zeros(cs, one));
+      for (int64_t t : overflow_rows)
+        for (int64_t h = 0; h < cs.N1; ++h)
+          for (int64_t j = 0; j < cs.D; ++j) ASSERT_EQ(one.dq[cs.qi(t, h, j)], 0.0) << "dQ of row " << t;
+      for (int threads : {2, 3}) {
+        const Grads g = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
+        ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------ CPU vs model
 
 struct CpuCaseParam {
@@ -489,7 +597,7 @@ TEST(BackwardCpuShapes, BenchHeadSizesEveryIsa) {
   }
 }
 
-// Enough rows (tokens x heads) for several chunks of query tiles in a batch (src/cpu/backward.cpp: 8192 rows
+// Enough rows (tokens x heads) for several chunks of query tiles in a batch (src/ops/compress_attention/cpu_backward.cpp: 8192 rows
 // per chunk), so that dK/dV are the chunks' partials summed in chunk order: a causal band mask (chunks reach
 // different key tiles), fully masked rows, a second short batch, a key tile no query sees; the fp64 model with
 // the 3x rule and the same bits for any thread count, on every ISA.
