@@ -57,16 +57,23 @@ TEST(CompressHand, ExampleB_ForwardRoundsHalfAwayFromZero) {
       {DType::kF16, 65504, 16, INFINITY},                              // 65520: the tie above the largest value
       {DType::kBF16, 258, 1, 260},                                     // odd neighbour: rha and rne agree
   };
+  // D = 1 as in §8, and D = 37 (the same tie in every column: whole vectors of every width and a scalar tail)
   for (const Tie& t : ties) {
-    SCOPED_TRACE(std::string(nsa::dtype_name(t.dt)) + " " + std::to_string(t.a) + " + " + std::to_string(t.b));
-    Case cs = Case::make(t.dt, {2}, 1, 1, 2, 2);
-    cs.input = {t.a, t.b};
-    cs.weight = {1, 1};
-    for (const BackendRun& run : all_runs()) {
-      SCOPED_TRACE(run.name);
-      const FwdResult f = run_forward(cs, run.be, run.isa, run.threads);
-      ASSERT_TRUE(f.status.ok()) << f.status.message();
-      EXPECT_EQ(f.out[0], t.want);
+    for (int64_t D : {1, 37}) {
+      SCOPED_TRACE(std::string(nsa::dtype_name(t.dt)) + " " + std::to_string(t.a) + " + " + std::to_string(t.b) +
+                   " D=" + std::to_string(D));
+      Case cs = Case::make(t.dt, {2}, 1, D, 2, 2);
+      for (int64_t j = 0; j < D; ++j) {
+        cs.input[cs.ii(0, 0, j)] = t.a;
+        cs.input[cs.ii(1, 0, j)] = t.b;
+      }
+      cs.weight = {1, 1};
+      for (const BackendRun& run : all_runs()) {
+        SCOPED_TRACE(run.name);
+        const FwdResult f = run_forward(cs, run.be, run.isa, run.threads);
+        ASSERT_TRUE(f.status.ok()) << f.status.message();
+        for (int64_t j = 0; j < D; ++j) EXPECT_EQ(f.out[static_cast<size_t>(j)], t.want) << "column " << j;
+      }
     }
   }
 }
@@ -88,17 +95,25 @@ TEST(CompressHand, ExampleB_BackwardRoundsToNearestEven) {
       EXPECT_EQ(b.in_grad, (std::vector<double>{1, 1}));
     }
   }
-  // input_grad ties too: l = 2, d = 1, three tokens; the middle token is in windows 0 and 1:
-  // 256 * grad[1]... with weight = [1, 1], grad = [256, 1]: input_grad[1] = 1*256 + 1*1 = 257 -> 256
-  Case cs = Case::make(DType::kBF16, {3}, 1, 1, 2, 1);
-  cs.input = {1, 1, 1};
+  // input_grad ties too: l = 2, d = 1, three tokens; the middle token is in windows 0 and 1: with weight = [1, 1]
+  // and grad = [256, 1] in every column, input_grad[1] = 1*256 + 1*1 = 257 -> 256 (D = 37: every lane path)
+  const int64_t D = 37;
+  Case cs = Case::make(DType::kBF16, {3}, 1, D, 2, 1);
+  std::fill(cs.input.begin(), cs.input.end(), 1.0);
   cs.weight = {1, 1};
-  cs.grad = {256, 1};
+  for (int64_t j = 0; j < D; ++j) {
+    cs.grad[cs.gi(0, 0, j)] = 256;
+    cs.grad[cs.gi(1, 0, j)] = 1;
+  }
   for (const BackendRun& run : all_runs()) {
     SCOPED_TRACE(run.name);
     const BwdResult b = run_backward(cs, run.be, run.isa, run.threads);
     ASSERT_TRUE(b.status.ok()) << b.status.message();
-    EXPECT_EQ(b.in_grad, (std::vector<double>{256, 256, 1}));
+    for (int64_t j = 0; j < D; ++j) {
+      EXPECT_EQ(b.in_grad[cs.ii(0, 0, j)], 256) << j;
+      EXPECT_EQ(b.in_grad[cs.ii(1, 0, j)], 256) << j;
+      EXPECT_EQ(b.in_grad[cs.ii(2, 0, j)], 1) << j;
+    }
   }
 }
 
