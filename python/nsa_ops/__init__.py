@@ -60,6 +60,7 @@ from .ops.select_attention import (  # noqa: E402
     select_attention,
 )
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
+from .layer import NSAAttention, NSAAux  # noqa: E402
 
 __all__ = [
     "CompressAttentionOutput",
@@ -92,4 +93,6 @@ __all__ = [
     "cpu_isa",
     "library_path",
     "load_library",
+    "NSAAttention",
+    "NSAAux",
 ]

@@ -275,7 +275,8 @@ def nsa_layer_reference(params: Mapping[str, torch.Tensor], hidden_states: torch
     T = x.shape[0]
     if cu[-1] != T:
         raise ValueError(f"cu_seqlens[-1] must equal T = {T}, got {cu[-1]}")
-    scale = 1.0 / math.sqrt(Dqk)
+    # docs/spec/nsa_layer.md §4 step 1: the operators use 1/sqrt(Dqk) as a float32; so does the oracle.
+    scale = float(torch.tensor(1.0 / math.sqrt(Dqk), dtype=torch.float32))
 
     q = (x @ p["q_proj.weight"].T).view(T, N1, Dqk)                          # step 1
     k = (x @ p["k_proj.weight"].T).view(T, N2, Dqk)
