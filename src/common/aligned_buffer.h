@@ -14,13 +14,19 @@ namespace nsa::detail {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The largest buffer requested from the allocator: 2^46 bytes (64 TiB), more than any machine's memory. Larger
+// requests (stride-0 views of a small buffer can describe them) fail here as std::bad_alloc, without relying on
+// the allocator's answer: under some overcommit settings a huge request succeeds and the first write is fatal, and
+// the sanitizers' allocators abort on it.
+constexpr int64_t kMaxBufferBytes = int64_t(1) << 46;
+
 // n elements of T (at least one), 64-byte aligned, zeroed when asked (padding read as zeros), else uninitialised.
 template <typename T>
 class AlignedBuffer {
  public:
   void reset(int64_t n, bool zero = false) {
     const int64_t count = std::max<int64_t>(n, 1);
-    if (count > PTRDIFF_MAX / static_cast<int64_t>(sizeof(T)) - 64) throw std::bad_alloc();
+    if (count > kMaxBufferBytes / static_cast<int64_t>(sizeof(T))) throw std::bad_alloc();
     const size_t bytes = static_cast<size_t>(round_up(count * static_cast<int64_t>(sizeof(T)), 64));
     ptr_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
     if (ptr_ == nullptr) throw std::bad_alloc();

@@ -69,6 +69,7 @@
 #include "cpu/kernels.h"
 #include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/reference.h"
+#include "ops/compress_attention/validate.h"
 
 namespace nsa::cpu {
 namespace {
@@ -470,7 +471,7 @@ class Backward {
           }
         }
       }
-      if (total * tile_bytes <= kPartialBudget || ct >= max_nq) break;
+      if (static_cast<double>(total) * static_cast<double>(tile_bytes) <= kPartialBudget || ct >= max_nq) break;
       ct *= 2;
     }
     parts_total_ = 0;
@@ -823,6 +824,8 @@ Status backward_impl(const CompressAttentionGradParams& p, const CpuOptions& opt
   st = resolve_isa(options.isa, &isa);
   if (!st.ok()) return st;
   if (p.fwd.dtype == DType::kF64) return reference::backward_fp64(p);  // testing extension: no fast path
+  st = check_cpu_workspace_sizes(sh, "compress_attention_backward_cpu");
+  if (!st.ok()) return st;
   const KernelTable* kt = kernels_for(isa);
   const int threads = resolve_num_threads(options.num_threads);
   // The path, once per call: bf16 pairs where the ISA has a bf16 dot product, KernelTable::gemm.f32 otherwise.

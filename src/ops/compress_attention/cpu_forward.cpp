@@ -40,6 +40,7 @@
 #include "cpu/kernels.h"
 #include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/reference.h"
+#include "ops/compress_attention/validate.h"
 
 namespace nsa {
 namespace cpu {
@@ -457,10 +458,8 @@ Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options)
   const CompressAttentionShape& sh = pl.sh;
   // Workspace sizes below are products of C_b, D, D2 and G: refuse sizes whose byte counts could
   // overflow 64-bit arithmetic (only reachable with stride-0 views of a small buffer).
-  constexpr int64_t kMaxDim = int64_t(1) << 40;
-  if (sh.max_c > kMaxDim || sh.T > kMaxDim || sh.D > (int64_t(1) << 20) || sh.N1 > (int64_t(1) << 20))
-    return Status::Error("compress_attention_cpu: sizes too large for the CPU backend's 64-bit workspace arithmetic "
-                         "(max C_b, T < 2^40; D, N1 < 2^20)");
+  st = check_cpu_workspace_sizes(sh, "compress_attention_cpu");
+  if (!st.ok()) return st;
   pl.p = &p;
   pl.batches = detail::make_batches(p, sh);
   pl.kt = kernels_for(isa);

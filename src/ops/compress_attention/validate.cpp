@@ -8,6 +8,7 @@
 #include "common/arg_checks.h"
 #include "nsa/compress_attention.h"
 #include "ops/compress_attention/batches.h"
+#include "ops/compress_attention/validate.h"
 
 namespace nsa {
 
@@ -181,6 +182,20 @@ Status validate_compress_attention_backward(const CompressAttentionGradParams& p
                               {p.grad_query, "grad_query"}, {p.grad_key, "grad_key"}, {p.grad_value, "grad_value"}});
   if (s.ok() && shape) *shape = sh;
   return s;
+}
+
+// Every size the CPU forward and backward form (packed K/V panels, dK/dV partials, per-worker tiles: elements; tile
+// plans: entries) is at most (T + T2 + 64 B) N1 (D + D2 + 64) 128 or T (max C_b + 64) N1; both must stay below
+// 2^62, computed here in long double so that the check itself cannot overflow.
+Status check_cpu_workspace_sizes(const CompressAttentionShape& sh, const char* entry) {
+  using LD = long double;
+  const LD panels = (LD(sh.T) + LD(sh.T2) + 64 * LD(sh.B)) * LD(sh.N1) * (LD(sh.D) + LD(sh.D2) + 64) * 128;
+  const LD plans = LD(sh.T) * (LD(sh.max_c) + 64) * LD(sh.N1);
+  const LD limit = 4611686018427387904.0L;  // 2^62
+  if (panels >= limit || plans >= limit)
+    return err(entry, ": sizes too large for the CPU backend's 64-bit workspace arithmetic ((T + T2 + 64 B) N1 ",
+               "(D + D2 + 64) 128 and T (max C_b + 64) N1 must be below 2^62)");
+  return Status::Ok();
 }
 
 }  // namespace nsa

@@ -749,6 +749,68 @@ TEST(BackwardKernels, TableEntriesMatchPlainLoops) {
   }
 }
 
+// ------------------------------------------------------------------------------------ workspace
+
+// Stride-0 views of one element describe inputs far larger than memory. A workspace that cannot be allocated is an
+// error Status naming the entry point, never a crash, and nothing is written: N1 = N2 = D = 2^19, C = 128 (packed
+// K/V panels of 2^47 bytes, above AlignedBuffer's 2^46-byte ceiling); sizes whose workspace arithmetic would
+// overflow int64 (C_b = 2^50) are refused before any allocation.
+TEST(CpuWorkspace, TooLargeIsAnErrorStatusNothingWritten) {
+  auto bcast = [](const void* data, int64_t a, int64_t b, int64_t c) {
+    nsa::Tensor3 t;
+    t.data = data;
+    t.size[0] = a, t.size[1] = b, t.size[2] = c;  // every stride 0: one element seen everywhere
+    return t;
+  };
+  const float one = 0.5f;
+  for (const auto& [C, want] : {std::pair<int64_t, const char*>{128, "out of memory for the workspace"},
+                                std::pair<int64_t, const char*>{int64_t(1) << 50, "sizes too large"}}) {
+    const int64_t N = int64_t(1) << 19, D = N, D2 = 16;
+    const int64_t qlen[1] = {1}, clen[1] = {C};
+    std::vector<unsigned char> out(64, 0xFF), gq(64, 0xFF), gk(64, 0xFF), gv(64, 0xFF);
+    std::vector<int32_t> topk(4, -1);
+    std::vector<float> smax(16, -1.0f), ssum(16, -1.0f);
+    nsa::CompressAttentionParams p;
+    p.dtype = DType::kF32;
+    p.query = bcast(&one, 1, N, D);
+    p.key = bcast(&one, C, N, D);
+    p.value = bcast(&one, C, N, D2);
+    p.scale_value = 0.125;
+    p.head_num = N;
+    p.compress_block_size = 32, p.compress_stride = 16, p.select_block_size = 64, p.select_block_count = 1;
+    p.actual_seq_qlen = {qlen, 1};
+    p.actual_cmp_seq_kvlen = {clen, 1};
+    p.attention_out = out.data();
+    p.topk_indices = topk.data();
+    p.softmax_max = smax.data();
+    p.softmax_sum = ssum.data();
+    CompressAttentionGradParams g;
+    g.fwd = p;
+    g.attention_out = bcast(&one, 1, N, D2);
+    g.grad_out = bcast(&one, 1, N, D2);
+    g.softmax_max = smax.data();
+    g.softmax_sum = ssum.data();
+    g.grad_query = gq.data();
+    g.grad_key = gk.data();
+    g.grad_value = gv.data();
+    for (CpuIsa isa : supported_isas()) {
+      SCOPED_TRACE(::testing::Message() << nsa::cpu_isa_name(isa) << " C=" << C);
+      const Status fs = nsa::compress_attention_cpu(p, nsa::CpuOptions{static_cast<int>(isa), 2});
+      ASSERT_FALSE(fs.ok());
+      EXPECT_NE(fs.message().find("compress_attention_cpu: "), std::string::npos) << fs.message();
+      EXPECT_NE(fs.message().find(want), std::string::npos) << fs.message();
+      const Status bs = nsa::compress_attention_backward_cpu(g, nsa::CpuOptions{static_cast<int>(isa), 2});
+      ASSERT_FALSE(bs.ok());
+      EXPECT_NE(bs.message().find("compress_attention_backward_cpu: "), std::string::npos) << bs.message();
+      EXPECT_NE(bs.message().find(want), std::string::npos) << bs.message();
+    }
+    for (const auto* buf : {&out, &gq, &gk, &gv})
+      EXPECT_TRUE(std::all_of(buf->begin(), buf->end(), [](unsigned char x) { return x == 0xFF; }));
+    EXPECT_TRUE(std::all_of(topk.begin(), topk.end(), [](int32_t x) { return x == -1; }));
+    EXPECT_TRUE(std::all_of(smax.begin(), smax.end(), [](float x) { return x == -1.0f; }));
+  }
+}
+
 // ------------------------------------------------------------------------------------ arguments
 
 // Each bad argument is an error naming it; nothing is written. The forward's output pointers are not needed.
