@@ -40,9 +40,20 @@ def compressed_lengths(token_lengths: Any, compress_block_size: int, compress_st
     Returns a list of ints.
     """
     lengths = non_negative_lengths(token_lengths, "token_lengths")
+    l, d = _window(compress_block_size, compress_stride)
+    return [(L - l) // d + 1 if L >= l else 0 for L in lengths]
+
+
+def _window(compress_block_size: Any, compress_stride: Any) -> tuple[int, int]:
+    """(l, d) checked: ints, ``1 <= d <= l`` (a stride above the window would skip tokens: usually the two
+    arguments swapped)."""
     l = bounded_int(compress_block_size, "compress_block_size", 1)
     d = bounded_int(compress_stride, "compress_stride", 1)
-    return [(L - l) // d + 1 if L >= l else 0 for L in lengths]
+    if d > l:
+        raise ValueError(f"compress_stride (d = {d}) must be <= compress_block_size (l = {l}): windows of l tokens "
+                         f"every d tokens would skip tokens. Swapped? The order is compress_block_size (l, the "
+                         f"window, e.g. 32), then compress_stride (d, e.g. 16)")
+    return l, d
 
 
 def selection_lengths(cmp_lengths: Any, compress_stride: int, select_block_size: int) -> list[int]:
@@ -55,7 +66,9 @@ def selection_lengths(cmp_lengths: Any, compress_stride: int, select_block_size:
     d = bounded_int(compress_stride, "compress_stride", 1)
     lp = int_arg(select_block_size, "select_block_size")
     if lp <= 0 or lp % d != 0:
-        raise ValueError(f"select_block_size must be a positive multiple of compress_stride ({d}), got {lp}")
+        raise ValueError(f"select_block_size must be a positive multiple of compress_stride ({d}), got {lp}"
+                         + (" (swapped? the order is cmp_lengths, compress_stride, select_block_size)"
+                            if lp > 0 and d % lp == 0 else ""))
     M = lp // d
     return [-(-c // M) for c in lengths]
 
@@ -79,7 +92,8 @@ def lengths_from_prefix_sums(prefix: Any) -> list[int]:
 
 def make_atten_mask(max_sq: int, max_c: int, compress_block_size: int, compress_stride: int, *,
                     device: torch.device | str | None = None) -> torch.Tensor:
-    """Causal mask of the compressed tokens (docs/spec/compress_attention.md §9): bool ``[max_sq, max_c]``.
+    """Causal mask of the compressed tokens (docs/spec/compress_attention.md §9): bool ``[max_sq, max_c]``,
+    **True = removed** (the opposite of scaled_dot_product_attention's boolean mask, where True keeps).
 
     ``atten_mask[t][i] = True`` (removed) when ``i*d + l - 1 > t``: compressed token ``i`` covers
     tokens ``[i*d, i*d + l)`` and query ``t`` may only see tokens ``<= t``. Rows
@@ -90,8 +104,7 @@ def make_atten_mask(max_sq: int, max_c: int, compress_block_size: int, compress_
     """
     max_sq = bounded_int(max_sq, "max_sq", 0)
     max_c = bounded_int(max_c, "max_c", 0)
-    l = int_arg(compress_block_size, "compress_block_size")
-    d = int_arg(compress_stride, "compress_stride")
+    l, d = _window(compress_block_size, compress_stride)
     t = torch.arange(max_sq, device=device).unsqueeze(1)
     i = torch.arange(max_c, device=device).unsqueeze(0)
     return i * d + (l - 1) > t
