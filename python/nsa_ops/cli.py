@@ -230,11 +230,12 @@ def cmd_select_map(args) -> int:
                                              K, topk_mask=tm, atten_mask=am, actual_seq_qlen=[T],
                                              actual_cmp_seq_kvlen=[C])
     zero = viz.zero_score_blocks(am, T, C, l, d, lp)
+    masked = viz.fully_masked_rows(am, T, C)
     title = (f"top-{K} of {Sel} selection blocks per query, KV head {args.kv_head}\n"
              f"causal, {T} tokens, l = {l}, d = {d}, l' = {lp}, G = {N1 // N2}, {args.pattern} keys"
              + (f" (landmark blocks {', '.join(map(str, landmarks))})" if landmarks else ""))
     path = viz.plot_selection(out.topk_indices if hasattr(out, "topk_indices") else out[1], tm, args.kv_head,
-                              args.output, num_blocks=Sel, zero_score=zero, title=title)
+                              args.output, num_blocks=Sel, zero_score=zero, masked_rows=masked, title=title)
     extra = f"; landmark blocks {landmarks}" if landmarks else ""
     print(f"select-map: {T} tokens, C = {C}, Sel = {Sel}, K = {K}{extra}; wrote {path}")
     return 0
@@ -348,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "block, forced blocks and docs/spec/compress_attention.md §5 zero-score fillers in their own colours. "
                        "--pattern planted adds a few landmark blocks every query is drawn to. Needs matplotlib.")
     p.add_argument("-o", "--output", default="selection.png", help="PNG to write")
-    p.add_argument("--tokens", type=int, default=2048, help="sequence length T")
+    p.add_argument("--tokens", type=int, default=4096,
+                   help="sequence length T (4096 with l' = 64: 64 selection blocks, of which --topk 16 are kept)")
     add_shape(p)
     p.set_defaults(heads=4, kv_heads=1, dim=64, dim_v=64)
     p.add_argument("--kv-head", type=int, default=0, help="KV head to draw")

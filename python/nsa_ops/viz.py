@@ -3,7 +3,8 @@
 :func:`plot_selection` draws ``topk_indices`` as a heat map: query position down the y axis, selection block
 index along the x axis, a cell coloured when the block is in that query's top-k. Blocks forced by
 ``topk_mask`` get their own colour, and so do slots that docs/spec/compress_attention.md §5 fills with blocks of score 0 (a query that sees
-fewer than K blocks gets the remaining slots in ascending index order; consumers must mask those).
+fewer than K blocks gets the remaining slots in ascending index order; consumers must mask those) and the picks of
+rows that see no compressed token at all (uniform P). The legend names every colour shown.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-__all__ = ["MissingDependency", "require_matplotlib", "plot_selection", "zero_score_blocks"]
+__all__ = ["MissingDependency", "require_matplotlib", "plot_selection", "zero_score_blocks", "fully_masked_rows"]
 
 COLORS = {
     "none": (1.0, 1.0, 1.0),          # not selected
@@ -22,12 +23,16 @@ COLORS = {
     "forced": (0.95, 0.56, 0.17),     # forced by topk_mask (and so in the top-k)
     "forced_out": (0.99, 0.85, 0.71),  # forced but left out (more than K forced blocks, docs/spec/compress_attention.md §5)
     "filler": (0.72, 0.72, 0.72),     # in the top-k with score 0 (fewer than K scored blocks, docs/spec/compress_attention.md §5)
+    "masked_row": (0.80, 0.33, 0.55),  # in the top-k of a row that sees no compressed token (fully masked, §5)
 }
 LABELS = {
+    "none": "not selected",
     "selected": "selected (top-k by score)",
     "forced": "forced by topk_mask",
     "forced_out": "forced, not kept (more than K forced)",
-    "filler": "filler: score 0, fills the remaining slots (docs/spec/compress_attention.md §5)",
+    "filler": "filler: score 0, fills the remaining slots (§5)",
+    "masked_row": "row sees no compressed token (atten_mask removes all): uniform P, so these picks "
+                  "(future blocks included) carry no information (§5)",
 }
 
 
@@ -80,9 +85,18 @@ def zero_score_blocks(atten_mask: Optional[torch.Tensor], num_rows: int, cmp_len
     return (visible @ touches) == 0
 
 
+def fully_masked_rows(atten_mask: Any, num_rows: int, cmp_len: int) -> torch.Tensor:
+    """Bool ``[num_rows]``: True where atten_mask removes every one of the batch's ``cmp_len`` compressed tokens
+    from the row (docs/spec/compress_attention.md §5: uniform P; with the causal mask of §9 the rows
+    ``t < l - 1``). One batch: rows are positions inside it."""
+    am = _as_tensor(atten_mask, "atten_mask")[:num_rows, :cmp_len].bool()
+    return am.all(dim=1)
+
+
 def plot_selection(topk_indices: Any, topk_mask: Any = None, kv_head: int = 0, path: str | Path = "selection.png",
                    *, actual_seq_qlen: Optional[list] = None, num_blocks: Optional[int] = None,
-                   zero_score: Any = None, title: Optional[str] = None, dpi: int = 150) -> Path:
+                   zero_score: Any = None, masked_rows: Any = None, title: Optional[str] = None,
+                   dpi: int = 150) -> Path:
     """Writes a PNG heat map of the top-k selection of one KV head and returns its path.
 
     topk_indices: ``[T, N2, K]`` int (the operator's output; torch tensor or NumPy array).
@@ -95,6 +109,10 @@ def plot_selection(topk_indices: Any, topk_mask: Any = None, kv_head: int = 0, p
     num_blocks: width of the x axis (default: the largest index + 1, or topk_mask's width).
     zero_score: optional bool ``[T, Sel]`` (rows as in topk_indices), True where a block scores 0 for that
         query (e.g. from :func:`zero_score_blocks`): selected such blocks are drawn as docs/spec/compress_attention.md §5 fillers.
+    masked_rows: optional bool ``[T]``, True for rows that see no compressed token (e.g. from
+        :func:`fully_masked_rows`): their selected, not forced blocks get a colour of their own (their P is
+        uniform, so the top-k holds the first blocks by the §3.5 weights, future ones included).
+    Every colour in the picture has a legend entry (white: not selected).
     Raises MissingDependency when matplotlib is not installed.
     """
     Figure, FigureCanvasAgg, Patch = require_matplotlib()
@@ -136,12 +154,21 @@ def plot_selection(topk_indices: Any, topk_mask: Any = None, kv_head: int = 0, p
         w = min(width, z.shape[1])
         zs[:, :w] = z[:, :w]
 
-    cat = np.zeros((T, width), dtype=np.int8)  # 0 none, 1 selected, 2 forced, 3 forced_out, 4 filler
+    mr = torch.zeros(T, 1, dtype=torch.bool)
+    if masked_rows is not None:
+        m = _as_tensor(masked_rows, "masked_rows").bool().reshape(-1)
+        if m.shape[0] != T:
+            raise ValueError(f"masked_rows must have T = {T} entries, got {m.shape[0]}")
+        mr = m.unsqueeze(1)
+
+    # 0 none, 1 selected, 2 forced, 3 forced_out, 4 filler, 5 selected in a fully masked row
+    cat = np.zeros((T, width), dtype=np.int8)
     cat[(sel & ~forced).numpy()] = 1
     cat[(sel & ~forced & zs).numpy()] = 4
+    cat[(sel & ~forced & mr).numpy()] = 5
     cat[(sel & forced).numpy()] = 2
     cat[(~sel & forced).numpy()] = 3
-    keys = ["none", "selected", "forced", "forced_out", "filler"]
+    keys = ["none", "selected", "forced", "forced_out", "filler", "masked_row"]
     palette = np.array([COLORS[k] for k in keys], dtype=np.float32)
     img = palette[cat]
 
@@ -158,11 +185,10 @@ def plot_selection(topk_indices: Any, topk_mask: Any = None, kv_head: int = 0, p
         ax.axhline(end - 0.5, color="black", linewidth=0.8)
     ax.set_title(title or f"top-{K} selection blocks of KV head {kv_head} ({T} queries, {width} blocks)",
                  fontsize=10)
-    present = sorted({int(v) for v in np.unique(cat)} - {0})
+    present = sorted({int(v) for v in np.unique(cat)})
     handles = [Patch(facecolor=COLORS[keys[v]], edgecolor="0.4", label=LABELS[keys[v]]) for v in present]
-    if handles:
-        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8,
-                  frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=1, fontsize=8,
+              frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
