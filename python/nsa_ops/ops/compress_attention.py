@@ -8,9 +8,10 @@
 The operator does **not** compress: ``key`` and ``value`` are the compressed tokens (one row per window of
 ``l = compress_block_size`` tokens, stride ``d = compress_stride``), e.g. from :func:`nsa_ops.compress`.
 
-Both entry points run through :class:`~nsa_ops.ops._compress_attention_autograd.CompressAttentionFunction`
-(autograd with non-differentiable statistics, a differentiable tensor scale, torch.func and vmap rules) after
-casting query/key/value under CPU autocast. Under torch.compile / torch.export / torch.jit.trace they read no
+Both entry points cast query/key/value under CPU autocast, then call the operator, whose autograd formula marks
+the statistics non-differentiable, or, for a tensor scale that requires grad and inside torch.func transforms,
+:class:`~nsa_ops.ops._compress_attention_autograd.CompressAttentionFunction` (the scale's gradient, functorch's
+setup_context, a vmap rule). Under torch.compile / torch.export / torch.jit.trace they read no
 tensor values in Python: lengths travel as tensors to operators that check them when the graph runs.
 """
 
@@ -56,7 +57,8 @@ class CompressAttentionOutput(NamedTuple):
 
 
 def _run(query, key, value, scale, head_num, l, d, lp, K, topk_mask, atten_mask, seq_q, seq_c, seq_sel):
-    """Autocast, then the autograd function. ``scale``: a Python float or a 0-d tensor (read with .item(); a
+    """Autocast, then the operator (plain autograd) or CompressAttentionFunction (a tensor scale that requires
+    grad, or inside a torch.func transform). ``scale``: a Python float or a 0-d tensor (read with .item(): a
     graph break under torch.compile; differentiated when it requires grad)."""
     if torch.is_autocast_enabled("cpu") and query.device.type == "cpu":
         dtype = torch.get_autocast_dtype("cpu")
@@ -66,6 +68,13 @@ def _run(query, key, value, scale, head_num, l, d, lp, K, topk_mask, atten_mask,
         if scale.requires_grad and torch.is_grad_enabled():
             scale_tensor = scale
         scale = float(scale.detach())
+    if scale_tensor is None and not torch._C._are_functorch_transforms_active():
+        # The operator directly: its own autograd formula (torch.library.register_autograd, the same backward and
+        # non-differentiable statistics) serves plain autograd; autograd.Function.apply would bind its arguments
+        # with inspect.signature on every call (~0.2 ms).
+        op = (torch.ops.nsa.compress_attention.tensor_lengths if isinstance(seq_q, torch.Tensor)
+              else torch.ops.nsa.compress_attention.default)
+        return op(query, key, value, scale, head_num, l, d, lp, K, topk_mask, atten_mask, seq_q, seq_c, seq_sel)
     return CompressAttentionFunction.apply(query, key, value, scale_tensor, scale, head_num, l, d, lp, K, topk_mask,
                                            atten_mask, seq_q, seq_c, seq_sel)
 
