@@ -460,11 +460,18 @@ def test_tensor_cu_seqlens_errors_name_the_pythonic_argument():
 def test_api_md_python_examples_run():
     """Every ```python block of docs/API.md, in order, in one namespace (small sizes, CPU)."""
     text = (REPO / "docs" / "API.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    blocks = [(m.start(), m.group(1)) for m in re.finditer(r"```python\n(.*?)```", text, re.S)]
     assert len(blocks) >= 4
     ns: dict = {}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"docs/API.md python block {i}", "exec"), ns)
+    failures = []
+    for i, (pos, block) in enumerate(blocks):
+        headings = re.findall(r"^#+ .*$", text[:pos], re.M)
+        where = f"docs/API.md python block {i} (line {text[:pos].count(chr(10)) + 1}, under {headings[-1]!r})"
+        try:
+            exec(compile(block, where, "exec"), ns)
+        except Exception as e:  # every block is reported, not only the first that fails
+            failures.append(f"{where}: {type(e).__name__}: {e}")
+    assert not failures, "\n".join(failures)
 
 
 def test_readme_does_not_claim_a_cuda_pytorch_operator():
