@@ -469,3 +469,19 @@ def test_feeds_compress_attention_end_to_end():
     attend(*inputs).float().sum().backward()
     for t in inputs[1:]:
         assert t.grad is not None and torch.count_nonzero(t.grad) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_to_the_autocast_dtype_and_gradients_reach_fp32(dtype):
+    x = torch.randn(96, 2, 16, requires_grad=True)
+    w = torch.randn(32, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = nsa_ops.npu_nsa_compress(x, w, 32, 16, actual_seq_len=torch.tensor([40, 96]))
+        res = nsa_ops.compress(x, w, cu_seqlens=[0, 40, 96], compress_block_size=32, compress_stride=16)
+    ref = nsa_ops.npu_nsa_compress(x.detach().to(dtype), w.detach().to(dtype), 32, 16, actual_seq_len=[40, 96])
+    assert out.dtype == dtype and torch.equal(out, ref) and torch.equal(res.output, ref)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    # float64 is left alone (as CPU autocast does)
+    with torch.autocast("cpu", dtype=dtype):
+        assert nsa_ops.npu_nsa_compress(x.double(), w.double(), 32, 16, actual_seq_len=[40, 96]).dtype == torch.float64

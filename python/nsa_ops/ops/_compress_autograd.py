@@ -10,6 +10,10 @@
       d input  = compress_backward(grad, input, gw).input_grad
       d weight = compress_backward(grad, gi, weight).weight_grad
   (so double backward and gradgradcheck work, in every order).
+* Autocast: under ``torch.autocast("cpu", dtype=...)`` the forward operators (``compress``, its
+  ``.tensor_lengths`` overload, ``compress_reference``) cast floating CPU tensors other than float64 (input, weight)
+  to the autocast dtype first, so the result is in that dtype (the casts are differentiable: gradients reach the
+  float32 tensors).
 * ``nsa::compress.tensor_lengths``'s fake kernel: the output has R = sum_b C_b rows, a function of the lengths'
   values, hence an unbacked size (``ctx.new_dynamic_size()``, 0 <= R <= T). Outside torch.compile, a call on
   ``meta`` tensors with tensor lengths cannot know R and raises; the int[] overload's Meta kernel (C++) computes it.
@@ -113,6 +117,29 @@ def _fake_compress_tensor_lengths(input, weight, compress_block_size, compress_s
     return input.new_empty((rows, input.shape[1], input.shape[2]))
 
 
+# ------------------------------------------------------------------ autocast
+_FORWARD_OPS = ("compress", "compress.tensor_lengths", "compress_reference")
+_LIB = None
+
+
+def _autocast_arg(x, dtype):
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == "cpu" \
+            and x.dtype != torch.float64 and x.dtype != dtype:
+        return x.to(dtype)
+    return x
+
+
+def _autocast_kernel(op):
+    excluded = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*(_autocast_arg(a, dtype) for a in args))
+
+    return kernel
+
+
 _registered = False
 
 
@@ -126,4 +153,10 @@ def register() -> None:
         torch.library.register_autograd(name, _backward, setup_context=_setup_context)
     for name in ("nsa::compress_backward", "nsa::compress_backward.tensor_lengths"):
         torch.library.register_autograd(name, _backward_grad, setup_context=_setup_context_grad)
+    global _LIB
+    _LIB = torch.library.Library("nsa", "IMPL")
+    for name in _FORWARD_OPS:
+        base, _, overload = name.partition(".")
+        _LIB.impl(name, _autocast_kernel(getattr(getattr(torch.ops.nsa, base), overload or "default")), "AutocastCPU",
+                  with_keyset=True)
     _registered = True
