@@ -262,6 +262,50 @@ inline void set_diag_mask(Case& cs, std::mt19937_64& rng, int64_t fm_rows, doubl
     for (int64_t c = 0; c < cs.max_c(); ++c) cs.atten_at(s, c) = (c > s || s < fm_rows || u(rng) < p) ? 1 : 0;
 }
 
+// What the CPU backward is compared with: the fp64 model (backward_fp64), the plain float32 reference and the plain
+// implementation that rounds P and dS (the "plain same-dtype implementation" of the 3x rule for the path that
+// rounds them). fp64 inputs: all three are the model.
+struct Oracles {
+  Grads model, plain, plain_rounded;
+};
+inline Oracles make_oracles(const Case& cs, const BwdInputs& in) {
+  Oracles o;
+  o.model = run_bwd(cs, in, BwdBackend::kRefFp64);
+  o.plain = cs.dtype == DType::kF64 ? o.model : run_bwd(cs, in, BwdBackend::kRefFp32);
+  o.plain_rounded = cs.dtype == DType::kF64 ? o.model : run_bwd(cs, in, BwdBackend::kPlainRounded);
+  return o;
+}
+
+// The CPU backward on every ISA this host runs: the fp64 model with the 3x rule, the structural zeros, and the
+// same bits for every thread count of `threads` as for one thread. *ones (if given) receives the one-thread
+// results, one per ISA of supported_isas().
+inline AssertionResult check_cpu_on_every_isa(const Case& cs, const BwdInputs& in, const Oracles& o,
+                                              std::initializer_list<int> threads, std::vector<Grads>* ones = nullptr) {
+  if (!o.model.status.ok()) return AssertionFailure() << "fp64 model: " << o.model.status.message();
+  for (CpuIsa isa : supported_isas()) {
+    const char* name = nsa::cpu_isa_name(isa);
+    const Grads one = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
+    AssertionResult r = check_grads(cs, one, o.model, cpu_rounds_p_ds(cs.dtype, isa) ? o.plain_rounded : o.plain);
+    if (r) r = check_structural_zeros(cs, one);
+    if (!r) return r << " (" << name << ")";
+    for (int t : threads) {
+      const Grads g = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), t);
+      if (!g.status.ok()) return AssertionFailure() << name << " threads=" << t << ": " << g.status.message();
+      if (g.raw != one.raw) return AssertionFailure() << name << ": threads=" << t << " differs bitwise from threads=1";
+    }
+    if (ones != nullptr) ones->push_back(one);
+  }
+  return AssertionSuccess();
+}
+
+// check_cpu_on_every_isa on a case built by the caller, with dO drawn from rng.
+inline AssertionResult check_cpu_case(const Case& cs, std::mt19937_64& rng, std::initializer_list<int> threads) {
+  const BwdInputs in = make_inputs(cs, rng);
+  AssertionResult r = check_cpu_on_every_isa(cs, in, make_oracles(cs, in), threads);
+  if (!r) r << " [" << cs.describe() << "]";
+  return r;
+}
+
 // ------------------------------------------------------------------------------------ gradcheck
 
 // The reference backward in fp64 against central differences of forward_fp64 on L = sum(attention_out * R),
@@ -437,26 +481,14 @@ TEST(BackwardMaskedOverflow, AmongOrdinaryRowsCpuMatchesModel) {
     SCOPED_TRACE(cs.describe());
     const BwdInputs in = make_inputs(cs, rng);
     for (int64_t t : overflow_rows) ASSERT_EQ(in.fwd.smax[static_cast<size_t>(stat_index(cs, t, 0))], -FLT_MAX) << t;
-    const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
-    const Grads plain = run_bwd(cs, in, BwdBackend::kRefFp32);
-    const Grads plain_rounded = run_bwd(cs, in, BwdBackend::kPlainRounded);
-    for (const Grads* r : {&model, &plain, &plain_rounded})
+    const Oracles o = make_oracles(cs, in);
+    std::vector<Grads> ones;
+    ASSERT_TRUE(check_cpu_on_every_isa(cs, in, o, {2, 3}, &ones));
+    ones.insert(ones.end(), {o.model, o.plain, o.plain_rounded});
+    for (const Grads& r : ones)  // every ISA, then the three references
       for (int64_t t : overflow_rows)
         for (int64_t h = 0; h < cs.N1; ++h)
-          for (int64_t j = 0; j < cs.D; ++j) ASSERT_EQ(r->dq[cs.qi(t, h, j)], 0.0) << "reference dQ of row " << t;
-    for (CpuIsa isa : supported_isas()) {
-      SCOPED_TRACE(nsa::cpu_isa_name(isa));
-      const Grads one = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
-      ASSERT_TRUE(check_grads(cs, one, model, cpu_rounds_p_ds(dt, isa) ? plain_rounded : plain));
-      ASSERT_TRUE(check_structural_zeros(cs, one));
-      for (int64_t t : overflow_rows)
-        for (int64_t h = 0; h < cs.N1; ++h)
-          for (int64_t j = 0; j < cs.D; ++j) ASSERT_EQ(one.dq[cs.qi(t, h, j)], 0.0) << "dQ of row " << t;
-      for (int threads : {2, 3}) {
-        const Grads g = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
-        ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
-      }
-    }
+          for (int64_t j = 0; j < cs.D; ++j) ASSERT_EQ(r.dq[cs.qi(t, h, j)], 0.0) << "dQ of row " << t;
   }
 }
 
@@ -488,24 +520,10 @@ TEST_P(BackwardCpu, MatchesFp64ModelAndIsDeterministic) {
   in.go_layout.order = {1, 0, 2};  // [N1][T][D2] in memory, padded rows
   in.go_layout.pad = {0, 1, 3};
   in.out_layout.step = 2;  // every other element
-  const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
-  const Grads plain = cs.dtype == DType::kF64 ? model : run_bwd(cs, in, BwdBackend::kRefFp32);
-  const Grads plain_rounded = cs.dtype == DType::kF64 ? model : run_bwd(cs, in, BwdBackend::kPlainRounded);
-  ASSERT_TRUE(model.status.ok()) << model.status.message();
-  ASSERT_TRUE(check_structural_zeros(cs, model));
-  ASSERT_TRUE(check_structural_zeros(cs, plain));
-  ASSERT_TRUE(check_structural_zeros(cs, plain_rounded));
-  for (CpuIsa isa : supported_isas()) {
-    SCOPED_TRACE(nsa::cpu_isa_name(isa));
-    const Grads first = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
-    ASSERT_TRUE(check_grads(cs, first, model, cpu_rounds_p_ds(cs.dtype, isa) ? plain_rounded : plain));
-    ASSERT_TRUE(check_structural_zeros(cs, first));
-    for (int threads : {1, 2, 3, 7}) {
-      const Grads again = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
-      ASSERT_TRUE(again.status.ok()) << again.status.message();
-      ASSERT_TRUE(again.raw == first.raw) << "threads=" << threads << " differs bitwise from threads=1";
-    }
-  }
+  const Oracles o = make_oracles(cs, in);
+  ASSERT_TRUE(o.model.status.ok()) << o.model.status.message();
+  for (const Grads* r : {&o.model, &o.plain, &o.plain_rounded}) ASSERT_TRUE(check_structural_zeros(cs, *r));
+  ASSERT_TRUE(check_cpu_on_every_isa(cs, in, o, {1, 2, 3, 7}));
 }
 
 INSTANTIATE_TEST_SUITE_P(DtypesAndGroups, BackwardCpu,
@@ -521,7 +539,7 @@ INSTANTIATE_TEST_SUITE_P(DtypesAndGroups, BackwardCpu,
                          });
 
 // No mask, D > 64 (two panels) with D2 != D, strided query/key/value, a single (batch, KV head) spread
-// over several query and key tiles; the same bits for any thread count.
+// over several query and key tiles; every ISA; the same bits for any thread count.
 TEST(BackwardCpuShapes, NoMaskWideHeadsStridedInputs) {
   for (DType dt : {DType::kBF16, DType::kF32}) {
     std::mt19937_64 rng(4242);
@@ -530,22 +548,12 @@ TEST(BackwardCpuShapes, NoMaskWideHeadsStridedInputs) {
     cs.k_layout.pad = {0, 1, 5};
     cs.v_layout.step = 3;
     cs.fill_uniform(rng, -1, 1);
-    SCOPED_TRACE(cs.describe());
-    const BwdInputs in = make_inputs(cs, rng);
-    const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
-    const Grads plain = run_bwd(cs, in, cpu_rounds_p_ds(dt, nsa::cpu_active_isa()) ? BwdBackend::kPlainRounded
-                                                                                      : BwdBackend::kRefFp32);
-    const Grads one = run_bwd(cs, in, BwdBackend::kCpu, -1, 1);
-    ASSERT_TRUE(check_grads(cs, one, model, plain));
-    for (int threads : {2, 3, 7}) {
-      const Grads g = run_bwd(cs, in, BwdBackend::kCpu, -1, threads);
-      ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
-    }
+    ASSERT_TRUE(check_cpu_case(cs, rng, {2, 3, 7}));
   }
 }
 
 // A band mask (query s sees c in [s - 20, s], rows 40..42 fully masked): windows that start past column 0
-// and end before the tile's last column, partial and full pairs, skipped pairs on both sides.
+// and end before the tile's last column, partial and full pairs, skipped pairs on both sides; every ISA.
 TEST(BackwardCpuShapes, BandMaskWindows) {
   for (DType dt : {DType::kBF16, DType::kF32}) {
     std::mt19937_64 rng(31337);
@@ -554,18 +562,7 @@ TEST(BackwardCpuShapes, BandMaskWindows) {
     cs.enable_atten_mask();
     for (int64_t s = 0; s < cs.max_sq(); ++s)
       for (int64_t c = 0; c < cs.max_c(); ++c) cs.atten_at(s, c) = (c > s || c < s - 20 || (s >= 40 && s <= 42)) ? 1 : 0;
-    SCOPED_TRACE(cs.describe());
-    const BwdInputs in = make_inputs(cs, rng);
-    const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
-    const Grads plain = run_bwd(cs, in, cpu_rounds_p_ds(dt, nsa::cpu_active_isa()) ? BwdBackend::kPlainRounded
-                                                                                      : BwdBackend::kRefFp32);
-    const Grads one = run_bwd(cs, in, BwdBackend::kCpu, -1, 1);
-    ASSERT_TRUE(check_grads(cs, one, model, plain));
-    ASSERT_TRUE(check_structural_zeros(cs, one));
-    for (int threads : {2, 3, 7}) {
-      const Grads g = run_bwd(cs, in, BwdBackend::kCpu, -1, threads);
-      ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
-    }
+    ASSERT_TRUE(check_cpu_case(cs, rng, {2, 3, 7}));
   }
 }
 
@@ -579,21 +576,7 @@ TEST(BackwardCpuShapes, BenchHeadSizesEveryIsa) {
     Case cs = Case::make(dt, {100, 37}, {80, 40}, /*N1=*/16, /*N2=*/1, /*D=*/192, /*D2=*/128);
     cs.fill_uniform(rng, -1.5, 1.5);
     set_diag_mask(cs, rng, /*fm_rows=*/2, /*p=*/0.0);
-    SCOPED_TRACE(cs.describe());
-    const BwdInputs in = make_inputs(cs, rng);
-    const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
-    const Grads plain = run_bwd(cs, in, BwdBackend::kRefFp32);
-    const Grads plain_rounded = run_bwd(cs, in, BwdBackend::kPlainRounded);
-    for (CpuIsa isa : supported_isas()) {
-      SCOPED_TRACE(nsa::cpu_isa_name(isa));
-      const Grads one = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
-      ASSERT_TRUE(check_grads(cs, one, model, cpu_rounds_p_ds(dt, isa) ? plain_rounded : plain));
-      ASSERT_TRUE(check_structural_zeros(cs, one));
-      for (int threads : {2, 3}) {
-        const Grads g = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
-        ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
-      }
-    }
+    ASSERT_TRUE(check_cpu_case(cs, rng, {2, 3}));
   }
 }
 
@@ -609,21 +592,7 @@ TEST(BackwardCpuShapes, SeveralChunksOfQueryTiles) {
   // query s sees c in [s/8 - 40, s/8], rows 0..3 fully masked; batch 1 (90 rows) never reaches c >= 128
   for (int64_t s = 0; s < cs.max_sq(); ++s)
     for (int64_t c = 0; c < cs.max_c(); ++c) cs.atten_at(s, c) = (c > s / 8 || c < s / 8 - 40 || s < 4) ? 1 : 0;
-  SCOPED_TRACE(cs.describe());
-  const BwdInputs in = make_inputs(cs, rng);
-  const Grads model = run_bwd(cs, in, BwdBackend::kRefFp64);
-  const Grads plain = run_bwd(cs, in, BwdBackend::kRefFp32);
-  const Grads plain_rounded = run_bwd(cs, in, BwdBackend::kPlainRounded);
-  for (CpuIsa isa : supported_isas()) {
-    SCOPED_TRACE(nsa::cpu_isa_name(isa));
-    const Grads one = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), 1);
-    ASSERT_TRUE(check_grads(cs, one, model, cpu_rounds_p_ds(cs.dtype, isa) ? plain_rounded : plain));
-    ASSERT_TRUE(check_structural_zeros(cs, one));
-    for (int threads : {2, 3, 7}) {
-      const Grads g = run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa), threads);
-      ASSERT_TRUE(g.raw == one.raw) << "threads=" << threads;
-    }
-  }
+  ASSERT_TRUE(check_cpu_case(cs, rng, {2, 3, 7}));
 }
 
 // A sequence alone and the same sequence inside a batch give the same bits (tiles are batch-local).

@@ -351,15 +351,22 @@ TEST(ReferenceHand, StatisticsLayoutWithEmptyBatch) {
   }
 }
 
+// One query row and C = 2 compressed tokens ((l, d, l') = (16, 16, 16), D = 16) with the scores 0 and s1:
+// q = e_0, k_0 = 0, k_1 = e_0, scale = s1.
+Case two_token_case(DType dt, double s1, int64_t D2, int64_t K) {
+  Case cs = Case::make(dt, {1}, {2}, 1, 1, 16, D2, 16, 16, 16, K);
+  cs.scale = s1;
+  cs.set_q(0, 0, 0, 1.0);
+  cs.set_k(1, 0, 0, 1.0);
+  return cs;
+}
+
 // A 2-token softmax with exact numbers: scores 0 and ln 3 -> P = [1/4, 3/4], l_sum = 4/3.
-// q = e_0, k_0 = 0, k_1 = e_0, scale = ln 3; v_0 = [1, 0], v_1 = [0, 1] so out = P.
+// v_0 = [1, 0], v_1 = [0, 1] so out = P.
 TEST(ReferenceHand, TwoTokenSoftmax) {
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
     SCOPED_TRACE(nsa::dtype_name(dt));
-    Case cs = Case::make(dt, {1}, {2}, 1, 1, 16, 2, 16, 16, 16, 2);
-    cs.scale = std::log(3.0);
-    cs.set_q(0, 0, 0, 1.0);
-    cs.set_k(1, 0, 0, 1.0);
+    Case cs = two_token_case(dt, std::log(3.0), 2, 2);
     cs.set_v(0, 0, 0, 1.0);
     cs.set_v(1, 0, 1, 1.0);
     for (const Impl& im : impls()) {
@@ -389,10 +396,7 @@ TEST(ReferenceHand, TwoTokenSoftmax) {
 TEST(ReferenceHand, PRoundedToDtypeBeforePV) {
   for (DType dt : {DType::kBF16, DType::kF16, DType::kF32}) {
     SCOPED_TRACE(nsa::dtype_name(dt));
-    Case cs = Case::make(dt, {1}, {2}, 1, 1, 16, 2, 16, 16, 16, 1);
-    cs.scale = std::log(5.0);
-    cs.set_q(0, 0, 0, 1.0);
-    cs.set_k(1, 0, 0, 1.0);
+    Case cs = two_token_case(dt, std::log(5.0), 2, 1);
     cs.set_v(0, 0, 0, 5.0);
     cs.set_v(1, 0, 0, -1.0);
     cs.set_v(0, 0, 1, 1.0);  // column 1: cast(P0) alone

@@ -246,30 +246,24 @@ TEST(Validation, NullOutputs) {
   expect_rejected([](auto& p) { p.softmax_sum = nullptr; }, {"softmax_sum"});
 }
 
+// options.isa = isa is an error naming options.isa; nothing is written.
+void expect_isa_rejected(int isa) {
+  SCOPED_TRACE(isa);
+  Bound bd(base_case());
+  const Status st = nsa::compress_attention_cpu(bd.p, nsa::CpuOptions{isa, 0});
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("options.isa"), std::string::npos) << st.message();
+  EXPECT_TRUE(bd.outputs_untouched());
+}
+
 TEST(Validation, CpuIsaOutOfRange) {
-  const Case cs = base_case();
-  for (int isa : {-2, 4, 100}) {
-    SCOPED_TRACE(isa);
-    Bound bd(cs);
-    const Status st = nsa::compress_attention_cpu(bd.p, nsa::CpuOptions{isa, 0});
-    EXPECT_FALSE(st.ok());
-    EXPECT_NE(st.message().find("options.isa"), std::string::npos) << st.message();
-    EXPECT_TRUE(bd.outputs_untouched());
-  }
+  for (int isa : {-2, 4, 100}) expect_isa_rejected(isa);
 }
 
 TEST(Validation, CpuIsaUnsupported) {
   const int best = static_cast<int>(nsa::cpu_detected_isa());
   if (best >= static_cast<int>(CpuIsa::kAvx512Bf16)) GTEST_SKIP() << "this host runs every CpuIsa path";
-  const Case cs = base_case();
-  for (int isa = best + 1; isa <= static_cast<int>(CpuIsa::kAvx512Bf16); ++isa) {
-    SCOPED_TRACE(isa);
-    Bound bd(cs);
-    const Status st = nsa::compress_attention_cpu(bd.p, nsa::CpuOptions{isa, 0});
-    EXPECT_FALSE(st.ok());
-    EXPECT_NE(st.message().find("options.isa"), std::string::npos) << st.message();
-    EXPECT_TRUE(bd.outputs_untouched());
-  }
+  for (int isa = best + 1; isa <= static_cast<int>(CpuIsa::kAvx512Bf16); ++isa) expect_isa_rejected(isa);
 }
 
 // A late error (found only after looking at every batch) still writes nothing.
