@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few steps at tiny sizes, no plot (for the test suite)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 150; smoke 3)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default 100; smoke 3)")
     p.add_argument("--seq", type=int, default=None, help="bytes per sequence (default 512; smoke 160)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; smoke 2)")
     p.add_argument("--hidden", type=int, default=None, help="model width H (default 128; smoke 32)")
@@ -261,14 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=4, help="NSA selected blocks K")
     p.add_argument("--window", type=int, default=64, help="NSA window w")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--eval-every", type=int, default=None, help="steps between validation losses (default 25)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation losses (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--corpus-bytes", type=int, default=None, help="bytes of stdlib source read (default 8 MB)")
     p.add_argument("--plot", type=Path, default=None,
                    help="loss-curve PNG (default docs/train_tiny_lm.png; smoke: none unless given)")
     args = p.parse_args(argv)
-    full = dict(steps=150, seq=512, batch=8, hidden=128, layers=2, head_dim=32, eval_every=25,
+    full = dict(steps=100, seq=512, batch=8, hidden=128, layers=2, head_dim=32, eval_every=20,
                 corpus_bytes=8_000_000)
     smoke = dict(steps=3, seq=160, batch=2, hidden=32, layers=1, head_dim=16, eval_every=3, corpus_bytes=400_000)
     for key, value in (smoke if args.smoke else full).items():
