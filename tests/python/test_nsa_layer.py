@@ -291,8 +291,10 @@ def _run_reference(m, x, cu, dO, topk, dtype):
     return res, grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name,cfg,cu", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,cfg,cu,dtype",
+                         [c + (dt,) for c in CASES for dt in (torch.float32, torch.bfloat16)]
+                         + [CASES[0] + (torch.float16,)],
+                         ids=[f"{c[0]}-{n}" for c in CASES for n in ("fp32", "bf16")] + [f"{CASES[0][0]}-fp16"])
 def test_module_matches_reference_forward_and_gradients(name, cfg, cu, dtype):
     """Output, aux branch outputs, and the gradients of all seven parameters and of the input, against the float64
     oracle fed the module's own block choice, within §9's rule (plain same-dtype implementation: the oracle's
