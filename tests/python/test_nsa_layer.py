@@ -657,6 +657,25 @@ def test_compile_does_not_recompile_for_new_lengths():
         torch._dynamo.reset()
 
 
+def test_opcheck_of_the_compile_path_operators():
+    """torch.library.opcheck of the two operators behind the compiled path (schema, autograd registration, fake
+    kernels against the real ones, AOT dispatch), on a batch with a sequence shorter than l and two K_b groups."""
+    g = torch.Generator().manual_seed(15)
+    T, cu = 120, torch.tensor([0, 15, 16, 120])
+    q = torch.randn(T, 2, 16, generator=g, requires_grad=True)
+    k = torch.randn(T, 1, 16, generator=g, requires_grad=True)
+    v = torch.randn(T, 1, 16, generator=g, requires_grad=True)
+    wk = torch.rand(16, 1, generator=g).requires_grad_(True)
+    wv = torch.rand(16, 1, generator=g).requires_grad_(True)
+    scalars = (16, 16, 32, 3, 0.25)
+    res = torch.library.opcheck(torch.ops.nsa.layer_compressed_branch.default, (q, k, v, wk, wv, cu) + scalars)
+    assert all(r == "SUCCESS" for r in res.values()), res
+    grad = torch.randn(T, 2, 16, generator=g)
+    res = torch.library.opcheck(torch.ops.nsa.layer_compressed_branch_backward.default,
+                                (grad,) + tuple(t.detach() for t in (q, k, v, wk, wv)) + (cu,) + scalars)
+    assert all(r == "SUCCESS" for r in res.values()), res
+
+
 def test_train_tiny_lm_smoke(capsys):
     """examples/train_tiny_lm.py --smoke (run in this process): a few steps of both models at tiny sizes, finite
     losses, both summaries printed."""
