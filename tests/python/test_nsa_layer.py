@@ -440,6 +440,8 @@ def test_aux_outputs(name, cfg, cu):
         o = (g[..., 0:1] * aux.o_cmp.float() + g[..., 1:2] * aux.o_slc.float() + g[..., 2:3] * aux.o_swa.float())
         assert torch.equal(out, m.o_proj(o.bfloat16().reshape(T, N1 * Dv)))
         assert torch.equal(out, m(x, cu))                                   # return_aux changes nothing
+        for other in (tuple(cu), torch.tensor(cu, dtype=torch.int32), torch.tensor(cu, dtype=torch.int64)):
+            assert torch.equal(out, m(x, other))                            # lists, tuples and tensors alike
     for b in range(len(cu) - 1):
         s0, S = cu[b], cu[b + 1] - cu[b]
         zero_rows = min(S, m.compress_block_size - 1)
