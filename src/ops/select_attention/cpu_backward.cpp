@@ -530,6 +530,14 @@ class Backward {
           vis[static_cast<size_t>(r)] = v;
         }
       }
+      // the next chunk's query and dO rows (they come from memory: each row is read once per block that selected
+      // it), requested now so that they arrive while this chunk computes
+      if (c0 + bc_ < pc.e1)
+        for (int64_t e = c0 + bc_; e < std::min(pc.e1, c0 + 2 * bc_); ++e) {
+          const int64_t t = bi.q_begin + inv_[static_cast<size_t>(e)] / K;
+          prefetch_rows(f_.query, t, pc.n2 * G, G, D);
+          prefetch_rows(p_.grad, t, pc.n2 * G, G, Dv);
+        }
       if (rp > rows) {  // the zero partner row of the pair layouts
         std::fill_n(sc.asq.get() + rows * g_.Dr, g_.Dr, E(0));
         std::fill_n(sc.aso.get() + rows * g_.Dvr, g_.Dvr, E(0));
@@ -571,6 +579,17 @@ class Backward {
       P::gemm(kt_, sc.qT.get(), red, D, sc.dsB.get(), red * kPanel, 0, lpp, red, dkT, lpp, 1.0f, true);
     }
     if (pc.part < 0) finish_block(sc, pc.b, pc.x, pc.n2, dkT, dvT);
+  }
+
+  // Prefetches heads [h0, h0 + n) of row t of a tensor (n elements each; unit element stride only).
+  void prefetch_rows(const Tensor3& x, int64_t t, int64_t h0, int64_t n, int64_t len) const {
+    if (x.stride[2] != 1) return;
+    const int64_t es = static_cast<int64_t>(dtype_size(f_.dtype));
+    const char* base = static_cast<const char*>(x.data);
+    for (int64_t h = h0; h < h0 + n; ++h) {
+      const char* row = base + (t * x.stride[0] + h * x.stride[1]) * es;
+      for (int64_t o = 0; o < len * es; o += 64) __builtin_prefetch(row + o, 0, 1);
+    }
   }
 
   // Writes the valid key rows of block x of (b, n2): dK = scale dK^T^T, dV = dV^T^T, rounded with rha_T.
