@@ -28,7 +28,7 @@ namespace nsa::window_cpu {
 struct Tuning {
   int64_t tile_rows = 64;       // target rows (tokens x G) of a query tile
   int64_t chunk_keys = 0;       // keys packed at once (multiple of 64); 0: from a byte budget (default_chunk_keys)
-  int64_t strip_tokens = 1024;  // most query tokens in one forward / dQ task
+  int64_t strip_tokens = 4096;  // most query tokens in one forward / dQ task
   int64_t strip_keys = 2048;    // most keys in one dK/dV task (multiple of 64)
   int64_t strip_rows = 2048;    // most rows of a forward task whose tiles span more than chunk_keys
 };

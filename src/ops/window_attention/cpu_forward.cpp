@@ -72,6 +72,7 @@ struct Scratch {
   AlignedBuf<float> o;         // [rows][Dv16] P.V results
   std::vector<float> m, l;     // per row of a multi strip
   std::vector<RowInfo> info;   // per token of a tile / strip
+  std::vector<uint16_t> row_a, row_b;  // [Dv] value rows being packed (bf16 pairs)
 };
 
 class Forward {
@@ -210,6 +211,8 @@ class Forward {
     sc.m.resize(static_cast<size_t>(max_rows_));
     sc.l.resize(static_cast<size_t>(max_rows_));
     sc.info.resize(static_cast<size_t>(max_tokens_));
+    sc.row_a.resize(static_cast<size_t>(sh_.Dv));
+    sc.row_b.resize(static_cast<size_t>(sh_.Dv));
   }
 
   // ---------------------------------------------------------------- closed form of §6
@@ -231,9 +234,20 @@ class Forward {
   void pack_k(const WBatch& bi, int64_t n2, int64_t kbase, int64_t W, Scratch& sc) const {
     const Tensor3& k = p_.key;
     const int64_t D = sh_.D, np = round_up(W, kPanel) / kPanel, valid = std::min(W, bi.skv - kbase);
+    const int64_t words = dot_ ? Dh_ : D;  // 32-bit words per key row
+    // bf16 rows that are whole 32-bit words in memory (D even, contiguous, even element offsets): a full panel
+    // is transposed straight from the key rows, without a copy.
+    const bool direct = dot_ && D % 2 == 0 && k.stride[2] == 1 && k.stride[0] % 2 == 0 && k.stride[1] % 2 == 0 &&
+                        (reinterpret_cast<uintptr_t>(k.data) & 3) == 0;
     for (int64_t pn = 0; pn < np; ++pn) {
+      uint32_t* panel = reinterpret_cast<uint32_t*>(sc.kp.get()) + pn * words * kPanel;
+      const int64_t first = (bi.k0 + kbase + pn * kPanel) * k.stride[0] + n2 * k.stride[1];
+      if (direct && (pn + 1) * kPanel <= valid && k.stride[0] > 0) {
+        kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(k.data) + first),
+                                k.stride[0] / 2, kPanel, words, panel, kPanel);
+        continue;
+      }
       uint32_t* tmp = sc.tmp.get();
-      const int64_t words = dot_ ? Dh_ : D;  // 32-bit words per key row
       std::memset(tmp, 0, sizeof(uint32_t) * static_cast<size_t>(kPanel * words));
       for (int64_t c = 0; c < kPanel; ++c) {
         const int64_t key = pn * kPanel + c;
@@ -250,7 +264,6 @@ class Forward {
           load_f32_row(k, base, D, dst);
         }
       }
-      uint32_t* panel = reinterpret_cast<uint32_t*>(sc.kp.get()) + pn * words * kPanel;
       kt_->grad.transpose_u32(tmp, words, kPanel, words, panel, kPanel);
     }
   }
@@ -262,12 +275,31 @@ class Forward {
     const int64_t Dv = sh_.Dv, Wp = round_up(W, kPanel), valid = std::min(W, bi.skv - kbase);
     std::memset(sc.vp.get(), 0, static_cast<size_t>(Wp * Dv64_ * static_cast<int64_t>(esz_)));
     if (dot_) {
-      uint16_t* out = reinterpret_cast<uint16_t*>(sc.vp.get());
-      const int64_t pstride = (Wp / 2) * kPanel * 2;
-      for (int64_t c = 0; c < valid; ++c) {
+      // word (pair p, column e) = v[2p][e] | v[2p + 1][e] << 16: a loop over e per panel (vectorizes)
+      uint32_t* out = reinterpret_cast<uint32_t*>(sc.vp.get());
+      const int64_t pstride = (Wp / 2) * kPanel;  // words per value panel
+      std::vector<uint16_t>& row_a = sc.row_a;
+      std::vector<uint16_t>& row_b = sc.row_b;
+      auto load = [&](int64_t c, std::vector<uint16_t>& dst) {
+        if (c >= valid) {
+          std::fill(dst.begin(), dst.end(), uint16_t(0));
+          return;
+        }
         const uint16_t* src = static_cast<const uint16_t*>(v.data) + (bi.k0 + kbase + c) * v.stride[0] + n2 * v.stride[1];
-        uint16_t* dst = out + (c / 2) * kPanel * 2 + (c % 2);
-        for (int64_t e = 0; e < Dv; ++e) dst[(e / kPanel) * pstride + (e % kPanel) * 2] = src[e * v.stride[2]];
+        if (v.stride[2] == 1) std::memcpy(dst.data(), src, sizeof(uint16_t) * static_cast<size_t>(Dv));
+        else
+          for (int64_t e = 0; e < Dv; ++e) dst[static_cast<size_t>(e)] = src[e * v.stride[2]];
+      };
+      for (int64_t pp = 0; 2 * pp < valid; ++pp) {
+        load(2 * pp, row_a);
+        load(2 * pp + 1, row_b);
+        for (int64_t pn = 0; pn * kPanel < Dv; ++pn) {
+          const int64_t n = std::min(kPanel, Dv - pn * kPanel);
+          uint32_t* dst = out + pn * pstride + pp * kPanel;
+          const uint16_t* a = row_a.data() + pn * kPanel;
+          const uint16_t* b = row_b.data() + pn * kPanel;
+          for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<uint32_t>(a[e]) | (static_cast<uint32_t>(b[e]) << 16);
+        }
       }
     } else {
       float* out = reinterpret_cast<float*>(sc.vp.get());
