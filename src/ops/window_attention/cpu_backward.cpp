@@ -10,12 +10,15 @@
 //   dK/dV tasks (batch, KV head, strip of key tiles): for every query tile whose span meets the strip, in
 //     ascending order, the pairs with the strip's key tiles: dV_j^T += dO_i^T P, dK_j^T += Q_i^T dS (gathered per
 //     key tile); then dK = scale dK^T, dV = dV^T + the share of rows without a visible key (§7), written.
-//   dQ tasks (batch, KV head, strip of query tiles): over the strip's keys in chunks of chunk_keys (packed once
-//     per chunk), the pairs of its tiles with the chunk's key tiles, ascending: dQ_i += dS K_j; then
-//     dQ = scale dQ, written. Rows without a visible key keep dQ = 0.
-// S, P, dP and dS are computed by both kinds (the price of having no cross-task reduction). Every output element
-// is a sum in a fixed order (query tiles ascending for dK/dV, key tiles ascending for dQ) of per-pair products
-// that depend on the two tiles only: results are bitwise identical for any strip size and thread count.
+//     A query tile whose whole span lies inside the strip ("owned" by it) also gets dQ_i += dS K_j there, key tiles
+//     ascending, and its dQ is written by this task.
+//   dQ tasks (batch, KV head, strip of query tiles), for the tiles no dK/dV task owns: over the strip's keys in
+//     chunks of chunk_keys (packed once per chunk), the pairs of its tiles with the chunk's key tiles, ascending:
+//     dQ_i += dS K_j; then dQ = scale dQ, written. Rows without a visible key keep dQ = 0.
+// S, P, dP and dS of a pair are computed twice only for tiles that straddle two key strips (the price of having no
+// cross-task reduction; with 2048-key strips and a 512-key band, about a quarter of the tiles). Every output
+// element is a sum in a fixed order (query tiles ascending for dK/dV, key tiles ascending for dQ) of per-pair
+// products that depend on the two tiles only: results are bitwise identical for any strip size and thread count.
 //
 // Products are GEMM calls of the per-ISA KernelTable with the B operand in its packed panel layout:
 //   bf16 pairs (bf16 inputs on an ISA with a bf16 dot product): P and dS rounded to bf16 (nearest even) before the
