@@ -162,8 +162,11 @@ def ours(nsa_ops, case: Case, x: Inputs, q, k, v):
                                             actual_seq_qlen=[case.T], actual_seq_kvlen=[case.T])[0]
 
 
-def timed(fn, args):
+def timed(fn, args, baseline: bool = False):
+    """Ours: --warmup and --repeat; the baselines (seconds to minutes per call): no warm-up, --baseline-repeat."""
     try:
+        if baseline:
+            return bl.time_fn(fn, 0, args.baseline_repeat, args.budget), None
         return bl.time_fn(fn, args.warmup, args.repeat, args.budget), None
     except Exception as e:  # e.g. out of memory
         return None, f"{type(e).__name__}: {str(e)[:200]}"
@@ -180,17 +183,19 @@ def report(name: str, res: dict) -> dict:
     return res
 
 
-def measure_whole(name: str, make_out, x: Inputs, dout: torch.Tensor, args) -> dict:
+def measure_whole(name: str, make_out, x: Inputs, dout: torch.Tensor, args, baseline: bool = False) -> dict:
     """One call over all rows: forward; backward = torch.autograd.grad on a graph built once (retain_graph);
     forward + backward."""
     res = {}
     qkv = [t.detach().clone().requires_grad_(True) for t in (x.q, x.k, x.v)]
-    res["fwd"], res["fwd_error"] = timed(lambda: make_out(*[t.detach() for t in qkv]), args)
+    res["fwd"], res["fwd_error"] = timed(lambda: make_out(*[t.detach() for t in qkv]), args, baseline)
     if res["fwd"] is not None:
         out = make_out(*qkv)
-        res["bwd"], res["bwd_error"] = timed(lambda: torch.autograd.grad(out, qkv, dout, retain_graph=True), args)
+        res["bwd"], res["bwd_error"] = timed(lambda: torch.autograd.grad(out, qkv, dout, retain_graph=True), args,
+                                             baseline)
         del out
-        res["fwdbwd"], res["fwdbwd_error"] = timed(lambda: torch.autograd.grad(make_out(*qkv), qkv, dout), args)
+        res["fwdbwd"], res["fwdbwd_error"] = timed(lambda: torch.autograd.grad(make_out(*qkv), qkv, dout), args,
+                                                   baseline)
     return report(name, res)
 
 
@@ -216,9 +221,9 @@ def measure_chunked(name: str, rows_fn, x: Inputs, dout: torch.Tensor, rows: int
             dq[r0:r1] = qc.grad
         return dq, k.grad, v.grad
 
-    res["fwd"], res["fwd_error"] = timed(fwd, args)
+    res["fwd"], res["fwd_error"] = timed(fwd, args, baseline=True)
     if bwd and res["fwd"] is not None:
-        res["fwdbwd"], res["fwdbwd_error"] = timed(fwdbwd, args)
+        res["fwdbwd"], res["fwdbwd_error"] = timed(fwdbwd, args, baseline=True)
         if res["fwdbwd"] is not None:
             f, fb = res["fwd"], res["fwdbwd"]
             res["bwd"] = bl.Timing(max(fb.median - f.median, 0.0), [max(fb.median - f.median, 0.0)],
@@ -271,7 +276,7 @@ def run_case(case: Case, args, nsa_ops, peak: bl.Peak) -> dict:
                                              dout, srows, args, bwd=not args.sdpa_no_bwd)
     if not args.no_flash:
         res["sdpa_flash"] = measure_whole("dense causal SDPA flash", lambda q, k, v: sdpa_dense_flash(case, x, q, k, v),
-                                          x, dout, args)
+                                          x, dout, args, baseline=True)
     for kind, flop in (("fwd", fwd_flop), ("bwd", bwd_flop), ("fwdbwd", fwd_flop + bwd_flop)):
         t = m.get(kind)
         if t is not None:
@@ -327,6 +332,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--no-sdpa", action="store_true", help="skip baseline (b), SDPA with the boolean mask")
     ap.add_argument("--sdpa-no-bwd", action="store_true", help="baseline (b): forward only")
     ap.add_argument("--no-flash", action="store_true", help="skip baseline (c), dense causal SDPA flash")
+    ap.add_argument("--baseline-repeat", type=int, default=1,
+                    help="measured runs of each baseline, no warm-up (default 1: they take seconds to minutes)")
     bl.add_common_arguments(ap, "measurement", "skip baseline (a), the PyTorch composition")
     args = ap.parse_args(argv)
     if args.list:
@@ -336,7 +343,7 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     _, nsa_ops, peak, header = bl.start(args, "measurement")
     header.append(f"% peak against the larger of the bf16 dot-product and fp32 FMA peaks: "
-                  f"{max(peak.bf16, peak.fp32):.0f} GFLOP/s")
+                  f"{max(peak.bf16, peak.fp32):.0f} GFLOP/s; baselines: {args.baseline_repeat} run(s) each, no warm-up")
     results = [run_case(CASES[n], args, nsa_ops, peak) for n in names]
     return bl.finish(args, header, peak, jsonable(results), table(results, args.markdown),
                      "useful GFLOP: forward 2 (D + Dv) x visible (query row, head, key) entries, backward "
