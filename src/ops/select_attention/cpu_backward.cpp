@@ -182,7 +182,8 @@ class Backward {
     AlignedBuf<float> acc;     // [(D + Dv) lpp] dK^T, dV^T of a single-piece block
     std::vector<float> row;    // a row being converted / stored
     std::vector<uint8_t> keep; // [lpp] ones
-    std::vector<float> em, eil, edlt;  // per chunk row (phase B)
+    std::vector<float> em, eil, edlt;  // per gathered row: m, 1 / l_sum, Dlt
+    std::vector<int32_t> vis;          // per gathered row: visible entries of its slot
 
     void init(const Backward& bw) {
       const Geo& g = bw.g_;
@@ -205,11 +206,12 @@ class Backward {
       pB.reset(g.npb * bw.rbp_ * kPanel, true);
       dsB.reset(g.npb * bw.rbp_ * kPanel, true);
       acc.reset((g.D + g.Dv) * g.lpp);
-      row.resize(static_cast<size_t>(std::max(g.Dp, g.Dvp) + g.lpp));
+      row.resize(static_cast<size_t>(std::max(g.Dp, 2 * g.Dvp) + g.lpp));
       keep.assign(static_cast<size_t>(g.lpp), 1);
-      em.resize(static_cast<size_t>(bw.rbp_));
-      eil.resize(static_cast<size_t>(bw.rbp_));
-      edlt.resize(static_cast<size_t>(bw.rbp_));
+      em.resize(static_cast<size_t>(Rc));
+      eil.resize(static_cast<size_t>(Rc));
+      edlt.resize(static_cast<size_t>(Rc));
+      vis.resize(static_cast<size_t>(Rc));
     }
   };
 
@@ -297,16 +299,16 @@ class Backward {
   void compute_dlt(int64_t t0, int64_t t1, Scratch& sc) {
     const int64_t Dv = g_.Dv;
     float* a = sc.row.data();
-    std::vector<float> o(static_cast<size_t>(Dv));
+    float* o = sc.row.data() + Dv;
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t h = 0; h < g_.N1; ++h) {
         load_f32_row(p_.grad, t, h, Dv, a);
-        load_f32_row(p_.attention_out, t, h, Dv, o.data());
+        load_f32_row(p_.attention_out, t, h, Dv, o);
         float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         int64_t i = 0;
         for (; i + 8 <= Dv; i += 8)
-          for (int k = 0; k < 8; ++k) part[k] += a[i + k] * o[static_cast<size_t>(i + k)];
-        for (int k = 0; i < Dv; ++i, ++k) part[k] += a[i] * o[static_cast<size_t>(i)];
+          for (int k = 0; k < 8; ++k) part[k] += a[i + k] * o[i + k];
+        for (int k = 0; i < Dv; ++i, ++k) part[k] += a[i] * o[i];
         dlt_[static_cast<size_t>(t * g_.N1 + h)] =
             ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
       }
@@ -391,8 +393,10 @@ class Backward {
         }
       }
     }
-    std::vector<int32_t> vis(static_cast<size_t>(ra_));
-    std::vector<float> cm(static_cast<size_t>(ra_)), cil(static_cast<size_t>(ra_)), cdlt(static_cast<size_t>(ra_));
+    std::vector<int32_t>& vis = sc.vis;
+    std::vector<float>& cm = sc.em;  // per gathered row of a chunk: its tile row's m, 1 / l_sum, Dlt
+    std::vector<float>& cil = sc.eil;
+    std::vector<float>& cdlt = sc.edlt;
     int32_t chunk[1024];
     const int64_t cap = std::min<int64_t>(bq_, 1024);
     for (int64_t u = 0; u < te.blocks(); ++u) {
@@ -513,7 +517,7 @@ class Backward {
     float* dkT = acc;            // [D][lpp]
     float* dvT = acc + D * lpp;  // [Dv][lpp]
     std::fill_n(acc, (D + Dv) * lpp, 0.0f);
-    std::vector<int32_t> vis(static_cast<size_t>(rbp_));
+    std::vector<int32_t>& vis = sc.vis;
     for (int64_t c0 = pc.e0; c0 < pc.e1; c0 += bc_) {
       const int64_t nc = std::min(bc_, pc.e1 - c0), rows = nc * G, rp = round_up(rows, 2);
       for (int64_t e = 0; e < nc; ++e) {

@@ -15,6 +15,9 @@
 //   4. O = sum over blocks of rha(P)_entries V_x: for each block, its entries' P slices gathered and multiplied by
 //      the packed V block in one GEMM (fp32 accumulation), the products added to the rows' fp32 accumulators in a
 //      fixed order (blocks of the union, then entries);
+//   (for G >= kDirectMinG the G rows of one entry fill the GEMM micro-kernel on their own: steps 2 and 4 then run
+//   one GEMM per entry on its rows in place, writing the scores into its lines and accumulating O in place, with
+//   no gathers or copies);
 //   5. attention_out rounded to nearest even (§4 step 4), statistics m and l_sum x 8 (§5); a row without visible
 //      entry gets zeros, -FLT_MAX and +FLT_MAX (§6).
 // A value block holding inf or NaN (dirty) takes a scalar path for the entries that see only part of it, so that
