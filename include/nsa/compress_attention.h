@@ -12,7 +12,8 @@
 //   atten_mask     [maxSq, maxC]   uint8 (0 = keep, non-zero = remove), optional, any strides
 //   topk_mask      [maxSq, maxSel] uint8 (non-zero = force the block), optional, any strides
 //   attention_out  [T, N1, D2]  dtype,   contiguous
-//   topk_indices   [T, N2, K]   int32,   contiguous, indices local to the batch in [0, Sel_b)
+//   topk_indices   [T, N2, K]   int32,   contiguous, indices local to the batch in [0, Sel_b) (-1: empty slot, only
+//                                        with short_batches)
 //   softmax_max    [T, N1, 8]   float32, contiguous memory in the per-batch layout of §4:
 //   softmax_sum    [T, N1, 8]   float32  batch b starts at float 8*N1*(sum of Sq before b) and is
 //                                        laid out [N1][Sq_b][8], each value repeated 8 times.
@@ -45,6 +46,19 @@ struct CompressAttentionParams {
   IntList actual_seq_qlen;       // B prefix sums of Sq_b, last == T
   IntList actual_cmp_seq_kvlen;  // B prefix sums of C_b, last <= T2, every C_b >= 1
   IntList actual_sel_seq_kvlen;  // optional; when given must equal prefix sums of ceil(C_b / M)
+
+  // Extensions of the Pythonic API (§10). All false: the NPU's rules (§6), which the drop-in keeps.
+  //   causal: the masks of §9 from the lengths alone: query row s loses compressed token c when c·d + l - 1 > s,
+  //     and blocks 0, s/l' - 1 and s/l' (those below Sel_b) are forced. atten_mask and topk_mask must be absent;
+  //     no [maxSq, maxC] mask is materialised (a strided view of max_sq + (max_c - 1)·d bytes stands for it).
+  //     Results equal those of the call with make_atten_mask / make_topk_mask's masks, bitwise.
+  //   larger_masks: atten_mask / topk_mask may have more rows and columns than [maxSq, maxC] / [maxSq, maxSel];
+  //     their top-left part is used.
+  //   short_batches: a batch with Sel_b < K is accepted; slots Sel_b..K-1 of its rows hold -1 (the family's
+  //     empty-slot marker) and slots 0..Sel_b-1 follow §3.8.
+  bool causal = false;
+  bool larger_masks = false;
+  bool short_batches = false;
 
   // Outputs (contiguous, see the layout comment at the top of this file).
   void* attention_out = nullptr;   // [T, N1, D2] dtype

@@ -68,6 +68,7 @@
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "ops/compress_attention/batches.h"
+#include "ops/compress_attention/causal.h"
 #include "ops/compress_attention/reference.h"
 #include "ops/compress_attention/validate.h"
 
@@ -826,18 +827,21 @@ Status backward_impl(const CompressAttentionGradParams& p, const CpuOptions& opt
   if (p.fwd.dtype == DType::kF64) return reference::backward_fp64(p);  // testing extension: no fast path
   st = check_cpu_workspace_sizes(sh, "compress_attention_backward_cpu");
   if (!st.ok()) return st;
+  detail::CausalMask causal_mask;  // §10 causal: atten_mask is the view of causal.h
+  CompressAttentionGradParams q = p;
+  q.fwd = detail::with_causal_view(p.fwd, sh, &causal_mask);
   const KernelTable* kt = kernels_for(isa);
   const int threads = resolve_num_threads(options.num_threads);
   // The path, once per call: bf16 pairs where the ISA has a bf16 dot product, KernelTable::gemm.f32 otherwise.
   switch (p.fwd.dtype) {
     case DType::kBF16:
       if (kt->gemm.bf16 != nullptr && kt->grad.pack_rows_bf16 != nullptr)
-        run_backward<DType::kBF16, Path::kPairs>(p, sh, kt, threads);
+        run_backward<DType::kBF16, Path::kPairs>(q, sh, kt, threads);
       else
-        run_backward<DType::kBF16, Path::kF32>(p, sh, kt, threads);
+        run_backward<DType::kBF16, Path::kF32>(q, sh, kt, threads);
       break;
-    case DType::kF16: run_backward<DType::kF16, Path::kF32>(p, sh, kt, threads); break;
-    case DType::kF32: run_backward<DType::kF32, Path::kF32>(p, sh, kt, threads); break;
+    case DType::kF16: run_backward<DType::kF16, Path::kF32>(q, sh, kt, threads); break;
+    case DType::kF32: run_backward<DType::kF32, Path::kF32>(q, sh, kt, threads); break;
     case DType::kF64: break;
   }
   return Status::Ok();

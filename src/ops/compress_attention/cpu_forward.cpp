@@ -39,6 +39,7 @@
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "ops/compress_attention/batches.h"
+#include "ops/compress_attention/causal.h"
 #include "ops/compress_attention/reference.h"
 #include "ops/compress_attention/validate.h"
 
@@ -437,23 +438,30 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
       for (int64_t k = 0; k < Sel; ++k)
         if (trow[k * p.topk_mask.stride[1]] != 0) score[k] = FLT_MAX;
+    } else if (p.causal) {  // §10 causal: the forced blocks of §9
+      for (int64_t k = 0; k < Sel; ++k)
+        if (detail::causal_forced(s, k, p.select_block_size)) score[k] = FLT_MAX;
     }
     int32_t* idx = p.topk_indices + (t * sh.N2 + n2) * K;
-    if (!pl.kt->select.top_k(score, Sel, static_cast<int>(K), idx, sc.topk_work.data()))
-      detail::top_k_ordered(score, Sel, K, idx);  // a NaN score (§3.8 order of NaN)
+    const int64_t Kb = std::min(K, Sel);  // §10 short_batches: Sel_b < K leaves slots Sel_b..K-1 at -1
+    if (!pl.kt->select.top_k(score, Sel, static_cast<int>(Kb), idx, sc.topk_work.data()))
+      detail::top_k_ordered(score, Sel, Kb, idx);  // a NaN score (§3.8 order of NaN)
+    for (int64_t i = Kb; i < K; ++i) idx[i] = -1;
   }
 }
 
 }  // namespace
 
-Status forward_impl(const CompressAttentionParams& p, const CpuOptions& options) {
+Status forward_impl(const CompressAttentionParams& params, const CpuOptions& options) {
   Plan pl;
-  Status st = validate_compress_attention(p, &pl.sh);
+  Status st = validate_compress_attention(params, &pl.sh);
   if (!st.ok()) return st;
   CpuIsa isa;
   st = resolve_isa(options.isa, &isa);
   if (!st.ok()) return st;
-  if (p.dtype == DType::kF64) return reference::forward_fp64(p);  // testing extension: no fast path
+  if (params.dtype == DType::kF64) return reference::forward_fp64(params);  // testing extension: no fast path
+  detail::CausalMask causal_mask;  // §10 causal: atten_mask is the view of causal.h (topk forcing in run_tile)
+  const CompressAttentionParams p = detail::with_causal_view(params, pl.sh, &causal_mask);
 
   const CompressAttentionShape& sh = pl.sh;
   // Workspace sizes below are products of C_b, D, D2 and G: refuse sizes whose byte counts could

@@ -616,6 +616,9 @@ Status compress_attention_cuda(const CompressAttentionParams& p, void* stream_pt
   CompressAttentionShape sh;
   Status st = validate_compress_attention(p, &sh);
   if (!st.ok()) return st;
+  if (p.causal || p.short_batches)
+    return Status::Error("the CUDA backend does not implement the causal / short_batches extensions (§10); use the "
+                         "CPU backend or explicit masks");
   if (p.dtype == DType::kF64)
     return Status::Error("dtype float64 is not supported by the CUDA backend (use bfloat16, float16 or float32)");
   if (sh.max_c >= INT_MAX / 2 || sh.max_sq >= INT_MAX / 2 || sh.N1 >= INT_MAX / 2 || sh.D >= INT_MAX / 2 ||

@@ -23,6 +23,7 @@
 #include "common/mask_rows.h"
 #include "common/numeric.h"
 #include "ops/compress_attention/batches.h"
+#include "ops/compress_attention/causal.h"
 #include "ops/compress_attention/reference.h"
 
 namespace nsa {
@@ -38,7 +39,8 @@ Status backward(const CompressAttentionGradParams& p) {
   CompressAttentionShape sh;
   Status st = validate_compress_attention_backward(p, &sh);
   if (!st.ok()) return st;
-  const CompressAttentionParams& f = p.fwd;
+  detail::CausalMask causal_mask;  // §10 causal: atten_mask is the view of causal.h
+  const CompressAttentionParams f = detail::with_causal_view(p.fwd, sh, &causal_mask);
   const DType dt = f.dtype;
   const std::vector<BatchInfo> batches = detail::make_batches(f, sh);
   const Acc scale = static_cast<Acc>(static_cast<float>(f.scale_value));  // §1: used as float32

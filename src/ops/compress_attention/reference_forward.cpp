@@ -12,6 +12,7 @@
 #include "common/numeric.h"
 #include "common/topk_order.h"
 #include "ops/compress_attention/batches.h"
+#include "ops/compress_attention/causal.h"
 #include "ops/compress_attention/reference.h"
 
 namespace nsa::reference {
@@ -28,10 +29,12 @@ Acc round_p(Acc x, DType dt) {
 }
 
 template <typename Acc>
-Status forward(const CompressAttentionParams& p) {
+Status forward(const CompressAttentionParams& params) {
   CompressAttentionShape sh;
-  Status st = validate_compress_attention(p, &sh);
+  Status st = validate_compress_attention(params, &sh);
   if (!st.ok()) return st;
+  detail::CausalMask causal_mask;  // §10 causal: atten_mask is the view of causal.h, topk forcing below
+  const CompressAttentionParams p = detail::with_causal_view(params, sh, &causal_mask);
   const DType dt = p.dtype;
   const std::vector<BatchInfo> batches = detail::make_batches(p, sh);
   const Acc scale = static_cast<Acc>(static_cast<float>(p.scale_value));  // §1: used as float32
@@ -96,17 +99,19 @@ Status forward(const CompressAttentionParams& p) {
           for (int64_t g = 0; g < G; ++g) group[g] = score_h[g * Sel + k];
           score[k] = detail::pairwise_group_sum(group.data(), G);
         }
-        // §3.7 forced blocks.
+        // §3.7 forced blocks (§10 causal: those of §9).
         for (int64_t k = 0; k < Sel; ++k)
-          if (mask_at(p.topk_mask, s, k)) score[k] = pos_max;
+          if (p.causal ? detail::causal_forced(s, k, p.select_block_size) : mask_at(p.topk_mask, s, k))
+            score[k] = pos_max;
         // §3.8 top-k: stable descending order, first K.
         order.resize(static_cast<size_t>(Sel));
         std::iota(order.begin(), order.end(), int64_t(0));
         std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
           return detail::topk_before(score[a], a, score[b], b);
         });
+        // §10 short_batches: a batch with Sel_b < K fills slots Sel_b..K-1 with -1.
         for (int64_t i = 0; i < K; ++i)
-          p.topk_indices[(t * sh.N2 + n2) * K + i] = static_cast<int32_t>(order[i]);
+          p.topk_indices[(t * sh.N2 + n2) * K + i] = i < Sel ? static_cast<int32_t>(order[i]) : -1;
       }
     }
   }

@@ -40,9 +40,12 @@ Status check_list(const IntList& l, const char* name) {
   return Status::Ok();
 }
 
-Status check_mask(const Mask2& m, const char* name, int64_t rows, int64_t cols, const char* expect) {
+Status check_mask(const Mask2& m, const char* name, int64_t rows, int64_t cols, const char* expect, bool larger) {
   if (m.data == nullptr) return Status::Ok();
-  if (m.size[0] != rows || m.size[1] != cols)
+  if (larger && (m.size[0] < rows || m.size[1] < cols))
+    return err(name, " must have at least [", rows, ", ", cols, "] (", expect, ") rows and columns, got ",
+               shape_str(m.size, 2));
+  if (!larger && (m.size[0] != rows || m.size[1] != cols))
     return err(name, " must have shape [", rows, ", ", cols, "] (", expect, "), got ", shape_str(m.size, 2));
   return Status::Ok();
 }
@@ -136,7 +139,7 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
     q_prev = p.actual_seq_qlen.data[b];
     c_prev = p.actual_cmp_seq_kvlen.data[b];
   }
-  if (sh.K > min_sel)
+  if (sh.K > min_sel && !p.short_batches)
     return err("select_block_count (", sh.K, ") must be <= the smallest number of selection blocks of a batch, ",
                "min_b ceil(C_b / ", sh.M, ") = ", min_sel);
   if (p.actual_sel_seq_kvlen.data != nullptr) {
@@ -154,8 +157,14 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
                    ") over the batches = ", acc, ", got ", p.actual_sel_seq_kvlen.data[b]);
     }
   }
-  if (!(s = check_mask(p.atten_mask, "atten_mask", sh.max_sq, sh.max_c, "[maxSq, maxC]")).ok()) return s;
-  if (!(s = check_mask(p.topk_mask, "topk_mask", sh.max_sq, sh.max_sel, "[maxSq, maxSel]")).ok()) return s;
+  if (p.causal && p.atten_mask.data != nullptr)
+    return err("atten_mask must be absent when causal is set (the causal mask of §9 is applied from the lengths)");
+  if (p.causal && p.topk_mask.data != nullptr)
+    return err("topk_mask must be absent when causal is set (the forced blocks of §9 are applied from the lengths)");
+  if (!(s = check_mask(p.atten_mask, "atten_mask", sh.max_sq, sh.max_c, "[maxSq, maxC]", p.larger_masks)).ok())
+    return s;
+  if (!(s = check_mask(p.topk_mask, "topk_mask", sh.max_sq, sh.max_sel, "[maxSq, maxSel]", p.larger_masks)).ok())
+    return s;
 
   s = detail::check_not_null({{p.attention_out, "attention_out"}, {p.topk_indices, "topk_indices"},
                               {p.softmax_max, "softmax_max"}, {p.softmax_sum, "softmax_sum"}});
