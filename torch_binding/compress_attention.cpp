@@ -39,12 +39,34 @@
   "int[]? actual_cmp_seq_kvlen=None, int[]? actual_sel_seq_kvlen=None) "                         \
   "-> (Tensor attention_out, Tensor topk_indices, Tensor softmax_max, Tensor softmax_sum)"
 
+// The overloads .ext / .ext_tensor_lengths (the Pythonic API, docs/spec/compress_attention.md §10): the same
+// arguments plus `causal`, and the §10 extensions on (masks larger than [maxSq, maxC] / [maxSq, maxSel] with their
+// top-left part used; batches with Sel_b < K padded with -1). causal = True applies the §9 masks from the lengths
+// (atten_mask and topk_mask must be None) without materialising them.
+#define NSA_FORWARD_EXT_ARGS(LENGTHS)                                                             \
+  "(Tensor query, Tensor key, Tensor value, float scale_value, int head_num, "                   \
+  "int compress_block_size, int compress_stride, int select_block_size, int select_block_count, " \
+  "Tensor? topk_mask=None, Tensor? atten_mask=None, " LENGTHS " actual_seq_qlen=None, "          \
+  LENGTHS " actual_cmp_seq_kvlen=None, " LENGTHS " actual_sel_seq_kvlen=None, bool causal=False) " \
+  "-> (Tensor attention_out, Tensor topk_indices, Tensor softmax_max, Tensor softmax_sum)"
+
+#define NSA_BACKWARD_EXT_ARGS(LENGTHS)                                                             \
+  "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor attention_out, "             \
+  "Tensor softmax_max, Tensor softmax_sum, float scale_value, int head_num, "                    \
+  "int compress_block_size, int compress_stride, int select_block_size, int select_block_count, " \
+  "Tensor? atten_mask, " LENGTHS " actual_seq_qlen, " LENGTHS " actual_cmp_seq_kvlen, bool causal=False) " \
+  "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+
 TORCH_LIBRARY_FRAGMENT(nsa, m) {
   m.def("compress_attention" NSA_FORWARD_ARGS);
+  m.def("compress_attention.ext" NSA_FORWARD_EXT_ARGS("int[]?"));
+  m.def("compress_attention.ext_tensor_lengths" NSA_FORWARD_EXT_ARGS("Tensor?"));
   m.def("compress_attention.tensor_lengths" NSA_FORWARD_ARGS_TENSOR_LENGTHS);
   m.def("compress_attention_reference" NSA_FORWARD_ARGS);
   m.def("compress_attention_backward" NSA_BACKWARD_ARGS("int[]?"));
   m.def("compress_attention_backward.tensor_lengths" NSA_BACKWARD_ARGS("Tensor?"));
+  m.def("compress_attention_backward.ext" NSA_BACKWARD_EXT_ARGS("int[]?"));
+  m.def("compress_attention_backward.ext_tensor_lengths" NSA_BACKWARD_EXT_ARGS("Tensor?"));
 }
 
 // ------------------------------------------------------------------ CPU forward
@@ -62,12 +84,14 @@ ForwardResult forward_cpu(Backend backend, const at::Tensor& query, const at::Te
                           double scale_value, int64_t head_num, int64_t compress_block_size, int64_t compress_stride,
                           int64_t select_block_size, int64_t select_block_count, const OptTensor& topk_mask,
                           const OptTensor& atten_mask, OptIntList actual_seq_qlen, OptIntList actual_cmp_seq_kvlen,
-                          OptIntList actual_sel_seq_kvlen) {
+                          OptIntList actual_sel_seq_kvlen, bool ext = false, bool causal = false) {
   check_forward_inputs(query, key, value, head_num, topk_mask, atten_mask);
   check_forward_devices(query, key, value, topk_mask, atten_mask, c10::DeviceType::CPU, "CPU");
   nsa::CompressAttentionParams p = make_forward_params(
       query, key, value, scale_value, head_num, compress_block_size, compress_stride, select_block_size,
       select_block_count, topk_mask, atten_mask, actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen);
+  p.larger_masks = p.short_batches = ext;  // §10
+  p.causal = causal;
   const nsa::CompressAttentionShape shape = validate_forward_params(p);  // raises before any allocation
   ForwardResult out = allocate_forward_outputs(p, shape, query);
   const nsa::Status st = backend(p, nsa::CpuOptions{-1, at::get_num_threads()});
@@ -111,10 +135,37 @@ ForwardResult compress_attention_tensor_lengths_cpu(
                                 lengths_from_tensor(actual_sel_seq_kvlen, "actual_sel_seq_kvlen", s));
 }
 
+ForwardResult compress_attention_ext_cpu(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                         double scale_value, int64_t head_num, int64_t compress_block_size,
+                                         int64_t compress_stride, int64_t select_block_size,
+                                         int64_t select_block_count, const OptTensor& topk_mask,
+                                         const OptTensor& atten_mask, OptIntList actual_seq_qlen,
+                                         OptIntList actual_cmp_seq_kvlen, OptIntList actual_sel_seq_kvlen,
+                                         bool causal) {
+  return forward_cpu(&nsa::compress_attention_cpu, query, key, value, scale_value, head_num, compress_block_size,
+                     compress_stride, select_block_size, select_block_count, topk_mask, atten_mask, actual_seq_qlen,
+                     actual_cmp_seq_kvlen, actual_sel_seq_kvlen, /*ext=*/true, causal);
+}
+
+ForwardResult compress_attention_ext_tensor_lengths_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale_value, int64_t head_num,
+    int64_t compress_block_size, int64_t compress_stride, int64_t select_block_size, int64_t select_block_count,
+    const OptTensor& topk_mask, const OptTensor& atten_mask, const OptTensor& actual_seq_qlen,
+    const OptTensor& actual_cmp_seq_kvlen, const OptTensor& actual_sel_seq_kvlen, bool causal) {
+  std::vector<int64_t> q, c, s;
+  return compress_attention_ext_cpu(query, key, value, scale_value, head_num, compress_block_size, compress_stride,
+                                    select_block_size, select_block_count, topk_mask, atten_mask,
+                                    lengths_from_tensor(actual_seq_qlen, "actual_seq_qlen", q),
+                                    lengths_from_tensor(actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen", c),
+                                    lengths_from_tensor(actual_sel_seq_kvlen, "actual_sel_seq_kvlen", s), causal);
+}
+
 }  // namespace
 }  // namespace nsa_torch
 
 TORCH_LIBRARY_IMPL(nsa, CPU, m) {
+  m.impl("compress_attention.ext", &nsa_torch::compress_attention_ext_cpu);
+  m.impl("compress_attention.ext_tensor_lengths", &nsa_torch::compress_attention_ext_tensor_lengths_cpu);
   m.impl("compress_attention", &nsa_torch::compress_attention_cpu);
   m.impl("compress_attention.tensor_lengths", &nsa_torch::compress_attention_tensor_lengths_cpu);
   m.impl("compress_attention_reference", &nsa_torch::compress_attention_reference_cpu);
@@ -167,10 +218,35 @@ ForwardResult compress_attention_tensor_lengths_meta(
                                  std::nullopt, std::nullopt);
 }
 
+ForwardResult compress_attention_ext_meta(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                          double scale_value, int64_t head_num, int64_t compress_block_size,
+                                          int64_t compress_stride, int64_t select_block_size,
+                                          int64_t select_block_count, const OptTensor& topk_mask,
+                                          const OptTensor& atten_mask, OptIntList actual_seq_qlen,
+                                          OptIntList actual_cmp_seq_kvlen, OptIntList actual_sel_seq_kvlen,
+                                          bool /*causal*/) {
+  return compress_attention_meta(query, key, value, scale_value, head_num, compress_block_size, compress_stride,
+                                 select_block_size, select_block_count, topk_mask, atten_mask, actual_seq_qlen,
+                                 actual_cmp_seq_kvlen, actual_sel_seq_kvlen);
+}
+
+ForwardResult compress_attention_ext_tensor_lengths_meta(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, double scale_value, int64_t head_num,
+    int64_t compress_block_size, int64_t compress_stride, int64_t select_block_size, int64_t select_block_count,
+    const OptTensor& topk_mask, const OptTensor& atten_mask, const OptTensor& actual_seq_qlen,
+    const OptTensor& actual_cmp_seq_kvlen, const OptTensor& actual_sel_seq_kvlen, bool /*causal*/) {
+  return compress_attention_tensor_lengths_meta(query, key, value, scale_value, head_num, compress_block_size,
+                                                compress_stride, select_block_size, select_block_count, topk_mask,
+                                                atten_mask, actual_seq_qlen, actual_cmp_seq_kvlen,
+                                                actual_sel_seq_kvlen);
+}
+
 }  // namespace
 }  // namespace nsa_torch
 
 TORCH_LIBRARY_IMPL(nsa, Meta, m) {
+  m.impl("compress_attention.ext", &nsa_torch::compress_attention_ext_meta);
+  m.impl("compress_attention.ext_tensor_lengths", &nsa_torch::compress_attention_ext_tensor_lengths_meta);
   m.impl("compress_attention", &nsa_torch::compress_attention_meta);
   m.impl("compress_attention.tensor_lengths", &nsa_torch::compress_attention_tensor_lengths_meta);
   m.impl("compress_attention_reference", &nsa_torch::compress_attention_meta);
@@ -180,12 +256,13 @@ TORCH_LIBRARY_IMPL(nsa, Meta, m) {
 namespace nsa_torch {
 namespace {
 
-BackwardResult backward_cpu(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-                            const at::Tensor& value, const at::Tensor& attention_out, const at::Tensor& softmax_max,
-                            const at::Tensor& softmax_sum, double scale_value, int64_t head_num,
-                            int64_t compress_block_size, int64_t compress_stride, int64_t select_block_size,
-                            int64_t select_block_count, const OptTensor& atten_mask, OptIntList actual_seq_qlen,
-                            OptIntList actual_cmp_seq_kvlen) {
+// ext: the §10 extensions (larger masks, short batches) and `causal`.
+BackwardResult backward_cpu_impl(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& attention_out,
+                                 const at::Tensor& softmax_max, const at::Tensor& softmax_sum, double scale_value,
+                                 int64_t head_num, int64_t compress_block_size, int64_t compress_stride,
+                                 int64_t select_block_size, int64_t select_block_count, const OptTensor& atten_mask,
+                                 OptIntList actual_seq_qlen, OptIntList actual_cmp_seq_kvlen, bool ext, bool causal) {
   check_forward_inputs(query, key, value, head_num, std::nullopt, atten_mask);
   check_backward_inputs(grad_out, query, value, attention_out, softmax_max, softmax_sum);
   check_forward_devices(query, key, value, std::nullopt, atten_mask, c10::DeviceType::CPU, "CPU");
@@ -195,6 +272,8 @@ BackwardResult backward_cpu(const at::Tensor& grad_out, const at::Tensor& query,
   g.fwd = make_forward_params(query, key, value, scale_value, head_num, compress_block_size, compress_stride,
                               select_block_size, select_block_count, std::nullopt, atten_mask, actual_seq_qlen,
                               actual_cmp_seq_kvlen, std::nullopt);
+  g.fwd.larger_masks = g.fwd.short_batches = ext;  // §10
+  g.fwd.causal = causal;
   validate_forward_params(g.fwd);  // raises before any allocation
   g.attention_out = view3(attention_out);
   g.grad_out = view3(grad_out);
@@ -210,6 +289,17 @@ BackwardResult backward_cpu(const at::Tensor& grad_out, const at::Tensor& query,
   const nsa::Status st = nsa::compress_attention_backward_cpu(g, nsa::CpuOptions{-1, at::get_num_threads()});
   TORCH_CHECK(st.ok(), st.message());
   return {dq, dk, dv};
+}
+
+BackwardResult backward_cpu(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const at::Tensor& attention_out, const at::Tensor& softmax_max,
+                            const at::Tensor& softmax_sum, double scale_value, int64_t head_num,
+                            int64_t compress_block_size, int64_t compress_stride, int64_t select_block_size,
+                            int64_t select_block_count, const OptTensor& atten_mask, OptIntList actual_seq_qlen,
+                            OptIntList actual_cmp_seq_kvlen) {
+  return backward_cpu_impl(grad_out, query, key, value, attention_out, softmax_max, softmax_sum, scale_value, head_num,
+                           compress_block_size, compress_stride, select_block_size, select_block_count, atten_mask,
+                           actual_seq_qlen, actual_cmp_seq_kvlen, /*ext=*/false, /*causal=*/false);
 }
 
 BackwardResult backward_tensor_lengths_cpu(const at::Tensor& grad_out, const at::Tensor& query,
@@ -253,15 +343,70 @@ BackwardResult backward_tensor_lengths_meta(const at::Tensor& grad_out, const at
                        std::nullopt, std::nullopt);
 }
 
+BackwardResult backward_ext_cpu(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                const at::Tensor& value, const at::Tensor& attention_out,
+                                const at::Tensor& softmax_max, const at::Tensor& softmax_sum, double scale_value,
+                                int64_t head_num, int64_t compress_block_size, int64_t compress_stride,
+                                int64_t select_block_size, int64_t select_block_count, const OptTensor& atten_mask,
+                                OptIntList actual_seq_qlen, OptIntList actual_cmp_seq_kvlen, bool causal) {
+  return backward_cpu_impl(grad_out, query, key, value, attention_out, softmax_max, softmax_sum, scale_value, head_num,
+                           compress_block_size, compress_stride, select_block_size, select_block_count, atten_mask,
+                           actual_seq_qlen, actual_cmp_seq_kvlen, /*ext=*/true, causal);
+}
+
+BackwardResult backward_ext_tensor_lengths_cpu(const at::Tensor& grad_out, const at::Tensor& query,
+                                               const at::Tensor& key, const at::Tensor& value,
+                                               const at::Tensor& attention_out, const at::Tensor& softmax_max,
+                                               const at::Tensor& softmax_sum, double scale_value, int64_t head_num,
+                                               int64_t compress_block_size, int64_t compress_stride,
+                                               int64_t select_block_size, int64_t select_block_count,
+                                               const OptTensor& atten_mask, const OptTensor& actual_seq_qlen,
+                                               const OptTensor& actual_cmp_seq_kvlen, bool causal) {
+  std::vector<int64_t> q, c;
+  return backward_ext_cpu(grad_out, query, key, value, attention_out, softmax_max, softmax_sum, scale_value,
+                          head_num, compress_block_size, compress_stride, select_block_size, select_block_count,
+                          atten_mask, lengths_from_tensor(actual_seq_qlen, "actual_seq_qlen", q),
+                          lengths_from_tensor(actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen", c), causal);
+}
+
+BackwardResult backward_ext_meta(const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+                                 const at::Tensor& value, const at::Tensor& attention_out,
+                                 const at::Tensor& softmax_max, const at::Tensor& softmax_sum, double scale_value,
+                                 int64_t head_num, int64_t compress_block_size, int64_t compress_stride,
+                                 int64_t select_block_size, int64_t select_block_count, const OptTensor& atten_mask,
+                                 OptIntList /*actual_seq_qlen*/, OptIntList /*actual_cmp_seq_kvlen*/,
+                                 bool /*causal*/) {
+  return backward_meta(grad_out, query, key, value, attention_out, softmax_max, softmax_sum, scale_value, head_num,
+                       compress_block_size, compress_stride, select_block_size, select_block_count, atten_mask,
+                       std::nullopt, std::nullopt);
+}
+
+BackwardResult backward_ext_tensor_lengths_meta(const at::Tensor& grad_out, const at::Tensor& query,
+                                                const at::Tensor& key, const at::Tensor& value,
+                                                const at::Tensor& attention_out, const at::Tensor& softmax_max,
+                                                const at::Tensor& softmax_sum, double scale_value, int64_t head_num,
+                                                int64_t compress_block_size, int64_t compress_stride,
+                                                int64_t select_block_size, int64_t select_block_count,
+                                                const OptTensor& atten_mask, const OptTensor& /*actual_seq_qlen*/,
+                                                const OptTensor& /*actual_cmp_seq_kvlen*/, bool /*causal*/) {
+  return backward_meta(grad_out, query, key, value, attention_out, softmax_max, softmax_sum, scale_value, head_num,
+                       compress_block_size, compress_stride, select_block_size, select_block_count, atten_mask,
+                       std::nullopt, std::nullopt);
+}
+
 }  // namespace
 }  // namespace nsa_torch
 
 TORCH_LIBRARY_IMPL(nsa, CPU, m) {
+  m.impl("compress_attention_backward.ext", &nsa_torch::backward_ext_cpu);
+  m.impl("compress_attention_backward.ext_tensor_lengths", &nsa_torch::backward_ext_tensor_lengths_cpu);
   m.impl("compress_attention_backward", &nsa_torch::backward_cpu);
   m.impl("compress_attention_backward.tensor_lengths", &nsa_torch::backward_tensor_lengths_cpu);
 }
 
 TORCH_LIBRARY_IMPL(nsa, Meta, m) {
+  m.impl("compress_attention_backward.ext", &nsa_torch::backward_ext_meta);
+  m.impl("compress_attention_backward.ext_tensor_lengths", &nsa_torch::backward_ext_tensor_lengths_meta);
   m.impl("compress_attention_backward", &nsa_torch::backward_meta);
   m.impl("compress_attention_backward.tensor_lengths", &nsa_torch::backward_tensor_lengths_meta);
 }
