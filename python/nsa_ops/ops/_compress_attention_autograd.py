@@ -31,9 +31,27 @@ _DOUBLE_BACKWARD_ERROR = ("nsa::compress_attention does not support double backw
                           "call torch.autograd.grad without create_graph=True")
 
 
+def forward_op(tensor_lengths: bool, ext: bool):
+    """The forward overload: lengths as tensors or int lists; ``ext``: the §10 overloads (one more argument,
+    ``causal``)."""
+    f = torch.ops.nsa.compress_attention
+    if ext:
+        return f.ext_tensor_lengths if tensor_lengths else f.ext
+    return f.tensor_lengths if tensor_lengths else f.default
+
+
+def backward_op(tensor_lengths: bool, ext: bool):
+    f = torch.ops.nsa.compress_attention_backward
+    if ext:
+        return f.ext_tensor_lengths if tensor_lengths else f.ext
+    return f.tensor_lengths if tensor_lengths else f.default
+
+
 def _setup_context(ctx, inputs, output):
     (query, key, value, scale_value, head_num, compress_block_size, compress_stride, select_block_size,
-     select_block_count, _topk_mask, atten_mask, actual_seq_qlen, actual_cmp_seq_kvlen, _sel) = inputs
+     select_block_count, _topk_mask, atten_mask, actual_seq_qlen, actual_cmp_seq_kvlen, _sel) = inputs[:14]
+    ctx.ext = len(inputs) > 14               # the .ext overloads (§10): one more input, causal
+    ctx.causal = bool(inputs[14]) if ctx.ext else False
     attention_out, topk, softmax_max, softmax_sum = output
     ctx.mark_non_differentiable(topk, softmax_max, softmax_sum)
     tensor_lengths = isinstance(actual_seq_qlen, torch.Tensor)
@@ -49,22 +67,23 @@ def _setup_context(ctx, inputs, output):
 
 def _run_backward(ctx, grad_out, query, key, value, attention_out, softmax_max, softmax_sum, atten_mask, seq_q,
                   seq_c):
-    op = (torch.ops.nsa.compress_attention_backward.tensor_lengths if isinstance(seq_q, torch.Tensor)
-          else torch.ops.nsa.compress_attention_backward.default)
+    op = backward_op(isinstance(seq_q, torch.Tensor), ctx.ext)
+    extra = (ctx.causal,) if ctx.ext else ()
     return op(grad_out, query, key, value, attention_out, softmax_max, softmax_sum, *ctx.scalars, atten_mask,
-              seq_q, seq_c)
+              seq_q, seq_c, *extra)
 
 
 def _backward(ctx, grad_out, _grad_topk, _grad_max, _grad_sum):
     saved = ctx.saved_tensors
     query, key, value, attention_out, softmax_max, softmax_sum, atten_mask = saved[:7]
+    n_rest = 12 if ctx.ext else 11
     if grad_out is None:
-        return (None,) * 14
+        return (None,) * (3 + n_rest)
     seq_q, seq_c = (saved[7], saved[8]) if ctx.tensor_lengths else ctx.lengths
     dq, dk, dv = _run_backward(ctx, grad_out, query, key, value, attention_out, softmax_max, softmax_sum,
                                atten_mask, seq_q, seq_c)
     return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
-            dv if ctx.needs_input_grad[2] else None) + (None,) * 11
+            dv if ctx.needs_input_grad[2] else None) + (None,) * n_rest
 
 
 def _no_double_backward_setup(ctx, inputs, output):
@@ -76,7 +95,8 @@ def _no_double_backward(ctx, *grads):
 
 
 # ------------------------------------------------------------------------------------------------ autocast
-_FORWARD_OPS = ("compress_attention", "compress_attention.tensor_lengths", "compress_attention_reference")
+_FORWARD_OPS = ("compress_attention", "compress_attention.tensor_lengths", "compress_attention.ext",
+                "compress_attention.ext_tensor_lengths", "compress_attention_reference")
 _LIB: Optional[torch.library.Library] = None
 
 
@@ -102,9 +122,11 @@ def _autocast_kernel(op):
 
 def register() -> None:
     global _LIB
-    for name in ("nsa::compress_attention", "nsa::compress_attention.tensor_lengths"):
+    for name in ("nsa::compress_attention", "nsa::compress_attention.tensor_lengths", "nsa::compress_attention.ext",
+                 "nsa::compress_attention.ext_tensor_lengths"):
         torch.library.register_autograd(name, _backward, setup_context=_setup_context)
-    for name in ("nsa::compress_attention_backward", "nsa::compress_attention_backward.tensor_lengths"):
+    for name in ("nsa::compress_attention_backward", "nsa::compress_attention_backward.tensor_lengths",
+                 "nsa::compress_attention_backward.ext", "nsa::compress_attention_backward.ext_tensor_lengths"):
         torch.library.register_autograd(name, _no_double_backward, setup_context=_no_double_backward_setup)
     if _LIB is None:
         _LIB = torch.library.Library("nsa", "IMPL")
@@ -122,11 +144,10 @@ class _BackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_out, query, key, value, attention_out, softmax_max, softmax_sum, scalars, atten_mask, seq_q,
-                seq_c):
-        op = (torch.ops.nsa.compress_attention_backward.tensor_lengths if isinstance(seq_q, torch.Tensor)
-              else torch.ops.nsa.compress_attention_backward.default)
+                seq_c, ext, causal):
+        op = backward_op(isinstance(seq_q, torch.Tensor), ext)
         return op(grad_out, query, key, value, attention_out, softmax_max, softmax_sum, *scalars, atten_mask, seq_q,
-                  seq_c)
+                  seq_c, *((causal,) if ext else ()))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -140,8 +161,9 @@ class _BackwardFunction(torch.autograd.Function):
 class CompressAttentionFunction(torch.autograd.Function):
     """The operator for the Python entry points: ``apply(query, key, value, scale_tensor, scale_value, head_num,
     compress_block_size, compress_stride, select_block_size, select_block_count, topk_mask, atten_mask,
-    actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen)`` with the operator's arguments (lengths as
-    prefix sums: lists of ints, or 1-D integer tensors for the .tensor_lengths overload).
+    actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen, ext, causal)`` with the operator's arguments
+    (lengths as prefix sums: lists of ints, or 1-D integer tensors for the .tensor_lengths overloads; ``ext``: the
+    §10 overloads, with ``causal``).
 
     ``scale_tensor``: None, or the 0-d tensor whose value ``scale_value`` is; when it requires grad its gradient
     is ``dL/dscale = Σ_{t,h} q[t,h]·dQ[t,h] / scale`` (§7: ``dQ = scale · Σ_c dS·k`` and ``dL/dscale = Σ_c dS·(q·k)``),
@@ -149,16 +171,15 @@ class CompressAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(query, key, value, scale_tensor, scale_value, head_num, compress_block_size, compress_stride,
-                select_block_size, select_block_count, topk_mask, atten_mask, seq_q, seq_c, seq_sel):
-        op = (torch.ops.nsa.compress_attention.tensor_lengths if isinstance(seq_q, torch.Tensor)
-              else torch.ops.nsa.compress_attention.default)
+                select_block_size, select_block_count, topk_mask, atten_mask, seq_q, seq_c, seq_sel, ext, causal):
+        op = forward_op(isinstance(seq_q, torch.Tensor), ext)
         return op(query, key, value, scale_value, head_num, compress_block_size, compress_stride, select_block_size,
-                  select_block_count, topk_mask, atten_mask, seq_q, seq_c, seq_sel)
+                  select_block_count, topk_mask, atten_mask, seq_q, seq_c, seq_sel, *((causal,) if ext else ()))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (query, key, value, scale_tensor, scale_value, head_num, l, d, lp, K, _topk_mask, atten_mask, seq_q, seq_c,
-         _seq_sel) = inputs
+         _seq_sel, ext, causal) = inputs
         attention_out, topk, softmax_max, softmax_sum = output
         ctx.mark_non_differentiable(topk, softmax_max, softmax_sum)
         tensor_lengths = isinstance(seq_q, torch.Tensor)
@@ -168,15 +189,16 @@ class CompressAttentionFunction(torch.autograd.Function):
         ctx.lengths = None if tensor_lengths else (seq_q, seq_c)
         ctx.scalars = (scale_value, head_num, l, d, lp, K)
         ctx.scale_dtype = scale_tensor.dtype if isinstance(scale_tensor, torch.Tensor) else None
+        ctx.ext, ctx.causal = ext, causal
 
     @staticmethod
     def backward(ctx, grad_out, _grad_topk, _grad_max, _grad_sum):
         query, key, value, attention_out, softmax_max, softmax_sum, atten_mask, sq, sc = ctx.saved_tensors
         if grad_out is None or not any(ctx.needs_input_grad[:4]):
-            return (None,) * 15
+            return (None,) * 17
         seq_q, seq_c = ctx.lengths if ctx.lengths is not None else (sq, sc)
         dq, dk, dv = _BackwardFunction.apply(grad_out, query, key, value, attention_out, softmax_max, softmax_sum,
-                                             ctx.scalars, atten_mask, seq_q, seq_c)
+                                             ctx.scalars, atten_mask, seq_q, seq_c, ctx.ext, ctx.causal)
         dscale = None
         if ctx.needs_input_grad[3]:
             scale = ctx.scalars[0]
@@ -186,17 +208,17 @@ class CompressAttentionFunction(torch.autograd.Function):
             dscale = ((query.to(torch.float32) * dq.to(torch.float32)).sum(dtype=torch.float64) / scale
                       ).to(ctx.scale_dtype)
         return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
-                dv if ctx.needs_input_grad[2] else None, dscale) + (None,) * 11
+                dv if ctx.needs_input_grad[2] else None, dscale) + (None,) * 13
 
     @staticmethod
     def vmap(info, in_dims, query, key, value, scale_tensor, scale_value, head_num, l, d, lp, K, topk_mask,
-             atten_mask, seq_q, seq_c, seq_sel):
+             atten_mask, seq_q, seq_c, seq_sel, ext, causal):
         """vmap over query/key/value: the V mapped copies become V times the packed sequences of one call (copy
         v's sequences follow copy v-1's), so the operator runs once; the outputs are split back into [V, ...].
         The statistics of copy v are the floats [v·T·N1·8, (v+1)·T·N1·8), already in §4's per-batch layout.
         Masks, lengths and the scale are shared (mapping them is an error)."""
         names = ("scale", "topk_mask", "atten_mask", "the lengths", "the lengths", "the lengths")
-        for dim, name in zip((in_dims[3],) + tuple(in_dims[10:]), names):
+        for dim, name in zip((in_dims[3],) + tuple(in_dims[10:15]), names):
             if any(x is not None for x in torch.utils._pytree.tree_leaves(dim)):
                 raise ValueError(f"vmap of nsa_ops compress_attention maps query, key and value only; {name} "
                                  "must be the same for every mapped copy (in_dims None)")
@@ -225,5 +247,5 @@ class CompressAttentionFunction(torch.autograd.Function):
             rs = None if rs is None else torch.tensor(rs, dtype=torch.int64)
         out = CompressAttentionFunction.apply(
             q.reshape(V * T, N1, D), k.reshape(V * Tc, *k.shape[2:]), v.reshape(V * Tc, *v.shape[2:]), scale_tensor,
-            scale_value, head_num, l, d, lp, K, topk_mask, atten_mask, rq, rc, rs)
+            scale_value, head_num, l, d, lp, K, topk_mask, atten_mask, rq, rc, rs, ext, causal)
         return tuple(o.view(V, T, *o.shape[1:]) for o in out), (0, 0, 0, 0)

@@ -25,7 +25,7 @@ import torch
 from .._args import (check_finite_scale, cu_seqlens_list, cu_seqlens_prefix_tensor, int_arg, int_list, is_tracing,
                      optional_int_list, scale_arg)
 from .._lib import load_library
-from ._compress_attention_autograd import CompressAttentionFunction, autocast_cast
+from ._compress_attention_autograd import CompressAttentionFunction, autocast_cast, forward_op
 
 load_library()
 
@@ -56,7 +56,8 @@ class CompressAttentionOutput(NamedTuple):
     softmax_sum: torch.Tensor
 
 
-def _run(query, key, value, scale, head_num, l, d, lp, K, topk_mask, atten_mask, seq_q, seq_c, seq_sel):
+def _run(query, key, value, scale, head_num, l, d, lp, K, topk_mask, atten_mask, seq_q, seq_c, seq_sel, ext=False,
+         causal=False):
     """Autocast, then the operator (plain autograd) or CompressAttentionFunction (a tensor scale that requires
     grad, or inside a torch.func transform). ``scale``: a Python float or a 0-d tensor (read with .item(): a
     graph break under torch.compile; differentiated when it requires grad)."""
@@ -72,11 +73,11 @@ def _run(query, key, value, scale, head_num, l, d, lp, K, topk_mask, atten_mask,
         # The operator directly: its own autograd formula (torch.library.register_autograd, the same backward and
         # non-differentiable statistics) serves plain autograd; autograd.Function.apply would bind its arguments
         # with inspect.signature on every call (~0.2 ms).
-        op = (torch.ops.nsa.compress_attention.tensor_lengths if isinstance(seq_q, torch.Tensor)
-              else torch.ops.nsa.compress_attention.default)
-        return op(query, key, value, scale, head_num, l, d, lp, K, topk_mask, atten_mask, seq_q, seq_c, seq_sel)
+        op = forward_op(isinstance(seq_q, torch.Tensor), ext)
+        return op(query, key, value, scale, head_num, l, d, lp, K, topk_mask, atten_mask, seq_q, seq_c, seq_sel,
+                  *((causal,) if ext else ()))
     return CompressAttentionFunction.apply(query, key, value, scale_tensor, scale, head_num, l, d, lp, K, topk_mask,
-                                           atten_mask, seq_q, seq_c, seq_sel)
+                                           atten_mask, seq_q, seq_c, seq_sel, ext, causal)
 
 
 def npu_nsa_compress_attention(query, key, value, scale_value, head_num, compress_block_size, compress_stride,
@@ -103,6 +104,8 @@ def npu_nsa_compress_attention(query, key, value, scale_value, head_num, compres
     lengths = (actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen)
     if isinstance(scale_value, torch.Tensor):
         scale_value = scale_arg(scale_value, "scale_value", None)
+    elif scale_value is None:  # no default in torch_npu's signature
+        raise TypeError("scale_value must be a float (torch_npu's drop-in has no default scale), got None")
     elif type(scale_value) not in (float, int, torch.SymInt, torch.SymFloat):
         scale_value = scale_arg(scale_value, "scale_value", None)   # NumPy numbers, 0-d arrays -> float; no bools
     tracing = is_tracing()
@@ -244,8 +247,8 @@ def _warn_raw_kv(cu_q: Any, cu_c: Any, l: int) -> None:
 def compress_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                        cu_seqlens_q: Any, cu_seqlens_cmp: Any, compress_block_size: int, compress_stride: int,
                        select_block_size: int, select_block_count: int, scale: Any = None,
-                       atten_mask: Optional[torch.Tensor] = None, topk_mask: Optional[torch.Tensor] = None
-                       ) -> CompressAttentionOutput:
+                       atten_mask: Optional[torch.Tensor] = None, topk_mask: Optional[torch.Tensor] = None,
+                       causal: bool = False) -> CompressAttentionOutput:
     """Compressed attention of Native Sparse Attention with top-k block selection (docs/spec/compress_attention.md).
 
     **The operator does not compress.** ``key`` and ``value`` are the *compressed* tokens: row ``i`` of a
@@ -272,19 +275,28 @@ def compress_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         cu_seqlens_cmp: ``B+1`` ints, same convention, ``cu[-1] <= T2``; every ``C_b >= 1``.
         compress_block_size, compress_stride, select_block_size: multiples of 16 with
             ``16 <= d <= l <= l' <= 128``, ``d <= 64``, ``l' % d == 0``.
-        select_block_count: ``K`` in ``[1, 32]``, ``K <= min_b Sel_b``.
+        select_block_count: ``K`` in ``[1, 32]``. A batch with fewer selection blocks (``Sel_b < K``, a sequence
+            shorter than ``l + (K-1)·l'`` tokens) is accepted: slots ``Sel_b..K-1`` of its rows hold -1, the
+            family's empty-slot marker (docs/spec/compress_attention.md §10; the drop-in keeps ``K <= min_b Sel_b``).
         scale: multiplies ``q . k`` (used as float32); default ``1 / sqrt(D)``; must be finite. A Python or
             NumPy number, or a 0-d tensor; a tensor that requires grad (e.g. an ``nn.Parameter``) gets its
             gradient (not at ``scale = 0``). A tensor is read with ``.item()``: under torch.compile that is a
             graph break, so pass a Python float there.
-        atten_mask: optional ``[maxSq, maxC]`` bool/uint8, any strides; **True removes** compressed token
+        atten_mask: optional, at least ``[maxSq, maxC]`` bool/uint8 (a larger mask, e.g. one built once for the
+            longest sequence, is read through its top-left ``[maxSq, maxC]`` part), any strides; **True removes**
+            compressed token
             ``c`` from the softmax of query row ``s`` (position inside its batch, shared by batches and
             heads) -- the opposite of ``scaled_dot_product_attention``'s boolean mask, where True keeps. See
             :func:`nsa_ops.make_atten_mask`. A fully masked row gives the mean of the batch's values
             (docs/spec/compress_attention.md §5). The exact complement of the causal mask (SDPA's convention)
             is detected on three rows and raises ValueError (not while tracing).
-        topk_mask: optional ``[maxSq, maxSel]`` bool/uint8; **True forces** block ``k`` into the top-k of
-            row ``s``. See :func:`nsa_ops.make_topk_mask`.
+        topk_mask: optional, at least ``[maxSq, maxSel]`` bool/uint8 (top-left part used); **True forces** block
+            ``k`` into the top-k of row ``s``. See :func:`nsa_ops.make_topk_mask`.
+        causal: apply the masks of docs/spec/compress_attention.md §9 from the lengths alone: query row ``s``
+            loses compressed token ``c`` when ``c·d + l - 1 > s``, and blocks 0, ``s//l' - 1`` and ``s//l'`` are
+            forced (the defaults of :func:`nsa_ops.make_atten_mask` / :func:`nsa_ops.make_topk_mask`, with the
+            same results, bitwise), without a ``[maxSq, maxC]`` mask tensor (extra memory O(T) bytes instead of
+            O(T·C)). ``atten_mask`` and ``topk_mask`` must then be None.
 
     Returns:
         :class:`CompressAttentionOutput` ``(attention_out [T, N1, D2] query dtype, topk_indices
@@ -311,6 +323,11 @@ def compress_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     d = int_arg(compress_stride, "compress_stride")
     lp = int_arg(select_block_size, "select_block_size")
     K = int_arg(select_block_count, "select_block_count")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and (atten_mask is not None or topk_mask is not None):
+        raise ValueError("causal=True applies the masks of docs/spec/compress_attention.md §9 itself: pass "
+                         "atten_mask=None and topk_mask=None (or causal=False with your own masks)")
     tracing = is_tracing()
     scale = scale_arg(scale, "scale", query.shape[2])
     if not tracing:
@@ -345,5 +362,6 @@ def compress_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         _check_mask_convention(atten_mask, topk_mask, l, d, lp)
         _warn_raw_kv(cu_q if isinstance(cu_q, (list, torch.Tensor)) else list(cu_q),
                      cu_c if isinstance(cu_c, (list, torch.Tensor)) else list(cu_c), l)
-    out = _run(query, key, value, scale, query.shape[1], l, d, lp, K, topk_mask, atten_mask, seq_q, seq_c, None)
+    out = _run(query, key, value, scale, query.shape[1], l, d, lp, K, topk_mask, atten_mask, seq_q, seq_c, None,
+               ext=True, causal=causal)
     return CompressAttentionOutput(*out)
