@@ -9,9 +9,13 @@ per window of l = compress_block_size tokens, every d = compress_stride tokens).
 2. compress k and v per sequence: nsa_ops.compress (a learnable weight per window position and head, the NPU's
    npu_nsa_compress) when this nsa_ops has it, else mean pooling over each window;
 3. the compressed offsets cu_seqlens_cmp (C_b = (S_b - l)//d + 1 rows for a sequence of S_b >= l tokens);
-4. the causal masks of docs/spec/compress_attention.md §9 (True = REMOVE / FORCE; the opposite of
-   scaled_dot_product_attention's boolean mask);
+4. the causal masks of docs/spec/compress_attention.md §9: causal=True applies them from the lengths (no mask
+   tensor); --explicit-masks builds them with make_atten_mask / make_topk_mask instead (True = REMOVE / FORCE, the
+   opposite of scaled_dot_product_attention's boolean mask), with the same results;
 5. compress_attention, a loss, backward: gradients reach q, the per-token k/v and the compression weights.
+
+A sequence shorter than l + (K-1)·l' tokens has fewer than K selection blocks: its rows' missing slots in
+topk_indices hold -1 (the default --tokens include one such sequence).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ def mean_pool_windows(x: torch.Tensor, cu_seqlens: list[int], l: int, d: int) ->
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", default="1024,1500,2048", help="tokens per sequence (each >= l + (K-1)*l')")
+    ap.add_argument("--tokens", default="1024,1500,300", help="tokens per sequence (each >= l = 32)")
+    ap.add_argument("--explicit-masks", action="store_true", help="pass make_atten_mask/make_topk_mask masks "
+                    "instead of causal=True")
     ap.add_argument("--compile", action="store_true", help="run the step under torch.compile(fullgraph=True)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -50,9 +56,8 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16
 
     lengths = [int(x) for x in args.tokens.split(",")]
-    need = l + (K - 1) * lp                 # fewer tokens give fewer than K selection blocks (§6)
-    if min(lengths) < need:
-        raise SystemExit(f"every sequence needs >= {need} tokens for K = {K} selection blocks")
+    if min(lengths) < l:
+        raise SystemExit(f"every sequence needs >= l = {l} tokens (one compressed token)")
     cu_seqlens = nsa_ops.prefix_sums(lengths, leading_zero=True)     # [0, S_0, S_0 + S_1, ...]
     T = cu_seqlens[-1]
 
@@ -81,17 +86,19 @@ def main(argv=None) -> int:
     cmp_lengths = nsa_ops.compressed_lengths(lengths, l, d)
     assert list(cu_seqlens_cmp) == nsa_ops.prefix_sums(cmp_lengths, leading_zero=True)
 
-    # 4. masks, sized for the longest sequence (rows: position inside a sequence; shared by all sequences)
-    max_sq, max_c = max(lengths), max(cmp_lengths)
-    max_sel = nsa_ops.selection_lengths([max_c], d, lp)[0]
-    atten_mask = nsa_ops.make_atten_mask(max_sq, max_c, l, d)   # True = compressed token not yet complete
-    topk_mask = nsa_ops.make_topk_mask(max_sq, max_sel, lp)     # True = block forced (first + 2 local)
+    # 4. masks: causal=True, or explicit ones sized for the longest sequence (rows: position inside a sequence)
+    masks = {"causal": True}
+    if args.explicit_masks:
+        max_sq, max_c = max(lengths), max(cmp_lengths)
+        max_sel = nsa_ops.selection_lengths([max_c], d, lp)[0]
+        masks = {"atten_mask": nsa_ops.make_atten_mask(max_sq, max_c, l, d),   # True = token not yet complete
+                 "topk_mask": nsa_ops.make_topk_mask(max_sq, max_sel, lp)}     # True = forced (first + 2 local)
 
     # 5. the operator, a loss, backward
     def step(q, k_cmp, v_cmp, cu_q, cu_c):
         out = nsa_ops.compress_attention(
             q, k_cmp, v_cmp, cu_seqlens_q=cu_q, cu_seqlens_cmp=cu_c, compress_block_size=l, compress_stride=d,
-            select_block_size=lp, select_block_count=K, atten_mask=atten_mask, topk_mask=topk_mask)
+            select_block_size=lp, select_block_count=K, **masks)
         return out, out.attention_out.float().square().mean()
 
     cu_q, cu_c = torch.tensor(cu_seqlens), torch.tensor(list(cu_seqlens_cmp))   # tensors: no recompiles
@@ -101,8 +108,10 @@ def main(argv=None) -> int:
 
     print(f"{len(lengths)} sequences of {lengths} tokens (T = {T}); compressed by {how}: C_b = {cmp_lengths} "
           f"(rows of key/value: {k_cmp.shape[0]}), Sel_b = {nsa_ops.selection_lengths(cmp_lengths, d, lp)}")
+    empty = int((out.topk_indices == -1).sum())
     print(f"attention_out {tuple(out.attention_out.shape)} {out.attention_out.dtype}, "
-          f"topk_indices {tuple(out.topk_indices.shape)} (selection blocks for the selected-attention branch)")
+          f"topk_indices {tuple(out.topk_indices.shape)} (selection blocks for the selected-attention branch; "
+          f"{empty} empty slots = -1 in sequences with fewer than K = {K} blocks)")
     dense_max = nsa_ops.softmax_stats_dense(out.softmax_max, cu_seqlens_q=cu_seqlens)   # [T, N1]
     print(f"softmax_max as [T, N1]: {tuple(dense_max.shape)}; row 0 of sequence 0 sees no complete window: "
           f"max = {dense_max[0, 0].item():.3g} (fully masked, §5)")

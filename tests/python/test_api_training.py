@@ -501,9 +501,10 @@ def test_select_map_default_is_meaningful_and_every_colour_has_a_legend_entry(tm
 
 def test_end_to_end_example_runs(capsys):
     mod = runpy.run_path(str(REPO / "examples" / "compress_attention_end_to_end.py"))
-    assert mod["main"](["--tokens", "992,1040"]) == 0
+    assert mod["main"](["--tokens", "992,200"]) == 0
     out = capsys.readouterr().out
-    assert "compressed by nsa_ops.compress" in out and "gradient norms" in out
+    assert "compressed by nsa_ops.compress" in out and "gradient norms" in out and "empty slots" in out
+    assert mod["main"](["--tokens", "992,1040", "--explicit-masks"]) == 0
 
 
 # ------------------------------------------------------------------------------------------------ the family's other entry points
@@ -654,3 +655,124 @@ def test_family_nsa_attention_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x, [0, 128, T])
     assert out.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------ §10 extensions
+def _causal_inputs(lengths, dtype=torch.bfloat16, seed=0, l=32, d=16):
+    g = torch.Generator().manual_seed(seed)
+    cmp = nsa_ops.compressed_lengths(lengths, l, d)
+    cu, cc = nsa_ops.prefix_sums(lengths, leading_zero=True), nsa_ops.prefix_sums(cmp, leading_zero=True)
+    q = torch.randn(cu[-1], 4, 32, generator=g).to(dtype)
+    k = torch.randn(cc[-1] + 3, 2, 32, generator=g).to(dtype)
+    v = torch.randn(cc[-1] + 3, 2, 24, generator=g).to(dtype)
+    return q, k, v, cu, cc, cmp
+
+
+def _ext_kw(cu, cc, K=4):
+    return dict(cu_seqlens_q=cu, cu_seqlens_cmp=cc, compress_block_size=32, compress_stride=16, select_block_size=64,
+                select_block_count=K)
+
+
+@pytest.mark.parametrize("tensor_lengths", [False, True])
+def test_causal_true_equals_the_helper_masks_bitwise_forward_and_backward(tensor_lengths):
+    lengths = [300, 33, 150, 70]                      # C = [17, 1, 8, 3], Sel = [5, 1, 2, 1]: K = 4 > Sel_b
+    q, k, v, cu, cc, cmp = _causal_inputs(lengths)
+    ms, mc = max(lengths), max(cmp)
+    am = nsa_ops.make_atten_mask(ms, mc, 32, 16)
+    tm = nsa_ops.make_topk_mask(ms, nsa_ops.selection_lengths([mc], 16, 64)[0], 64)
+    cu_c, cc_c = (torch.tensor(cu), torch.tensor(cc)) if tensor_lengths else (cu, cc)
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    ys = [x.clone().requires_grad_() for x in (q, k, v)]
+    a = nsa_ops.compress_attention(*xs, causal=True, **_ext_kw(cu_c, cc_c))
+    b = nsa_ops.compress_attention(*ys, atten_mask=am, topk_mask=tm, **_ext_kw(cu_c, cc_c))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    dout = torch.randn(a.attention_out.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    a.attention_out.backward(dout)
+    b.attention_out.backward(dout)
+    for x, y in zip(xs, ys):
+        assert torch.equal(x.grad, y.grad)
+    with pytest.raises(ValueError, match=r"causal=True applies the masks .* pass atten_mask=None"):
+        nsa_ops.compress_attention(q, k, v, causal=True, atten_mask=am, **_ext_kw(cu, cc))
+
+
+def test_short_sequences_pad_missing_slots_with_minus_one_and_the_drop_in_keeps_the_rule():
+    lengths = [300, 150, 70, 40]                      # C = [17, 8, 3, 1], Sel = [5, 2, 1, 1] with K = 4
+    q, k, v, cu, cc, cmp = _causal_inputs(lengths)
+    out = nsa_ops.compress_attention(q, k, v, causal=True, **_ext_kw(cu, cc))
+    sel = nsa_ops.selection_lengths(cmp, 16, 64)
+    for b, (lo, hi) in enumerate(zip(cu[:-1], cu[1:])):
+        rows = out.topk_indices[lo:hi]
+        kb = min(4, sel[b])
+        assert (rows[..., kb:] == -1).all() and (rows[..., :kb] >= 0).all() and (rows[..., :kb] < sel[b]).all()
+        # the batch alone with K = Sel_b gives the first slots
+        alone = nsa_ops.compress_attention(q[lo:hi], k[cc[b]:cc[b + 1]], v[cc[b]:cc[b + 1]], causal=True,
+                                           **_ext_kw([0, hi - lo], [0, cmp[b]], K=kb))
+        assert torch.equal(rows[..., :kb], alone.topk_indices)
+        assert torch.equal(out.attention_out[lo:hi], alone.attention_out)
+    with pytest.raises(RuntimeError, match=r"select_block_count \(4\) must be <= .*batch 1 has C_b = 8 compressed "
+                                           r"tokens, i.e. 2 selection blocks \(3 batches below K = 4\)"):
+        nsa_ops.npu_nsa_compress_attention(q, k, v, 0.25, 4, 32, 16, 64, 4, None, None, cu[1:], cc[1:])
+
+
+def test_masks_larger_than_needed_use_their_top_left_part():
+    lengths = [150, 70]
+    q, k, v, cu, cc, cmp = _causal_inputs(lengths)
+    big_am = nsa_ops.make_atten_mask(4096, 255, 32, 16)      # built once for the longest sequence expected
+    big_tm = nsa_ops.make_topk_mask(4096, 64, 64)
+    a = nsa_ops.compress_attention(q, k, v, atten_mask=big_am, topk_mask=big_tm, **_ext_kw(cu, cc, K=2))
+    b = nsa_ops.compress_attention(q, k, v, atten_mask=big_am[:150, :8], topk_mask=big_tm[:150, :2],
+                                   **_ext_kw(cu, cc, K=2))
+    c = nsa_ops.compress_attention(q, k, v, causal=True, **_ext_kw(cu, cc, K=2))
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    with pytest.raises(RuntimeError, match=r"atten_mask must have at least \[150, 8\]"):
+        nsa_ops.compress_attention(q, k, v, atten_mask=big_am[:149], **_ext_kw(cu, cc, K=2))
+    with pytest.raises(RuntimeError, match=r"atten_mask must have shape \[150, 8\]"):          # the drop-in: exact
+        nsa_ops.npu_nsa_compress_attention(q, k, v, 0.25, 4, 32, 16, 64, 1, None, big_am, cu[1:], cc[1:])
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compile_causal_any_composition_at_most_two_compilations(dynamic):
+    """causal=True needs no mask tensor, so any composition (new T, new longest sequence, new B, short sequences)
+    reuses the graph: 20 compositions, at most 2 compilations, forward + backward equal eager. (With the default
+    dynamic=None every size that changes gets one recompilation, when it first changes: the second composition
+    changes T, T2 and B together. B = 1 is a graph of its own: torch specialises the 1-element prefix sums.)"""
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v, cu, cc):
+        return nsa_ops.compress_attention(q, k, v, causal=True, **_ext_kw(cu, cc)).attention_out.float().square().sum()
+
+    compiled = torch.compile(f, backend=cnt, fullgraph=True, dynamic=dynamic)
+    rng = np.random.default_rng(0)
+    seen = {(300, 100)}
+    q, k, v, cu, cc, _ = _causal_inputs([300, 100], torch.float32)
+    compiled(*(x.requires_grad_() for x in (q, k, v)), torch.tensor(cu), torch.tensor(cc)).backward()
+    while len(seen) < 20:
+        lengths = tuple(int(x) for x in rng.integers(32, 400, size=3 if len(seen) == 1 else int(rng.integers(2, 6))))
+        if lengths in seen:
+            continue
+        seen.add(lengths)
+        q, k, v, cu, cc, _ = _causal_inputs(list(lengths), torch.float32, seed=len(seen))
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        ys = [x.clone().requires_grad_() for x in (q, k, v)]
+        got = compiled(*xs, torch.tensor(cu), torch.tensor(cc))
+        ref = f(*ys, torch.tensor(cu), torch.tensor(cc))
+        got.backward()
+        ref.backward()
+        assert torch.equal(got, ref), lengths
+        for x, y in zip(xs, ys):
+            assert torch.equal(x.grad, y.grad), lengths
+    assert cnt.frame_count <= 2, cnt.frame_count
+
+
+@pytest.mark.parametrize("tensor_lengths", [False, True])
+def test_opcheck_ext_overloads(tensor_lengths):
+    q, k, v, cu, cc, _ = _causal_inputs([150, 70], torch.float32)
+    seq_q, seq_c = cu[1:], cc[1:]
+    if tensor_lengths:
+        seq_q, seq_c = torch.tensor(seq_q), torch.tensor(seq_c)
+    op = torch.ops.nsa.compress_attention.ext_tensor_lengths if tensor_lengths else torch.ops.nsa.compress_attention.ext
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(op, (q, k, v, 0.25, 4, 32, 16, 64, 4, None, None, seq_q, seq_c, None, True))
