@@ -237,7 +237,10 @@ def test_scale_that_requires_grad_gets_its_gradient_gradcheck(api):
             return nsa_ops.compress_attention(q, k, v, scale=s, **kw).attention_out
         return _drop_in(q, k, v, s, kw)[0]
 
-    assert torch.autograd.gradcheck(f, (q.clone().requires_grad_(), scale), eps=2.0 ** -20, atol=1e-6, rtol=1e-5)
+    # the scale only (the query's gradient is test_autograd_compile's), in fast mode (random projections of the
+    # Jacobian, one backward instead of one per output element)
+    assert torch.autograd.gradcheck(f, (q, scale), eps=2.0 ** -20, atol=1e-6, rtol=1e-5,
+                                    fast_mode=True)
 
 
 def test_learnable_scale_parameter_is_trained_and_zero_scale_is_refused():
