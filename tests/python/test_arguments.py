@@ -144,7 +144,7 @@ def kw_args():
     # operator rules come through as RuntimeError, naming the operator's argument
     (dict(select_block_count=0), RuntimeError, r"select_block_count must be in"),
     (dict(compress_stride=8), RuntimeError, r"compress_stride must be a multiple of 16"),
-    (dict(atten_mask=torch.zeros(12, 8, dtype=torch.bool)), RuntimeError, r"atten_mask must have shape"),
+    (dict(atten_mask=torch.zeros(12, 6, dtype=torch.bool)), RuntimeError, r"atten_mask must have at least"),
 ])
 def test_keyword_api_errors(changes, exc, pattern):
     a = kw_args()
