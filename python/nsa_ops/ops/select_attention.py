@@ -12,12 +12,12 @@ docs/spec/select_attention.md.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .._args import int_arg, int_list, optional_int_list
+from .._args import check_finite_scale, int_arg, int_list, is_tracing, optional_int_list, scale_arg
+from ._compress_attention_autograd import autocast_cast
 from .._lib import load_library
 
 load_library()
@@ -183,13 +183,19 @@ def select_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     lp = int_arg(select_block_size, "select_block_size")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[2]) if query.shape[2] > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float, got {scale!r}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    # scale: None -> 1/sqrt(D); Python/NumPy numbers and 0-d tensors alike; finiteness checked outside tracing
+    scale = scale_arg(scale, "scale", query.shape[2])
+    if isinstance(scale, torch.Tensor):
+        if scale.requires_grad:
+            raise ValueError("scale must not require grad here (this operator has no gradient with respect to the "
+                             "scale); pass a float or a detached tensor")
+        scale = float(scale)
+    if not is_tracing():
+        check_finite_scale(scale, "scale")
+    # under CPU autocast, float32 query/key/value are cast as torch's own attention casts them
+    if torch.is_autocast_enabled("cpu") and query.device.type == "cpu":
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = (autocast_cast(x, dtype) for x in (query, key, value))
     qlen = _cu_for_op(cu_seqlens_q, "cu_seqlens_q")
     kvlen = _cu_for_op(cu_seqlens_kv, "cu_seqlens_kv")
     if isinstance(qlen, list) and isinstance(kvlen, list) and len(qlen) != len(kvlen):

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .._args import int_list
+from .._args import check_finite_scale, int_list, is_tracing, scale_arg
+from ._compress_attention_autograd import autocast_cast
 from .._lib import load_library
 
 load_library()
@@ -287,11 +288,19 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     window = _int(window, "window")
     if window < 1:
         raise ValueError(f"window must be >= 1 (the keys a query sees, itself included), got {window}")
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[2]) if query.shape[2] > 0 else 1.0
-    scale = _float(scale, "scale")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    # scale: None -> 1/sqrt(D); Python/NumPy numbers and 0-d tensors alike; finiteness checked outside tracing
+    scale = scale_arg(scale, "scale", query.shape[2])
+    if isinstance(scale, torch.Tensor):
+        if scale.requires_grad:
+            raise ValueError("scale must not require grad here (this operator has no gradient with respect to the "
+                             "scale); pass a float or a detached tensor")
+        scale = float(scale)
+    if not is_tracing():
+        check_finite_scale(scale, "scale")
+    # under CPU autocast, float32 query/key/value are cast as torch's own attention casts them
+    if torch.is_autocast_enabled("cpu") and query.device.type == "cpu":
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = (autocast_cast(x, dtype) for x in (query, key, value))
     if isinstance(cu_seqlens, torch.Tensor):
         cu = cu_seqlens  # checked inside the operator (errors name cu_seqlens)
     else:
