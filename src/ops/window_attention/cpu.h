@@ -109,8 +109,8 @@ std::vector<Tile> plan_tiles(const WindowAttentionParams& p, const WindowAttenti
                              const std::vector<window_detail::WBatch>& batches, const window_detail::Visibility& vis,
                              int64_t Bq, int threads);
 
-// Stores rows of float values in the dtype with rha_T (§5 step 4, §7).
-void store_rha(const float* src, void* dst, int64_t n, DType dt);
+// Stores rows of float values in the dtype with rha_T (§5 step 4, §7), vectorized for the call's ISA.
+void store_rha(const float* src, void* dst, int64_t n, DType dt, CpuIsa isa);
 
 // Dlt = sum_e dy[e] * o[e] in a fixed order (8 interleaved partial sums, then a fixed tree).
 float dot_fixed(const float* a, const float* b, int64_t n);

@@ -66,6 +66,7 @@ struct Scratch {
   uint8_t* keep = nullptr;
   uint16_t *pB = nullptr, *dsB = nullptr, *dsA = nullptr, *pair_tmp = nullptr;
   float *rm = nullptr, *ril = nullptr, *rdlt = nullptr, *ra = nullptr, *rb = nullptr;
+  float *krows = nullptr, *vrows = nullptr;  // [64][D], [64][Dv]: a key tile's rows being packed
   // packed key tiles of a task, dK^T/dV^T accumulators of a key strip, dQ accumulators of a query strip
   void* slots = nullptr;
   float* kv_acc = nullptr;
@@ -223,28 +224,29 @@ class Backward {
       }
       kcost_.push_back(cost);
     }
-    // dQ strips: consecutive tiles of a batch, at most st tokens and strip_rows rows (their dQ accumulators), for
-    // the tiles no dK/dV task owns; a strip of owned tiles only is no task.
+    // dQ strips: runs of consecutive tiles of a batch that no dK/dV task owns (the tiles whose band straddles two
+    // key strips), at most st tokens and strip_rows rows (their dQ accumulators) each.
     int64_t st = sh_.T1 * sh_.N2 / std::max<int64_t>(1, 4 * static_cast<int64_t>(threads_));
     st = std::clamp<int64_t>(round_down(st, Bq_), Bq_, std::max(Bq_, tu_.strip_tokens));
     max_qrows_ = R_;
     for (size_t i = 0; i < tiles_.size();) {
+      if (owned_[i]) {
+        ++i;
+        continue;
+      }
       QStrip s;
       s.t0 = i;
       int64_t tokens = 0;
       s.jlo = INT64_MAX;
       s.jhi = INT64_MIN;
-      bool any = false;
       double cost = 0;
       size_t j = i;
-      for (; j < tiles_.size() && tiles_[j].b == tiles_[i].b; ++j) {
+      for (; j < tiles_.size() && tiles_[j].b == tiles_[i].b && !owned_[j]; ++j) {
         const Tile& t = tiles_[j];
         const int64_t tk = t.s1 - t.s0;
         if (j > i && (tokens + tk > st || s.rows + tk * G_ > std::max(R_, tu_.strip_rows))) break;
         tokens += tk;
         s.rows += tk * G_;
-        if (owned_[j]) continue;
-        any = true;
         if (t.hi > t.lo) {
           s.jlo = std::min(s.jlo, t.lo / kBc);
           s.jhi = std::max(s.jhi, (t.hi + kBc - 1) / kBc);
@@ -253,7 +255,6 @@ class Backward {
       }
       s.t1 = j;
       i = j;
-      if (!any) continue;
       if (s.jhi < s.jlo) s.jlo = s.jhi = 0;
       qcost_.push_back(cost);
       max_qrows_ = std::max(max_qrows_, s.rows);
@@ -286,6 +287,8 @@ class Backward {
     c.take(&x.rdlt, R);
     c.take(&x.ra, std::max(D_, Dv_));
     c.take(&x.rb, std::max(D_, Dv_));
+    c.take(&x.krows, kBc * D_);
+    c.take(&x.vrows, kBc * Dv_);
     const int64_t slots = std::max(strip_keys_, chunk_) / kBc * ktile_;
     if (dot_) c.take(reinterpret_cast<uint16_t**>(&x.slots), slots);
     else c.take(reinterpret_cast<float**>(&x.slots), slots);
@@ -350,34 +353,63 @@ class Backward {
   void pack_key_tile(const WBatch& bi, int64_t n2, int64_t j, void* slot, Scratch& sc) const {
     const int64_t c0 = j * kBc, nc = std::min(bi.skv, c0 + kBc) - c0;
     if (dot_) {
+      // the tile's 64 key and value rows (zero past Skv_b and in the odd last column), then two word transposes
+      // (pairs along D / Dv) and one interleave of row pairs (pairs along keys)
+      uint16_t* kr = reinterpret_cast<uint16_t*>(sc.krows);  // [64][2 Dh]
+      uint16_t* vr = reinterpret_cast<uint16_t*>(sc.vrows);  // [64][2 Dvh]
+      for (int64_t c = 0; c < kBc; ++c) {
+        uint16_t* kd = kr + c * 2 * Dh_;
+        uint16_t* vd = vr + c * 2 * Dvh_;
+        if (c < nc) {
+          load_bits_row(p_.key, bi.k0 + c0 + c, n2, D_, kd);
+          load_bits_row(p_.value, bi.k0 + c0 + c, n2, Dv_, vd);
+          if (D_ % 2) kd[D_] = 0;
+          if (Dv_ % 2) vd[Dv_] = 0;
+        } else {
+          std::memset(kd, 0, sizeof(uint16_t) * static_cast<size_t>(2 * Dh_));
+          std::memset(vd, 0, sizeof(uint16_t) * static_cast<size_t>(2 * Dvh_));
+        }
+      }
       uint16_t* kd = static_cast<uint16_t*>(slot);
       uint16_t* vd = kd + Dh_ * 2 * kBc;
-      uint16_t* kk = vd + Dvh_ * 2 * kBc;
-      std::memset(slot, 0, sizeof(uint16_t) * static_cast<size_t>(ktile_));
-      uint16_t* row = reinterpret_cast<uint16_t*>(sc.ra);
-      for (int64_t c = 0; c < nc; ++c) {
-        load_bits_row(p_.key, bi.k0 + c0 + c, n2, D_, row);
-        for (int64_t d = 0; d < D_; ++d) {
-          kd[(d / 2) * 2 * kBc + c * 2 + d % 2] = row[d];
-          kk[(d / kPan) * kBc * kPan + (c / 2) * 2 * kPan + (d % kPan) * 2 + c % 2] = row[d];
+      uint32_t* kk = reinterpret_cast<uint32_t*>(vd + Dvh_ * 2 * kBc);
+      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(kr), Dh_, kBc, Dh_, reinterpret_cast<uint32_t*>(kd), kBc);
+      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(vr), Dvh_, kBc, Dvh_, reinterpret_cast<uint32_t*>(vd),
+                              kBc);
+      for (int64_t pn = 0; pn < nDp_; ++pn) {
+        const int64_t n = std::min(kPan, D_ - pn * kPan);
+        for (int64_t pp = 0; pp < kBc / 2; ++pp) {
+          uint32_t* dst = kk + pn * (kBc / 2) * kPan + pp * kPan;
+          const uint16_t* a = kr + (2 * pp) * 2 * Dh_ + pn * kPan;
+          const uint16_t* b = a + 2 * Dh_;
+          for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<uint32_t>(a[d]) | (static_cast<uint32_t>(b[d]) << 16);
+          for (int64_t d = n; d < kPan; ++d) dst[d] = 0;
         }
-        load_bits_row(p_.value, bi.k0 + c0 + c, n2, Dv_, row);
-        for (int64_t e = 0; e < Dv_; ++e) vd[(e / 2) * 2 * kBc + c * 2 + e % 2] = row[e];
       }
     } else {
+      float* kr = sc.krows;  // [64][D]
+      float* vr = sc.vrows;  // [64][Dv]
+      for (int64_t c = 0; c < kBc; ++c) {
+        if (c < nc) {
+          load_f32_row(p_.key, bi.k0 + c0 + c, n2, D_, kr + c * D_);
+          load_f32_row(p_.value, bi.k0 + c0 + c, n2, Dv_, vr + c * Dv_);
+        } else {
+          std::memset(kr + c * D_, 0, sizeof(float) * static_cast<size_t>(D_));
+          std::memset(vr + c * Dv_, 0, sizeof(float) * static_cast<size_t>(Dv_));
+        }
+      }
       float* kT = static_cast<float*>(slot);
       float* vT = kT + D_ * kBc;
       float* kp = vT + Dv_ * kBc;
-      std::memset(slot, 0, sizeof(float) * static_cast<size_t>(ktile_));
-      for (int64_t c = 0; c < nc; ++c) {
-        float* krow = kp + c * kPan;  // panel 0 row c, then the other panels
-        load_f32_row(p_.key, bi.k0 + c0 + c, n2, D_, sc.ra);
-        for (int64_t d = 0; d < D_; ++d) {
-          kT[d * kBc + c] = sc.ra[d];
-          krow[(d / kPan) * kBc * kPan + d % kPan] = sc.ra[d];
+      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(kr), D_, kBc, D_, reinterpret_cast<uint32_t*>(kT), kBc);
+      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(vr), Dv_, kBc, Dv_, reinterpret_cast<uint32_t*>(vT), kBc);
+      for (int64_t pn = 0; pn < nDp_; ++pn) {
+        const int64_t n = std::min(kPan, D_ - pn * kPan);
+        for (int64_t c = 0; c < kBc; ++c) {
+          float* dst = kp + pn * kBc * kPan + c * kPan;
+          std::memcpy(dst, kr + c * D_ + pn * kPan, sizeof(float) * static_cast<size_t>(n));
+          if (n < kPan) std::memset(dst + n, 0, sizeof(float) * static_cast<size_t>(kPan - n));
         }
-        load_f32_row(p_.value, bi.k0 + c0 + c, n2, Dv_, sc.ra);
-        for (int64_t e = 0; e < Dv_; ++e) vT[e * kBc + c] = sc.ra[e];
       }
     }
   }
@@ -461,15 +493,14 @@ class Backward {
     for (int64_t i = t.s0; i < t.s1; ++i) {
       const RowInfo& ri = sc.info[static_cast<size_t>(i - t.s0)];
       uint8_t* k0 = sc.keep + (i - t.s0) * G_ * kBc;
-      if (ri.kind == kNone) {
-        std::memset(k0 + w0, 0, static_cast<size_t>(wn));
-      } else {
-        const int64_t hi = std::min(ri.hi, bi.skv);
-        for (int64_t c = w0; c < w1; ++c) {
-          const int64_t key_j = c0 + c;
-          k0[c] = key_j >= ri.lo && key_j < hi && !(ri.kind == kMasked && vis_.masked(i, key_j));
-        }
-      }
+      // 1 on [a, e) (the row's range inside the window), 0 elsewhere; mask bits read inside in kMasked rows
+      const int64_t a = ri.kind == kNone ? w1 : std::clamp(ri.lo - c0, w0, w1);
+      const int64_t e = ri.kind == kNone ? w1 : std::clamp(std::min(ri.hi, bi.skv) - c0, a, w1);
+      std::memset(k0 + w0, 0, static_cast<size_t>(a - w0));
+      std::memset(k0 + a, 1, static_cast<size_t>(e - a));
+      std::memset(k0 + e, 0, static_cast<size_t>(w1 - e));
+      if (ri.kind == kMasked)
+        for (int64_t c = a; c < e; ++c) k0[c] = !vis_.masked(i, c0 + c);
       for (int64_t gg = 1; gg < G_; ++gg) std::memcpy(k0 + gg * kBc + w0, k0 + w0, static_cast<size_t>(wn));
     }
     for (int64_t r = 0; r < rows; ++r)
@@ -530,9 +561,11 @@ class Backward {
       for (int64_t c = 0; c < nc; ++c) {
         const int64_t row = (bi.k0 + j * kBc + c) * sh_.N2 + n2;
         for (int64_t d = 0; d < D_; ++d) sc.ra[d] = scale_ * dkT[d * kBc + c];
-        store_rha(sc.ra, static_cast<char*>(g_.grad_key) + row * D_ * static_cast<int64_t>(esz), D_, p_.dtype);
+        store_rha(sc.ra, static_cast<char*>(g_.grad_key) + row * D_ * static_cast<int64_t>(esz), D_, p_.dtype,
+                  kt_->isa);
         for (int64_t e = 0; e < Dv_; ++e) sc.ra[e] = u.empty() ? dvT[e * kBc + c] : dvT[e * kBc + c] + u[e];
-        store_rha(sc.ra, static_cast<char*>(g_.grad_value) + row * Dv_ * static_cast<int64_t>(esz), Dv_, p_.dtype);
+        store_rha(sc.ra, static_cast<char*>(g_.grad_value) + row * Dv_ * static_cast<int64_t>(esz), Dv_, p_.dtype,
+                  kt_->isa);
       }
     }
   }
@@ -565,7 +598,7 @@ class Backward {
       float* dqr = dq + r * Dp_;
       for (int64_t d = 0; d < D_; ++d) dqr[d] *= scale_;
       store_rha(dqr, static_cast<char*>(g_.grad_query) + (tq * sh_.N1 + h) * D_ * static_cast<int64_t>(esz), D_,
-                p_.dtype);
+                p_.dtype, kt_->isa);
     }
   }
 

@@ -46,7 +46,29 @@ std::vector<Tile> plan_tiles(const WindowAttentionParams& p, const WindowAttenti
   return tiles;
 }
 
-void store_rha(const float* src, void* dst, int64_t n, DType dt) { window_detail::store_row_rha(src, dst, n, dt); }
+// The rha row store compiled three times: baseline flags, and (x86) for AVX2 and AVX-512BW through target
+// attributes, so that the compiler vectorizes the same integer sequence with wider registers (identical results:
+// integer operations and exact float conversions only). The path follows the call's resolved ISA.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma,f16c"))) static void store_rha_avx2(const float* src, void* dst, int64_t n,
+                                                                     DType dt) {
+  window_detail::store_row_rha(src, dst, n, dt);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) static void store_rha_avx512(
+    const float* src, void* dst, int64_t n, DType dt) {
+  window_detail::store_row_rha(src, dst, n, dt);
+}
+#endif
+
+void store_rha(const float* src, void* dst, int64_t n, DType dt, CpuIsa isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa >= CpuIsa::kAvx512) return store_rha_avx512(src, dst, n, dt);
+  if (isa == CpuIsa::kAvx2) return store_rha_avx2(src, dst, n, dt);
+#else
+  (void)isa;
+#endif
+  window_detail::store_row_rha(src, dst, n, dt);
+}
 
 float dot_fixed(const float* a, const float* b, int64_t n) {
   float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};

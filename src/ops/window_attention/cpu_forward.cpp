@@ -413,10 +413,10 @@ class Forward {
             std::memset(dst, 0, static_cast<size_t>(Dv) * esz);
           } else {
             ll = static_cast<float>(bi.skv);
-            store_rha(u.data(), dst, Dv, p_.dtype);
+            store_rha(u.data(), dst, Dv, p_.dtype, kt_->isa);
           }
         } else {
-          store_rha(o + r * Dv16_, dst, Dv, p_.dtype);
+          store_rha(o + r * Dv16_, dst, Dv, p_.dtype, kt_->isa);
         }
         const int64_t so = window_detail::stat_offset(p_.softmax_layout, N1, bi, h, i);
         std::fill(p_.softmax_max + so, p_.softmax_max + so + 8, mm);
