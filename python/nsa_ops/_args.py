@@ -88,6 +88,22 @@ def cu_seqlens_list(value: Any, name: str) -> list[int]:
     return cu
 
 
+def check_cu_seqlens(value: Any, name: str) -> None:
+    """FlashAttention-style offsets given as a list/tuple or a 1-D int32/int64 tensor: for a tensor its rank, dtype
+    and length always, its values only outside torch.compile (reading them would break the graph; the operators
+    check them in their kernels); for a list everything (:func:`cu_seqlens_list`). Errors name `name`."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be a 1-D int32/int64 tensor or a list of ints, got a {value.dim()}-D "
+                             f"tensor of dtype {value.dtype}")
+        if value.shape[0] < 2:
+            raise ValueError(f"{name} must have B+1 >= 2 entries (a leading 0, then the running totals), got "
+                             f"{value.shape[0]}")
+        if torch.compiler.is_compiling():
+            return
+    cu_seqlens_list(value, name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pieces for entry points that must trace under torch.compile / torch.export / torch.jit.trace: nothing here reads
 # the values of a tensor in Python while tracing.
@@ -194,6 +210,48 @@ def scale_arg(value: Any, name: str, head_dim: Any) -> Any:
             isinstance(value, numbers.Real):  # NumPy scalars register as numbers.Real
         return value if isinstance(value, (torch.SymInt, torch.SymFloat)) else float(value)
     raise ValueError(f"{name} must be a float (a Python or NumPy real number, or a 0-d tensor), got {value!r}")
+
+
+def attention_scale_and_inputs(query, key, value, scale: Any) -> tuple:
+    """The common prologue of the Pythonic attention entry points: `scale` resolved (None -> 1/sqrt(D); Python /
+    NumPy numbers and 0-d tensors alike; finite outside tracing; a scale that requires grad is refused, naming
+    `scale`), and under CPU autocast float32 query/key/value cast to the autocast dtype as torch's own attention
+    casts them. Returns (query, key, value, scale)."""
+    scale = scale_arg(scale, "scale", query.shape[2])
+    if isinstance(scale, torch.Tensor):
+        if scale.requires_grad:
+            raise ValueError("scale must not require grad here (this operator has no gradient with respect to the "
+                             "scale); pass a float or a detached tensor")
+        scale = float(scale)
+    if not is_tracing():
+        check_finite_scale(scale, "scale")
+    if torch.is_autocast_enabled("cpu") and query.device.type == "cpu":
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = (autocast_cast(x, dtype) for x in (query, key, value))
+    return query, key, value, scale
+
+
+def autocast_cast(x: Any, dtype: torch.dtype) -> Any:
+    """x cast to the autocast dtype when CPU autocast would cast it for torch's attention: a floating CPU tensor
+    that is not float64 (and not already of that dtype); anything else unchanged."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == "cpu" \
+            and x.dtype != torch.float64 and x.dtype != dtype:
+        return x.to(dtype)
+    return x
+
+
+def autocast_kernel(op):
+    """An AutocastCPU kernel for `op`: floating arguments cast as :func:`autocast_cast` says, then `op` called
+    below the autocast key (register it with torch.library.Library(...).impl(name, kernel, "AutocastCPU",
+    with_keyset=True))."""
+    key_set = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch._C._ExcludeDispatchKeyGuard(key_set):
+            return op(*(autocast_cast(a, dtype) for a in args))
+
+    return kernel
 
 
 def check_finite_scale(value: float, name: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ._args import int_list
+from ._args import cu_seqlens_list, int_list
 
 __all__ = ["NSAAttention", "NSAAux"]
 
@@ -84,15 +84,7 @@ def _check_config(H: int, N1: int, N2: int, Dqk: int, Dv: int, l: int, d: int, l
 
 def _cu_seqlens_list(cu_seqlens: Any, T: int) -> list[int]:
     """B+1 offsets as Python ints: leading 0, non-decreasing, last = T (errors name ``cu_seqlens``)."""
-    cu = int_list(cu_seqlens, "cu_seqlens")
-    if len(cu) < 2:
-        raise ValueError(f"cu_seqlens must have B+1 >= 2 entries (a leading 0, then the running totals), got {cu}")
-    if cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start with 0, got {cu[0]}")
-    for i in range(1, len(cu)):
-        if cu[i] < cu[i - 1]:
-            raise ValueError(f"cu_seqlens must be non-decreasing, but cu_seqlens[{i}] = {cu[i]} < "
-                             f"cu_seqlens[{i - 1}] = {cu[i - 1]}")
+    cu = cu_seqlens_list(cu_seqlens, "cu_seqlens")
     if cu[-1] != T:
         raise ValueError(f"cu_seqlens[-1] must equal the number of rows of hidden_states T = {T}, got {cu[-1]}")
     return cu

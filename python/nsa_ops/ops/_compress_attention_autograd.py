@@ -27,6 +27,9 @@ from typing import Any, Optional
 
 import torch
 
+from .._args import autocast_kernel as _autocast_kernel
+from ._autograd_common import save_with_lengths
+
 _DOUBLE_BACKWARD_ERROR = ("nsa::compress_attention does not support double backward (gradients of its gradients); "
                           "call torch.autograd.grad without create_graph=True")
 
@@ -54,14 +57,8 @@ def _setup_context(ctx, inputs, output):
     ctx.causal = bool(inputs[14]) if ctx.ext else False
     attention_out, topk, softmax_max, softmax_sum = output
     ctx.mark_non_differentiable(topk, softmax_max, softmax_sum)
-    tensor_lengths = isinstance(actual_seq_qlen, torch.Tensor)
-    saved = [query, key, value, attention_out, softmax_max, softmax_sum, atten_mask]
-    if tensor_lengths:
-        saved += [actual_seq_qlen, actual_cmp_seq_kvlen]
-    else:
-        ctx.lengths = (actual_seq_qlen, actual_cmp_seq_kvlen)
-    ctx.save_for_backward(*saved)
-    ctx.tensor_lengths = tensor_lengths
+    save_with_lengths(ctx, [query, key, value, attention_out, softmax_max, softmax_sum, atten_mask],
+                      actual_seq_qlen, actual_cmp_seq_kvlen)
     ctx.scalars = (scale_value, head_num, compress_block_size, compress_stride, select_block_size, select_block_count)
 
 
@@ -98,26 +95,6 @@ def _no_double_backward(ctx, *grads):
 _FORWARD_OPS = ("compress_attention", "compress_attention.tensor_lengths", "compress_attention.ext",
                 "compress_attention.ext_tensor_lengths", "compress_attention_reference")
 _LIB: Optional[torch.library.Library] = None
-
-
-def autocast_cast(x: Any, dtype: torch.dtype) -> Any:
-    """x cast to the autocast dtype when CPU autocast would cast it for torch's attention: a floating CPU tensor
-    that is not float64 (and not already of that dtype); anything else unchanged."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == "cpu" \
-            and x.dtype != torch.float64 and x.dtype != dtype:
-        return x.to(dtype)
-    return x
-
-
-def _autocast_kernel(op):
-    key_set = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-
-    def kernel(_keyset, *args):
-        dtype = torch.get_autocast_dtype("cpu")
-        with torch._C._ExcludeDispatchKeyGuard(key_set):
-            return op(*(autocast_cast(a, dtype) for a in args))
-
-    return kernel
 
 
 def register() -> None:

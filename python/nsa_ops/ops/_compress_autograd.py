@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .._args import autocast_kernel as _autocast_kernel
+
 _OPS = ("compress", "compress.tensor_lengths", "compress_backward", "compress_backward.tensor_lengths")
 
 
@@ -120,24 +122,6 @@ def _fake_compress_tensor_lengths(input, weight, compress_block_size, compress_s
 # ------------------------------------------------------------------ autocast
 _FORWARD_OPS = ("compress", "compress.tensor_lengths", "compress_reference")
 _LIB = None
-
-
-def _autocast_arg(x, dtype):
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type == "cpu" \
-            and x.dtype != torch.float64 and x.dtype != dtype:
-        return x.to(dtype)
-    return x
-
-
-def _autocast_kernel(op):
-    excluded = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-
-    def kernel(_keyset, *args):
-        dtype = torch.get_autocast_dtype("cpu")
-        with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return op(*(_autocast_arg(a, dtype) for a in args))
-
-    return kernel
 
 
 _registered = False

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd_common import save_with_lengths
+
 _DOUBLE_BACKWARD_ERROR = ("nsa::window_attention does not support double backward (gradients of its gradients); "
                           "call torch.autograd.grad without create_graph=True")
 
@@ -20,14 +22,7 @@ def _setup_context(ctx, inputs, output):
     (query, key, value, head_num, scale, atten_mask, sparse_mode, pre, nxt, inner_precise, seq_q, seq_kv,
      softmax_layout) = inputs
     attention_out, softmax_max, softmax_sum = output
-    tensor_lengths = isinstance(seq_q, torch.Tensor)
-    saved = [query, key, value, attention_out, softmax_max, softmax_sum, atten_mask]
-    if tensor_lengths:
-        saved += [seq_q, seq_kv]
-    else:
-        ctx.lengths = (seq_q, seq_kv)
-    ctx.save_for_backward(*saved)
-    ctx.tensor_lengths = tensor_lengths
+    save_with_lengths(ctx, [query, key, value, attention_out, softmax_max, softmax_sum, atten_mask], seq_q, seq_kv)
     ctx.args = (head_num, scale)
     ctx.visibility = (sparse_mode, pre, nxt, inner_precise)
     ctx.softmax_layout = softmax_layout

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Union
 
 import torch
 
-from .._args import int_arg, int_list, optional_int_list
+from .._args import check_cu_seqlens, int_arg, int_list, optional_int_list
 from .._lib import load_library
 
 load_library()
@@ -109,34 +109,6 @@ def compressed_offsets(cu_seqlens: Any, compress_block_size: int, compress_strid
     return out
 
 
-def _check_cu_seqlens(cu_seqlens: Any) -> None:
-    """FlashAttention's convention: B+1 >= 2 entries, the first 0, non-decreasing. For a tensor: rank, dtype and
-    length always; the values only outside torch.compile (reading them would break the graph; the operator itself
-    checks non-decreasing and last == T in its kernel)."""
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor or a list of ints, got a "
-                             f"{cu_seqlens.dim()}-D tensor of dtype {cu_seqlens.dtype}")
-        if cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens must have B+1 >= 2 entries (a leading 0, then the running totals), got "
-                             f"{cu_seqlens.shape[0]}")
-        if not torch.compiler.is_compiling():
-            _check_cu_values(int_list(cu_seqlens, "cu_seqlens"))
-        return
-    _check_cu_values(int_list(cu_seqlens, "cu_seqlens"))
-
-
-def _check_cu_values(cu: list) -> None:
-    if len(cu) < 2:
-        raise ValueError(f"cu_seqlens must have B+1 >= 2 entries (a leading 0, then the running totals), got {cu}")
-    if cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start with 0 (FlashAttention's cu_seqlens convention), got {cu[0]}")
-    for i in range(1, len(cu)):
-        if cu[i] < cu[i - 1]:
-            raise ValueError(f"cu_seqlens must be non-decreasing, but cu_seqlens[{i}] = {cu[i]} < "
-                             f"cu_seqlens[{i - 1}] = {cu[i - 1]}")
-
-
 def compress(input: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: Any, compress_block_size: int,
              compress_stride: int) -> CompressOutput:
     """KV compression of Native Sparse Attention with FlashAttention-style lengths (docs/spec/compress.md §1).
@@ -167,7 +139,7 @@ def compress(input: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: Any, comp
         raise TypeError(f"weight must be a torch.Tensor [compress_block_size, N], got {type(weight).__name__}")
     l = int_arg(compress_block_size, "compress_block_size")
     d = int_arg(compress_stride, "compress_stride")
-    _check_cu_seqlens(cu_seqlens)
+    check_cu_seqlens(cu_seqlens, "cu_seqlens")
     if isinstance(cu_seqlens, torch.Tensor):
         # the whole list: its leading 0 is an empty first batch (§2), so this equals actual_seq_len=cu[1:]
         output = torch.ops.nsa.compress.tensor_lengths(input, weight, l, d, cu_seqlens)

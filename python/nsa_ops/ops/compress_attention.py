@@ -25,7 +25,8 @@ import torch
 from .._args import (check_finite_scale, cu_seqlens_list, cu_seqlens_prefix_tensor, int_arg, int_list, is_tracing,
                      optional_int_list, scale_arg)
 from .._lib import load_library
-from ._compress_attention_autograd import CompressAttentionFunction, autocast_cast, forward_op
+from .._args import autocast_cast
+from ._compress_attention_autograd import CompressAttentionFunction, forward_op
 
 load_library()
 

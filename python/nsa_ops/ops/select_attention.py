@@ -16,8 +16,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .._args import check_finite_scale, int_arg, int_list, is_tracing, optional_int_list, scale_arg
-from ._compress_attention_autograd import autocast_cast
+from .._args import attention_scale_and_inputs, check_cu_seqlens, int_arg, int_list, optional_int_list
 from .._lib import load_library
 
 load_library()
@@ -120,32 +119,11 @@ def _check_tensor(t: Any, name: str, layout: str) -> None:
         raise ValueError(f"{name} must be a 3-D tensor {layout}, got shape {list(t.shape)}")
 
 
-def _check_cu_values(cu: list, name: str) -> None:
-    if len(cu) < 2:
-        raise ValueError(f"{name} must have B+1 >= 2 entries (a leading 0, then the running totals), got {cu}")
-    if cu[0] != 0:
-        raise ValueError(f"{name} must start with 0 (FlashAttention's cu_seqlens convention), got {cu[0]}")
-    for i in range(1, len(cu)):
-        if cu[i] < cu[i - 1]:
-            raise ValueError(f"{name} must be non-decreasing, but {name}[{i}] = {cu[i]} < {name}[{i - 1}] = {cu[i - 1]}")
-
-
 def _cu_for_op(cu: Any, name: str):
-    """``cu[1:]``: a list for a list/tuple (checked), a tensor for a tensor (rank, dtype and length always; the values
-    outside torch.compile only, where reading them would break the graph: the operator checks them anyway)."""
-    if isinstance(cu, torch.Tensor):
-        if cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be a 1-D int32/int64 tensor or a list of ints, got a {cu.dim()}-D tensor "
-                             f"of dtype {cu.dtype}")
-        if cu.shape[0] < 2:
-            raise ValueError(f"{name} must have B+1 >= 2 entries (a leading 0, then the running totals), got "
-                             f"{cu.shape[0]}")
-        if not torch.compiler.is_compiling():
-            _check_cu_values(int_list(cu, name), name)
-        return cu[1:]
-    values = int_list(cu, name)
-    _check_cu_values(values, name)
-    return values[1:]
+    """``cu[1:]``: a list for a list/tuple, a tensor for a tensor (checked by nsa_ops._args.check_cu_seqlens; the
+    operator checks a tensor's values in its kernel)."""
+    check_cu_seqlens(cu, name)
+    return cu[1:] if isinstance(cu, torch.Tensor) else int_list(cu, name)[1:]
 
 
 def select_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk_indices: torch.Tensor, *,
@@ -183,19 +161,7 @@ def select_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     lp = int_arg(select_block_size, "select_block_size")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    # scale: None -> 1/sqrt(D); Python/NumPy numbers and 0-d tensors alike; finiteness checked outside tracing
-    scale = scale_arg(scale, "scale", query.shape[2])
-    if isinstance(scale, torch.Tensor):
-        if scale.requires_grad:
-            raise ValueError("scale must not require grad here (this operator has no gradient with respect to the "
-                             "scale); pass a float or a detached tensor")
-        scale = float(scale)
-    if not is_tracing():
-        check_finite_scale(scale, "scale")
-    # under CPU autocast, float32 query/key/value are cast as torch's own attention casts them
-    if torch.is_autocast_enabled("cpu") and query.device.type == "cpu":
-        dtype = torch.get_autocast_dtype("cpu")
-        query, key, value = (autocast_cast(x, dtype) for x in (query, key, value))
+    query, key, value, scale = attention_scale_and_inputs(query, key, value, scale)
     qlen = _cu_for_op(cu_seqlens_q, "cu_seqlens_q")
     kvlen = _cu_for_op(cu_seqlens_kv, "cu_seqlens_kv")
     if isinstance(qlen, list) and isinstance(kvlen, list) and len(qlen) != len(kvlen):

@@ -17,8 +17,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .._args import check_finite_scale, int_list, is_tracing, scale_arg
-from ._compress_attention_autograd import autocast_cast
+from .._args import attention_scale_and_inputs, cu_seqlens_list, int_list
 from .._lib import load_library
 
 load_library()
@@ -288,32 +287,11 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     window = _int(window, "window")
     if window < 1:
         raise ValueError(f"window must be >= 1 (the keys a query sees, itself included), got {window}")
-    # scale: None -> 1/sqrt(D); Python/NumPy numbers and 0-d tensors alike; finiteness checked outside tracing
-    scale = scale_arg(scale, "scale", query.shape[2])
-    if isinstance(scale, torch.Tensor):
-        if scale.requires_grad:
-            raise ValueError("scale must not require grad here (this operator has no gradient with respect to the "
-                             "scale); pass a float or a detached tensor")
-        scale = float(scale)
-    if not is_tracing():
-        check_finite_scale(scale, "scale")
-    # under CPU autocast, float32 query/key/value are cast as torch's own attention casts them
-    if torch.is_autocast_enabled("cpu") and query.device.type == "cpu":
-        dtype = torch.get_autocast_dtype("cpu")
-        query, key, value = (autocast_cast(x, dtype) for x in (query, key, value))
+    query, key, value, scale = attention_scale_and_inputs(query, key, value, scale)
     if isinstance(cu_seqlens, torch.Tensor):
         cu = cu_seqlens  # checked inside the operator (errors name cu_seqlens)
     else:
-        values = int_list(cu_seqlens, "cu_seqlens")
-        if len(values) < 2:
-            raise ValueError(f"cu_seqlens must have B+1 >= 2 entries (a leading 0, then the running totals), got "
-                             f"{values}")
-        if values[0] != 0:
-            raise ValueError(f"cu_seqlens must start with 0, got {values[0]}")
-        for i in range(1, len(values)):
-            if values[i] < values[i - 1]:
-                raise ValueError(f"cu_seqlens must be non-decreasing, but cu_seqlens[{i}] = {values[i]} < "
-                                 f"cu_seqlens[{i - 1}] = {values[i - 1]}")
+        values = cu_seqlens_list(cu_seqlens, "cu_seqlens")
         if values[-1] != query.shape[0]:
             raise ValueError(f"cu_seqlens[-1] must equal the number of query rows T = {query.shape[0]}, got "
                              f"{values[-1]}")
