@@ -285,34 +285,47 @@ def run_case(case: Case, args, nsa_ops, peak: bl.Peak) -> dict:
     return res
 
 
+_JSON_THREADS = [1]  # thread count of a --table-from file without it per timing (its header's)
+
+
+def _wall_cpu(t) -> tuple:
+    """(median wall seconds, median process CPU seconds per thread) of a Timing or of its JSON form."""
+    if t is None:
+        return None, None
+    if isinstance(t, dict):
+        return t["median_s"], statistics.median(t["cpu_s"]) / max(1, t.get("threads", _JSON_THREADS[0]))
+    return t.median, t.cpu_per_thread
+
+
 def table(results: list, markdown: bool) -> str:
-    def ms(r, who, kind):
-        t = r.get(who, {}).get(kind)
-        return t.median if t is not None else None
+    """One row per case and pass. Times as 'wall / CPU per thread' (ms); GFLOP/s and % peak at both; ratios of the
+    baselines' times to ours at both."""
+    def both(r, who, kind):
+        return _wall_cpu(r.get(who, {}).get(kind))
 
-    def cpu(r, who, kind):
-        t = r.get(who, {}).get(kind)
-        return t.cpu_per_thread if t is not None else None
+    def pair_ms(w, c):
+        return "-" if w is None else f"{bl.fmt_ms(w)} / {bl.fmt_ms(c)}"
 
-    def ratio(r, who, kind):
-        a, b = ms(r, who, kind), ms(r, "ours", kind)
-        return "-" if a is None or b is None or b == 0 else f"{a / b:.1f}x"
+    def pair_ratio(r, who, kind):
+        (a, ac), (b, bc) = both(r, who, kind), both(r, "ours", kind)
+        if a is None or b is None or not b or not bc:
+            return "-"
+        return f"{a / b:.1f}x / {ac / bc:.1f}x"
 
-    head = ["case", "pass", "useful GFLOP", "ours ms", "GFLOP/s", "% peak", "ours CPU ms/thread", "% peak (CPU)",
+    head = ["case", "pass", "useful GFLOP", "ours ms (wall / CPU)", "GFLOP/s (wall / CPU)", "% peak (wall / CPU)",
             "composition ms", "vs comp.", "SDPA masked ms", "vs SDPA", "dense causal flash ms", "vs flash", "check"]
     rows = []
     for r in results:
         for kind, label, flop in (("fwd", "forward", r["fwd_gflop"]), ("bwd", "backward", r["bwd_gflop"]),
                                   ("fwdbwd", "fwd+bwd", r["fwd_gflop"] + r["bwd_gflop"])):
-            t, c = ms(r, "ours", kind), cpu(r, "ours", kind)
+            w, c = both(r, "ours", kind)
             chk = r.get("check") if kind == "fwd" else None
-            rows.append([r["case"], label, f"{flop:.1f}", bl.fmt_ms(t),
-                         "-" if not t else f"{flop / t:.0f}",
-                         "-" if not t else f"{100 * flop / t / r['peak']:.1f}",
-                         bl.fmt_ms(c), "-" if not c else f"{100 * flop / c / r['peak']:.1f}",
-                         bl.fmt_ms(ms(r, "composition", kind)), ratio(r, "composition", kind),
-                         bl.fmt_ms(ms(r, "sdpa_masked", kind)), ratio(r, "sdpa_masked", kind),
-                         bl.fmt_ms(ms(r, "sdpa_flash", kind)), ratio(r, "sdpa_flash", kind),
+            rows.append([r["case"], label, f"{flop:.1f}", pair_ms(w, c),
+                         "-" if not w else f"{flop / w:.0f} / {flop / c:.0f}",
+                         "-" if not w else f"{100 * flop / w / r['peak']:.1f} / {100 * flop / c / r['peak']:.1f}",
+                         pair_ms(*both(r, "composition", kind)), pair_ratio(r, "composition", kind),
+                         pair_ms(*both(r, "sdpa_masked", kind)), pair_ratio(r, "sdpa_masked", kind),
+                         pair_ms(*both(r, "sdpa_flash", kind)), pair_ratio(r, "sdpa_flash", kind),
                          "-" if chk is None else ("OK" if chk["ok"] else "MISMATCH")])
     return bl.render_table(head, rows, markdown)
 
@@ -320,7 +333,7 @@ def table(results: list, markdown: bool) -> str:
 def jsonable(results: list) -> list:
     def conv(o):
         if isinstance(o, bl.Timing):
-            return {"median_s": o.median, "runs_s": o.runs, "cpu_s": o.cpu}
+            return {"median_s": o.median, "runs_s": o.runs, "cpu_s": o.cpu, "threads": o.threads}
         if isinstance(o, dict):
             return {k: conv(v) for k, v in o.items()}
         return o
@@ -335,7 +348,18 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--baseline-repeat", type=int, default=1,
                     help="measured runs of each baseline, no warm-up (default 1: they take seconds to minutes)")
     bl.add_common_arguments(ap, "measurement", "skip baseline (a), the PyTorch composition")
+    ap.add_argument("--table-from", metavar="JSON", help="print the summary table of an earlier --json-out and exit")
     args = ap.parse_args(argv)
+    if args.table_from:
+        import json
+        import re
+        with open(args.table_from) as f:
+            saved = json.load(f)
+        found = re.search(r"(\d+) threads", saved["header"][0])
+        _JSON_THREADS[0] = int(found.group(1)) if found else 1
+        print("\n".join(("- " if args.markdown else "") + h for h in saved["header"]) + "\n")
+        print(table(saved["results"], args.markdown))
+        return 0
     if args.list:
         return bl.list_cases(CASES, lambda n: "default" if n in DEFAULT_CASES else "")
     names = bl.case_names(args.cases, CASES, DEFAULT_CASES)
@@ -351,9 +375,9 @@ def main(argv: Optional[list] = None) -> int:
                      "for dK / dV, not counted); % peak: GFLOP/s over the larger of the bf16 and fp32 peaks; "
                      "'vs X' = time of X / our time. Ours and dense flash: backward = torch.autograd.grad on a graph "
                      "built once, fwd+bwd = both; composition and masked SDPA run in chunks of query rows, their "
-                     "backward = (fwd+bwd) - fwd. Wall times; 'ours CPU ms/thread' = process CPU time / threads of "
-                     "the same runs and '% peak (CPU)' the share of the peak at that time (what a quiet machine "
-                     "gives at best; on a machine shared with other work the wall time can be several times it).")
+                     "backward = (fwd+bwd) - fwd. 'wall / CPU': the median wall time and the median process CPU time "
+                     "per thread of the same runs (what a quiet machine gives at best; on a machine shared with other "
+                     "work the wall time can be several times it), and the figures computed from each.")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@
 namespace nsa::select_cpu {
 namespace {
 
-constexpr int64_t kTileRows = 64;    // GEMM rows (query rows x G) of a phase-A tile
+constexpr int64_t kTileRows = 64;    // GEMM rows (query rows x G) of a phase-A tile with G >= kDirectMinG
+constexpr int64_t kTileRowsGathered = 256;  // the same below kDirectMinG (more query rows share each block)
 constexpr int64_t kChunkRows = 128;  // GEMM rows (entries x G) of a phase-B chunk
 constexpr int64_t kPieceRows = 8192; // GEMM rows of a phase-B piece (grown while the partials exceed the budget)
 constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of phase-B partials
@@ -66,7 +67,8 @@ class Backward {
       : p_(p), f_(p.fwd), sh_(sh), kt_(kt), threads_(std::max(1, threads)) {
     g_ = make_geo(sh, kPairs, /*backward=*/true);
     scale_ = static_cast<float>(f_.scale_value);
-    const int64_t tile = tuning.bwd_tile_rows > 0 ? tuning.bwd_tile_rows : kTileRows;
+    const int64_t tile =
+        tuning.bwd_tile_rows > 0 ? tuning.bwd_tile_rows : (sh.G >= kDirectMinG ? kTileRows : kTileRowsGathered);
     const int64_t chunk = tuning.bwd_chunk_rows > 0 ? tuning.bwd_chunk_rows : kChunkRows;
     piece_rows_ = tuning.bwd_piece_rows > 0 ? tuning.bwd_piece_rows : kPieceRows;
     bq_ = std::max<int64_t>(1, std::min((tile + g_.G / 2) / g_.G, std::max<int64_t>(sh.max_sq, 1)));
