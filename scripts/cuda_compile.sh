@@ -24,7 +24,7 @@ if [ ! -f build-cuda/CMakeCache.txt ]; then
     -DCMAKE_CUDA_ARCHITECTURES="80;90" -DNSA_CUDA_PTXAS_VERBOSE=ON >/dev/null
 fi
 # Recompile the CUDA sources every time so that ptxas reports on every kernel.
-rm -f build-cuda/src/cuda/CMakeFiles/nsa_cuda.dir/*.o
+find build-cuda/src/cuda/CMakeFiles/nsa_cuda.dir -name "*.o" -delete 2>/dev/null || true
 LOG=build-cuda/cuda_compile.log
 if ! cmake --build build-cuda -j "$JOBS" --target nsa_cuda nsa_cuda_tests nsa_cuda_emu_tests >"$LOG" 2>&1; then
   cat "$LOG" >&2
