@@ -481,6 +481,7 @@ def test_opcheck(case):
 
 
 def test_opcheck_backward_ops():
+    torch.manual_seed(20261130)  # dy below is drawn from the global generator
     q, k, v, seq, _ = make_inputs(torch.float32, [9, 6], [9, 6], extra=1)
     mask = random_mask(9, 9, 0.3, 0.2, 16)
     out, smax, ssum = call(q, k, v, seq, seq, 1, NO_LIMIT, NO_LIMIT, mask)[:3]
@@ -500,7 +501,8 @@ def test_opcheck_backward_ops():
                                                             seq, seq, "")
     cpu = torch.ops.nsa.window_attention_backward(dy, q, k, v, out, smax, ssum, 4, 0.3, MASK, 4, 3, 0, 0, seq, seq, "")
     for a, b in zip(cpu, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # fp32 sums in another order: a few ulps of each element plus an accumulation term of the gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()) * 8)
 
 
 def test_meta_shapes():
