@@ -165,71 +165,72 @@ struct Failure {
   }
 };
 
-// Workers for n_tasks tasks on up to n_threads threads; 1 means inline (also inside a loop body).
+// Workers for n_tasks tasks on up to n_threads threads: 0 without tasks, 1 (inline) inside a loop body.
 int worker_count(int64_t n_tasks, int n_threads) {
+  if (n_tasks <= 0) return 0;
   if (t_in_loop > 0) return 1;
   int workers = n_threads < 1 ? 1 : n_threads;
   if (workers > n_tasks) workers = static_cast<int>(n_tasks);
   return workers;
 }
 
-}  // namespace
-
-int parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)>& fn) {
-  if (n_tasks <= 0) return 0;
-  const int workers = worker_count(n_tasks, n_threads);
-  if (workers == 1) {
-    InLoop in;
-    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
-    return 1;
-  }
-  std::atomic<int64_t> next{0};
+// A loop's tasks on `workers` workers: each worker calls take(worker), which hands out and runs the call's next
+// task (or run of tasks) and returns false when none is left. The first exception stops further takes and is
+// rethrown here once every worker has returned.
+template <typename Take>
+void run_tasks(int workers, Take&& take) {
   Failure failure;
   run_on_workers(workers, [&](int worker) {
     InLoop in;
     try {
-      for (int64_t t = next.fetch_add(1, std::memory_order_relaxed);
-           t < n_tasks && !failure.failed.load(std::memory_order_relaxed);
-           t = next.fetch_add(1, std::memory_order_relaxed))
-        fn(t, worker);
-    } catch (...) {
-      failure.record();
-    }
-  });
-  failure.rethrow();
-  return workers;
-}
-
-int parallel_for_runs(int64_t n_tasks, int n_threads, int64_t chunk,
-                      const std::function<void(int64_t, int64_t, int)>& fn) {
-  if (n_tasks <= 0) return 0;
-  if (chunk < 1) chunk = 1;
-  const int workers = worker_count(n_tasks, n_threads);
-  if (workers == 1) {
-    InLoop in;
-    fn(0, n_tasks, 0);
-    return 1;
-  }
-  std::atomic<int64_t> next{0};
-  Failure failure;
-  run_on_workers(workers, [&](int worker) {
-    InLoop in;
-    try {
-      while (!failure.failed.load(std::memory_order_relaxed)) {
-        // runs of `chunk` tasks while more than 2 * workers * chunk are left, then single tasks
-        int64_t begin = next.load(std::memory_order_relaxed), len;
-        do {
-          if (begin >= n_tasks) return;
-          const int64_t left = n_tasks - begin;
-          len = left > 2 * workers * chunk ? chunk : 1;
-        } while (!next.compare_exchange_weak(begin, begin + len, std::memory_order_relaxed));
-        fn(begin, begin + len, worker);
+      while (!failure.failed.load(std::memory_order_relaxed) && take(worker)) {
       }
     } catch (...) {
       failure.record();
     }
   });
   failure.rethrow();
+}
+
+}  // namespace
+
+int parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)>& fn) {
+  const int workers = worker_count(n_tasks, n_threads);
+  if (workers <= 1) {
+    InLoop in;
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+    return workers;
+  }
+  std::atomic<int64_t> next{0};
+  run_tasks(workers, [&](int worker) {
+    const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    if (t >= n_tasks) return false;
+    fn(t, worker);
+    return true;
+  });
+  return workers;
+}
+
+int parallel_for_runs(int64_t n_tasks, int n_threads, int64_t chunk,
+                      const std::function<void(int64_t, int64_t, int)>& fn) {
+  const int workers = worker_count(n_tasks, n_threads);
+  if (workers <= 1) {
+    InLoop in;
+    if (workers == 1) fn(0, n_tasks, 0);
+    return workers;
+  }
+  if (chunk < 1) chunk = 1;
+  std::atomic<int64_t> next{0};
+  run_tasks(workers, [&](int worker) {
+    // runs of `chunk` tasks while more than 2 * workers * chunk are left, then single tasks
+    int64_t begin = next.load(std::memory_order_relaxed), len;
+    do {
+      if (begin >= n_tasks) return false;
+      len = n_tasks - begin > 2 * workers * chunk ? chunk : 1;
+    } while (!next.compare_exchange_weak(begin, begin + len, std::memory_order_relaxed));
+    fn(begin, begin + len, worker);
+    return true;
+  });
   return workers;
 }
 
