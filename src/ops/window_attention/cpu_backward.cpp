@@ -260,6 +260,10 @@ class Backward {
       max_qrows_ = std::max(max_qrows_, s.rows);
       qstrips_.push_back(s);
     }
+    // packed key tiles a task holds at once: a dK/dV strip, or a dQ strip's keys up to chunk_keys
+    slot_tiles_ = 1;
+    for (const KStrip& ks : kstrips_) slot_tiles_ = std::max(slot_tiles_, ks.j1 - ks.j0);
+    for (const QStrip& qs : qstrips_) slot_tiles_ = std::max(slot_tiles_, std::min(chunk_ / kBc, qs.jhi - qs.jlo));
   }
 
   void carve(Carver& c, Scratch& x) const {
@@ -289,7 +293,7 @@ class Backward {
     c.take(&x.rb, std::max(D_, Dv_));
     c.take(&x.krows, kBc * D_);
     c.take(&x.vrows, kBc * Dv_);
-    const int64_t slots = std::max(strip_keys_, chunk_) / kBc * ktile_;
+    const int64_t slots = slot_tiles_ * ktile_;
     if (dot_) c.take(reinterpret_cast<uint16_t**>(&x.slots), slots);
     else c.take(reinterpret_cast<float**>(&x.slots), slots);
     c.take(&x.kv_acc, strip_keys_ / kBc * (D_ + Dv_) * kBc);
@@ -651,7 +655,7 @@ class Backward {
   bool dot_ = false;
   float scale_ = 1.0f;
   int64_t G_ = 1, Bq_ = 1, R_ = 1, Rp_ = 2, D_ = 1, Dv_ = 1, Dh_ = 1, Dvh_ = 1, nDp_ = 1, Dp_ = 64, ktile_ = 0;
-  int64_t chunk_ = 64, strip_keys_ = 64, max_qrows_ = 1;
+  int64_t chunk_ = 64, strip_keys_ = 64, max_qrows_ = 1, slot_tiles_ = 1;
   std::vector<Tile> tiles_;
   std::vector<QStrip> qstrips_;
   std::vector<uint8_t> owned_;  // per tile: its dQ is computed by a dK/dV task
