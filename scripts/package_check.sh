@@ -29,23 +29,32 @@ elif command -v ninja >/dev/null 2>&1; then
   GEN=(-G Ninja); GEN_NAME=Ninja
 fi
 JOBS="$(nproc)"
+# quiet CMD...: runs CMD with its output kept in a log, printed (last 60 lines) only when CMD fails.
+quiet() {
+  local log="$TMP/step.log"
+  if ! "$@" >"$log" 2>&1; then
+    echo "[package] failed: $*" >&2
+    tail -n 60 "$log" >&2
+    return 1
+  fi
+}
 
 # ------------------------------------------------------------------ 1. C++ package + find_package example
 echo "== package: C++ (cmake --install, examples/cpp_demo)"
 if [ -f build-pkg/cpp/CMakeCache.txt ] && ! grep -qx "CMAKE_GENERATOR:INTERNAL=$GEN_NAME" build-pkg/cpp/CMakeCache.txt; then
   rm -rf build-pkg/cpp  # made with another generator
 fi
-cmake -S . -B build-pkg/cpp "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DNSA_ENABLE_TORCH=OFF \
-  -DNSA_BUILD_TESTS=OFF -DNSA_BUILD_BENCH=OFF >/dev/null
-cmake --build build-pkg/cpp -j "$JOBS" >/dev/null
-cmake --install build-pkg/cpp --prefix "$TMP/prefix" >/dev/null
+quiet cmake -S . -B build-pkg/cpp "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DNSA_ENABLE_TORCH=OFF \
+  -DNSA_BUILD_TESTS=OFF -DNSA_BUILD_BENCH=OFF
+quiet cmake --build build-pkg/cpp -j "$JOBS"
+quiet cmake --install build-pkg/cpp --prefix "$TMP/prefix"
 for f in lib/libnsa_core.a include/nsa/compress_attention.h lib/cmake/nsa_ops/nsa_opsConfig.cmake \
          lib/cmake/nsa_ops/nsa_opsConfigVersion.cmake lib/cmake/nsa_ops/nsa_opsTargets.cmake; do
   [ -f "$TMP/prefix/$f" ] || { echo "[package] missing from the install: $f" >&2; exit 1; }
 done
-cmake -S examples/cpp_demo -B "$TMP/demo" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
-  -DCMAKE_PREFIX_PATH="$TMP/prefix" >/dev/null
-cmake --build "$TMP/demo" -j "$JOBS" >/dev/null
+quiet cmake -S examples/cpp_demo -B "$TMP/demo" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$TMP/prefix"
+quiet cmake --build "$TMP/demo" -j "$JOBS"
 "$TMP/demo/nsa_cpp_demo"
 echo "[package] C++ leg done in $(( $(date +%s) - start )) s"
 

@@ -98,7 +98,8 @@ int main() {
   p.actual_seq_qlen = {seq_qlen, 1};
   p.actual_cmp_seq_kvlen = {cmp_kvlen, 1};
 
-  auto run = [&](nsa::Status (*fn)(const nsa::CompressAttentionParams&), Outputs& o, const char* name) {
+  // fn: any callable taking the params (the CPU backend with its default CpuOptions, or the reference).
+  auto run = [&](auto&& fn, Outputs& o, const char* name) {
     o.out.assign(T * N1 * D2, 0);
     o.topk.assign(T * N2 * K, -1);
     o.smax.assign(T * N1 * 8, 0.f);
@@ -120,7 +121,10 @@ int main() {
   };
 
   Outputs cpu, ref;
-  if (!run(nsa::compress_attention_cpu, cpu, "compress_attention_cpu")) return 1;
+  auto cpu_backend = [](const nsa::CompressAttentionParams& q) {
+    return nsa::compress_attention_cpu(q, nsa::CpuOptions{});
+  };
+  if (!run(cpu_backend, cpu, "compress_attention_cpu")) return 1;
   if (!run(nsa::compress_attention_reference, ref, "compress_attention_reference")) return 1;
 
   // A bad argument is reported, naming it, and nothing is written.
