@@ -44,7 +44,8 @@ struct V {
     const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
     store16(p, select(nan, r, _mm256_or_si256(_mm256_srli_epi32(u, 16), c32(0x40u))));
   }
-  // rounding.h's f32_to_f16_round on 8 lanes
+  // f32_to_f16_round of common/rounding.h on 8 lanes (subnormal results through the exact scaling |x| 2^24: the same
+  // integers as its shift formula)
   static void store_f16(uint16_t* p, F v, bool away) {
     namespace cd = compress_detail;
     const __m256i u = _mm256_castps_si256(v);

@@ -38,7 +38,8 @@ struct V {
     const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
     store16(p, _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), c32(0x40u))));
   }
-  // rounding.h's f32_to_f16_round on 16 lanes
+  // f32_to_f16_round of common/rounding.h on 16 lanes (subnormal results through the exact scaling |x| 2^24: the same
+  // integers as its shift formula)
   static void store_f16(uint16_t* p, F v, bool away) {
     namespace cd = compress_detail;
     const __m512i u = _mm512_castps_si512(v);
