@@ -59,6 +59,7 @@ from .ops.select_attention import (  # noqa: E402
     npu_nsa_select_attention_grad,
     select_attention,
 )
+from .ops.compress_infer import npu_nsa_compress_infer  # noqa: E402
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 from .layer import NSAAttention, NSAAux  # noqa: E402
 
@@ -81,6 +82,7 @@ __all__ = [
     "npu_nsa_select_attention",
     "npu_nsa_select_attention_grad",
     "select_attention",
+    "npu_nsa_compress_infer",
     "selection_lengths",
     "prefix_sums",
     "lengths_from_prefix_sums",
