@@ -2,27 +2,18 @@
 // point writes anything when this fails.
 #include <sstream>
 #include <string>
+#include <utility>
 
+#include "common/arg_checks.h"
 #include "nsa/compress.h"
 
 namespace nsa {
 
 namespace {
 
-template <typename... Args>
-Status err(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return Status::Error(os.str());
-}
-
-std::string shape_str(const int64_t* s, int n) {
-  std::ostringstream os;
-  os << "[";
-  for (int i = 0; i < n; ++i) os << (i ? ", " : "") << s[i];
-  os << "]";
-  return os.str();
-}
+using detail::shape_str;
+// err(...): detail::arg_error, the message streamed from its arguments.
+constexpr auto err = [](auto&&... args) { return detail::arg_error(std::forward<decltype(args)>(args)...); };
 
 // l >= 1, d >= 1, d <= l (§7 "Wider than the NPU": any values, no upper bounds).
 Status check_block(int64_t l, int64_t d) {

@@ -14,13 +14,11 @@ namespace nsa {
 
 namespace {
 
+// err(...): detail::arg_error, the message streamed from its arguments.
+constexpr auto err = [](auto&&... args) { return detail::arg_error(std::forward<decltype(args)>(args)...); };
+
 using detail::ceil_div;
 using detail::shape_str;
-
-template <typename... Args>
-Status err(Args&&... args) {
-  return detail::arg_error(std::forward<Args>(args)...);
-}
 
 Status check_tensor(const Tensor3& t, const char* name) {
   if (t.data == nullptr) return err(name, " must not be null");

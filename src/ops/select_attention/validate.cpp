@@ -3,7 +3,9 @@
 #include <cmath>
 #include <sstream>
 #include <string>
+#include <utility>
 
+#include "common/arg_checks.h"
 #include "nsa/select_attention.h"
 #include "ops/select_attention/batches.h"
 
@@ -11,22 +13,11 @@ namespace nsa {
 
 namespace {
 
+using detail::shape_str;
+// err(...): detail::arg_error, the message streamed from its arguments.
+constexpr auto err = [](auto&&... args) { return detail::arg_error(std::forward<decltype(args)>(args)...); };
+
 using select_detail::ceil_div;
-
-template <typename... Args>
-Status err(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return Status::Error(os.str());
-}
-
-std::string shape_str(const int64_t* s, int n) {
-  std::ostringstream os;
-  os << "[";
-  for (int i = 0; i < n; ++i) os << (i ? ", " : "") << s[i];
-  os << "]";
-  return os.str();
-}
 
 // 3-D with sizes >= 0 (dim 0 may be 0: an empty packed dimension; the others must be >= 1); data may be null only
 // when the view holds no element.

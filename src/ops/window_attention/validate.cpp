@@ -6,7 +6,9 @@
 #include <vector>
 #include <sstream>
 #include <string>
+#include <utility>
 
+#include "common/arg_checks.h"
 #include "nsa/window_attention.h"
 #include "ops/window_attention/batches.h"
 
@@ -14,22 +16,11 @@ namespace nsa {
 
 namespace {
 
+using detail::shape_str;
+// err(...): detail::arg_error, the message streamed from its arguments.
+constexpr auto err = [](auto&&... args) { return detail::arg_error(std::forward<decltype(args)>(args)...); };
+
 using window_detail::last_nonzero;
-
-template <typename... Args>
-Status err(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return Status::Error(os.str());
-}
-
-std::string shape_str(const int64_t* s, int n) {
-  std::ostringstream os;
-  os << "[";
-  for (int i = 0; i < n; ++i) os << (i ? ", " : "") << s[i];
-  os << "]";
-  return os.str();
-}
 
 Status check_tensor(const Tensor3& t, const char* name, const char* layout) {
   if (t.data == nullptr) return err(name, " must not be null");
