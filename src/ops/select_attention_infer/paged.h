@@ -1,0 +1,228 @@
+// Paged decode attention, internal pieces shared by select_attention_infer (docs/spec/decode.md §4) and
+// paged_window_attention (§9): reading positions through a block table, the page checks of the argument rules,
+// and the CPU tile worker (header-only, so that either operator builds without the other).
+//
+// Positions. Raw position p of batch b lives in page block_table[b][p / P], row p % P, of a cache
+// [num_pages, P, N2, D]. A (query token, KV head) attends to a list of runs of positions [start, end) (§4: one
+// run per non-empty slot, in slot order, duplicates repeated; §9: the one run of the window); its entries are the
+// runs' positions in that order.
+//
+// CPU tile worker (TileWorker). For one query token t of batch b and KV head n2, with its ne entries:
+//   1. gather: the entries' key rows into KQ [ceil(nep/64) panels][D][64] and value rows into
+//      VO [Dvp/64 panels][nep][64] (src/cpu/kernels.h B layouts, fp32 operands), nep = ne rounded up to 16, the
+//      padding zero (never read from the caches);
+//   2. S = (Q K^T) scale for the G query heads of n2 in one GEMM (fp32 dot products, then times the float32 scale),
+//      padding columns set to -inf (they take no part: exp(-inf - m) = 0 exactly);
+//   3. m = row_max, l = exp_sum (KernelTable row kernels: the exp values in place, their fp32 sum in the canonical
+//      order);
+//   4. the rounded probabilities (select: rha_T of the unnormalised exp values, §4 step 4; window: rha_T of
+//      exp / l, window_attention.md §5 step 4) times VO in one GEMM (fp32 accumulation);
+//   5. the output rows: select: (sum / l) rounded rne_T for bf16, rha_T for fp16 (§4 step 4); window: rha_T(sum).
+// Every output element has one writer and a summation order fixed by the shapes: results do not depend on the
+// number of threads. Per-worker memory O(ne (D + Dv) + G (ne + Dv)), proportional to the attended positions.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/aligned_buffer.h"
+#include "common/arg_checks.h"
+#include "common/numeric.h"
+#include "cpu/kernels.h"
+#include "nsa/select_attention_infer.h"
+#include "ops/select_attention/rounding.h"
+
+namespace nsa::paged {
+
+// [start, end) raw positions of one batch.
+struct Run {
+  int64_t start = 0, end = 0;
+};
+
+// block_table[b][k] (int32 elements).
+inline int64_t table_at(const Tensor2& bt, int64_t b, int64_t k) {
+  return static_cast<const int32_t*>(bt.data)[b * bt.stride[0] + k * bt.stride[1]];
+}
+
+// Element offset of (page, row, head, 0) in a cache view.
+inline int64_t cache_offset(const PagedCacheView& c, int64_t page, int64_t row, int64_t head) {
+  return page * c.stride[0] + row * c.stride[1] + head * c.stride[2];
+}
+
+// The page checks of §4 / §9 for the positions [start, end) of batch b: every page k = p / P they touch exists
+// (k < max_pages) and block_table[b][k] lies in [0, num_pages). `who` and `row` name the query row that needs them
+// (for the message).
+inline Status check_pages(const Tensor2& bt, int64_t b, int64_t start, int64_t end, int64_t P, int64_t num_pages,
+                          const char* who, int64_t row) {
+  if (end <= start) return Status::Ok();
+  const int64_t max_pages = bt.size[1];
+  for (int64_t k = start / P; k <= (end - 1) / P; ++k) {
+    if (k >= max_pages)
+      return detail::arg_error("block_table must have a page for every position a row reads, but ", who, " ", row,
+                               " reads positions [", start, ", ", end, ") of batch ", b, ", which need page entry ",
+                               k, " of a block_table row of ", max_pages, " entries (page size ", P, ")");
+    const int64_t page = table_at(bt, b, k);
+    if (page < 0 || page >= num_pages)
+      return detail::arg_error("block_table[", b, "][", k, "] = ", page, " is not a valid page: ", who, " ", row,
+                               " reads positions [", std::max(start, k * P), ", ", std::min(end, (k + 1) * P),
+                               ") of batch ", b, " through it, so it must lie in [0, num_pages = ", num_pages, ")");
+  }
+  return Status::Ok();
+}
+
+// Checks of a cache view: 4-D sizes (pages >= 0, the other dims >= 1) and data when it holds elements.
+inline Status check_cache(const PagedCacheView& c, const char* name, const char* layout) {
+  for (int i = 0; i < 4; ++i)
+    if (c.size[i] < (i == 0 ? 0 : 1))
+      return detail::arg_error(name, " ", layout, " must have sizes >= 1 (the page count >= 0), got ",
+                               detail::shape_str(c.size, 4));
+  if (c.data == nullptr && c.size[0] > 0) return detail::arg_error(name, " must not be null");
+  return Status::Ok();
+}
+
+// How the probabilities and the output are rounded (see the header comment).
+enum class Mode : int { kSelect = 0, kWindow = 1 };
+
+// What a TileWorker needs of a validated call.
+struct Problem {
+  DType dtype = DType::kF32;
+  Mode mode = Mode::kSelect;
+  Tensor3 query;         // [T, N1, D]
+  PagedCacheView key;    // [num_pages, P, N2, D]
+  PagedCacheView value;  // [num_pages, P, N2, Dv]
+  Tensor2 block_table;
+  int64_t N1 = 0, N2 = 0, G = 0, D = 0, Dv = 0, P = 0;
+  float scale = 1.0f;
+  void* out = nullptr;  // [T, N1, Dv] contiguous
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+class TileWorker {
+ public:
+  // max_entries: the most entries of one (token, KV head) of the call.
+  TileWorker(const Problem& pr, const cpu::KernelTable* kt, int64_t max_entries) : pr_(pr), kt_(kt) {
+    cap_ = round_up(std::max<int64_t>(max_entries, 1), 16);
+    dvp_ = round_up(pr.Dv, cpu::kPanel);
+    kq_.reset(round_up(cap_, cpu::kPanel) * pr.D);
+    vo_.reset(dvp_ * cap_);
+    qa_.reset(pr.G * pr.D);
+    s_.reset(pr.G * cap_);
+    p_.reset(pr.G * cap_);
+    o_.reset(pr.G * dvp_);
+    row_.resize(static_cast<size_t>(std::max(pr.D, dvp_)));
+  }
+
+  // Writes the G output rows (t, n2 G + g) of query token t of batch b attending to the runs' positions; no
+  // entry gives zero rows (§4 step 5).
+  void attend(int64_t b, int64_t t, int64_t n2, const std::vector<Run>& runs) {
+    const int64_t G = pr_.G, D = pr_.D, Dv = pr_.Dv;
+    int64_t ne = 0;
+    for (const Run& r : runs) ne += r.end - r.start;
+    if (ne == 0) {
+      zero_rows(t, n2);
+      return;
+    }
+    const int64_t nep = round_up(ne, 16);
+    // 1. gather the entries' rows through the block table into the packed operands
+    int64_t c = 0;
+    for (const Run& r : runs)
+      for (int64_t pos = r.start; pos < r.end; ++pos, ++c) {
+        const int64_t page = table_at(pr_.block_table, b, pos / pr_.P), prow = pos % pr_.P;
+        load(pr_.key, cache_offset(pr_.key, page, prow, n2), D, D);
+        float* kcol = kq_.get() + (c / cpu::kPanel) * D * cpu::kPanel + c % cpu::kPanel;
+        for (int64_t d = 0; d < D; ++d) kcol[d * cpu::kPanel] = row_[static_cast<size_t>(d)];
+        load(pr_.value, cache_offset(pr_.value, page, prow, n2), Dv, dvp_);
+        for (int64_t e0 = 0; e0 < dvp_; e0 += cpu::kPanel)
+          std::memcpy(vo_.get() + (e0 / cpu::kPanel) * nep * cpu::kPanel + c * cpu::kPanel, row_.data() + e0,
+                      sizeof(float) * cpu::kPanel);
+      }
+    for (; c < nep; ++c) {  // padding entries: zero keys and values
+      float* kcol = kq_.get() + (c / cpu::kPanel) * D * cpu::kPanel + c % cpu::kPanel;
+      for (int64_t d = 0; d < D; ++d) kcol[d * cpu::kPanel] = 0.0f;
+      for (int64_t e0 = 0; e0 < dvp_; e0 += cpu::kPanel)
+        std::memset(vo_.get() + (e0 / cpu::kPanel) * nep * cpu::kPanel + c * cpu::kPanel, 0,
+                    sizeof(float) * cpu::kPanel);
+    }
+    // 2. scores of the G heads
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t off = t * pr_.query.stride[0] + (n2 * G + g) * pr_.query.stride[1];
+      load_from(pr_.query.data, off, pr_.query.stride[2], D, qa_.get() + g * D);
+    }
+    kt_->gemm.f32(qa_.get(), D, G, kq_.get(), D * cpu::kPanel, 0, nep, D, D, s_.get(), nep, pr_.scale, false);
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    const DType dt = pr_.dtype;
+    const bool low = dt == DType::kBF16 || dt == DType::kF16;
+    std::vector<float>& l = l_;
+    l.resize(static_cast<size_t>(G));
+    for (int64_t g = 0; g < G; ++g) {
+      float* line = s_.get() + g * nep;
+      std::fill(line + ne, line + nep, neg_inf);
+      // 3. exact softmax statistics
+      const float m = kt_->rows.row_max(line, nep, neg_inf);
+      const float lsum = kt_->rows.exp_sum(line, nep, m);
+      l[static_cast<size_t>(g)] = lsum;
+      // 4. rounded probabilities
+      float* pl = p_.get() + g * nep;
+      if (pr_.mode == Mode::kSelect) {
+        for (int64_t i = 0; i < nep; ++i) pl[i] = low ? select_detail::round_rha(line[i], dt) : line[i];
+      } else {
+        for (int64_t i = 0; i < nep; ++i) {
+          const float pv = line[i] / lsum;
+          pl[i] = low ? select_detail::round_rha(pv, dt) : pv;
+        }
+      }
+    }
+    kt_->gemm.f32(p_.get(), nep, G, vo_.get(), nep * cpu::kPanel, 0, dvp_, nep, nep, o_.get(), dvp_, 1.0f, false);
+    // 5. outputs
+    for (int64_t g = 0; g < G; ++g) {
+      float* o = o_.get() + g * dvp_;
+      const int64_t base = (t * pr_.N1 + n2 * G + g) * Dv;
+      if (pr_.mode == Mode::kSelect) {
+        const float lsum = l[static_cast<size_t>(g)];
+        for (int64_t e = 0; e < Dv; ++e) o[e] = o[e] / lsum;
+        if (dt == DType::kBF16) {
+          uint16_t* dst = static_cast<uint16_t*>(pr_.out) + base;
+          for (int64_t e = 0; e < Dv; ++e) dst[e] = detail::f32_to_bf16(o[e]);  // rne_bf16
+          continue;
+        }
+      }
+      for (int64_t e = 0; e < Dv; ++e) select_detail::store_rha(pr_.out, base + e, o[e], dt);  // rha_T
+    }
+  }
+
+  void zero_rows(int64_t t, int64_t n2) {
+    const size_t esz = dtype_size(pr_.dtype);
+    std::memset(static_cast<char*>(pr_.out) + (t * pr_.N1 + n2 * pr_.G) * pr_.Dv * static_cast<int64_t>(esz), 0,
+                esz * static_cast<size_t>(pr_.G * pr_.Dv));
+  }
+
+ private:
+  // row_[0..n) = the n elements at data + off with element stride `step`, row_[n..n_pad) = 0.
+  void load(const PagedCacheView& c, int64_t off, int64_t n, int64_t n_pad) {
+    load_from(c.data, off, c.stride[3], n, row_.data());
+    std::fill(row_.begin() + n, row_.begin() + n_pad, 0.0f);
+  }
+  void load_from(const void* data, int64_t off, int64_t step, int64_t n, float* out) const {
+    if (step == 1) {
+      kt_->rows.load_row(static_cast<const char*>(data) + off * static_cast<int64_t>(dtype_size(pr_.dtype)), out, n,
+                         pr_.dtype);
+    } else {
+      for (int64_t k = 0; k < n; ++k) out[k] = detail::load_f32(data, off + k * step, pr_.dtype);
+    }
+  }
+
+  const Problem& pr_;
+  const cpu::KernelTable* kt_;
+  int64_t cap_ = 0, dvp_ = 0;
+  detail::AlignedBuffer<float> kq_, vo_, qa_, s_, p_, o_;
+  std::vector<float> row_, l_;
+};
+
+}  // namespace nsa::paged
