@@ -62,6 +62,7 @@ from .ops.select_attention import (  # noqa: E402
 from .ops.select_attention_infer import npu_nsa_select_attention_infer  # noqa: E402
 from .ops.paged_window_attention import paged_window_attention  # noqa: E402
 from .ops.compress_infer import npu_nsa_compress_infer  # noqa: E402
+from .ops.compress_attention_infer import npu_nsa_compress_attention_infer  # noqa: E402
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 from .layer import NSAAttention, NSAAux  # noqa: E402
 
@@ -87,6 +88,7 @@ __all__ = [
     "npu_nsa_select_attention_infer",
     "paged_window_attention",
     "npu_nsa_compress_infer",
+    "npu_nsa_compress_attention_infer",
     "selection_lengths",
     "prefix_sums",
     "lengths_from_prefix_sums",
