@@ -12,6 +12,19 @@ namespace {
 std::tuple<std::string, std::string> cpu_isa() {
   return {nsa::cpu_isa_name(nsa::cpu_detected_isa()), nsa::cpu_isa_name(nsa::cpu_active_isa())};
 }
+
+// How the active path was chosen (nsa::cpu_isa_report(), decided once per process): the detected path, the
+// fastest path on this CPU before NSA_CPU_ISA, the active path, the CPU's vendor / family / model, the basis of
+// the choice ("single path", "table", "calibration" or "NSA_CPU_ISA") and the reason in words.
+std::tuple<std::string, std::string, std::string, std::string, std::string, std::string> cpu_isa_report() {
+  const nsa::CpuIsaReport& r = nsa::cpu_isa_report();
+  return {nsa::cpu_isa_name(r.detected), nsa::cpu_isa_name(r.preferred), nsa::cpu_isa_name(r.active), r.cpu,
+          r.basis, r.reason};
+}
 }  // namespace
 
-TORCH_LIBRARY(nsa, m) { m.def("cpu_isa() -> (str detected, str active)", &cpu_isa); }
+TORCH_LIBRARY(nsa, m) {
+  m.def("cpu_isa() -> (str detected, str active)", &cpu_isa);
+  m.def("cpu_isa_report() -> (str detected, str preferred, str active, str cpu, str basis, str reason)",
+        &cpu_isa_report);
+}

@@ -63,6 +63,7 @@ from .ops.select_attention_infer import npu_nsa_select_attention_infer  # noqa: 
 from .ops.paged_window_attention import paged_window_attention  # noqa: E402
 from .ops.compress_infer import npu_nsa_compress_infer  # noqa: E402
 from .ops.compress_attention_infer import npu_nsa_compress_attention_infer  # noqa: E402
+from .isa_report import CpuIsaReport, cpu_isa_report  # noqa: E402
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 from .layer import NSAAttention, NSAAux  # noqa: E402
 
@@ -99,6 +100,8 @@ __all__ = [
     "softmax_stats_dense",
     "softmax_stats_pack",
     "cpu_isa",
+    "cpu_isa_report",
+    "CpuIsaReport",
     "library_path",
     "load_library",
     "NSAAttention",

@@ -9,6 +9,7 @@ Commands (``--help`` on each says more):
 * ``check``: compare two output sets with the rules of nsa_ops.tolerance; names the rows (t, head) that differ
   and exits with status 1 on a mismatch.
 * ``select-map``: run a causal example and draw which selection blocks each query picks (PNG heat map).
+* ``isa``: which CPU instruction-set path runs by default and why (``nsa_ops.cpu_isa_report()``).
 
 Exit status: 0 success, 1 check mismatch, 2 bad arguments or input files, 3 an optional package is missing.
 """
@@ -99,8 +100,9 @@ def cmd_bench(args) -> int:
                               l=args.compress_block_size, d=args.compress_stride, lp=args.select_block_size, K=args.topk)
              for n in lens]
     detected, active = nsa_ops.cpu_isa()
+    basis = nsa_ops.cpu_isa_report().basis
     header = (f"nsa_ops {_version()} ({nsa_ops.library_path()}), torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, CPU ISA {active} (detected {detected}); "
+              f"{torch.get_num_threads()} threads, CPU ISA {active} (detected {detected}, chosen by {basis}); "
               f"median of {args.repeat} runs after {args.warmup} warm-up(s)")
     print(header)
     shape = cases[0].shape_str().replace(f"T={lens[0]} C={cases[0].cmp_lens[0]} ", "").replace(" masks", "")
@@ -121,6 +123,23 @@ def cmd_bench(args) -> int:
                  f"torch {torch.__version__}, nsa_ops {_version()}")
         _bench.plot(results, args.plot, title)
         print(f"wrote {args.plot}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ isa
+def cmd_isa(args) -> int:
+    import nsa_ops
+
+    r = nsa_ops.cpu_isa_report()
+    if args.json:
+        print(json.dumps(r._asdict(), indent=1))
+        return 0
+    print(f"CPU: {r.cpu}")
+    print(f"detected:  {r.detected} (the best path cpuid + XCR0 allow)")
+    print(f"preferred: {r.preferred} (the fastest path here, before NSA_CPU_ISA)")
+    print(f"active:    {r.active} (what runs unless a path is forced)")
+    print(f"chosen by: {r.basis}")
+    print(f"why:       {r.reason}")
     return 0
 
 
@@ -357,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="planted", choices=["planted", "random"],
                    help="random: standard normal q/k/v; planted: + landmark blocks")
     p.set_defaults(func=cmd_select_map)
+
+    p = sub.add_parser("isa", formatter_class=fmt, help="which CPU instruction-set path runs by default, and why",
+                       description="Prints nsa_ops.cpu_isa_report(): the path cpuid + XCR0 allow, the fastest path "
+                       "on this CPU (for bf16 inputs: the vdpbf16ps path avx512bf16 or the fp32 FMA path avx512, "
+                       "from a table of known CPUs, else a one-time calibration), the active path after "
+                       "NSA_CPU_ISA, and the reason.")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_isa)
     return ap
 
 

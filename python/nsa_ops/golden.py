@@ -373,8 +373,12 @@ def _versions() -> dict:
     except Exception:  # running from the source tree
         pkg = None
     detected, active = nsa_ops.cpu_isa()
+    try:  # how the path was chosen (a library built before cpu_isa_report lacks it)
+        basis = nsa_ops.cpu_isa_report().basis
+    except (AttributeError, RuntimeError):
+        basis = None
     return {"nsa_ops": pkg, "torch": torch.__version__, "library": nsa_ops.library_path(),
-            "cpu_isa_detected": detected, "cpu_isa_active": active}
+            "cpu_isa_detected": detected, "cpu_isa_active": active, "cpu_isa_basis": basis}
 
 
 def write_outputs(outdir: str | Path, outputs: tuple, inputs: Inputs, *, backend: str = "cpu",

@@ -7,10 +7,12 @@
 #                            calls on the references and every ISA, forward and backward; rules kept with flags off
 #   test_threads.cpp         the parallel loops the CPU backend runs on (src/common/threads.h): persistent workers,
 #                            concurrent callers, nested loops, exceptions, fork
+#   test_isa_choice.cpp      the choice of the default CPU path (src/cpu/isa.h): speed table, calibration, NSA_CPU_ISA
 list(APPEND NSA_CPP_TEST_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/test_reference_hand.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_validation.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_cpu_backend.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_backward.cpp
   ${CMAKE_CURRENT_LIST_DIR}/test_threads.cpp
-  ${CMAKE_CURRENT_LIST_DIR}/test_extensions.cpp)
+  ${CMAKE_CURRENT_LIST_DIR}/test_extensions.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/test_isa_choice.cpp)
