@@ -195,17 +195,26 @@ def set_threads(n: Optional[int]) -> int:
 # ------------------------------------------------------------------------------------------------ peak
 @dataclasses.dataclass
 class Peak:
-    bf16: float          # GFLOP/s, vdpbf16ps on all threads
+    bf16: float          # GFLOP/s, vdpbf16ps on all threads (the fp32 FMA figure where there is no vdpbf16ps)
     fp32: float          # GFLOP/s, fp32 FMA on all threads
     source: str          # how it was obtained (one line)
     probe: Optional[dict] = None  # peak_probe's JSON when measured
 
+    @property
+    def bf16_inputs(self) -> float:
+        """The attainable peak of bf16 inputs: the larger of the vdpbf16ps and fp32 FMA peaks. bf16 widens exactly
+        to fp32, so either unit can do the products; which is faster depends on the CPU (vdpbf16ps is twice the
+        FMA rate on AMD Zen 4 / 5, half of it on Intel Emerald Rapids)."""
+        return max(self.bf16, self.fp32)
+
     def for_dtype(self, dtype: torch.dtype) -> float:
-        """bf16 peak for bf16 inputs; fp32 FMA peak for fp16/fp32 (no fp16 dot-product instruction here)."""
-        return self.bf16 if dtype == torch.bfloat16 else self.fp32
+        """The attainable peak of an input dtype, the denominator of "% peak": bf16_inputs for bf16, the fp32 FMA
+        peak for fp16 and fp32 (no fp16 dot-product instruction is used)."""
+        return self.bf16_inputs if dtype == torch.bfloat16 else self.fp32
 
     def describe(self) -> str:
-        return f"peak bf16 {self.bf16:.0f} GFLOP/s, fp32 {self.fp32:.0f} GFLOP/s ({self.source})"
+        return (f"peak of bf16 inputs {self.bf16_inputs:.0f} GFLOP/s (the larger of vdpbf16ps {self.bf16:.0f} and "
+                f"fp32 FMA {self.fp32:.0f}), of fp16 / fp32 inputs {self.fp32:.0f} GFLOP/s ({self.source})")
 
 
 def find_peak_probe() -> Optional[Path]:
@@ -219,12 +228,19 @@ def find_peak_probe() -> Optional[Path]:
 PEAK_CACHE = ROOT / "build" / "bench" / "peak_cache.json"
 
 
+def peak_cache_key(data: dict) -> str:
+    """The cache key of a probe: brand string, cpuid display family and model, threads. The brand string alone is
+    not enough: VMs of Zen 3, Zen 4 and Zen 5 hosts all say "AMD EPYC". Probes without family / model (before
+    peak_probe printed them) get keys no current probe has, so they are never merged."""
+    return f"{data.get('cpu', '?')}|{data.get('cpu_family', '?')}|{data.get('cpu_model', '?')}|{data['threads']}"
+
+
 def merge_with_cache(data: dict, cache_path: Path = PEAK_CACHE) -> tuple[dict, bool]:
-    """Per-kernel maximum of this probe and the earlier ones on the same CPU model and thread count
+    """Per-kernel maximum of this probe and the earlier ones on the same CPU (peak_cache_key) and thread count
     (stored in cache_path, updated). A peak is a property of the machine: a run on a machine busy with
     other work measures less, never more, so the best figure seen is the better estimate.
     Returns (merged data, whether an earlier figure was higher)."""
-    key = f"{data.get('cpu', '?')}|{data['threads']}"
+    key = peak_cache_key(data)
     try:
         with open(cache_path) as f:
             cache = json.load(f)
@@ -246,6 +262,8 @@ def merge_with_cache(data: dict, cache_path: Path = PEAK_CACHE) -> tuple[dict, b
         if k.get("supported"):
             cur = peaks[k["kind"]]
             peaks[k["kind"]] = k["gflops_all"] if cur is None else max(cur, k["gflops_all"])
+    known = [p for p in peaks.values() if p is not None]
+    peaks["bf16_inputs"] = max(known) if known else None
     merged["peak_gflops"] = peaks
     cache[key] = merged
     try:
@@ -293,7 +311,9 @@ def get_peak(threads: int, peak_json: Optional[str] = None, probe: bool = True,
             # no vdpbf16ps on this CPU (AVX2 only, or AVX-512 without BF16): bf16 inputs are widened to
             # fp32 and run on the FMA units, so the fp32 FMA rate is their peak
             pb = pf
-            source += "; no bf16 dot-product instruction here: bf16 peak = fp32 FMA peak"
+            source += "; no bf16 dot-product instruction here: the fp32 FMA peak is the bf16 inputs' peak"
+        elif pb is not None and pf is not None and pf > pb:
+            source += "; vdpbf16ps is slower than fp32 FMA here: bf16 inputs are measured against the FMA peak"
         busy = []
         for name, k in data["kernels"].items():
             if k.get("supported") and k["gflops_all"] < 0.8 * data["threads"] * k["gflops_1t"]:

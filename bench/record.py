@@ -83,10 +83,16 @@ def run(args) -> int:
     import nsa_ops  # noqa: F401  (fails early with a clear message when the library is not built)
 
     detected, active = nsa_ops.cpu_isa()
+    isa = {"detected": detected, "active": active}
+    try:  # how the path was chosen (libraries built before nsa_ops.cpu_isa_report existed lack it)
+        rep = nsa_ops.cpu_isa_report()
+        isa.update(preferred=rep.preferred, basis=rep.basis, reason=rep.reason)
+    except (AttributeError, RuntimeError):
+        pass
     model = cpu_model()
     record = {
         "cpu": model,
-        "isa": {"detected": detected, "active": active},
+        "isa": isa,
         "commit": git("rev-parse", "--short", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": _dt.date.today().isoformat(),
@@ -139,9 +145,11 @@ def run(args) -> int:
 def section(record: dict) -> str:
     isa = record["isa"]
     dirty = " + uncommitted changes" if record.get("dirty") else ""
+    basis = f", chosen by {isa['basis']}" if isa.get("basis") else ""
     out = [f"### {record['cpu']}", "",
-           f"ISA path `{isa['active']}` (detected `{isa['detected']}`), {record['threads']} threads, commit "
-           f"`{record['commit']}`{dirty}, measured {record['date']} with `bench/record.py run`.", ""]
+           f"ISA path `{isa['active']}` (detected `{isa['detected']}`{basis}), {record['threads']} threads, commit "
+           f"`{record['commit']}`{dirty}, measured {record['date']} with `bench/record.py run`. "
+           "`% peak` is against the attainable peak of the input dtype (bench/README.md).", ""]
     for name, b in record["benches"].items():
         out += [f"**{name}**: {b['what']}", "", b["markdown"], ""]
     return "\n".join(out)
