@@ -230,8 +230,7 @@ PEAK_CACHE = ROOT / "build" / "bench" / "peak_cache.json"
 
 def peak_cache_key(data: dict) -> str:
     """The cache key of a probe: brand string, cpuid display family and model, threads. The brand string alone is
-    not enough: VMs of Zen 3, Zen 4 and Zen 5 hosts all say "AMD EPYC". Probes without family / model (before
-    peak_probe printed them) get keys no current probe has, so they are never merged."""
+    not enough: VMs of Zen 3, Zen 4 and Zen 5 hosts all say "AMD EPYC"."""
     return f"{data.get('cpu', '?')}|{data.get('cpu_family', '?')}|{data.get('cpu_model', '?')}|{data['threads']}"
 
 
@@ -239,7 +238,10 @@ def merge_with_cache(data: dict, cache_path: Path = PEAK_CACHE) -> tuple[dict, b
     """Per-kernel maximum of this probe and the earlier ones on the same CPU (peak_cache_key) and thread count
     (stored in cache_path, updated). A peak is a property of the machine: a run on a machine busy with
     other work measures less, never more, so the best figure seen is the better estimate.
-    Returns (merged data, whether an earlier figure was higher)."""
+    Returns (merged data, whether an earlier figure was higher). A probe without cpuid family / model (a
+    peak_probe built before it printed them) cannot tell those CPUs apart: it is used alone, and not cached."""
+    if "cpu_family" not in data or "cpu_model" not in data:
+        return data, False
     key = peak_cache_key(data)
     try:
         with open(cache_path) as f:
