@@ -165,7 +165,7 @@ at::Tensor paged_window_attention_meta(const at::Tensor& query, const at::Tensor
 at::Tensor paged_window_attention_tensor_lengths_meta(const at::Tensor& query, const at::Tensor& key_cache,
                                                       const at::Tensor& value_cache, const at::Tensor& block_table,
                                                       const at::Tensor& seq_lens, int64_t window, double scale,
-                                                      const OptTensor& query_lens) {
+                                                      const OptTensor& /*query_lens*/) {
   TORCH_CHECK(seq_lens.dim() == 1, "seq_lens must be a 1-D integer tensor (one length per batch), got a ",
               seq_lens.dim(), "-D tensor");
   return paged_window_attention_meta(query, key_cache, value_cache, block_table, {}, window, scale, std::nullopt);

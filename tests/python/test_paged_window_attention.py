@@ -149,3 +149,38 @@ def test_opcheck(tensor_lengths):
         s, q = torch.tensor(s), torch.tensor(q)
     op = torch.ops.nsa.paged_window_attention.tensor_lengths if tensor_lengths else torch.ops.nsa.paged_window_attention.default
     torch.library.opcheck(op, (a["query"], a["key_cache"], a["value_cache"], a["block_table"], s, 20, 0.5, q))
+
+
+def test_strided_caches_and_query():
+    """Caches that are views (K and V halves of one buffer, a last-dim step of 2) and a strided query read in
+    place: bitwise the result of contiguous copies."""
+    c = make_case(torch.float16, [1, 2], [33, 12], 4, 2, 8, 8, 8, seed=31)
+    a = nsa_ops.paged_window_attention(c.query, c.key, c.value, c.table, c.s, 9, query_lens=c.q)
+    kv = torch.cat([c.key, c.value], dim=2)  # [num_pages, P, 2 N2, D]: keys heads 0..N2-1, values N2..2N2-1
+    wide = torch.zeros(*c.key.shape[:3], 16, dtype=c.key.dtype)
+    wide[..., ::2] = c.key
+    q_wide = torch.zeros(c.query.shape[0], c.query.shape[1], 16, dtype=c.query.dtype)
+    q_wide[..., 1::2] = c.query
+    b = nsa_ops.paged_window_attention(q_wide[..., 1::2], wide[..., ::2], kv[:, :, 2:], c.table, c.s, 9,
+                                       query_lens=c.q)
+    assert torch.equal(a, b)
+
+
+def test_compile_tensor_lengths_no_recompilation():
+    """torch.compile(fullgraph=True) with tensor lengths: new lengths are new inputs, not new constants."""
+    import torch._dynamo
+
+    c = make_case(torch.bfloat16, [1, 1], [20, 9], 2, 1, 8, 8, 4, seed=41)
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda q, s: nsa_ops.paged_window_attention(q, c.key, c.value, c.table, s, 6),
+                       backend=backend, fullgraph=True)
+    for s in ([20, 9], [17, 2], [19, 9]):
+        eager = nsa_ops.paged_window_attention(c.query, c.key, c.value, c.table, s, 6)
+        assert torch.equal(fn(c.query, torch.tensor(s)), eager)
+    assert len(frames) == 1
+    torch._dynamo.reset()

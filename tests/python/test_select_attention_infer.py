@@ -222,3 +222,23 @@ def test_opcheck(tensor_lengths):
     op = torch.ops.nsa.select_attention_infer.tensor_lengths if tensor_lengths else torch.ops.nsa.select_attention_infer.default
     torch.library.opcheck(op, (a["query"], a["key"], a["value"], a["topk_indices"], 0.5, 2, 2, 8, 2, 16, "TND", None,
                                a["block_table"], ql, kl))
+
+
+def test_strided_caches():
+    """Caches that are views (a slice of a combined K/V buffer; a last-dim step of 2, also flattened for TND) are
+    read in place: bitwise the result of contiguous copies."""
+    c = make_case(torch.bfloat16, [1, 1], [40, 21], 4, 2, 8, 8, 8, seed=32)
+    random_topk(c, 4, 4, seed=32)
+    a = tnd(c, 0.5)
+    kv = torch.cat([c.key, c.value], dim=2)
+    wide = torch.zeros(*c.key.shape[:3], 16, dtype=c.key.dtype)
+    wide[..., ::2] = c.key
+    b = nsa_ops.npu_nsa_select_attention_infer(c.query[:, None], wide[..., ::2], kv[:, :, 2:], c.topk[:, None], 0.5,
+                                               4, 2, 4, 4, 8, block_table=c.table, actual_seq_kvlen=c.s)
+    assert torch.equal(a, b[:, 0])
+    wide3 = torch.zeros(*c.key.shape[:2], 32, dtype=c.key.dtype)
+    wide3[..., ::2] = c.key.flatten(2)
+    d = nsa_ops.npu_nsa_select_attention_infer(c.query, wide3[..., ::2], c.value.flatten(2), c.topk, 0.5, 4, 2, 4, 4, 8,
+                                               layout="TND", block_table=c.table, actual_seq_qlen=c.q,
+                                               actual_seq_kvlen=c.s)
+    assert torch.equal(a, d)
