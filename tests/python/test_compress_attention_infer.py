@@ -279,3 +279,32 @@ def test_compile_decode_steps():
     out = step(args[0], args[1], args[2], kwargs["block_table"], kwargs["atten_mask"], tk["actual_seq_qlen"],
                tk["actual_cmp_seq_kvlen"], tk["actual_sel_seq_kvlen"])
     assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_equals_training_attention_out(dtype):
+    """Decode consistency: for one query token and the full compressed sequence (no mask), attention_out is the
+    training operator's (npu_nsa_compress_attention, compress_attention.md §3 steps 1-4: the same rne(P).V rule),
+    within the attention tolerance; the decode forced blocks lead the top-k."""
+    N1, N2, D, Dv, C, P = 4, 2, 32, 16, 37, 8
+    g = torch.Generator().manual_seed(11)
+    q = (torch.rand(1, N1, D, generator=g) * 2 - 1).to(dtype)
+    kc = (torch.rand(C, N2, D, generator=g) * 2 - 1).to(dtype)
+    vc = (torch.rand(C, N2, Dv, generator=g) * 2 - 1).to(dtype)
+    pages = (C + P - 1) // P
+    perm = torch.randperm(pages + 1, generator=g)[:pages]
+    key = torch.zeros(pages + 1, P, N2 * D, dtype=dtype)
+    value = torch.zeros(pages + 1, P, N2 * Dv, dtype=dtype)
+    for c in range(C):
+        key[perm[c // P], c % P] = kc[c].reshape(-1)
+        value[perm[c // P], c % P] = vc[c].reshape(-1)
+    scale = 1 / math.sqrt(D)
+    out, idx = nsa_ops.npu_nsa_compress_attention_infer(
+        q, key, value, scale, N1, N2, 64, 4, P, 32, 16, block_table=perm.to(torch.int32)[None, :],
+        actual_cmp_seq_kvlen=[C])
+    train = nsa_ops.npu_nsa_compress_attention(q, kc, vc, scale, N1, 32, 16, 64, 4, actual_seq_qlen=[1],
+                                               actual_cmp_seq_kvlen=[C])[0]
+    tol = 2 * torch.finfo(dtype).eps * vc.float().abs().max() + (0 if dtype == torch.float32 else 2**-8)
+    assert (out.float() - train.float()).abs().max() <= tol
+    sel = math.ceil(((C - 1) * 16 + 32) / 64)
+    assert idx[0, :, :3].tolist() == [[0, sel - 2, sel - 1]] * N2

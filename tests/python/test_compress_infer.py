@@ -210,3 +210,34 @@ def test_compile_updates_cache_in_place():
                torch.tensor(kw["actual_seq_len"]), cache)
     assert torch.equal(cache, expect)
     assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_steps_equal_training_compress(dtype):
+    """Decode consistency (§2): compressing step by step into a paged cache gives the training operator's rows for the
+    same windows (npu_nsa_compress, compress.md §4): bitwise in fp32 (same fp32 sums, no rounding), within one ulp
+    in bf16 (rne here, rha there: they differ only on exact ties)."""
+    l, d, P, N, D, S = 8, 4, 3, 2, 24, 41
+    g = torch.Generator().manual_seed(9)
+    seq = (torch.rand(S, N, D, generator=g) * 4 - 2).to(dtype)
+    weight = (torch.rand(l, N, generator=g) * 2 - 1).to(dtype)
+    pages = (S + P - 1) // P
+    perm = torch.randperm(pages, generator=g)
+    paged = torch.zeros(pages, P, N, D, dtype=dtype)
+    for p in range(S):  # raw token p of the sequence at page perm[p // P], row p % P
+        paged[perm[p // P], p % P] = seq[p]
+    table = perm.to(torch.int32)[None, :]
+    C = (S - l) // d + 1
+    cache = torch.zeros(C + 2, N, D, dtype=dtype)
+    for s in range(1, S + 1):  # one decode step per appended token; slot c for compressed token c
+        c = (s - l) // d if s >= l else 0
+        nsa_ops.npu_nsa_compress_infer(paged, weight, torch.tensor([c], dtype=torch.int32), l, d, P,
+                                       block_table=table, actual_seq_len=torch.tensor([s]), cache=cache)
+    train = nsa_ops.npu_nsa_compress(seq, weight, l, d, actual_seq_len=[S])
+    assert train.shape[0] == C
+    if dtype == torch.float32:
+        assert torch.equal(cache[:C], train)
+    else:
+        ulp = torch.finfo(dtype).eps * train.float().abs()
+        assert torch.all((cache[:C].float() - train.float()).abs() <= ulp)
+    assert torch.all(cache[C:] == 0)
