@@ -10,6 +10,7 @@
 
 #include "cpu/isa.h"
 #include "nsa/cpu.h"
+#include "test_util.h"
 
 namespace {
 
@@ -105,7 +106,9 @@ TEST(IsaChoice, TableIsDeterministic) {
           ASSERT_STREQ(a.basis, b.basis);
           ASSERT_EQ(a.reason, b.reason);
           // never a path the CPU cannot run
-          if (a.known) ASSERT_LE(static_cast<int>(a.isa), d) << where(id);
+          if (a.known) {
+            ASSERT_LE(static_cast<int>(a.isa), d) << where(id);
+          }
         }
 }
 
@@ -183,7 +186,9 @@ TEST(IsaChoice, HostReport) {
   bool used = false, bad = false;
   EXPECT_EQ(r.active, nsa::cpu::apply_isa_env(r.preferred, r.detected, env, &used, &bad));
   EXPECT_EQ(r.basis == "NSA_CPU_ISA", used);
-  if (!used) EXPECT_EQ(r.basis, t.known ? t.basis : "calibration");
+  if (!used) {
+    EXPECT_EQ(r.basis, t.known ? t.basis : "calibration");
+  }
   nsa::CpuIsa isa = nsa::CpuIsa::kScalar;
   ASSERT_TRUE(nsa::cpu::resolve_isa(-1, &isa).ok());
   EXPECT_EQ(isa, r.active);
@@ -228,6 +233,23 @@ TEST(IsaChoice, CalibrationRunsAndReports) {
   EXPECT_TRUE(c.isa == CpuIsa::kAvx512 || c.isa == CpuIsa::kAvx512Bf16) << nsa::cpu_isa_name(c.isa);
   EXPECT_NE(c.reason.find("GFLOP/s"), std::string::npos) << c.reason;
   std::printf("calibration: %s -> %s\n", c.reason.c_str(), nsa::cpu_isa_name(c.isa));
+}
+
+// The choice between avx512 and avx512bf16 matters for bf16 inputs only: fp32 and fp16 inputs run the same fp32
+// kernels on both tables, so their results are bitwise equal (compressed attention forward, groups of 1 and 5).
+TEST(IsaChoice, Fp32AndFp16ResultsDoNotDependOnTheBf16Choice) {
+  if (!nsa::cpu_isa_supported(CpuIsa::kAvx512Bf16)) GTEST_SKIP() << "needs AVX-512 BF16 (both paths)";
+  for (nsa::DType dt : {nsa::DType::kF32, nsa::DType::kF16}) {
+    for (int64_t N1 : {2, 10}) {
+      nsa_test::Case cs = nsa_test::Case::make(dt, {9, 40}, {13, 6}, N1, 2, 32, 16, 32, 16, 64, 2);
+      std::mt19937_64 rng(7 + N1);
+      cs.fill_uniform(rng, -1, 1);
+      SCOPED_TRACE(cs.describe());
+      const nsa_test::Result a = nsa_test::run_cpu(cs, CpuIsa::kAvx512), b = nsa_test::run_cpu(cs, CpuIsa::kAvx512Bf16);
+      ASSERT_TRUE(a.status.ok()) << a.status.message();
+      EXPECT_TRUE(nsa_test::bitwise_equal(a, b));
+    }
+  }
 }
 
 }  // namespace
