@@ -63,6 +63,7 @@
 #include "common/aligned_buffer.h"
 #include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "common/row_helpers.h"
 #include "common/status_guard.h"
 #include "common/threads.h"
 #include "cpu/isa.h"
@@ -87,6 +88,8 @@ static_assert(kBc == kPan, "a key tile is one panel");
 using detail::AlignedBuffer;
 using detail::Carver;
 using detail::round_up;
+using detail::dot_fixed;
+using detail::load_bits_row;
 
 // ---------------------------------------------------------------- plan
 enum TileState : uint8_t { kSkip = 0, kPartial = 1, kFull = 2 };
@@ -196,16 +199,6 @@ inline void load_row(const void* base, int64_t off, int64_t stride, int64_t n, f
   } else {
     for (int64_t k = 0; k < n; ++k) out[k] = E::get(src[k * stride]);
   }
-}
-
-// sum_k a[k] * b[k] in a fixed order: 8 interleaved partial sums (k % 8), then ((0+1)+(2+3))+((4+5)+(6+7)).
-inline float dot_fixed(const float* a, const float* b, int64_t n) {
-  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[k + j] * b[k + j];
-  for (int j = 0; k < n; ++k, ++j) part[j] += a[k] * b[k];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 // How a call multiplies (chosen once per call, see the header comment).
@@ -336,15 +329,6 @@ class Backward {
       return;
     }
     load_row<E>(t.data, off, t.stride[2], n, out);
-  }
-  // Row of a bf16 tensor as bits, into dst[0..n).
-  static void load_bits_row(const Tensor3& t, int64_t row, int64_t head, int64_t n, uint16_t* dst) {
-    const uint16_t* src = static_cast<const uint16_t*>(t.data) + row * t.stride[0] + head * t.stride[1];
-    if (t.stride[2] == 1) {
-      std::memcpy(dst, src, sizeof(uint16_t) * static_cast<size_t>(n));
-    } else {
-      for (int64_t k = 0; k < n; ++k) dst[k] = src[k * t.stride[2]];
-    }
   }
   void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) const {
     kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(src), ld_src, rows, cols, reinterpret_cast<uint32_t*>(dst),

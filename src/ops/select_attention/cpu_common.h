@@ -37,6 +37,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/aligned_buffer.h"
 #include "common/numeric.h"
 #include "cpu/kernels.h"
 #include "nsa/select_attention.h"
@@ -49,25 +50,12 @@ using select_detail::BatchInfo;
 using cpu::KernelTable;
 using cpu::kPanel;
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+using detail::round_up;
 
-// 64-byte aligned buffer; std::bad_alloc when memory runs out (the entry points turn it into a Status).
+// 64-byte aligned buffer (common/aligned_buffer.h); std::bad_alloc when memory runs out (the entry points turn it
+// into a Status).
 template <typename T>
-struct AlignedBuf {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> ptr;
-  int64_t n = 0;
-  void reset(int64_t count, bool zero = false) {
-    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(T)), 64));
-    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (!ptr) throw std::bad_alloc();
-    if (zero) std::memset(ptr.get(), 0, bytes);
-    n = count;
-  }
-  T* get() const { return ptr.get(); }
-};
+using AlignedBuf = detail::AlignedBuffer<T>;
 
 // Sizes of a validated call and of the packed operands.
 struct Geo {

@@ -17,6 +17,7 @@
 #include <new>
 #include <vector>
 
+#include "common/aligned_buffer.h"
 #include "cpu/kernels.h"
 #include "nsa/window_attention.h"
 #include "ops/window_attention/batches.h"
@@ -43,25 +44,13 @@ Status forward(const WindowAttentionParams& p, const CpuOptions& options, const 
 Status backward(const WindowAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning);
 
 // ---------------------------------------------------------------- helpers shared by the drivers
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+using detail::round_up;
 inline int64_t round_down(int64_t x, int64_t m) { return x / m * m; }
 
-// 64-byte aligned buffer; std::bad_alloc when memory runs out (reported as an error by the entry points).
+// 64-byte aligned buffer (common/aligned_buffer.h); std::bad_alloc when memory runs out (the entry points turn it
+// into a Status).
 template <typename T>
-struct AlignedBuf {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> ptr;
-  int64_t n = 0;
-  void reset(int64_t count) {
-    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(count, 1) * static_cast<int64_t>(sizeof(T)), 64));
-    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (ptr == nullptr) throw std::bad_alloc();
-    n = count;
-  }
-  T* get() const { return ptr.get(); }
-};
+using AlignedBuf = detail::AlignedBuffer<T>;
 
 // Visible keys of one row (§4): kind kRange: every key of [lo, hi); kMasked: the keys of [lo, hi) whose mask
 // entry is 0 (lo and hi are the first and last such key + 1); kNone: no key (§6).
@@ -111,8 +100,5 @@ std::vector<Tile> plan_tiles(const WindowAttentionParams& p, const WindowAttenti
 
 // Stores rows of float values in the dtype with rha_T (§5 step 4, §7), vectorized for the call's ISA.
 void store_rha(const float* src, void* dst, int64_t n, DType dt, CpuIsa isa);
-
-// Dlt = sum_e dy[e] * o[e] in a fixed order (8 interleaved partial sums, then a fixed tree).
-float dot_fixed(const float* a, const float* b, int64_t n);
 
 }  // namespace nsa::window_cpu

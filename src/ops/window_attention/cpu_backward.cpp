@@ -35,7 +35,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/aligned_buffer.h"
 #include "common/numeric.h"
+#include "common/row_helpers.h"
 #include "common/threads.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
@@ -48,6 +50,9 @@ namespace {
 
 using cpu::KernelTable;
 using window_detail::WBatch;
+using detail::Carver;
+using detail::dot_fixed;
+using detail::load_bits_row;
 
 constexpr int64_t kBc = 64;    // keys of a key tile (= one B panel)
 constexpr int64_t kPan = cpu::kPanel;
@@ -73,16 +78,6 @@ struct Scratch {
   float* dq = nullptr;
   float* dq_tile = nullptr;  // [R][Dp]: dQ of an owned tile in a dK/dV task
   std::vector<RowInfo> info;
-};
-
-struct Carver {
-  char* base = nullptr;
-  int64_t used = 0;
-  template <typename T>
-  void take(T** out, int64_t n) {
-    if (base != nullptr) *out = reinterpret_cast<T*>(base + used);
-    used += round_up(std::max<int64_t>(n, 0) * static_cast<int64_t>(sizeof(T)), 64);
-  }
 };
 
 struct QStrip {
@@ -340,14 +335,6 @@ class Backward {
                          p_.dtype);
     } else {
       for (int64_t k = 0; k < n; ++k) dst[k] = detail::load_f32(t.data, base + k * t.stride[2], p_.dtype);
-    }
-  }
-  static void load_bits_row(const Tensor3& t, int64_t row, int64_t head, int64_t n, uint16_t* dst) {
-    const uint16_t* src = static_cast<const uint16_t*>(t.data) + row * t.stride[0] + head * t.stride[1];
-    if (t.stride[2] == 1) {
-      std::memcpy(dst, src, sizeof(uint16_t) * static_cast<size_t>(n));
-    } else {
-      for (int64_t k = 0; k < n; ++k) dst[k] = src[k * t.stride[2]];
     }
   }
 

@@ -70,13 +70,4 @@ void store_rha(const float* src, void* dst, int64_t n, DType dt, CpuIsa isa) {
   window_detail::store_row_rha(src, dst, n, dt);
 }
 
-float dot_fixed(const float* a, const float* b, int64_t n) {
-  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[k + j] * b[k + j];
-  for (int j = 0; k < n; ++k, ++j) part[j] += a[k] * b[k];
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-}
-
 }  // namespace nsa::window_cpu
