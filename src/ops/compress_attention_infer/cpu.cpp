@@ -66,6 +66,7 @@ struct Scratch {
   AlignedBuffer<float> s, o, box1, box2, score;
   std::vector<int32_t> topk_work;
   std::vector<int64_t> order;
+  std::vector<float> row32;  // one widened key row
 };
 
 void init_scratch(const Plan& pl, Scratch& sc) {
@@ -82,6 +83,7 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.score.reset(sh.max_sel);
   sc.topk_work.resize(static_cast<size_t>(2 * sh.max_sel));
   sc.order.resize(static_cast<size_t>(sh.max_sel));
+  sc.row32.resize(static_cast<size_t>(sh.D));
 }
 
 // Offset of element (reduction index r < red, column n) of a B operand in its panels (kernels.h layouts).
@@ -91,29 +93,91 @@ inline int64_t panel_offset(bool pairs, int64_t red, int64_t r, int64_t n) {
 }
 
 // Step 1: gather the unit's compressed keys (columns = tokens, reduction over D) and values (reduction over the
-// tokens, columns = Dv) from their pages into the packed panels.
+// tokens, columns = Dv) from their pages into the packed panels. Rows whose last dimension is contiguous are copied
+// row by row (bf16 pairs as 32-bit words; other dtypes widened with the row kernel); other views element by element.
+// Only the padding the GEMMs read is zeroed: K columns [C, cp) (and the odd pad element of D for pairs), V tokens
+// [C, cp) and columns [Dv, d2p).
 void gather_kv(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64_t cp) {
   const CompressAttentionInferParams& p = *pl.p;
   const CompressAttentionInferShape& sh = pl.sh;
   const int32_t* table = p.block_table + b * p.block_table_row_stride;
   const bool pairs = pl.bf16_dot;
-  const int64_t kred = pairs ? 2 * pl.qk_red : sh.D;  // reduction elements of K (D padded to even for pairs)
+  const DType dt = p.dtype;
+  const int64_t D = sh.D, Dv = sh.Dv, dsz = static_cast<int64_t>(dtype_size(dt));
+  const int64_t kred = pairs ? 2 * pl.qk_red : D;  // reduction elements of K (D padded to even for pairs)
   const size_t esz = pairs ? 2 : 4;
-  std::memset(sc.kpack.get(), 0, static_cast<size_t>(cp * kred) * esz);
-  std::memset(sc.vpack.get(), 0, static_cast<size_t>(cp * pl.d2p) * esz);
+  const bool k_rows = p.key.stride[2] == 1, v_rows = p.value.stride[2] == 1;
+  uint8_t* kp = sc.kpack.get();
+  uint8_t* vp = sc.vpack.get();
+  if (!k_rows || (pairs && D % 2 != 0)) std::memset(kp, 0, static_cast<size_t>(cp * kred) * esz);
+  else if (C % kPanel != 0) std::memset(kp + (C / kPanel) * kred * kPanel * esz, 0, static_cast<size_t>(kred * kPanel) * esz);
+  if (!v_rows) {
+    std::memset(vp, 0, static_cast<size_t>(cp * pl.d2p) * esz);
+  } else {
+    if (Dv % kPanel != 0) std::memset(vp + (pl.d2p / kPanel - 1) * cp * kPanel * esz, 0, static_cast<size_t>(cp * kPanel) * esz);
+    const int64_t first = pairs ? C / 2 * 2 : C;  // tokens from here on are (or share a pair with) padding
+    for (int64_t pn = 0; pn < pl.d2p / kPanel; ++pn)
+      std::memset(vp + (pn * cp * kPanel + first * kPanel) * esz, 0, static_cast<size_t>((cp - first) * kPanel) * esz);
+  }
+  // K by transposes of 32-bit words (bf16 pairs, or fp32 elements) over runs of tokens that share a page and a
+  // panel, where the rows allow it: (e, c) -> word (e2, c) of its panel, dst[e2 * 64 + c % 64] = src[c][e2]
+  const int64_t words = pairs ? D / 2 : D;
+  const bool k_transpose = k_rows && (pairs ? D % 2 == 0 && p.key.stride[1] % 2 == 0 &&
+                                                  (reinterpret_cast<uintptr_t>(p.key.data) + n2 * D * 2) % 4 == 0
+                                            : dt == DType::kF32);
+  if (k_transpose) {
+    for (int64_t c = 0; c < C;) {
+      const int64_t run = std::min({sh.P - c % sh.P, kPanel - c % kPanel, C - c});
+      const int64_t kb = table[c / sh.P] * p.key.stride[0] + (c % sh.P) * p.key.stride[1] + n2 * D;
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(p.key.data) + kb * dsz);
+      uint32_t* dst = reinterpret_cast<uint32_t*>(kp) + (c / kPanel) * words * kPanel + c % kPanel;
+      pl.kt->grad.transpose_u32(src, p.key.stride[1] * dsz / 4, run, words, dst, kPanel);
+      c += run;
+    }
+  }
+  float* row32 = sc.row32.data();
   for (int64_t c = 0; c < C; ++c) {
     const int64_t page = table[c / sh.P], row = c % sh.P;
-    const int64_t kb = page * p.key.stride[0] + row * p.key.stride[1] + n2 * sh.D * p.key.stride[2];
-    const int64_t vb = page * p.value.stride[0] + row * p.value.stride[1] + n2 * sh.Dv * p.value.stride[2];
-    for (int64_t e = 0; e < sh.D; ++e) {
-      const int64_t off = panel_offset(pairs, kred, e, c), src = kb + e * p.key.stride[2];
-      if (pairs) reinterpret_cast<uint16_t*>(sc.kpack.get())[off] = static_cast<const uint16_t*>(p.key.data)[src];
-      else reinterpret_cast<float*>(sc.kpack.get())[off] = detail::load_f32(p.key.data, src, p.dtype);
+    const int64_t kb = page * p.key.stride[0] + row * p.key.stride[1] + n2 * D * p.key.stride[2];
+    const int64_t vb = page * p.value.stride[0] + row * p.value.stride[1] + n2 * Dv * p.value.stride[2];
+    const int64_t kcol = (c / kPanel) * kred * kPanel + c % kPanel;  // element (e = 0, column c) without pairs
+    if (k_transpose) {
+      // done above
+    } else if (k_rows && pairs) {  // (e, c) at panel + (e / 2) * 128 + (c % 64) * 2 + e % 2: one 32-bit word per pair
+      const uint8_t* src = static_cast<const uint8_t*>(p.key.data) + kb * 2;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(kp) + (c / kPanel) * kred * kPanel / 2 + c % kPanel;
+      for (int64_t e2 = 0; e2 < D / 2; ++e2) std::memcpy(dst + e2 * kPanel, src + e2 * 4, 4);
+      if (D % 2) reinterpret_cast<uint16_t*>(dst + (D / 2) * kPanel)[0] = reinterpret_cast<const uint16_t*>(src)[D - 1];
+    } else if (k_rows) {  // (e, c) at panel + e * 64 + c % 64
+      pl.kt->rows.load_row(static_cast<const uint8_t*>(p.key.data) + kb * dsz, row32, D, dt);
+      float* dst = reinterpret_cast<float*>(kp) + kcol;
+      for (int64_t e = 0; e < D; ++e) dst[e * kPanel] = row32[e];
+    } else {
+      for (int64_t e = 0; e < D; ++e) {
+        const int64_t off = panel_offset(pairs, kred, e, c), src = kb + e * p.key.stride[2];
+        if (pairs) reinterpret_cast<uint16_t*>(kp)[off] = static_cast<const uint16_t*>(p.key.data)[src];
+        else reinterpret_cast<float*>(kp)[off] = detail::load_f32(p.key.data, src, dt);
+      }
     }
-    for (int64_t e = 0; e < sh.Dv; ++e) {
-      const int64_t off = panel_offset(pairs, cp, c, e), src = vb + e * p.value.stride[2];
-      if (pairs) reinterpret_cast<uint16_t*>(sc.vpack.get())[off] = static_cast<const uint16_t*>(p.value.data)[src];
-      else reinterpret_cast<float*>(sc.vpack.get())[off] = detail::load_f32(p.value.data, src, p.dtype);
+    if (v_rows && pairs) {  // (c, e) at (e / 64) * cp * 64 + (c / 2) * 128 + (e % 64) * 2 + c % 2
+      const uint16_t* src = static_cast<const uint16_t*>(p.value.data) + vb;
+      uint16_t* dst = reinterpret_cast<uint16_t*>(vp) + (c / 2) * kPanel * 2 + c % 2;
+      for (int64_t pn = 0; pn * kPanel < Dv; ++pn) {
+        uint16_t* d = dst + pn * cp * kPanel;
+        const int64_t n = std::min(kPanel, Dv - pn * kPanel);
+        for (int64_t e = 0; e < n; ++e) d[2 * e] = src[pn * kPanel + e];
+      }
+    } else if (v_rows) {  // (c, e) at (e / 64) * cp * 64 + c * 64 + e % 64: contiguous runs of 64
+      const uint8_t* src = static_cast<const uint8_t*>(p.value.data) + vb * dsz;
+      for (int64_t pn = 0; pn * kPanel < Dv; ++pn)
+        pl.kt->rows.load_row(src + pn * kPanel * dsz, reinterpret_cast<float*>(vp) + pn * cp * kPanel + c * kPanel,
+                             std::min(kPanel, Dv - pn * kPanel), dt);
+    } else {
+      for (int64_t e = 0; e < Dv; ++e) {
+        const int64_t off = panel_offset(pairs, cp, c, e), src = vb + e * p.value.stride[2];
+        if (pairs) reinterpret_cast<uint16_t*>(vp)[off] = static_cast<const uint16_t*>(p.value.data)[src];
+        else reinterpret_cast<float*>(vp)[off] = detail::load_f32(p.value.data, src, dt);
+      }
     }
   }
 }

@@ -39,6 +39,7 @@ struct CACase {
   int64_t l = 32, d = 16, lp = 64, K = 1, Sq = 1;
   double scale = 0.25;
   bool atten = false, pass_q = true, pass_s = true;
+  int64_t kv_step = 1;  // element step of the last dim of key and value (2: gaps filled with NaN)
   std::vector<int64_t> q, C, S;  // per batch q_b, C_b, S_b
   std::vector<std::vector<int32_t>> table;
   std::vector<double> query, key, value;
@@ -104,15 +105,20 @@ struct Bound {
   nsa::CompressAttentionInferParams p;
 };
 
-inline void fill_values(std::vector<unsigned char>& buf, const std::vector<double>& vals, DType dt) {
-  buf.assign(vals.size() * nsa::dtype_size(dt) + 8, 0);
-  for (size_t i = 0; i < vals.size(); ++i) nsa::detail::store_f64(buf.data(), static_cast<int64_t>(i), vals[i], dt);
+// vals in the dtype, element i at i * step (the gaps NaN)
+inline void fill_values(std::vector<unsigned char>& buf, const std::vector<double>& vals, DType dt, int64_t step = 1) {
+  const size_t n = vals.size() * static_cast<size_t>(step);
+  buf.assign(n * nsa::dtype_size(dt) + 8, 0);
+  for (size_t i = 0; i < n; ++i)
+    nsa::detail::store_f64(buf.data(), static_cast<int64_t>(i),
+                           i % static_cast<size_t>(step) ? std::numeric_limits<double>::quiet_NaN()
+                                                         : vals[i / static_cast<size_t>(step)], dt);
 }
 
 inline void bind(const CACase& cs, Bound& bd) {
   fill_values(bd.query, cs.query, cs.dtype);
-  fill_values(bd.key, cs.key, cs.dtype);
-  fill_values(bd.value, cs.value, cs.dtype);
+  fill_values(bd.key, cs.key, cs.dtype, cs.kv_step);
+  fill_values(bd.value, cs.value, cs.dtype, cs.kv_step);
   bd.table.clear();
   for (const auto& r : cs.table) bd.table.insert(bd.table.end(), r.begin(), r.end());
   const int64_t rows = cs.rows();
@@ -136,13 +142,14 @@ inline void bind(const CACase& cs, Bound& bd) {
   p.key.size[1] = p.value.size[1] = cs.P;
   p.key.size[2] = cs.N2 * cs.D;
   p.value.size[2] = cs.N2 * cs.Dv;
-  p.key.stride[0] = cs.P * cs.N2 * cs.D;
-  p.key.stride[1] = cs.N2 * cs.D;
-  p.key.stride[2] = 1;
+  const int64_t st = cs.kv_step;
+  p.key.stride[0] = cs.P * cs.N2 * cs.D * st;
+  p.key.stride[1] = cs.N2 * cs.D * st;
+  p.key.stride[2] = st;
   p.value.data = bd.value.data();
-  p.value.stride[0] = cs.P * cs.N2 * cs.Dv;
-  p.value.stride[1] = cs.N2 * cs.Dv;
-  p.value.stride[2] = 1;
+  p.value.stride[0] = cs.P * cs.N2 * cs.Dv * st;
+  p.value.stride[1] = cs.N2 * cs.Dv * st;
+  p.value.stride[2] = st;
   p.scale_value = cs.scale;
   p.head_num = cs.N1;
   p.key_value_head_num = cs.N2;
