@@ -155,6 +155,19 @@ def _numels(head_num: int, q: Any, kv: Any, tensors: bool) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ drop-ins
+def _drop_in_options(head_num, scale, scale_name, pre_tockens, next_tockens, inner_precise, sparse_mode,
+                     gen_mask_parallel, sync, softmax_layout):
+    """The scalar options of npu_fusion_attention and its grad, checked and converted (errors name the argument):
+    (head_num, scale, pre_tockens, next_tockens, inner_precise, sparse_mode, softmax_layout)."""
+    head_num = _int(head_num, "head_num")
+    scale = _float(scale, scale_name)
+    pre, nxt = _int(pre_tockens, "pre_tockens"), _int(next_tockens, "next_tockens")
+    inner_precise, sparse_mode = _int(inner_precise, "inner_precise"), _int(sparse_mode, "sparse_mode")
+    _bool(gen_mask_parallel, "gen_mask_parallel")
+    _bool(sync, "sync")
+    return head_num, scale, pre, nxt, inner_precise, sparse_mode, _check_softmax_layout(softmax_layout)
+
+
 def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
                          scale=1., keep_prob=1., pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0,
                          prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
@@ -189,13 +202,9 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     _check_layout(input_layout)
     _check_none(pse=pse, padding_mask=padding_mask, prefix=prefix, sink=sink, dropout_mask=dropout_mask)
     _check_keep_prob(keep_prob)
-    head_num = _int(head_num, "head_num")
-    scale = _float(scale, "scale")
-    pre, nxt = _int(pre_tockens, "pre_tockens"), _int(next_tockens, "next_tockens")
-    inner_precise, sparse_mode = _int(inner_precise, "inner_precise"), _int(sparse_mode, "sparse_mode")
-    _bool(gen_mask_parallel, "gen_mask_parallel")
-    _bool(sync, "sync")
-    softmax_layout = _check_softmax_layout(softmax_layout)
+    head_num, scale, pre, nxt, inner_precise, sparse_mode, softmax_layout = _drop_in_options(
+        head_num, scale, "scale", pre_tockens, next_tockens, inner_precise, sparse_mode, gen_mask_parallel, sync,
+        softmax_layout)
     seed, offset = _int(seed, "seed"), _int(offset, "offset")
     seq_q, seq_kv, tensors = _lengths(actual_seq_qlen, actual_seq_kvlen)
     op = torch.ops.nsa.window_attention.tensor_lengths if tensors else torch.ops.nsa.window_attention.default
@@ -237,13 +246,9 @@ def npu_fusion_attention_grad(query, key, value, dy, head_num, input_layout, *, 
     _check_layout(input_layout)
     _check_none(pse=pse, padding_mask=padding_mask, prefix=prefix, sink=sink)
     _check_keep_prob(keep_prob)
-    head_num = _int(head_num, "head_num")
-    scale = _float(scale_value, "scale_value")
-    pre, nxt = _int(pre_tockens, "pre_tockens"), _int(next_tockens, "next_tockens")
-    inner_precise, sparse_mode = _int(inner_precise, "inner_precise"), _int(sparse_mode, "sparse_mode")
-    _bool(gen_mask_parallel, "gen_mask_parallel")
-    _bool(sync, "sync")
-    softmax_layout = _check_softmax_layout(softmax_layout)
+    head_num, scale, pre, nxt, inner_precise, sparse_mode, softmax_layout = _drop_in_options(
+        head_num, scale_value, "scale_value", pre_tockens, next_tockens, inner_precise, sparse_mode, gen_mask_parallel,
+        sync, softmax_layout)
     _int(seed, "seed")
     _int(offset, "offset")
     if not (isinstance(numels, torch.Tensor) and numels.dim() == 0 and not numels.dtype.is_floating_point):

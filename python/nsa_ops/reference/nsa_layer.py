@@ -184,6 +184,13 @@ def compressed_branch(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cu_se
     return CompressedBranch(torch.cat(o_parts), torch.cat(topk_parts), torch.cat(score_parts))
 
 
+def _nonempty_sequences(cu_seqlens: Sequence[int]):
+    """(start, S_b) of every batch with S_b > 0, in order."""
+    for b in range(len(cu_seqlens) - 1):
+        if cu_seqlens[b + 1] > cu_seqlens[b]:
+            yield cu_seqlens[b], cu_seqlens[b + 1] - cu_seqlens[b]
+
+
 def selected_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: torch.Tensor,
                     cu_seqlens: Sequence[int], *, lp: int, scale: float) -> torch.Tensor:
     """docs/spec/nsa_layer.md §4 step 4 (docs/spec/select_attention.md §3-§4, §6, causal; self-attention).
@@ -196,10 +203,7 @@ def selected_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: tor
     N2, Dv = k.shape[1], v.shape[2]
     G = N1 // N2
     out = []
-    for b in range(len(cu_seqlens) - 1):
-        start, S = cu_seqlens[b], cu_seqlens[b + 1] - cu_seqlens[b]
-        if S == 0:
-            continue
+    for start, S in _nonempty_sequences(cu_seqlens):
         qb, kb, vb = q[start:start + S], k[start:start + S], v[start:start + S]
         idx = topk[start:start + S].long()                                   # [S, N2, K]
         pos = idx.unsqueeze(-1) * lp + torch.arange(lp)                       # [S, N2, K, l']
@@ -227,10 +231,7 @@ def window_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     N2, Dv = k.shape[1], v.shape[2]
     G = N1 // N2
     out = []
-    for b in range(len(cu_seqlens) - 1):
-        start, S = cu_seqlens[b], cu_seqlens[b + 1] - cu_seqlens[b]
-        if S == 0:
-            continue
+    for start, S in _nonempty_sequences(cu_seqlens):
         qb = q[start:start + S]
         kh = k[start:start + S].repeat_interleave(G, dim=1)
         vh = v[start:start + S].repeat_interleave(G, dim=1)
