@@ -9,8 +9,11 @@
 //
 // CPU tile worker (TileWorker). For one query token t of batch b and KV head n2, with its ne entries:
 //   1. gather: the entries' key rows into KQ [ceil(nep/64) panels][D][64] and value rows into
-//      VO [Dvp/64 panels][nep][64] (src/cpu/kernels.h B layouts, fp32 operands), nep = ne rounded up to 16, the
-//      padding zero (never read from the caches);
+//      VO [Dvp/64 panels][nep][64] (src/cpu/kernels.h B layouts), nep = ne rounded up to 16, the padding zero
+//      (never read from the caches). Two operand paths: fp32 (the rows converted to float; every dtype and ISA),
+//      and bf16 pairs for bf16 inputs on an ISA with KernelTable::gemm.bf16 (the rows' bits copied as they are,
+//      reductions over pairs: (p / 2) 128 + c 2 + p % 2 in a panel, D rounded up to Dr = even; the products are
+//      exact, the sums fp32);
 //   2. S = (Q K^T) scale for the G query heads of n2 in one GEMM (fp32 dot products, then times the float32 scale),
 //      padding columns set to -inf (they take no part: exp(-inf - m) = 0 exactly);
 //   3. m = row_max, l = exp_sum (KernelTable row kernels: the exp values in place, their fp32 sum in the canonical
@@ -110,11 +113,20 @@ class TileWorker {
   TileWorker(const Problem& pr, const cpu::KernelTable* kt, int64_t max_entries) : pr_(pr), kt_(kt) {
     cap_ = round_up(std::max<int64_t>(max_entries, 1), 16);
     dvp_ = round_up(pr.Dv, cpu::kPanel);
-    kq_.reset(round_up(cap_, cpu::kPanel) * pr.D);
-    vo_.reset(dvp_ * cap_);
-    qa_.reset(pr.G * pr.D);
+    pairs_ = pr.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr;
+    dr_ = pairs_ ? round_up(pr.D, 2) : pr.D;
+    if (pairs_) {
+      kq16_.reset(round_up(cap_, cpu::kPanel) * dr_);
+      vo16_.reset(dvp_ * cap_);
+      qa16_.reset(pr.G * dr_);
+      p16_.reset(pr.G * cap_);
+    } else {
+      kq_.reset(round_up(cap_, cpu::kPanel) * pr.D);
+      vo_.reset(dvp_ * cap_);
+      qa_.reset(pr.G * pr.D);
+      p_.reset(pr.G * cap_);
+    }
     s_.reset(pr.G * cap_);
-    p_.reset(pr.G * cap_);
     o_.reset(pr.G * dvp_);
     row_.resize(static_cast<size_t>(std::max(pr.D, dvp_)));
   }
@@ -130,6 +142,10 @@ class TileWorker {
       return;
     }
     const int64_t nep = round_up(ne, 16);
+    if (pairs_) {
+      attend_pairs(b, t, n2, runs, ne, nep);
+      return;
+    }
     // 1. gather the entries' rows through the block table into the packed operands
     int64_t c = 0;
     for (const Run& r : runs)
@@ -180,7 +196,80 @@ class TileWorker {
       }
     }
     kt_->gemm.f32(p_.get(), nep, G, vo_.get(), nep * cpu::kPanel, 0, dvp_, nep, nep, o_.get(), dvp_, 1.0f, false);
-    // 5. outputs
+    store_outputs(t, n2);
+  }
+
+  void zero_rows(int64_t t, int64_t n2) {
+    const size_t esz = dtype_size(pr_.dtype);
+    std::memset(static_cast<char*>(pr_.out) + (t * pr_.N1 + n2 * pr_.G) * pr_.Dv * static_cast<int64_t>(esz), 0,
+                esz * static_cast<size_t>(pr_.G * pr_.Dv));
+  }
+
+ private:
+  // Steps 1-4 on bf16 pairs (bf16 inputs, KernelTable::gemm.bf16): the same operations with bf16 operands; P is
+  // rounded to bf16 half away from zero as the contract rounds it, so the P.V operand is exact.
+  void attend_pairs(int64_t b, int64_t t, int64_t n2, const std::vector<Run>& runs, int64_t ne, int64_t nep) {
+    const int64_t G = pr_.G, D = pr_.D, Dv = pr_.Dv, dr = dr_;
+    constexpr int64_t W = cpu::kPanel;
+    const uint16_t* kbase = static_cast<const uint16_t*>(pr_.key.data);
+    const uint16_t* vbase = static_cast<const uint16_t*>(pr_.value.data);
+    // 1. gather: key c's pair (d, d + 1) at (c / 64) dr 64 + (d / 2) 128 + (c % 64) 2; value c's element e at
+    //    (e / 64) nep 64 + (c / 2) 128 + (e % 64) 2 + c % 2
+    int64_t c = 0;
+    for (const Run& r : runs)
+      for (int64_t pos = r.start; pos < r.end; ++pos, ++c) {
+        const int64_t page = table_at(pr_.block_table, b, pos / pr_.P), prow = pos % pr_.P;
+        const uint16_t* krow = kbase + cache_offset(pr_.key, page, prow, n2);
+        uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
+        const int64_t ks = pr_.key.stride[3];
+        for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = krow[d * ks];
+        if (dr > D) kcol[(D / 2) * 2 * W + 1] = 0;
+        const uint16_t* vrow = vbase + cache_offset(pr_.value, page, prow, n2);
+        uint16_t* vdst = vo16_.get() + (c / 2) * 2 * W + c % 2;
+        const int64_t vs = pr_.value.stride[3];
+        for (int64_t e = 0; e < Dv; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = vrow[e * vs];
+        for (int64_t e = Dv; e < dvp_; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = 0;
+      }
+    for (; c < nep; ++c) {  // padding entries: zero keys and values
+      uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
+      for (int64_t d = 0; d < dr; ++d) kcol[(d / 2) * 2 * W + d % 2] = 0;
+      uint16_t* vdst = vo16_.get() + (c / 2) * 2 * W + c % 2;
+      for (int64_t e = 0; e < dvp_; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = 0;
+    }
+    // 2. scores of the G heads
+    const uint16_t* qbase = static_cast<const uint16_t*>(pr_.query.data);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t off = t * pr_.query.stride[0] + (n2 * G + g) * pr_.query.stride[1];
+      uint16_t* qa = qa16_.get() + g * dr;
+      for (int64_t d = 0; d < D; ++d) qa[d] = qbase[off + d * pr_.query.stride[2]];
+      for (int64_t d = D; d < dr; ++d) qa[d] = 0;
+    }
+    kt_->gemm.bf16(qa16_.get(), dr, G, kq16_.get(), dr * W, 0, nep, dr / 2, dr / 2, s_.get(), nep, pr_.scale, false);
+    // 3.-4. softmax statistics, P rounded half away to bf16
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    l_.resize(static_cast<size_t>(G));
+    for (int64_t g = 0; g < G; ++g) {
+      float* line = s_.get() + g * nep;
+      std::fill(line + ne, line + nep, neg_inf);
+      const float m = kt_->rows.row_max(line, nep, neg_inf);
+      const float lsum = kt_->rows.exp_sum(line, nep, m);
+      l_[static_cast<size_t>(g)] = lsum;
+      uint16_t* pl = p16_.get() + g * nep;
+      if (pr_.mode == Mode::kSelect) {
+        for (int64_t i = 0; i < nep; ++i) pl[i] = select_detail::f32_to_bf16_rha(line[i]);
+      } else {
+        for (int64_t i = 0; i < nep; ++i) pl[i] = select_detail::f32_to_bf16_rha(line[i] / lsum);
+      }
+    }
+    kt_->gemm.bf16(p16_.get(), nep, G, vo16_.get(), nep * W, 0, dvp_, nep / 2, nep / 2, o_.get(), dvp_, 1.0f, false);
+    store_outputs(t, n2);
+  }
+
+  // 5. the G output rows of token t from the accumulators o_ and the sums l_.
+  void store_outputs(int64_t t, int64_t n2) {
+    const int64_t G = pr_.G, Dv = pr_.Dv;
+    const DType dt = pr_.dtype;
+    const std::vector<float>& l = l_;
     for (int64_t g = 0; g < G; ++g) {
       float* o = o_.get() + g * dvp_;
       const int64_t base = (t * pr_.N1 + n2 * G + g) * Dv;
@@ -197,13 +286,6 @@ class TileWorker {
     }
   }
 
-  void zero_rows(int64_t t, int64_t n2) {
-    const size_t esz = dtype_size(pr_.dtype);
-    std::memset(static_cast<char*>(pr_.out) + (t * pr_.N1 + n2 * pr_.G) * pr_.Dv * static_cast<int64_t>(esz), 0,
-                esz * static_cast<size_t>(pr_.G * pr_.Dv));
-  }
-
- private:
   // row_[0..n) = the n elements at data + off with element stride `step`, row_[n..n_pad) = 0.
   void load(const PagedCacheView& c, int64_t off, int64_t n, int64_t n_pad) {
     load_from(c.data, off, c.stride[3], n, row_.data());
@@ -220,8 +302,10 @@ class TileWorker {
 
   const Problem& pr_;
   const cpu::KernelTable* kt_;
-  int64_t cap_ = 0, dvp_ = 0;
+  int64_t cap_ = 0, dvp_ = 0, dr_ = 0;
+  bool pairs_ = false;
   detail::AlignedBuffer<float> kq_, vo_, qa_, s_, p_, o_;
+  detail::AlignedBuffer<uint16_t> kq16_, vo16_, qa16_, p16_;
   std::vector<float> row_, l_;
 };
 

@@ -99,6 +99,7 @@ const Shape kShapes[] = {
     {"P=1", {1, 1}, {9, 4}, 2, 1, 8, 5, 1, 6},
     {"MTP q_b>1, P not dividing", {3, 1, 2}, {70, 3, 45}, 4, 2, 16, 8, 24, 20},
     {"window > one panel", {1, 2}, {300, 200}, 2, 1, 16, 16, 64, 130},
+    {"odd D, Dv > one panel", {1, 2}, {23, 11}, 3, 1, 7, 80, 4, 9},
 };
 
 TEST(PagedWindowAttentionModel, EveryBackendWithinTolerance) {

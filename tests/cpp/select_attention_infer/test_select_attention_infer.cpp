@@ -126,6 +126,7 @@ const Shape kShapes[] = {
     {"MTP q_b>1, P not dividing", {3, 1, 2}, {70, 3, 45}, 4, 2, 16, 8, 24, 16, 4, 0},
     {"batch-major q_b<Sq", {2, 1, 3}, {50, 20, 9}, 3, 1, 8, 8, 7, 8, 3, 3},
     {"K l' > one panel", {1, 2}, {300, 200}, 2, 1, 16, 16, 64, 64, 4, 0},
+    {"odd D, Dv > one panel", {1, 2}, {23, 11}, 3, 1, 7, 80, 4, 4, 3, 0},
 };
 
 TEST(SelectAttentionInferModel, EveryBackendWithinTolerance) {
