@@ -184,3 +184,19 @@ def test_compile_tensor_lengths_no_recompilation():
         assert torch.equal(fn(c.query, torch.tensor(s)), eager)
     assert len(frames) == 1
     torch._dynamo.reset()
+
+
+def test_signature_and_meta_kernel():
+    import inspect
+
+    params = list(inspect.signature(nsa_ops.paged_window_attention).parameters.values())
+    assert [p.name for p in params] == ["query", "key_cache", "value_cache", "block_table", "seq_lens", "window",
+                                        "scale", "query_lens"]
+    assert [p.kind for p in params[6:]] == [inspect.Parameter.KEYWORD_ONLY] * 2
+    assert params[6].default is None and params[7].default is None
+    meta = dict(device="meta", dtype=torch.float16)
+    out = torch.ops.nsa.paged_window_attention(torch.empty(5, 8, 16, **meta), torch.empty(3, 4, 2, 16, **meta),
+                                               torch.empty(3, 4, 2, 12, **meta),
+                                               torch.empty(2, 2, dtype=torch.int32, device="meta"), [4, 6], 3, 0.5,
+                                               [2, 3])
+    assert out.shape == (5, 8, 12) and out.dtype == torch.float16 and out.device.type == "meta"

@@ -242,3 +242,34 @@ def test_strided_caches():
                                                layout="TND", block_table=c.table, actual_seq_qlen=c.q,
                                                actual_seq_kvlen=c.s)
     assert torch.equal(a, d)
+
+
+def test_drop_in_signature_equals_torch_npu():
+    """§4's signature: ten positional-or-keyword arguments, then keyword-only layout='BSND' and four None."""
+    import inspect
+
+    params = list(inspect.signature(nsa_ops.npu_nsa_select_attention_infer).parameters.values())
+    positional = ["query", "key", "value", "topk_indices", "scale_value", "head_num", "key_value_head_num",
+                  "select_block_size", "select_block_count", "page_block_size"]
+    assert [p.name for p in params[:10]] == positional
+    assert all(p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is inspect.Parameter.empty
+               for p in params[:10])
+    assert [(p.name, p.default, p.kind) for p in params[10:]] == [
+        (n, d, inspect.Parameter.KEYWORD_ONLY) for n, d in [("layout", "BSND"), ("atten_mask", None),
+                                                            ("block_table", None), ("actual_seq_qlen", None),
+                                                            ("actual_seq_kvlen", None)]]
+
+
+@pytest.mark.parametrize("layout, q, k, v, topk, expected", [
+    ("BSND", (3, 2, 8, 16), (5, 4, 2, 16), (5, 4, 2, 12), (3, 2, 2, 4), (3, 2, 8, 12)),
+    ("BSND", (3, 1, 8, 16), (5, 4, 2, 16), (5, 4, 2, 12), (3, 2, 4), (3, 1, 8, 12)),
+    ("BSH", (3, 2, 128), (5, 4, 32), (5, 4, 24), (3, 2, 2, 4), (3, 2, 96)),
+    ("TND", (7, 8, 16), (5, 4, 32), (5, 4, 24), (7, 2, 4), (7, 8, 12)),
+])
+def test_meta_kernel_shapes(layout, q, k, v, topk, expected):
+    meta = dict(device="meta")
+    out = torch.ops.nsa.select_attention_infer(
+        torch.empty(q, dtype=torch.bfloat16, **meta), torch.empty(k, dtype=torch.bfloat16, **meta),
+        torch.empty(v, dtype=torch.bfloat16, **meta), torch.empty(topk, dtype=torch.int32, **meta), 0.5, 8, 2, 4, 4, 4,
+        layout, None, torch.empty(3, 2, dtype=torch.int32, **meta), None, [5, 5, 5])
+    assert out.shape == expected and out.dtype == torch.bfloat16 and out.device.type == "meta"
