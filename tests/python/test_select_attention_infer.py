@@ -273,3 +273,28 @@ def test_meta_kernel_shapes(layout, q, k, v, topk, expected):
         torch.empty(v, dtype=torch.bfloat16, **meta), torch.empty(topk, dtype=torch.int32, **meta), 0.5, 8, 2, 4, 4, 4,
         layout, None, torch.empty(3, 2, dtype=torch.int32, **meta), None, [5, 5, 5])
     assert out.shape == expected and out.dtype == torch.bfloat16 and out.device.type == "meta"
+
+
+def test_compile_tensor_lengths_no_recompilation():
+    """torch.compile(fullgraph=True) with tensor lengths: new lengths are new inputs, not new constants."""
+    import torch._dynamo
+
+    c = make_case(torch.bfloat16, [1, 1], [20, 9], 2, 1, 8, 8, 4, seed=42)
+    random_topk(c, 4, 2, seed=42, p_empty=0.0)
+    c.topk.clamp_(max=1)  # blocks 0 and 1 exist for every length below
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    def call(q, s):
+        return nsa_ops.npu_nsa_select_attention_infer(q, c.key.flatten(2), c.value.flatten(2), c.topk, 0.5, 2, 1, 4,
+                                                      2, 4, layout="TND", block_table=c.table,
+                                                      actual_seq_qlen=torch.tensor([1, 1]), actual_seq_kvlen=s)
+
+    fn = torch.compile(call, backend=backend, fullgraph=True)
+    for s in ([20, 9], [17, 5], [19, 9]):
+        assert torch.equal(fn(c.query, torch.tensor(s)), call(c.query, torch.tensor(s)))
+    assert len(frames) == 1
+    torch._dynamo.reset()
