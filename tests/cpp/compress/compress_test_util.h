@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/numeric.h"
+#include "common/test_tensors.h"
 #include "nsa/compress.h"
 #include "ops/compress/rounding.h"
 
@@ -38,14 +39,8 @@ using ::testing::AssertionFailure;
 using ::testing::AssertionResult;
 using ::testing::AssertionSuccess;
 
-inline const DType kAllDtypes[] = {DType::kBF16, DType::kF16, DType::kF32, DType::kF64};
-
-inline std::vector<CpuIsa> supported_isas() {
-  std::vector<CpuIsa> out;
-  for (int i = 0; i <= static_cast<int>(CpuIsa::kAvx512Bf16); ++i)
-    if (nsa::cpu_isa_supported(static_cast<CpuIsa>(i))) out.push_back(static_cast<CpuIsa>(i));
-  return out;
-}
+using nsa_test::kAllDtypes;
+using nsa_test::supported_isas;
 
 // ------------------------------------------------------------------------------------ rounding model
 // Precision p (significant bits), smallest normal exponent emin and largest exponent emax of each dtype.
