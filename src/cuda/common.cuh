@@ -55,9 +55,9 @@ struct Elem<float> {
 };
 
 // ------------------------------------------------------------------------------------ §3.8 order
-// reference::topk_before on the device: higher score first, equal scores by smaller index, NaN below
-// every number. A strict total order on (score, index) pairs with distinct indices, so the K best of
-// a set do not depend on the order in which candidates are offered.
+// detail::topk_before (src/common/topk_order.h) on the device: higher score first, equal scores by smaller index,
+// NaN below every number. A strict total order on (score, index) pairs with distinct indices, so the K best of a set
+// do not depend on the order in which candidates are offered.
 __device__ __forceinline__ bool topk_before(float sa, int ia, float sb, int ib) {
   const bool na = isnan(sa), nb = isnan(sb);
   if (na != nb) return nb;
