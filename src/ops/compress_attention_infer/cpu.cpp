@@ -66,7 +66,8 @@ struct Scratch {
   AlignedBuffer<float> s, o, box1, box2, score;
   std::vector<int32_t> topk_work;
   std::vector<int64_t> order;
-  std::vector<float> row32;  // one widened key row
+  std::vector<float> row32;   // one widened key row
+  std::vector<float> vrow32;  // two widened value rows of d2p floats (zero past Dv)
 };
 
 void init_scratch(const Plan& pl, Scratch& sc) {
@@ -84,6 +85,7 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.topk_work.resize(static_cast<size_t>(2 * sh.max_sel));
   sc.order.resize(static_cast<size_t>(sh.max_sel));
   sc.row32.resize(static_cast<size_t>(sh.D));
+  sc.vrow32.assign(static_cast<size_t>(2 * pl.d2p), 0.0f);
 }
 
 // Offset of element (reduction index r < red, column n) of a B operand in its panels (kernels.h layouts).
@@ -94,7 +96,9 @@ inline int64_t panel_offset(bool pairs, int64_t red, int64_t r, int64_t n) {
 
 // Step 1: gather the unit's compressed keys (columns = tokens, reduction over D) and values (reduction over the
 // tokens, columns = Dv) from their pages into the packed panels. Rows whose last dimension is contiguous are copied
-// row by row (bf16 pairs as 32-bit words; other dtypes widened with the row kernel); other views element by element.
+// row by row: K by 32-bit word transposes where the rows allow it, else per row (bf16 pairs as 32-bit words, other
+// dtypes widened with the row kernel); V rows widened and, for bf16 pairs, interleaved two tokens at a time by the
+// ISA's pair packer; other views element by element.
 // Only the padding the GEMMs read is zeroed: K columns [C, cp) (and the odd pad element of D for pairs), V tokens
 // [C, cp) and columns [Dv, d2p).
 void gather_kv(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64_t cp) {
@@ -159,13 +163,23 @@ void gather_kv(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, in
         else reinterpret_cast<float*>(kp)[off] = detail::load_f32(p.key.data, src, dt);
       }
     }
-    if (v_rows && pairs) {  // (c, e) at (e / 64) * cp * 64 + (c / 2) * 128 + (e % 64) * 2 + c % 2
-      const uint16_t* src = static_cast<const uint16_t*>(p.value.data) + vb;
-      uint16_t* dst = reinterpret_cast<uint16_t*>(vp) + (c / 2) * kPanel * 2 + c % 2;
-      for (int64_t pn = 0; pn * kPanel < Dv; ++pn) {
-        uint16_t* d = dst + pn * cp * kPanel;
-        const int64_t n = std::min(kPanel, Dv - pn * kPanel);
-        for (int64_t e = 0; e < n; ++e) d[2 * e] = src[pn * kPanel + e];
+    if (v_rows && pairs) {
+      // (c, e) at (e / 64) * cp * 64 + (c / 2) * 128 + (e % 64) * 2 + c % 2: tokens c and c + 1 widened (exactly)
+      // into zero-padded fp32 rows and interleaved per panel by the ISA's pair packer (bf16 -> fp32 -> bf16 is exact)
+      if (c % 2 == 0) {
+        float* a = sc.vrow32.data();
+        float* bb = a + pl.d2p;
+        pl.kt->rows.load_row(static_cast<const uint16_t*>(p.value.data) + vb, a, Dv, dt);
+        if (c + 1 < C) {
+          const int64_t page1 = table[(c + 1) / sh.P];
+          const int64_t vb1 = page1 * p.value.stride[0] + ((c + 1) % sh.P) * p.value.stride[1] + n2 * Dv;
+          pl.kt->rows.load_row(static_cast<const uint16_t*>(p.value.data) + vb1, bb, Dv, dt);
+        } else {
+          std::fill(bb, bb + Dv, 0.0f);
+        }
+        uint16_t* dst = reinterpret_cast<uint16_t*>(vp) + (c / 2) * kPanel * 2;
+        for (int64_t pn = 0; pn < pl.d2p / kPanel; ++pn)
+          pl.kt->grad.pack_rows_bf16(a + pn * kPanel, bb + pn * kPanel, kPanel, dst + pn * cp * kPanel, nullptr, nullptr);
       }
     } else if (v_rows) {  // (c, e) at (e / 64) * cp * 64 + c * 64 + e % 64: contiguous runs of 64
       const uint8_t* src = static_cast<const uint8_t*>(p.value.data) + vb * dsz;
