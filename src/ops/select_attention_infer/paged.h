@@ -147,18 +147,18 @@ class TileWorker {
       return;
     }
     // 1. gather the entries' rows through the block table into the packed operands
+    locate(b, n2, runs);
     int64_t c = 0;
-    for (const Run& r : runs)
-      for (int64_t pos = r.start; pos < r.end; ++pos, ++c) {
-        const int64_t page = table_at(pr_.block_table, b, pos / pr_.P), prow = pos % pr_.P;
-        load(pr_.key, cache_offset(pr_.key, page, prow, n2), D, D);
-        float* kcol = kq_.get() + (c / cpu::kPanel) * D * cpu::kPanel + c % cpu::kPanel;
-        for (int64_t d = 0; d < D; ++d) kcol[d * cpu::kPanel] = row_[static_cast<size_t>(d)];
-        load(pr_.value, cache_offset(pr_.value, page, prow, n2), Dv, dvp_);
-        for (int64_t e0 = 0; e0 < dvp_; e0 += cpu::kPanel)
-          std::memcpy(vo_.get() + (e0 / cpu::kPanel) * nep * cpu::kPanel + c * cpu::kPanel, row_.data() + e0,
-                      sizeof(float) * cpu::kPanel);
-      }
+    for (; c < ne; ++c) {
+      prefetch_ahead(c);
+      load(pr_.key, koff_[static_cast<size_t>(c)], D, D);
+      float* kcol = kq_.get() + (c / cpu::kPanel) * D * cpu::kPanel + c % cpu::kPanel;
+      for (int64_t d = 0; d < D; ++d) kcol[d * cpu::kPanel] = row_[static_cast<size_t>(d)];
+      load(pr_.value, voff_[static_cast<size_t>(c)], Dv, dvp_);
+      for (int64_t e0 = 0; e0 < dvp_; e0 += cpu::kPanel)
+        std::memcpy(vo_.get() + (e0 / cpu::kPanel) * nep * cpu::kPanel + c * cpu::kPanel, row_.data() + e0,
+                    sizeof(float) * cpu::kPanel);
+    }
     for (; c < nep; ++c) {  // padding entries: zero keys and values
       float* kcol = kq_.get() + (c / cpu::kPanel) * D * cpu::kPanel + c % cpu::kPanel;
       for (int64_t d = 0; d < D; ++d) kcol[d * cpu::kPanel] = 0.0f;
@@ -215,21 +215,21 @@ class TileWorker {
     const uint16_t* vbase = static_cast<const uint16_t*>(pr_.value.data);
     // 1. gather: key c's pair (d, d + 1) at (c / 64) dr 64 + (d / 2) 128 + (c % 64) 2; value c's element e at
     //    (e / 64) nep 64 + (c / 2) 128 + (e % 64) 2 + c % 2
+    locate(b, n2, runs);
     int64_t c = 0;
-    for (const Run& r : runs)
-      for (int64_t pos = r.start; pos < r.end; ++pos, ++c) {
-        const int64_t page = table_at(pr_.block_table, b, pos / pr_.P), prow = pos % pr_.P;
-        const uint16_t* krow = kbase + cache_offset(pr_.key, page, prow, n2);
-        uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
-        const int64_t ks = pr_.key.stride[3];
-        for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = krow[d * ks];
-        if (dr > D) kcol[(D / 2) * 2 * W + 1] = 0;
-        const uint16_t* vrow = vbase + cache_offset(pr_.value, page, prow, n2);
-        uint16_t* vdst = vo16_.get() + (c / 2) * 2 * W + c % 2;
-        const int64_t vs = pr_.value.stride[3];
-        for (int64_t e = 0; e < Dv; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = vrow[e * vs];
-        for (int64_t e = Dv; e < dvp_; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = 0;
-      }
+    for (; c < ne; ++c) {
+      prefetch_ahead(c);
+      const uint16_t* krow = kbase + koff_[static_cast<size_t>(c)];
+      uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
+      const int64_t ks = pr_.key.stride[3];
+      for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = krow[d * ks];
+      if (dr > D) kcol[(D / 2) * 2 * W + 1] = 0;
+      const uint16_t* vrow = vbase + voff_[static_cast<size_t>(c)];
+      uint16_t* vdst = vo16_.get() + (c / 2) * 2 * W + c % 2;
+      const int64_t vs = pr_.value.stride[3];
+      for (int64_t e = 0; e < Dv; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = vrow[e * vs];
+      for (int64_t e = Dv; e < dvp_; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = 0;
+    }
     for (; c < nep; ++c) {  // padding entries: zero keys and values
       uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
       for (int64_t d = 0; d < dr; ++d) kcol[(d / 2) * 2 * W + d % 2] = 0;
@@ -286,6 +286,33 @@ class TileWorker {
     }
   }
 
+  // Element offsets of the entries' key and value rows (head n2), in entry order.
+  void locate(int64_t b, int64_t n2, const std::vector<Run>& runs) {
+    koff_.clear();
+    voff_.clear();
+    for (const Run& r : runs)
+      for (int64_t pos = r.start; pos < r.end; ++pos) {
+        const int64_t page = table_at(pr_.block_table, b, pos / pr_.P), prow = pos % pr_.P;
+        koff_.push_back(cache_offset(pr_.key, page, prow, n2));
+        voff_.push_back(cache_offset(pr_.value, page, prow, n2));
+      }
+  }
+  // Software prefetch of the key and value rows of entry c + kAhead (rows lie in pages anywhere in the caches:
+  // the hardware prefetchers do not follow them).
+  void prefetch_ahead(int64_t c) const {
+    constexpr int64_t kAhead = 16;
+    const size_t n = static_cast<size_t>(c + kAhead);
+    if (n >= koff_.size()) return;
+    const int64_t esz = static_cast<int64_t>(dtype_size(pr_.dtype));
+    auto rows = [&](const PagedCacheView& v, int64_t off, int64_t len) {
+      const char* p = static_cast<const char*>(v.data) + off * esz;
+      const int64_t bytes = ((len - 1) * v.stride[3] + 1) * esz;
+      for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
+    };
+    rows(pr_.key, koff_[n], pr_.D);
+    rows(pr_.value, voff_[n], pr_.Dv);
+  }
+
   // row_[0..n) = the n elements at data + off with element stride `step`, row_[n..n_pad) = 0.
   void load(const PagedCacheView& c, int64_t off, int64_t n, int64_t n_pad) {
     load_from(c.data, off, c.stride[3], n, row_.data());
@@ -307,6 +334,7 @@ class TileWorker {
   detail::AlignedBuffer<float> kq_, vo_, qa_, s_, p_, o_;
   detail::AlignedBuffer<uint16_t> kq16_, vo16_, qa16_, p16_;
   std::vector<float> row_, l_;
+  std::vector<int64_t> koff_, voff_;
 };
 
 }  // namespace nsa::paged
