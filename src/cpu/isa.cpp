@@ -101,8 +101,9 @@ constexpr TableRow kSpeedTable[] = {
     {cpu::CpuVendor::kAmd, 0x19, 0x00, 0xff, CpuIsa::kAvx512Bf16,
      "AMD family 0x19 with AVX-512 BF16 (Zen 4: Genoa, Bergamo, Siena, Raphael, Phoenix)",
      "vdpbf16ps zmm does about 61 FLOP per cycle per core there, vfmadd231ps zmm 29 (EPYC Genoa, family 0x19 "
-     "model 0x11); compressed attention bench-8k on 2 threads, CPU time per thread: forward 193 ms on "
-     "avx512bf16, 273 ms on avx512, 308 ms on avx2, backward 460 against 714 and 901 ms"},
+     "model 0x11); compressed attention bench-8k on 2 threads, CPU time per thread (best of 3 medians): forward "
+     "155 ms on avx512bf16, 255 ms on avx512, 272 ms on avx2, backward 397, 655 and 761 ms; bench-8k G = 1 and "
+     "varlen likewise 1.2-1.8x faster on avx512bf16"},
     {cpu::CpuVendor::kAmd, 0x1a, 0x00, 0xff, CpuIsa::kAvx512Bf16,
      "AMD family 0x1a (Zen 5: Turin, Granite Ridge, Strix)",
      "two 512-bit vdpbf16ps per cycle per core on Turin-class cores, twice the fp32 FMA rate (1141 against "
