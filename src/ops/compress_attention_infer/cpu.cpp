@@ -126,7 +126,7 @@ void gather_kv(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, in
   // K by transposes of 32-bit words (bf16 pairs, or fp32 elements) over runs of tokens that share a page and a
   // panel, where the rows allow it: (e, c) -> word (e2, c) of its panel, dst[e2 * 64 + c % 64] = src[c][e2]
   const int64_t words = pairs ? D / 2 : D;
-  const bool k_transpose = k_rows && (pairs ? D % 2 == 0 && p.key.stride[1] % 2 == 0 &&
+  const bool k_transpose = k_rows && (pairs ? D % 2 == 0 && p.key.stride[0] % 2 == 0 && p.key.stride[1] % 2 == 0 &&
                                                   (reinterpret_cast<uintptr_t>(p.key.data) + n2 * D * 2) % 4 == 0
                                             : dt == DType::kF32);
   if (k_transpose) {
