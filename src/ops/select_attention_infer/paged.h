@@ -222,13 +222,28 @@ class TileWorker {
       const uint16_t* krow = kbase + koff_[static_cast<size_t>(c)];
       uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
       const int64_t ks = pr_.key.stride[3];
-      for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = krow[d * ks];
-      if (dr > D) kcol[(D / 2) * 2 * W + 1] = 0;
+      if (ks == 1) {  // whole pairs (d, d + 1) as 32-bit words, one per panel row
+        for (int64_t j = 0; j < D / 2; ++j) std::memcpy(kcol + j * 2 * W, krow + 2 * j, 4);
+      } else {
+        for (int64_t j = 0; j < D / 2; ++j) {
+          kcol[j * 2 * W] = krow[2 * j * ks];
+          kcol[j * 2 * W + 1] = krow[(2 * j + 1) * ks];
+        }
+      }
+      if (dr > D) {  // odd D: the last pair is (D - 1, 0)
+        kcol[(D / 2) * 2 * W] = krow[(D - 1) * ks];
+        kcol[(D / 2) * 2 * W + 1] = 0;
+      }
       const uint16_t* vrow = vbase + voff_[static_cast<size_t>(c)];
       uint16_t* vdst = vo16_.get() + (c / 2) * 2 * W + c % 2;
       const int64_t vs = pr_.value.stride[3];
-      for (int64_t e = 0; e < Dv; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = vrow[e * vs];
-      for (int64_t e = Dv; e < dvp_; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = 0;
+      for (int64_t e0 = 0; e0 < dvp_; e0 += W) {  // panel e0 / 64: element e at (e % 64) 2
+        uint16_t* dst = vdst + (e0 / W) * nep * W;
+        const int64_t n = std::max<int64_t>(0, std::min(W, Dv - e0));
+        const uint16_t* src = vrow + e0 * vs;
+        for (int64_t i = 0; i < n; ++i) dst[2 * i] = src[i * vs];
+        for (int64_t i = n; i < W; ++i) dst[2 * i] = 0;
+      }
     }
     for (; c < nep; ++c) {  // padding entries: zero keys and values
       uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
