@@ -252,7 +252,7 @@ def run_case(case: Case, args, nsa_ops, peak: bl.Peak) -> dict:
     dt = x.q.dtype
     fwd_flop = 2.0 * x.pairs * (case.D + case.Dv)
     bwd_flop = 2.0 * x.pairs * (3 * case.D + 2 * case.Dv)
-    pk = max(peak.bf16, peak.fp32)
+    pk = peak.for_dtype(dt)  # attainable peak of the input dtype (benchlib.Peak.for_dtype)
     print(f"   visible entries {x.pairs} ({x.pairs / (case.T * case.N1):.0f} per query row and head); useful GFLOP: "
           f"forward {fwd_flop / 1e9:.1f}, backward {bwd_flop / 1e9:.1f}", flush=True)
     dout = torch.randn(case.T, case.N1, case.Dv, generator=torch.Generator().manual_seed(args.seed + 1)).to(dt)

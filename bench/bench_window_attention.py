@@ -123,7 +123,7 @@ def run_case(case: WCase, args, nsa_ops, peak: bl.Peak, threads: int) -> dict:
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     pairs = case.visible_pairs() * case.N1
     fwd_flop, bwd_flop = 2.0 * (case.D + case.Dv) * pairs, 2.0 * (3 * case.D + 2 * case.Dv) * pairs
-    pk = max(peak.bf16, peak.fp32)
+    pk = peak.for_dtype(bl.DTYPES[case.dtype])  # attainable peak of the input dtype (benchlib.Peak.for_dtype)
     print(f"\n== {case.name} ({case.dtype}): {case.shape_str()}", flush=True)
     print(f"   useful GFLOP: forward {fwd_flop / 1e9:.1f}, backward {bwd_flop / 1e9:.1f} ({pairs / 1e6:.1f} M visible "
           f"pairs x heads); inputs made in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -34,8 +34,9 @@ __all__ = ["CompressAttentionOutput", "npu_nsa_compress_attention", "compress_at
 
 
 def cpu_isa() -> tuple[str, str]:
-    """The CPU backend's instruction-set paths ``(detected, active)``: what cpuid + XCR0 allow, and what runs
-    after the ``NSA_CPU_ISA=scalar|avx2|avx512|avx512bf16`` cap (read once per process)."""
+    """The CPU backend's instruction-set paths ``(detected, active)``: the best that cpuid + XCR0 allow, and what
+    runs: the fastest path on this CPU, or the one ``NSA_CPU_ISA=scalar|avx2|avx512|avx512bf16`` names (decided
+    once per process; ``nsa_ops.cpu_isa_report()`` says why)."""
     detected, active = torch.ops.nsa.cpu_isa()
     return detected, active
 
