@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/numeric.h"
+#include "common/test_tensors.h"
 #include "nsa/paged_window_attention.h"
 #include "nsa/select_attention_infer.h"
 #include "ops/select_attention/rounding.h"
@@ -35,48 +36,18 @@ using nsa::CpuIsa;
 using nsa::DType;
 using nsa::Status;
 
-inline const DType kAllDtypes[] = {DType::kBF16, DType::kF16, DType::kF32, DType::kF64};
+using nsa_test::kAllDtypes;
+using nsa_test::supported_isas;
+using nsa_test::ulp_of;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-inline std::vector<CpuIsa> supported_isas() {
-  std::vector<CpuIsa> out;
-  for (int i = 0; i <= static_cast<int>(CpuIsa::kAvx512Bf16); ++i)
-    if (nsa::cpu_isa_supported(static_cast<CpuIsa>(i))) out.push_back(static_cast<CpuIsa>(i));
-  return out;
-}
-
 // x rounded to the dtype to nearest even, as a double.
-inline double rne(DType dt, double x) {
-  switch (dt) {
-    case DType::kBF16: return nsa::detail::bf16_to_f32(nsa::detail::f32_to_bf16(static_cast<float>(x)));
-    case DType::kF16: return nsa::detail::f16_to_f32(nsa::detail::f32_to_f16(static_cast<float>(x)));
-    case DType::kF32: return static_cast<float>(x);
-    case DType::kF64: return x;
-  }
-  return x;
-}
+inline double rne(DType dt, double x) { return nsa_test::round_to(dt, x); }
 
 // rha_T of the float value of x for bf16 / fp16 (how the contracts round P); x otherwise.
 inline double rha(DType dt, double x) {
   if (dt == DType::kBF16 || dt == DType::kF16) return nsa::select_detail::round_rha(static_cast<float>(x), dt);
   return x;
-}
-
-// One unit in the last place of the dtype at |x|.
-inline double ulp_of(DType dt, double x) {
-  int prec = 53, emin = -1022;
-  switch (dt) {
-    case DType::kBF16: prec = 8; emin = -126; break;
-    case DType::kF16: prec = 11; emin = -14; break;
-    case DType::kF32: prec = 24; emin = -126; break;
-    case DType::kF64: break;
-  }
-  int e = 0;
-  x = std::fabs(x);
-  if (x > 0 && std::isfinite(x)) std::frexp(x, &e);
-  else e = emin + 1;
-  if (e < emin + 1) e = emin + 1;
-  return std::ldexp(1.0, e - prec);
 }
 
 // A dtype buffer of n elements holding the doubles `v` (rounded to nearest even).
