@@ -308,3 +308,25 @@ def test_decode_equals_training_attention_out(dtype):
     assert (out.float() - train.float()).abs().max() <= tol
     sel = math.ceil(((C - 1) * 16 + 32) / 64)
     assert idx[0, :, :3].tolist() == [[0, sel - 2, sel - 1]] * N2
+
+
+def test_compile_new_lengths_do_not_recompile():
+    """Decode steps with new lengths (same tensor shapes) reuse one compiled graph (.tensor_lengths overload)."""
+    import torch._dynamo.testing
+
+    args, kwargs = _small()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, v, table, mask, ql, cl, sl):
+        return nsa_ops.npu_nsa_compress_attention_infer(q, k, v, 0.25, 4, 2, 64, 2, 4, 32, 16, atten_mask=mask,
+                                                        block_table=table, actual_seq_qlen=ql,
+                                                        actual_cmp_seq_kvlen=cl, actual_sel_seq_kvlen=sl)
+
+    compiled = torch.compile(step, backend=cnt, fullgraph=True)
+    for cl in ([6, 9], [5, 8], [6, 7]):
+        sl = [(c - 1) * 16 + 32 for c in cl]
+        t = [torch.tensor(x) for x in (kwargs["actual_seq_qlen"], cl, sl)]
+        got = compiled(args[0], args[1], args[2], kwargs["block_table"], kwargs["atten_mask"], *t)
+        want = step(args[0], args[1], args[2], kwargs["block_table"], kwargs["atten_mask"], *t)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert cnt.frame_count == 1

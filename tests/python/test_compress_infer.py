@@ -241,3 +241,21 @@ def test_decode_steps_equal_training_compress(dtype):
         ulp = torch.finfo(dtype).eps * train.float().abs()
         assert torch.all((cache[:C].float() - train.float()).abs() <= ulp)
     assert torch.all(cache[C:] == 0)
+
+
+def test_compile_new_lengths_do_not_recompile():
+    """Decode steps with new lengths (same tensor shapes) reuse one compiled graph (.tensor_lengths overload)."""
+    import torch._dynamo.testing
+
+    args = _args()
+    cnt = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    step = torch.compile(lambda inp, w, s, t, lens, c: nsa_ops.npu_nsa_compress_infer(
+        inp, w, s, 8, 4, 4, block_table=t, actual_seq_len=lens, cache=c), backend=cnt, fullgraph=True)
+    for lens in ([8, 12], [4, 8], [6, 10]):
+        cache = args["cache"].clone()
+        expect = args["cache"].clone()
+        nsa_ops.npu_nsa_compress_infer(args["input"], args["weight"], args["slot_mapping"], 8, 4, 4,
+                                       block_table=args["block_table"], actual_seq_len=lens, cache=expect)
+        step(args["input"], args["weight"], args["slot_mapping"], args["block_table"], torch.tensor(lens), cache)
+        assert torch.equal(cache, expect)
+    assert cnt.frame_count == 1
