@@ -330,3 +330,48 @@ def test_compile_new_lengths_do_not_recompile():
         want = step(args[0], args[1], args[2], kwargs["block_table"], kwargs["atten_mask"], *t)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert cnt.frame_count == 1
+
+
+def test_decode_step_composition_section1():
+    """§1 steps 2-3 with the cache geometry of §1: compress_infer writes compressed token c of batch b into slot
+    bt_cmp[b, c // P_cmp] * P_cmp + c % P_cmp of a [num_slots, N2, D] cache, which compress_attention_infer reads as
+    [num_pages, P_cmp, N2 * D]. After decoding S tokens one at a time, attention_out equals the training path
+    (npu_nsa_compress over the whole sequence, then npu_nsa_compress_attention for the last token) in fp32."""
+    l, d, lp, K, P, P_cmp, N1, N2, D, S = 32, 16, 64, 2, 5, 3, 4, 2, 16, 150
+    g = torch.Generator().manual_seed(21)
+    k_seq = torch.rand(S, N2, D, generator=g) * 2 - 1
+    v_seq = torch.rand(S, N2, D, generator=g) * 2 - 1
+    w_k = torch.rand(l, N2, generator=g)
+    w_v = torch.rand(l, N2, generator=g)
+    q = torch.rand(1, N1, D, generator=g) * 2 - 1
+    raw_pages = (S + P - 1) // P
+    perm = torch.randperm(raw_pages, generator=g)
+    k_raw = torch.zeros(raw_pages, P, N2, D)
+    v_raw = torch.zeros(raw_pages, P, N2, D)
+    C = (S - l) // d + 1
+    cmp_pages = (C + P_cmp - 1) // P_cmp
+    bt_cmp = (torch.randperm(cmp_pages + 2, generator=g)[:cmp_pages]).to(torch.int32)
+    cache_k = torch.zeros((cmp_pages + 2) * P_cmp, N2, D)
+    cache_v = torch.zeros_like(cache_k)
+    table = perm.to(torch.int32)[None, :]
+    for s in range(1, S + 1):
+        p = s - 1  # §1 step 1: the new token's raw key and value
+        k_raw[perm[p // P], p % P] = k_seq[p]
+        v_raw[perm[p // P], p % P] = v_seq[p]
+        c = max(s - l, 0) // d
+        slot = torch.tensor([int(bt_cmp[c // P_cmp]) * P_cmp + c % P_cmp], dtype=torch.int32)
+        for raw, w, cache in ((k_raw, w_k, cache_k), (v_raw, w_v, cache_v)):  # §1 step 2
+            nsa_ops.npu_nsa_compress_infer(raw, w, slot, l, d, P, block_table=table, actual_seq_len=[s], cache=cache)
+    num_pages = cache_k.shape[0] // P_cmp
+    out, idx = nsa_ops.npu_nsa_compress_attention_infer(  # §1 step 3
+        q, cache_k.view(num_pages, P_cmp, N2 * D), cache_v.view(num_pages, P_cmp, N2 * D), 0.25, N1, N2, lp, K,
+        P_cmp, l, d, block_table=bt_cmp[None, :], actual_cmp_seq_kvlen=[C])
+    kc = nsa_ops.npu_nsa_compress(k_seq, w_k, l, d, actual_seq_len=[S])
+    vc = nsa_ops.npu_nsa_compress(v_seq, w_v, l, d, actual_seq_len=[S])
+    assert torch.equal(cache_k[bt_cmp.long().repeat_interleave(P_cmp) * P_cmp + torch.arange(cmp_pages * P_cmp) % P_cmp][:C],
+                       kc)  # the training rows, bitwise (fp32: no rounding)
+    train = nsa_ops.npu_nsa_compress_attention(q, kc, vc, 0.25, N1, l, d, lp, K, actual_seq_qlen=[1],
+                                               actual_cmp_seq_kvlen=[C])[0]
+    assert torch.allclose(out, train, rtol=0, atol=1e-6)
+    sel = math.ceil(((C - 1) * d + l) / lp)
+    assert idx[0, :, :K].tolist() == [[0, sel - 2, sel - 1][:K]] * N2
