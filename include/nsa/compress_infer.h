@@ -68,9 +68,10 @@ Status validate_compress_infer(const CompressInferParams& p, CompressInferShape*
 
 // Reference: plain loops, the contract in code (single-threaded): the tests' oracle.
 Status compress_infer_reference(const CompressInferParams& p);
-// Optimized CPU backend: threads over (eligible batch, head) units; the window's l rows are gathered from their
-// pages into a packed tile and summed by the compression operator's per-ISA row kernels in the reference's
-// order, so the cache rows written equal the reference's bit for bit on every ISA path and thread count.
+// Optimized CPU backend: threads over (eligible batch, head) units; the window's l rows are located through the
+// block table (read in place, or gathered into a packed tile when the last dimension is strided) and summed by the
+// compression operator's per-ISA row kernels in the reference's order, so the cache rows written equal the
+// reference's bit for bit on every ISA path and thread count.
 Status compress_infer_cpu(const CompressInferParams& p, const CpuOptions& options = {});
 
 }  // namespace nsa
