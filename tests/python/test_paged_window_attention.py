@@ -151,10 +151,11 @@ def test_opcheck(tensor_lengths):
     torch.library.opcheck(op, (a["query"], a["key_cache"], a["value_cache"], a["block_table"], s, 20, 0.5, q))
 
 
-def test_strided_caches_and_query():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_strided_caches_and_query(dtype):
     """Caches that are views (K and V halves of one buffer, a last-dim step of 2) and a strided query read in
     place: bitwise the result of contiguous copies."""
-    c = make_case(torch.float16, [1, 2], [33, 12], 4, 2, 8, 8, 8, seed=31)
+    c = make_case(dtype, [1, 2], [33, 12], 4, 2, 8, 8, 8, seed=31)
     a = nsa_ops.paged_window_attention(c.query, c.key, c.value, c.table, c.s, 9, query_lens=c.q)
     kv = torch.cat([c.key, c.value], dim=2)  # [num_pages, P, 2 N2, D]: keys heads 0..N2-1, values N2..2N2-1
     wide = torch.zeros(*c.key.shape[:3], 16, dtype=c.key.dtype)
@@ -164,6 +165,10 @@ def test_strided_caches_and_query():
     b = nsa_ops.paged_window_attention(q_wide[..., 1::2], wide[..., ::2], kv[:, :, 2:], c.table, c.s, 9,
                                        query_lens=c.q)
     assert torch.equal(a, b)
+    wide_v = torch.zeros(*c.value.shape[:3], 16, dtype=c.value.dtype)
+    wide_v[..., 1::2] = c.value
+    assert torch.equal(a, nsa_ops.paged_window_attention(c.query, c.key, wide_v[..., 1::2], c.table, c.s, 9,
+                                                         query_lens=c.q))
 
 
 def test_compile_tensor_lengths_no_recompilation():

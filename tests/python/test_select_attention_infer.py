@@ -238,7 +238,9 @@ def test_strided_caches():
     assert torch.equal(a, b[:, 0])
     wide3 = torch.zeros(*c.key.shape[:2], 32, dtype=c.key.dtype)
     wide3[..., ::2] = c.key.flatten(2)
-    d = nsa_ops.npu_nsa_select_attention_infer(c.query, wide3[..., ::2], c.value.flatten(2), c.topk, 0.5, 4, 2, 4, 4, 8,
+    wide_v = torch.zeros(*c.value.shape[:2], 32, dtype=c.value.dtype)
+    wide_v[..., 1::2] = c.value.flatten(2)
+    d = nsa_ops.npu_nsa_select_attention_infer(c.query, wide3[..., ::2], wide_v[..., 1::2], c.topk, 0.5, 4, 2, 4, 4, 8,
                                                layout="TND", block_table=c.table, actual_seq_qlen=c.q,
                                                actual_seq_kvlen=c.s)
     assert torch.equal(a, d)

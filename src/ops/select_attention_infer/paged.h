@@ -117,11 +117,13 @@ class TileWorker {
     dr_ = pairs_ ? round_up(pr.D, 2) : pr.D;
     if (pairs_) {
       kq16_.reset(round_up(cap_, cpu::kPanel) * dr_);
+      ktmp16_.reset(cpu::kPanel * dr_);
       vo16_.reset(dvp_ * cap_);
       qa16_.reset(pr.G * dr_);
       p16_.reset(pr.G * cap_);
     } else {
       kq_.reset(round_up(cap_, cpu::kPanel) * pr.D);
+      ktmp_.reset(cpu::kPanel * pr.D);
       vo_.reset(dvp_ * cap_);
       qa_.reset(pr.G * pr.D);
       p_.reset(pr.G * cap_);
@@ -146,25 +148,29 @@ class TileWorker {
       attend_pairs(b, t, n2, runs, ne, nep);
       return;
     }
-    // 1. gather the entries' rows through the block table into the packed operands
+    // 1. gather the entries' rows through the block table into the packed operands. Keys: up to 64 rows side by
+    //    side in ktmp_, then one 32-bit transpose makes the panel [D][64]; values: each row into its panels.
     locate(b, n2, runs);
-    int64_t c = 0;
-    for (; c < ne; ++c) {
-      prefetch_ahead(c);
-      load(pr_.key, koff_[static_cast<size_t>(c)], D, D);
-      float* kcol = kq_.get() + (c / cpu::kPanel) * D * cpu::kPanel + c % cpu::kPanel;
-      for (int64_t d = 0; d < D; ++d) kcol[d * cpu::kPanel] = row_[static_cast<size_t>(d)];
-      load(pr_.value, voff_[static_cast<size_t>(c)], Dv, dvp_);
-      for (int64_t e0 = 0; e0 < dvp_; e0 += cpu::kPanel)
-        std::memcpy(vo_.get() + (e0 / cpu::kPanel) * nep * cpu::kPanel + c * cpu::kPanel, row_.data() + e0,
-                    sizeof(float) * cpu::kPanel);
-    }
-    for (; c < nep; ++c) {  // padding entries: zero keys and values
-      float* kcol = kq_.get() + (c / cpu::kPanel) * D * cpu::kPanel + c % cpu::kPanel;
-      for (int64_t d = 0; d < D; ++d) kcol[d * cpu::kPanel] = 0.0f;
-      for (int64_t e0 = 0; e0 < dvp_; e0 += cpu::kPanel)
-        std::memset(vo_.get() + (e0 / cpu::kPanel) * nep * cpu::kPanel + c * cpu::kPanel, 0,
-                    sizeof(float) * cpu::kPanel);
+    constexpr int64_t W = cpu::kPanel;
+    for (int64_t c0 = 0; c0 < nep; c0 += W) {
+      const int64_t n = std::min(W, nep - c0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t c = c0 + i;
+        float* kr = ktmp_.get() + i * D;
+        if (c >= ne) {  // padding entries: zero keys and values
+          std::fill(kr, kr + D, 0.0f);
+          for (int64_t e0 = 0; e0 < dvp_; e0 += W)
+            std::memset(vo_.get() + (e0 / W) * nep * W + c * W, 0, sizeof(float) * W);
+          continue;
+        }
+        prefetch_ahead(c);
+        load_from(pr_.key.data, koff_[static_cast<size_t>(c)], pr_.key.stride[3], D, kr);
+        load(pr_.value, voff_[static_cast<size_t>(c)], Dv, dvp_);
+        for (int64_t e0 = 0; e0 < dvp_; e0 += W)
+          std::memcpy(vo_.get() + (e0 / W) * nep * W + c * W, row_.data() + e0, sizeof(float) * W);
+      }
+      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(ktmp_.get()), D, n, D,
+                              reinterpret_cast<uint32_t*>(kq_.get() + (c0 / W) * D * W), W);
     }
     // 2. scores of the G heads
     for (int64_t g = 0; g < G; ++g) {
@@ -213,43 +219,49 @@ class TileWorker {
     constexpr int64_t W = cpu::kPanel;
     const uint16_t* kbase = static_cast<const uint16_t*>(pr_.key.data);
     const uint16_t* vbase = static_cast<const uint16_t*>(pr_.value.data);
-    // 1. gather: key c's pair (d, d + 1) at (c / 64) dr 64 + (d / 2) 128 + (c % 64) 2; value c's element e at
-    //    (e / 64) nep 64 + (c / 2) 128 + (e % 64) 2 + c % 2
+    // 1. gather. Keys: up to 64 entries' rows (D bf16, padded to dr) side by side in ktmp16_, then one 32-bit
+    //    transpose makes the panel (pair (d, d + 1) of entry c at word (d / 2) 64 + c % 64). Values: entries c, c + 1
+    //    (c even) interleaved, element e of the pair at word (e / 64) nep 32 + (c / 2) 64 + e % 64 (low half: c).
     locate(b, n2, runs);
-    int64_t c = 0;
-    for (; c < ne; ++c) {
-      prefetch_ahead(c);
-      const uint16_t* krow = kbase + koff_[static_cast<size_t>(c)];
-      uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
-      const int64_t ks = pr_.key.stride[3];
-      if (ks == 1) {  // whole pairs (d, d + 1) as 32-bit words, one per panel row
-        for (int64_t j = 0; j < D / 2; ++j) std::memcpy(kcol + j * 2 * W, krow + 2 * j, 4);
-      } else {
-        for (int64_t j = 0; j < D / 2; ++j) {
-          kcol[j * 2 * W] = krow[2 * j * ks];
-          kcol[j * 2 * W + 1] = krow[(2 * j + 1) * ks];
+    const int64_t ks = pr_.key.stride[3], vs = pr_.value.stride[3];
+    for (int64_t c0 = 0; c0 < nep; c0 += W) {
+      const int64_t n = std::min(W, nep - c0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t c = c0 + i;
+        uint16_t* kr = ktmp16_.get() + i * dr;
+        if (c >= ne) {  // padding entries: zero keys
+          std::memset(kr, 0, sizeof(uint16_t) * static_cast<size_t>(dr));
+          continue;
         }
+        prefetch_ahead(c);
+        const uint16_t* krow = kbase + koff_[static_cast<size_t>(c)];
+        if (ks == 1) std::memcpy(kr, krow, sizeof(uint16_t) * static_cast<size_t>(D));
+        else
+          for (int64_t d = 0; d < D; ++d) kr[d] = krow[d * ks];
+        if (dr > D) kr[D] = 0;
       }
-      if (dr > D) {  // odd D: the last pair is (D - 1, 0)
-        kcol[(D / 2) * 2 * W] = krow[(D - 1) * ks];
-        kcol[(D / 2) * 2 * W + 1] = 0;
-      }
-      const uint16_t* vrow = vbase + voff_[static_cast<size_t>(c)];
-      uint16_t* vdst = vo16_.get() + (c / 2) * 2 * W + c % 2;
-      const int64_t vs = pr_.value.stride[3];
-      for (int64_t e0 = 0; e0 < dvp_; e0 += W) {  // panel e0 / 64: element e at (e % 64) 2
-        uint16_t* dst = vdst + (e0 / W) * nep * W;
-        const int64_t n = std::max<int64_t>(0, std::min(W, Dv - e0));
-        const uint16_t* src = vrow + e0 * vs;
-        for (int64_t i = 0; i < n; ++i) dst[2 * i] = src[i * vs];
-        for (int64_t i = n; i < W; ++i) dst[2 * i] = 0;
-      }
+      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(ktmp16_.get()), dr / 2, n, dr / 2,
+                              reinterpret_cast<uint32_t*>(kq16_.get() + (c0 / W) * dr * W), W);
     }
-    for (; c < nep; ++c) {  // padding entries: zero keys and values
-      uint16_t* kcol = kq16_.get() + (c / W) * dr * W + (c % W) * 2;
-      for (int64_t d = 0; d < dr; ++d) kcol[(d / 2) * 2 * W + d % 2] = 0;
-      uint16_t* vdst = vo16_.get() + (c / 2) * 2 * W + c % 2;
-      for (int64_t e = 0; e < dvp_; ++e) vdst[(e / W) * nep * W + (e % W) * 2] = 0;
+    uint32_t words[cpu::kPanel];
+    for (int64_t c = 0; c < nep; c += 2) {
+      const uint16_t* va = c < ne ? vbase + voff_[static_cast<size_t>(c)] : nullptr;
+      const uint16_t* vb = c + 1 < ne ? vbase + voff_[static_cast<size_t>(c + 1)] : nullptr;
+      for (int64_t e0 = 0; e0 < dvp_; e0 += W) {
+        const int64_t n = std::max<int64_t>(0, std::min(W, Dv - e0));
+        if (va && vb && vs == 1) {  // the common case, a loop that vectorizes
+          const uint16_t* a = va + e0;
+          const uint16_t* bb = vb + e0;
+          for (int64_t i = 0; i < n; ++i) words[i] = static_cast<uint32_t>(a[i]) | (static_cast<uint32_t>(bb[i]) << 16);
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            const uint32_t lo = va ? va[(e0 + i) * vs] : 0u, hi = vb ? vb[(e0 + i) * vs] : 0u;
+            words[i] = lo | (hi << 16);
+          }
+        }
+        for (int64_t i = n; i < W; ++i) words[i] = 0;
+        std::memcpy(vo16_.get() + (e0 / W) * nep * W + (c / 2) * 2 * W, words, sizeof(words));
+      }
     }
     // 2. scores of the G heads
     const uint16_t* qbase = static_cast<const uint16_t*>(pr_.query.data);
@@ -346,8 +358,8 @@ class TileWorker {
   const cpu::KernelTable* kt_;
   int64_t cap_ = 0, dvp_ = 0, dr_ = 0;
   bool pairs_ = false;
-  detail::AlignedBuffer<float> kq_, vo_, qa_, s_, p_, o_;
-  detail::AlignedBuffer<uint16_t> kq16_, vo16_, qa16_, p16_;
+  detail::AlignedBuffer<float> kq_, vo_, qa_, s_, p_, o_, ktmp_;
+  detail::AlignedBuffer<uint16_t> kq16_, vo16_, qa16_, p16_, ktmp16_;
   std::vector<float> row_, l_;
   std::vector<int64_t> koff_, voff_;
 };
