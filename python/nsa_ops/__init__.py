@@ -66,6 +66,7 @@ from .ops.compress_attention_infer import npu_nsa_compress_attention_infer  # no
 from .isa_report import CpuIsaReport, cpu_isa_report  # noqa: E402
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 from .layer import NSAAttention, NSAAux  # noqa: E402
+from .cache import NSACache  # noqa: E402
 
 __all__ = [
     "CompressAttentionOutput",
@@ -106,4 +107,5 @@ __all__ = [
     "load_library",
     "NSAAttention",
     "NSAAux",
+    "NSACache",
 ]

@@ -462,3 +462,247 @@ class NSAAttention(nn.Module):
         if return_aux:
             return out, NSAAux(topk, gates, o_cmp, o_slc, o_swa)
         return out
+
+    # ---- generation: prefill and decode over paged caches (docs/spec/nsa_layer.md "Generation") ----
+
+    def new_cache(self, batch_size: int, *, page_size: int = 64, compressed_page_size: Optional[int] = None,
+                  max_len: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> "NSACache":
+        """An empty :class:`nsa_ops.NSACache` for ``batch_size`` sequences, on the parameters' device.
+
+        page_size: P, raw tokens per page; compressed_page_size: compressed tokens per page (default P).
+        max_len: an optional hint to size the first allocation (pages are otherwise added on demand, the storage
+        doubling when the free list runs out). dtype: the caches' dtype, which must be the parameters' (default)."""
+        from .cache import NSACache
+
+        w = self.q_proj.weight
+        if dtype is not None and dtype != w.dtype:
+            raise ValueError(f"dtype must be the parameters' dtype {w.dtype} (the decode operators take equal dtypes), "
+                             f"got {dtype}")
+        return NSACache(batch_size, self.num_kv_heads, self.head_dim_qk, self.head_dim_v, self.compress_block_size,
+                        self.compress_stride, page_size=page_size, compressed_page_size=compressed_page_size,
+                        max_len=max_len, dtype=w.dtype, device=w.device)
+
+    def _check_cache(self, cache: Any) -> None:
+        from .cache import NSACache
+
+        if not isinstance(cache, NSACache):
+            raise TypeError(f"cache must be an NSACache (from NSAAttention.new_cache), got {type(cache).__name__}")
+        w = self.q_proj.weight
+        shape = (self.num_kv_heads, self.head_dim_qk, self.head_dim_v, self.compress_block_size,
+                 self.compress_stride)
+        if (cache.num_kv_heads, cache.head_dim_qk, cache.head_dim_v, cache.compress_block_size,
+                cache.compress_stride) != shape or cache.dtype != w.dtype or cache.device != w.device:
+            raise ValueError("cache was not made for this layer (num_kv_heads, head dims, l, d, dtype or device "
+                             "differ): create it with this layer's new_cache()")
+
+    def _check_hidden(self, x: Any) -> None:
+        w = self.q_proj.weight
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor [T, H], got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"hidden_states must be [T, hidden_size = {self.hidden_size}], got {list(x.shape)}")
+        if x.dtype != w.dtype:
+            raise ValueError(f"hidden_states must have the parameters' dtype {w.dtype}, got {x.dtype}")
+        if x.device != w.device:
+            raise ValueError(f"hidden_states must be on the parameters' device {w.device}, got {x.device}")
+
+    def prefill(self, hidden_states: torch.Tensor, cu_seqlens: Any, cache: "NSACache") -> torch.Tensor:
+        """The training forward (§4) on the packed prompts, which also fills ``cache``.
+
+        hidden_states ``[T, H]`` and cu_seqlens (B+1 offsets, ``B = cache.batch_size``; prompts of any length, 0
+        included) as for :meth:`forward`, whose output this returns unchanged (with its autograd graph when grad
+        mode is on). The cache, which must be empty (new or :meth:`NSACache.reset`), receives every prompt token's
+        key and value in its raw pages and, for every complete window, the compressed key and value that the
+        training compression (``nsa_ops.compress``, compress.md §4 rounding) gives, at the slot of decode.md §1."""
+        from .ops.compress import compress
+
+        self._check_cache(cache)
+        self._check_hidden(hidden_states)
+        cu = _cu_seqlens_list(cu_seqlens, hidden_states.shape[0])
+        B = len(cu) - 1
+        if B != cache.batch_size:
+            raise ValueError(f"cu_seqlens describes {B} sequences but the cache holds batch_size = "
+                             f"{cache.batch_size}")
+        if cache.prefilled or any(cache.seq_lens):
+            raise RuntimeError("prefill needs an empty cache: this one already holds tokens (call cache.reset() "
+                               "or make a new one with new_cache())")
+        out = self.forward(hidden_states, cu)
+        with torch.no_grad():
+            x = hidden_states.detach()
+            T, N2, Dqk, Dv = x.shape[0], self.num_kv_heads, self.head_dim_qk, self.head_dim_v
+            # The same projections and compression as the forward (deterministic: the same bits).
+            k = self.k_proj(x).view(T, N2, Dqk)
+            v = self.v_proj(x).view(T, N2, Dv)
+            slots: list[int] = []
+            for b in range(B):
+                cache._reserve(b, cu[b + 1] - cu[b])
+                slots += cache._raw_slots(b, 0, cu[b + 1] - cu[b])
+                cache._lengths[b] = cu[b + 1] - cu[b]
+            if T:
+                cache._write_raw(slots, k, v)
+                l, d = self.compress_block_size, self.compress_stride
+                kc, cu_cmp = compress(k, self.compress_weight_k.detach(), cu_seqlens=cu, compress_block_size=l,
+                                      compress_stride=d)
+                vc, _ = compress(v, self.compress_weight_v.detach(), cu_seqlens=cu, compress_block_size=l,
+                                 compress_stride=d)
+                cu_c = int_list(cu_cmp, "cu_seqlens_cmp")
+                cslots = [cache.compressed_slot(b, c) for b in range(B) for c in range(cu_c[b + 1] - cu_c[b])]
+                if cslots:
+                    idx = torch.tensor(cslots, dtype=torch.int64, device=x.device)
+                    cache.compressed_key_slots().index_copy_(0, idx, kc)
+                    cache.compressed_value_slots().index_copy_(0, idx, vc)
+        cache.prefilled = True
+        return out
+
+    def decode_step(self, hidden_states: torch.Tensor, cache: "NSACache", *, query_lens: Any = None,
+                    selection: str = "training") -> torch.Tensor:
+        """One generation step: the new tokens of every sequence attend to their cached prefix and to each other.
+
+        hidden_states: ``[T_new, H]``, the new tokens packed by sequence (sequence 0's first); query_lens: the new
+        tokens per sequence q_b >= 0 (a list of B ints, or one int for all; default 1 each), ``sum = T_new``.
+        Returns ``[T_new, H]``: row i of sequence b is the layer's output for raw position ``S_b + i`` (S_b the
+        length before the step), computed by the decode composition of docs/spec/decode.md §1 (steps in the body).
+        selection: "training" (default): each token's forced blocks are training's (0, cur - 1, cur; nsa_layer.md
+        §5), so the step's outputs equal the training forward's; "operator": the blocks npu_nsa_compress_attention_infer
+        forces (0, Sel' - 2, Sel' - 1; decode.md §3 step 7), as an NPU decode would, which differ for the first
+        positions of each selection block and cost no extra query rows.
+        Runs without autograd (the decode operators have no derivative). Requires a prefilled cache."""
+        from .ops.compress_attention_infer import npu_nsa_compress_attention_infer
+        from .ops.compress_infer import npu_nsa_compress_infer
+        from .ops.paged_window_attention import paged_window_attention
+        from .ops.select_attention_infer import npu_nsa_select_attention_infer
+
+        self._check_cache(cache)
+        self._check_hidden(hidden_states)
+        if not cache.prefilled:
+            raise RuntimeError("decode_step before prefill: call prefill(hidden_states, cu_seqlens, cache) first "
+                               "(with zero-length prompts if there are none)")
+        if selection not in ("training", "operator"):
+            raise ValueError(f"selection must be 'training' or 'operator', got {selection!r}")
+        B = cache.batch_size
+        if query_lens is None:
+            qlens = [1] * B
+        elif isinstance(query_lens, int) and not isinstance(query_lens, bool):
+            qlens = [query_lens] * B
+        else:
+            qlens = int_list(query_lens, "query_lens")
+            if len(qlens) != B:
+                raise ValueError(f"query_lens must have batch_size = {B} entries, got {len(qlens)}")
+        if any(q < 0 for q in qlens):
+            raise ValueError(f"query_lens must be >= 0, got {qlens}")
+        T = hidden_states.shape[0]
+        if sum(qlens) != T:
+            raise ValueError(f"hidden_states has {T} rows but the new tokens per sequence (query_lens = {qlens}) sum "
+                             f"to {sum(qlens)} (batch_size = {B}; one new token per sequence by default)")
+        N1, N2, Dqk, Dv = self.num_heads, self.num_kv_heads, self.head_dim_qk, self.head_dim_v
+        l, d, lp, K, win = (self.compress_block_size, self.compress_stride, self.select_block_size,
+                            self.select_block_count, self.window_size)
+        scale = 1.0 / math.sqrt(Dqk)
+        x = hidden_states
+        with torch.no_grad():
+            # Step 1 (§4 step 1): projections and fp32 gates, as in the forward.
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            q = self.q_proj(x).view(T, N1, Dqk)
+            k = self.k_proj(x).view(T, N2, Dqk)
+            v = self.v_proj(x).view(T, N2, Dv)
+            gates = _sigmoid_position_independent(self.g_proj(x).view(T, N1, 3).to(acc))
+            if T == 0:
+                return self.o_proj(x.new_zeros(0, N1 * Dv))
+            start = cache.seq_lens
+            active = [b for b in range(B) if qlens[b] > 0]
+            # Decode step 1 (decode.md §1): the new keys and values into the raw pages.
+            slots: list[int] = []
+            for b in active:
+                cache._reserve(b, start[b] + qlens[b])
+                slots += cache._raw_slots(b, start[b], start[b] + qlens[b])
+            cache._write_raw(slots, k, v)
+            for b in active:
+                cache._lengths[b] = start[b] + qlens[b]
+            # Decode step 2 (§2): one compress_infer call per new-token index j for the sequences whose length
+            # start + j + 1 completes a window (compressed token c = (S - l)/d at its §1 slot).
+            wk, wv = self.compress_weight_k.detach(), self.compress_weight_v.detach()
+            for j in range(max(qlens)):
+                writers = [b for b in active if qlens[b] > j and start[b] + j + 1 >= l
+                           and (start[b] + j + 1 - l) % d == 0]
+                if not writers:
+                    continue
+                lengths = [start[b] + j + 1 for b in writers]
+                slot_map = torch.tensor([cache.compressed_slot(b, (S - l) // d) for b, S in zip(writers, lengths)],
+                                        dtype=torch.int32, device=x.device)
+                table = cache.block_table(writers)
+                npu_nsa_compress_infer(cache.key_pages, wk, slot_map, l, d, cache.page_size, block_table=table,
+                                       actual_seq_len=lengths, cache=cache.compressed_key_slots())
+                npu_nsa_compress_infer(cache.value_pages, wv, slot_map, l, d, cache.page_size, block_table=table,
+                                       actual_seq_len=lengths, cache=cache.compressed_value_slots())
+            # Decode step 3 (§3): compressed attention and selection. Every new token is its own batch of the call
+            # (its own length and compressed count), so a multi-token step equals token-by-token steps; tokens at
+            # positions < l - 1 see no compressed token: o_cmp = 0 and the blocks [0, -1, ...] (nsa_layer.md §4
+            # step 3).
+            #
+            # Forced blocks. Training forces, for the token at position s, the blocks 0, cur - 1 and cur with
+            # cur = s // l' (nsa_layer.md §5); the decode operator forces 0, Sel' - 2 and Sel' - 1 with
+            # Sel' = ceil(((C - 1)·d + l) / l') (decode.md §3 step 7). They agree when Sel' = cur + 1; when the
+            # compressed tokens end at or before cur·l' (the first positions of a block: s % l' < d - 1 when d
+            # divides l) Sel' = cur and the operator would force cur - 2 instead of cur. With
+            # selection="training" such a token is given to the operator as the first query of an MTP batch whose
+            # compressed count C' is raised until Sel'(C') = cur + 1 (S' = (C' - 1)·d + l raw tokens, q' = S' - s
+            # queries, atten_mask on): the added compressed tokens end after s, so they are masked for it
+            # (§3 step 3) and its P, scores and output are those of its C tokens, while the forced blocks become
+            # training's. The extra query rows (copies of the token's query, < l'/d + 1 of them) are discarded.
+            row_batch = [b for b in active for _ in range(qlens[b])]
+            row_len = [start[b] + i + 1 for b in active for i in range(qlens[b])]
+            o_cmp = q.new_zeros(T, N1, Dv)
+            topk = torch.full((T, N2, K), -1, dtype=torch.int32, device=x.device)
+            topk[:, :, 0] = 0
+            rows = [r for r in range(T) if row_len[r] >= l]
+            if rows:
+                call_q, call_c, call_s, first = [], [], [], []
+                for r in rows:
+                    S = row_len[r]
+                    s, C = S - 1, (S - l) // d + 1
+                    Cx = C
+                    if selection == "training":
+                        while -(-((Cx - 1) * d + l) // lp) <= s // lp:
+                            Cx += 1
+                    Sx = (Cx - 1) * d + l if Cx > C else S
+                    first.append(sum(call_q))
+                    call_q.append(Sx - s)
+                    call_c.append(Cx)
+                    call_s.append(Sx)
+                    if Cx > C:
+                        cache._reserve_compressed(row_batch[r], Cx)
+                rows_t = torch.tensor(rows, dtype=torch.int64, device=x.device)
+                q_call = q.index_select(0, torch.tensor([r for r, n in zip(rows, call_q) for _ in range(n)],
+                                                        dtype=torch.int64, device=x.device))
+                mtp = any(n > 1 for n in call_q)
+                o_r, idx = npu_nsa_compress_attention_infer(
+                    q_call, cache.compressed_key_pages, cache.compressed_value_pages, scale, N1, N2, lp, K,
+                    cache.compressed_page_size, l, d, layout="TND",
+                    atten_mask=torch.ones(1, dtype=torch.bool) if mtp else None,
+                    block_table=cache.block_table([row_batch[r] for r in rows], compressed=True),
+                    actual_seq_qlen=call_q, actual_cmp_seq_kvlen=call_c,
+                    actual_sel_seq_kvlen=call_s if mtp else None)
+                if mtp:
+                    first_t = torch.tensor(first, dtype=torch.int64, device=x.device)
+                    o_r, idx = o_r.index_select(0, first_t), idx.index_select(0, first_t)
+                # Ascending block order, -1 last (the training order, nsa_layer.md §11 item 4).
+                big = torch.iinfo(torch.int32).max
+                idx = torch.sort(torch.where(idx < 0, big, idx), dim=-1).values
+                idx = torch.where(idx == big, -1, idx)
+                o_cmp.index_copy_(0, rows_t, o_r)
+                topk.index_copy_(0, rows_t, idx)
+            # Decode step 4 (§4): selected attention over the raw pages, MTP causality by position.
+            table = cache.block_table(active)
+            seq_lens = [cache.seq_lens[b] for b in active]
+            q_lens = [qlens[b] for b in active]
+            o_slc = npu_nsa_select_attention_infer(
+                q, cache.key_pages.view(cache.num_pages, cache.page_size, N2 * Dqk),
+                cache.value_pages.view(cache.num_pages, cache.page_size, N2 * Dv), topk, scale, N1, N2, lp, K,
+                cache.page_size, layout="TND", block_table=table, actual_seq_qlen=q_lens, actual_seq_kvlen=seq_lens)
+            # Decode step 5 (§9): the last w tokens of every new token.
+            o_swa = paged_window_attention(q, cache.key_pages, cache.value_pages, table, seq_lens, win, scale=scale,
+                                           query_lens=q_lens)
+            # Step 6 (nsa_layer.md §4 step 6): the same fp32 gate expression, one rounding, o_proj.
+            o = (gates[..., 0:1] * o_cmp.to(acc) + gates[..., 1:2] * o_slc.to(acc)
+                 + gates[..., 2:3] * o_swa.to(acc)).to(x.dtype)
+            return self.o_proj(o.reshape(T, N1 * Dv))
