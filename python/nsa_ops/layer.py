@@ -648,7 +648,7 @@ class NSAAttention(nn.Module):
             # compressed count C' is raised until Sel'(C') = cur + 1 (S' = (C' - 1)·d + l raw tokens, q' = S' - s
             # queries, atten_mask on): the added compressed tokens end after s, so they are masked for it
             # (§3 step 3) and its P, scores and output are those of its C tokens, while the forced blocks become
-            # training's. The extra query rows (copies of the token's query, < l'/d + 1 of them) are discarded.
+            # training's. The extra query rows (copies of the token's query, q' <= d in all) are discarded.
             row_batch = [b for b in active for _ in range(qlens[b])]
             row_len = [start[b] + i + 1 for b in active for i in range(qlens[b])]
             o_cmp = q.new_zeros(T, N1, Dv)
