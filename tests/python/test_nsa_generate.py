@@ -26,6 +26,16 @@ WHOLE = [150, 90, 20, 70, 33]
 PROMPT = [100, 32, 10, 0, 31]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny sizes: one thread is fastest and immune to spinning workers on a shared machine (torch's small fp32
+    GEMMs took ~10 ms each with 2 threads on a loaded 2-core host)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _layer(cfg, dtype, seed=0):
     torch.manual_seed(seed)
     m = nsa_ops.NSAAttention(*cfg, dtype=dtype)
