@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true", help="compare the decode logits with the training forward")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 is often fastest "
+                                                              "for decode steps of a few tokens)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     full = dict(train_steps=100, hidden=128, layers=2, head_dim=32, seq=512, batch=4, prompt_len=100,
                 new_tokens=200)
     smoke = dict(train_steps=3, hidden=32, layers=1, head_dim=16, seq=160, batch=2, prompt_len=40, new_tokens=40)

@@ -107,10 +107,11 @@ class NSACache:
         self.prefilled = False
 
     def __repr__(self) -> str:
+        n_cmp = self.compressed_key_pages.shape[0]
         return (f"NSACache(batch_size={self.batch_size}, seq_lens={self._lengths}, page_size={self.page_size}, "
                 f"pages={self.num_pages - len(self._free)}/{self.num_pages}, compressed_page_size="
-                f"{self.compressed_page_size}, compressed_pages={self.compressed_key_pages.shape[0] - len(self._free_cmp)}"
-                f"/{self.compressed_key_pages.shape[0]}, dtype={self.dtype})")
+                f"{self.compressed_page_size}, compressed_pages={n_cmp - len(self._free_cmp)}/{n_cmp}, "
+                f"dtype={self.dtype})")
 
     # ---- page allocation ----
 

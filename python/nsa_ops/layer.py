@@ -563,9 +563,9 @@ class NSAAttention(nn.Module):
         Returns ``[T_new, H]``: row i of sequence b is the layer's output for raw position ``S_b + i`` (S_b the
         length before the step), computed by the decode composition of docs/spec/decode.md §1 (steps in the body).
         selection: "training" (default): each token's forced blocks are training's (0, cur - 1, cur; nsa_layer.md
-        §5), so the step's outputs equal the training forward's; "operator": the blocks npu_nsa_compress_attention_infer
-        forces (0, Sel' - 2, Sel' - 1; decode.md §3 step 7), as an NPU decode would, which differ for the first
-        positions of each selection block and cost no extra query rows.
+        §5), so the step's outputs equal the training forward's (§13); "operator": the blocks that
+        npu_nsa_compress_attention_infer forces (0, Sel' - 2, Sel' - 1; decode.md §3 step 7), as an NPU decode
+        would, which differ for the first positions of each selection block and cost no extra query rows.
         Runs without autograd (the decode operators have no derivative). Requires a prefilled cache."""
         from .ops.compress_attention_infer import npu_nsa_compress_attention_infer
         from .ops.compress_infer import npu_nsa_compress_infer

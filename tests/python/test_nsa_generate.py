@@ -117,7 +117,7 @@ def _decode_all(m, cache, xs, prompt, whole, step_tokens):
     return outs
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cfg", [CFG_G2, CFG_G1], ids=["G2", "G1"])
 def test_prefill_then_decode_matches_training_forward(cfg, dtype):
     m = _layer(cfg, dtype)
@@ -136,10 +136,10 @@ def test_prefill_then_decode_matches_training_forward(cfg, dtype):
     keys = sorted(outs)
     got = torch.stack([outs[k] for k in keys])
     worst = _check_rows(m, dtype, got, ref, aux, [cu_train[b] + s for b, s in keys], "token-by-token decode")
-    assert worst < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert worst < (1e-5 if dtype == torch.float32 else 2e-2)          # measured: 4.2e-7; bf16 3.9e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_multi_token_steps_match_training_forward(dtype):
     """Steps of 1 to 5 new tokens per sequence (0 for some sequences at some steps), windows completing inside a
     step: every row equals the training forward's within the bound."""
