@@ -290,3 +290,39 @@ def test_generate_example_smoke(capsys):
     assert example.main(["--smoke"]) == 0
     text = capsys.readouterr().out
     assert "tokens/s" in text and "max |decode - forward| logits" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_fills_raw_and_compressed_pages(dtype):
+    """After prefill, raw position p of sequence b holds k_proj / v_proj of its token (bitwise) at
+    page_ids(b)[p // P], row p % P, and compressed slot c holds nsa_ops.compress's row c (bitwise, training
+    rounding) at the slot of decode.md §1, across page boundaries (P = 16, Pc = 3)."""
+    cfg = CFG_G2
+    H, N2, Dqk, Dv, l, d = cfg[0], cfg[2], cfg[3], cfg[4], cfg[5], cfg[6]
+    m = _layer(cfg, dtype, seed=9)
+    lens = [70, 0, 31, 32, 100]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    x = torch.randn(cu[-1], H).to(dtype)
+    cache = m.new_cache(len(lens), page_size=16, compressed_page_size=3)
+    with torch.no_grad():
+        m.prefill(x, cu, cache)
+        k = m.k_proj(x).view(-1, N2, Dqk)
+        v = m.v_proj(x).view(-1, N2, Dv)
+        kc, cu_c = nsa_ops.compress(k, m.compress_weight_k, cu_seqlens=cu, compress_block_size=l, compress_stride=d)
+        vc, _ = nsa_ops.compress(v, m.compress_weight_v, cu_seqlens=cu, compress_block_size=l, compress_stride=d)
+    assert cache.seq_lens == lens and cache.prefilled
+    for b, n in enumerate(lens):
+        pages = cache.page_ids(b)
+        assert len(pages) == -(-n // 16)
+        for p in range(n):
+            assert torch.equal(cache.key_pages[pages[p // 16], p % 16], k[cu[b] + p])
+            assert torch.equal(cache.value_pages[pages[p // 16], p % 16], v[cu[b] + p])
+        C = cache.num_compressed(b)
+        assert C == int(cu_c[b + 1] - cu_c[b]) == ((n - l) // d + 1 if n >= l else 0)
+        for c in range(C):
+            page, row = cache.compressed_page_ids(b)[c // 3], c % 3
+            assert cache.compressed_slot(b, c) == page * 3 + row
+            assert torch.equal(cache.compressed_key_pages[page, row].view(N2, Dqk), kc[cu_c[b] + c])
+            assert torch.equal(cache.compressed_value_pages[page, row].view(N2, Dv), vc[cu_c[b] + c])
