@@ -14,7 +14,7 @@ l + d = 48 bytes, so that no generated position is among a training sequence's l
 
     python examples/generate.py                        # train 100 steps (minutes), generate 200 bytes x 4
     python examples/generate.py --checkpoint m.pt --layers 2 --hidden 128 --head-dim 32
-    python examples/generate.py --smoke                # seconds: tiny sizes, 3 training steps, the check on
+    python examples/generate.py --smoke                # seconds: tiny sizes (2 layers), 3 training steps, the check on
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save", type=Path, default=None, help="save the trained state_dict here")
     p.add_argument("--train-steps", type=int, default=None, help="training steps when no checkpoint (100; smoke 3)")
     p.add_argument("--hidden", type=int, default=None, help="model width H (128; smoke 32)")
-    p.add_argument("--layers", type=int, default=None, help="blocks (2; smoke 1)")
+    p.add_argument("--layers", type=int, default=None, help="blocks (default 2, also in --smoke)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=None, help="Dqk = Dv (32; smoke 16)")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     full = dict(train_steps=100, hidden=128, layers=2, head_dim=32, seq=512, batch=4, prompt_len=100,
                 new_tokens=200)
-    smoke = dict(train_steps=3, hidden=32, layers=1, head_dim=16, seq=160, batch=2, prompt_len=40, new_tokens=40)
+    smoke = dict(train_steps=3, hidden=32, layers=2, head_dim=16, seq=160, batch=2, prompt_len=40, new_tokens=40)
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
