@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -237,11 +239,14 @@ def run_case(c: DCase, args, nsa_ops, threads: int, bw: float) -> dict:
 
 def table(results, markdown: bool) -> str:
     head = ["case", "NSA ms", "NSA CPU ms", "tok/s", "NSA tokens", "NSA MB", "GB/s", "traffic bound",
-            "dense ms", "sdpa+g ms", "sdpa ms", "dense tokens", "dense MB", "vs dense", "vs sdpa+g", "vs sdpa"]
+            "dense ms", "sdpa+g ms", "sdpa ms", "dense tokens", "dense MB", "vs dense", "vs sdpa+g", "vs sdpa",
+            "vs dense (CPU)"]
     rows = []
     for r in results:
         T = {k: v["median_s"] for k, v in r["times"].items()}
+        Tc = {k: v["cpu_per_thread_s"] for k, v in r["times"].items()}
         n = r["nsa_step_s"]
+        dn = "dense (gather + matmul)"
 
         def ms(k):
             return bl.fmt_ms(T.get(k))
@@ -252,7 +257,8 @@ def table(results, markdown: bool) -> str:
                      str(sum(r["nsa_tokens"].values())), f"{r['nsa_bytes'] / 1e6:.1f}", f"{r['nsa_gbps']:.1f}",
                      f"{r['traffic_bound']:.1f}x", ms("dense (gather + matmul)"), ms("sdpa + gather"),
                      ms("sdpa (gathered cache)"), str(r["S"]), f"{r['dense_bytes'] / 1e6:.0f}",
-                     ratio("dense (gather + matmul)"), ratio("sdpa + gather"), ratio("sdpa (gathered cache)")])
+                     ratio("dense (gather + matmul)"), ratio("sdpa + gather"), ratio("sdpa (gathered cache)"),
+                     f"{Tc[dn] / r['nsa_step_cpu_s']:.1f}x" if dn in Tc else "-"])
     return bl.render_table(head, rows, markdown)
 
 
@@ -262,7 +268,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the tiny 'quick' case, 1 run, no probe (seconds)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the dense / SDPA baselines")
     ap.add_argument("--bw-mb", type=int, default=512, help="size of the copy that measures the bandwidth (MB)")
+    ap.add_argument("--table-from", help="print the summary table of an earlier --json-out file and exit")
     args = ap.parse_args(argv)
+    if args.table_from:
+        print(table(json.loads(Path(args.table_from).read_text())["results"], args.markdown))
+        return 0
     if args.list:
         return bl.list_cases(CASES, lambda n: "default" if n in DEFAULT_CASES else "")
     if args.quick:
@@ -273,7 +283,7 @@ def main(argv=None) -> int:
     threads, nsa_ops, peak, header = bl.start(args, "measurement", "; CPU time per thread printed beside")
     bw = copy_bandwidth(threads, args.bw_mb)
     try:
-        load = "load average %.2f %.2f %.2f" % __import__("os").getloadavg()
+        load = "load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         load = "load average unknown"
     header.append(f"copy bandwidth {bw:.1f} GB/s (read + write, {args.bw_mb} MB); {load}")
@@ -287,7 +297,8 @@ def main(argv=None) -> int:
                      "d); MB and tokens: all sequences of the step (tokens: per sequence); GB/s = NSA MB / NSA ms; traffic bound = copy "
                      "GB/s x NSA time / NSA bytes (<= 2x meets the target); dense = gather through the block table + "
                      "matmul-softmax-matmul in PyTorch, sdpa+g = gather + SDPA, sdpa = SDPA over the gathered cache; "
-                     "'vs' = baseline ms / NSA ms (wall).")
+                     "'vs' = baseline ms / NSA ms (wall); 'vs dense (CPU)' = the same ratio of CPU "
+                     "time per thread.")
 
 
 if __name__ == "__main__":
