@@ -16,6 +16,7 @@ import torch
 
 from .._args import optional_int_list
 from .._lib import load_library
+from ._autograd_common import register_no_derivative
 
 load_library()
 
@@ -75,23 +76,4 @@ def npu_nsa_compress_attention_infer(query, key, value, scale_value, head_num, k
         block_table=block_table, topk_mask=topk_mask, **lists)
 
 
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad_out, grad_topk):
-    raise RuntimeError("npu_nsa_compress_attention_infer has no derivative (docs/spec/decode.md §3): a backward "
-                       "reached it; run decoding under torch.no_grad() / torch.inference_mode(), or detach its "
-                       "inputs")
-
-
-def register() -> None:
-    """The raising autograd formula on every overload (only where the loaded library has the operator)."""
-    if not hasattr(torch.ops.nsa, "compress_attention_infer"):
-        return
-    for name in ("nsa::compress_attention_infer", "nsa::compress_attention_infer.tensor_lengths",
-                 "nsa::compress_attention_infer_reference"):
-        torch.library.register_autograd(name, _backward, setup_context=_setup_context)
-
-
-register()
+register_no_derivative("compress_attention_infer", "§3")

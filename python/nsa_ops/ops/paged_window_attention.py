@@ -12,14 +12,11 @@ import torch
 
 from .._args import attention_scale_and_inputs, int_arg, int_list
 from .._lib import load_library
+from ._autograd_common import register_no_derivative
 
 load_library()
 
 __all__ = ["paged_window_attention"]
-
-_NO_DERIVATIVE = ("nsa::paged_window_attention has no derivative: the decode operators have no backward "
-                  "(docs/spec/decode.md §9); call it under torch.no_grad() or on detached tensors")
-
 
 def _check_tensor(t: Any, name: str, rank: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
@@ -92,21 +89,4 @@ def paged_window_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     return op(query, key_cache, value_cache, block_table, s, window, scale, q)
 
 
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad):
-    raise RuntimeError(_NO_DERIVATIVE)
-
-
-def register() -> None:
-    """Registers the raising autograd formula on the operator's overloads (once, at import)."""
-    if not hasattr(torch.ops.nsa, "paged_window_attention"):
-        return
-    for name in ("nsa::paged_window_attention", "nsa::paged_window_attention.tensor_lengths",
-                 "nsa::paged_window_attention_reference"):
-        torch.library.register_autograd(name, _backward, setup_context=_setup_context)
-
-
-register()
+register_no_derivative("paged_window_attention", "§9")

@@ -15,14 +15,11 @@ import torch
 
 from .._args import int_list, optional_int_list
 from .._lib import load_library
+from ._autograd_common import register_no_derivative
 
 load_library()
 
 __all__ = ["npu_nsa_select_attention_infer"]
-
-_NO_DERIVATIVE = ("nsa::select_attention_infer has no derivative: the decode operators have no backward "
-                  "(docs/spec/decode.md §4); call it under torch.no_grad() or on detached tensors")
-
 
 def _lengths_for_op(actual_seq_qlen: Any, actual_seq_kvlen: Any):
     """(tensor_lengths, qlen, kvlen): per-batch lists as Python ints, or, when either is a tensor, both as 1-D
@@ -80,21 +77,4 @@ def npu_nsa_select_attention_infer(query, key, value, topk_indices, scale_value,
               select_block_count, page_block_size, layout, atten_mask, block_table, qlen, kvlen)
 
 
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad):
-    raise RuntimeError(_NO_DERIVATIVE)
-
-
-def register() -> None:
-    """Registers the raising autograd formula on the operator's overloads (once, by the package)."""
-    if not hasattr(torch.ops.nsa, "select_attention_infer"):
-        return
-    for name in ("nsa::select_attention_infer", "nsa::select_attention_infer.tensor_lengths",
-                 "nsa::select_attention_infer_reference"):
-        torch.library.register_autograd(name, _backward, setup_context=_setup_context)
-
-
-register()
+register_no_derivative("select_attention_infer", "§4")
