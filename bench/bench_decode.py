@@ -202,7 +202,12 @@ def run_case(c: DCase, args, nsa_ops, threads: int, bw: float) -> dict:
            "times": {}}
 
     def timed(label, fn):
-        t = bl.time_fn(fn, args.warmup, args.repeat, args.budget, threads)
+        try:
+            t = bl.time_fn(fn, args.warmup, args.repeat, args.budget, threads)
+        except (MemoryError, RuntimeError) as e:     # e.g. SDPA's math path at 128k: allocation refused
+            res.setdefault("errors", {})[label] = str(e).splitlines()[0][:300]
+            print(f"   {label:<30} failed: {res['errors'][label]}", flush=True)
+            return None
         res["times"][label] = {"median_s": t.median, "cpu_per_thread_s": t.cpu_per_thread, "runs_s": t.runs}
         print(f"   {label:<30} {bl.fmt_ms(t.median):>9} ms   (CPU/thread {bl.fmt_ms(t.cpu_per_thread)} ms)",
               flush=True)
