@@ -405,15 +405,7 @@ class NSAAttention(nn.Module):
 
         Returns ``[T, H]`` in the parameters' dtype (and the :class:`NSAAux`)."""
         x = hidden_states
-        w = self.q_proj.weight
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"hidden_states must be a torch.Tensor [T, H], got {type(x).__name__}")
-        if x.dim() != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"hidden_states must be [T, hidden_size = {self.hidden_size}], got {list(x.shape)}")
-        if x.dtype != w.dtype:
-            raise ValueError(f"hidden_states must have the parameters' dtype {w.dtype}, got {x.dtype}")
-        if x.device != w.device:
-            raise ValueError(f"hidden_states must be on the parameters' device {w.device}, got {x.device}")
+        self._check_hidden(x)
         N1, N2, Dqk, Dv = self.num_heads, self.num_kv_heads, self.head_dim_qk, self.head_dim_v
         l, d, lp, K, win = (self.compress_block_size, self.compress_stride, self.select_block_size,
                             self.select_block_count, self.window_size)
