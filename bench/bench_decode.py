@@ -209,7 +209,7 @@ def run_case(c: DCase, args, nsa_ops, threads: int, bw: float) -> dict:
             print(f"   {label:<30} failed: {res['errors'][label]}", flush=True)
             return None
         res["times"][label] = {"median_s": t.median, "cpu_per_thread_s": t.cpu_per_thread, "runs_s": t.runs}
-        print(f"   {label:<30} {bl.fmt_ms(t.median):>9} ms   (CPU/thread {bl.fmt_ms(t.cpu_per_thread)} ms)",
+        print(f"   {label:<30} {t.median * 1e3:>10.3f} ms   (CPU/thread {t.cpu_per_thread * 1e3:.3f} ms)",
               flush=True)
         return t
 
