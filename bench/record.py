@@ -36,6 +36,7 @@ BENCHES = [
     ("compress", "bench_compress.py", [], "token compression (`npu_nsa_compress`), forward and backward"),
     ("select", "bench_select_attention.py", [], "selected attention (`npu_nsa_select_attention`), forward and backward"),
     ("window", "bench_window_attention.py", [], "sliding-window attention (`npu_fusion_attention` band mode)"),
+    ("decode", "bench_decode.py", [], "one decode step over paged caches (the four decode operators) against dense paged attention"),
 ]
 
 
