@@ -38,6 +38,22 @@ def optional_int_list(value: Any, name: str) -> list[int] | None:
     return None if value is None else int_list(value, name)
 
 
+def seq_lengths_for_op(actual_seq_qlen: Any, actual_seq_kvlen: Any) -> tuple[bool, Any, Any]:
+    """``(tensor_lengths, qlen, kvlen)`` of a drop-in's ``actual_seq_qlen`` / ``actual_seq_kvlen`` (either may be
+    None): when either is a tensor, both go to the op's ``.tensor_lengths`` overload as 1-D int64 CPU tensors (read
+    in the kernel: no recompilation under torch.compile for new values); otherwise both as lists of ints."""
+    names = ("actual_seq_qlen", "actual_seq_kvlen")
+    if isinstance(actual_seq_qlen, torch.Tensor) or isinstance(actual_seq_kvlen, torch.Tensor):
+        out = []
+        for value, name in zip((actual_seq_qlen, actual_seq_kvlen), names):
+            if value is None or isinstance(value, torch.Tensor):
+                out.append(value)
+            else:
+                out.append(torch.tensor(int_list(value, name), dtype=torch.int64))
+        return True, out[0], out[1]
+    return False, optional_int_list(actual_seq_qlen, names[0]), optional_int_list(actual_seq_kvlen, names[1])
+
+
 def int_arg(value: Any, name: str) -> int:
     """A Python int (ints, 0-d integer tensors, NumPy ints; not bools or floats)."""
     if isinstance(value, bool):

@@ -421,11 +421,7 @@ class NSAAttention(nn.Module):
             cu = _cu_seqlens_list(cu_seqlens, T)
 
         # Step 1: projections and fp32 gates (fp64 for fp64 modules, §12 item 7).
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        q = self.q_proj(x).view(T, N1, Dqk)
-        k = self.k_proj(x).view(T, N2, Dqk)
-        v = self.v_proj(x).view(T, N2, Dv)
-        gates = _sigmoid_position_independent(self.g_proj(x).view(T, N1, 3).to(acc))
+        q, k, v, gates = self._project(x)
 
         if T == 0:
             o_cmp = o_slc = o_swa = x.new_zeros(0, N1, Dv)
@@ -448,6 +444,7 @@ class NSAAttention(nn.Module):
             o_swa = sliding_window_attention(q, k, v, cu, win, scale=scale).attention_out
 
         # Step 6: one fp32 expression, in this order, rounded once to the parameters' dtype.
+        acc = gates.dtype
         o = (gates[..., 0:1] * o_cmp.to(acc) + gates[..., 1:2] * o_slc.to(acc)
              + gates[..., 2:3] * o_swa.to(acc)).to(x.dtype)
         out = self.o_proj(o.reshape(T, N1 * Dv))
@@ -486,6 +483,17 @@ class NSAAttention(nn.Module):
                 cache.compress_stride) != shape or cache.dtype != w.dtype or cache.device != w.device:
             raise ValueError("cache was not made for this layer (num_kv_heads, head dims, l, d, dtype or device "
                              "differ): create it with this layer's new_cache()")
+
+    def _project(self, x: torch.Tensor):
+        """§4 step 1: q ``[T, N1, Dqk]``, k ``[T, N2, Dqk]``, v ``[T, N2, Dv]`` in the parameters' dtype and the gates
+        ``[T, N1, 3]`` in fp32 (fp64 for fp64 modules, §12 item 7)."""
+        T = x.shape[0]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim_qk)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim_qk)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim_v)
+        gates = _sigmoid_position_independent(self.g_proj(x).view(T, self.num_heads, 3).to(acc))
+        return q, k, v, gates
 
     def _check_hidden(self, x: Any) -> None:
         w = self.q_proj.weight
@@ -593,11 +601,7 @@ class NSAAttention(nn.Module):
         x = hidden_states
         with torch.no_grad():
             # Step 1 (§4 step 1): projections and fp32 gates, as in the forward.
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            q = self.q_proj(x).view(T, N1, Dqk)
-            k = self.k_proj(x).view(T, N2, Dqk)
-            v = self.v_proj(x).view(T, N2, Dv)
-            gates = _sigmoid_position_independent(self.g_proj(x).view(T, N1, 3).to(acc))
+            q, k, v, gates = self._project(x)
             if T == 0:
                 return self.o_proj(x.new_zeros(0, N1 * Dv))
             start = cache.seq_lens
@@ -695,6 +699,7 @@ class NSAAttention(nn.Module):
             o_swa = paged_window_attention(q, cache.key_pages, cache.value_pages, table, seq_lens, win, scale=scale,
                                            query_lens=q_lens)
             # Step 6 (nsa_layer.md §4 step 6): the same fp32 gate expression, one rounding, o_proj.
+            acc = gates.dtype
             o = (gates[..., 0:1] * o_cmp.to(acc) + gates[..., 1:2] * o_slc.to(acc)
                  + gates[..., 2:3] * o_swa.to(acc)).to(x.dtype)
             return self.o_proj(o.reshape(T, N1 * Dv))

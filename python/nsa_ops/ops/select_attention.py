@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .._args import attention_scale_and_inputs, check_cu_seqlens, int_arg, int_list, optional_int_list
+from .._args import attention_scale_and_inputs, check_cu_seqlens, int_arg, int_list, seq_lengths_for_op
 from .._lib import load_library
 
 load_library()
@@ -38,23 +38,6 @@ class SelectAttentionOutput(NamedTuple):
     softmax_max: torch.Tensor
     softmax_sum: torch.Tensor
 
-
-_LENGTH_NAMES = ("actual_seq_qlen", "actual_seq_kvlen")
-
-
-def _lengths_for_op(actual_seq_qlen: Any, actual_seq_kvlen: Any):
-    """(tensor_lengths, qlen, kvlen): when either list is a tensor, both go to the .tensor_lengths overload as 1-D
-    int64 CPU tensors (read in the kernel: no recompilation under torch.compile for new values); otherwise lists."""
-    if isinstance(actual_seq_qlen, torch.Tensor) or isinstance(actual_seq_kvlen, torch.Tensor):
-        out = []
-        for value, name in zip((actual_seq_qlen, actual_seq_kvlen), _LENGTH_NAMES):
-            if value is None or isinstance(value, torch.Tensor):
-                out.append(value)
-            else:
-                out.append(torch.tensor(int_list(value, name), dtype=torch.int64))
-        return True, out[0], out[1]
-    return (False, optional_int_list(actual_seq_qlen, "actual_seq_qlen"),
-            optional_int_list(actual_seq_kvlen, "actual_seq_kvlen"))
 
 
 def npu_nsa_select_attention(query, key, value, topk_indices, scale_value, head_num, select_block_size,
@@ -87,7 +70,7 @@ def npu_nsa_select_attention(query, key, value, topk_indices, scale_value, head_
     Raises:
         RuntimeError naming the argument for every violation of §7 (every index is checked).
     """
-    tensor_lengths, qlen, kvlen = _lengths_for_op(actual_seq_qlen, actual_seq_kvlen)
+    tensor_lengths, qlen, kvlen = seq_lengths_for_op(actual_seq_qlen, actual_seq_kvlen)
     op = torch.ops.nsa.select_attention.tensor_lengths if tensor_lengths else torch.ops.nsa.select_attention.default
     return op(query, key, value, topk_indices, scale_value, head_num, select_block_size, select_block_count,
               atten_mask=atten_mask, actual_seq_qlen=qlen, actual_seq_kvlen=kvlen)
@@ -104,7 +87,7 @@ def npu_nsa_select_attention_grad(grad, query, key, value, attention_out, softma
     always causal, §11 item 3). Returns ``(query_grad, key_grad, value_grad)`` with the shapes and dtype of query,
     key and value, contiguous, rounded half away from zero; deterministic whatever the thread count.
     """
-    tensor_lengths, qlen, kvlen = _lengths_for_op(actual_seq_qlen, actual_seq_kvlen)
+    tensor_lengths, qlen, kvlen = seq_lengths_for_op(actual_seq_qlen, actual_seq_kvlen)
     op = (torch.ops.nsa.select_attention_backward.tensor_lengths if tensor_lengths
           else torch.ops.nsa.select_attention_backward.default)
     return op(grad, query, key, value, attention_out, softmax_max, softmax_sum, topk_indices, scale_value, head_num,

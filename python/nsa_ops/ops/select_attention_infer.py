@@ -9,32 +9,15 @@ raises is registered, so that forward calls on tensors requiring grad still work
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .._args import int_list, optional_int_list
+from .._args import seq_lengths_for_op
 from .._lib import load_library
 from ._autograd_common import register_no_derivative
 
 load_library()
 
 __all__ = ["npu_nsa_select_attention_infer"]
-
-def _lengths_for_op(actual_seq_qlen: Any, actual_seq_kvlen: Any):
-    """(tensor_lengths, qlen, kvlen): per-batch lists as Python ints, or, when either is a tensor, both as 1-D
-    tensors for the .tensor_lengths overload (read inside the kernel: no recompilation under torch.compile)."""
-    names = ("actual_seq_qlen", "actual_seq_kvlen")
-    if isinstance(actual_seq_qlen, torch.Tensor) or isinstance(actual_seq_kvlen, torch.Tensor):
-        out = []
-        for value, name in zip((actual_seq_qlen, actual_seq_kvlen), names):
-            if value is None or isinstance(value, torch.Tensor):
-                out.append(value)
-            else:
-                out.append(torch.tensor(int_list(value, name), dtype=torch.int64))
-        return True, out[0], out[1]
-    return False, optional_int_list(actual_seq_qlen, names[0]), optional_int_list(actual_seq_kvlen, names[1])
-
 
 def npu_nsa_select_attention_infer(query, key, value, topk_indices, scale_value, head_num, key_value_head_num,
                                    select_block_size, select_block_count, page_block_size, *, layout='BSND',
@@ -70,7 +53,7 @@ def npu_nsa_select_attention_infer(query, key, value, topk_indices, scale_value,
     Raises:
         RuntimeError naming the argument for every rule of §4 (every index, every page a row reads, lengths).
     """
-    tensor_lengths, qlen, kvlen = _lengths_for_op(actual_seq_qlen, actual_seq_kvlen)
+    tensor_lengths, qlen, kvlen = seq_lengths_for_op(actual_seq_qlen, actual_seq_kvlen)
     op = (torch.ops.nsa.select_attention_infer.tensor_lengths if tensor_lengths
           else torch.ops.nsa.select_attention_infer.default)
     return op(query, key, value, topk_indices, scale_value, head_num, key_value_head_num, select_block_size,
