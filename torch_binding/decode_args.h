@@ -1,6 +1,7 @@
-// Argument helpers of the decode operators' bindings (docs/spec/decode.md: compress_infer.cpp,
-// compress_attention_infer.cpp): per-batch length lists given as 1-D integer CPU tensors, int32 index tensors
-// (slot_mapping, block_table) read as contiguous host copies, and device checks. Every failure names the argument.
+// Argument helpers of the decode operators' bindings (docs/spec/decode.md; compress_infer.cpp,
+// compress_attention_infer.cpp, select_attention_infer.cpp, paged_window_attention.cpp): per-batch length lists
+// given as 1-D integer CPU tensors, int32 index tensors (slot_mapping, block_table) read as contiguous host copies,
+// and device checks. Every failure names the argument.
 #pragma once
 
 #include <ATen/core/Tensor.h>

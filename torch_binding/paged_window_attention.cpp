@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "binding.h"
+#include "decode_args.h"
 #include "nsa/paged_window_attention.h"
 
 #define NSA_PAGED_WINDOW_ARGS(LENGTHS, OPT)                                                              \
@@ -60,30 +61,6 @@ nsa::PagedCacheView cache_view(const at::Tensor& t) {
   return v;
 }
 
-nsa::IntList int_list(OptIntList l) {
-  nsa::IntList out;
-  if (!l.has_value()) return out;
-  static const int64_t kEmpty = 0;  // an empty list keeps a non-null pointer: the library reports "one per batch"
-  out.data = l->empty() ? &kEmpty : l->data();
-  out.size = static_cast<int64_t>(l->size());
-  return out;
-}
-
-OptIntList lengths(const OptTensor& t, const char* name, std::vector<int64_t>& storage) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  TORCH_CHECK(t->dim() == 1, name, " must be a 1-D integer tensor (one length per batch), got a ", t->dim(),
-              "-D tensor");
-  const auto type = t->scalar_type();
-  TORCH_CHECK(type == at::kLong || type == at::kInt, name, " must be an int64 or int32 tensor, got ", type);
-  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor (the lengths are read on the host), got ",
-              t->device());
-  storage.resize(static_cast<size_t>(t->size(0)));
-  for (int64_t i = 0; i < t->size(0); ++i)
-    storage[static_cast<size_t>(i)] = type == at::kLong ? t->const_data_ptr<int64_t>()[i * t->stride(0)]
-                                                        : t->const_data_ptr<int32_t>()[i * t->stride(0)];
-  return OptIntList(storage);
-}
-
 using Backend = nsa::Status (*)(const nsa::PagedWindowAttentionParams&, const nsa::CpuOptions&);
 
 nsa::Status reference_backend(const nsa::PagedWindowAttentionParams& p, const nsa::CpuOptions&) {
@@ -112,8 +89,8 @@ at::Tensor forward_cpu(Backend backend, const at::Tensor& query, const at::Tenso
   }
   p.window = window;
   p.scale = scale;
-  p.seq_lens = int_list(seq_lens);
-  p.query_lens = int_list(query_lens);
+  p.seq_lens = decode::int_list(seq_lens);
+  p.query_lens = decode::int_list(query_lens);
   {  // every rule before anything is allocated
     nsa::PagedWindowAttentionParams probe = p;
     static char placeholder = 0;
@@ -150,7 +127,8 @@ at::Tensor paged_window_attention_tensor_lengths_cpu(const at::Tensor& query, co
                                                      const OptTensor& query_lens) {
   std::vector<int64_t> s, q;
   return forward_cpu(&nsa::paged_window_attention_cpu, query, key_cache, value_cache, block_table,
-                     lengths(seq_lens, "seq_lens", s), window, scale, lengths(query_lens, "query_lens", q));
+                     decode::lengths_from_tensor(seq_lens, "seq_lens", s), window, scale,
+                     decode::lengths_from_tensor(query_lens, "query_lens", q));
 }
 
 at::Tensor paged_window_attention_meta(const at::Tensor& query, const at::Tensor& key_cache,

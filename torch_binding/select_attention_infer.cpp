@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "binding.h"
+#include "decode_args.h"
 #include "nsa/select_attention_infer.h"
 
 #define NSA_SELECT_INFER_ARGS(LENGTHS)                                                                   \
@@ -139,31 +140,6 @@ nsa::PagedCacheView cache_view(const at::Tensor& t, int64_t n2) {
   return v;
 }
 
-nsa::IntList int_list(OptIntList l) {
-  nsa::IntList out;
-  if (!l.has_value()) return out;
-  static const int64_t kEmpty = 0;  // an empty list keeps a non-null pointer: the library reports "one per batch"
-  out.data = l->empty() ? &kEmpty : l->data();
-  out.size = static_cast<int64_t>(l->size());
-  return out;
-}
-
-// A per-batch length list given as a 1-D int32/int64 CPU tensor, copied to `storage`; nullopt for None.
-OptIntList lengths(const OptTensor& t, const char* name, std::vector<int64_t>& storage) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  TORCH_CHECK(t->dim() == 1, name, " must be a 1-D integer tensor (one length per batch), got a ", t->dim(),
-              "-D tensor");
-  const auto type = t->scalar_type();
-  TORCH_CHECK(type == at::kLong || type == at::kInt, name, " must be an int64 or int32 tensor, got ", type);
-  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor (the lengths are read on the host), got ",
-              t->device());
-  storage.resize(static_cast<size_t>(t->size(0)));
-  for (int64_t i = 0; i < t->size(0); ++i)
-    storage[static_cast<size_t>(i)] = type == at::kLong ? t->const_data_ptr<int64_t>()[i * t->stride(0)]
-                                                        : t->const_data_ptr<int32_t>()[i * t->stride(0)];
-  return OptIntList(storage);
-}
-
 using Backend = nsa::Status (*)(const nsa::SelectAttentionInferParams&, const nsa::CpuOptions&);
 
 nsa::Status reference_backend(const nsa::SelectAttentionInferParams& p, const nsa::CpuOptions&) {
@@ -221,8 +197,8 @@ at::Tensor forward_cpu(Backend backend, const at::Tensor& query, const at::Tenso
   p.select_block_size = select_block_size;
   p.select_block_count = select_block_count;
   p.page_block_size = page_block_size;
-  p.actual_seq_qlen = int_list(actual_seq_qlen);
-  p.actual_seq_kvlen = int_list(actual_seq_kvlen);
+  p.actual_seq_qlen = decode::int_list(actual_seq_qlen);
+  p.actual_seq_kvlen = decode::int_list(actual_seq_kvlen);
   {  // every rule before anything is allocated
     nsa::SelectAttentionInferParams probe = p;
     static char placeholder = 0;
@@ -275,8 +251,9 @@ at::Tensor select_attention_infer_tensor_lengths_cpu(const at::Tensor& query, co
   std::vector<int64_t> q, kv;
   return select_attention_infer_cpu(query, key, value, topk_indices, scale_value, head_num, key_value_head_num,
                                     select_block_size, select_block_count, page_block_size, layout, atten_mask,
-                                    block_table, lengths(actual_seq_qlen, "actual_seq_qlen", q),
-                                    lengths(actual_seq_kvlen, "actual_seq_kvlen", kv));
+                                    block_table,
+                                    decode::lengths_from_tensor(actual_seq_qlen, "actual_seq_qlen", q),
+                                    decode::lengths_from_tensor(actual_seq_kvlen, "actual_seq_kvlen", kv));
 }
 
 // ------------------------------------------------------------------ Meta
