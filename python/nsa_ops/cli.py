@@ -269,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    def add_command(name: str, func, help: str, description: str, **defaults) -> argparse.ArgumentParser:
+        """The subparser of command `name`: main() runs func(args); defaults are further parser-level defaults."""
+        p = sub.add_parser(name, formatter_class=fmt, help=help, description=description)
+        p.set_defaults(func=func, **defaults)
+        return p
+
     def add_shape(p, tokens_help: bool = False):
         p.add_argument("--heads", type=int, default=32, help="query heads N1")
         p.add_argument("--kv-heads", type=int, default=2, help="key/value heads N2 (N1 %% N2 == 0)")
@@ -283,11 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None,
                        help="threads (torch.set_num_threads; the operator uses torch.get_num_threads())")
 
-    p = sub.add_parser("bench", formatter_class=fmt, help="time the operator against a plain PyTorch composition",
-                       description="Times the operator on one causal sequence per length (docs/spec/compress_attention.md §9 masks) and the "
-                       "same computation as plain PyTorch ops; prints a table of time, useful GFLOP/s "
-                       "(2*N1*(D+D2)*visible pairs / s) and the speed-up. A progress bar runs on stderr (tqdm if "
-                       "installed). --suite runs the source tree's bench/bench_forward.py instead.")
+    p = add_command("bench", cmd_bench, help="time the operator against a plain PyTorch composition",
+                    description="Times the operator on one causal sequence per length (docs/spec/compress_attention.md §9 masks) and the "
+                    "same computation as plain PyTorch ops; prints a table of time, useful GFLOP/s "
+                    "(2*N1*(D+D2)*visible pairs / s) and the speed-up. A progress bar runs on stderr (tqdm if "
+                    "installed). --suite runs the source tree's bench/bench_forward.py instead.", suite_argv=[])
     p.add_argument("--seq-lens", default="1024,2048,4096,8192", help="comma-separated sequence lengths (tokens)")
     add_shape(p)
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per method")
@@ -300,19 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run bench/bench_forward.py of the source tree (its cases, baselines, peak and table) with "
                         "every argument after --suite, e.g. `bench --suite --cases bench-8k --markdown` "
                         "(`bench --suite --help` lists them)")
-    p.set_defaults(func=cmd_bench, suite_argv=[])
 
-    p = sub.add_parser("golden", formatter_class=fmt, help="write golden outputs (.npy + manifest) for given inputs",
-                       description="Runs the operator on inputs from SOURCE and writes attention_out.npy, "
-                       "topk_indices.npy, softmax_max.npy, softmax_sum.npy and manifest.json into --output. "
-                       "SOURCE: a directory of .npy files (query, key, value, atten_mask, topk_mask, optionally "
-                       "the length lists) with args.json, a .safetensors file or an .npz file. The arguments JSON "
-                       "holds scale_value, head_num, compress_block_size, compress_stride, select_block_size, "
-                       "select_block_count, actual_seq_qlen, actual_cmp_seq_kvlen (prefix sums), optionally "
-                       "actual_sel_seq_kvlen and dtype (bf16/fp16/fp32). bf16 inputs: uint16 bit patterns, or "
-                       "float32 values exactly representable in bf16. bf16 attention_out is written as float32 "
-                       "holding the exact bf16 values (or --bf16-storage uint16: bit patterns); the manifest "
-                       "says which. softmax_max/sum keep the operator's docs/spec/compress_attention.md §4 per-batch layout.")
+    p = add_command("golden", cmd_golden, help="write golden outputs (.npy + manifest) for given inputs",
+                    description="Runs the operator on inputs from SOURCE and writes attention_out.npy, "
+                    "topk_indices.npy, softmax_max.npy, softmax_sum.npy and manifest.json into --output. "
+                    "SOURCE: a directory of .npy files (query, key, value, atten_mask, topk_mask, optionally "
+                    "the length lists) with args.json, a .safetensors file or an .npz file. The arguments JSON "
+                    "holds scale_value, head_num, compress_block_size, compress_stride, select_block_size, "
+                    "select_block_count, actual_seq_qlen, actual_cmp_seq_kvlen (prefix sums), optionally "
+                    "actual_sel_seq_kvlen and dtype (bf16/fp16/fp32). bf16 inputs: uint16 bit patterns, or "
+                    "float32 values exactly representable in bf16. bf16 attention_out is written as float32 "
+                    "holding the exact bf16 values (or --bf16-storage uint16: bit patterns); the manifest "
+                    "says which. softmax_max/sum keep the operator's docs/spec/compress_attention.md §4 per-batch layout.")
     p.add_argument("source", help="input directory, .safetensors or .npz file")
     p.add_argument("-o", "--output", required=True, help="output directory (created)")
     p.add_argument("--args", default=None,
@@ -326,18 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-inputs", action="store_true",
                    help="round float inputs to the dtype instead of rejecting values it cannot hold exactly")
     p.add_argument("--threads", type=int, default=None, help="threads (torch.set_num_threads)")
-    p.set_defaults(func=cmd_golden)
 
-    p = sub.add_parser("check", formatter_class=fmt, help="compare two output sets with the rules of nsa_ops.tolerance",
-                       description="Compares ACTUAL (e.g. the NPU's outputs) with EXPECTED (e.g. golden data) by "
-                       "the rules of nsa_ops.tolerance: topk_indices identical (with --inputs: near ties of computed "
-                       "scores may be ordered differently), softmax_max/sum within rtol + atol, attention_out "
-                       "within --out-ulps units in the last place of the dtype (or --out-acc-rtol x max|expected|; "
-                       "with --inputs, a row beyond that passes when every element of ACTUAL lies within the "
-                       "per-element bound of the fp64 model of docs/spec/compress_attention.md §3). Each output "
-                       "set is a directory written by `golden` (or any directory with the four .npy files), an "
-                       ".npz or a .safetensors file. Prints the rows (t, head) that differ; exit status 1 on a "
-                       "mismatch.")
+    p = add_command("check", cmd_check, help="compare two output sets with the rules of nsa_ops.tolerance",
+                    description="Compares ACTUAL (e.g. the NPU's outputs) with EXPECTED (e.g. golden data) by "
+                    "the rules of nsa_ops.tolerance: topk_indices identical (with --inputs: near ties of computed "
+                    "scores may be ordered differently), softmax_max/sum within rtol + atol, attention_out "
+                    "within --out-ulps units in the last place of the dtype (or --out-acc-rtol x max|expected|; "
+                    "with --inputs, a row beyond that passes when every element of ACTUAL lies within the "
+                    "per-element bound of the fp64 model of docs/spec/compress_attention.md §3). Each output "
+                    "set is a directory written by `golden` (or any directory with the four .npy files), an "
+                    ".npz or a .safetensors file. Prints the rows (t, head) that differ; exit status 1 on a "
+                    "mismatch.")
     p.add_argument("actual", help="output set to check")
     p.add_argument("expected", help="reference output set (golden data)")
     p.add_argument("--inputs", default=None,
@@ -360,13 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="softmax_max/sum absolute tolerance")
     p.add_argument("--max-rows", type=int, default=20, help="differing rows to print")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("select-map", formatter_class=fmt, help="draw which blocks each query selects (PNG)",
-                       description="Runs a causal example (docs/spec/compress_attention.md §9 masks from nsa_ops.make_atten_mask / "
-                       "make_topk_mask) and writes a heat map of topk_indices: query position against selection "
-                       "block, forced blocks and docs/spec/compress_attention.md §5 zero-score fillers in their own colours. "
-                       "--pattern planted adds a few landmark blocks every query is drawn to. Needs matplotlib.")
+    p = add_command("select-map", cmd_select_map, help="draw which blocks each query selects (PNG)",
+                    description="Runs a causal example (docs/spec/compress_attention.md §9 masks from nsa_ops.make_atten_mask / "
+                    "make_topk_mask) and writes a heat map of topk_indices: query position against selection "
+                    "block, forced blocks and docs/spec/compress_attention.md §5 zero-score fillers in their own colours. "
+                    "--pattern planted adds a few landmark blocks every query is drawn to. Needs matplotlib.")
     p.add_argument("-o", "--output", default="selection.png", help="PNG to write")
     p.add_argument("--tokens", type=int, default=4096,
                    help="sequence length T (4096 with l' = 64: 64 selection blocks, of which --topk 16 are kept)")
@@ -375,15 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-head", type=int, default=0, help="KV head to draw")
     p.add_argument("--pattern", default="planted", choices=["planted", "random"],
                    help="random: standard normal q/k/v; planted: + landmark blocks")
-    p.set_defaults(func=cmd_select_map)
 
-    p = sub.add_parser("isa", formatter_class=fmt, help="which CPU instruction-set path runs by default, and why",
-                       description="Prints nsa_ops.cpu_isa_report(): the path cpuid + XCR0 allow, the fastest path "
-                       "on this CPU (for bf16 inputs: the vdpbf16ps path avx512bf16 or the fp32 FMA path avx512, "
-                       "from a table of known CPUs, else a one-time calibration), the active path after "
-                       "NSA_CPU_ISA, and the reason.")
+    p = add_command("isa", cmd_isa, help="which CPU instruction-set path runs by default, and why",
+                    description="Prints nsa_ops.cpu_isa_report(): the path cpuid + XCR0 allow, the fastest path "
+                    "on this CPU (for bf16 inputs: the vdpbf16ps path avx512bf16 or the fp32 FMA path avx512, "
+                    "from a table of known CPUs, else a one-time calibration), the active path after "
+                    "NSA_CPU_ISA, and the reason.")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_isa)
     return ap
 
 
