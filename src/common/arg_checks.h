@@ -2,6 +2,8 @@
 // argument and says what was expected.
 #pragma once
 
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <sstream>
@@ -34,6 +36,136 @@ inline Status check_not_null(std::initializer_list<std::pair<const void*, const 
   for (const auto& [ptr, name] : args)
     if (ptr == nullptr) return arg_error(name, " must not be null");
   return Status::Ok();
+}
+
+// The element type of an operator's floating-point arguments: one of the four DType values.
+inline Status check_dtype(DType dtype) {
+  if (static_cast<int>(dtype) < 0 || static_cast<int>(dtype) > 3)
+    return arg_error("dtype must be bfloat16, float16, float32 or float64");
+  return Status::Ok();
+}
+
+// A softmax scale (unitless factor of the scores) that is finite in float64 and still finite once rounded to
+// float32 (the kernels multiply fp32 scores by it).
+inline Status check_finite_scale(double scale, const char* name) {
+  if (!std::isfinite(scale)) return arg_error(name, " must be finite, got ", scale);
+  if (!std::isfinite(static_cast<float>(scale))) return arg_error(name, " must be finite as float32, got ", scale);
+  return Status::Ok();
+}
+
+// "<name> must <what> = [s0, s1, s2], got [t0, t1, t2]" unless the 3-D view t has exactly those sizes;
+// `what` states the layout, e.g. "have the shape of attention_out [T1, N1, Dv]".
+inline Status check_sizes3(const Tensor3& t, const char* name, const char* what, int64_t s0, int64_t s1, int64_t s2) {
+  if (t.size[0] != s0 || t.size[1] != s1 || t.size[2] != s2)
+    return arg_error(name, " must ", what, " = [", s0, ", ", s1, ", ", s2, "], got ", shape_str(t.size, 3));
+  return Status::Ok();
+}
+
+// Sizes of the dense (packed TND) attention inputs query [T1, N1, D], key [T2, N2, D], value [T2, N2, Dv], and the
+// group size G = N1 / N2 (query heads per key/value head).
+struct QkvSizes {
+  int64_t T1 = 0, N1 = 0, D = 0, T2 = 0, N2 = 0, Dv = 0, G = 0;
+};
+
+// How an operator words and bounds the views of its dense attention inputs.
+struct QkvRules {
+  const char* dv = "Dv";        // the value head dim's name in the messages ("Dv", "D2")
+  bool layout_named = true;     // the messages name the layout after the view: "query [T1, N1, D] must ..."
+  bool empty_rows = false;      // T1 = 0 / T2 = 0 allowed (data may then be null); else every size >= 1, data given
+};
+
+// One view [rows, heads, dim] of a dense attention call under `rules` (`layout` follows the name in the messages
+// when rules.layout_named).
+inline Status check_qkv_view(const Tensor3& t, const char* name, const std::string& layout, const QkvRules& rules) {
+  const std::string who = rules.layout_named ? name + (" " + layout) : std::string(name);
+  if (rules.empty_rows) {
+    for (int i = 0; i < 3; ++i)
+      if (t.size[i] < 0) return arg_error(who, " must have non-negative sizes, got ", shape_str(t.size, 3));
+    for (int i = 1; i < 3; ++i)
+      if (t.size[i] < 1) return arg_error(who, " must have sizes >= 1 in dims 1 and 2, got ", shape_str(t.size, 3));
+    if (t.data == nullptr && t.size[0] > 0) return arg_error(name, " must not be null");
+    return Status::Ok();
+  }
+  if (t.data == nullptr) return arg_error(name, " must not be null");
+  for (int i = 0; i < 3; ++i)
+    if (t.size[i] <= 0) return arg_error(who, " must not be empty: got shape ", shape_str(t.size, 3));
+  return Status::Ok();
+}
+
+// The element type and the views of a dense attention call, each checked under `rules`, then their agreements with
+// each other and head_num: key has query's head dim D, value has key's rows and heads [T2, N2], Dv <= D,
+// head_num = N1, and N1 is a multiple of N2. On success fills *out.
+inline Status check_qkv(DType dtype, const Tensor3& query, const Tensor3& key, const Tensor3& value, int64_t head_num,
+                        const QkvRules& rules, QkvSizes* out) {
+  Status st = check_dtype(dtype);
+  if (st.ok()) st = check_qkv_view(query, "query", "[T1, N1, D]", rules);
+  if (st.ok()) st = check_qkv_view(key, "key", "[T2, N2, D]", rules);
+  if (st.ok()) st = check_qkv_view(value, "value", std::string("[T2, N2, ") + rules.dv + "]", rules);
+  if (!st.ok()) return st;
+  const char* dv = rules.dv;
+  QkvSizes s{query.size[0], query.size[1], query.size[2], key.size[0], key.size[1], value.size[2]};
+  if (key.size[2] != s.D)
+    return arg_error("key must have the head dim D of query (", s.D, "), got key.size(2) = ", key.size[2]);
+  if (value.size[0] != s.T2 || value.size[1] != s.N2)
+    return arg_error("value must have the first two dims of key [", s.T2, ", ", s.N2, "], got [", value.size[0], ", ",
+                     value.size[1], "]");
+  if (s.Dv > s.D)
+    return arg_error("value head dim ", dv, " (", s.Dv, ") must be <= the head dim D of query and key (", s.D, ")");
+  if (head_num != s.N1)
+    return arg_error("head_num must equal the number of query heads query.size(1) = ", s.N1, ", got ", head_num);
+  if (s.N1 % s.N2 != 0)
+    return arg_error("the number of query heads (", s.N1, ") must be a multiple of the number of key/value heads (",
+                     s.N2, ")");
+  s.G = s.N1 / s.N2;
+  *out = s;
+  return Status::Ok();
+}
+
+// An operator's rule for its prefix-sum lists: which entries are checked, and the words of the messages (each
+// follows the list's name).
+struct PrefixSumRules {
+  bool trailing_zeros;     // only the entries up to the last non-zero one are checked (the zeros are empty batches)
+  const char* missing;     // the list is absent, e.g. " must be given (a list of prefix sums, one per batch)"
+  const char* empty;       // it has no entry, e.g. " must have at least one element"
+  const char* negative;    // before the first entry's value, e.g. " must start at a value >= 0, got "
+  const char* decreasing;  // before "i (x_i) < element i-1 (x_{i-1})": " must be non-decreasing ..., but element "
+};
+
+// A per-batch list of prefix sums (token offsets): given, B >= 1 entries, non-decreasing from a value >= 0, under
+// the operator's rules `w`.
+inline Status check_prefix_sums(const IntList& l, const char* name, const PrefixSumRules& w) {
+  if (l.data == nullptr) return arg_error(name, w.missing);
+  if (l.size < 1) return arg_error(name, w.empty);
+  int64_t end = l.size;  // the entries [0, end) are checked
+  if (w.trailing_zeros) {
+    end = 0;
+    for (int64_t b = 0; b < l.size; ++b)
+      if (l.data[b] != 0) end = b + 1;
+  }
+  if (end > 0 && l.data[0] < 0) return arg_error(name, w.negative, l.data[0]);
+  for (int64_t i = 1; i < end; ++i)
+    if (l.data[i] < l.data[i - 1])
+      return arg_error(name, w.decreasing, i, " (", l.data[i], ") < element ", i - 1, " (", l.data[i - 1], ")");
+  return Status::Ok();
+}
+
+// A per-batch list of the same batch count B as actual_seq_qlen.
+inline Status check_batch_count(const IntList& list, const char* name, int64_t B) {
+  if (list.size != B)
+    return arg_error(name, " must have as many elements as actual_seq_qlen (", B, "), got ", list.size);
+  return Status::Ok();
+}
+
+// The forward's argument rules for a backward call: `validate` (the forward's validate_<op>) run on a copy of the
+// forward params `fwd` whose output pointers (the members `outputs`) point at a placeholder. A backward reads the
+// forward's inputs only (its own arguments say where the forward's results are), but the forward's rules require
+// the output pointers to be set; the placeholder is never dereferenced. Fills *shape as `validate` does.
+template <typename Params, typename Shape, typename... Ptr>
+Status validate_forward_inputs(Params fwd, Status (*validate)(const Params&, Shape*), Shape* shape,
+                               Ptr Params::*... outputs) {
+  alignas(std::max_align_t) static unsigned char placeholder[sizeof(std::max_align_t)];
+  ((fwd.*outputs = static_cast<Ptr>(static_cast<void*>(placeholder))), ...);
+  return validate(fwd, shape);
 }
 
 // ceil(a / b) for a >= 0, b > 0 without overflow ((a + b - 1) / b overflows for a near INT64_MAX, reachable with

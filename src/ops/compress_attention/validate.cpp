@@ -1,7 +1,6 @@
 // Argument rules of §6 (forward) and of the backward's extra arguments (§7: the forward's results and dO),
 // shared by every backend. Every failure names the argument and what was expected; nothing is written by any
 // entry point when this fails.
-#include <cmath>
 #include <string>
 #include <utility>
 
@@ -14,52 +13,35 @@ namespace nsa {
 
 namespace {
 
-// err(...): detail::arg_error, the message streamed from its arguments.
-constexpr auto err = [](auto&&... args) { return detail::arg_error(std::forward<decltype(args)>(args)...); };
+using detail::arg_error;
 
 using detail::ceil_div;
 using detail::shape_str;
 
-Status check_tensor(const Tensor3& t, const char* name) {
-  if (t.data == nullptr) return err(name, " must not be null");
-  for (int i = 0; i < 3; ++i)
-    if (t.size[i] <= 0) return err(name, " must not be empty: got shape ", shape_str(t.size, 3));
-  return Status::Ok();
-}
-
-Status check_list(const IntList& l, const char* name) {
-  if (l.data == nullptr) return err(name, " must be given (a list of prefix sums, one per batch)");
-  if (l.size < 1) return err(name, " must have at least one element");
-  if (l.data[0] < 0) return err(name, " must start at a value >= 0, got ", l.data[0]);
-  for (int64_t i = 1; i < l.size; ++i)
-    if (l.data[i] < l.data[i - 1])
-      return err(name, " must be non-decreasing prefix sums, but element ", i, " (", l.data[i],
-                 ") < element ", i - 1, " (", l.data[i - 1], ")");
-  return Status::Ok();
-}
+// The prefix-sum lists of §6.
+constexpr detail::PrefixSumRules kListRules{
+    false, " must be given (a list of prefix sums, one per batch)", " must have at least one element",
+    " must start at a value >= 0, got ", " must be non-decreasing prefix sums, but element "};
 
 Status check_mask(const Mask2& m, const char* name, int64_t rows, int64_t cols, const char* expect, bool larger) {
   if (m.data == nullptr) return Status::Ok();
   if (larger && (m.size[0] < rows || m.size[1] < cols))
-    return err(name, " must have at least [", rows, ", ", cols, "] (", expect, ") rows and columns, got ",
-               shape_str(m.size, 2));
+    return arg_error(name, " must have at least [", rows, ", ", cols, "] (", expect, ") rows and columns, got ",
+                     shape_str(m.size, 2));
   if (!larger && (m.size[0] != rows || m.size[1] != cols))
-    return err(name, " must have shape [", rows, ", ", cols, "] (", expect, "), got ", shape_str(m.size, 2));
+    return arg_error(name, " must have shape [", rows, ", ", cols, "] (", expect, "), got ", shape_str(m.size, 2));
   return Status::Ok();
 }
 
 // A [T, N1, D2] argument of the backward (attention_out, grad_out).
 Status check_dout(const Tensor3& t, const char* name, const CompressAttentionShape& sh) {
-  if (t.data == nullptr) return err(name, " must not be null");
-  if (t.size[0] != sh.T || t.size[1] != sh.N1 || t.size[2] != sh.D2)
-    return err(name, " must have the shape of attention_out [T, N1, D2] = [", sh.T, ", ", sh.N1, ", ", sh.D2,
-               "], got [", t.size[0], ", ", t.size[1], ", ", t.size[2], "]");
-  return Status::Ok();
+  if (t.data == nullptr) return arg_error(name, " must not be null");
+  return detail::check_sizes3(t, name, "have the shape of attention_out [T, N1, D2]", sh.T, sh.N1, sh.D2);
 }
 
 Status check_block_param(int64_t v, const char* name, int64_t lo, int64_t hi) {
   if (v % 16 != 0 || v < lo || v > hi)
-    return err(name, " must be a multiple of 16 in [", lo, ", ", hi, "], got ", v);
+    return arg_error(name, " must be a multiple of 16 in [", lo, ", ", hi, "], got ", v);
   return Status::Ok();
 }
 
@@ -67,68 +49,44 @@ Status check_block_param(int64_t v, const char* name, int64_t lo, int64_t hi) {
 
 Status validate_compress_attention(const CompressAttentionParams& p, CompressAttentionShape* out_shape) {
   Status s;
-  if (static_cast<int>(p.dtype) < 0 || static_cast<int>(p.dtype) > 3)
-    return err("dtype must be bfloat16, float16, float32 or float64");
-  if (!(s = check_tensor(p.query, "query")).ok()) return s;
-  if (!(s = check_tensor(p.key, "key")).ok()) return s;
-  if (!(s = check_tensor(p.value, "value")).ok()) return s;
-
-  CompressAttentionShape sh;
-  sh.T = p.query.size[0];
-  sh.N1 = p.query.size[1];
-  sh.D = p.query.size[2];
-  sh.T2 = p.key.size[0];
-  sh.N2 = p.key.size[1];
-  sh.D2 = p.value.size[2];
-  if (p.key.size[2] != sh.D)
-    return err("key must have the head dim D of query (", sh.D, "), got key.size(2) = ", p.key.size[2]);
-  if (p.value.size[0] != sh.T2 || p.value.size[1] != sh.N2)
-    return err("value must have the first two dims of key [", sh.T2, ", ", sh.N2, "], got [", p.value.size[0],
-               ", ", p.value.size[1], "]");
-  if (sh.D2 > sh.D)
-    return err("value head dim D2 (", sh.D2, ") must be <= the head dim D of query and key (", sh.D, ")");
-  if (!std::isfinite(p.scale_value)) return err("scale_value must be finite, got ", p.scale_value);
-  if (!std::isfinite(static_cast<float>(p.scale_value)))
-    return err("scale_value must be finite as float32, got ", p.scale_value);
-  if (p.head_num != sh.N1)
-    return err("head_num must equal the number of query heads query.size(1) = ", sh.N1, ", got ", p.head_num);
-  if (sh.N1 % sh.N2 != 0)
-    return err("the number of query heads (", sh.N1, ") must be a multiple of the number of key/value heads (",
-               sh.N2, ")");
-  sh.G = sh.N1 / sh.N2;
+  // §6: every view given and non-empty; the messages name the view only
+  const detail::QkvRules rules{.dv = "D2", .layout_named = false, .empty_rows = false};
+  detail::QkvSizes qkv;
+  if (!(s = detail::check_qkv(p.dtype, p.query, p.key, p.value, p.head_num, rules, &qkv)).ok()) return s;
+  CompressAttentionShape sh{.T = qkv.T1, .N1 = qkv.N1, .D = qkv.D, .T2 = qkv.T2, .N2 = qkv.N2, .D2 = qkv.Dv,
+                            .G = qkv.G};
+  if (!(s = detail::check_finite_scale(p.scale_value, "scale_value")).ok()) return s;
 
   const int64_t l = p.compress_block_size, d = p.compress_stride, lp = p.select_block_size;
   if (!(s = check_block_param(l, "compress_block_size", 16, 128)).ok()) return s;
   if (!(s = check_block_param(d, "compress_stride", 16, 64)).ok()) return s;
   if (!(s = check_block_param(lp, "select_block_size", 16, 128)).ok()) return s;
-  if (d > l) return err("compress_stride (", d, ") must be <= compress_block_size (", l, ")");
-  if (l > lp) return err("compress_block_size (", l, ") must be <= select_block_size (", lp, ")");
+  if (d > l) return arg_error("compress_stride (", d, ") must be <= compress_block_size (", l, ")");
+  if (l > lp) return arg_error("compress_block_size (", l, ") must be <= select_block_size (", lp, ")");
   if (lp % d != 0)
-    return err("select_block_size (", lp, ") must be a multiple of compress_stride (", d, ")");
+    return arg_error("select_block_size (", lp, ") must be a multiple of compress_stride (", d, ")");
   sh.M = lp / d;
   sh.N = l / d;
   sh.K = p.select_block_count;
-  if (sh.K < 1 || sh.K > 32) return err("select_block_count must be in [1, 32], got ", sh.K);
+  if (sh.K < 1 || sh.K > 32) return arg_error("select_block_count must be in [1, 32], got ", sh.K);
 
-  if (!(s = check_list(p.actual_seq_qlen, "actual_seq_qlen")).ok()) return s;
-  if (!(s = check_list(p.actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen")).ok()) return s;
+  if (!(s = detail::check_prefix_sums(p.actual_seq_qlen, "actual_seq_qlen", kListRules)).ok()) return s;
+  if (!(s = detail::check_prefix_sums(p.actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen", kListRules)).ok()) return s;
   sh.B = p.actual_seq_qlen.size;
-  if (p.actual_cmp_seq_kvlen.size != sh.B)
-    return err("actual_cmp_seq_kvlen must have as many elements as actual_seq_qlen (", sh.B, "), got ",
-               p.actual_cmp_seq_kvlen.size);
+  if (!(s = detail::check_batch_count(p.actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen", sh.B)).ok()) return s;
   if (p.actual_seq_qlen.data[sh.B - 1] != sh.T)
-    return err("actual_seq_qlen[-1] must equal the number of query rows T = query.size(0) = ", sh.T, ", got ",
-               p.actual_seq_qlen.data[sh.B - 1]);
+    return arg_error("actual_seq_qlen[-1] must equal the number of query rows T = query.size(0) = ", sh.T, ", got ",
+                     p.actual_seq_qlen.data[sh.B - 1]);
   if (p.actual_cmp_seq_kvlen.data[sh.B - 1] > sh.T2)
-    return err("actual_cmp_seq_kvlen[-1] must be <= the number of key rows key.size(0) = ", sh.T2, ", got ",
-               p.actual_cmp_seq_kvlen.data[sh.B - 1]);
+    return arg_error("actual_cmp_seq_kvlen[-1] must be <= the number of key rows key.size(0) = ", sh.T2, ", got ",
+                     p.actual_cmp_seq_kvlen.data[sh.B - 1]);
   int64_t min_sel = INT64_MAX, q_prev = 0, c_prev = 0;
   for (int64_t b = 0; b < sh.B; ++b) {
     const int64_t sq = p.actual_seq_qlen.data[b] - q_prev;
     const int64_t c = p.actual_cmp_seq_kvlen.data[b] - c_prev;
     if (c < 1)
-      return err("actual_cmp_seq_kvlen must give every batch at least one compressed token, but batch ", b,
-                 " has C_b = ", c);
+      return arg_error("actual_cmp_seq_kvlen must give every batch at least one compressed token, but batch ", b,
+                       " has C_b = ", c);
     const int64_t sel = ceil_div(c, sh.M);
     sh.max_sq = sq > sh.max_sq ? sq : sh.max_sq;
     sh.max_c = c > sh.max_c ? c : sh.max_c;
@@ -138,12 +96,10 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
     c_prev = p.actual_cmp_seq_kvlen.data[b];
   }
   if (sh.K > min_sel && !p.short_batches)
-    return err("select_block_count (", sh.K, ") must be <= the smallest number of selection blocks of a batch, ",
-               "min_b ceil(C_b / ", sh.M, ") = ", min_sel);
+    return arg_error("select_block_count (", sh.K, ") must be <= the smallest number of selection blocks of a batch, ",
+                     "min_b ceil(C_b / ", sh.M, ") = ", min_sel);
   if (p.actual_sel_seq_kvlen.data != nullptr) {
-    if (p.actual_sel_seq_kvlen.size != sh.B)
-      return err("actual_sel_seq_kvlen must have as many elements as actual_seq_qlen (", sh.B, "), got ",
-                 p.actual_sel_seq_kvlen.size);
+    if (!(s = detail::check_batch_count(p.actual_sel_seq_kvlen, "actual_sel_seq_kvlen", sh.B)).ok()) return s;
     int64_t acc = 0;
     c_prev = 0;
     for (int64_t b = 0; b < sh.B; ++b) {
@@ -151,14 +107,16 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
       c_prev = p.actual_cmp_seq_kvlen.data[b];
       acc += ceil_div(c, sh.M);
       if (p.actual_sel_seq_kvlen.data[b] != acc)
-        return err("actual_sel_seq_kvlen[", b, "] must be the prefix sum of ceil(C_b / ", sh.M,
-                   ") over the batches = ", acc, ", got ", p.actual_sel_seq_kvlen.data[b]);
+        return arg_error("actual_sel_seq_kvlen[", b, "] must be the prefix sum of ceil(C_b / ", sh.M,
+                         ") over the batches = ", acc, ", got ", p.actual_sel_seq_kvlen.data[b]);
     }
   }
   if (p.causal && p.atten_mask.data != nullptr)
-    return err("atten_mask must be absent when causal is set (the causal mask of §9 is applied from the lengths)");
+    return arg_error("atten_mask must be absent when causal is set (the causal mask of §9 is applied from the ",
+                     "lengths)");
   if (p.causal && p.topk_mask.data != nullptr)
-    return err("topk_mask must be absent when causal is set (the forced blocks of §9 are applied from the lengths)");
+    return arg_error("topk_mask must be absent when causal is set (the forced blocks of §9 are applied from the ",
+                     "lengths)");
   if (!(s = check_mask(p.atten_mask, "atten_mask", sh.max_sq, sh.max_c, "[maxSq, maxC]", p.larger_masks)).ok())
     return s;
   if (!(s = check_mask(p.topk_mask, "topk_mask", sh.max_sq, sh.max_sel, "[maxSq, maxSel]", p.larger_masks)).ok())
@@ -171,17 +129,11 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
 }
 
 Status validate_compress_attention_backward(const CompressAttentionGradParams& p, CompressAttentionShape* shape) {
-  // The forward's output pointers play no part in the backward (the header says they are ignored), but
-  // validate_compress_attention requires them: hand it stand-ins that are never dereferenced.
-  CompressAttentionParams f = p.fwd;
-  static float dummy_f = 0.0f;
-  static int32_t dummy_i = 0;
-  f.attention_out = &dummy_f;
-  f.topk_indices = &dummy_i;
-  f.softmax_max = &dummy_f;
-  f.softmax_sum = &dummy_f;
+  // The forward's output pointers play no part in the backward (the header says they are ignored).
+  using F = CompressAttentionParams;
   CompressAttentionShape sh;
-  Status s = validate_compress_attention(f, &sh);
+  Status s = detail::validate_forward_inputs(p.fwd, validate_compress_attention, &sh, &F::attention_out,
+                                             &F::topk_indices, &F::softmax_max, &F::softmax_sum);
   if (!s.ok()) return s;
   if (!(s = check_dout(p.attention_out, "attention_out", sh)).ok()) return s;
   if (!(s = check_dout(p.grad_out, "grad_out", sh)).ok()) return s;
@@ -200,8 +152,8 @@ Status check_cpu_workspace_sizes(const CompressAttentionShape& sh, const char* e
   const LD plans = LD(sh.T) * (LD(sh.max_c) + 64) * LD(sh.N1);
   const LD limit = 4611686018427387904.0L;  // 2^62
   if (panels >= limit || plans >= limit)
-    return err(entry, ": sizes too large for the CPU backend's 64-bit workspace arithmetic ((T + T2 + 64 B) N1 ",
-               "(D + D2 + 64) 128 and T (max C_b + 64) N1 must be below 2^62)");
+    return arg_error(entry, ": sizes too large for the CPU backend's 64-bit workspace arithmetic ((T + T2 + 64 B) N1 ",
+                     "(D + D2 + 64) 128 and T (max C_b + 64) N1 must be below 2^62)");
   return Status::Ok();
 }
 

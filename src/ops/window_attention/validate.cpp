@@ -1,7 +1,6 @@
 // Argument rules of docs/spec/window_attention.md §2, §3, §4 and §9 that the torch-free params carry, for the
 // forward and the backward. Every failure names the argument (with torch_npu's Python names: pre_tockens,
 // actual_seq_kvlen, ...) and what was expected; nothing is written by any entry point when this fails.
-#include <cmath>
 #include <cstring>
 #include <vector>
 #include <sstream>
@@ -17,39 +16,24 @@ namespace nsa {
 namespace {
 
 using detail::shape_str;
-// err(...): detail::arg_error, the message streamed from its arguments.
-constexpr auto err = [](auto&&... args) { return detail::arg_error(std::forward<decltype(args)>(args)...); };
+using detail::arg_error;
 
 using window_detail::last_nonzero;
 
-Status check_tensor(const Tensor3& t, const char* name, const char* layout) {
-  if (t.data == nullptr) return err(name, " must not be null");
-  for (int i = 0; i < 3; ++i)
-    if (t.size[i] <= 0) return err(name, " ", layout, " must not be empty: got shape ", shape_str(t.size, 3));
-  return Status::Ok();
-}
-
-// A prefix-sum list of §3: given, B >= 1 entries; up to its last non-zero entry non-decreasing from a value >= 0
+// The prefix-sum lists of §3: given, B >= 1 entries; up to its last non-zero entry non-decreasing from a value >= 0
 // (the zeros after it are the trailing empty batches).
-Status check_list(const IntList& l, const char* name) {
-  if (l.data == nullptr) return err(name, " must be given (the prefix sums of the lengths, one per batch; TND)");
-  if (l.size < 1) return err(name, " must have at least one element");
-  const int64_t last = last_nonzero(l);
-  if (last >= 0 && l.data[0] < 0) return err(name, " must start at a value >= 0, got ", l.data[0]);
-  for (int64_t i = 1; i <= last; ++i)
-    if (l.data[i] < l.data[i - 1])
-      return err(name, " must be non-decreasing prefix sums (apart from a trailing run of zeros), but element ", i,
-                 " (", l.data[i], ") < element ", i - 1, " (", l.data[i - 1], ")");
-  return Status::Ok();
-}
+constexpr detail::PrefixSumRules kListRules{
+    true, " must be given (the prefix sums of the lengths, one per batch; TND)", " must have at least one element",
+    " must start at a value >= 0, got ",
+    " must be non-decreasing prefix sums (apart from a trailing run of zeros), but element "};
 
 // The compressed mask of modes 2-4 (§4): [2048, 2048], entry [a][c] set (non-zero) exactly where c > a.
 Status check_compressed_mask(const Mask2& m, int64_t mode) {
   constexpr int64_t kN = 2048;
   if (m.size[0] != kN || m.size[1] != kN)
-    return err("atten_mask must be the compressed mask of sparse_mode ", mode,
-               ": a [2048, 2048] bool/uint8 tensor equal to triu(ones(2048, 2048), diagonal=1), got shape ",
-               shape_str(m.size, 2));
+    return arg_error("atten_mask must be the compressed mask of sparse_mode ", mode,
+                     ": a [2048, 2048] bool/uint8 tensor equal to triu(ones(2048, 2048), diagonal=1), got shape ",
+                     shape_str(m.size, 2));
   // Fast path: a contiguous bool mask (bytes 0/1) equal to the canonical one byte for byte.
   static const std::vector<uint8_t> canonical = [] {
     std::vector<uint8_t> c(static_cast<size_t>(kN * kN), 0);
@@ -72,9 +56,9 @@ Status check_compressed_mask(const Mask2& m, int64_t mode) {
     if (any_set || any_clear) {
       int64_t c = 0;
       while (c < kN && ((row[c * cs] != 0) == (c > a))) ++c;
-      return err("atten_mask must be the compressed mask of sparse_mode ", mode,
-                 ": triu(ones(2048, 2048), diagonal=1) (entry [a][c] set exactly where c > a), but entry [", a, "][",
-                 c, "] is ", (row[c * cs] != 0 ? "set" : "0"));
+      return arg_error("atten_mask must be the compressed mask of sparse_mode ", mode,
+                       ": triu(ones(2048, 2048), diagonal=1) (entry [a][c] set exactly where c > a), but entry [", a,
+                       "][", c, "] is ", (row[c * cs] != 0 ? "set" : "0"));
     }
   }
   return Status::Ok();
@@ -96,67 +80,44 @@ int64_t window_attention_numels(int64_t head_num, const IntList& q, const IntLis
 
 Status validate_window_attention(const WindowAttentionParams& p, WindowAttentionShape* out_shape) {
   Status s;
-  if (static_cast<int>(p.dtype) < 0 || static_cast<int>(p.dtype) > 3)
-    return err("dtype must be bfloat16, float16, float32 or float64");
-  if (!(s = check_tensor(p.query, "query", "[T1, N1, D]")).ok()) return s;
-  if (!(s = check_tensor(p.key, "key", "[T2, N2, D]")).ok()) return s;
-  if (!(s = check_tensor(p.value, "value", "[T2, N2, Dv]")).ok()) return s;
-
-  WindowAttentionShape sh;
-  sh.T1 = p.query.size[0];
-  sh.N1 = p.query.size[1];
-  sh.D = p.query.size[2];
-  sh.T2 = p.key.size[0];
-  sh.N2 = p.key.size[1];
-  sh.Dv = p.value.size[2];
-  if (p.key.size[2] != sh.D)
-    return err("key must have the head dim D of query (", sh.D, "), got key.size(2) = ", p.key.size[2]);
-  if (p.value.size[0] != sh.T2 || p.value.size[1] != sh.N2)
-    return err("value must have the first two dims of key [", sh.T2, ", ", sh.N2, "], got [", p.value.size[0], ", ",
-               p.value.size[1], "]");
-  if (sh.Dv > sh.D)
-    return err("value head dim Dv (", sh.Dv, ") must be <= the head dim D of query and key (", sh.D, ")");
-  if (!std::isfinite(p.scale)) return err("scale must be finite, got ", p.scale);
-  if (!std::isfinite(static_cast<float>(p.scale))) return err("scale must be finite as float32, got ", p.scale);
-  if (p.head_num != sh.N1)
-    return err("head_num must equal the number of query heads query.size(1) = ", sh.N1, ", got ", p.head_num);
-  if (sh.N1 % sh.N2 != 0)
-    return err("the number of query heads (", sh.N1, ") must be a multiple of the number of key/value heads (", sh.N2,
-               ")");
-  sh.G = sh.N1 / sh.N2;
+  // §2: every view given and non-empty
+  const detail::QkvRules rules{.dv = "Dv", .layout_named = true, .empty_rows = false};
+  detail::QkvSizes qkv;
+  if (!(s = detail::check_qkv(p.dtype, p.query, p.key, p.value, p.head_num, rules, &qkv)).ok()) return s;
+  WindowAttentionShape sh{.T1 = qkv.T1, .N1 = qkv.N1, .D = qkv.D, .T2 = qkv.T2, .N2 = qkv.N2, .Dv = qkv.Dv, .G = qkv.G};
+  if (!(s = detail::check_finite_scale(p.scale, "scale")).ok()) return s;
 
   if (p.sparse_mode < 0 || p.sparse_mode > 4)
-    return err("sparse_mode must be 0, 1, 2, 3 or 4 (defaultMask, allMask, leftUpCausal, rightDownCausal, band); got ",
-               p.sparse_mode, " (other modes of torch_npu are not supported)");
-  if (p.inner_precise < 0 || p.inner_precise > 2) return err("inner_precise must be 0, 1 or 2, got ", p.inner_precise);
+    return arg_error("sparse_mode must be 0, 1, 2, 3 or 4 (defaultMask, allMask, leftUpCausal, rightDownCausal, ",
+                     "band); got ", p.sparse_mode, " (other modes of torch_npu are not supported)");
+  if (p.inner_precise < 0 || p.inner_precise > 2)
+    return arg_error("inner_precise must be 0, 1 or 2, got ", p.inner_precise);
   if (p.softmax_layout != StatsLayout::kPerBatch && p.softmax_layout != StatsLayout::kTnd)
-    return err("softmax_layout must be \"\" (per batch) or \"TND\"");
+    return arg_error("softmax_layout must be \"\" (per batch) or \"TND\"");
   if (p.compressed_mask_implied) {
-    if (p.sparse_mode < 2) return err("compressed_mask_implied needs sparse_mode 2, 3 or 4, got ", p.sparse_mode);
-    if (p.atten_mask.data != nullptr) return err("atten_mask must be absent when compressed_mask_implied is set");
+    if (p.sparse_mode < 2) return arg_error("compressed_mask_implied needs sparse_mode 2, 3 or 4, got ", p.sparse_mode);
+    if (p.atten_mask.data != nullptr) return arg_error("atten_mask must be absent when compressed_mask_implied is set");
   }
 
-  if (!(s = check_list(p.actual_seq_qlen, "actual_seq_qlen")).ok()) return s;
-  if (!(s = check_list(p.actual_seq_kvlen, "actual_seq_kvlen")).ok()) return s;
+  if (!(s = detail::check_prefix_sums(p.actual_seq_qlen, "actual_seq_qlen", kListRules)).ok()) return s;
+  if (!(s = detail::check_prefix_sums(p.actual_seq_kvlen, "actual_seq_kvlen", kListRules)).ok()) return s;
   sh.B = p.actual_seq_qlen.size;
-  if (p.actual_seq_kvlen.size != sh.B)
-    return err("actual_seq_kvlen must have as many elements as actual_seq_qlen (", sh.B, "), got ",
-               p.actual_seq_kvlen.size);
+  if (!(s = detail::check_batch_count(p.actual_seq_kvlen, "actual_seq_kvlen", sh.B)).ok()) return s;
   const int64_t lq = last_nonzero(p.actual_seq_qlen), lk = last_nonzero(p.actual_seq_kvlen);
   const int64_t q_max = lq >= 0 ? p.actual_seq_qlen.data[lq] : 0;
   const int64_t kv_max = lk >= 0 ? p.actual_seq_kvlen.data[lk] : 0;
   if (q_max != sh.T1)
-    return err("max(actual_seq_qlen) must equal the number of query rows T1 = query.size(0) = ", sh.T1, ", got ",
-               q_max);
+    return arg_error("max(actual_seq_qlen) must equal the number of query rows T1 = query.size(0) = ", sh.T1, ", got ",
+                     q_max);
   if (kv_max > sh.T2)
-    return err("max(actual_seq_kvlen) must be <= the number of key rows T2 = key.size(0) = ", sh.T2, ", got ",
-               kv_max);
+    return arg_error("max(actual_seq_kvlen) must be <= the number of key rows T2 = key.size(0) = ", sh.T2, ", got ",
+                     kv_max);
   const std::vector<window_detail::WBatch> batches = window_detail::make_batches(p);
   for (int64_t b = 0; b < sh.B; ++b) {
     const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
     if (w.sq > 0 && w.skv == 0)
-      return err("actual_seq_kvlen must give every batch with queries at least one key, but batch ", b, " has Sq_b = ",
-                 w.sq, " and Skv_b = 0");
+      return arg_error("actual_seq_kvlen must give every batch with queries at least one key, but batch ", b,
+                       " has Sq_b = ", w.sq, " and Skv_b = 0");
     sh.max_sq = w.sq > sh.max_sq ? w.sq : sh.max_sq;
     sh.max_skv = w.skv > sh.max_skv ? w.skv : sh.max_skv;
   }
@@ -167,8 +128,8 @@ Status validate_window_attention(const WindowAttentionParams& p, WindowAttention
   if (explicit_mask) {
     if (p.sparse_mode <= 1) {
       if (p.atten_mask.size[0] != sh.max_sq || p.atten_mask.size[1] != sh.max_skv)
-        return err("atten_mask must have shape [maxSq, maxSkv] = [", sh.max_sq, ", ", sh.max_skv, "] in sparse_mode ",
-                   p.sparse_mode, ", got ", shape_str(p.atten_mask.size, 2));
+        return arg_error("atten_mask must have shape [maxSq, maxSkv] = [", sh.max_sq, ", ", sh.max_skv,
+                         "] in sparse_mode ", p.sparse_mode, ", got ", shape_str(p.atten_mask.size, 2));
     } else if (!(s = check_compressed_mask(p.atten_mask, p.sparse_mode)).ok()) {
       return s;
     }
@@ -181,69 +142,62 @@ Status validate_window_attention(const WindowAttentionParams& p, WindowAttention
     for (int64_t b = 0; b < sh.B; ++b) {
       const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
       if (w.sq > w.skv)
-        return err("sparse_mode 3 (rightDownCausal) needs Sq_b <= Skv_b in every batch (actual_seq_qlen, ",
-                   "actual_seq_kvlen), but batch ", b, " has Sq_b = ", w.sq, " > Skv_b = ", w.skv);
+        return arg_error("sparse_mode 3 (rightDownCausal) needs Sq_b <= Skv_b in every batch (actual_seq_qlen, ",
+                         "actual_seq_kvlen), but batch ", b, " has Sq_b = ", w.sq, " > Skv_b = ", w.skv);
     }
   } else if (p.sparse_mode == 4) {
-    if (pre < 0) return err("pre_tockens must be >= 0 in sparse_mode 4 (band), got ", p.pre_tockens);
+    if (pre < 0) return arg_error("pre_tockens must be >= 0 in sparse_mode 4 (band), got ", p.pre_tockens);
     if (next < 0 && pre + next < 0)
-      return err("next_tockens (", p.next_tockens, ") must be >= -pre_tockens (pre_tockens = ", p.pre_tockens,
-                 ") in sparse_mode 4 (band): pre_tockens + next_tockens >= 0");
+      return arg_error("next_tockens (", p.next_tockens, ") must be >= -pre_tockens (pre_tockens = ", p.pre_tockens,
+                       ") in sparse_mode 4 (band): pre_tockens + next_tockens >= 0");
     for (int64_t b = 0; b < sh.B; ++b) {
       const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
       if (w.sq > 0 && w.skv > 0 && static_cast<I>(w.sq) - next > w.skv)
-        return err("sparse_mode 4 (band) needs Sq_b - next_tockens <= Skv_b in every batch (actual_seq_qlen, ",
-                   "actual_seq_kvlen), or its first rows see no key: batch ", b, " has Sq_b = ", w.sq, ", Skv_b = ",
-                   w.skv, ", next_tockens = ", p.next_tockens);
+        return arg_error("sparse_mode 4 (band) needs Sq_b - next_tockens <= Skv_b in every batch (actual_seq_qlen, ",
+                         "actual_seq_kvlen), or its first rows see no key: batch ", b, " has Sq_b = ", w.sq,
+                         ", Skv_b = ", w.skv, ", next_tockens = ", p.next_tockens);
     }
   } else if (p.sparse_mode == 0 && !(pre >= sh.max_sq && next >= sh.max_skv)) {
     if (next < 0)
-      return err("next_tockens must be >= 0 in sparse_mode 0 with a restricting band (pre_tockens < maxSq or ",
-                 "next_tockens < maxSkv), got ", p.next_tockens);
+      return arg_error("next_tockens must be >= 0 in sparse_mode 0 with a restricting band (pre_tockens < maxSq or ",
+                       "next_tockens < maxSkv), got ", p.next_tockens);
     if (pre < 0 && next < -pre)
-      return err("next_tockens (", p.next_tockens, ") must be >= -pre_tockens (pre_tockens = ", p.pre_tockens,
-                 ") in sparse_mode 0 when pre_tockens < 0");
+      return arg_error("next_tockens (", p.next_tockens, ") must be >= -pre_tockens (pre_tockens = ", p.pre_tockens,
+                       ") in sparse_mode 0 when pre_tockens < 0");
     for (int64_t b = 0; b < sh.B; ++b) {
       const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
       if (w.sq > 0 && static_cast<I>(w.skv) + pre < w.sq)
-        return err("pre_tockens (", p.pre_tockens, ") is too small for sparse_mode 0: Skv_b + pre_tockens >= Sq_b ",
-                   "is needed in every batch (actual_seq_qlen, actual_seq_kvlen), but batch ", b, " has Sq_b = ",
-                   w.sq, ", Skv_b = ", w.skv);
+        return arg_error("pre_tockens (", p.pre_tockens, ") is too small for sparse_mode 0: Skv_b + pre_tockens >= ",
+                         "Sq_b ",
+                         "is needed in every batch (actual_seq_qlen, actual_seq_kvlen), but batch ", b, " has Sq_b = ",
+                         w.sq, ", Skv_b = ", w.skv);
     }
   }
 
-  if (p.attention_out == nullptr) return err("attention_out must not be null");
-  if (p.softmax_max == nullptr) return err("softmax_max must not be null");
-  if (p.softmax_sum == nullptr) return err("softmax_sum must not be null");
-  if (out_shape) *out_shape = sh;
-  return Status::Ok();
+  s = detail::check_not_null({{p.attention_out, "attention_out"}, {p.softmax_max, "softmax_max"},
+                              {p.softmax_sum, "softmax_sum"}});
+  if (s.ok() && out_shape) *out_shape = sh;
+  return s;
 }
 
 Status validate_window_attention_backward(const WindowAttentionGradParams& p, WindowAttentionShape* shape) {
-  // The forward's output pointers play no part in the backward (the header says they are ignored), but
-  // validate_window_attention requires them: stand-ins that are never dereferenced.
-  WindowAttentionParams f = p.fwd;
-  static float dummy = 0.0f;
-  f.attention_out = &dummy;
-  f.softmax_max = &dummy;
-  f.softmax_sum = &dummy;
+  // The forward's output pointers play no part in the backward (the header says they are ignored).
+  using F = WindowAttentionParams;
   WindowAttentionShape sh;
-  Status s = validate_window_attention(f, &sh);
+  Status s = detail::validate_forward_inputs(p.fwd, validate_window_attention, &sh, &F::attention_out,
+                                             &F::softmax_max, &F::softmax_sum);
   if (!s.ok()) return s;
   for (const auto& [t, name] : {std::pair<const Tensor3*, const char*>{&p.attention_in, "attention_in"},
                                 std::pair<const Tensor3*, const char*>{&p.dy, "dy"}}) {
-    if (t->data == nullptr) return err(name, " must be given");
-    if (t->size[0] != sh.T1 || t->size[1] != sh.N1 || t->size[2] != sh.Dv)
-      return err(name, " must have the shape of attention_out [T1, N1, Dv] = [", sh.T1, ", ", sh.N1, ", ", sh.Dv,
-                 "], got ", shape_str(t->size, 3));
+    if (t->data == nullptr) return arg_error(name, " must be given");
+    if (!(s = detail::check_sizes3(*t, name, "have the shape of attention_out [T1, N1, Dv]", sh.T1, sh.N1, sh.Dv)).ok())
+      return s;
   }
-  if (p.softmax_max == nullptr) return err("softmax_max must be given");
-  if (p.softmax_sum == nullptr) return err("softmax_sum must be given");
-  if (p.grad_query == nullptr) return err("grad_query must not be null");
-  if (p.grad_key == nullptr) return err("grad_key must not be null");
-  if (p.grad_value == nullptr) return err("grad_value must not be null");
-  if (shape) *shape = sh;
-  return Status::Ok();
+  if (p.softmax_max == nullptr) return arg_error("softmax_max must be given");
+  if (p.softmax_sum == nullptr) return arg_error("softmax_sum must be given");
+  s = detail::check_not_null({{p.grad_query, "grad_query"}, {p.grad_key, "grad_key"}, {p.grad_value, "grad_value"}});
+  if (s.ok() && shape) *shape = sh;
+  return s;
 }
 
 }  // namespace nsa
