@@ -2,12 +2,11 @@
 # nsa_core. The CPU backend runs the compression operator's per-ISA row kernels (src/ops/compress/kernels*.cpp),
 # so this operator needs `compress` in NSA_OPERATORS. -ffp-contract=off: products are rounded before they are
 # added, as in those kernels, so the reference and every ISA path give the same bits.
-set(_nsa_compress_infer_sources
-  src/ops/compress_infer/validate.cpp
-  src/ops/compress_infer/reference.cpp
-  src/ops/compress_infer/cpu.cpp)
-set_source_files_properties(${_nsa_compress_infer_sources} PROPERTIES COMPILE_OPTIONS "-ffp-contract=off")
-list(APPEND NSA_OP_SOURCES ${_nsa_compress_infer_sources})
+nsa_op_sources(compress_infer
+  validate.cpp
+  reference.cpp
+  cpu.cpp
+  OPTIONS -ffp-contract=off)
 if(NOT "compress" IN_LIST NSA_OPERATORS)
   message(FATAL_ERROR "NSA_OPERATORS: compress_infer uses the row kernels of compress; add compress to the list")
 endif()
