@@ -40,6 +40,7 @@
 #include "cpu/kernels.h"
 #include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/causal.h"
+#include "ops/compress_attention/gemm_plan.h"
 #include "ops/compress_attention/reference.h"
 #include "ops/compress_attention/validate.h"
 
@@ -471,16 +472,7 @@ Status forward_impl(const CompressAttentionParams& params, const CpuOptions& opt
   pl.p = &p;
   pl.batches = detail::make_batches(p, sh);
   pl.kt = kernels_for(isa);
-  pl.bf16_dot = p.dtype == DType::kBF16 && pl.kt->gemm.bf16 != nullptr;
-  pl.pstore = pl.bf16_dot                  ? PStore::kBf16Bits
-              : p.dtype == DType::kBF16    ? PStore::kF32AsBf16
-              : p.dtype == DType::kF16     ? PStore::kF32AsF16
-                                           : PStore::kF32;
-  pl.scale = static_cast<float>(p.scale_value);
-  pl.qk_red = pl.bf16_dot ? (sh.D + 1) / 2 : sh.D;
-  pl.q_lda = pl.bf16_dot ? 2 * pl.qk_red : sh.D;
-  pl.d2p = round_up(sh.D2, kPanel);
-  pl.cp_max = round_up(sh.max_c, kPanel);
+  detail::set_gemm_plan(pl, p.dtype, p.scale_value, sh.D, sh.D2, sh.max_c);
   const int64_t G = sh.G;
   int64_t bq = std::max<int64_t>(1, (kTargetRows + G / 2) / G);
   bq = std::min(bq, std::max<int64_t>(1, kMaxScoreBytes / (4 * G * (pl.cp_max + 2 * kMargin))));

@@ -1,16 +1,24 @@
 // Optimized CPU backend of npu_nsa_compress_attention_infer (docs/spec/decode.md §3).
 //
 // Units: (batch b, KV head n2), handed to the threads in order; each writes only its own output rows. Per unit,
-// with R = q_b * G query rows stacked as row r = i * G + g (token i, head h = n2 * G + g) and C = C_b:
-//   1. gather: the C compressed keys and values of KV head n2 are read through the block table (token c at page
-//      block_table[b, c / P], row c % P) into packed GEMM panels of the worker (src/cpu/kernels.h layouts: bf16
-//      pairs for the vdpbf16ps path, fp32 otherwise), zero padded to cp = C rounded up to 64 tokens; the R query
-//      rows likewise into an A operand. Only the batch's own C tokens are touched: work is O(R * C * (D + Dv)).
-//   2. S[R][cp] = (Q . K^T) * scale (GEMM, fp32 accumulation, §3 step 2); MTP causality replaces the scores of
+// with R = q_b * G query rows stacked as row r = i * G + g (token i, head h = n2 * G + g) and C = C_b. The
+// compressed keys and values are read where they lie in their pages (token c at page block_table[b, c / P], row
+// c % P): the unit's bytes of K and V cross the memory bus once each, and its working set is O(R * C) floats.
+//   1. the R query rows as the B operand of the shared GEMM (src/cpu/kernels.h layouts, columns = query rows,
+//      zero padded to rp = R rounded up to 16): bf16 pairs on the vdpbf16ps path, fp32 otherwise.
+//   2. S = (Q . K^T) * scale (§3 step 2), computed transposed over runs of at most 64 tokens of one page: the run's
+//      key rows are the A operand in place (lda = the page's row stride; bf16 pairs need an even D, fp32 GEMMs fp32
+//      keys), else copied into a small A tile (bf16 rows zero padded to an even length, or widened to fp32); the
+//      tile S^T[c][r] is transposed into the score rows S[r][c]. Each score is one fp32 chain over D (pairs), the
+//      chain of the untransposed product, so the scores are those of Q . K^T. MTP causality replaces the scores of
 //      compressed tokens whose window ends after the query token by -FLT_MAX (step 3); padding columns -inf.
-//   3. exact softmax per row (row_max, exp_sum, normalize_row: fp32 P kept in S, P rounded to nearest even into
-//      the A operand of P.V, step 4); a fully masked row gets the uniform 1/C from the same formulas.
-//   4. O[R][Dv] = rne(P) . V (GEMM, fp32 accumulation), stored rounded to nearest even (step 5).
+//   3. exact softmax per row (row_max, exp_sum, normalize_row: fp32 P kept in S, P rounded to nearest even for
+//      P.V, step 4); a fully masked row gets the uniform 1/C from the same formulas.
+//   4. O[R][Dv] = rne(P) . V (fp32 accumulation, step 5) in reduction chunks of kPvChunk pairs (bf16) or tokens
+//      (fp32), each chunk's sum added to O: on the avx512bf16 path with contiguous value rows the value rows are read
+//      in place by cai_kernels::pv_bf16 (kernels.h); otherwise each chunk's values are packed into the GEMM's pair
+//      or fp32 panels (a buffer of one chunk) and multiplied by the shared GEMM. Both give the same bits.
+//      O is stored rounded to nearest even.
 //   5. selection (step 6): per token, the fp32 P rows of its G heads added in sequence g = 0, 1, ... (the §6 map is
 //      linear: equal to summing score_h up to rounding), two box filters (widths N, then M) picked at M(k+1),
 //      forced blocks +inf (step 7), top-K in the §3 step 8 order with -1 past Sel'_b.
@@ -31,9 +39,22 @@
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "nsa/compress_attention_infer.h"
+#include "ops/compress_attention/gemm_plan.h"
+#include "ops/compress_attention_infer/kernels.h"
 #include "ops/compress_attention_infer/rows.h"
 
 namespace nsa {
+
+namespace cai_kernels {
+PvBf16Fn pv_bf16_for(CpuIsa isa) {
+#if NSA_HAVE_X86_KERNELS
+  if (isa == CpuIsa::kAvx512Bf16) return pv_bf16_avx512bf16;
+#endif
+  (void)isa;
+  return nullptr;
+}
+}  // namespace cai_kernels
+
 namespace {
 
 using cpu::kPanel;
@@ -42,40 +63,54 @@ using cpu::PStore;
 using detail::AlignedBuffer;
 using detail::round_up;
 
-constexpr int64_t kPvChunk = 256;  // reduction chunk of the P.V GEMM
+constexpr int64_t kPvChunk = 256;  // reduction chunk of P.V: pairs (bf16) or tokens (fp32)
+constexpr int64_t kRun = 64;       // tokens per transposed score tile
 
 struct Plan {
   const CompressAttentionInferParams* p = nullptr;
   CompressAttentionInferShape sh;
   DecodeRows rows;
   const KernelTable* kt = nullptr;
+  cai_kernels::PvBf16Fn pv_bf16 = nullptr;  // in-place P.V (used when v_in_place)
+  // set_gemm_plan (ops/compress_attention/gemm_plan.h)
   bool bf16_dot = false;
   PStore pstore = PStore::kF32;
   float scale = 1.0f;
   int64_t qk_red = 0;  // reduction length of Q.K^T: pairs (bf16) or elements (fp32)
-  int64_t q_lda = 0;   // elements per packed query row
+  int64_t q_lda = 0;   // elements per copied key row of the A tile: D, or 2 * qk_red for pairs
   int64_t d2p = 0;     // Dv rounded up to the panel width
   int64_t cp_max = 0;  // max C_b rounded up to the panel width
+  int64_t rp = 0;      // max R rounded up to 16: columns of the query operand and of the score tile
+  bool k_in_place = false;  // key rows are the score GEMM's A operand as they lie in the pages
+  bool v_in_place = false;  // value rows read in place by pv_bf16
+  int64_t pv_tokens = 0;    // tokens per P.V reduction chunk: 2 * kPvChunk (pairs) or kPvChunk
   int64_t margin = 0;  // zero floats before a selection row (box filter reads), a multiple of 16
   int64_t sel_len = 0;  // floats of a selection row after the margin: covers [0, M * max Sel' + 1)
   int64_t ld_s = 0;     // floats per score row: margin + max(cp_max, sel_len)
 };
 
 struct Scratch {
-  AlignedBuffer<uint8_t> kpack, vpack, qa, pa;
-  AlignedBuffer<float> s, o, box1, box2, score;
+  AlignedBuffer<uint8_t> qb, atile, vpack, pa;
+  AlignedBuffer<float> tile, s, o, pv_work, box1, box2, score;
+  std::vector<const uint16_t*> vrow;  // value rows of one P.V chunk (in-place path)
   std::vector<int32_t> topk_work;
   std::vector<int64_t> order;
-  std::vector<float> row32;   // one widened key row
   std::vector<float> vrow32;  // two widened value rows of d2p floats (zero past Dv)
 };
 
 void init_scratch(const Plan& pl, Scratch& sc) {
   const CompressAttentionInferShape& sh = pl.sh;
   const int64_t R = sh.max_q * sh.G, esz = pl.bf16_dot ? 2 : 4;
-  sc.kpack.reset(pl.cp_max * pl.q_lda * esz);
-  sc.vpack.reset(pl.cp_max * pl.d2p * esz);
-  sc.qa.reset(R * pl.q_lda * esz);
+  sc.qb.reset(round_up(pl.rp, kPanel) * pl.q_lda * esz);
+  if (!pl.k_in_place) sc.atile.reset(kRun * pl.q_lda * esz);
+  sc.tile.reset(kRun * pl.rp);
+  if (pl.v_in_place) {
+    sc.pv_work.reset(R * pl.d2p);
+    sc.vrow.resize(static_cast<size_t>(pl.pv_tokens));
+  } else {
+    sc.vpack.reset(pl.pv_tokens * pl.d2p * esz);
+    sc.vrow32.assign(static_cast<size_t>(2 * pl.d2p), 0.0f);
+  }
   sc.pa.reset(R * pl.cp_max * esz);
   sc.s.reset(R * pl.ld_s);
   sc.o.reset(R * pl.d2p);
@@ -84,8 +119,6 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.score.reset(sh.max_sel);
   sc.topk_work.resize(static_cast<size_t>(2 * sh.max_sel));
   sc.order.resize(static_cast<size_t>(sh.max_sel));
-  sc.row32.resize(static_cast<size_t>(sh.D));
-  sc.vrow32.assign(static_cast<size_t>(2 * pl.d2p), 0.0f);
 }
 
 // Offset of element (reduction index r < red, column n) of a B operand in its panels (kernels.h layouts).
@@ -94,104 +127,147 @@ inline int64_t panel_offset(bool pairs, int64_t red, int64_t r, int64_t n) {
   return pairs ? panel + (r / 2) * kPanel * 2 + (n % kPanel) * 2 + r % 2 : panel + r * kPanel + n % kPanel;
 }
 
-// Step 1: gather the unit's compressed keys (columns = tokens, reduction over D) and values (reduction over the
-// tokens, columns = Dv) from their pages into the packed panels. Rows whose last dimension is contiguous are copied
-// row by row: K by 32-bit word transposes where the rows allow it, else per row (bf16 pairs as 32-bit words, other
-// dtypes widened with the row kernel); V rows widened and, for bf16 pairs, interleaved two tokens at a time by the
-// ISA's pair packer; other views element by element.
-// Only the padding the GEMMs read is zeroed: K columns [C, cp) (and the odd pad element of D for pairs), V tokens
-// [C, cp) and columns [Dv, d2p).
-void gather_kv(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64_t cp) {
+// Element offset of compressed token c of KV head n2 of batch b in key (E = D) or value (E = Dv).
+inline int64_t token_offset(const Tensor3& t, const int32_t* table, int64_t P, int64_t c, int64_t n2, int64_t E) {
+  return table[c / P] * t.stride[0] + (c % P) * t.stride[1] + n2 * E * t.stride[2];
+}
+
+// Step 1: query rows (b, i < q_b), heads n2 * G + g, as the B operand Q^T: reduction index e < D, column r = i * G + g,
+// zero padded (columns up to a whole panel, the odd element of D for pairs).
+void pack_queries(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t q_b) {
+  const CompressAttentionInferParams& p = *pl.p;
+  const CompressAttentionInferShape& sh = pl.sh;
+  const int64_t G = sh.G, rows = round_up(q_b * G, kPanel);
+  std::memset(sc.qb.get(), 0, static_cast<size_t>(rows * pl.q_lda * (pl.bf16_dot ? 2 : 4)));
+  for (int64_t i = 0; i < q_b; ++i) {
+    const int64_t base = pl.rows.query_offset(p, b, i);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g, hb = base + (n2 * G + g) * p.query_stride[2];
+      for (int64_t e = 0; e < sh.D; ++e) {
+        const int64_t off = panel_offset(pl.bf16_dot, pl.q_lda, e, r), src = hb + e * p.query_stride[3];
+        if (pl.bf16_dot) reinterpret_cast<uint16_t*>(sc.qb.get())[off] = static_cast<const uint16_t*>(p.query)[src];
+        else reinterpret_cast<float*>(sc.qb.get())[off] = detail::load_f32(p.query, src, p.dtype);
+      }
+    }
+  }
+}
+
+// Step 2: scores S[r][c] = (q_r . k_c) * scale of rows r < R, tokens c < C, into S (row stride pl.ld_s).
+void scores(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64_t R, float* S) {
+  const CompressAttentionInferParams& p = *pl.p;
+  const CompressAttentionInferShape& sh = pl.sh;
+  const int32_t* table = p.block_table + b * p.block_table_row_stride;
+  const DType dt = p.dtype;
+  const int64_t D = sh.D, dsz = static_cast<int64_t>(dtype_size(dt)), rp = round_up(R, 16);
+  for (int64_t c = 0; c < C;) {
+    const int64_t run = std::min({sh.P - c % sh.P, kRun, C - c});
+    const int64_t kb = token_offset(p.key, table, sh.P, c, n2, D);
+    const void* A = static_cast<const uint8_t*>(p.key.data) + kb * dsz;
+    int64_t lda = p.key.stride[1];
+    if (!pl.k_in_place) {  // the run's key rows into the A tile: rows of q_lda elements (bf16 bits or fp32)
+      A = sc.atile.get();
+      lda = pl.q_lda;
+      for (int64_t j = 0; j < run; ++j) {
+        const int64_t src = token_offset(p.key, table, sh.P, c + j, n2, D);
+        if (pl.bf16_dot) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(sc.atile.get()) + j * lda;
+          for (int64_t e = 0; e < D; ++e) dst[e] = static_cast<const uint16_t*>(p.key.data)[src + e * p.key.stride[2]];
+          for (int64_t e = D; e < lda; ++e) dst[e] = 0;
+        } else if (p.key.stride[2] == 1) {
+          pl.kt->rows.load_row(static_cast<const uint8_t*>(p.key.data) + src * dsz,
+                               reinterpret_cast<float*>(sc.atile.get()) + j * lda, D, dt);
+        } else {
+          float* dst = reinterpret_cast<float*>(sc.atile.get()) + j * lda;
+          for (int64_t e = 0; e < D; ++e) dst[e] = detail::load_f32(p.key.data, src + e * p.key.stride[2], dt);
+        }
+      }
+    }
+    float* T = sc.tile.get();  // S^T[j][r] = (k_{c+j} . q_r) * scale
+    if (pl.bf16_dot)
+      pl.kt->gemm.bf16(static_cast<const uint16_t*>(A), lda, run, reinterpret_cast<const uint16_t*>(sc.qb.get()),
+                       pl.q_lda * kPanel, 0, rp, pl.qk_red, pl.qk_red, T, rp, pl.scale, false);
+    else
+      pl.kt->gemm.f32(static_cast<const float*>(A), lda, run, reinterpret_cast<const float*>(sc.qb.get()),
+                      pl.q_lda * kPanel, 0, rp, pl.qk_red, pl.qk_red, T, rp, pl.scale, false);
+    pl.kt->grad.transpose_u32(reinterpret_cast<const uint32_t*>(T), rp, run, R, reinterpret_cast<uint32_t*>(S + c),
+                              pl.ld_s);
+    c += run;
+  }
+}
+
+// Step 4 without the in-place kernel: tokens [c0, c0 + n) of KV head n2 of batch b as the B operand of one P.V
+// chunk, (token j, value e) at reduction index j and column e: bf16 pairs (tokens 2j', 2j' + 1 of a pair, the odd
+// last one paired with zeros) or fp32, columns [Dv, d2p) zero.
+void pack_values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t c0, int64_t n) {
   const CompressAttentionInferParams& p = *pl.p;
   const CompressAttentionInferShape& sh = pl.sh;
   const int32_t* table = p.block_table + b * p.block_table_row_stride;
   const bool pairs = pl.bf16_dot;
   const DType dt = p.dtype;
-  const int64_t D = sh.D, Dv = sh.Dv, dsz = static_cast<int64_t>(dtype_size(dt));
-  const int64_t kred = pairs ? 2 * pl.qk_red : D;  // reduction elements of K (D padded to even for pairs)
-  const size_t esz = pairs ? 2 : 4;
-  const bool k_rows = p.key.stride[2] == 1, v_rows = p.value.stride[2] == 1;
-  uint8_t* kp = sc.kpack.get();
+  const int64_t Dv = sh.Dv, red = pairs ? round_up(n, 2) : n;
   uint8_t* vp = sc.vpack.get();
-  if (!k_rows || (pairs && D % 2 != 0)) std::memset(kp, 0, static_cast<size_t>(cp * kred) * esz);
-  else if (C % kPanel != 0) std::memset(kp + (C / kPanel) * kred * kPanel * esz, 0, static_cast<size_t>(kred * kPanel) * esz);
-  if (!v_rows) {
-    std::memset(vp, 0, static_cast<size_t>(cp * pl.d2p) * esz);
-  } else {
-    if (Dv % kPanel != 0) std::memset(vp + (pl.d2p / kPanel - 1) * cp * kPanel * esz, 0, static_cast<size_t>(cp * kPanel) * esz);
-    const int64_t first = pairs ? C / 2 * 2 : C;  // tokens from here on are (or share a pair with) padding
-    for (int64_t pn = 0; pn < pl.d2p / kPanel; ++pn)
-      std::memset(vp + (pn * cp * kPanel + first * kPanel) * esz, 0, static_cast<size_t>((cp - first) * kPanel) * esz);
-  }
-  // K by transposes of 32-bit words (bf16 pairs, or fp32 elements) over runs of tokens that share a page and a
-  // panel, where the rows allow it: (e, c) -> word (e2, c) of its panel, dst[e2 * 64 + c % 64] = src[c][e2]
-  const int64_t words = pairs ? D / 2 : D;
-  const bool k_transpose = k_rows && (pairs ? D % 2 == 0 && p.key.stride[0] % 2 == 0 && p.key.stride[1] % 2 == 0 &&
-                                                  (reinterpret_cast<uintptr_t>(p.key.data) + n2 * D * 2) % 4 == 0
-                                            : dt == DType::kF32);
-  if (k_transpose) {
-    for (int64_t c = 0; c < C;) {
-      const int64_t run = std::min({sh.P - c % sh.P, kPanel - c % kPanel, C - c});
-      const int64_t kb = table[c / sh.P] * p.key.stride[0] + (c % sh.P) * p.key.stride[1] + n2 * D;
-      const uint32_t* src = reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(p.key.data) + kb * dsz);
-      uint32_t* dst = reinterpret_cast<uint32_t*>(kp) + (c / kPanel) * words * kPanel + c % kPanel;
-      pl.kt->grad.transpose_u32(src, p.key.stride[1] * dsz / 4, run, words, dst, kPanel);
-      c += run;
-    }
-  }
-  float* row32 = sc.row32.data();
-  for (int64_t c = 0; c < C; ++c) {
-    const int64_t page = table[c / sh.P], row = c % sh.P;
-    const int64_t kb = page * p.key.stride[0] + row * p.key.stride[1] + n2 * D * p.key.stride[2];
-    const int64_t vb = page * p.value.stride[0] + row * p.value.stride[1] + n2 * Dv * p.value.stride[2];
-    const int64_t kcol = (c / kPanel) * kred * kPanel + c % kPanel;  // element (e = 0, column c) without pairs
-    if (k_transpose) {
-      // done above
-    } else if (k_rows && pairs) {  // (e, c) at panel + (e / 2) * 128 + (c % 64) * 2 + e % 2: one 32-bit word per pair
-      const uint8_t* src = static_cast<const uint8_t*>(p.key.data) + kb * 2;
-      uint32_t* dst = reinterpret_cast<uint32_t*>(kp) + (c / kPanel) * kred * kPanel / 2 + c % kPanel;
-      for (int64_t e2 = 0; e2 < D / 2; ++e2) std::memcpy(dst + e2 * kPanel, src + e2 * 4, 4);
-      if (D % 2) reinterpret_cast<uint16_t*>(dst + (D / 2) * kPanel)[0] = reinterpret_cast<const uint16_t*>(src)[D - 1];
-    } else if (k_rows) {  // (e, c) at panel + e * 64 + c % 64
-      pl.kt->rows.load_row(static_cast<const uint8_t*>(p.key.data) + kb * dsz, row32, D, dt);
-      float* dst = reinterpret_cast<float*>(kp) + kcol;
-      for (int64_t e = 0; e < D; ++e) dst[e * kPanel] = row32[e];
-    } else {
-      for (int64_t e = 0; e < D; ++e) {
-        const int64_t off = panel_offset(pairs, kred, e, c), src = kb + e * p.key.stride[2];
-        if (pairs) reinterpret_cast<uint16_t*>(kp)[off] = static_cast<const uint16_t*>(p.key.data)[src];
-        else reinterpret_cast<float*>(kp)[off] = detail::load_f32(p.key.data, src, dt);
-      }
-    }
-    if (v_rows && pairs) {
-      // (c, e) at (e / 64) * cp * 64 + (c / 2) * 128 + (e % 64) * 2 + c % 2: tokens c and c + 1 widened (exactly)
-      // into zero-padded fp32 rows and interleaved per panel by the ISA's pair packer (bf16 -> fp32 -> bf16 is exact)
-      if (c % 2 == 0) {
+  std::memset(vp, 0, static_cast<size_t>(red * pl.d2p * (pairs ? 2 : 4)));
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t vb = token_offset(p.value, table, sh.P, c0 + j, n2, Dv);
+    if (p.value.stride[2] == 1 && pairs) {
+      // tokens j and j + 1 widened (exactly) into zero-padded fp32 rows and interleaved per panel by the ISA's pair
+      // packer (bf16 -> fp32 -> bf16 is exact)
+      if (j % 2 == 0) {
         float* a = sc.vrow32.data();
         float* bb = a + pl.d2p;
         pl.kt->rows.load_row(static_cast<const uint16_t*>(p.value.data) + vb, a, Dv, dt);
-        if (c + 1 < C) {
-          const int64_t page1 = table[(c + 1) / sh.P];
-          const int64_t vb1 = page1 * p.value.stride[0] + ((c + 1) % sh.P) * p.value.stride[1] + n2 * Dv;
-          pl.kt->rows.load_row(static_cast<const uint16_t*>(p.value.data) + vb1, bb, Dv, dt);
-        } else {
+        if (j + 1 < n)
+          pl.kt->rows.load_row(static_cast<const uint16_t*>(p.value.data) +
+                                   token_offset(p.value, table, sh.P, c0 + j + 1, n2, Dv),
+                               bb, Dv, dt);
+        else
           std::fill(bb, bb + Dv, 0.0f);
-        }
-        uint16_t* dst = reinterpret_cast<uint16_t*>(vp) + (c / 2) * kPanel * 2;
+        uint16_t* dst = reinterpret_cast<uint16_t*>(vp) + (j / 2) * kPanel * 2;
         for (int64_t pn = 0; pn < pl.d2p / kPanel; ++pn)
-          pl.kt->grad.pack_rows_bf16(a + pn * kPanel, bb + pn * kPanel, kPanel, dst + pn * cp * kPanel, nullptr, nullptr);
+          pl.kt->grad.pack_rows_bf16(a + pn * kPanel, bb + pn * kPanel, kPanel, dst + pn * red * kPanel, nullptr,
+                                     nullptr);
       }
-    } else if (v_rows) {  // (c, e) at (e / 64) * cp * 64 + c * 64 + e % 64: contiguous runs of 64
-      const uint8_t* src = static_cast<const uint8_t*>(p.value.data) + vb * dsz;
+    } else if (p.value.stride[2] == 1) {  // (j, e) at (e / 64) * n * 64 + j * 64 + e % 64: contiguous runs of 64
+      const uint8_t* src = static_cast<const uint8_t*>(p.value.data) + vb * static_cast<int64_t>(dtype_size(dt));
       for (int64_t pn = 0; pn * kPanel < Dv; ++pn)
-        pl.kt->rows.load_row(src + pn * kPanel * dsz, reinterpret_cast<float*>(vp) + pn * cp * kPanel + c * kPanel,
+        pl.kt->rows.load_row(src + pn * kPanel * static_cast<int64_t>(dtype_size(dt)),
+                             reinterpret_cast<float*>(vp) + pn * red * kPanel + j * kPanel,
                              std::min(kPanel, Dv - pn * kPanel), dt);
     } else {
       for (int64_t e = 0; e < Dv; ++e) {
-        const int64_t off = panel_offset(pairs, cp, c, e), src = vb + e * p.value.stride[2];
+        const int64_t off = panel_offset(pairs, red, j, e), src = vb + e * p.value.stride[2];
         if (pairs) reinterpret_cast<uint16_t*>(vp)[off] = static_cast<const uint16_t*>(p.value.data)[src];
         else reinterpret_cast<float*>(vp)[off] = detail::load_f32(p.value.data, src, dt);
       }
+    }
+  }
+}
+
+// Step 4: O[r][0, Dv) = sum_c P[r][c] v_c of rows r < R into sc.o (row stride d2p), P rows in sc.pa (stride cp).
+void values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64_t cp, int64_t R) {
+  const CompressAttentionInferParams& p = *pl.p;
+  const CompressAttentionInferShape& sh = pl.sh;
+  const int32_t* table = p.block_table + b * p.block_table_row_stride;
+  for (int64_t c0 = 0; c0 < C; c0 += pl.pv_tokens) {
+    const int64_t n = std::min(pl.pv_tokens, C - c0);
+    if (pl.v_in_place) {
+      for (int64_t j = 0; j < n; ++j)
+        sc.vrow[static_cast<size_t>(j)] =
+            static_cast<const uint16_t*>(p.value.data) + token_offset(p.value, table, sh.P, c0 + j, n2, sh.Dv);
+      pl.pv_bf16(sc.vrow.data(), n, sh.Dv, reinterpret_cast<const uint16_t*>(sc.pa.get()) + c0, cp, R, sc.o.get(),
+                 pl.d2p, c0 > 0, sc.pv_work.get());
+      continue;
+    }
+    pack_values(pl, sc, b, n2, c0, n);
+    if (pl.bf16_dot) {
+      const int64_t pairs = round_up(n, 2) / 2;
+      pl.kt->gemm.bf16(reinterpret_cast<const uint16_t*>(sc.pa.get()) + c0, cp, R,
+                       reinterpret_cast<const uint16_t*>(sc.vpack.get()), 2 * pairs * kPanel, 0, pl.d2p, pairs, pairs,
+                       sc.o.get(), pl.d2p, 1.0f, c0 > 0);
+    } else {
+      pl.kt->gemm.f32(reinterpret_cast<const float*>(sc.pa.get()) + c0, cp, R,
+                      reinterpret_cast<const float*>(sc.vpack.get()), n * kPanel, 0, pl.d2p, n, n, sc.o.get(), pl.d2p,
+                      1.0f, c0 > 0);
     }
   }
 }
@@ -216,33 +292,10 @@ void run_unit(const Plan& pl, Scratch& sc, int64_t b, int64_t n2) {
   const int64_t C = p.actual_cmp_seq_kvlen.data[b], cp = round_up(C, kPanel), G = sh.G;
   const int64_t q_b = pl.rows.q[static_cast<size_t>(b)], R = q_b * G;
   const size_t esz = pl.bf16_dot ? 2 : 4;
-  gather_kv(pl, sc, b, n2, C, cp);
-
-  // the query tile: row r = i*G + g
-  for (int64_t i = 0; i < q_b; ++i) {
-    const int64_t base = pl.rows.query_offset(p, b, i);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t r = i * G + g, hb = base + (n2 * G + g) * p.query_stride[2];
-      if (pl.bf16_dot) {
-        uint16_t* dst = reinterpret_cast<uint16_t*>(sc.qa.get()) + r * pl.q_lda;
-        for (int64_t e = 0; e < sh.D; ++e) dst[e] = static_cast<const uint16_t*>(p.query)[hb + e * p.query_stride[3]];
-        for (int64_t e = sh.D; e < pl.q_lda; ++e) dst[e] = 0;
-      } else {
-        float* dst = reinterpret_cast<float*>(sc.qa.get()) + r * pl.q_lda;
-        for (int64_t e = 0; e < sh.D; ++e) dst[e] = detail::load_f32(p.query, hb + e * p.query_stride[3], dt);
-      }
-    }
-  }
-  // 2. S = Q.K^T * scale
+  // 1-2. S = Q.K^T * scale
+  pack_queries(pl, sc, b, n2, q_b);
   float* S = sc.s.get() + pl.margin;  // row r at S + r * ld_s, columns [-margin, ld_s - margin)
-  if (pl.bf16_dot)
-    pl.kt->gemm.bf16(reinterpret_cast<const uint16_t*>(sc.qa.get()), pl.q_lda, R,
-                     reinterpret_cast<const uint16_t*>(sc.kpack.get()), pl.qk_red * kPanel * 2, 0, cp, pl.qk_red,
-                     pl.qk_red, S, pl.ld_s, pl.scale, false);
-  else
-    pl.kt->gemm.f32(reinterpret_cast<const float*>(sc.qa.get()), pl.q_lda, R,
-                    reinterpret_cast<const float*>(sc.kpack.get()), pl.qk_red * kPanel, 0, cp, pl.qk_red, pl.qk_red, S,
-                    pl.ld_s, pl.scale, false);
+  scores(pl, sc, b, n2, C, R, S);
   // 2-3. mask (MTP causality), softmax, rounded P
   const int64_t S_b = sh.mtp ? p.actual_sel_seq_kvlen.data[b] : 0;
   for (int64_t i = 0; i < q_b; ++i) {
@@ -263,13 +316,7 @@ void run_unit(const Plan& pl, Scratch& sc, int64_t b, int64_t n2) {
     }
   }
   // 4. O = rne(P).V
-  if (pl.bf16_dot)
-    pl.kt->gemm.bf16(reinterpret_cast<const uint16_t*>(sc.pa.get()), cp, R,
-                     reinterpret_cast<const uint16_t*>(sc.vpack.get()), (cp / 2) * kPanel * 2, 0, pl.d2p, cp / 2,
-                     kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
-  else
-    pl.kt->gemm.f32(reinterpret_cast<const float*>(sc.pa.get()), cp, R, reinterpret_cast<const float*>(sc.vpack.get()),
-                    cp * kPanel, 0, pl.d2p, cp, kPvChunk, sc.o.get(), pl.d2p, 1.0f, false);
+  values(pl, sc, b, n2, C, cp, R);
   // 5. outputs and selection per token
   const int64_t M = sh.M, sel = decode_selection_blocks(C, sh.l, sh.d, sh.lp), K = sh.K;
   const int64_t n_sel = round_up(M * sel + 1, 16);  // box outputs [0, n_sel) cover every pick M(k+1), k < sel
@@ -315,16 +362,12 @@ Status forward(const CompressAttentionInferParams& p, const CpuOptions& options)
   pl.p = &p;
   pl.rows = decode_rows(p, sh);
   pl.kt = cpu::kernels_for(isa);
-  pl.bf16_dot = p.dtype == DType::kBF16 && pl.kt->gemm.bf16 != nullptr;
-  pl.pstore = pl.bf16_dot ? PStore::kBf16Bits
-              : p.dtype == DType::kBF16 ? PStore::kF32AsBf16
-              : p.dtype == DType::kF16  ? PStore::kF32AsF16
-                                        : PStore::kF32;
-  pl.scale = static_cast<float>(p.scale_value);
-  pl.qk_red = pl.bf16_dot ? (sh.D + 1) / 2 : sh.D;
-  pl.q_lda = pl.bf16_dot ? 2 * pl.qk_red : sh.D;
-  pl.d2p = round_up(sh.Dv, kPanel);
-  pl.cp_max = round_up(sh.max_c, kPanel);
+  detail::set_gemm_plan(pl, p.dtype, p.scale_value, sh.D, sh.Dv, sh.max_c);
+  pl.rp = round_up(sh.max_q * sh.G, 16);
+  pl.k_in_place = p.key.stride[2] == 1 && (pl.bf16_dot ? sh.D % 2 == 0 : p.dtype == DType::kF32);
+  pl.pv_bf16 = cai_kernels::pv_bf16_for(isa);
+  pl.v_in_place = pl.bf16_dot && pl.pv_bf16 != nullptr && p.value.stride[2] == 1;
+  pl.pv_tokens = pl.bf16_dot ? 2 * kPvChunk : kPvChunk;
   pl.margin = round_up(std::max(sh.M, sh.N), 16);
   pl.sel_len = round_up(sh.M * sh.max_sel + 1, 16);
   pl.ld_s = pl.margin + std::max(pl.cp_max, pl.sel_len);
@@ -344,7 +387,7 @@ Status forward(const CompressAttentionInferParams& p, const CpuOptions& options)
 }  // namespace
 
 Status compress_attention_infer_cpu(const CompressAttentionInferParams& p, const CpuOptions& options) {
-  return detail::guarded("compress_attention_infer_cpu", "packed compressed K/V and score rows grow with C_b x q_b x G",
+  return detail::guarded("compress_attention_infer_cpu", "score and probability rows grow with C_b x q_b x G",
                          [&] { return forward(p, options); });
 }
 
