@@ -172,6 +172,37 @@ TEST(CompressAttentionInferCpu, RandomCasesVsModelOnEveryPath) {
     }
 }
 
+// The in-place reads of the CPU backend over longer rows (cpu.cpp steps 2 and 4): score tiles over many shuffled pages;
+// P.V in several reduction chunks (512 tokens on bf16 pairs, 256 in fp32) and sub-blocks with an odd last token;
+// value rows whose length is not a multiple of 32 (masked lanes, and a second block of 64 values with no valid lane
+// in its upper half); more than 64 query rows (two query panels); a short odd C; G = 1. Every path against the
+// model, and bitwise equal for 1, 2 and 7 threads, including B = 1.
+TEST(CompressAttentionInferCpu, LongRowsInPlaceReadsOnEveryPath) {
+  const Geo geos[] = {
+      // B = 1, G = 16, C = 1101 (three bf16 chunks, the last odd), P = 64, D even (keys in place), Dv = 40
+      {DecodeLayout::kTND, 16, 1, 48, 40, 64, 32, 16, 64, 8, 1, {1}, {1101}, false},
+      // G = 1, N2 = 2, C = 37 < one sub-block and odd, P = 7, Dv = 72 (lanes 8 of the second value block), odd D
+      {DecodeLayout::kTND, 2, 2, 73, 72, 7, 32, 16, 64, 3, 1, {1}, {37}, false},
+      // MTP with q_b = 5 and G = 16: R = 80 query rows (two query panels), C = 600 and 513, P = 64
+      {DecodeLayout::kTND, 32, 2, 24, 16, 64, 32, 16, 64, 6, 1, {5, 2}, {600, 513}, true},
+  };
+  std::mt19937 rng(2024);
+  for (DType dt : kAllDtypes)
+    for (size_t gi = 0; gi < std::size(geos); ++gi) {
+      CACase cs = random_case(geos[gi], dt, rng);
+      SCOPED_TRACE(std::string(nsa::dtype_name(dt)) + " geometry " + std::to_string(gi));
+      for (CpuIsa isa : supported_isas()) {
+        const CARun r1 = run(cs, Backend::kCpu, isa, 1);
+        ASSERT_TRUE(r1.status.ok()) << r1.status.message();
+        EXPECT_TRUE(check_model(cs, r1)) << nsa::cpu_isa_name(isa);
+        for (int t : {2, 7}) {
+          const CARun rt = run(cs, Backend::kCpu, isa, t);
+          EXPECT_TRUE(rt.out_bytes == r1.out_bytes && rt.topk == r1.topk) << nsa::cpu_isa_name(isa) << " threads " << t;
+        }
+      }
+    }
+}
+
 // ------------------------------------------------------------------ argument rules (§3)
 CACase valid_case() {
   std::mt19937 rng(5);
