@@ -14,7 +14,7 @@
 
 #include "common/numeric.h"
 #include "common/threads.h"
-#include "cpu/isa.h"
+#include "cpu/entry.h"
 #include "nsa/compress_infer.h"
 #include "ops/compress/kernels.h"
 
@@ -39,10 +39,9 @@ struct Scratch {
 
 Status compress_infer_cpu(const CompressInferParams& p, const CpuOptions& options) {
   CompressInferShape sh;
-  Status st = validate_compress_infer(p, &sh);
-  if (!st.ok()) return st;
   CpuIsa isa;
-  if (!(st = cpu::resolve_isa(options.isa, &isa)).ok()) return st;
+  const Status st = cpu::validate_and_resolve(validate_compress_infer, p, options, &sh, &isa);
+  if (!st.ok()) return st;
   if (sh.eligible == 0 || sh.N == 0 || sh.D == 0) return Status::Ok();
   const KernelTable* kt = compress_kernels::kernels_for(isa);
   const DType dt = p.dtype;

@@ -6,9 +6,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "common/status_guard.h"
-#include "common/threads.h"
-#include "cpu/isa.h"
+#include "cpu/entry.h"
 #include "cpu/kernels.h"
 #include "ops/paged_window_attention/batches.h"
 #include "ops/paged_window_attention/reference.h"
@@ -17,48 +15,22 @@
 namespace nsa {
 
 Status paged_window_attention_cpu(const PagedWindowAttentionParams& p, const CpuOptions& options) {
-  PagedWindowAttentionShape sh;
-  Status st = validate_paged_window_attention(p, &sh);
-  if (!st.ok()) return st;
-  CpuIsa isa;
-  if (!(st = cpu::resolve_isa(options.isa, &isa)).ok()) return st;
-  if (p.dtype == DType::kF64) return paged_window_reference::forward_fp64(p);  // a testing extension
-  return detail::guarded("paged_window_attention_cpu", "packed key/value tiles", [&]() -> Status {
-    const cpu::KernelTable* kt = cpu::kernels_for(isa);
-    paged::Problem pr;
-    pr.dtype = p.dtype;
-    pr.mode = paged::Mode::kWindow;
-    pr.query = p.query;
-    pr.key = p.key_cache;
-    pr.value = p.value_cache;
-    pr.block_table = p.block_table;
-    pr.N1 = sh.N1;
-    pr.N2 = sh.N2;
-    pr.G = sh.G;
-    pr.D = sh.D;
-    pr.Dv = sh.Dv;
-    pr.P = sh.page;
-    pr.scale = static_cast<float>(p.scale);
-    pr.out = p.attention_out;
-    const std::vector<paged_window::Batch> batches = paged_window::make_batches(p);
-    const int64_t units = sh.B * sh.N2;
-    const int threads = static_cast<int>(std::min<int64_t>(cpu::resolve_num_threads(options.num_threads),
-                                                           std::max<int64_t>(units, 1)));
-    std::vector<paged::TileWorker> workers;  // every allocation before the first output is written
-    workers.reserve(static_cast<size_t>(threads));
-    for (int w = 0; w < threads; ++w) workers.emplace_back(pr, kt, sh.max_entries);
-    std::vector<std::vector<paged::Run>> runs(static_cast<size_t>(threads), std::vector<paged::Run>(1));
-    cpu::parallel_for(units, threads, [&](int64_t u, int w) {
-      const int64_t b = u / sh.N2, n2 = u % sh.N2;
-      const paged_window::Batch& bt = batches[static_cast<size_t>(b)];
-      std::vector<paged::Run>& r = runs[static_cast<size_t>(w)];
-      for (int64_t i = 0; i < bt.q; ++i) {
-        r[0] = paged_window::token_window(bt, i, p.window);
-        workers[static_cast<size_t>(w)].attend(b, bt.row0 + i, n2, r);
-      }
-    });
-    return Status::Ok();
-  });
+  return cpu::run_entry(
+      "paged_window_attention_cpu", "packed key/value tiles", validate_paged_window_attention,
+      paged_window_reference::forward_fp64, p.dtype, p, options, [&](const PagedWindowAttentionShape& sh, CpuIsa isa) {
+        const std::vector<paged_window::Batch> batches = paged_window::make_batches(p);
+        const paged::Problem pr = paged::make_problem(sh, p.dtype, paged::Mode::kWindow, p.query, p.key_cache,
+                                                      p.value_cache, p.block_table, p.scale, p.attention_out);
+        paged::run_units(pr, cpu::kernels_for(isa), sh.B, sh.max_entries, options.num_threads,
+                         [&](int64_t b, int64_t n2, paged::TileWorker& tw, std::vector<paged::Run>& runs) {
+                           const paged_window::Batch& bt = batches[static_cast<size_t>(b)];
+                           for (int64_t i = 0; i < bt.q; ++i) {
+                             runs.assign(1, paged_window::token_window(bt, i, p.window));  // the one run (§9)
+                             tw.attend(b, bt.row0 + i, n2, runs);
+                           }
+                         });
+        return Status::Ok();
+      });
 }
 
 }  // namespace nsa

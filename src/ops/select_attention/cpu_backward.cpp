@@ -34,7 +34,7 @@
 #include <vector>
 
 #include "common/threads.h"
-#include "cpu/isa.h"
+#include "cpu/entry.h"
 #include "ops/select_attention/cpu.h"
 #include "ops/select_attention/cpu_common.h"
 #include "ops/select_attention/kernels.h"
@@ -234,33 +234,18 @@ class Backward {
     const int64_t ids = bt_.n_ids;
     inv_start_.assign(static_cast<size_t>(ids + 1), 0);
     inv_vis_.assign(static_cast<size_t>(ids), 0.0);
-    for (size_t b = 0; b < batches_.size(); ++b) {
-      const BatchInfo& bi = batches_[b];
-      for (int64_t s = 0; s < bi.sq; ++s)
-        for (int64_t n2 = 0; n2 < g_.N2; ++n2)
-          for (int64_t j = 0; j < g_.K; ++j) {
-            const int64_t x = select_detail::index_at(f_, bi.q_begin + s, n2, j);
-            const int64_t v = select_detail::visible_count(x, s, bi.skv, g_.lp, f_.causal);
-            if (v == 0) continue;
-            const int64_t id = bt_.id(static_cast<int64_t>(b), x, n2, g_.N2);
-            ++inv_start_[static_cast<size_t>(id) + 1];
-            inv_vis_[static_cast<size_t>(id)] += static_cast<double>(v);
-          }
-    }
+    for_each_visible_slot(f_, g_, batches_, [&](int64_t b, int64_t, int64_t n2, int64_t, int64_t x, int64_t v) {
+      const int64_t id = bt_.id(b, x, n2, g_.N2);
+      ++inv_start_[static_cast<size_t>(id) + 1];
+      inv_vis_[static_cast<size_t>(id)] += static_cast<double>(v);
+    });
     for (int64_t i = 0; i < ids; ++i) inv_start_[static_cast<size_t>(i) + 1] += inv_start_[static_cast<size_t>(i)];
     inv_.resize(static_cast<size_t>(inv_start_[static_cast<size_t>(ids)]));
     std::vector<int64_t> pos(inv_start_.begin(), inv_start_.end() - 1);
-    for (size_t b = 0; b < batches_.size(); ++b) {
-      const BatchInfo& bi = batches_[b];
-      for (int64_t s = 0; s < bi.sq; ++s)
-        for (int64_t n2 = 0; n2 < g_.N2; ++n2)
-          for (int64_t j = 0; j < g_.K; ++j) {
-            const int64_t x = select_detail::index_at(f_, bi.q_begin + s, n2, j);
-            if (select_detail::visible_count(x, s, bi.skv, g_.lp, f_.causal) == 0) continue;
-            const int64_t id = bt_.id(static_cast<int64_t>(b), x, n2, g_.N2);
-            inv_[static_cast<size_t>(pos[static_cast<size_t>(id)]++)] = s * g_.K + j;
-          }
-    }
+    for_each_visible_slot(f_, g_, batches_, [&](int64_t b, int64_t s, int64_t n2, int64_t j, int64_t x, int64_t) {
+      const int64_t id = bt_.id(b, x, n2, g_.N2);
+      inv_[static_cast<size_t>(pos[static_cast<size_t>(id)]++)] = s * g_.K + j;
+    });
   }
 
   // Pieces of every reached block: ceil(entries G / piece_rows) pieces of equal entry counts; piece_rows doubles
@@ -636,36 +621,16 @@ class Backward {
   std::vector<float> dlt_;
 };
 
-Status backward_impl(const SelectAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning) {
-  SelectAttentionShape sh;
-  Status st = validate_select_attention_backward(p, &sh);
-  if (!st.ok()) return st;
-  CpuIsa isa;
-  st = cpu::resolve_isa(options.isa, &isa);
-  if (!st.ok()) return st;
-  if (p.fwd.dtype == DType::kF64) return select_reference::backward_fp64(p);  // testing extension: no fast path
-  constexpr int64_t kMaxDim = int64_t(1) << 20;
-  if (sh.D > kMaxDim || sh.K > kMaxDim || sh.block > kMaxDim || sh.N1 > kMaxDim)
-    return Status::Error("select_attention_backward_cpu: sizes too large for the CPU backend's workspace (D, K, "
-                         "select_block_size and N1 must be < 2^20)");
-  const KernelTable* kt = cpu::kernels_for(isa);
-  const int threads = cpu::resolve_num_threads(options.num_threads);
-  if (p.fwd.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr) Backward<true>(p, sh, kt, threads, tuning).run();
-  else Backward<false>(p, sh, kt, threads, tuning).run();
-  return Status::Ok();
-}
-
 }  // namespace
 
 Status backward(const SelectAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning) {
-  try {
-    return backward_impl(p, options, tuning);
-  } catch (const std::bad_alloc&) {
-    return Status::Error("select_attention_backward_cpu: out of memory for the workspace (packed key/value blocks, "
-                         "the inverted index, partials and per-thread tiles); reduce the sizes or the number of threads");
-  } catch (const std::exception& e) {
-    return Status::Error(std::string("select_attention_backward_cpu: ") + e.what());
-  }
+  return cpu::run_entry("select_attention_backward_cpu",
+                        "packed key/value blocks, the inverted index, partials and per-thread tiles",
+                        validate_select_attention_backward, select_reference::backward_fp64, p.fwd.dtype, p, options,
+                        [&](const SelectAttentionShape& sh, CpuIsa isa) {
+                          return run_driver<Backward>("select_attention_backward_cpu", p, p.fwd.dtype, sh, isa,
+                                                      options.num_threads, tuning);
+                        });
 }
 
 }  // namespace nsa::select_cpu

@@ -34,13 +34,16 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "common/aligned_buffer.h"
 #include "common/numeric.h"
+#include "common/threads.h"
 #include "cpu/kernels.h"
 #include "nsa/select_attention.h"
+#include "ops/select_attention/cpu.h"
 #include "ops/select_attention/batches.h"
 #include "ops/select_attention/rounding.h"
 
@@ -173,6 +176,42 @@ struct BlockTable {
   int64_t id(int64_t b, int64_t x, int64_t n2, int64_t N2) const { return (first[static_cast<size_t>(b)] + x) * N2 + n2; }
 };
 
+// Calls fn(b, s, n2, j, x, v) for every slot j < K of every query row s of every batch b (batch-local rows, in
+// the order b, s, n2, j ascending) whose block x = index (b's row s, KV head n2, slot j) has v > 0 visible keys (§3).
+template <typename Fn>
+inline void for_each_visible_slot(const SelectAttentionParams& p, const Geo& g, const std::vector<BatchInfo>& batches,
+                                  Fn&& fn) {
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const BatchInfo& bi = batches[b];
+    for (int64_t s = 0; s < bi.sq; ++s)
+      for (int64_t n2 = 0; n2 < g.N2; ++n2)
+        for (int64_t j = 0; j < g.K; ++j) {
+          const int64_t x = select_detail::index_at(p, bi.q_begin + s, n2, j);
+          const int64_t v = select_detail::visible_count(x, s, bi.skv, g.lp, p.causal);
+          if (v > 0) fn(static_cast<int64_t>(b), s, n2, j, x, v);
+        }
+  }
+}
+
+// The optimized path of both entry points, after validation (cpu::run_entry): sizes whose workspace byte counts
+// could overflow 64-bit arithmetic (products of D, K, select_block_size and N1; only reachable with stride-0 views
+// of a small buffer) are refused with an error naming `entry`; then the driver (Forward / Backward) runs on the
+// call's arithmetic path (see the top of this file): Driver<true>, bf16 pairs, for bf16 inputs on an ISA with
+// KernelTable::gemm.bf16; Driver<false>, fp32 operands, otherwise.
+template <template <bool> class Driver, typename Params>
+inline Status run_driver(const char* entry, const Params& p, DType dtype, const SelectAttentionShape& sh, CpuIsa isa,
+                         int num_threads, const Tuning& tuning) {
+  constexpr int64_t kMaxDim = int64_t(1) << 20;
+  if (sh.D > kMaxDim || sh.K > kMaxDim || sh.block > kMaxDim || sh.N1 > kMaxDim)
+    return Status::Error(std::string(entry) + ": sizes too large for the CPU backend's workspace (D, K, "
+                         "select_block_size and N1 must be < 2^20)");
+  const KernelTable* kt = cpu::kernels_for(isa);
+  const int threads = cpu::resolve_num_threads(num_threads);
+  if (dtype == DType::kBF16 && kt->gemm.bf16 != nullptr) Driver<true>(p, sh, kt, threads, tuning).run();
+  else Driver<false>(p, sh, kt, threads, tuning).run();
+  return Status::Ok();
+}
+
 // Marks the blocks that some visible entry reaches (one pass over the indices, O(T1 N2 K)) and numbers them.
 inline void mark_blocks(const SelectAttentionParams& p, const Geo& g, const std::vector<BatchInfo>& batches,
                         BlockTable& bt) {
@@ -184,16 +223,9 @@ inline void mark_blocks(const SelectAttentionParams& p, const Geo& g, const std:
   }
   bt.n_ids = total * g.N2;
   bt.slot.assign(static_cast<size_t>(bt.n_ids), -1);
-  for (size_t b = 0; b < batches.size(); ++b) {
-    const BatchInfo& bi = batches[b];
-    for (int64_t s = 0; s < bi.sq; ++s)
-      for (int64_t n2 = 0; n2 < g.N2; ++n2)
-        for (int64_t j = 0; j < g.K; ++j) {
-          const int64_t x = select_detail::index_at(p, bi.q_begin + s, n2, j);
-          if (select_detail::visible_count(x, s, bi.skv, g.lp, p.causal) > 0)
-            bt.slot[static_cast<size_t>(bt.id(static_cast<int64_t>(b), x, n2, g.N2))] = 0;
-        }
-  }
+  for_each_visible_slot(p, g, batches, [&](int64_t b, int64_t, int64_t n2, int64_t, int64_t x, int64_t) {
+    bt.slot[static_cast<size_t>(bt.id(b, x, n2, g.N2))] = 0;
+  });
   int64_t n = 0;
   for (int64_t i = 0; i < bt.n_ids; ++i)
     if (bt.slot[static_cast<size_t>(i)] == 0) {

@@ -36,7 +36,7 @@
 #include <vector>
 
 #include "common/threads.h"
-#include "cpu/isa.h"
+#include "cpu/entry.h"
 #include "ops/select_attention/cpu.h"
 #include "ops/select_attention/cpu_common.h"
 #include "ops/select_attention/kernels.h"
@@ -329,41 +329,18 @@ class Forward {
   AlignedBuf<E> packs_;
 };
 
-Status forward_impl(const SelectAttentionParams& p, const CpuOptions& options, const Tuning& tuning) {
-  SelectAttentionShape sh;
-  Status st = validate_select_attention(p, &sh);
-  if (!st.ok()) return st;
-  CpuIsa isa;
-  st = cpu::resolve_isa(options.isa, &isa);
-  if (!st.ok()) return st;
-  if (p.dtype == DType::kF64) return select_reference::forward_fp64(p);  // testing extension: no fast path
-  if (sh.T1 == 0) return Status::Ok();
-  // Workspace sizes are products of these: refuse sizes whose byte counts could overflow 64-bit arithmetic (only
-  // reachable with stride-0 views of a small buffer).
-  constexpr int64_t kMaxDim = int64_t(1) << 20;
-  if (sh.D > kMaxDim || sh.K > kMaxDim || sh.block > kMaxDim || sh.N1 > kMaxDim)
-    return Status::Error("select_attention_cpu: sizes too large for the CPU backend's workspace (D, K, "
-                         "select_block_size and N1 must be < 2^20)");
-  const KernelTable* kt = cpu::kernels_for(isa);
-  const int threads = cpu::resolve_num_threads(options.num_threads);
-  if (p.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr) Forward<true>(p, sh, kt, threads, tuning).run();
-  else Forward<false>(p, sh, kt, threads, tuning).run();
-  return Status::Ok();
-}
-
 }  // namespace
 
 // Workspace that cannot be allocated is reported as an error, never as a crash: all of it (packed blocks,
 // per-worker tiles) is allocated before the first output is written.
 Status forward(const SelectAttentionParams& p, const CpuOptions& options, const Tuning& tuning) {
-  try {
-    return forward_impl(p, options, tuning);
-  } catch (const std::bad_alloc&) {
-    return Status::Error("select_attention_cpu: out of memory for the workspace (packed key/value blocks and "
-                         "per-thread tiles); reduce the sizes or the number of threads");
-  } catch (const std::exception& e) {  // e.g. std::system_error when no thread can be started
-    return Status::Error(std::string("select_attention_cpu: ") + e.what());
-  }
+  return cpu::run_entry("select_attention_cpu", "packed key/value blocks and per-thread tiles",
+                        validate_select_attention, select_reference::forward_fp64, p.dtype, p, options,
+                        [&](const SelectAttentionShape& sh, CpuIsa isa) {
+                          if (sh.T1 == 0) return Status::Ok();  // no query row: nothing to write
+                          return run_driver<Forward>("select_attention_cpu", p, p.dtype, sh, isa,
+                                                     options.num_threads, tuning);
+                        });
 }
 
 }  // namespace nsa::select_cpu

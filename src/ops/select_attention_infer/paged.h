@@ -37,6 +37,7 @@
 #include "common/aligned_buffer.h"
 #include "common/arg_checks.h"
 #include "common/numeric.h"
+#include "common/threads.h"
 #include "cpu/kernels.h"
 #include "nsa/select_attention_infer.h"
 #include "ops/select_attention/rounding.h"
@@ -178,18 +179,13 @@ class TileWorker {
       load_from(pr_.query.data, off, pr_.query.stride[2], D, qa_.get() + g * D);
     }
     kt_->gemm.f32(qa_.get(), D, G, kq_.get(), D * cpu::kPanel, 0, nep, D, D, s_.get(), nep, pr_.scale, false);
-    const float neg_inf = -std::numeric_limits<float>::infinity();
     const DType dt = pr_.dtype;
     const bool low = dt == DType::kBF16 || dt == DType::kF16;
-    std::vector<float>& l = l_;
-    l.resize(static_cast<size_t>(G));
+    l_.resize(static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g) {
-      float* line = s_.get() + g * nep;
-      std::fill(line + ne, line + nep, neg_inf);
       // 3. exact softmax statistics
-      const float m = kt_->rows.row_max(line, nep, neg_inf);
-      const float lsum = kt_->rows.exp_sum(line, nep, m);
-      l[static_cast<size_t>(g)] = lsum;
+      const float* line = softmax_row(g, ne, nep);
+      const float lsum = l_[static_cast<size_t>(g)];
       // 4. rounded probabilities
       float* pl = p_.get() + g * nep;
       if (pr_.mode == Mode::kSelect) {
@@ -273,14 +269,10 @@ class TileWorker {
     }
     kt_->gemm.bf16(qa16_.get(), dr, G, kq16_.get(), dr * W, 0, nep, dr / 2, dr / 2, s_.get(), nep, pr_.scale, false);
     // 3.-4. softmax statistics, P rounded half away to bf16
-    const float neg_inf = -std::numeric_limits<float>::infinity();
     l_.resize(static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g) {
-      float* line = s_.get() + g * nep;
-      std::fill(line + ne, line + nep, neg_inf);
-      const float m = kt_->rows.row_max(line, nep, neg_inf);
-      const float lsum = kt_->rows.exp_sum(line, nep, m);
-      l_[static_cast<size_t>(g)] = lsum;
+      const float* line = softmax_row(g, ne, nep);
+      const float lsum = l_[static_cast<size_t>(g)];
       uint16_t* pl = p16_.get() + g * nep;
       if (pr_.mode == Mode::kSelect) {
         for (int64_t i = 0; i < nep; ++i) pl[i] = select_detail::f32_to_bf16_rha(line[i]);
@@ -290,6 +282,18 @@ class TileWorker {
     }
     kt_->gemm.bf16(p16_.get(), nep, G, vo16_.get(), nep * W, 0, dvp_, nep / 2, nep / 2, o_.get(), dvp_, 1.0f, false);
     store_outputs(t, n2);
+  }
+
+  // Step 3 on row g of the scores s_ (nep columns, the first ne real): the padding columns set to -inf, m = the row's
+  // maximum, the row replaced by exp(s - m) in place and l_[g] = their fp32 sum (KernelTable row kernels, the
+  // canonical order). Returns the row.
+  const float* softmax_row(int64_t g, int64_t ne, int64_t nep) {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    float* line = s_.get() + g * nep;
+    std::fill(line + ne, line + nep, neg_inf);
+    const float m = kt_->rows.row_max(line, nep, neg_inf);
+    l_[static_cast<size_t>(g)] = kt_->rows.exp_sum(line, nep, m);
+    return line;
   }
 
   // 5. the G output rows of token t from the accumulators o_ and the sums l_.
@@ -363,5 +367,36 @@ class TileWorker {
   std::vector<float> row_, l_;
   std::vector<int64_t> koff_, voff_;
 };
+
+// The Problem of a validated call. Shape: SelectAttentionInferShape or PagedWindowAttentionShape (the same field
+// names); key / value: the caches; scale: the score factor, used as float32.
+template <typename Shape>
+inline Problem make_problem(const Shape& sh, DType dtype, Mode mode, const Tensor3& query, const PagedCacheView& key,
+                            const PagedCacheView& value, const Tensor2& block_table, double scale, void* out) {
+  return Problem{.dtype = dtype, .mode = mode, .query = query, .key = key, .value = value,
+                 .block_table = block_table, .N1 = sh.N1, .N2 = sh.N2, .G = sh.G, .D = sh.D, .Dv = sh.Dv,
+                 .P = sh.page, .scale = static_cast<float>(scale), .out = out};
+}
+
+// The CPU driver of both operators: units u = b N2 + n2 (batch b < B, KV head n2 < N2), one task each, on
+// min(resolve_num_threads(num_threads), units) threads. Each thread has a TileWorker sized for max_entries entries
+// and a run list holding one run; all of them are allocated before the first output is written (an allocation
+// failure is an exception before any write). unit(b, n2, worker, runs) writes every output row of the unit,
+// filling `runs` (the thread's list) per query token. Each output row has one writer: results do not depend on the
+// number of threads.
+template <typename Unit>
+inline void run_units(const Problem& pr, const cpu::KernelTable* kt, int64_t B, int64_t max_entries, int num_threads,
+                      Unit&& unit) {
+  const int64_t units = B * pr.N2;
+  const int threads = static_cast<int>(
+      std::min<int64_t>(cpu::resolve_num_threads(num_threads), std::max<int64_t>(units, 1)));
+  std::vector<TileWorker> workers;
+  workers.reserve(static_cast<size_t>(threads));
+  for (int w = 0; w < threads; ++w) workers.emplace_back(pr, kt, max_entries);
+  std::vector<std::vector<Run>> runs(static_cast<size_t>(threads), std::vector<Run>(1));
+  cpu::parallel_for(units, threads, [&](int64_t u, int w) {
+    unit(u / pr.N2, u % pr.N2, workers[static_cast<size_t>(w)], runs[static_cast<size_t>(w)]);
+  });
+}
 
 }  // namespace nsa::paged

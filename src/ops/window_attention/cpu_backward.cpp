@@ -39,9 +39,9 @@
 #include "common/numeric.h"
 #include "common/row_helpers.h"
 #include "common/threads.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "ops/window_attention/cpu.h"
+#include "ops/window_attention/cpu_common.h"
 #include "ops/window_attention/reference.h"
 #include "ops/window_attention/rounding.h"
 
@@ -127,19 +127,8 @@ class Backward {
     plan();
     // Share of rows without a visible key (§7, inner_precise 0/1): u = sum over those rows and heads of
     // dy / Skv_b, per (batch, KV head), added to every dV row of the batch.
-    share_.assign(batches_.size() * static_cast<size_t>(sh_.N2), {});
-    std::vector<int64_t> need;
-    if (p_.inner_precise != 2) {
-      std::vector<uint8_t> has(batches_.size(), 0);
-      for (const Tile& t : tiles_) has[static_cast<size_t>(t.b)] |= t.any_none ? 1 : 0;
-      for (size_t b = 0; b < batches_.size(); ++b)
-        if (has[b])
-          for (int64_t n2 = 0; n2 < sh_.N2; ++n2) {
-            const int64_t x = static_cast<int64_t>(b) * sh_.N2 + n2;
-            share_[static_cast<size_t>(x)].assign(static_cast<size_t>(Dv_), 0.0f);
-            need.push_back(x);
-          }
-    }
+    const std::vector<int64_t> need =
+        pairs_with_invisible_rows(tiles_, batches_.size(), sh_.N2, Dv_, p_.inner_precise, share_);
     std::vector<Task> tasks;
     for (size_t s = 0; s < kstrips_.size(); ++s)
       for (int64_t n2 = 0; n2 < sh_.N2; ++n2) tasks.push_back({true, s, n2, kcost_[s]});
@@ -655,27 +644,9 @@ class Backward {
 }  // namespace
 
 Status backward(const WindowAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning) {
-  try {
-    WindowAttentionShape sh;
-    Status st = validate_window_attention_backward(p, &sh);
-    if (!st.ok()) return st;
-    CpuIsa isa;
-    st = cpu::resolve_isa(options.isa, &isa);
-    if (!st.ok()) return st;
-    if (p.fwd.dtype == DType::kF64) return window_reference::backward_fp64(p);  // testing extension: no fast path
-    constexpr int64_t kMaxDim = int64_t(1) << 40;
-    if (sh.T1 > kMaxDim || sh.T2 > kMaxDim || sh.D > (int64_t(1) << 20) || sh.N1 > (int64_t(1) << 20))
-      return Status::Error("window_attention_backward_cpu: sizes too large for the CPU backend's 64-bit workspace "
-                           "arithmetic (T1, T2 < 2^40; D, N1 < 2^20)");
-    Backward bw(p, sh, cpu::kernels_for(isa), cpu::resolve_num_threads(options.num_threads), tuning);
-    bw.run();
-    return Status::Ok();
-  } catch (const std::bad_alloc&) {
-    return Status::Error("window_attention_backward_cpu: out of memory for the workspace (packed key tiles and "
-                         "per-thread accumulators); reduce the sizes or the number of threads");
-  } catch (const std::exception& e) {
-    return Status::Error(std::string("window_attention_backward_cpu: ") + e.what());
-  }
+  return run_entry<Backward>("window_attention_backward_cpu", "packed key tiles and per-thread accumulators",
+                             validate_window_attention_backward, window_reference::backward_fp64, p.fwd.dtype, p,
+                             options, tuning);
 }
 
 }  // namespace nsa::window_cpu

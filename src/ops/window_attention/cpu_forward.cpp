@@ -32,9 +32,9 @@
 
 #include "common/numeric.h"
 #include "common/threads.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "ops/window_attention/cpu.h"
+#include "ops/window_attention/cpu_common.h"
 #include "ops/window_attention/reference.h"
 #include "ops/window_attention/rounding.h"
 
@@ -102,19 +102,8 @@ class Forward {
     tiles_ = plan_tiles(p_, sh_, batches_, vis_, Bq_, threads_);
     plan_strips();
     // Closed form of rows without a visible key, inner_precise 0/1: per (batch, KV head) of a tile with such rows.
-    uniform_.assign(batches_.size() * static_cast<size_t>(sh_.N2), {});
-    std::vector<int64_t> need;
-    if (p_.inner_precise != 2) {
-      std::vector<uint8_t> batch_has(batches_.size(), 0);
-      for (const Tile& t : tiles_) batch_has[static_cast<size_t>(t.b)] |= t.any_none ? 1 : 0;
-      for (size_t b = 0; b < batches_.size(); ++b)
-        if (batch_has[b])
-          for (int64_t n2 = 0; n2 < sh_.N2; ++n2) {
-            const int64_t x = static_cast<int64_t>(b) * sh_.N2 + n2;
-            uniform_[static_cast<size_t>(x)].assign(static_cast<size_t>(sh_.Dv), 0.0f);
-            need.push_back(x);
-          }
-    }
+    const std::vector<int64_t> need =
+        pairs_with_invisible_rows(tiles_, batches_.size(), sh_.N2, sh_.Dv, p_.inner_precise, uniform_);
     // Tasks (strip, KV head), largest first: the order never changes a result.
     std::vector<Task> tasks;
     for (size_t s = 0; s < strips_.size(); ++s) {
@@ -557,27 +546,8 @@ class Forward {
 }  // namespace
 
 Status forward(const WindowAttentionParams& p, const CpuOptions& options, const Tuning& tuning) {
-  try {
-    WindowAttentionShape sh;
-    Status st = validate_window_attention(p, &sh);
-    if (!st.ok()) return st;
-    CpuIsa isa;
-    st = cpu::resolve_isa(options.isa, &isa);
-    if (!st.ok()) return st;
-    if (p.dtype == DType::kF64) return window_reference::forward_fp64(p);  // testing extension: no fast path
-    constexpr int64_t kMaxDim = int64_t(1) << 40;
-    if (sh.T1 > kMaxDim || sh.T2 > kMaxDim || sh.D > (int64_t(1) << 20) || sh.N1 > (int64_t(1) << 20))
-      return Status::Error("window_attention_cpu: sizes too large for the CPU backend's 64-bit workspace arithmetic "
-                           "(T1, T2 < 2^40; D, N1 < 2^20)");
-    Forward fw(p, sh, cpu::kernels_for(isa), cpu::resolve_num_threads(options.num_threads), tuning);
-    fw.run();
-    return Status::Ok();
-  } catch (const std::bad_alloc&) {
-    return Status::Error("window_attention_cpu: out of memory for the workspace (packed keys/values and per-thread "
-                         "tiles); reduce the sizes or the number of threads");
-  } catch (const std::exception& e) {  // e.g. std::system_error when no thread can be started
-    return Status::Error(std::string("window_attention_cpu: ") + e.what());
-  }
+  return run_entry<Forward>("window_attention_cpu", "packed keys/values and per-thread tiles",
+                            validate_window_attention, window_reference::forward_fp64, p.dtype, p, options, tuning);
 }
 
 }  // namespace nsa::window_cpu
