@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "ops/compress_attention/batches.h"
+#include "ops/compress_attention/cuda_args.cuh"
 #include "cuda/common.cuh"
 #include "nsa/cuda.h"
 
@@ -49,15 +50,20 @@ constexpr int kLdK = 36;      // stride (floats) of transposed key-tile slices [
 constexpr int kSlice = 256;   // output columns of one block
 constexpr int kUC = 16;       // query rows staged per step of the dV / dK products
 
-struct BwdArgs {
-  const void* q;
-  const void* k;
-  const void* v;
+// acc[0..3] += c * (x.x, x.y, x.z, x.w): one fp32 fused multiply-add per component (a thread's four adjacent
+// output columns of a register accumulator).
+__device__ __forceinline__ void fma4(float c, const float4& x, float* acc) {
+  acc[0] = fmaf(c, x.x, acc[0]);
+  acc[1] = fmaf(c, x.y, acc[1]);
+  acc[2] = fmaf(c, x.z, acc[2]);
+  acc[3] = fmaf(c, x.w, acc[3]);
+}
+
+// The inputs (QkvArgs: q, k, v, atten_mask, sizes, scale) and the backward's own arguments.
+struct BwdArgs : QkvArgs {
   const void* o;
   const void* go;
-  int64_t qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2, os0, os1, os2, gs0, gs1, gs2;
-  const uint8_t* am;  // atten_mask or nullptr
-  int64_t am0, am1;
+  int64_t os0, os1, os2, gs0, gs1, gs2;
   const float* smax;
   const float* ssum;
   float* dlt;  // [T][N1]
@@ -66,9 +72,7 @@ struct BwdArgs {
   void* dv;
   const DevBatch* batches;
   const int64_t* unit_begin;  // [B + 1] prefix sums of the units (key tiles or row tiles) of each batch
-  int B, N1, N2, G, D, D2;
   int64_t T;
-  float scale;
 };
 
 // ------------------------------------------------------------------------------------ Dlt
@@ -266,13 +270,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdArgs a) {
         const float p = coef[uu];
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
-          if (s * 32 < ncol) {
-            const float4 x = *reinterpret_cast<const float4*>(sStage + uu * kSlice + s * 32 + jj * 4);
-            acc[s * 4 + 0] = fmaf(p, x.x, acc[s * 4 + 0]);
-            acc[s * 4 + 1] = fmaf(p, x.y, acc[s * 4 + 1]);
-            acc[s * 4 + 2] = fmaf(p, x.z, acc[s * 4 + 2]);
-            acc[s * 4 + 3] = fmaf(p, x.w, acc[s * 4 + 3]);
-          }
+          if (s * 32 < ncol)
+            fma4(p, *reinterpret_cast<const float4*>(sStage + uu * kSlice + s * 32 + jj * 4), acc + s * 4);
         }
       }
     }
@@ -351,15 +350,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdArgs a) {
       }
     } else {
       for (int s = sf + warp; s <= sl; s += kWarps) {
-        const uint8_t* mrow = a.am + static_cast<int64_t>(s) * a.am0;
-        int first = INT_MAX, last = -1;
-        for (int c = lane; c < C; c += 32)
-          if (mrow[static_cast<int64_t>(c) * a.am1] == 0) {
-            first = min(first, c);
-            last = c;
-          }
-        first = warp_min_i(first);
-        last = warp_max_i(last);
+        int first, last;
+        mask_row_window(a, s, C, lane, &first, &last);
         if (lane == 0 && last >= 0) {
           atomicMin(&sh_lo, first);
           atomicMax(&sh_hi, last + 1);
@@ -392,13 +384,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdArgs a) {
         const float ds = sDS[r * kLdK + c];
 #pragma unroll
         for (int s = 0; s < 16; ++s) {
-          if (s * 16 < ncq) {
-            const float4 x = *reinterpret_cast<const float4*>(sK + c * kSlice + s * 16 + jj * 4);
-            acc[s * 4 + 0] = fmaf(ds, x.x, acc[s * 4 + 0]);
-            acc[s * 4 + 1] = fmaf(ds, x.y, acc[s * 4 + 1]);
-            acc[s * 4 + 2] = fmaf(ds, x.z, acc[s * 4 + 2]);
-            acc[s * 4 + 3] = fmaf(ds, x.w, acc[s * 4 + 3]);
-          }
+          if (s * 16 < ncq) fma4(ds, *reinterpret_cast<const float4*>(sK + c * kSlice + s * 16 + jj * 4), acc + s * 4);
         }
       }
       __syncthreads();
@@ -451,71 +437,47 @@ Status compress_attention_backward_cuda(const CompressAttentionGradParams& p, vo
   Status st = validate_compress_attention_backward(p, &sh);
   if (!st.ok()) return st;
   const CompressAttentionParams& f = p.fwd;
-  if (f.dtype == DType::kF64)
-    return Status::Error("dtype float64 is not supported by the CUDA backend (use bfloat16, float16 or float32)");
-  if (sh.max_c >= INT_MAX / 2 || sh.max_sq * sh.G >= INT_MAX / 2 || sh.N1 >= INT_MAX / 2 || sh.D >= INT_MAX / 2)
-    return Status::Error("the CUDA backend needs C_b, Sq_b * G, N1 and D below 2^30");
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const std::vector<detail::BatchInfo> batches = detail::make_batches(f, sh);
-
   BwdArgs a{};
-  a.q = f.query.data;
-  a.k = f.key.data;
-  a.v = f.value.data;
+  std::vector<detail::BatchInfo> batches;
+  if (!(st = prepare_cuda_call(f, sh, &a, &batches)).ok()) return st;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   a.o = p.attention_out.data;
   a.go = p.grad_out.data;
-  a.qs0 = f.query.stride[0], a.qs1 = f.query.stride[1], a.qs2 = f.query.stride[2];
-  a.ks0 = f.key.stride[0], a.ks1 = f.key.stride[1], a.ks2 = f.key.stride[2];
-  a.vs0 = f.value.stride[0], a.vs1 = f.value.stride[1], a.vs2 = f.value.stride[2];
   a.os0 = p.attention_out.stride[0], a.os1 = p.attention_out.stride[1], a.os2 = p.attention_out.stride[2];
   a.gs0 = p.grad_out.stride[0], a.gs1 = p.grad_out.stride[1], a.gs2 = p.grad_out.stride[2];
-  a.am = f.atten_mask.data;
-  a.am0 = f.atten_mask.stride[0], a.am1 = f.atten_mask.stride[1];
   a.smax = p.softmax_max;
   a.ssum = p.softmax_sum;
   a.dq = p.grad_query;
   a.dk = p.grad_key;
   a.dv = p.grad_value;
-  a.B = static_cast<int>(sh.B);
-  a.N1 = static_cast<int>(sh.N1), a.N2 = static_cast<int>(sh.N2), a.G = static_cast<int>(sh.G);
-  a.D = static_cast<int>(sh.D), a.D2 = static_cast<int>(sh.D2);
   a.T = sh.T;
-  a.scale = static_cast<float>(f.scale_value);
 
   // batch table, key-tile and row-tile prefix sums
   const size_t B = batches.size();
-  std::vector<DevBatch> db(B);
   std::vector<int64_t> kv_units(B + 1, 0), q_units(B + 1, 0);
   for (size_t b = 0; b < B; ++b) {
-    const detail::BatchInfo& bi = batches[b];
-    db[b] = DevBatch{bi.q_begin, bi.c_begin, bi.stat_begin, static_cast<int>(bi.sq), static_cast<int>(bi.c),
-                     static_cast<int>(bi.sel)};
-    kv_units[b + 1] = kv_units[b] + ceil_div(bi.c, kKT);
-    q_units[b + 1] = q_units[b] + ceil_div(bi.sq * sh.G, kRT);
+    kv_units[b + 1] = kv_units[b] + ceil_div(batches[b].c, kKT);
+    q_units[b + 1] = q_units[b] + ceil_div(batches[b].sq * sh.G, kRT);
   }
   if (kv_units.back() > INT_MAX || q_units.back() > INT_MAX)
     return Status::Error("the CUDA backward supports at most 2^31-1 key or query tiles");
-  const size_t db_bytes = B * sizeof(DevBatch), u_bytes = (B + 1) * sizeof(int64_t);
   const size_t dlt_bytes = static_cast<size_t>(sh.T * sh.N1) * sizeof(float);
   Scratch scratch(stream);
-  void* dev = nullptr;
-  if (!(st = scratch.alloc(db_bytes + 2 * u_bytes + dlt_bytes, &dev)).ok()) return st;
-  char* base = static_cast<char*>(dev);
-  cudaError_t e = cudaMemcpyAsync(base, db.data(), db_bytes, cudaMemcpyHostToDevice, stream);
-  if (e == cudaSuccess) e = cudaMemcpyAsync(base + db_bytes, kv_units.data(), u_bytes, cudaMemcpyHostToDevice, stream);
-  if (e == cudaSuccess)
-    e = cudaMemcpyAsync(base + db_bytes + u_bytes, q_units.data(), u_bytes, cudaMemcpyHostToDevice, stream);
-  if (e != cudaSuccess) return cuda_error(e, "cudaMemcpyAsync (batch table)");
-  a.batches = reinterpret_cast<const DevBatch*>(base);
-  const int64_t* kv_dev = reinterpret_cast<const int64_t*>(base + db_bytes);
-  const int64_t* q_dev = reinterpret_cast<const int64_t*>(base + db_bytes + u_bytes);
-  a.dlt = reinterpret_cast<float*>(base + db_bytes + 2 * u_bytes);  // 8-byte aligned: the sizes above are
+  const int64_t* units_dev[2] = {nullptr, nullptr};
+  void* dlt_dev = nullptr;
+  if (!(st = upload_batch_table(scratch, stream, batches, {&kv_units, &q_units}, dlt_bytes, &a.batches, units_dev,
+                                &dlt_dev)).ok())
+    return st;
+  const int64_t* kv_dev = units_dev[0];
+  const int64_t* q_dev = units_dev[1];
+  a.dlt = static_cast<float*>(dlt_dev);
 
   // key/value rows past the last prefix sum: zeros (§7)
   const int64_t c_end = f.actual_cmp_seq_kvlen.data[sh.B - 1];
   const size_t es = dtype_size(f.dtype);
   if (c_end < sh.T2) {
-    e = cudaMemsetAsync(static_cast<char*>(p.grad_key) + static_cast<size_t>(c_end * sh.N2 * sh.D) * es, 0,
+    cudaError_t e =
+        cudaMemsetAsync(static_cast<char*>(p.grad_key) + static_cast<size_t>(c_end * sh.N2 * sh.D) * es, 0,
                         static_cast<size_t>((sh.T2 - c_end) * sh.N2 * sh.D) * es, stream);
     if (e == cudaSuccess)
       e = cudaMemsetAsync(static_cast<char*>(p.grad_value) + static_cast<size_t>(c_end * sh.N2 * sh.D2) * es, 0,

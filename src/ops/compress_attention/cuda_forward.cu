@@ -40,9 +40,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ops/compress_attention/batches.h"
+#include "ops/compress_attention/cuda_args.cuh"
 #include "cuda/common.cuh"
 #include "nsa/cuda.h"
 
@@ -72,13 +74,8 @@ constexpr int kStageTcBytes = (2 * kRows * kTcLdQ * 2 > kD2Slice * kTcLdV * 2) ?
                                                                                 : kD2Slice * kTcLdV * 2;
 constexpr int kStageTc = kStageTcBytes / 4;
 
-struct FwdArgs {
-  const void* q;
-  const void* k;
-  const void* v;
-  int64_t qs0, qs1, qs2, ks0, ks1, ks2, vs0, vs1, vs2;
-  const uint8_t* am;  // atten_mask or nullptr
-  int64_t am0, am1;
+// The inputs (QkvArgs: q, k, v, atten_mask, sizes, scale) and the forward's own arguments.
+struct FwdArgs : QkvArgs {
   const uint8_t* tm;  // topk_mask or nullptr
   int64_t tm0, tm1;
   void* out;
@@ -87,11 +84,9 @@ struct FwdArgs {
   float* ssum;
   const DevBatch* batches;
   const int64_t* tile_begin;  // [B + 1] prefix sums of the tiles of each batch
-  int B;
-  int N1, N2, G, D, D2, M, K;
+  int M, K;
   int ntaps;        // M + N - 1
   float w[16];      // §3.5 weights w_i
-  float scale;      // scale_value as float32
   int bq;           // query tokens per tile
   int rp;           // rows of the score block (multiple of 64)
   int nds;          // D2 slices (blockIdx.z = row block * nds + slice)
@@ -101,38 +96,25 @@ struct FwdArgs {
 };
 
 // ------------------------------------------------------------------------------------ tensor cores
-// D[16x8] += A[16x16] B[16x8] (fp32 accumulators d0..d3 in the m16n8 C layout).
+// D[16x8] += A[16x16] B[16x8] (fp32 accumulators d0..d3 in the m16n8 C layout), T = __nv_bfloat16 or __half: the
+// one PTX instruction differs only in its operand type (bf16 / f16).
 template <typename T>
 __device__ __forceinline__ void mma16816(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
-                                         uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
-                                             uint32_t b0, uint32_t b1) {
+                                         uint32_t b0, uint32_t b1) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "mma16816: bf16 or fp16 operands");
 #if defined(NSA_EMU_MMA16816)
-  NSA_EMU_MMA16816(__nv_bfloat16, d0, d1, d2, d3, a, b0, b1);
+  NSA_EMU_MMA16816(T, d0, d1, d2, d3, a, b0, b1);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
-}
-
-template <>
-__device__ __forceinline__ void mma16816<__half>(float& d0, float& d1, float& d2, float& d3, const uint32_t (&a)[4],
-                                             uint32_t b0, uint32_t b1) {
-#if defined(NSA_EMU_MMA16816)
-  NSA_EMU_MMA16816(__half, d0, d1, d2, d3, a, b0, b1);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
   __trap();
 #endif
@@ -202,15 +184,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
     __syncthreads();
     if (a.am != nullptr) {
       for (int i = warp; i < ntok; i += kWarps) {
-        const uint8_t* mrow = a.am + static_cast<int64_t>(s0 + i) * a.am0;
-        int first = INT_MAX, last = -1;
-        for (int c = lane; c < C; c += 32)
-          if (mrow[static_cast<int64_t>(c) * a.am1] == 0) {
-            first = min(first, c);
-            last = c;
-          }
-        first = warp_min_i(first);
-        last = warp_max_i(last);
+        int first, last;
+        mask_row_window(a, s0 + i, C, lane, &first, &last);
         if (lane == 0) {
           if (last < 0) atomicOr(&sh_full, 1);
           else {
@@ -619,37 +594,21 @@ Status compress_attention_cuda(const CompressAttentionParams& p, void* stream_pt
   if (p.causal || p.short_batches)
     return Status::Error("the CUDA backend does not implement the causal / short_batches extensions (§10); use the "
                          "CPU backend or explicit masks");
-  if (p.dtype == DType::kF64)
-    return Status::Error("dtype float64 is not supported by the CUDA backend (use bfloat16, float16 or float32)");
-  if (sh.max_c >= INT_MAX / 2 || sh.max_sq >= INT_MAX / 2 || sh.N1 >= INT_MAX / 2 || sh.D >= INT_MAX / 2 ||
-      sh.max_sq * sh.G >= INT_MAX / 2)
-    return Status::Error("the CUDA backend needs C_b, Sq_b * G, N1 and D below 2^30");
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const std::vector<detail::BatchInfo> batches = detail::make_batches(p, sh);
-
   FwdArgs a{};
-  a.q = p.query.data;
-  a.k = p.key.data;
-  a.v = p.value.data;
-  a.qs0 = p.query.stride[0], a.qs1 = p.query.stride[1], a.qs2 = p.query.stride[2];
-  a.ks0 = p.key.stride[0], a.ks1 = p.key.stride[1], a.ks2 = p.key.stride[2];
-  a.vs0 = p.value.stride[0], a.vs1 = p.value.stride[1], a.vs2 = p.value.stride[2];
-  a.am = p.atten_mask.data;
-  a.am0 = p.atten_mask.stride[0], a.am1 = p.atten_mask.stride[1];
+  std::vector<detail::BatchInfo> batches;
+  if (!(st = prepare_cuda_call(p, sh, &a, &batches)).ok()) return st;
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   a.tm = p.topk_mask.data;
   a.tm0 = p.topk_mask.stride[0], a.tm1 = p.topk_mask.stride[1];
   a.out = p.attention_out;
   a.topk = p.topk_indices;
   a.smax = p.softmax_max;
   a.ssum = p.softmax_sum;
-  a.B = static_cast<int>(sh.B);
-  a.N1 = static_cast<int>(sh.N1), a.N2 = static_cast<int>(sh.N2), a.G = static_cast<int>(sh.G);
-  a.D = static_cast<int>(sh.D), a.D2 = static_cast<int>(sh.D2), a.M = static_cast<int>(sh.M);
+  a.M = static_cast<int>(sh.M);
   a.K = static_cast<int>(sh.K);
   const std::vector<int> w = detail::selection_weights(sh.M, sh.N);
   a.ntaps = static_cast<int>(w.size());  // <= 8 + 8 - 1
   for (int i = 0; i < a.ntaps; ++i) a.w[i] = static_cast<float>(w[static_cast<size_t>(i)]);
-  a.scale = static_cast<float>(p.scale_value);
 
   // Tile shape: about 64 rows (tokens x G heads) per block; G > 64 takes one token per block.
   const int64_t G = sh.G;
@@ -681,27 +640,15 @@ Status compress_attention_cuda(const CompressAttentionParams& p, void* stream_pt
   const size_t smem = static_cast<size_t>(4 * (rp * a.ld_s) + fixed_bytes - 1024);
 
   // Per-batch bookkeeping and the tile list (prefix sums), uploaded once.
-  std::vector<DevBatch> db(batches.size());
   std::vector<int64_t> tile_begin(batches.size() + 1, 0);
-  for (size_t b = 0; b < batches.size(); ++b) {
-    const detail::BatchInfo& bi = batches[b];
-    db[b] = DevBatch{bi.q_begin, bi.c_begin, bi.stat_begin, static_cast<int>(bi.sq), static_cast<int>(bi.c),
-                     static_cast<int>(bi.sel)};
-    tile_begin[b + 1] = tile_begin[b] + ceil_div(bi.sq, bq);
-  }
+  for (size_t b = 0; b < batches.size(); ++b) tile_begin[b + 1] = tile_begin[b] + ceil_div(batches[b].sq, bq);
   const int64_t tiles = tile_begin.back();
   if (tiles == 0) return Status::Ok();
   if (tiles > INT_MAX) return Status::Error("the CUDA backend supports at most 2^31-1 query tiles");
   Scratch scratch(stream);
-  void* dev = nullptr;
-  const size_t db_bytes = db.size() * sizeof(DevBatch), tb_bytes = tile_begin.size() * sizeof(int64_t);
-  if (!(st = scratch.alloc(db_bytes + tb_bytes, &dev)).ok()) return st;
-  cudaError_t e = cudaMemcpyAsync(dev, db.data(), db_bytes, cudaMemcpyHostToDevice, stream);
-  if (e == cudaSuccess)
-    e = cudaMemcpyAsync(static_cast<char*>(dev) + db_bytes, tile_begin.data(), tb_bytes, cudaMemcpyHostToDevice, stream);
-  if (e != cudaSuccess) return cuda_error(e, "cudaMemcpyAsync (batch table)");
-  a.batches = static_cast<const DevBatch*>(dev);
-  a.tile_begin = reinterpret_cast<const int64_t*>(static_cast<char*>(dev) + db_bytes);
+  void* unused = nullptr;
+  if (!(st = upload_batch_table(scratch, stream, batches, {&tile_begin}, 0, &a.batches, &a.tile_begin, &unused)).ok())
+    return st;
 
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(sh.N2, 65535)),
                   static_cast<unsigned>((rp / kRows) * a.nds));
