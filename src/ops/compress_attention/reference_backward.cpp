@@ -17,31 +17,26 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "common/reference_entry_defs.h"
+#include "common/reference_rows.h"
 #include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/causal.h"
 #include "ops/compress_attention/reference.h"
 
 namespace nsa {
 
-namespace reference {
-namespace {
-
 using detail::BatchInfo;
 using detail::mask_at;
 
+template <>
 template <typename Acc>
-Status backward(const CompressAttentionGradParams& p) {
-  CompressAttentionShape sh;
-  Status st = validate_compress_attention_backward(p, &sh);
-  if (!st.ok()) return st;
+void detail::ReferenceEntry<validate_compress_attention_backward>::run(const Params& p, const Shape& sh, DType dt) {
   detail::CausalMask causal_mask;  // §10 causal: atten_mask is the view of causal.h
   const CompressAttentionParams f = detail::with_causal_view(p.fwd, sh, &causal_mask);
-  const DType dt = f.dtype;
   const std::vector<BatchInfo> batches = detail::make_batches(f, sh);
   const Acc scale = static_cast<Acc>(static_cast<float>(f.scale_value));  // §1: used as float32
   const Acc neg_max = static_cast<Acc>(-FLT_MAX);
@@ -50,7 +45,7 @@ Status backward(const CompressAttentionGradParams& p) {
   // dK (unscaled: Σ dS·q) and dV of every key/value row, in Acc; rows past the last prefix sum stay 0.
   std::vector<Acc> dk(static_cast<size_t>(sh.T2 * N2 * D), Acc(0));
   std::vector<Acc> dv(static_cast<size_t>(sh.T2 * N2 * D2), Acc(0));
-  std::vector<Acc> S, P, dS, dq(static_cast<size_t>(D));
+  std::vector<Acc> S, P, dS, dq(static_cast<size_t>(D)), go(static_cast<size_t>(D2));
   for (const BatchInfo& bi : batches) {
     const int64_t C = bi.c;
     S.assign(static_cast<size_t>(C), 0);
@@ -59,38 +54,33 @@ Status backward(const CompressAttentionGradParams& p) {
     for (int64_t s = 0; s < bi.sq; ++s) {
       const int64_t t = bi.q_begin + s;  // row of query / attention_out / grad_out
       for (int64_t n2 = 0; n2 < N2; ++n2) {
+        const auto key_row = [&](int64_t c) { return ref::row3(f.key, bi.c_begin + c, n2); };  // compressed token c
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = n2 * G + g;  // query head; reads KV head h / G = n2 (§2)
+          const ref::ElemRow q = ref::row3(f.query, t, h);
           // §3.1-3.2 scores recomputed: dot product in Acc, times the float32 scale, masked entries replaced.
-          scores(f, bi, t, h, n2, scale, S.data());
+          ref::score_row(q, key_row, C, D, scale, dt, S.data());
           for (int64_t c = 0; c < C; ++c)
             if (mask_at(f.atten_mask, s, c)) S[c] = neg_max;
           // §7: P from the saved statistics (§4 layout).
           const int64_t so = detail::stat_offset(bi, h, s);
-          const Acc m = static_cast<Acc>(p.softmax_max[so]);
-          const Acc l_sum = static_cast<Acc>(p.softmax_sum[so]);
-          for (int64_t c = 0; c < C; ++c) P[c] = std::exp(S[c] - m) / l_sum;
+          const ref::SoftmaxStats<Acc> sm{static_cast<Acc>(p.softmax_max[so]), static_cast<Acc>(p.softmax_sum[so])};
           // Dlt = Σ_j dO·O with O the attention_out as returned.
-          Acc dlt = 0;
-          for (int64_t j = 0; j < D2; ++j)
-            dlt += detail::load_at<Acc>(p.grad_out, t, h, j, dt) * detail::load_at<Acc>(p.attention_out, t, h, j, dt);
+          ref::load_row(ref::row3(p.grad_out, t, h), D2, dt, go.data());
+          const Acc dlt = ref::dot(go.data(), ref::row3(p.attention_out, t, h), D2, dt);
           // dP = dO·v; dS = P (dP - Dlt), zero for a masked entry (§7 rule 1); dV += P dO.
           for (int64_t c = 0; c < C; ++c) {
-            Acc dp = 0;
-            for (int64_t j = 0; j < D2; ++j)
-              dp += detail::load_at<Acc>(p.grad_out, t, h, j, dt) * detail::load_at<Acc>(f.value, bi.c_begin + c, n2, j, dt);
-            dS[c] = mask_at(f.atten_mask, s, c) ? Acc(0) : P[c] * (dp - dlt);  // §7 rule 1
-            Acc* dvr = &dv[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D2)];
-            for (int64_t j = 0; j < D2; ++j) dvr[j] += P[c] * detail::load_at<Acc>(p.grad_out, t, h, j, dt);
+            const ref::ElemRow v = ref::row3(f.value, bi.c_begin + c, n2);
+            const ref::EntryGrad<Acc> eg = ref::entry_grad(S[c], sm, go.data(), v, D2, dlt, dt);
+            P[c] = eg.p;
+            dS[c] = mask_at(f.atten_mask, s, c) ? Acc(0) : eg.ds;  // §7 rule 1
+            ref::add_scaled(P[c], go.data(), D2, &dv[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D2)]);
           }
           // dQ = scale Σ_c dS k (this row's only writer); dK += dS q (scaled once at the end).
           std::fill(dq.begin(), dq.end(), Acc(0));
           for (int64_t c = 0; c < C; ++c) {
-            Acc* dkr = &dk[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D)];
-            for (int64_t j = 0; j < D; ++j) {
-              dq[j] += dS[c] * detail::load_at<Acc>(f.key, bi.c_begin + c, n2, j, dt);
-              dkr[j] += dS[c] * detail::load_at<Acc>(f.query, t, h, j, dt);
-            }
+            ref::add_scaled(dS[c], key_row(c), D, dt, dq.data());
+            ref::add_scaled(dS[c], q, D, dt, &dk[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D)]);
           }
           for (int64_t j = 0; j < D; ++j)
             detail::store_f64(p.grad_query, (t * N1 + h) * D + j, static_cast<double>(scale * dq[j]), dt);
@@ -103,19 +93,12 @@ Status backward(const CompressAttentionGradParams& p) {
     detail::store_f64(p.grad_key, i, static_cast<double>(scale * dk[static_cast<size_t>(i)]), dt);
   for (int64_t i = 0; i < sh.T2 * N2 * D2; ++i)
     detail::store_f64(p.grad_value, i, static_cast<double>(dv[static_cast<size_t>(i)]), dt);
-  return Status::Ok();
 }
 
-}  // namespace
-
-Status backward_fp32(const CompressAttentionGradParams& p) { return backward<float>(p); }
-Status backward_fp64(const CompressAttentionGradParams& p) { return backward<double>(p); }
-
-}  // namespace reference
+template struct detail::ReferenceEntry<validate_compress_attention_backward>;
 
 Status compress_attention_backward_reference(const CompressAttentionGradParams& p) {
-  if (p.fwd.dtype == DType::kF64) return reference::backward_fp64(p);
-  return reference::backward_fp32(p);
+  return detail::ReferenceEntry<validate_compress_attention_backward>::for_dtype(p);
 }
 
 }  // namespace nsa

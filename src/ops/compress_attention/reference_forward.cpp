@@ -10,32 +10,23 @@
 #include "common/group_sum.h"
 #include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "common/reference_entry_defs.h"
+#include "common/reference_rows.h"
 #include "common/topk_order.h"
 #include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/causal.h"
 #include "ops/compress_attention/reference.h"
 
-namespace nsa::reference {
-namespace {
+namespace nsa {
 
 using detail::BatchInfo;
 using detail::mask_at;
 
-// "cast(P)" of §3.4: P rounded to the input dtype (no-op for fp32/fp64 inputs).
+template <>
 template <typename Acc>
-Acc round_p(Acc x, DType dt) {
-  if (dt == DType::kF32 || dt == DType::kF64) return x;
-  return static_cast<Acc>(detail::round_to_dtype(static_cast<float>(x), dt));
-}
-
-template <typename Acc>
-Status forward(const CompressAttentionParams& params) {
-  CompressAttentionShape sh;
-  Status st = validate_compress_attention(params, &sh);
-  if (!st.ok()) return st;
+void detail::ReferenceEntry<validate_compress_attention>::run(const Params& params, const Shape& sh, DType dt) {
   detail::CausalMask causal_mask;  // §10 causal: atten_mask is the view of causal.h, topk forcing below
   const CompressAttentionParams p = detail::with_causal_view(params, sh, &causal_mask);
-  const DType dt = p.dtype;
   const std::vector<BatchInfo> batches = detail::make_batches(p, sh);
   const Acc scale = static_cast<Acc>(static_cast<float>(p.scale_value));  // §1: used as float32
   const Acc neg_max = static_cast<Acc>(-FLT_MAX);
@@ -48,6 +39,9 @@ Status forward(const CompressAttentionParams& params) {
     const int64_t C = bi.c, Sel = bi.sel;
     S.assign(static_cast<size_t>(C), 0);
     P.assign(static_cast<size_t>(C), 0);
+    const auto kv_row = [&](const Tensor3& kv, int64_t n2) {
+      return [&kv, &bi, n2](int64_t c) { return ref::row3(kv, bi.c_begin + c, n2); };  // compressed token c
+    };
     for (int64_t n2 = 0; n2 < sh.N2; ++n2) {
       for (int64_t s = 0; s < bi.sq; ++s) {
         const int64_t t = bi.q_begin + s;  // row of query / outputs
@@ -56,30 +50,20 @@ Status forward(const CompressAttentionParams& params) {
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = n2 * G + g;  // query head; reads KV head h / G = n2 (§2)
           // §3.1 scores: dot product accumulated in Acc, then times the float32 scale.
-          scores(p, bi, t, h, n2, scale, S.data());
+          ref::score_row(ref::row3(p.query, t, h), kv_row(p.key, n2), C, sh.D, scale, dt, S.data());
           // §3.2 mask: replacement by -FLT_MAX.
           for (int64_t c = 0; c < C; ++c)
             if (mask_at(p.atten_mask, s, c)) S[c] = neg_max;
-          // §3.3 softmax over the whole row.
-          Acc m = S[0];
-          for (int64_t c = 1; c < C; ++c) m = S[c] > m ? S[c] : m;
-          Acc l_sum = 0;
-          for (int64_t c = 0; c < C; ++c) l_sum += std::exp(S[c] - m);
-          for (int64_t c = 0; c < C; ++c) P[c] = std::exp(S[c] - m) / l_sum;
-          // §3.4 output: P rounded to the dtype, products summed in Acc, one final rounding.
-          std::fill(acc.begin(), acc.end(), Acc(0));
-          for (int64_t c = 0; c < C; ++c) {
-            const Acc pc = round_p(P[c], dt);
-            for (int64_t j = 0; j < D2; ++j) acc[j] += pc * detail::load_at<Acc>(p.value, bi.c_begin + c, n2, j, dt);
-          }
+          // §3.3 softmax over the whole row; §3.4 output: P rounded to the dtype (rne, "cast(P)"), products summed
+          // in Acc, one final rounding.
+          const auto round_p = [dt](Acc x) { return ref::round_p_rne(x, dt); };
+          const ref::SoftmaxStats<Acc> sm =
+              ref::softmax_weighted_sum(S.data(), C, round_p, kv_row(p.value, n2), D2, dt, P.data(), acc.data());
           for (int64_t j = 0; j < D2; ++j)
             detail::store_f64(p.attention_out, (t * sh.N1 + h) * D2 + j, static_cast<double>(acc[j]), dt);
           // §3.9 statistics in the per-batch [N1][Sq_b][8] layout of §4.
-          const int64_t so = detail::stat_offset(bi, h, s);
-          for (int i = 0; i < 8; ++i) {
-            p.softmax_max[so + i] = static_cast<float>(m);
-            p.softmax_sum[so + i] = static_cast<float>(l_sum);
-          }
+          ref::store_stats8(p.softmax_max, p.softmax_sum, detail::stat_offset(bi, h, s), static_cast<float>(sm.m),
+                            static_cast<float>(sm.l));
           // §3.5 importance of selection block k: sum over m < M, n < N of P[M(k+1) - m - n]
           // (note k+1), P[x] = 0 outside [0, C).
           for (int64_t k = 0; k < Sel; ++k) {
@@ -115,19 +99,12 @@ Status forward(const CompressAttentionParams& params) {
       }
     }
   }
-  return Status::Ok();
 }
 
-}  // namespace
+template struct detail::ReferenceEntry<validate_compress_attention>;
 
-Status forward_fp32(const CompressAttentionParams& p) { return forward<float>(p); }
-Status forward_fp64(const CompressAttentionParams& p) { return forward<double>(p); }
-
-}  // namespace nsa::reference
-
-namespace nsa {
 Status compress_attention_reference(const CompressAttentionParams& p) {
-  if (p.dtype == DType::kF64) return reference::forward_fp64(p);
-  return reference::forward_fp32(p);
+  return detail::ReferenceEntry<validate_compress_attention>::for_dtype(p);
 }
+
 }  // namespace nsa

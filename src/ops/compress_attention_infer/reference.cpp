@@ -8,39 +8,35 @@
 #include <vector>
 
 #include "common/numeric.h"
+#include "common/reference_entry_defs.h"
+#include "common/reference_rows.h"
 #include "common/topk_order.h"
 #include "nsa/compress_attention_infer.h"
 #include "ops/compress_attention_infer/rows.h"
 
 namespace nsa {
-namespace {
 
+template <>
 template <typename Acc>
-Acc load(const void* base, int64_t off, DType dt) {
-  if constexpr (sizeof(Acc) == 8) return detail::load_f64(base, off, dt);
-  else return detail::load_f32(base, off, dt);
-}
-
-// rne_T of a value (identity for fp32 / fp64)
-template <typename Acc>
-Acc rne(Acc x, DType dt) {
-  if constexpr (sizeof(Acc) == 8) return x;
-  else return detail::round_to_dtype(x, dt);
-}
-
-template <typename Acc>
-void run(const CompressAttentionInferParams& p, const CompressAttentionInferShape& sh) {
-  const DType dt = p.dtype;
+void detail::ReferenceEntry<validate_compress_attention_infer>::run(const Params& p, const Shape& sh, DType dt) {
   const int64_t G = sh.G, D = sh.D, Dv = sh.Dv, P = sh.P, l = sh.l, d = sh.d, M = sh.M, N = sh.N, K = sh.K;
   const Acc scale = static_cast<Acc>(sizeof(Acc) == 8 ? p.scale_value : static_cast<float>(p.scale_value));
   const DecodeRows rows = decode_rows(p, sh);
-  std::vector<Acc> S, Pr, score, score_h;
+  std::vector<Acc> S, Pr, acc(static_cast<size_t>(Dv)), score, score_h;
   std::vector<int64_t> order;
   for (int64_t b = 0; b < sh.B; ++b) {
     const int64_t C = p.actual_cmp_seq_kvlen.data[b];
     const int64_t q_b = rows.q[static_cast<size_t>(b)];
     const int64_t S_b = sh.mtp ? p.actual_sel_seq_kvlen.data[b] : 0;
     const int32_t* table = p.block_table + b * p.block_table_row_stride;
+    // Compressed token c of a paged cache [blocks, P, N2 * width] is row (block_table[b, c / P], c % P); its head
+    // n2 starts at column col = n2 * width.
+    const auto cache_row = [&](const Tensor3& cache, int64_t col) {
+      return [&cache, table, col, P](int64_t c) {
+        const int64_t off = table[c / P] * cache.stride[0] + (c % P) * cache.stride[1] + col * cache.stride[2];
+        return ref::ElemRow{cache.data, off, cache.stride[2]};
+      };
+    };
     const int64_t sel = decode_selection_blocks(C, l, d, sh.lp);  // §3 step 6: Sel'_b
     S.assign(static_cast<size_t>(C), 0);
     Pr.assign(static_cast<size_t>(C), 0);
@@ -52,35 +48,19 @@ void run(const CompressAttentionInferParams& p, const CompressAttentionInferShap
         std::fill(score.begin(), score.end(), Acc(0));
         for (int64_t g = 0; g < G; ++g) {
           const int64_t h = n2 * G + g;
-          // step 1: compressed token c is key[block_table[b, c / P], c % P, n2*D : (n2+1)*D]
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t kb = table[c / P] * p.key.stride[0] + (c % P) * p.key.stride[1];
-            Acc dot = 0;
-            for (int64_t j = 0; j < D; ++j)
-              dot += load<Acc>(p.query, qrow + h * p.query_stride[2] + j * p.query_stride[3], dt) *
-                     load<Acc>(p.key.data, kb + (n2 * D + j) * p.key.stride[2], dt);
-            S[c] = dot * scale;  // step 2
-            // step 3: MTP causality, the window of c ends after the query token's position S_b - q_b + i
+          // step 1: compressed token c is key[block_table[b, c / P], c % P, n2*D : (n2+1)*D]; step 2: S_c = q.k_c scale
+          const ref::ElemRow q{p.query, qrow + h * p.query_stride[2], p.query_stride[3]};
+          ref::score_row(q, cache_row(p.key, n2 * D), C, D, scale, dt, S.data());
+          // step 3: MTP causality, the window of c ends after the query token's position S_b - q_b + i
+          for (int64_t c = 0; c < C; ++c)
             if (sh.mtp && c * d + l - 1 > S_b - q_b + i) S[c] = -FLT_MAX;
-          }
-          // step 4: exact softmax in fp32 (a fully masked row gives the uniform 1/C_b)
-          Acc m = S[0];
-          for (int64_t c = 1; c < C; ++c) m = std::max(m, S[c]);
-          Acc lsum = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            Pr[c] = std::exp(S[c] - m);
-            lsum += Pr[c];
-          }
-          for (int64_t c = 0; c < C; ++c) Pr[c] = Pr[c] / lsum;
-          // step 5: attention_out = rne_T( sum_c rne_T(P_c) * v_c ), fp32 accumulation in c order
-          for (int64_t j = 0; j < Dv; ++j) {
-            Acc acc = 0;
-            for (int64_t c = 0; c < C; ++c)
-              acc += rne<Acc>(Pr[c], dt) *
-                     load<Acc>(p.value.data, table[c / P] * p.value.stride[0] + (c % P) * p.value.stride[1] +
-                                                 (n2 * Dv + j) * p.value.stride[2], dt);
-            detail::store_f64(p.attention_out, (orow * sh.N1 + h) * Dv + j, static_cast<double>(acc), dt);
-          }
+          // step 4: exact softmax in fp32 (a fully masked row gives the uniform 1/C_b); step 5: attention_out =
+          // rne_T( sum_c rne_T(P_c) * v_c ), fp32 accumulation in c order
+          const auto round_p = [dt](Acc x) { return ref::round_p_rne(x, dt); };
+          const auto value_row = cache_row(p.value, n2 * Dv);
+          ref::softmax_weighted_sum(S.data(), C, round_p, value_row, Dv, dt, Pr.data(), acc.data());
+          for (int64_t j = 0; j < Dv; ++j)
+            detail::store_f64(p.attention_out, (orow * sh.N1 + h) * Dv + j, static_cast<double>(acc[j]), dt);
           // step 6: score_h[k] = sum_i w_i P[M(k+1) - i], w_i = min(i+1, N, M+N-1-i); then added over g in sequence
           for (int64_t k = 0; k < sel; ++k) {
             Acc s = 0;
@@ -109,15 +89,10 @@ void run(const CompressAttentionInferParams& p, const CompressAttentionInferShap
   rows.clear_padding(p, sh);  // BSND rows past q_b
 }
 
-}  // namespace
+template struct detail::ReferenceEntry<validate_compress_attention_infer>;
 
 Status compress_attention_infer_reference(const CompressAttentionInferParams& p) {
-  CompressAttentionInferShape sh;
-  const Status st = validate_compress_attention_infer(p, &sh);
-  if (!st.ok()) return st;
-  if (p.dtype == DType::kF64) run<double>(p, sh);
-  else run<float>(p, sh);
-  return Status::Ok();
+  return detail::ReferenceEntry<validate_compress_attention_infer>::for_dtype(p);
 }
 
 }  // namespace nsa

@@ -3,6 +3,8 @@
 #include <cstdint>
 
 #include "common/numeric.h"
+#include "common/reference_entry_defs.h"
+#include "common/reference_rows.h"
 #include "nsa/compress_infer.h"
 
 namespace nsa {
@@ -23,16 +25,7 @@ void compress_batch(const CompressInferParams& p, const CompressInferShape& sh, 
         const int64_t page = table[pos / P], row = pos % P;    // stored at input[block_table[b, p / P], p % P]
         const int64_t xo = page * p.input_stride[0] + row * p.input_stride[1] + n * p.input_stride[2] +
                            j * p.input_stride[3];
-        const int64_t wo = w * p.weight.stride[0] + n * p.weight.stride[1];
-        Acc wt, x;
-        if constexpr (sizeof(Acc) == 8) {
-          wt = detail::load_f64(p.weight.data, wo, p.dtype);
-          x = detail::load_f64(p.input, xo, p.dtype);
-        } else {
-          wt = detail::load_f32(p.weight.data, wo, p.dtype);
-          x = detail::load_f32(p.input, xo, p.dtype);
-        }
-        acc = acc + wt * x;
+        acc = acc + ref::load2_at<Acc>(p.weight, w, n, p.dtype) * ref::load_as<Acc>(p.input, xo, p.dtype);
       }
       // cache[slot_mapping[b], n, j] = rne_T(acc)
       detail::store_f64(p.cache, slot * p.cache_stride[0] + n * p.cache_stride[1] + j * p.cache_stride[2],
@@ -42,17 +35,19 @@ void compress_batch(const CompressInferParams& p, const CompressInferShape& sh, 
 
 }  // namespace
 
-Status compress_infer_reference(const CompressInferParams& p) {
-  CompressInferShape sh;
-  const Status st = validate_compress_infer(p, &sh);
-  if (!st.ok()) return st;
+template <>
+template <typename Acc>
+void detail::ReferenceEntry<validate_compress_infer>::run(const Params& p, const Shape& sh, DType /*p.dtype*/) {
   for (int64_t b = 0; b < sh.B; ++b) {
     // §2: only batches with S_b >= l and (S_b - l) % d == 0 write; every other batch is untouched
-    if (!compress_infer_eligible(p.actual_seq_len.data[b], sh.l, sh.d)) continue;
-    if (p.dtype == DType::kF64) compress_batch<double>(p, sh, b);
-    else compress_batch<float>(p, sh, b);
+    if (compress_infer_eligible(p.actual_seq_len.data[b], sh.l, sh.d)) compress_batch<Acc>(p, sh, b);
   }
-  return Status::Ok();
+}
+
+template struct detail::ReferenceEntry<validate_compress_infer>;
+
+Status compress_infer_reference(const CompressInferParams& p) {
+  return detail::ReferenceEntry<validate_compress_infer>::for_dtype(p);
 }
 
 }  // namespace nsa

@@ -1,21 +1,39 @@
-// Internal entry points of the window-attention reference (for tests and as the fp64 path of the CPU backend).
+// Internal entry points of the window-attention reference (docs/spec/window_attention.md), for the tests and as the
+// fp64 path of the CPU backend. forward_fp32: §5 / §6 with float32 arithmetic exactly as stated (the public
+// reference for bf16/fp16/fp32 inputs); forward_fp64: every float32 quantity in float64 (dot products, softmax,
+// P.V), P still rounded to the input dtype (rha) before P.V and the output rounded once: the fp64 model that
+// tolerances are measured against. backward_fp32 / backward_fp64: §7 line by line in float32 and in float64 (the
+// path of fp64 inputs). Defined in reference_forward.cpp / reference_backward.cpp (common/reference_entry.h).
 #pragma once
 
+#include <cstdint>
+#include <vector>
+
+#include "common/reference_entry.h"
+#include "common/reference_rows.h"
 #include "nsa/window_attention.h"
+#include "ops/window_attention/batches.h"
 
-namespace nsa::window_reference {
+namespace nsa {
+using window_reference =
+    detail::ForwardBackwardReference<validate_window_attention, validate_window_attention_backward>;
+}  // namespace nsa
 
-// The contract in code with float32 arithmetic exactly as docs/spec/window_attention.md §5/§6 state it (the public
-// reference for bf16/fp16/fp32 inputs; fp64 inputs use forward_fp64).
-Status forward_fp32(const WindowAttentionParams& p);
-// The same steps with every float32 quantity computed in float64 (dot products, softmax, P.V); P is still rounded
-// to the input dtype (rha) before P.V and the output is rounded once. The "fp64 model" that tolerances are
-// measured against.
-Status forward_fp64(const WindowAttentionParams& p);
+namespace nsa::window_detail {
 
-// §7 line by line: float32 arithmetic (the public reference for bf16/fp16/fp32), and the same in float64 (the fp64
-// model of the gradients; the path of fp64 inputs).
-Status backward_fp32(const WindowAttentionGradParams& p);
-Status backward_fp64(const WindowAttentionGradParams& p);
+// The query rows the forward and the backward reference visit, one by one: f(bi, i, keys) for row i of every batch
+// bi (query row q0_b + i, i ascending), keys its visible keys j < Skv_b (the band and the mask, §4) ascending; keys
+// may be empty (§6).
+template <typename F>
+void for_each_row_keys(const WindowAttentionParams& p, const WindowAttentionShape& sh, F&& f) {
+  const Visibility vis(p, sh);
+  std::vector<int64_t> keys;
+  ref::for_each_query_row(make_batches(p), [&](const WBatch& bi, int64_t i) {
+    keys.clear();
+    for (int64_t j = 0; j < bi.skv; ++j)
+      if (vis.visible(bi, i, j)) keys.push_back(j);
+    f(bi, i, keys);
+  });
+}
 
-}  // namespace nsa::window_reference
+}  // namespace nsa::window_detail
