@@ -2,6 +2,11 @@
 // conversions, the element type of each dtype (Element<dtype>: its stored type and conversions, for code that is
 // a template over the dtype) and the run-time-dtype helpers built on them.
 // bf16 and fp16 are rounded to nearest even; NaN stays NaN; overflow gives +-inf.
+//
+// The bit casts and the widenings are [[gnu::always_inline]]: the per-ISA kernels (sources compiled with their own
+// instruction-set flags, e.g. select_attention/kernels_impl.h) call them, and a call is then always expanded in the
+// caller with the caller's flags, never linked to an out-of-line copy that another ISA's translation unit emitted.
+// (Taking their address, as Element<> does, still yields an ordinary function.)
 #pragma once
 
 #include <cmath>
@@ -13,18 +18,18 @@
 
 namespace nsa::detail {
 
-inline uint32_t f32_bits(float f) {
+[[gnu::always_inline]] inline uint32_t f32_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
 }
-inline float bits_f32(uint32_t u) {
+[[gnu::always_inline]] inline float bits_f32(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+[[gnu::always_inline]] inline float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
 
 inline uint16_t f32_to_bf16(float f) {
   uint32_t u = f32_bits(f);
@@ -33,17 +38,18 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-inline float f16_to_f32(uint16_t h) {
+// The exact value of fp16 bits h: zero / subnormal man 2^-24 (exact in fp32: man < 2^10), normal
+// 2^(exp-15) (1 + man 2^-10) (exponent rebiased 15 -> 127), inf / NaN (payload kept); the sign bit is OR-ed in.
+// Selects instead of branches, so that a loop over it vectorizes.
+[[gnu::always_inline]] inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t man = h & 0x3ffu;
-  if (exp == 0) {
-    // zero or subnormal: man * 2^-24
-    float v = std::ldexp(static_cast<float>(man), -24);
-    return sign ? -v : v;
-  }
-  if (exp == 31) return bits_f32(sign | 0x7f800000u | (man << 13));  // inf / nan
-  return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+  const float sub = static_cast<float>(man) * 5.9604644775390625e-8f;  // man 2^-24
+  const uint32_t normal = ((exp + 112u) << 23) | (man << 13);
+  const uint32_t special = 0x7f800000u | (man << 13);
+  const uint32_t mag = exp == 0 ? f32_bits(sub) : (exp == 31 ? special : normal);
+  return bits_f32(sign | mag);
 }
 
 inline uint16_t f32_to_f16(float f) {

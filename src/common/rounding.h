@@ -6,9 +6,12 @@
 // NaN stays NaN (bf16: the quiet NaN (u >> 16) | 0x40, sign and high payload kept; fp16: sign | 0x7e00), overflow
 // gives +-inf.
 //
-// rha is written as integer operations on the fp32 bit pattern with selects instead of branches, so that a loop over
-// it vectorizes with the baseline flags, and so that the per-ISA SIMD kernels can repeat the same formulas lane by
-// lane and give identical bits (their tests compare them with these functions).
+// The formulas (bf16_bits_of, f16_bits_of) are integer operations on the fp32 bit pattern with selects instead of
+// branches, written once for one value and for the lanes of a SIMD vector: a loop over the scalar functions
+// vectorizes with the baseline flags, and the per-ISA SIMD kernels apply the same template to their vectors, so that
+// every path gives identical bits (their tests compare them with these functions). They are [[gnu::always_inline]]
+// for the reason numeric.h gives: kernels compiled with their own instruction-set flags call them
+// (select_attention/kernels_impl.h, compress/kernels_impl.h).
 #pragma once
 
 #include <cstdint>
@@ -25,38 +28,54 @@ constexpr uint32_t kF16Overflow = 0x477ff000u;   // 65520 = 65504 + half an ulp:
 constexpr uint32_t kF32Inf = 0x7f800000u;
 constexpr uint32_t kRebias = 112u << 23;         // fp32 exponent bias 127 -> fp16 bias 15
 
-// bf16, ties away: add half of the 16 dropped bits to the 31 magnitude bits, keep the top 16 (a carry into the
-// exponent is the correct result, up to inf).
-inline uint16_t f32_to_bf16_rha(float x) {
-  const uint32_t u = f32_bits(x);
-  const uint32_t nan = (u >> 16) | 0x40u;
-  const uint32_t r = (u + 0x8000u) >> 16;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > kF32Inf ? nan : r);
+// The integer formulas on fp32 bit patterns u, one value (U = uint32_t) or every lane of a GCC vector of uint32
+// (U = uint32_t __attribute__((vector_size(32 / 64))): the SIMD kernels' stores, e.g. compress/kernels_impl.h), with
+// the tie rule `away` (true: rha, false: rne); the result is the 16-bit pattern in the low half of each lane. Only
+// operators and selects (`c ? a : b` is a lane-wise blend on vectors), so every lane gets the bits of the scalar.
+
+// bf16: add half of the 16 dropped bits (rha: 0x8000; rne: 0x7fff + the lowest kept bit) to the 31 magnitude bits,
+// keep the top 16 (a carry into the exponent is the correct result, up to inf); NaN: (u >> 16) | 0x40.
+template <typename U>
+[[gnu::always_inline]] inline U bf16_bits_of(U u, bool away) {
+  const U nan = (u >> 16) | 0x40u;
+  const U bias = away ? U{} + 0x8000u : 0x7fffu + ((u >> 16) & 1u);
+  const U r = (u + bias) >> 16;
+  return (u & 0x7fffffffu) > kF32Inf ? nan : r;
 }
 
-// fp16, ties away:
+// fp16:
 //   |x| >= 2^-14, normal results: rebias the exponent (127 -> 15) and add half of the 13 dropped mantissa bits
-//                      (a carry into the exponent is the correct result);
+//                      (rha: 0x1000; rne: 0xfff + the lowest kept bit; a carry into the exponent is the correct
+//                      result);
 //   |x| <  2^-14, subnormal results: |x| 2^24 = mant 2^(e - 126) (mant with its implicit bit, e the biased fp32
-//                      exponent) rounded half away to an integer by (mant + 2^(s-1)) >> s, s = 126 - e >= 14 (clamped
-//                      to [1, 31]: at 31 the result is 0 anyway); 1024 is the smallest normal, also correct; no flush
-//                      to zero;
-//   |x| >= 65520:      inf (the tie between 65504 and 2^16 rounds up);
+//                      exponent) rounded to an integer as mant / 2^s, s = 126 - e >= 14 (clamped to [1, 31]: at 31
+//                      the result is 0 anyway): rha (mant + 2^(s-1)) >> s, rne (mant + 2^(s-1) - 1 + the lowest kept
+//                      bit) >> s; 1024 is the smallest normal, also correct; no flush to zero;
+//   |x| >= 65520:      inf (the tie between 65504 and 2^16 rounds up under both rules);
 //   NaN:               sign | 0x7e00.
-inline uint16_t f32_to_f16_rha(float x) {
-  const uint32_t u = f32_bits(x);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t a = u & 0x7fffffffu;
-  const int32_t e = static_cast<int32_t>(a >> 23);
-  const int32_t sh = 126 - e < 1 ? 1 : (126 - e > 31 ? 31 : 126 - e);
-  const uint32_t shift = static_cast<uint32_t>(sh);
-  const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
-  const uint32_t sub = (mant + (1u << (shift - 1u))) >> shift;
-  const uint32_t normal = (a - kRebias + 0x1000u) >> 13;
-  uint32_t r = a < kF16MinNormal ? sub : normal;
-  r = a >= kF16Overflow ? 0x7c00u : r;
-  r = a > kF32Inf ? 0x7e00u : r;
-  return static_cast<uint16_t>(sign | r);
+template <typename U>
+[[gnu::always_inline]] inline U f16_bits_of(U u, bool away) {
+  const U sign = (u >> 16) & 0x8000u;
+  const U a = u & 0x7fffffffu;
+  const U e = a >> 23;
+  const U shift = e >= 125u ? U{} + 1u : (e <= 95u ? U{} + 31u : 126u - e);
+  const U mant = (a & 0x7fffffu) | 0x800000u;
+  const U half = (U{} + 1u) << (shift - 1u);
+  const U sub = away ? (mant + half) >> shift : (mant + half - 1u + ((mant >> shift) & 1u)) >> shift;
+  const U n = a - kRebias;
+  const U normal = away ? (n + 0x1000u) >> 13 : (n + 0xfffu + ((n >> 13) & 1u)) >> 13;
+  U r = a < kF16MinNormal ? sub : normal;
+  r = a >= kF16Overflow ? U{} + 0x7c00u : r;
+  r = a > kF32Inf ? U{} + 0x7e00u : r;
+  return sign | r;
+}
+
+// bf16 / fp16, ties away, of one value.
+[[gnu::always_inline]] inline uint16_t f32_to_bf16_rha(float x) {
+  return static_cast<uint16_t>(bf16_bits_of(f32_bits(x), true));
+}
+[[gnu::always_inline]] inline uint16_t f32_to_f16_rha(float x) {
+  return static_cast<uint16_t>(f16_bits_of(f32_bits(x), true));
 }
 
 inline uint16_t f32_to_bf16_rne(float x) { return f32_to_bf16(x); }

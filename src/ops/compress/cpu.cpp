@@ -153,6 +153,23 @@ struct Scratch {
   unsigned char* gather_row(int64_t i) { return gather.empty() ? nullptr : gather.data() + i * D * esz; }
 };
 
+// A task: items [i0, i1) of batch b (forward: its compressed rows; backward: its tokens).
+struct Task {
+  int64_t b, i0, i1;
+};
+
+// Each batch's `count` items (Batch::C rows or Batch::S tokens) cut into runs of `per_task` (the last one shorter),
+// batch after batch.
+inline std::vector<Task> split_batches(const std::vector<Batch>& batches, int64_t Batch::*count, int64_t per_task) {
+  std::vector<Task> tasks;
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const int64_t n = batches[b].*count;
+    for (int64_t i0 = 0; i0 < n; i0 += per_task)
+      tasks.push_back({static_cast<int64_t>(b), i0, std::min(n, i0 + per_task)});
+  }
+  return tasks;
+}
+
 // ------------------------------------------------------------------ forward
 Status forward(const CompressParams& p, const CpuOptions& options) {
   CompressShape sh;
@@ -166,13 +183,7 @@ Status forward(const CompressParams& p, const CpuOptions& options) {
   // tasks: (batch, first row, end row), about CpuTuning::task_bytes of new input each (d rows per compressed row)
   const int64_t per_row = std::max<int64_t>(1, d * N * D * esz);
   const int64_t rows_per_task = std::max<int64_t>(1, g_task_bytes.load() / per_row);
-  struct Task {
-    int64_t b, c0, c1;
-  };
-  std::vector<Task> tasks;
-  for (size_t b = 0; b < pl.batches.size(); ++b)
-    for (int64_t c0 = 0; c0 < pl.batches[b].C; c0 += rows_per_task)
-      tasks.push_back({static_cast<int64_t>(b), c0, std::min(pl.batches[b].C, c0 + rows_per_task)});
+  const std::vector<Task> tasks = split_batches(pl.batches, &Batch::C, rows_per_task);
   const int64_t bytes = (sh.T + sh.R) * N * D * esz;
   const int workers = workers_for(pl, bytes, static_cast<int64_t>(tasks.size()));
   const bool strided = p.input.stride[2] != 1;
@@ -190,7 +201,7 @@ Status forward(const CompressParams& p, const CpuOptions& options) {
     const Task& tk = tasks[static_cast<size_t>(ti)];
     const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
     const int64_t pf = prefetch_distance(p.input, d, esz);
-    for (int64_t c = tk.c0; c < tk.c1; ++c) {
+    for (int64_t c = tk.i0; c < tk.i1; ++c) {
       for (int64_t n = 0; n < N; ++n) {
         // §4: window c covers input rows [start_b + c*d, start_b + c*d + l)
         const int64_t t0 = bt.start + c * d;
@@ -228,13 +239,7 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
 
   // input_grad tasks: (batch, first token, end token), about CpuTuning::task_bytes of output each
   const int64_t tokens_per_task = std::max<int64_t>(1, g_task_bytes.load() / std::max<int64_t>(1, N * D * esz));
-  struct Task {
-    int64_t b, p0, p1;
-  };
-  std::vector<Task> tasks;
-  for (size_t b = 0; b < pl.batches.size(); ++b)
-    for (int64_t p0 = 0; p0 < pl.batches[b].S; p0 += tokens_per_task)
-      tasks.push_back({static_cast<int64_t>(b), p0, std::min(pl.batches[b].S, p0 + tokens_per_task)});
+  const std::vector<Task> tasks = split_batches(pl.batches, &Batch::S, tokens_per_task);
   const int64_t n_tasks = n_chunks + static_cast<int64_t>(tasks.size());
   const int64_t bytes = (2 * sh.T + 2 * R) * N * D * esz;
   const int workers = workers_for(pl, bytes, n_tasks);
@@ -291,11 +296,11 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
     // ---- input_grad of tokens [p0, p1) of one batch, in runs of tokens covered by the same windows
     const Task& tk = tasks[static_cast<size_t>(ti - n_chunks)];
     const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
-    for (int64_t pos = tk.p0; pos < tk.p1;) {
+    for (int64_t pos = tk.i0; pos < tk.i1;) {
       int64_t first, last, f2, l2;
       compress_detail::covering_windows(pos, bt.C, l, d, &first, &last);
       int64_t end = pos + 1;
-      while (end < tk.p1 && end - pos < kMaxRun) {
+      while (end < tk.i1 && end - pos < kMaxRun) {
         compress_detail::covering_windows(end, bt.C, l, d, &f2, &l2);
         if (f2 != first || l2 != last) break;
         ++end;

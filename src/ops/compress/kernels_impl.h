@@ -1,16 +1,36 @@
 // Generic bodies of the compression kernels (kernels.h), instantiated once per ISA. Include this file INSIDE a
 // namespace unique to the ISA, after defining `struct V` (the vector traits) in that namespace and after
-// <cstdint>, "ops/compress/kernels.h" and "ops/compress/rounding.h" at global scope, so nothing here is shared
-// between translation units compiled with different flags.
+// <cstdint>, <cstring>, <type_traits>, "common/rounding.h" and "ops/compress/kernels.h" at global scope, so nothing
+// here is shared between translation units compiled with different flags.
 //
-// V provides: type F (W fp32 lanes, 16 % W == 0), zero(), set1(x), add(a, b), mul(a, b),
-// load_f32(const float*), load_bf16(const uint16_t*), load_f16(const uint16_t*) (exact widening),
-// store_f32(float*, F), store_bf16(uint16_t*, F, bool away), store_f16(uint16_t*, F, bool away) (the
-// roundings of rounding.h lane by lane: away = rha, else rne).
+// V: the traits of src/cpu/arch/vector_base.h (F: W fp32 lanes, 16 % W == 0; zero, set1, add, mul, load, store,
+// load_bf16: exact widening) plus load_f16(const uint16_t*), the exact widening of W fp16 values.
+// Stores to bf16 / fp16 apply common/rounding.h's formulas (bf16_bits_of, f16_bits_of) to all W lanes at once.
 // Elements past the last whole vector of a row are handled by the scalar code below, with the same operations.
 
 using nsa::DType;
 using nsa::compress_kernels::Round;
+
+// ------------------------------------------------------------------ rounded stores of W lanes
+// The fp32 bit patterns of V::F's lanes: uint32_t (W = 1) or a GCC vector of W uint32 (HalfVector: W uint16).
+typedef uint32_t LanesVector __attribute__((vector_size(sizeof(V::F))));
+typedef uint16_t HalfVector __attribute__((vector_size(sizeof(V::F) / 2)));
+using Lanes = std::conditional_t<V::W == 1, uint32_t, LanesVector>;
+
+inline Lanes lane_bits(V::F v) {
+  Lanes u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// p[0..W) = the low 16 bits of each lane (the lanes hold values <= 0xffff): one value, or a vector narrowed lane by
+// lane.
+inline void store_low16(uint16_t* p, uint32_t h) { *p = static_cast<uint16_t>(h); }
+template <typename L>
+inline void store_low16(uint16_t* p, L h) {
+  const HalfVector n = __builtin_convertvector(h, HalfVector);
+  std::memcpy(p, &n, sizeof(n));
+}
 
 // ------------------------------------------------------------------ scalar element access
 template <DType DT>
@@ -24,24 +44,24 @@ template <DType DT>
 inline V::F loadv(const void* row, int64_t j) {
   if constexpr (DT == DType::kBF16) return V::load_bf16(static_cast<const uint16_t*>(row) + j);
   else if constexpr (DT == DType::kF16) return V::load_f16(static_cast<const uint16_t*>(row) + j);
-  else return V::load_f32(static_cast<const float*>(row) + j);
+  else return V::load(static_cast<const float*>(row) + j);
 }
 
 template <DType DT>
 inline void store1(void* out, int64_t j, float x, bool away) {
-  namespace cd = nsa::compress_detail;
-  if constexpr (DT == DType::kBF16)
-    static_cast<uint16_t*>(out)[j] = away ? cd::f32_to_bf16_rha(x) : cd::f32_to_bf16_rne(x);
-  else if constexpr (DT == DType::kF16)
-    static_cast<uint16_t*>(out)[j] = away ? cd::f32_to_f16_rha(x) : cd::f32_to_f16_rne(x);
+  const uint32_t u = nsa::detail::f32_bits(x);
+  uint16_t* o16 = static_cast<uint16_t*>(out) + j;
+  if constexpr (DT == DType::kBF16) *o16 = static_cast<uint16_t>(nsa::detail::bf16_bits_of(u, away));
+  else if constexpr (DT == DType::kF16) *o16 = static_cast<uint16_t>(nsa::detail::f16_bits_of(u, away));
   else static_cast<float*>(out)[j] = x;
 }
 
 template <DType DT>
 inline void storev(void* out, int64_t j, V::F x, bool away) {
-  if constexpr (DT == DType::kBF16) V::store_bf16(static_cast<uint16_t*>(out) + j, x, away);
-  else if constexpr (DT == DType::kF16) V::store_f16(static_cast<uint16_t*>(out) + j, x, away);
-  else V::store_f32(static_cast<float*>(out) + j, x);
+  uint16_t* o16 = static_cast<uint16_t*>(out) + j;
+  if constexpr (DT == DType::kBF16) store_low16(o16, nsa::detail::bf16_bits_of(lane_bits(x), away));
+  else if constexpr (DT == DType::kF16) store_low16(o16, nsa::detail::f16_bits_of(lane_bits(x), away));
+  else V::store(static_cast<float*>(out) + j, x);
 }
 
 // Prefetch of `bytes` bytes at row + pf (pf == 0: none). The address is formed as an integer: it may lie past the
@@ -123,7 +143,7 @@ inline void shared_tile(const float* rows32, const float* wts, int64_t P, int64_
     for (int64_t i = 0; i < m; ++i) {
       const V::F wv = V::set1(wts[p * m + i]);
       const float* row = rows32 + i * D + j0;
-      for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, V::load_f32(row + v * V::W)));
+      for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, V::load(row + v * V::W)));
     }
     for (int v = 0; v < NV; ++v) storev<DT>(out, p * out_stride + j0 + v * V::W, acc[v], away);
   }
@@ -176,16 +196,16 @@ inline void dot_lanes_group(const float* g, const void* const* rows, int64_t D, 
   for (int r = 0; r < NR; ++r) prefetch_span(rows[r], pf, D * elem_bytes<DT>());
   V::F acc[NR][kLaneVectors];
   for (int r = 0; r < NR; ++r)
-    for (int a = 0; a < kLaneVectors; ++a) acc[r][a] = V::load_f32(lanes + r * 16 + a * V::W);
+    for (int a = 0; a < kLaneVectors; ++a) acc[r][a] = V::load(lanes + r * 16 + a * V::W);
   const int64_t d16 = D / 16 * 16;
   for (int64_t j = 0; j < d16; j += 16) {
     for (int a = 0; a < kLaneVectors; ++a) {
-      const V::F gv = V::load_f32(g + j + a * V::W);
+      const V::F gv = V::load(g + j + a * V::W);
       for (int r = 0; r < NR; ++r) acc[r][a] = V::add(acc[r][a], V::mul(gv, loadv<DT>(rows[r], j + a * V::W)));
     }
   }
   for (int r = 0; r < NR; ++r) {
-    for (int a = 0; a < kLaneVectors; ++a) V::store_f32(lanes + r * 16 + a * V::W, acc[r][a]);
+    for (int a = 0; a < kLaneVectors; ++a) V::store(lanes + r * 16 + a * V::W, acc[r][a]);
     for (int64_t j = d16; j < D; ++j) lanes[r * 16 + (j - d16)] = lanes[r * 16 + (j - d16)] + g[j] * load1<DT>(rows[r], j);
   }
 }
@@ -210,7 +230,7 @@ inline void dot_lanes_impl(DType dt, const float* g, const void* const* rows, in
 template <DType DT>
 inline void widen_t(const void* src, int64_t D, float* dst) {
   int64_t j = 0;
-  for (; j + V::W <= D; j += V::W) V::store_f32(dst + j, loadv<DT>(src, j));
+  for (; j + V::W <= D; j += V::W) V::store(dst + j, loadv<DT>(src, j));
   for (; j < D; ++j) dst[j] = load1<DT>(src, j);
 }
 

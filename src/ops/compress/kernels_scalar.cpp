@@ -1,30 +1,17 @@
 // Compression kernels with baseline flags ("vectors" of one float): the path of non-x86 machines and of
 // NSA_CPU_ISA=scalar, and the definition of the operation order that the SIMD paths repeat lane by lane.
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
-#include "common/numeric.h"
+#include "common/rounding.h"
+#include "cpu/arch/vector_base.h"
 #include "ops/compress/kernels.h"
-#include "ops/compress/rounding.h"
 
 namespace nsa::compress_kernels::isa_scalar {
 
-struct V {
-  using F = float;
-  static constexpr int W = 1;
-  static F zero() { return 0.0f; }
-  static F set1(float x) { return x; }
-  static F add(F a, F b) { return a + b; }
-  static F mul(F a, F b) { return a * b; }
-  static F load_f32(const float* p) { return *p; }
-  static F load_bf16(const uint16_t* p) { return detail::bf16_to_f32(*p); }
+struct V : nsa::cpu::VectorBase<float, V> {
   static F load_f16(const uint16_t* p) { return detail::f16_to_f32(*p); }
-  static void store_f32(float* p, F v) { *p = v; }
-  static void store_bf16(uint16_t* p, F v, bool away) {
-    *p = away ? compress_detail::f32_to_bf16_rha(v) : compress_detail::f32_to_bf16_rne(v);
-  }
-  static void store_f16(uint16_t* p, F v, bool away) {
-    *p = away ? compress_detail::f32_to_f16_rha(v) : compress_detail::f32_to_f16_rne(v);
-  }
 };
 
 #include "ops/compress/kernels_impl.h"

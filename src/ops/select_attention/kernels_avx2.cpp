@@ -1,7 +1,7 @@
 // Selected-attention row kernels (kernels.h) compiled with -mavx2 -mfma -mf16c (x86 only; called where cpuid and XCR0 allow it).
 #include <cstdint>
-#include <cstring>
 
+#include "common/rounding.h"
 #include "ops/select_attention/kernels.h"
 
 namespace nsa::select_kernels::isa_avx2 {

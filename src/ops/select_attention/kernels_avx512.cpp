@@ -1,7 +1,7 @@
 // Selected-attention row kernels (kernels.h) compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq (x86 only; also the avx512bf16 path).
 #include <cstdint>
-#include <cstring>
 
+#include "common/rounding.h"
 #include "ops/select_attention/kernels.h"
 
 namespace nsa::select_kernels::isa_avx512 {

@@ -1,7 +1,7 @@
 // Selected-attention row kernels (kernels.h) compiled with baseline flags (every CPU of the target architecture).
 #include <cstdint>
-#include <cstring>
 
+#include "common/rounding.h"
 #include "ops/select_attention/kernels.h"
 
 namespace nsa::select_kernels::isa_scalar {
