@@ -2,8 +2,9 @@
 // read exactly into Acc, dot products, the softmax of one query row and its weighted sum of value rows, and the
 // gradient terms of one entry. Acc is the arithmetic type of every float32 quantity of a contract (float; double in
 // the fp64 model, see common/reference_entry.h). Every sum runs over its index ascending, one Acc rounding per
-// product and per addition (the build compiles with -ffp-contract=off), so a reference written with these pieces
-// computes exactly what its contract's text says, term by term; the callers cite the sections each piece implements.
+// product and per addition (never fused: the x86 baseline has no FMA and other targets build with
+// -ffp-contract=off), so a reference written with these pieces computes exactly what its contract's text says, term
+// by term; the callers cite the sections each piece implements.
 #pragma once
 
 #include <cmath>
