@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common/numeric.h"
 #include "nsa/common.h"
@@ -33,6 +34,32 @@ constexpr uint32_t kRebias = 112u << 23;         // fp32 exponent bias 127 -> fp
 // the tie rule `away` (true: rha, false: rne); the result is the 16-bit pattern in the low half of each lane. Only
 // operators and selects (`c ? a : b` is a lane-wise blend on vectors), so every lane gets the bits of the scalar.
 
+// Lanes of 32-bit floats and of signed 32-bit integers of the same width as U (float / int32_t for uint32_t), bit
+// casts and value conversions (static_cast on one value, __builtin_convertvector on vectors). Magnitudes (bit
+// patterns with the sign cleared, <= 0x7fffffff) are compared as signed lanes, and the integers converted to and from
+// float are small: the signed forms are single instructions on every SIMD ISA.
+template <typename U>
+struct LaneTypes {
+  typedef float F __attribute__((vector_size(sizeof(U))));
+  typedef int32_t S __attribute__((vector_size(sizeof(U))));
+};
+template <>
+struct LaneTypes<uint32_t> {
+  using F = float;
+  using S = int32_t;
+};
+template <typename To, typename From>
+[[gnu::always_inline]] inline To lane_bit_cast(From x) {
+  To y;
+  std::memcpy(&y, &x, sizeof(y));
+  return y;
+}
+template <typename To, typename From>
+[[gnu::always_inline]] inline To lane_convert(From x) {
+  if constexpr (std::is_arithmetic_v<From>) return static_cast<To>(x);
+  else return __builtin_convertvector(x, To);
+}
+
 // bf16: add half of the 16 dropped bits (rha: 0x8000; rne: 0x7fff + the lowest kept bit) to the 31 magnitude bits,
 // keep the top 16 (a carry into the exponent is the correct result, up to inf); NaN: (u >> 16) | 0x40.
 template <typename U>
@@ -40,33 +67,41 @@ template <typename U>
   const U nan = (u >> 16) | 0x40u;
   const U bias = away ? U{} + 0x8000u : 0x7fffu + ((u >> 16) & 1u);
   const U r = (u + bias) >> 16;
-  return (u & 0x7fffffffu) > kF32Inf ? nan : r;
+  return lane_bit_cast<typename LaneTypes<U>::S>(u & 0x7fffffffu) > static_cast<int32_t>(kF32Inf) ? nan : r;
 }
 
 // fp16:
 //   |x| >= 2^-14, normal results: rebias the exponent (127 -> 15) and add half of the 13 dropped mantissa bits
 //                      (rha: 0x1000; rne: 0xfff + the lowest kept bit; a carry into the exponent is the correct
 //                      result);
-//   |x| <  2^-14, subnormal results: |x| 2^24 = mant 2^(e - 126) (mant with its implicit bit, e the biased fp32
-//                      exponent) rounded to an integer as mant / 2^s, s = 126 - e >= 14 (clamped to [1, 31]: at 31
-//                      the result is 0 anyway): rha (mant + 2^(s-1)) >> s, rne (mant + 2^(s-1) - 1 + the lowest kept
-//                      bit) >> s; 1024 is the smallest normal, also correct; no flush to zero;
+//   |x| <  2^-14, subnormal results: s = |x| 2^24 (exact, a power-of-two scaling; s < 2^10) rounded to an integer,
+//                      the result's bits: rha, t = trunc(s) plus 1 where s - t >= 1/2 (s - t is exact); rne, the
+//                      low mantissa bits of s + 2^23 (one fp32 addition in the default rounding mode rounds s to an
+//                      integer, ties to even); 1024 is the smallest normal, also correct; no flush to zero (the other
+//                      lanes enter this path as 0, so every conversion is in range);
 //   |x| >= 65520:      inf (the tie between 65504 and 2^16 rounds up under both rules);
 //   NaN:               sign | 0x7e00.
 template <typename U>
 [[gnu::always_inline]] inline U f16_bits_of(U u, bool away) {
+  using Fl = typename LaneTypes<U>::F;
+  using S = typename LaneTypes<U>::S;
   const U sign = (u >> 16) & 0x8000u;
   const U a = u & 0x7fffffffu;
-  const U e = a >> 23;
-  const U shift = e >= 125u ? U{} + 1u : (e <= 95u ? U{} + 31u : 126u - e);
-  const U mant = (a & 0x7fffffu) | 0x800000u;
-  const U half = (U{} + 1u) << (shift - 1u);
-  const U sub = away ? (mant + half) >> shift : (mant + half - 1u + ((mant >> shift) & 1u)) >> shift;
+  const S as = lane_bit_cast<S>(a);
+  const auto is_small = as < static_cast<int32_t>(kF16MinNormal);
+  const Fl s = lane_bit_cast<Fl>(is_small ? a : U{}) * 16777216.0f;
+  U sub;
+  if (away) {
+    const S t = lane_convert<S>(s);
+    sub = lane_bit_cast<U>(s - lane_convert<Fl>(t) >= 0.5f ? t + 1 : t);
+  } else {
+    sub = lane_bit_cast<U>(s + 8388608.0f) - 0x4b000000u;
+  }
   const U n = a - kRebias;
   const U normal = away ? (n + 0x1000u) >> 13 : (n + 0xfffu + ((n >> 13) & 1u)) >> 13;
-  U r = a < kF16MinNormal ? sub : normal;
-  r = a >= kF16Overflow ? U{} + 0x7c00u : r;
-  r = a > kF32Inf ? U{} + 0x7e00u : r;
+  U r = is_small ? sub : normal;
+  r = as >= static_cast<int32_t>(kF16Overflow) ? U{} + 0x7c00u : r;
+  r = as > static_cast<int32_t>(kF32Inf) ? U{} + 0x7e00u : r;
   return sign | r;
 }
 
