@@ -33,10 +33,5 @@ struct V : nsa::cpu::VectorBase<__m256, V> {
 }  // namespace nsa::compress_kernels::isa_avx2
 
 namespace nsa::compress_kernels {
-const KernelTable* kernels_avx2() {
-  static const KernelTable t{CpuIsa::kAvx2, &isa_avx2::weighted_rows_impl, &isa_avx2::weighted_rows_shared_impl,
-                             &isa_avx2::dot_lanes_impl,
-                             &isa_avx2::widen_impl};
-  return &t;
-}
+const KernelTable* kernels_avx2() { return isa_avx2::make_table(CpuIsa::kAvx2); }
 }  // namespace nsa::compress_kernels

@@ -35,10 +35,5 @@ struct V : nsa::cpu::VectorBase<__m512, V> {
 }  // namespace nsa::compress_kernels::isa_avx512
 
 namespace nsa::compress_kernels {
-const KernelTable* kernels_avx512() {
-  static const KernelTable t{CpuIsa::kAvx512, &isa_avx512::weighted_rows_impl, &isa_avx512::weighted_rows_shared_impl,
-                             &isa_avx512::dot_lanes_impl,
-                             &isa_avx512::widen_impl};
-  return &t;
-}
+const KernelTable* kernels_avx512() { return isa_avx512::make_table(CpuIsa::kAvx512); }
 }  // namespace nsa::compress_kernels

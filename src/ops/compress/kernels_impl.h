@@ -4,7 +4,7 @@
 // here is shared between translation units compiled with different flags.
 //
 // V: the traits of src/cpu/arch/vector_base.h (F: W fp32 lanes, 16 % W == 0; zero, set1, add, mul, load, store,
-// load_bf16: exact widening) plus load_f16(const uint16_t*), the exact widening of W fp16 values.
+// load_bf16) plus load_f16(const uint16_t*): exact widenings of W bf16 / fp16 values.
 // Stores to bf16 / fp16 apply common/rounding.h's formulas (bf16_bits_of, f16_bits_of) to all W lanes at once.
 // Elements past the last whole vector of a row are handled by the scalar code below, with the same operations.
 
@@ -240,4 +240,11 @@ inline void widen_impl(DType dt, const void* src, int64_t D, float* dst) {
     case DType::kF16: widen_t<DType::kF16>(src, D, dst); break;
     default: widen_t<DType::kF32>(src, D, dst); break;
   }
+}
+
+// ------------------------------------------------------------------ the table of this ISA
+inline const nsa::compress_kernels::KernelTable* make_table(nsa::CpuIsa isa) {
+  static const nsa::compress_kernels::KernelTable t{isa, &weighted_rows_impl, &weighted_rows_shared_impl,
+                                                    &dot_lanes_impl, &widen_impl};
+  return &t;
 }

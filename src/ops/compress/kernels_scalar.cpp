@@ -20,12 +20,7 @@ struct V : nsa::cpu::VectorBase<float, V> {
 
 namespace nsa::compress_kernels {
 
-const KernelTable* kernels_scalar() {
-  static const KernelTable t{CpuIsa::kScalar, &isa_scalar::weighted_rows_impl, &isa_scalar::weighted_rows_shared_impl,
-                             &isa_scalar::dot_lanes_impl,
-                             &isa_scalar::widen_impl};
-  return &t;
-}
+const KernelTable* kernels_scalar() { return isa_scalar::make_table(CpuIsa::kScalar); }
 
 const KernelTable* kernels_for(CpuIsa isa) {
 #if NSA_HAVE_X86_KERNELS

@@ -35,6 +35,7 @@
 
 #include "common/threads.h"
 #include "cpu/entry.h"
+#include "cpu/row_load.h"
 #include "ops/select_attention/cpu.h"
 #include "ops/select_attention/cpu_common.h"
 #include "ops/select_attention/kernels.h"
@@ -79,6 +80,9 @@ class Backward {
     rb_ = bc_ * g_.G;
     rbp_ = round_up(rb_, 2);
   }
+
+  // Never: dk and dv have T2 rows to write (zeros where no query reaches them) even without query rows.
+  static bool nothing_to_write(const SelectAttentionShape&) { return false; }
 
   void run() {
     batches_ = select_detail::make_batches(f_);
@@ -302,13 +306,7 @@ class Backward {
   }
 
   void load_f32_row(const Tensor3& x, int64_t t, int64_t h, int64_t n, float* out) const {
-    const int64_t off = t * x.stride[0] + h * x.stride[1];
-    if (x.stride[2] == 1) {
-      kt_->rows.load_row(static_cast<const char*>(x.data) + off * static_cast<int64_t>(dtype_size(f_.dtype)), out, n,
-                         f_.dtype);
-    } else {
-      for (int64_t k = 0; k < n; ++k) out[k] = detail::load_f32(x.data, off + k * x.stride[2], f_.dtype);
-    }
+    cpu::load_row_f32(kt_, x.data, t * x.stride[0] + h * x.stride[1], x.stride[2], n, f_.dtype, out);
   }
 
   // Stores alpha x[0..n) rounded with rha_T at element offset `off` of a contiguous gradient.
@@ -624,13 +622,10 @@ class Backward {
 }  // namespace
 
 Status backward(const SelectAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning) {
-  return cpu::run_entry("select_attention_backward_cpu",
-                        "packed key/value blocks, the inverted index, partials and per-thread tiles",
-                        validate_select_attention_backward, select_reference::backward_fp64, p.fwd.dtype, p, options,
-                        [&](const SelectAttentionShape& sh, CpuIsa isa) {
-                          return run_driver<Backward>("select_attention_backward_cpu", p, p.fwd.dtype, sh, isa,
-                                                      options.num_threads, tuning);
-                        });
+  return run_entry<Backward>("select_attention_backward_cpu",
+                             "packed key/value blocks, the inverted index, partials and per-thread tiles",
+                             validate_select_attention_backward, select_reference::backward_fp64, p.fwd.dtype, p,
+                             options, tuning);
 }
 
 }  // namespace nsa::select_cpu

@@ -41,6 +41,7 @@
 #include "common/aligned_buffer.h"
 #include "common/numeric.h"
 #include "common/threads.h"
+#include "cpu/entry.h"
 #include "cpu/kernels.h"
 #include "nsa/select_attention.h"
 #include "ops/select_attention/cpu.h"
@@ -193,23 +194,32 @@ inline void for_each_visible_slot(const SelectAttentionParams& p, const Geo& g, 
   }
 }
 
-// The optimized path of both entry points, after validation (cpu::run_entry): sizes whose workspace byte counts
-// could overflow 64-bit arithmetic (products of D, K, select_block_size and N1; only reachable with stride-0 views
-// of a small buffer) are refused with an error naming `entry`; then the driver (Forward / Backward) runs on the
-// call's arithmetic path (see the top of this file): Driver<true>, bf16 pairs, for bf16 inputs on an ISA with
-// KernelTable::gemm.bf16; Driver<false>, fp32 operands, otherwise.
+// The entry point of either direction (cpu::run_entry: validation, ISA, the fp64 reference `fp64` for fp64 inputs,
+// exceptions as an error naming `entry`), whose optimized path returns at once where the driver has nothing to write
+// (Driver<false>::nothing_to_write(shape)), refuses sizes whose workspace byte counts could overflow 64-bit
+// arithmetic (products of D, K, select_block_size and N1; only reachable with stride-0 views of a small buffer), then
+// runs the driver (Forward / Backward) on the call's arithmetic path (see the top of this file): Driver<true>, bf16
+// pairs, for bf16 inputs on an ISA with KernelTable::gemm.bf16; Driver<false>, fp32 operands, otherwise.
 template <template <bool> class Driver, typename Params>
-inline Status run_driver(const char* entry, const Params& p, DType dtype, const SelectAttentionShape& sh, CpuIsa isa,
-                         int num_threads, const Tuning& tuning) {
-  constexpr int64_t kMaxDim = int64_t(1) << 20;
-  if (sh.D > kMaxDim || sh.K > kMaxDim || sh.block > kMaxDim || sh.N1 > kMaxDim)
-    return Status::Error(std::string(entry) + ": sizes too large for the CPU backend's workspace (D, K, "
-                         "select_block_size and N1 must be < 2^20)");
-  const KernelTable* kt = cpu::kernels_for(isa);
-  const int threads = cpu::resolve_num_threads(num_threads);
-  if (dtype == DType::kBF16 && kt->gemm.bf16 != nullptr) Driver<true>(p, sh, kt, threads, tuning).run();
-  else Driver<false>(p, sh, kt, threads, tuning).run();
-  return Status::Ok();
+inline Status run_entry(const char* entry, const char* workspace,
+                        Status (*validate)(const Params&, SelectAttentionShape*), Status (*fp64)(const Params&),
+                        DType dtype, const Params& p, const CpuOptions& options, const Tuning& tuning) {
+  return cpu::run_entry(entry, workspace, validate, fp64, dtype, p, options,
+                        [&](const SelectAttentionShape& sh, CpuIsa isa) {
+                          if (Driver<false>::nothing_to_write(sh)) return Status::Ok();
+                          constexpr int64_t kMaxDim = int64_t(1) << 20;
+                          if (sh.D > kMaxDim || sh.K > kMaxDim || sh.block > kMaxDim || sh.N1 > kMaxDim)
+                            return Status::Error(std::string(entry) +
+                                                 ": sizes too large for the CPU backend's workspace (D, K, "
+                                                 "select_block_size and N1 must be < 2^20)");
+                          const KernelTable* kt = cpu::kernels_for(isa);
+                          const int threads = cpu::resolve_num_threads(options.num_threads);
+                          if (dtype == DType::kBF16 && kt->gemm.bf16 != nullptr)
+                            Driver<true>(p, sh, kt, threads, tuning).run();
+                          else
+                            Driver<false>(p, sh, kt, threads, tuning).run();
+                          return Status::Ok();
+                        });
 }
 
 // Marks the blocks that some visible entry reaches (one pass over the indices, O(T1 N2 K)) and numbers them.

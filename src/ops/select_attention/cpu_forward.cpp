@@ -79,6 +79,9 @@ class Forward {
                     : (p.dtype == DType::kBF16 ? PMode::kF32Bf16 : (p.dtype == DType::kF16 ? PMode::kF32F16 : PMode::kF32));
   }
 
+  // No query row (T1 = 0): attention_out and the statistics have no element.
+  static bool nothing_to_write(const SelectAttentionShape& sh) { return sh.T1 == 0; }
+
   void run() {
     batches_ = select_detail::make_batches(p_);
     mark_blocks(p_, g_, batches_, bt_);
@@ -334,13 +337,8 @@ class Forward {
 // Workspace that cannot be allocated is reported as an error, never as a crash: all of it (packed blocks,
 // per-worker tiles) is allocated before the first output is written.
 Status forward(const SelectAttentionParams& p, const CpuOptions& options, const Tuning& tuning) {
-  return cpu::run_entry("select_attention_cpu", "packed key/value blocks and per-thread tiles",
-                        validate_select_attention, select_reference::forward_fp64, p.dtype, p, options,
-                        [&](const SelectAttentionShape& sh, CpuIsa isa) {
-                          if (sh.T1 == 0) return Status::Ok();  // no query row: nothing to write
-                          return run_driver<Forward>("select_attention_cpu", p, p.dtype, sh, isa,
-                                                     options.num_threads, tuning);
-                        });
+  return run_entry<Forward>("select_attention_cpu", "packed key/value blocks and per-thread tiles",
+                            validate_select_attention, select_reference::forward_fp64, p.dtype, p, options, tuning);
 }
 
 }  // namespace nsa::select_cpu

@@ -39,6 +39,7 @@
 #include "common/numeric.h"
 #include "common/threads.h"
 #include "cpu/kernels.h"
+#include "cpu/row_load.h"
 #include "nsa/select_attention_infer.h"
 #include "ops/select_attention/rounding.h"
 
@@ -350,12 +351,7 @@ class TileWorker {
     std::fill(row_.begin() + n, row_.begin() + n_pad, 0.0f);
   }
   void load_from(const void* data, int64_t off, int64_t step, int64_t n, float* out) const {
-    if (step == 1) {
-      kt_->rows.load_row(static_cast<const char*>(data) + off * static_cast<int64_t>(dtype_size(pr_.dtype)), out, n,
-                         pr_.dtype);
-    } else {
-      for (int64_t k = 0; k < n; ++k) out[k] = detail::load_f32(data, off + k * step, pr_.dtype);
-    }
+    cpu::load_row_f32(kt_, data, off, step, n, pr_.dtype, out);
   }
 
   const Problem& pr_;

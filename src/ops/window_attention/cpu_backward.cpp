@@ -40,6 +40,7 @@
 #include "common/row_helpers.h"
 #include "common/threads.h"
 #include "cpu/kernels.h"
+#include "cpu/row_load.h"
 #include "ops/window_attention/cpu.h"
 #include "ops/window_attention/cpu_common.h"
 #include "ops/window_attention/reference.h"
@@ -98,12 +99,11 @@ struct Task {
   double cost;
 };
 
-class Backward {
+class Backward : CallState {
  public:
   Backward(const WindowAttentionGradParams& g, const WindowAttentionShape& sh, const KernelTable* kt, int threads,
            const Tuning& tu)
-      : g_(g), p_(g.fwd), sh_(sh), batches_(window_detail::make_batches(g.fwd)), vis_(g.fwd, sh), kt_(kt),
-        threads_(threads), tu_(tu) {
+      : CallState(g.fwd, sh, kt, threads, tu), g_(g) {
     dot_ = p_.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr && kt->grad.pack_rows_bf16 != nullptr;
     G_ = sh.G;
     Bq_ = std::max<int64_t>(1, tu.tile_rows / G_);
@@ -318,13 +318,7 @@ class Backward {
 
   // ---------------------------------------------------------------- loads and packing
   void load_f32_row(const Tensor3& t, int64_t row, int64_t head, int64_t n, float* dst) const {
-    const int64_t base = row * t.stride[0] + head * t.stride[1];
-    if (t.stride[2] == 1) {
-      kt_->rows.load_row(static_cast<const uint8_t*>(t.data) + base * static_cast<int64_t>(dtype_size(p_.dtype)), dst, n,
-                         p_.dtype);
-    } else {
-      for (int64_t k = 0; k < n; ++k) dst[k] = detail::load_f32(t.data, base + k * t.stride[2], p_.dtype);
-    }
+    cpu::load_row_f32(kt_, t.data, row * t.stride[0] + head * t.stride[1], t.stride[2], n, p_.dtype, dst);
   }
 
   // Key tile j (batch-local keys [64 j, 64 j + 64)) of (batch, n2) into a slot; keys past Skv_b are zero.
@@ -621,13 +615,6 @@ class Backward {
   }
 
   const WindowAttentionGradParams& g_;
-  const WindowAttentionParams& p_;
-  WindowAttentionShape sh_;
-  std::vector<WBatch> batches_;
-  window_detail::Visibility vis_;
-  const KernelTable* kt_;
-  int threads_;
-  Tuning tu_;
   bool dot_ = false;
   float scale_ = 1.0f;
   int64_t G_ = 1, Bq_ = 1, R_ = 1, Rp_ = 2, D_ = 1, Dv_ = 1, Dh_ = 1, Dvh_ = 1, nDp_ = 1, Dp_ = 64, ktile_ = 0;

@@ -15,6 +15,21 @@
 
 namespace nsa::window_cpu {
 
+// What both drivers hold of a validated call (their base): the forward's params, the shape, the per-batch sizes,
+// the rows' visible key ranges, the ISA's kernels, the thread count and the tuning.
+struct CallState {
+  CallState(const WindowAttentionParams& p, const WindowAttentionShape& sh, const cpu::KernelTable* kt, int threads,
+            const Tuning& tu)
+      : p_(p), sh_(sh), batches_(window_detail::make_batches(p)), vis_(p, sh), kt_(kt), threads_(threads), tu_(tu) {}
+  const WindowAttentionParams& p_;
+  WindowAttentionShape sh_;
+  std::vector<window_detail::WBatch> batches_;
+  window_detail::Visibility vis_;
+  const cpu::KernelTable* kt_;
+  int threads_;
+  Tuning tu_;
+};
+
 // The (batch, KV head) pairs x = b N2 + n2 whose batch has a query tile with rows without a visible key
 // (Tile::any_none), in ascending x, for inner_precise 0/1; none for inner_precise 2 (such rows are zeros there).
 // per_pair gets B N2 entries: Dv zeros for each listed pair (its closed-form row, filled by the caller), empty for

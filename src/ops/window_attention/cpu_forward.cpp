@@ -33,6 +33,7 @@
 #include "common/numeric.h"
 #include "common/threads.h"
 #include "cpu/kernels.h"
+#include "cpu/row_load.h"
 #include "ops/window_attention/cpu.h"
 #include "ops/window_attention/cpu_common.h"
 #include "ops/window_attention/reference.h"
@@ -75,11 +76,11 @@ struct Scratch {
   std::vector<uint16_t> row_a, row_b;  // [Dv] value rows being packed (bf16 pairs)
 };
 
-class Forward {
+class Forward : CallState {
  public:
   Forward(const WindowAttentionParams& p, const WindowAttentionShape& sh, const KernelTable* kt, int threads,
           const Tuning& tu)
-      : p_(p), sh_(sh), batches_(window_detail::make_batches(p)), vis_(p, sh), kt_(kt), threads_(threads) {
+      : CallState(p, sh, kt, threads, tu) {
     dot_ = p.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr;
     pstore_ = dot_ ? PStore::kBf16Bits
               : p.dtype == DType::kBF16 ? PStore::kF32AsBf16
@@ -95,7 +96,6 @@ class Forward {
     Dv16_ = round_up(sh.Dv, 16);
     Dv64_ = round_up(sh.Dv, kPanel);
     chunk_ = tu.chunk_keys > 0 ? round_up(tu.chunk_keys, kPanel) : default_chunk_keys(sh.D, sh.Dv, esz_);
-    tu_ = tu;
   }
 
   void run() {
@@ -304,12 +304,7 @@ class Forward {
 
   // n elements of a row starting at element offset `base` of t (element stride t.stride[2]) as fp32.
   void load_f32_row(const Tensor3& t, int64_t base, int64_t n, float* dst) const {
-    if (t.stride[2] == 1) {
-      kt_->rows.load_row(static_cast<const uint8_t*>(t.data) + base * static_cast<int64_t>(dtype_size(p_.dtype)), dst, n,
-                         p_.dtype);
-    } else {
-      for (int64_t d = 0; d < n; ++d) dst[d] = detail::load_f32(t.data, base + d * t.stride[2], p_.dtype);
-    }
+    cpu::load_row_f32(kt_, t.data, base, t.stride[2], n, p_.dtype, dst);
   }
 
   // Query rows of tile t (head group n2) into qa rows [row0, row0 + rows).
@@ -525,13 +520,6 @@ class Forward {
     }
   }
 
-  const WindowAttentionParams& p_;
-  WindowAttentionShape sh_;
-  std::vector<WBatch> batches_;
-  window_detail::Visibility vis_;
-  const KernelTable* kt_;
-  int threads_;
-  Tuning tu_;
   bool dot_ = false;
   PStore pstore_ = PStore::kF32;
   size_t esz_ = 4;
