@@ -355,4 +355,19 @@ struct TileEntries {
   int64_t blocks() const { return static_cast<int64_t>(ublock.size()); }
 };
 
+// Block u of a query tile's union (block x of batch b, KV head n2): its packed slot, the keys it holds inside the
+// batch (valid = min(l', Skv_b - x l')) and its entries e[0..ne) (i K + j, see TileEntries).
+struct UnionBlock {
+  int64_t x, slot, valid;
+  const int32_t* e;
+  int64_t ne;
+};
+inline UnionBlock union_block(const TileEntries& te, int64_t u, const BlockTable& bt, const Geo& g, const BatchInfo& bi,
+                              int64_t b, int64_t n2) {
+  const size_t uu = static_cast<size_t>(u);
+  const int64_t x = te.ublock[uu];
+  return UnionBlock{x, bt.slot[static_cast<size_t>(bt.id(b, x, n2, g.N2))], std::min(g.lp, bi.skv - x * g.lp),
+                    te.ent.data() + te.ustart[uu], te.ustart[uu + 1] - te.ustart[uu]};
+}
+
 }  // namespace nsa::select_cpu

@@ -227,12 +227,8 @@ class Forward {
     // 4. O = sum over blocks of rha(P) V
     std::fill_n(sc.o.get(), R * g_.Dvp, 0.0f);
     for (int64_t u = 0; u < te.blocks(); ++u) {
-      const int64_t x = te.ublock[static_cast<size_t>(u)];
-      const int64_t slot = bt_.slot[static_cast<size_t>(bt_.id(b, x, n2, g_.N2))];
+      const auto [x, slot, valid, e0, ne] = union_block(te, u, bt_, g_, bi, b, n2);
       const bool dirty = bt_.dirty_v[static_cast<size_t>(slot)] != 0;
-      const int64_t valid = std::min(g_.lp, bi.skv - x * g_.lp);
-      const int32_t* e0 = te.ent.data() + te.ustart[static_cast<size_t>(u)];
-      const int64_t ne = te.ustart[static_cast<size_t>(u) + 1] - te.ustart[static_cast<size_t>(u)];
       int64_t c0 = 0;
       while (c0 < ne) {
         // up to bq_ entries for the GEMM; entries of a dirty block that see only part of it go to the scalar path
