@@ -49,25 +49,21 @@ constexpr int64_t kTileRowsGathered = 256;  // the same below kDirectMinG (more 
 constexpr int64_t kChunkRows = 128;  // GEMM rows (entries x G) of a phase-B chunk
 constexpr int64_t kPieceRows = 8192; // GEMM rows of a phase-B piece (grown while the partials exceed the budget)
 constexpr int64_t kPartialBudget = int64_t(64) << 20;  // bytes of phase-B partials
-// From this G on, phase A runs each entry's GEMMs on its G tile rows in place (no gathers); below it, a block's
-// entries are gathered into one GEMM (as the forward does).
-constexpr int64_t kDirectMinG = 8;
+// (kDirectMinG, cpu_common.h: from that G on phase A runs each entry's GEMMs on its G tile rows in place.)
 
 float load_stat(const Tensor3& t, int64_t i, int64_t j) {
   return static_cast<const float*>(t.data)[i * t.stride[0] + j * t.stride[1]];
 }
 
 template <bool kPairs>
-class Backward {
+class Backward : CallState {
  public:
   using P = Path<kPairs>;
   using E = typename P::E;
 
   Backward(const SelectAttentionGradParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
            const Tuning& tuning)
-      : p_(p), f_(p.fwd), sh_(sh), kt_(kt), threads_(std::max(1, threads)) {
-    g_ = make_geo(sh, kPairs, /*backward=*/true);
-    scale_ = static_cast<float>(f_.scale_value);
+      : CallState(p.fwd, sh, kt, std::max(1, threads), kPairs, /*backward=*/true), p_(p), f_(p.fwd) {
     const int64_t tile =
         tuning.bwd_tile_rows > 0 ? tuning.bwd_tile_rows : (sh.G >= kDirectMinG ? kTileRows : kTileRowsGathered);
     const int64_t chunk = tuning.bwd_chunk_rows > 0 ? tuning.bwd_chunk_rows : kChunkRows;
@@ -75,8 +71,6 @@ class Backward {
     bq_ = std::max<int64_t>(1, std::min((tile + g_.G / 2) / g_.G, std::max<int64_t>(sh.max_sq, 1)));
     ra_ = bq_ * g_.G;
     bc_ = std::max<int64_t>(1, (chunk + g_.G / 2) / g_.G);
-    sk_ = select_kernels::table_for(kt->isa);
-    direct_ = g_.G >= kDirectMinG;
     rb_ = bc_ * g_.G;
     rbp_ = round_up(rb_, 2);
   }
@@ -593,18 +587,9 @@ class Backward {
 
   const SelectAttentionGradParams& p_;
   const SelectAttentionParams& f_;
-  const SelectAttentionShape& sh_;
-  const KernelTable* kt_;
-  int threads_;
-  Geo g_;
-  float scale_ = 1.0f;
   int64_t bq_ = 1, ra_ = 1;         // phase A: query rows and GEMM rows of a tile
   int64_t bc_ = 1, rb_ = 1, rbp_ = 2;  // phase B: entries, GEMM rows (and rounded to even) of a chunk
   int64_t piece_rows_ = kPieceRows;
-  const select_kernels::Table* sk_ = nullptr;  // rha conversions of this ISA
-  bool direct_ = false;  // phase A with G >= kDirectMinG: each entry's GEMMs on its tile rows in place
-  std::vector<BatchInfo> batches_;
-  BlockTable bt_;
   AlignedBuf<E> packs_;
   std::vector<int64_t> inv_start_, inv_;  // inverted index: per id, entries s K + j
   std::vector<double> inv_vis_;           // per id: visible entries (cost)

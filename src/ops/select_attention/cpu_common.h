@@ -44,6 +44,7 @@
 #include "cpu/entry.h"
 #include "cpu/kernels.h"
 #include "nsa/select_attention.h"
+#include "ops/select_attention/kernels.h"
 #include "ops/select_attention/cpu.h"
 #include "ops/select_attention/batches.h"
 #include "ops/select_attention/rounding.h"
@@ -193,6 +194,32 @@ inline void for_each_visible_slot(const SelectAttentionParams& p, const Geo& g, 
         }
   }
 }
+
+// What Forward and Backward hold of a validated call (their base): the forward's params, the shape, the ISA's
+// kernels and its rha conversions (select_kernels), the thread count, the sizes of the path (Geo; pairs: the bf16
+// pairs path), the score factor (float32), whether G >= kDirectMinG runs each entry's GEMMs on its tile rows in
+// place (direct), the batches and the block table.
+//
+// From G = kDirectMinG on, the G rows of an entry alone fill the GEMM micro-kernel (6 rows): each entry's GEMMs run
+// on its rows in place. Below it, a block's entries are gathered into one GEMM (their rows copied) so that the
+// packed block is reused across query rows.
+constexpr int64_t kDirectMinG = 8;
+struct CallState {
+  CallState(const SelectAttentionParams& f, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
+            bool pairs, bool backward)
+      : sh_(sh), kt_(kt), threads_(threads), g_(make_geo(sh, pairs, backward)),
+        scale_(static_cast<float>(f.scale_value)), sk_(select_kernels::table_for(kt->isa)),
+        direct_(g_.G >= kDirectMinG) {}
+  const SelectAttentionShape& sh_;
+  const KernelTable* kt_;
+  int threads_;
+  Geo g_;
+  float scale_;
+  const select_kernels::Table* sk_;
+  bool direct_;
+  std::vector<BatchInfo> batches_;
+  BlockTable bt_;
+};
 
 // The entry point of either direction (cpu::run_entry: validation, ISA, the fp64 reference `fp64` for fp64 inputs,
 // exceptions as an error naming `entry`), whose optimized path returns at once where the driver has nothing to write

@@ -49,22 +49,18 @@ constexpr int64_t kTargetRows = 64;           // GEMM rows (query rows x G heads
 constexpr int64_t kTargetRowsGathered = 256;  // the same below kDirectMinG: more query rows share each block (bigger
                                               // gathered GEMMs; bench-8k-g1 about 15 % faster than with 64)
 constexpr int64_t kMaxLineBytes = int64_t(4) << 20;      // cap of a worker's score lines (R x K lpp floats)
-// From this G on, the G rows of an entry alone fill the GEMM micro-kernel (6 rows): each entry's GEMMs run on its
-// rows in place (scores written into its lines, O accumulated in place). Below it, a block's entries are gathered
-// into one GEMM (their rows copied) so that the packed block is reused across query rows.
-constexpr int64_t kDirectMinG = 8;
+// (kDirectMinG, cpu_common.h: from that G on each entry's GEMMs run on its rows in place, scores written into its
+// lines and O accumulated in place.)
 
 template <bool kPairs>
-class Forward {
+class Forward : CallState {
  public:
   using P = Path<kPairs>;
   using E = typename P::E;
 
   Forward(const SelectAttentionParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
           const Tuning& tuning)
-      : p_(p), sh_(sh), kt_(kt), threads_(threads) {
-    g_ = make_geo(sh, kPairs, /*backward=*/false);
-    scale_ = static_cast<float>(p.scale_value);
+      : CallState(p, sh, kt, threads, kPairs, /*backward=*/false), p_(p) {
     ld_s_ = g_.K * g_.lpp;
     const int64_t target =
         tuning.fwd_tile_rows > 0 ? tuning.fwd_tile_rows : (g_.G >= kDirectMinG ? kTargetRows : kTargetRowsGathered);
@@ -72,8 +68,6 @@ class Forward {
     bq = std::min(bq, std::max<int64_t>(1, kMaxLineBytes / (static_cast<int64_t>(sizeof(float) + sizeof(E)) * g_.G * ld_s_)));
     bq_ = std::max<int64_t>(1, std::min(bq, std::max<int64_t>(sh.max_sq, 1)));
     rmax_ = bq_ * g_.G;
-    direct_ = g_.G >= kDirectMinG;
-    sk_ = select_kernels::table_for(kt->isa);
     using select_kernels::PMode;
     pmode_ = kPairs ? PMode::kBf16Bits
                     : (p.dtype == DType::kBF16 ? PMode::kF32Bf16 : (p.dtype == DType::kF16 ? PMode::kF32F16 : PMode::kF32));
@@ -314,17 +308,8 @@ class Forward {
   }
 
   const SelectAttentionParams& p_;
-  const SelectAttentionShape& sh_;
-  const KernelTable* kt_;
-  int threads_;
-  Geo g_;
-  float scale_ = 1.0f;
   int64_t ld_s_ = 0, bq_ = 1, rmax_ = 1;
-  bool direct_ = false;
-  const select_kernels::Table* sk_ = nullptr;  // rha conversions of this ISA
-  select_kernels::PMode pmode_ = select_kernels::PMode::kF32;  // how rha(P) is stored for P.V  // G >= kDirectMinG: one GEMM per entry on its rows in place (no gathers, no copies)
-  std::vector<BatchInfo> batches_;
-  BlockTable bt_;
+  select_kernels::PMode pmode_ = select_kernels::PMode::kF32;  // how rha(P) is stored for P.V
   AlignedBuf<E> packs_;
 };
 
