@@ -3,11 +3,8 @@
 // attended by the KV head's G query heads with the per-ISA GEMM kernels (select_attention_infer/paged.h
 // TileWorker, window mode: P = exp / l rounded rha_T, output rha_T, window_attention.md §5 step 4). Work and memory
 // proportional to the window, not the context; results do not depend on the number of threads.
-#include <algorithm>
 #include <vector>
 
-#include "cpu/entry.h"
-#include "cpu/kernels.h"
 #include "ops/paged_window_attention/batches.h"
 #include "ops/paged_window_attention/reference.h"
 #include "ops/select_attention_infer/paged.h"
@@ -15,21 +12,18 @@
 namespace nsa {
 
 Status paged_window_attention_cpu(const PagedWindowAttentionParams& p, const CpuOptions& options) {
-  return cpu::run_entry(
-      "paged_window_attention_cpu", "packed key/value tiles", validate_paged_window_attention,
-      paged_window_reference::forward_fp64, p.dtype, p, options, [&](const PagedWindowAttentionShape& sh, CpuIsa isa) {
-        const std::vector<paged_window::Batch> batches = paged_window::make_batches(p);
-        const paged::Problem pr = paged::make_problem(sh, p.dtype, paged::Mode::kWindow, p.query, p.key_cache,
-                                                      p.value_cache, p.block_table, p.scale, p.attention_out);
-        paged::run_units(pr, cpu::kernels_for(isa), sh.B, sh.max_entries, options.num_threads,
-                         [&](int64_t b, int64_t n2, paged::TileWorker& tw, std::vector<paged::Run>& runs) {
-                           const paged_window::Batch& bt = batches[static_cast<size_t>(b)];
-                           for (int64_t i = 0; i < bt.q; ++i) {
-                             runs.assign(1, paged_window::token_window(bt, i, p.window));  // the one run (§9)
-                             tw.attend(b, bt.row0 + i, n2, runs);
-                           }
-                         });
-        return Status::Ok();
+  return paged::run_paged_entry(
+      "paged_window_attention_cpu", validate_paged_window_attention, paged_window_reference::forward_fp64, p, options,
+      paged::Mode::kWindow, p.query, p.key_cache, p.value_cache, p.block_table, p.scale, p.attention_out,
+      [&] {
+        return [&p, batches = paged_window::make_batches(p)](int64_t b, int64_t n2, paged::TileWorker& tw,
+                                                             std::vector<paged::Run>& runs) {
+          const paged_window::Batch& bt = batches[static_cast<size_t>(b)];
+          for (int64_t i = 0; i < bt.q; ++i) {
+            runs.assign(1, paged_window::token_window(bt, i, p.window));  // the one run (§9)
+            tw.attend(b, bt.row0 + i, n2, runs);
+          }
+        };
       });
 }
 

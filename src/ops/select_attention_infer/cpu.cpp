@@ -3,11 +3,8 @@
 // tile and attended by the G query heads of the KV head with the per-ISA GEMM kernels (paged.h TileWorker). Work
 // and memory are proportional to the selected positions, not to the context. Each output row has one writer and a
 // summation order fixed by the shapes and indices: results do not depend on the number of threads.
-#include <algorithm>
 #include <vector>
 
-#include "cpu/entry.h"
-#include "cpu/kernels.h"
 #include "ops/select_attention_infer/batches.h"
 #include "ops/select_attention_infer/paged.h"
 #include "ops/select_attention_infer/reference.h"
@@ -15,25 +12,22 @@
 namespace nsa {
 
 Status select_attention_infer_cpu(const SelectAttentionInferParams& p, const CpuOptions& options) {
-  return cpu::run_entry(
-      "select_attention_infer_cpu", "packed key/value tiles", validate_select_attention_infer,
-      select_infer_reference::forward_fp64, p.dtype, p, options, [&](const SelectAttentionInferShape& sh, CpuIsa isa) {
-        const std::vector<select_infer::Batch> batches = select_infer::make_batches(p);
-        const paged::Problem pr = paged::make_problem(sh, p.dtype, paged::Mode::kSelect, p.query, p.key, p.value,
-                                                      p.block_table, p.scale_value, p.attention_out);
-        paged::run_units(pr, cpu::kernels_for(isa), sh.B, sh.max_entries, options.num_threads,
-                         [&](int64_t b, int64_t n2, paged::TileWorker& tw, std::vector<paged::Run>& runs) {
-                           const select_infer::Batch& bt = batches[static_cast<size_t>(b)];
-                           for (int64_t i = 0; i < bt.rows; ++i) {
-                             if (i >= bt.q) {  // batch-major rows beyond q_b: zeros (§7 item 7)
-                               tw.zero_rows(bt.row0 + i, n2);
-                               continue;
-                             }
-                             select_infer::token_runs(p, bt, i, n2, runs);
-                             tw.attend(b, bt.row0 + i, n2, runs);
-                           }
-                         });
-        return Status::Ok();
+  return paged::run_paged_entry(
+      "select_attention_infer_cpu", validate_select_attention_infer, select_infer_reference::forward_fp64, p, options,
+      paged::Mode::kSelect, p.query, p.key, p.value, p.block_table, p.scale_value, p.attention_out,
+      [&] {
+        return [&p, batches = select_infer::make_batches(p)](int64_t b, int64_t n2, paged::TileWorker& tw,
+                                                             std::vector<paged::Run>& runs) {
+          const select_infer::Batch& bt = batches[static_cast<size_t>(b)];
+          for (int64_t i = 0; i < bt.rows; ++i) {
+            if (i >= bt.q) {  // batch-major rows beyond q_b: zeros (§7 item 7)
+              tw.zero_rows(bt.row0 + i, n2);
+              continue;
+            }
+            select_infer::token_runs(p, bt, i, n2, runs);
+            tw.attend(b, bt.row0 + i, n2, runs);
+          }
+        };
       });
 }
 

@@ -38,6 +38,7 @@
 #include "common/arg_checks.h"
 #include "common/numeric.h"
 #include "common/threads.h"
+#include "cpu/entry.h"
 #include "cpu/kernels.h"
 #include "cpu/row_load.h"
 #include "nsa/select_attention_infer.h"
@@ -183,21 +184,10 @@ class TileWorker {
     const DType dt = pr_.dtype;
     const bool low = dt == DType::kBF16 || dt == DType::kF16;
     l_.resize(static_cast<size_t>(G));
-    for (int64_t g = 0; g < G; ++g) {
-      // 3. exact softmax statistics
-      const float* line = softmax_row(g, ne, nep);
-      const float lsum = l_[static_cast<size_t>(g)];
-      // 4. rounded probabilities
-      float* pl = p_.get() + g * nep;
-      if (pr_.mode == Mode::kSelect) {
-        for (int64_t i = 0; i < nep; ++i) pl[i] = low ? select_detail::round_rha(line[i], dt) : line[i];
-      } else {
-        for (int64_t i = 0; i < nep; ++i) {
-          const float pv = line[i] / lsum;
-          pl[i] = low ? select_detail::round_rha(pv, dt) : pv;
-        }
-      }
-    }
+    // 3.-4. exact softmax statistics, probabilities rounded rha_T held as float (fp32: unrounded)
+    for (int64_t g = 0; g < G; ++g)
+      probabilities_row(g, ne, nep, p_.get() + g * nep,
+                        [&](float v) { return low ? select_detail::round_rha(v, dt) : v; });
     kt_->gemm.f32(p_.get(), nep, G, vo_.get(), nep * cpu::kPanel, 0, dvp_, nep, nep, o_.get(), dvp_, 1.0f, false);
     store_outputs(t, n2);
   }
@@ -271,16 +261,8 @@ class TileWorker {
     kt_->gemm.bf16(qa16_.get(), dr, G, kq16_.get(), dr * W, 0, nep, dr / 2, dr / 2, s_.get(), nep, pr_.scale, false);
     // 3.-4. softmax statistics, P rounded half away to bf16
     l_.resize(static_cast<size_t>(G));
-    for (int64_t g = 0; g < G; ++g) {
-      const float* line = softmax_row(g, ne, nep);
-      const float lsum = l_[static_cast<size_t>(g)];
-      uint16_t* pl = p16_.get() + g * nep;
-      if (pr_.mode == Mode::kSelect) {
-        for (int64_t i = 0; i < nep; ++i) pl[i] = select_detail::f32_to_bf16_rha(line[i]);
-      } else {
-        for (int64_t i = 0; i < nep; ++i) pl[i] = select_detail::f32_to_bf16_rha(line[i] / lsum);
-      }
-    }
+    for (int64_t g = 0; g < G; ++g)
+      probabilities_row(g, ne, nep, p16_.get() + g * nep, [](float v) { return select_detail::f32_to_bf16_rha(v); });
     kt_->gemm.bf16(p16_.get(), nep, G, vo16_.get(), nep * W, 0, dvp_, nep / 2, nep / 2, o_.get(), dvp_, 1.0f, false);
     store_outputs(t, n2);
   }
@@ -295,6 +277,20 @@ class TileWorker {
     const float m = kt_->rows.row_max(line, nep, neg_inf);
     l_[static_cast<size_t>(g)] = kt_->rows.exp_sum(line, nep, m);
     return line;
+  }
+
+  // Steps 3-4 on row g: softmax_row, then the probabilities P_i = e_i (select: the unnormalised exp values, §4
+  // step 4) or e_i / l (window: one IEEE division, window_attention.md §5 step 4) for i < nep (padding: e_i = 0),
+  // each stored as out[i] = store(P_i) (the path's rounding to its GEMM operand: float or bf16 bits).
+  template <typename T, typename Store>
+  void probabilities_row(int64_t g, int64_t ne, int64_t nep, T* out, Store store) {
+    const float* line = softmax_row(g, ne, nep);
+    const float lsum = l_[static_cast<size_t>(g)];
+    if (pr_.mode == Mode::kSelect) {
+      for (int64_t i = 0; i < nep; ++i) out[i] = store(line[i]);
+    } else {
+      for (int64_t i = 0; i < nep; ++i) out[i] = store(line[i] / lsum);
+    }
   }
 
   // 5. the G output rows of token t from the accumulators o_ and the sums l_.
@@ -393,6 +389,23 @@ inline void run_units(const Problem& pr, const cpu::KernelTable* kt, int64_t B, 
   cpu::parallel_for(units, threads, [&](int64_t u, int w) {
     unit(u / pr.N2, u % pr.N2, workers[static_cast<size_t>(w)], runs[static_cast<size_t>(w)]);
   });
+}
+
+// The optimized CPU entry point of both operators: cpu::run_entry's steps (validation, ISA, the fp64 reference for
+// fp64 inputs; workspace errors name "packed key/value tiles"), then the Problem of the validated call (make_problem
+// with mode, the query, the caches key / value, block_table, scale and out) run by run_units on the kernels of the
+// resolved ISA. prepare(), called once after validation, returns the unit body unit(b, n2, worker, runs).
+template <typename Params, typename Shape, typename Prepare>
+inline Status run_paged_entry(const char* entry, Status (*validate)(const Params&, Shape*),
+                              Status (*fp64)(const Params&), const Params& p, const CpuOptions& options, Mode mode,
+                              const Tensor3& query, const PagedCacheView& key, const PagedCacheView& value,
+                              const Tensor2& block_table, double scale, void* out, Prepare&& prepare) {
+  return cpu::run_entry(entry, "packed key/value tiles", validate, fp64, p.dtype, p, options,
+                        [&](const Shape& sh, CpuIsa isa) {
+                          const Problem pr = make_problem(sh, p.dtype, mode, query, key, value, block_table, scale, out);
+                          run_units(pr, cpu::kernels_for(isa), sh.B, sh.max_entries, options.num_threads, prepare());
+                          return Status::Ok();
+                        });
 }
 
 }  // namespace nsa::paged
