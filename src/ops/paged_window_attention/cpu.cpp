@@ -13,17 +13,14 @@ namespace nsa {
 
 Status paged_window_attention_cpu(const PagedWindowAttentionParams& p, const CpuOptions& options) {
   return paged::run_paged_entry(
-      "paged_window_attention_cpu", validate_paged_window_attention, paged_window_reference::forward_fp64, p, options,
-      paged::Mode::kWindow, p.query, p.key_cache, p.value_cache, p.block_table, p.scale, p.attention_out,
-      [&] {
-        return [&p, batches = paged_window::make_batches(p)](int64_t b, int64_t n2, paged::TileWorker& tw,
-                                                             std::vector<paged::Run>& runs) {
-          const paged_window::Batch& bt = batches[static_cast<size_t>(b)];
-          for (int64_t i = 0; i < bt.q; ++i) {
-            runs.assign(1, paged_window::token_window(bt, i, p.window));  // the one run (§9)
-            tw.attend(b, bt.row0 + i, n2, runs);
-          }
-        };
+      "paged_window_attention_cpu", validate_paged_window_attention, paged_window_reference::forward_fp64,
+      paged_window::make_batches, p, options, paged::Mode::kWindow, p.query, p.key_cache, p.value_cache,
+      p.block_table, p.scale, p.attention_out,
+      [&](const paged_window::Batch& bt, int64_t b, int64_t n2, paged::TileWorker& tw, std::vector<paged::Run>& runs) {
+        for (int64_t i = 0; i < bt.q; ++i) {
+          runs.assign(1, paged_window::token_window(bt, i, p.window));  // the one run (§9)
+          tw.attend(b, bt.row0 + i, n2, runs);
+        }
       });
 }
 

@@ -13,21 +13,18 @@ namespace nsa {
 
 Status select_attention_infer_cpu(const SelectAttentionInferParams& p, const CpuOptions& options) {
   return paged::run_paged_entry(
-      "select_attention_infer_cpu", validate_select_attention_infer, select_infer_reference::forward_fp64, p, options,
-      paged::Mode::kSelect, p.query, p.key, p.value, p.block_table, p.scale_value, p.attention_out,
-      [&] {
-        return [&p, batches = select_infer::make_batches(p)](int64_t b, int64_t n2, paged::TileWorker& tw,
-                                                             std::vector<paged::Run>& runs) {
-          const select_infer::Batch& bt = batches[static_cast<size_t>(b)];
-          for (int64_t i = 0; i < bt.rows; ++i) {
-            if (i >= bt.q) {  // batch-major rows beyond q_b: zeros (§7 item 7)
-              tw.zero_rows(bt.row0 + i, n2);
-              continue;
-            }
-            select_infer::token_runs(p, bt, i, n2, runs);
-            tw.attend(b, bt.row0 + i, n2, runs);
+      "select_attention_infer_cpu", validate_select_attention_infer, select_infer_reference::forward_fp64,
+      select_infer::make_batches, p, options, paged::Mode::kSelect, p.query, p.key, p.value, p.block_table,
+      p.scale_value, p.attention_out,
+      [&](const select_infer::Batch& bt, int64_t b, int64_t n2, paged::TileWorker& tw, std::vector<paged::Run>& runs) {
+        for (int64_t i = 0; i < bt.rows; ++i) {
+          if (i >= bt.q) {  // batch-major rows beyond q_b: zeros (§7 item 7)
+            tw.zero_rows(bt.row0 + i, n2);
+            continue;
           }
-        };
+          select_infer::token_runs(p, bt, i, n2, runs);
+          tw.attend(b, bt.row0 + i, n2, runs);
+        }
       });
 }
 

@@ -392,18 +392,25 @@ inline void run_units(const Problem& pr, const cpu::KernelTable* kt, int64_t B, 
 }
 
 // The optimized CPU entry point of both operators: cpu::run_entry's steps (validation, ISA, the fp64 reference for
-// fp64 inputs; workspace errors name "packed key/value tiles"), then the Problem of the validated call (make_problem
-// with mode, the query, the caches key / value, block_table, scale and out) run by run_units on the kernels of the
-// resolved ISA. prepare(), called once after validation, returns the unit body unit(b, n2, worker, runs).
-template <typename Params, typename Shape, typename Prepare>
+// fp64 inputs; workspace errors name "packed key/value tiles"), then the batches' descriptors make_batches(p) and
+// the Problem of the validated call (make_problem with mode, the query, the caches key / value, block_table, scale
+// and out), run by run_units on the kernels of the resolved ISA: unit(bt, b, n2, worker, runs) writes the rows of
+// unit (b, n2), bt being batch b's descriptor.
+template <typename Params, typename Shape, typename Batch, typename Unit>
 inline Status run_paged_entry(const char* entry, Status (*validate)(const Params&, Shape*),
-                              Status (*fp64)(const Params&), const Params& p, const CpuOptions& options, Mode mode,
-                              const Tensor3& query, const PagedCacheView& key, const PagedCacheView& value,
-                              const Tensor2& block_table, double scale, void* out, Prepare&& prepare) {
+                              Status (*fp64)(const Params&), std::vector<Batch> (*make_batches)(const Params&),
+                              const Params& p, const CpuOptions& options, Mode mode, const Tensor3& query,
+                              const PagedCacheView& key, const PagedCacheView& value, const Tensor2& block_table,
+                              double scale, void* out, Unit&& unit) {
   return cpu::run_entry(entry, "packed key/value tiles", validate, fp64, p.dtype, p, options,
                         [&](const Shape& sh, CpuIsa isa) {
-                          const Problem pr = make_problem(sh, p.dtype, mode, query, key, value, block_table, scale, out);
-                          run_units(pr, cpu::kernels_for(isa), sh.B, sh.max_entries, options.num_threads, prepare());
+                          const std::vector<Batch> batches = make_batches(p);
+                          const Problem pr =
+                              make_problem(sh, p.dtype, mode, query, key, value, block_table, scale, out);
+                          run_units(pr, cpu::kernels_for(isa), sh.B, sh.max_entries, options.num_threads,
+                                    [&](int64_t b, int64_t n2, TileWorker& tw, std::vector<Run>& runs) {
+                                      unit(batches[static_cast<size_t>(b)], b, n2, tw, runs);
+                                    });
                           return Status::Ok();
                         });
 }
