@@ -65,6 +65,14 @@ inline Status check_sizes3(const Tensor3& t, const char* name, const char* what,
 // group size G = N1 / N2 (query heads per key/value head).
 struct QkvSizes {
   int64_t T1 = 0, N1 = 0, D = 0, T2 = 0, N2 = 0, Dv = 0, G = 0;
+
+  // An operator's shape with these seven sizes as its first fields (the public *Shape structs all begin with
+  // T1 (or T), N1, D, T2, N2, Dv (or D2), G, in this order), the other fields zero.
+  template <typename Shape>
+  Shape as_shape() const {
+    static_assert(sizeof(Shape) >= 7 * sizeof(int64_t), "an attention shape begins with seven int64_t sizes");
+    return Shape{T1, N1, D, T2, N2, Dv, G};
+  }
 };
 
 // How an operator words and bounds the views of its dense attention inputs.
@@ -94,10 +102,14 @@ inline Status check_qkv_view(const Tensor3& t, const char* name, const std::stri
 
 // The element type and the views of a dense attention call, each checked under `rules`, then their agreements with
 // each other and head_num: key has query's head dim D, value has key's rows and heads [T2, N2], Dv <= D,
-// head_num = N1, and N1 is a multiple of N2. On success fills *out.
-inline Status check_qkv(DType dtype, const Tensor3& query, const Tensor3& key, const Tensor3& value, int64_t head_num,
-                        const QkvRules& rules, QkvSizes* out) {
-  Status st = check_dtype(dtype);
+// head_num = N1, and N1 is a multiple of N2. `p` is an operator's params struct with the fields dtype, query, key,
+// value and head_num, `Shape` its shape struct (QkvSizes::as_shape). On success *out holds the seven sizes, its other
+// fields zero.
+template <typename Params, typename Shape>
+Status check_qkv(const Params& p, const QkvRules& rules, Shape* out) {
+  const Tensor3 &query = p.query, &key = p.key, &value = p.value;
+  const int64_t head_num = p.head_num;
+  Status st = check_dtype(p.dtype);
   if (st.ok()) st = check_qkv_view(query, "query", "[T1, N1, D]", rules);
   if (st.ok()) st = check_qkv_view(key, "key", "[T2, N2, D]", rules);
   if (st.ok()) st = check_qkv_view(value, "value", std::string("[T2, N2, ") + rules.dv + "]", rules);
@@ -117,7 +129,7 @@ inline Status check_qkv(DType dtype, const Tensor3& query, const Tensor3& key, c
     return arg_error("the number of query heads (", s.N1, ") must be a multiple of the number of key/value heads (",
                      s.N2, ")");
   s.G = s.N1 / s.N2;
-  *out = s;
+  *out = s.as_shape<Shape>();
   return Status::Ok();
 }
 
@@ -131,17 +143,21 @@ struct PrefixSumRules {
   const char* decreasing;  // before "i (x_i) < element i-1 (x_{i-1})": " must be non-decreasing ..., but element "
 };
 
+// Index of the last non-zero entry of a prefix-sum list (-1 when every entry is 0): under the trailing-zeros
+// convention the entries after it are empty batches.
+inline int64_t last_nonzero(const IntList& l) {
+  int64_t last = -1;
+  for (int64_t b = 0; b < l.size; ++b)
+    if (l.data[b] != 0) last = b;
+  return last;
+}
+
 // A per-batch list of prefix sums (token offsets): given, B >= 1 entries, non-decreasing from a value >= 0, under
 // the operator's rules `w`.
 inline Status check_prefix_sums(const IntList& l, const char* name, const PrefixSumRules& w) {
   if (l.data == nullptr) return arg_error(name, w.missing);
   if (l.size < 1) return arg_error(name, w.empty);
-  int64_t end = l.size;  // the entries [0, end) are checked
-  if (w.trailing_zeros) {
-    end = 0;
-    for (int64_t b = 0; b < l.size; ++b)
-      if (l.data[b] != 0) end = b + 1;
-  }
+  const int64_t end = w.trailing_zeros ? last_nonzero(l) + 1 : l.size;  // the entries [0, end) are checked
   if (end > 0 && l.data[0] < 0) return arg_error(name, w.negative, l.data[0]);
   for (int64_t i = 1; i < end; ++i)
     if (l.data[i] < l.data[i - 1])
@@ -156,16 +172,62 @@ inline Status check_batch_count(const IntList& list, const char* name, int64_t B
   return Status::Ok();
 }
 
-// The forward's argument rules for a backward call: `validate` (the forward's validate_<op>) run on a copy of the
-// forward params `fwd` whose output pointers (the members `outputs`) point at a placeholder. A backward reads the
+// How a varlen attention operator names its key/value list and its row counts in the messages of check_seq_lists.
+struct SeqListWords {
+  const char* kv_name;   // the key/value list, e.g. "actual_seq_kvlen"
+  const char* t1_rows;   // the query rows, e.g. "T1 = query.size(0)"
+  const char* t2_rows;   // the key rows, e.g. "T2 = key.size(0)"
+};
+
+// The two prefix-sum lists of a varlen attention call, actual_seq_qlen and the key/value list, each under `rules`,
+// with the same batch count B (*B): the query list ends at exactly T1 rows, the key/value list at most at T2 rows.
+// A list's end is its last entry, or with rules.trailing_zeros its last non-zero one (0 when every entry is 0);
+// the messages name it "actual_seq_qlen[-1]", or "max(actual_seq_qlen)" under trailing zeros.
+inline Status check_seq_lists(const IntList& q, const IntList& kv, int64_t T1, int64_t T2, const SeqListWords& words,
+                              const PrefixSumRules& rules, int64_t* B) {
+  Status s = check_prefix_sums(q, "actual_seq_qlen", rules);
+  if (s.ok()) s = check_prefix_sums(kv, words.kv_name, rules);
+  if (s.ok()) s = check_batch_count(kv, words.kv_name, q.size);
+  if (!s.ok()) return s;
+  auto list_end = [&](const IntList& l) {
+    const int64_t last = rules.trailing_zeros ? last_nonzero(l) : l.size - 1;
+    return last >= 0 ? l.data[last] : int64_t(0);
+  };
+  auto end_name = [&](const char* name) {
+    return rules.trailing_zeros ? "max(" + std::string(name) + ")" : name + std::string("[-1]");
+  };
+  if (list_end(q) != T1)
+    return arg_error(end_name("actual_seq_qlen"), " must equal the number of query rows ", words.t1_rows, " = ", T1,
+                     ", got ", list_end(q));
+  if (list_end(kv) > T2)
+    return arg_error(end_name(words.kv_name), " must be <= the number of key rows ", words.t2_rows, " = ", T2,
+                     ", got ", list_end(kv));
+  *B = q.size;
+  return Status::Ok();
+}
+
+// The last step of every validator: on success *out (may be null) receives the shape; on failure it is untouched
+// (nothing is written on error).
+template <typename Shape>
+Status publish_shape(Status s, const Shape& sh, Shape* out) {
+  if (s.ok() && out) *out = sh;
+  return s;
+}
+
+// A backward's argument rules: first the forward's, `validate` (the forward's validate_<op>) run on a copy of the
+// forward params `fwd` whose output pointers (the members `outputs`) point at a placeholder -- a backward reads the
 // forward's inputs only (its own arguments say where the forward's results are), but the forward's rules require
-// the output pointers to be set; the placeholder is never dereferenced. Fills *shape as `validate` does.
-template <typename Params, typename Shape, typename... Ptr>
-Status validate_forward_inputs(Params fwd, Status (*validate)(const Params&, Shape*), Shape* shape,
-                               Ptr Params::*... outputs) {
+// the output pointers to be set; the placeholder is never dereferenced -- then own(shape), the backward's rules on
+// its own arguments. On success *out (may be null) receives the shape; on failure it is untouched.
+template <typename Params, typename Shape, typename OwnRules, typename... Ptr>
+Status validate_backward(Params fwd, Status (*validate)(const Params&, Shape*), Shape* out, OwnRules&& own,
+                         Ptr Params::*... outputs) {
   alignas(std::max_align_t) static unsigned char placeholder[sizeof(std::max_align_t)];
   ((fwd.*outputs = static_cast<Ptr>(static_cast<void*>(placeholder))), ...);
-  return validate(fwd, shape);
+  Shape sh;
+  Status s = validate(fwd, &sh);
+  if (s.ok()) s = own(static_cast<const Shape&>(sh));
+  return publish_shape(s, sh, out);
 }
 
 // ceil(a / b) for a >= 0, b > 0 without overflow ((a + b - 1) / b overflows for a near INT64_MAX, reachable with

@@ -94,24 +94,22 @@ Status validate_compress(const CompressParams& p, CompressShape* out_shape) {
     return arg_error("actual_seq_len[-1] must equal the number of input rows T = input.size(0) = ", sh.T, ", got ",
                      p.actual_seq_len.data[sh.B - 1]);
   if (p.output == nullptr && sh.R > 0) return arg_error("output must not be null (", sh.R, " output rows)");
-  if (out_shape) *out_shape = sh;
-  return Status::Ok();
+  return detail::publish_shape(Status::Ok(), sh, out_shape);
 }
 
 Status validate_compress_backward(const CompressGradParams& p, CompressShape* out_shape) {
   // The forward's rules, without its output (not used by the backward).
-  CompressShape sh;
-  Status s = detail::validate_forward_inputs(p.fwd, validate_compress, &sh, &CompressParams::output);
-  if (!s.ok()) return s;
-  if (p.grad.size[0] != sh.R || p.grad.size[1] != sh.N || p.grad.size[2] != sh.D)
-    return arg_error("grad must have the output's shape [R, N, D] = [", sh.R, ", ", sh.N, ", ", sh.D,
-                     "] (R from actual_seq_len, compress_block_size and compress_stride), got ",
-                     shape_str(p.grad.size, 3));
-  if (p.grad.data == nullptr && sh.R > 0) return arg_error("grad must not be null");
-  if (p.input_grad == nullptr && sh.T > 0) return arg_error("input_grad must not be null");
-  if (p.weight_grad == nullptr) return arg_error("weight_grad must not be null");
-  if (out_shape) *out_shape = sh;
-  return Status::Ok();
+  const auto own_rules = [&](const CompressShape& sh) -> Status {
+    if (p.grad.size[0] != sh.R || p.grad.size[1] != sh.N || p.grad.size[2] != sh.D)
+      return arg_error("grad must have the output's shape [R, N, D] = [", sh.R, ", ", sh.N, ", ", sh.D,
+                       "] (R from actual_seq_len, compress_block_size and compress_stride), got ",
+                       shape_str(p.grad.size, 3));
+    if (p.grad.data == nullptr && sh.R > 0) return arg_error("grad must not be null");
+    if (p.input_grad == nullptr && sh.T > 0) return arg_error("input_grad must not be null");
+    if (p.weight_grad == nullptr) return arg_error("weight_grad must not be null");
+    return Status::Ok();
+  };
+  return detail::validate_backward(p.fwd, validate_compress, out_shape, own_rules, &CompressParams::output);
 }
 
 }  // namespace nsa

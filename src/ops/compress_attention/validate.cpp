@@ -48,13 +48,10 @@ Status check_block_param(int64_t v, const char* name, int64_t lo, int64_t hi) {
 }  // namespace
 
 Status validate_compress_attention(const CompressAttentionParams& p, CompressAttentionShape* out_shape) {
-  Status s;
   // §6: every view given and non-empty; the messages name the view only
-  const detail::QkvRules rules{.dv = "D2", .layout_named = false, .empty_rows = false};
-  detail::QkvSizes qkv;
-  if (!(s = detail::check_qkv(p.dtype, p.query, p.key, p.value, p.head_num, rules, &qkv)).ok()) return s;
-  CompressAttentionShape sh{.T = qkv.T1, .N1 = qkv.N1, .D = qkv.D, .T2 = qkv.T2, .N2 = qkv.N2, .D2 = qkv.Dv,
-                            .G = qkv.G};
+  CompressAttentionShape sh;
+  Status s = detail::check_qkv(p, {.dv = "D2", .layout_named = false, .empty_rows = false}, &sh);
+  if (!s.ok()) return s;
   if (!(s = detail::check_finite_scale(p.scale_value, "scale_value")).ok()) return s;
 
   const int64_t l = p.compress_block_size, d = p.compress_stride, lp = p.select_block_size;
@@ -70,16 +67,10 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
   sh.K = p.select_block_count;
   if (sh.K < 1 || sh.K > 32) return arg_error("select_block_count must be in [1, 32], got ", sh.K);
 
-  if (!(s = detail::check_prefix_sums(p.actual_seq_qlen, "actual_seq_qlen", kListRules)).ok()) return s;
-  if (!(s = detail::check_prefix_sums(p.actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen", kListRules)).ok()) return s;
-  sh.B = p.actual_seq_qlen.size;
-  if (!(s = detail::check_batch_count(p.actual_cmp_seq_kvlen, "actual_cmp_seq_kvlen", sh.B)).ok()) return s;
-  if (p.actual_seq_qlen.data[sh.B - 1] != sh.T)
-    return arg_error("actual_seq_qlen[-1] must equal the number of query rows T = query.size(0) = ", sh.T, ", got ",
-                     p.actual_seq_qlen.data[sh.B - 1]);
-  if (p.actual_cmp_seq_kvlen.data[sh.B - 1] > sh.T2)
-    return arg_error("actual_cmp_seq_kvlen[-1] must be <= the number of key rows key.size(0) = ", sh.T2, ", got ",
-                     p.actual_cmp_seq_kvlen.data[sh.B - 1]);
+  constexpr detail::SeqListWords kWords{"actual_cmp_seq_kvlen", "T = query.size(0)", "key.size(0)"};
+  if (!(s = detail::check_seq_lists(p.actual_seq_qlen, p.actual_cmp_seq_kvlen, sh.T, sh.T2, kWords, kListRules,
+                                    &sh.B)).ok())
+    return s;
   int64_t min_sel = INT64_MAX, q_prev = 0, c_prev = 0;
   for (int64_t b = 0; b < sh.B; ++b) {
     const int64_t sq = p.actual_seq_qlen.data[b] - q_prev;
@@ -124,23 +115,22 @@ Status validate_compress_attention(const CompressAttentionParams& p, CompressAtt
 
   s = detail::check_not_null({{p.attention_out, "attention_out"}, {p.topk_indices, "topk_indices"},
                               {p.softmax_max, "softmax_max"}, {p.softmax_sum, "softmax_sum"}});
-  if (s.ok() && out_shape) *out_shape = sh;
-  return s;
+  return detail::publish_shape(s, sh, out_shape);
 }
 
 Status validate_compress_attention_backward(const CompressAttentionGradParams& p, CompressAttentionShape* shape) {
   // The forward's output pointers play no part in the backward (the header says they are ignored).
+  const auto own_rules = [&](const CompressAttentionShape& sh) -> Status {
+    Status s;
+    if (!(s = check_dout(p.attention_out, "attention_out", sh)).ok()) return s;
+    if (!(s = check_dout(p.grad_out, "grad_out", sh)).ok()) return s;
+    return detail::check_not_null({{p.softmax_max, "softmax_max"}, {p.softmax_sum, "softmax_sum"},
+                                   {p.grad_query, "grad_query"}, {p.grad_key, "grad_key"},
+                                   {p.grad_value, "grad_value"}});
+  };
   using F = CompressAttentionParams;
-  CompressAttentionShape sh;
-  Status s = detail::validate_forward_inputs(p.fwd, validate_compress_attention, &sh, &F::attention_out,
-                                             &F::topk_indices, &F::softmax_max, &F::softmax_sum);
-  if (!s.ok()) return s;
-  if (!(s = check_dout(p.attention_out, "attention_out", sh)).ok()) return s;
-  if (!(s = check_dout(p.grad_out, "grad_out", sh)).ok()) return s;
-  s = detail::check_not_null({{p.softmax_max, "softmax_max"}, {p.softmax_sum, "softmax_sum"},
-                              {p.grad_query, "grad_query"}, {p.grad_key, "grad_key"}, {p.grad_value, "grad_value"}});
-  if (s.ok() && shape) *shape = sh;
-  return s;
+  return detail::validate_backward(p.fwd, validate_compress_attention, shape, own_rules,
+                                   &F::attention_out, &F::topk_indices, &F::softmax_max, &F::softmax_sum);
 }
 
 // Every size the CPU forward and backward form (packed K/V panels, dK/dV partials, per-worker tiles: elements; tile

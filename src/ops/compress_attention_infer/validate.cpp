@@ -149,8 +149,7 @@ Status validate_compress_attention_infer(const CompressAttentionInferParams& p, 
   if (p.key.data == nullptr || p.value.data == nullptr) return arg_error("key and value must not be null");
   if (p.attention_out == nullptr) return arg_error("attention_out must not be null");
   if (p.topk_indices == nullptr) return arg_error("topk_indices must not be null");
-  if (shape) *shape = sh;
-  return Status::Ok();
+  return detail::publish_shape(Status::Ok(), sh, shape);
 }
 
 }  // namespace nsa

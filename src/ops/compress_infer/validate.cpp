@@ -95,8 +95,7 @@ Status validate_compress_infer(const CompressInferParams& p, CompressInferShape*
       return arg_error("slot_mapping must name distinct cache rows for the batches that write this step, but batches ",
                        slots[i - 1].second, " and ", slots[i].second, " both write row ", slots[i].first);
   sh.eligible = static_cast<int64_t>(slots.size());
-  if (shape) *shape = sh;
-  return Status::Ok();
+  return detail::publish_shape(Status::Ok(), sh, shape);
 }
 
 }  // namespace nsa

@@ -53,8 +53,7 @@ Status validate_paged_window_attention(const PagedWindowAttentionParams& p, Page
     }
   }
   if (sh.T > 0 && p.attention_out == nullptr) return arg_error("attention_out must not be null");
-  if (out_shape) *out_shape = sh;
-  return Status::Ok();
+  return detail::publish_shape(Status::Ok(), sh, out_shape);
 }
 
 }  // namespace nsa

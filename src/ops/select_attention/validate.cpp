@@ -26,14 +26,11 @@ constexpr detail::PrefixSumRules kListRules{
 }  // namespace
 
 Status validate_select_attention(const SelectAttentionParams& p, SelectAttentionShape* out_shape) {
-  Status s;
   // §7: 3-D with sizes >= 0; dim 0 may be 0 (an empty packed dimension), the others must be >= 1; data may be null
   // only when the view holds no element
-  const detail::QkvRules rules{.dv = "Dv", .layout_named = true, .empty_rows = true};
-  detail::QkvSizes qkv;
-  if (!(s = detail::check_qkv(p.dtype, p.query, p.key, p.value, p.head_num, rules, &qkv)).ok()) return s;
-  SelectAttentionShape sh{.T1 = qkv.T1, .N1 = qkv.N1, .D = qkv.D, .T2 = qkv.T2, .N2 = qkv.N2, .Dv = qkv.Dv,
-                          .G = qkv.G};
+  SelectAttentionShape sh;
+  Status s = detail::check_qkv(p, {.dv = "Dv", .layout_named = true, .empty_rows = true}, &sh);
+  if (!s.ok()) return s;
 
   if (!(s = select_detail::check_selection(p.select_block_size, p.select_block_count)).ok()) return s;
   sh.block = p.select_block_size;
@@ -46,16 +43,10 @@ Status validate_select_attention(const SelectAttentionParams& p, SelectAttention
   if (!(s = select_detail::check_topk_indices(ti, "[T1, N2, K]", sh.T1, sh.N2, sh.K)).ok()) return s;
   if (!(s = detail::check_finite_scale(p.scale_value, "scale_value")).ok()) return s;
 
-  if (!(s = detail::check_prefix_sums(p.actual_seq_qlen, "actual_seq_qlen", kListRules)).ok()) return s;
-  if (!(s = detail::check_prefix_sums(p.actual_seq_kvlen, "actual_seq_kvlen", kListRules)).ok()) return s;
-  sh.B = p.actual_seq_qlen.size;
-  if (!(s = detail::check_batch_count(p.actual_seq_kvlen, "actual_seq_kvlen", sh.B)).ok()) return s;
-  if (p.actual_seq_qlen.data[sh.B - 1] != sh.T1)
-    return arg_error("actual_seq_qlen[-1] must equal the number of query rows T1 = query.size(0) = ", sh.T1, ", got ",
-                     p.actual_seq_qlen.data[sh.B - 1]);
-  if (p.actual_seq_kvlen.data[sh.B - 1] > sh.T2)
-    return arg_error("actual_seq_kvlen[-1] must be <= the number of key rows T2 = key.size(0) = ", sh.T2, ", got ",
-                     p.actual_seq_kvlen.data[sh.B - 1]);
+  constexpr detail::SeqListWords kWords{"actual_seq_kvlen", "T1 = query.size(0)", "T2 = key.size(0)"};
+  if (!(s = detail::check_seq_lists(p.actual_seq_qlen, p.actual_seq_kvlen, sh.T1, sh.T2, kWords, kListRules, &sh.B))
+           .ok())
+    return s;
   sh.kv_end = p.actual_seq_kvlen.data[sh.B - 1];
   int64_t q_prev = 0, k_prev = 0;
   for (int64_t b = 0; b < sh.B; ++b) {
@@ -79,8 +70,7 @@ Status validate_select_attention(const SelectAttentionParams& p, SelectAttention
   if (sh.T1 > 0 && !(s = detail::check_not_null({{p.attention_out, "attention_out"}, {p.softmax_max, "softmax_max"},
                                                    {p.softmax_sum, "softmax_sum"}})).ok())
     return s;
-  if (out_shape) *out_shape = sh;
-  return Status::Ok();
+  return detail::publish_shape(Status::Ok(), sh, out_shape);
 }
 
 namespace {
@@ -105,20 +95,20 @@ Status check_stat(const Tensor3& t, const char* name, const SelectAttentionShape
 
 Status validate_select_attention_backward(const SelectAttentionGradParams& p, SelectAttentionShape* out_shape) {
   // The forward's output pointers play no part in the backward (the header says they are ignored).
+  const auto own_rules = [&](const SelectAttentionShape& sh) -> Status {
+    Status s;
+    if (!(s = check_like_out(p.grad, "grad", sh)).ok()) return s;
+    if (!(s = check_like_out(p.attention_out, "attention_out", sh)).ok()) return s;
+    if (!(s = check_stat(p.softmax_max, "softmax_max", sh)).ok()) return s;
+    if (!(s = check_stat(p.softmax_sum, "softmax_sum", sh)).ok()) return s;
+    if (p.grad_query == nullptr && sh.T1 > 0) return arg_error("grad_query must not be null");
+    if (p.grad_key == nullptr && sh.T2 > 0) return arg_error("grad_key must not be null");
+    if (p.grad_value == nullptr && sh.T2 > 0) return arg_error("grad_value must not be null");
+    return Status::Ok();
+  };
   using F = SelectAttentionParams;
-  SelectAttentionShape sh;
-  Status s = detail::validate_forward_inputs(p.fwd, validate_select_attention, &sh, &F::attention_out,
-                                             &F::softmax_max, &F::softmax_sum);
-  if (!s.ok()) return s;
-  if (!(s = check_like_out(p.grad, "grad", sh)).ok()) return s;
-  if (!(s = check_like_out(p.attention_out, "attention_out", sh)).ok()) return s;
-  if (!(s = check_stat(p.softmax_max, "softmax_max", sh)).ok()) return s;
-  if (!(s = check_stat(p.softmax_sum, "softmax_sum", sh)).ok()) return s;
-  if (p.grad_query == nullptr && sh.T1 > 0) return arg_error("grad_query must not be null");
-  if (p.grad_key == nullptr && sh.T2 > 0) return arg_error("grad_key must not be null");
-  if (p.grad_value == nullptr && sh.T2 > 0) return arg_error("grad_value must not be null");
-  if (out_shape) *out_shape = sh;
-  return Status::Ok();
+  return detail::validate_backward(p.fwd, validate_select_attention, out_shape, own_rules,
+                                   &F::attention_out, &F::softmax_max, &F::softmax_sum);
 }
 
 }  // namespace nsa

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/arg_checks.h"
 #include "nsa/window_attention.h"
 
 namespace nsa::window_detail {
@@ -17,14 +18,9 @@ struct WBatch {
   int64_t skv = 0;  // Skv_b
 };
 
-// Index of the last non-zero entry of a prefix-sum list (-1 when every entry is 0): the entries after it are the
-// trailing run of zeros of §3 (empty batches).
-inline int64_t last_nonzero(const IntList& l) {
-  int64_t last = -1;
-  for (int64_t b = 0; b < l.size; ++b)
-    if (l.data[b] != 0) last = b;
-  return last;
-}
+// The last non-zero entry of a prefix-sum list: the entries after it are the trailing run of zeros of §3 (empty
+// batches).
+using detail::last_nonzero;
 
 // Batch b's length and start from a prefix-sum list with the trailing-zero convention (§3).
 inline void batch_extent(const IntList& l, int64_t last_nz, int64_t b, int64_t* begin, int64_t* len) {

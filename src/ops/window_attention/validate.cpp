@@ -18,7 +18,6 @@ namespace {
 using detail::shape_str;
 using detail::arg_error;
 
-using window_detail::last_nonzero;
 
 // The prefix-sum lists of §3: given, B >= 1 entries; up to its last non-zero entry non-decreasing from a value >= 0
 // (the zeros after it are the trailing empty batches).
@@ -79,12 +78,10 @@ int64_t window_attention_numels(int64_t head_num, const IntList& q, const IntLis
 }
 
 Status validate_window_attention(const WindowAttentionParams& p, WindowAttentionShape* out_shape) {
-  Status s;
   // §2: every view given and non-empty
-  const detail::QkvRules rules{.dv = "Dv", .layout_named = true, .empty_rows = false};
-  detail::QkvSizes qkv;
-  if (!(s = detail::check_qkv(p.dtype, p.query, p.key, p.value, p.head_num, rules, &qkv)).ok()) return s;
-  WindowAttentionShape sh{.T1 = qkv.T1, .N1 = qkv.N1, .D = qkv.D, .T2 = qkv.T2, .N2 = qkv.N2, .Dv = qkv.Dv, .G = qkv.G};
+  WindowAttentionShape sh;
+  Status s = detail::check_qkv(p, {.dv = "Dv", .layout_named = true, .empty_rows = false}, &sh);
+  if (!s.ok()) return s;
   if (!(s = detail::check_finite_scale(p.scale, "scale")).ok()) return s;
 
   if (p.sparse_mode < 0 || p.sparse_mode > 4)
@@ -99,19 +96,10 @@ Status validate_window_attention(const WindowAttentionParams& p, WindowAttention
     if (p.atten_mask.data != nullptr) return arg_error("atten_mask must be absent when compressed_mask_implied is set");
   }
 
-  if (!(s = detail::check_prefix_sums(p.actual_seq_qlen, "actual_seq_qlen", kListRules)).ok()) return s;
-  if (!(s = detail::check_prefix_sums(p.actual_seq_kvlen, "actual_seq_kvlen", kListRules)).ok()) return s;
-  sh.B = p.actual_seq_qlen.size;
-  if (!(s = detail::check_batch_count(p.actual_seq_kvlen, "actual_seq_kvlen", sh.B)).ok()) return s;
-  const int64_t lq = last_nonzero(p.actual_seq_qlen), lk = last_nonzero(p.actual_seq_kvlen);
-  const int64_t q_max = lq >= 0 ? p.actual_seq_qlen.data[lq] : 0;
-  const int64_t kv_max = lk >= 0 ? p.actual_seq_kvlen.data[lk] : 0;
-  if (q_max != sh.T1)
-    return arg_error("max(actual_seq_qlen) must equal the number of query rows T1 = query.size(0) = ", sh.T1, ", got ",
-                     q_max);
-  if (kv_max > sh.T2)
-    return arg_error("max(actual_seq_kvlen) must be <= the number of key rows T2 = key.size(0) = ", sh.T2, ", got ",
-                     kv_max);
+  constexpr detail::SeqListWords kWords{"actual_seq_kvlen", "T1 = query.size(0)", "T2 = key.size(0)"};
+  if (!(s = detail::check_seq_lists(p.actual_seq_qlen, p.actual_seq_kvlen, sh.T1, sh.T2, kWords, kListRules, &sh.B))
+           .ok())
+    return s;
   const std::vector<window_detail::WBatch> batches = window_detail::make_batches(p);
   for (int64_t b = 0; b < sh.B; ++b) {
     const window_detail::WBatch& w = batches[static_cast<size_t>(b)];
@@ -176,28 +164,27 @@ Status validate_window_attention(const WindowAttentionParams& p, WindowAttention
 
   s = detail::check_not_null({{p.attention_out, "attention_out"}, {p.softmax_max, "softmax_max"},
                               {p.softmax_sum, "softmax_sum"}});
-  if (s.ok() && out_shape) *out_shape = sh;
-  return s;
+  return detail::publish_shape(s, sh, out_shape);
 }
 
 Status validate_window_attention_backward(const WindowAttentionGradParams& p, WindowAttentionShape* shape) {
   // The forward's output pointers play no part in the backward (the header says they are ignored).
+  const auto own_rules = [&](const WindowAttentionShape& sh) -> Status {
+    Status s;
+    for (const auto& [t, name] : {std::pair<const Tensor3*, const char*>{&p.attention_in, "attention_in"},
+                                  std::pair<const Tensor3*, const char*>{&p.dy, "dy"}}) {
+      if (t->data == nullptr) return arg_error(name, " must be given");
+      s = detail::check_sizes3(*t, name, "have the shape of attention_out [T1, N1, Dv]", sh.T1, sh.N1, sh.Dv);
+      if (!s.ok()) return s;
+    }
+    if (p.softmax_max == nullptr) return arg_error("softmax_max must be given");
+    if (p.softmax_sum == nullptr) return arg_error("softmax_sum must be given");
+    return detail::check_not_null(
+        {{p.grad_query, "grad_query"}, {p.grad_key, "grad_key"}, {p.grad_value, "grad_value"}});
+  };
   using F = WindowAttentionParams;
-  WindowAttentionShape sh;
-  Status s = detail::validate_forward_inputs(p.fwd, validate_window_attention, &sh, &F::attention_out,
-                                             &F::softmax_max, &F::softmax_sum);
-  if (!s.ok()) return s;
-  for (const auto& [t, name] : {std::pair<const Tensor3*, const char*>{&p.attention_in, "attention_in"},
-                                std::pair<const Tensor3*, const char*>{&p.dy, "dy"}}) {
-    if (t->data == nullptr) return arg_error(name, " must be given");
-    if (!(s = detail::check_sizes3(*t, name, "have the shape of attention_out [T1, N1, Dv]", sh.T1, sh.N1, sh.Dv)).ok())
-      return s;
-  }
-  if (p.softmax_max == nullptr) return arg_error("softmax_max must be given");
-  if (p.softmax_sum == nullptr) return arg_error("softmax_sum must be given");
-  s = detail::check_not_null({{p.grad_query, "grad_query"}, {p.grad_key, "grad_key"}, {p.grad_value, "grad_value"}});
-  if (s.ok() && shape) *shape = sh;
-  return s;
+  return detail::validate_backward(p.fwd, validate_window_attention, shape, own_rules,
+                                   &F::attention_out, &F::softmax_max, &F::softmax_sum);
 }
 
 }  // namespace nsa
