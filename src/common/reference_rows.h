@@ -167,6 +167,20 @@ inline void store_stats8(float* softmax_max, float* softmax_sum, int64_t so, flo
   }
 }
 
+// The key/value gradient accumulators of a backward reference, zero at the start: dK [T2][N2][D] and dV [T2][N2][Dv]
+// in Acc, contiguous like grad_key / grad_value; dk_row / dv_row point at key row `row`, KV head n2.
+template <typename Acc>
+struct KvGradients {
+  KvGradients(int64_t T2, int64_t n2, int64_t d, int64_t dv_)
+      : N2(n2), D(d), Dv(dv_), dk(static_cast<size_t>(T2 * n2 * d), Acc(0)),
+        dv(static_cast<size_t>(T2 * n2 * dv_), Acc(0)) {}
+  Acc* dk_row(int64_t row, int64_t n2) { return &dk[static_cast<size_t>((row * N2 + n2) * D)]; }
+  Acc* dv_row(int64_t row, int64_t n2) { return &dv[static_cast<size_t>((row * N2 + n2) * Dv)]; }
+
+  int64_t N2, D, Dv;
+  std::vector<Acc> dk, dv;
+};
+
 // The outputs of a backward: each gradient accumulated in Acc over the whole call (grad, contiguous like its output
 // out) rounded once with rha_T into out: out[i] = rha_T(grad[i]) (fp32: float(grad[i]); fp64: grad[i]).
 template <typename Acc>

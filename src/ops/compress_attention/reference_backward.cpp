@@ -43,8 +43,7 @@ void detail::ReferenceEntry<validate_compress_attention_backward>::run(const Par
   const int64_t G = sh.G, D = sh.D, D2 = sh.D2, N1 = sh.N1, N2 = sh.N2;
 
   // dK (unscaled: Σ dS·q) and dV of every key/value row, in Acc; rows past the last prefix sum stay 0.
-  std::vector<Acc> dk(static_cast<size_t>(sh.T2 * N2 * D), Acc(0));
-  std::vector<Acc> dv(static_cast<size_t>(sh.T2 * N2 * D2), Acc(0));
+  ref::KvGradients<Acc> kv(sh.T2, N2, D, D2);
   std::vector<Acc> S, P, dS, dq(static_cast<size_t>(D)), go(static_cast<size_t>(D2));
   for (const BatchInfo& bi : batches) {
     const int64_t C = bi.c;
@@ -74,13 +73,13 @@ void detail::ReferenceEntry<validate_compress_attention_backward>::run(const Par
             const ref::EntryGrad<Acc> eg = ref::entry_grad(S[c], sm, go.data(), v, D2, dlt, dt);
             P[c] = eg.p;
             dS[c] = mask_at(f.atten_mask, s, c) ? Acc(0) : eg.ds;  // §7 rule 1
-            ref::add_scaled(P[c], go.data(), D2, &dv[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D2)]);
+            ref::add_scaled(P[c], go.data(), D2, kv.dv_row(bi.c_begin + c, n2));
           }
           // dQ = scale Σ_c dS k (this row's only writer); dK += dS q (scaled once at the end).
           std::fill(dq.begin(), dq.end(), Acc(0));
           for (int64_t c = 0; c < C; ++c) {
             ref::add_scaled(dS[c], key_row(c), D, dt, dq.data());
-            ref::add_scaled(dS[c], q, D, dt, &dk[static_cast<size_t>(((bi.c_begin + c) * N2 + n2) * D)]);
+            ref::add_scaled(dS[c], q, D, dt, kv.dk_row(bi.c_begin + c, n2));
           }
           for (int64_t j = 0; j < D; ++j)
             detail::store_f64(p.grad_query, (t * N1 + h) * D + j, static_cast<double>(scale * dq[j]), dt);
@@ -90,9 +89,9 @@ void detail::ReferenceEntry<validate_compress_attention_backward>::run(const Par
   }
   // Outputs in the dtype; key/value rows past cmp_seq_kvlen[B-1] get zeros (§7).
   for (int64_t i = 0; i < sh.T2 * N2 * D; ++i)
-    detail::store_f64(p.grad_key, i, static_cast<double>(scale * dk[static_cast<size_t>(i)]), dt);
+    detail::store_f64(p.grad_key, i, static_cast<double>(scale * kv.dk[static_cast<size_t>(i)]), dt);
   for (int64_t i = 0; i < sh.T2 * N2 * D2; ++i)
-    detail::store_f64(p.grad_value, i, static_cast<double>(dv[static_cast<size_t>(i)]), dt);
+    detail::store_f64(p.grad_value, i, static_cast<double>(kv.dv[static_cast<size_t>(i)]), dt);
 }
 
 template struct detail::ReferenceEntry<validate_compress_attention_backward>;

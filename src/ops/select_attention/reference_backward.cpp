@@ -30,8 +30,7 @@ void detail::ReferenceEntry<validate_select_attention_backward>::run(const Param
   const Acc scale = static_cast<Acc>(static_cast<float>(f.scale_value));
   const int64_t G = sh.G, D = sh.D, Dv = sh.Dv, N1 = sh.N1, N2 = sh.N2;
   std::vector<Acc> dq(static_cast<size_t>(sh.T1 * N1 * D), Acc(0));
-  std::vector<Acc> dk(static_cast<size_t>(sh.T2 * N2 * D), Acc(0));
-  std::vector<Acc> dv(static_cast<size_t>(sh.T2 * N2 * Dv), Acc(0));
+  ref::KvGradients<Acc> kv(sh.T2, N2, D, Dv);
   std::vector<Acc> q(static_cast<size_t>(D)), go(static_cast<size_t>(Dv));
   // E: the key rows of the visible entries of query row t, KV head n2 (§3)
   const auto visit = [&](const BatchInfo& bi, int64_t s, int64_t n2, const std::vector<int64_t>& E) {
@@ -56,14 +55,14 @@ void detail::ReferenceEntry<validate_select_attention_backward>::run(const Param
         const ref::ElemRow v = ref::row3(f.value, row, n2);
         const ref::EntryGrad<Acc> eg = ref::entry_grad(S, sm, go.data(), v, Dv, dlt, dt);
         ref::add_scaled(scale * eg.ds, k, D, dt, dqr);
-        ref::add_scaled(scale * eg.ds, q.data(), D, &dk[static_cast<size_t>((row * N2 + n2) * D)]);
-        ref::add_scaled(eg.p, go.data(), Dv, &dv[static_cast<size_t>((row * N2 + n2) * Dv)]);
+        ref::add_scaled(scale * eg.ds, q.data(), D, kv.dk_row(row, n2));
+        ref::add_scaled(eg.p, go.data(), Dv, kv.dv_row(row, n2));
       }
     }
   };
   select_detail::for_each_visible_set(f, sh, visit);
   // §8: outputs rounded once with rha_T, contiguous
-  ref::store_gradients_rha<Acc>(dt, {{p.grad_query, &dq}, {p.grad_key, &dk}, {p.grad_value, &dv}});
+  ref::store_gradients_rha<Acc>(dt, {{p.grad_query, &dq}, {p.grad_key, &kv.dk}, {p.grad_value, &kv.dv}});
 }
 
 template struct detail::ReferenceEntry<validate_select_attention_backward>;

@@ -28,7 +28,7 @@ void detail::ReferenceEntry<validate_window_attention_backward>::run(const Param
   const Acc scale = static_cast<Acc>(static_cast<float>(p.scale));
   const int64_t G = sh.G, D = sh.D, Dv = sh.Dv, N1 = sh.N1, N2 = sh.N2;
 
-  std::vector<Acc> dk(static_cast<size_t>(sh.T2 * N2 * D), Acc(0)), dv(static_cast<size_t>(sh.T2 * N2 * Dv), Acc(0));
+  ref::KvGradients<Acc> kv(sh.T2, N2, D, Dv);
   std::vector<Acc> dq(static_cast<size_t>(D)), dyr(static_cast<size_t>(Dv)), qr(static_cast<size_t>(D));
   // keys: the visible keys of row i of batch bi
   const auto visit = [&](const WBatch& bi, int64_t i, const std::vector<int64_t>& keys) {
@@ -43,7 +43,7 @@ void detail::ReferenceEntry<validate_window_attention_backward>::run(const Param
         if (p.inner_precise != 2) {
           const Acc skv = static_cast<Acc>(bi.skv);
           for (int64_t j = 0; j < bi.skv; ++j)
-            for (int64_t e = 0; e < Dv; ++e) dv[((bi.k0 + j) * N2 + n2) * Dv + e] += dyr[e] / skv;
+            for (int64_t e = 0; e < Dv; ++e) kv.dv_row(bi.k0 + j, n2)[e] += dyr[e] / skv;
         }
       } else {
         const int64_t so = window_detail::stat_offset(p.softmax_layout, N1, bi, h, i);
@@ -58,8 +58,8 @@ void detail::ReferenceEntry<validate_window_attention_backward>::run(const Param
           const ref::ElemRow v = ref::row3(p.value, kr, n2);
           const ref::EntryGrad<Acc> eg = ref::entry_grad(s, sm, dyr.data(), v, Dv, dlt, dt);
           ref::add_scaled(eg.ds, k, D, dt, dq.data());
-          ref::add_scaled(scale * eg.ds, qr.data(), D, &dk[static_cast<size_t>((kr * N2 + n2) * D)]);
-          ref::add_scaled(eg.p, dyr.data(), Dv, &dv[static_cast<size_t>((kr * N2 + n2) * Dv)]);
+          ref::add_scaled(scale * eg.ds, qr.data(), D, kv.dk_row(kr, n2));
+          ref::add_scaled(eg.p, dyr.data(), Dv, kv.dv_row(kr, n2));
         }
       }
       for (int64_t d = 0; d < D; ++d)
@@ -68,7 +68,7 @@ void detail::ReferenceEntry<validate_window_attention_backward>::run(const Param
   };
   window_detail::for_each_row_keys(p, sh, visit);
   // §7: the gradients rounded once with rha_T
-  ref::store_gradients_rha<Acc>(dt, {{g.grad_key, &dk}, {g.grad_value, &dv}});
+  ref::store_gradients_rha<Acc>(dt, {{g.grad_key, &kv.dk}, {g.grad_value, &kv.dv}});
 }
 
 template struct detail::ReferenceEntry<validate_window_attention_backward>;
