@@ -122,8 +122,8 @@ struct BatchPlan {
   std::vector<int64_t> jlo, jhi, part_off;
 };
 
-struct Geo {
-  int64_t T2 = 0, N1 = 0, N2 = 0, G = 0, D = 0, D2 = 0;
+// Sizes of the call (the shape) and of its tiles.
+struct Geo : CompressAttentionShape {
   int64_t Dp = 0, nDp = 0;          // D padded to panels, number of panels
   int64_t Bq = 0, R = 0, Rp = 0;    // tokens and rows of a query tile; R rounded up to even
   int64_t Dh = 0, D2h = 0;          // bf16 path: pairs along D and D2 (ceil(D/2), ceil(D2/2))
@@ -219,13 +219,7 @@ class Backward {
 
   Backward(const CompressAttentionGradParams& p, const CompressAttentionShape& sh, const KernelTable* kt,
            int threads)
-      : p_(p), f_(p.fwd), kt_(kt), threads_(threads) {
-    g_.T2 = sh.T2;
-    g_.N1 = sh.N1;
-    g_.N2 = sh.N2;
-    g_.G = sh.G;
-    g_.D = sh.D;
-    g_.D2 = sh.D2;
+      : p_(p), f_(p.fwd), kt_(kt), threads_(threads), g_{sh} {
     g_.nDp = (sh.D + kPan - 1) / kPan;
     g_.Dp = g_.nDp * kPan;
     g_.Bq = std::max<int64_t>(1, kRowsTarget / sh.G);

@@ -64,13 +64,11 @@ class Backward : CallState {
   Backward(const SelectAttentionGradParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
            const Tuning& tuning)
       : CallState(p.fwd, sh, kt, std::max(1, threads), kPairs, /*backward=*/true), p_(p), f_(p.fwd) {
-    const int64_t tile =
-        tuning.bwd_tile_rows > 0 ? tuning.bwd_tile_rows : (sh.G >= kDirectMinG ? kTileRows : kTileRowsGathered);
-    const int64_t chunk = tuning.bwd_chunk_rows > 0 ? tuning.bwd_chunk_rows : kChunkRows;
-    piece_rows_ = tuning.bwd_piece_rows > 0 ? tuning.bwd_piece_rows : kPieceRows;
-    bq_ = std::max<int64_t>(1, std::min((tile + g_.G / 2) / g_.G, std::max<int64_t>(sh.max_sq, 1)));
+    piece_rows_ = tuned(tuning.bwd_piece_rows, kPieceRows);
+    bq_ = std::min(tokens_for_rows(tuned(tuning.bwd_tile_rows, direct_ ? kTileRows : kTileRowsGathered)),
+                   std::max<int64_t>(sh.max_sq, 1));
     ra_ = bq_ * g_.G;
-    bc_ = std::max<int64_t>(1, (chunk + g_.G / 2) / g_.G);
+    bc_ = tokens_for_rows(tuned(tuning.bwd_chunk_rows, kChunkRows));
     rb_ = bc_ * g_.G;
     rbp_ = round_up(rb_, 2);
   }
@@ -79,9 +77,7 @@ class Backward : CallState {
   static bool nothing_to_write(const SelectAttentionShape&) { return false; }
 
   void run() {
-    batches_ = select_detail::make_batches(f_);
-    mark_blocks(f_, g_, batches_, bt_);
-    const int64_t n_packed = static_cast<int64_t>(bt_.packed_id.size());
+    const int64_t n_packed = mark(f_);
     packs_.reset(n_packed * g_.block_elems);
     invert();
     plan_pieces();
@@ -95,20 +91,9 @@ class Backward : CallState {
     };
     std::vector<Task> tasks;
     const double wa = 2.0 * g_.D + g_.Dv, wb = 2.0 * g_.D + 2.0 * g_.Dv;
-    for (size_t b = 0; b < batches_.size(); ++b) {
-      const BatchInfo& bi = batches_[b];
-      for (int64_t s0 = 0; s0 < bi.sq; s0 += bq_) {
-        const int64_t s1 = std::min(bi.sq, s0 + bq_);
-        for (int64_t n2 = 0; n2 < g_.N2; ++n2) {
-          double vis = 0;
-          for (int64_t s = s0; s < s1; ++s)
-            for (int64_t j = 0; j < g_.K; ++j)
-              vis += static_cast<double>(select_detail::visible_count(
-                  select_detail::index_at(f_, bi.q_begin + s, n2, j), s, bi.skv, g_.lp, f_.causal));
-          tasks.push_back({0, static_cast<int64_t>(b), n2, s0, s1, vis * g_.G * wa + (s1 - s0)});
-        }
-      }
-    }
+    for_each_tile(f_, bq_, [&](int64_t b, int64_t s0, int64_t s1, int64_t n2, int64_t visible) {
+      tasks.push_back({0, b, n2, s0, s1, static_cast<double>(visible) * g_.G * wa + (s1 - s0)});
+    });
     for (size_t i = 0; i < pieces_.size(); ++i)
       tasks.push_back({1, static_cast<int64_t>(i), 0, 0, 0, pieces_[i].vis * g_.G * wb + 1});
     std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
@@ -123,11 +108,7 @@ class Backward : CallState {
     const int64_t n_dlt = (g_.T1 + kDltChunk - 1) / kDltChunk;
     cpu::parallel_for(n_packed + n_dlt + 1, workers, [&](int64_t i, int w) {
       if (i < n_packed) {
-        const int64_t id = bt_.packed_id[static_cast<size_t>(i)];
-        int64_t b, x, n2;
-        decode(id, &b, &x, &n2);
-        pack_block<kPairs>(kt_, f_, g_, batches_[static_cast<size_t>(b)], x, n2, packs_.get() + i * g_.block_elems,
-                           &bt_.dirty_k[static_cast<size_t>(i)], &bt_.dirty_v[static_cast<size_t>(i)]);
+        pack<kPairs>(f_, i, packs_.get());
       } else if (i < n_packed + n_dlt) {
         compute_dlt((i - n_packed) * kDltChunk, std::min(g_.T1, (i - n_packed + 1) * kDltChunk),
                     scratch[static_cast<size_t>(w)]);
@@ -215,14 +196,6 @@ class Backward : CallState {
     }
   };
 
-  void decode(int64_t id, int64_t* b, int64_t* x, int64_t* n2) const {
-    *n2 = id % g_.N2;
-    const int64_t gb = id / g_.N2;
-    *b = static_cast<int64_t>(std::upper_bound(bt_.first.begin(), bt_.first.end(), gb) - bt_.first.begin()) - 1;
-    // empty batches share their `first` with the next one: upper_bound finds the last batch starting at or
-    // before gb, which is the one that owns block gb
-    *x = gb - bt_.first[static_cast<size_t>(*b)];
-  }
   const E* kq(int64_t slot) const { return packs_.get() + slot * g_.block_elems; }
   const E* vd(int64_t slot) const { return packs_.get() + slot * g_.block_elems + g_.kq; }
   const E* ktp(int64_t slot) const { return packs_.get() + slot * g_.block_elems + g_.kq + g_.vd; }
@@ -332,8 +305,8 @@ class Backward : CallState {
       for (int64_t x = 0; x < bi.blocks; ++x)
         for (int64_t n2 = 0; n2 < N2; ++n2) {
           if (bt_.slot[static_cast<size_t>(bt_.id(static_cast<int64_t>(b), x, n2, N2))] >= 0) continue;
-          const int64_t r0 = bi.k_begin + x * g_.lp;
-          zero_rows(r0, r0 + std::min(g_.lp, bi.skv - x * g_.lp), n2);
+          const int64_t r0 = bi.k_begin + x * g_.block;
+          zero_rows(r0, r0 + std::min(g_.block, bi.skv - x * g_.block), n2);
         }
     }
   }
@@ -357,7 +330,7 @@ class Backward : CallState {
     const BatchInfo& bi = batches_[static_cast<size_t>(b)];
     const int64_t G = g_.G, K = g_.K, lpp = g_.lpp, ntok = s1 - s0, R = ntok * G;
     TileEntries& te = sc.te;
-    te.build(f_, bi, n2, s0, ntok, K, g_.lp);
+    te.build(f_, bi, n2, s0, ntok, K, g_.block);
     std::fill_n(sc.dq.get(), R * g_.Dp, 0.0f);
     if (te.n_entries > 0) {
       for (int64_t i = 0; i < ntok; ++i) {
@@ -472,7 +445,7 @@ class Backward : CallState {
       const int64_t r = i * g_.G + g, h = n2 * g_.G + g;
       float* dq = sc.dq.get() + r * g_.Dp;
       for (int64_t c = 0; c < v; ++c) {
-        const int64_t key = bi.k_begin + x * g_.lp + c;
+        const int64_t key = bi.k_begin + x * g_.block + c;
         float dot = 0, dp = 0;
         for (int64_t d = 0; d < g_.D; ++d) dot += ld(f_.query, t, h, d) * ld(f_.key, key, n2, d);
         for (int64_t e = 0; e < g_.Dv; ++e) dp += ld(p_.grad, t, h, e) * ld(f_.value, key, n2, e);
@@ -497,7 +470,7 @@ class Backward : CallState {
       const int64_t nc = std::min(bc_, pc.e1 - c0), rows = nc * G, rp = round_up(rows, 2);
       for (int64_t e = 0; e < nc; ++e) {
         const int64_t sj = inv_[static_cast<size_t>(c0 + e)], s = sj / K, j = sj % K, t = bi.q_begin + s;
-        const int32_t v = static_cast<int32_t>(select_detail::visible_count(pc.x, s, bi.skv, g_.lp, f_.causal));
+        const int32_t v = static_cast<int32_t>(select_detail::visible_count(pc.x, s, bi.skv, g_.block, f_.causal));
         (void)j;
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = e * G + g, h = pc.n2 * G + g;
@@ -574,10 +547,10 @@ class Backward : CallState {
   // Writes the valid key rows of block x of (b, n2): dK = scale dK^T^T, dV = dV^T^T, rounded with rha_T.
   void finish_block(Scratch& sc, int64_t b, int64_t x, int64_t n2, const float* dkT, const float* dvT) const {
     const BatchInfo& bi = batches_[static_cast<size_t>(b)];
-    const int64_t lpp = g_.lpp, valid = std::min(g_.lp, bi.skv - x * g_.lp);
+    const int64_t lpp = g_.lpp, valid = std::min(g_.block, bi.skv - x * g_.block);
     float* row = sc.row.data();
     for (int64_t c = 0; c < valid; ++c) {
-      const int64_t key = bi.k_begin + x * g_.lp + c;
+      const int64_t key = bi.k_begin + x * g_.block + c;
       for (int64_t d = 0; d < g_.D; ++d) row[d] = dkT[d * lpp + c];
       store_rha_row(row, g_.D, scale_, p_.grad_key, (key * g_.N2 + n2) * g_.D);
       for (int64_t e = 0; e < g_.Dv; ++e) row[e] = dvT[e * lpp + c];
@@ -610,11 +583,3 @@ Status backward(const SelectAttentionGradParams& p, const CpuOptions& options, c
 }
 
 }  // namespace nsa::select_cpu
-
-namespace nsa {
-
-Status select_attention_backward_cpu(const SelectAttentionGradParams& p, const CpuOptions& options) {
-  return select_cpu::backward(p, options, select_cpu::Tuning{});
-}
-
-}  // namespace nsa

@@ -62,9 +62,8 @@ using detail::round_up;
 template <typename T>
 using AlignedBuf = detail::AlignedBuffer<T>;
 
-// Sizes of a validated call and of the packed operands.
-struct Geo {
-  int64_t T1 = 0, N1 = 0, N2 = 0, G = 0, D = 0, Dv = 0, K = 0, lp = 0;
+// Sizes of a validated call (the shape; block = l') and of the packed operands.
+struct Geo : SelectAttentionShape {
   int64_t lpp = 0;             // l' rounded up to 16: columns of a block in score rows, P.V reduction length
   int64_t npb = 0;             // panels of 64 keys per block (ceil(lpp / 64))
   int64_t Dr = 0, Dvr = 0;     // D, Dv rounded up to U
@@ -74,16 +73,8 @@ struct Geo {
 };
 
 inline Geo make_geo(const SelectAttentionShape& sh, bool pairs, bool backward) {
-  Geo g;
+  Geo g{sh};
   const int64_t U = pairs ? 2 : 1;
-  g.T1 = sh.T1;
-  g.N1 = sh.N1;
-  g.N2 = sh.N2;
-  g.G = sh.G;
-  g.D = sh.D;
-  g.Dv = sh.Dv;
-  g.K = sh.K;
-  g.lp = sh.block;
   g.lpp = round_up(sh.block, 16);
   g.npb = (g.lpp + kPanel - 1) / kPanel;
   g.Dr = round_up(sh.D, U);
@@ -189,7 +180,7 @@ inline void for_each_visible_slot(const SelectAttentionParams& p, const Geo& g, 
       for (int64_t n2 = 0; n2 < g.N2; ++n2)
         for (int64_t j = 0; j < g.K; ++j) {
           const int64_t x = select_detail::index_at(p, bi.q_begin + s, n2, j);
-          const int64_t v = select_detail::visible_count(x, s, bi.skv, g.lp, p.causal);
+          const int64_t v = select_detail::visible_count(x, s, bi.skv, g.block, p.causal);
           if (v > 0) fn(static_cast<int64_t>(b), s, n2, j, x, v);
         }
   }
@@ -210,6 +201,50 @@ struct CallState {
       : sh_(sh), kt_(kt), threads_(threads), g_(make_geo(sh, pairs, backward)),
         scale_(static_cast<float>(f.scale_value)), sk_(select_kernels::table_for(kt->isa)),
         direct_(g_.G >= kDirectMinG) {}
+  // A tuning knob's value, or `dflt` where it is 0 (unset).
+  static int64_t tuned(int64_t knob, int64_t dflt) { return knob > 0 ? knob : dflt; }
+  // Query rows of a tile of about `rows` GEMM rows (query rows x G): rows / G rounded to nearest, at least 1.
+  int64_t tokens_for_rows(int64_t rows) const { return std::max<int64_t>(1, (rows + g_.G / 2) / g_.G); }
+
+  // The batches of the call and its block table (mark_blocks); returns the number of packed blocks.
+  int64_t mark(const SelectAttentionParams& f);
+
+  // Packed block id (BlockTable::packed_id) to its batch b, block x and KV head n2.
+  void decode(int64_t id, int64_t* b, int64_t* x, int64_t* n2) const {
+    *n2 = id % g_.N2;
+    const int64_t gb = id / g_.N2;
+    *b = static_cast<int64_t>(std::upper_bound(bt_.first.begin(), bt_.first.end(), gb) - bt_.first.begin()) - 1;
+    // empty batches share their `first` with the next one: upper_bound finds the last batch starting at or
+    // before gb, which is the one that owns block gb
+    *x = gb - bt_.first[static_cast<size_t>(*b)];
+  }
+
+  // Packs the i-th reached block (bt_.packed_id[i]) into packs + i * block_elems (pack_block, below) and records
+  // whether its K / V hold non-finite values.
+  template <bool kPairs>
+  void pack(const SelectAttentionParams& f, int64_t i, typename Path<kPairs>::E* packs);
+
+  // The query tiles of the call, batch by batch, bq query rows each (the last one of a batch shorter), and KV head:
+  // fn(b, s0, s1, n2, visible), rows [s0, s1) of batch b, with `visible` the number of visible entries of those rows
+  // (a tile's cost).
+  template <typename Fn>
+  void for_each_tile(const SelectAttentionParams& f, int64_t bq, Fn&& fn) const {
+    for (size_t b = 0; b < batches_.size(); ++b) {
+      const BatchInfo& bi = batches_[b];
+      for (int64_t s0 = 0; s0 < bi.sq; s0 += bq) {
+        const int64_t s1 = std::min(bi.sq, s0 + bq);
+        for (int64_t n2 = 0; n2 < g_.N2; ++n2) {
+          int64_t visible = 0;
+          for (int64_t s = s0; s < s1; ++s)
+            for (int64_t j = 0; j < g_.K; ++j)
+              visible += select_detail::visible_count(select_detail::index_at(f, bi.q_begin + s, n2, j), s, bi.skv,
+                                                      g_.block, f.causal);
+          fn(static_cast<int64_t>(b), s0, s1, n2, visible);
+        }
+      }
+    }
+  }
+
   const SelectAttentionShape& sh_;
   const KernelTable* kt_;
   int threads_;
@@ -285,11 +320,11 @@ void pack_block(const KernelTable* kt, const SelectAttentionParams& p, const Geo
   E* vo = kq + g.kq;
   E* vd = vo + g.vo;
   E* ktp = vd + g.vd;
-  const int64_t valid = std::min(g.lp, bi.skv - x * g.lp);  // keys of the block below Skv_b
+  const int64_t valid = std::min(g.block, bi.skv - x * g.block);  // keys of the block below Skv_b
   std::vector<E> row(static_cast<size_t>(std::max(g.Dr, g.Dvr)));
   bool bad_k = false, bad_v = false;
   for (int64_t c = 0; c < valid; ++c) {
-    const int64_t key_row = bi.k_begin + x * g.lp + c;
+    const int64_t key_row = bi.k_begin + x * g.block + c;
     load_operand_row<kPairs>(kt, p.key, p.dtype, key_row, n2, g.D, g.Dr, row.data());
     for (int64_t d = 0; d < g.D; ++d) {
       bad_k |= non_finite<kPairs>(row[static_cast<size_t>(d)]);
@@ -382,6 +417,20 @@ struct TileEntries {
   int64_t blocks() const { return static_cast<int64_t>(ublock.size()); }
 };
 
+inline int64_t CallState::mark(const SelectAttentionParams& f) {
+  batches_ = select_detail::make_batches(f);
+  mark_blocks(f, g_, batches_, bt_);
+  return static_cast<int64_t>(bt_.packed_id.size());
+}
+
+template <bool kPairs>
+void CallState::pack(const SelectAttentionParams& f, int64_t i, typename Path<kPairs>::E* packs) {
+  int64_t b, x, n2;
+  decode(bt_.packed_id[static_cast<size_t>(i)], &b, &x, &n2);
+  pack_block<kPairs>(kt_, f, g_, batches_[static_cast<size_t>(b)], x, n2, packs + i * g_.block_elems,
+                     &bt_.dirty_k[static_cast<size_t>(i)], &bt_.dirty_v[static_cast<size_t>(i)]);
+}
+
 // Block u of a query tile's union (block x of batch b, KV head n2): its packed slot, the keys it holds inside the
 // batch (valid = min(l', Skv_b - x l')) and its entries e[0..ne) (i K + j, see TileEntries).
 struct UnionBlock {
@@ -393,7 +442,7 @@ inline UnionBlock union_block(const TileEntries& te, int64_t u, const BlockTable
                               int64_t b, int64_t n2) {
   const size_t uu = static_cast<size_t>(u);
   const int64_t x = te.ublock[uu];
-  return UnionBlock{x, bt.slot[static_cast<size_t>(bt.id(b, x, n2, g.N2))], std::min(g.lp, bi.skv - x * g.lp),
+  return UnionBlock{x, bt.slot[static_cast<size_t>(bt.id(b, x, n2, g.N2))], std::min(g.block, bi.skv - x * g.block),
                     te.ent.data() + te.ustart[uu], te.ustart[uu + 1] - te.ustart[uu]};
 }
 

@@ -62,9 +62,7 @@ class Forward : CallState {
           const Tuning& tuning)
       : CallState(p, sh, kt, threads, kPairs, /*backward=*/false), p_(p) {
     ld_s_ = g_.K * g_.lpp;
-    const int64_t target =
-        tuning.fwd_tile_rows > 0 ? tuning.fwd_tile_rows : (g_.G >= kDirectMinG ? kTargetRows : kTargetRowsGathered);
-    int64_t bq = std::max<int64_t>(1, (target + g_.G / 2) / g_.G);
+    int64_t bq = tokens_for_rows(tuned(tuning.fwd_tile_rows, direct_ ? kTargetRows : kTargetRowsGathered));
     bq = std::min(bq, std::max<int64_t>(1, kMaxLineBytes / (static_cast<int64_t>(sizeof(float) + sizeof(E)) * g_.G * ld_s_)));
     bq_ = std::max<int64_t>(1, std::min(bq, std::max<int64_t>(sh.max_sq, 1)));
     rmax_ = bq_ * g_.G;
@@ -77,29 +75,16 @@ class Forward : CallState {
   static bool nothing_to_write(const SelectAttentionShape& sh) { return sh.T1 == 0; }
 
   void run() {
-    batches_ = select_detail::make_batches(p_);
-    mark_blocks(p_, g_, batches_, bt_);
-    const int64_t n_packed = static_cast<int64_t>(bt_.packed_id.size());
+    const int64_t n_packed = mark(p_);
     packs_.reset(n_packed * g_.block_elems);
     // tasks: tiles (b, n2, s0, s1), largest first (cost: visible entries); the order never changes a result
     struct Task {
       int64_t b, n2, s0, s1, cost;
     };
     std::vector<Task> tasks;
-    for (size_t b = 0; b < batches_.size(); ++b) {
-      const BatchInfo& bi = batches_[b];
-      for (int64_t s0 = 0; s0 < bi.sq; s0 += bq_) {
-        const int64_t s1 = std::min(bi.sq, s0 + bq_);
-        for (int64_t n2 = 0; n2 < g_.N2; ++n2) {
-          int64_t cost = 0;
-          for (int64_t s = s0; s < s1; ++s)
-            for (int64_t j = 0; j < g_.K; ++j)
-              cost += select_detail::visible_count(select_detail::index_at(p_, bi.q_begin + s, n2, j), s, bi.skv,
-                                                   g_.lp, p_.causal);
-          tasks.push_back({static_cast<int64_t>(b), n2, s0, s1, cost});
-        }
-      }
-    }
+    for_each_tile(p_, bq_, [&](int64_t b, int64_t s0, int64_t s1, int64_t n2, int64_t visible) {
+      tasks.push_back({b, n2, s0, s1, visible});
+    });
     std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
     const int workers = std::max(1, threads_);
     std::vector<Scratch> scratch(static_cast<size_t>(workers));
@@ -108,12 +93,7 @@ class Forward : CallState {
 
     // pack the reached blocks
     cpu::parallel_for(n_packed, workers, [&](int64_t i, int) {
-      const int64_t id = bt_.packed_id[static_cast<size_t>(i)];
-      const int64_t n2 = id % g_.N2, gb = id / g_.N2;
-      const int64_t b = static_cast<int64_t>(std::upper_bound(bt_.first.begin(), bt_.first.end(), gb) - bt_.first.begin()) - 1;
-      const int64_t x = gb - bt_.first[static_cast<size_t>(b)];
-      pack_block<kPairs>(kt_, p_, g_, batches_[static_cast<size_t>(b)], x, n2, packs_.get() + i * g_.block_elems,
-                         &bt_.dirty_k[static_cast<size_t>(i)], &bt_.dirty_v[static_cast<size_t>(i)]);
+      pack<kPairs>(p_, i, packs_.get());
     });
     cpu::parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
       const Task& tk = tasks[static_cast<size_t>(t)];
@@ -156,7 +136,7 @@ class Forward : CallState {
     const int64_t G = g_.G, K = g_.K, lpp = g_.lpp, ntok = s1 - s0, R = ntok * G;
     const DType dt = p_.dtype;
     TileEntries& te = sc.te;
-    te.build(p_, bi, n2, s0, ntok, K, g_.lp);  // 1.
+    te.build(p_, bi, n2, s0, ntok, K, g_.block);  // 1.
 
     // 2. scores
     const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -301,7 +281,7 @@ class Forward : CallState {
       float* o = sc.o.get() + r * g_.Dvp;
       for (int64_t c = 0; c < v; ++c) {
         const float pc = P::value(pl[c]);
-        const int64_t base = (bi.k_begin + x * g_.lp + c) * val.stride[0] + n2 * val.stride[1];
+        const int64_t base = (bi.k_begin + x * g_.block + c) * val.stride[0] + n2 * val.stride[1];
         for (int64_t e = 0; e < g_.Dv; ++e) o[e] += pc * detail::load_f32(val.data, base + e * val.stride[2], p_.dtype);
       }
     }
@@ -323,11 +303,3 @@ Status forward(const SelectAttentionParams& p, const CpuOptions& options, const 
 }
 
 }  // namespace nsa::select_cpu
-
-namespace nsa {
-
-Status select_attention_cpu(const SelectAttentionParams& p, const CpuOptions& options) {
-  return select_cpu::forward(p, options, select_cpu::Tuning{});
-}
-
-}  // namespace nsa

@@ -7,6 +7,7 @@ nsa_op_sources(select_attention
   reference_forward.cpp
   reference_backward.cpp
   cpu_forward.cpp
-  cpu_backward.cpp)
+  cpu_backward.cpp
+  cpu_entry_points.cpp)
 nsa_op_sources(select_attention kernels_scalar.cpp OPTIONS -ffp-contract=off)
 nsa_op_isa_kernels(select_attention OPTIONS -ffp-contract=off)

@@ -637,9 +637,3 @@ Status backward(const WindowAttentionGradParams& p, const CpuOptions& options, c
 }
 
 }  // namespace nsa::window_cpu
-
-namespace nsa {
-Status window_attention_backward_cpu(const WindowAttentionGradParams& p, const CpuOptions& options) {
-  return window_cpu::backward(p, options, window_cpu::Tuning{});
-}
-}  // namespace nsa

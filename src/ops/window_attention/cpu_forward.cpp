@@ -539,9 +539,3 @@ Status forward(const WindowAttentionParams& p, const CpuOptions& options, const 
 }
 
 }  // namespace nsa::window_cpu
-
-namespace nsa {
-Status window_attention_cpu(const WindowAttentionParams& p, const CpuOptions& options) {
-  return window_cpu::forward(p, options, window_cpu::Tuning{});
-}
-}  // namespace nsa

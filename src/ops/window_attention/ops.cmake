@@ -6,4 +6,5 @@ nsa_op_sources(window_attention
   reference_backward.cpp
   cpu_common.cpp
   cpu_forward.cpp
-  cpu_backward.cpp)
+  cpu_backward.cpp
+  cpu_entry_points.cpp)
