@@ -19,6 +19,13 @@
 
 namespace nsa::ref {
 
+// The softmax scale as every contract uses it: the double argument rounded to float32 (round to nearest even),
+// then held in Acc (exact).
+template <typename Acc>
+Acc float32_scale(double scale) {
+  return static_cast<Acc>(static_cast<float>(scale));
+}
+
 // The query rows of a batched attention operator, one by one: f(bi, i) for every batch bi of `batches` in order and
 // every local row i < bi.sq (Sq_b) ascending.
 template <typename Batch, typename F>

@@ -38,7 +38,7 @@ void detail::ReferenceEntry<validate_compress_attention_backward>::run(const Par
   detail::CausalMask causal_mask;  // §10 causal: atten_mask is the view of causal.h
   const CompressAttentionParams f = detail::with_causal_view(p.fwd, sh, &causal_mask);
   const std::vector<BatchInfo> batches = detail::make_batches(f, sh);
-  const Acc scale = static_cast<Acc>(static_cast<float>(f.scale_value));  // §1: used as float32
+  const Acc scale = ref::float32_scale<Acc>(f.scale_value);  // §1: used as float32
   const Acc neg_max = static_cast<Acc>(-FLT_MAX);
   const int64_t G = sh.G, D = sh.D, D2 = sh.D2, N1 = sh.N1, N2 = sh.N2;
 

@@ -28,7 +28,7 @@ void detail::ReferenceEntry<validate_compress_attention>::run(const Params& para
   detail::CausalMask causal_mask;  // §10 causal: atten_mask is the view of causal.h, topk forcing below
   const CompressAttentionParams p = detail::with_causal_view(params, sh, &causal_mask);
   const std::vector<BatchInfo> batches = detail::make_batches(p, sh);
-  const Acc scale = static_cast<Acc>(static_cast<float>(p.scale_value));  // §1: used as float32
+  const Acc scale = ref::float32_scale<Acc>(p.scale_value);  // §1: used as float32
   const Acc neg_max = static_cast<Acc>(-FLT_MAX);
   const Acc pos_max = static_cast<Acc>(FLT_MAX);
   const int64_t G = sh.G, M = sh.M, N = sh.N, K = sh.K, D2 = sh.D2;

@@ -15,7 +15,7 @@ namespace nsa {
 template <>
 template <typename Acc>
 void detail::ReferenceEntry<validate_paged_window_attention>::run(const Params& p, const Shape& sh, DType dt) {
-  const Acc scale = static_cast<Acc>(static_cast<float>(p.scale));  // used as a float32
+  const Acc scale = ref::float32_scale<Acc>(p.scale);  // used as a float32
   const int64_t G = sh.G, Dv = sh.Dv;
   std::vector<Acc> S, acc(static_cast<size_t>(Dv));
   paged::EntryRows rows;  // the entries' key / value rows

@@ -21,19 +21,17 @@
 
 namespace nsa {
 
-using select_detail::BatchInfo;
-
 template <>
 template <typename Acc>
 void detail::ReferenceEntry<validate_select_attention_backward>::run(const Params& p, const Shape& sh, DType dt) {
   const SelectAttentionParams& f = p.fwd;
-  const Acc scale = static_cast<Acc>(static_cast<float>(f.scale_value));
+  const Acc scale = ref::float32_scale<Acc>(f.scale_value);
   const int64_t G = sh.G, D = sh.D, Dv = sh.Dv, N1 = sh.N1, N2 = sh.N2;
   std::vector<Acc> dq(static_cast<size_t>(sh.T1 * N1 * D), Acc(0));
   ref::KvGradients<Acc> kv(sh.T2, N2, D, Dv);
   std::vector<Acc> q(static_cast<size_t>(D)), go(static_cast<size_t>(Dv));
   // E: the key rows of the visible entries of query row t, KV head n2 (§3)
-  const auto visit = [&](const BatchInfo& bi, int64_t s, int64_t n2, const std::vector<int64_t>& E) {
+  const auto visit = [&](const select_detail::BatchInfo& bi, int64_t s, int64_t n2, const std::vector<int64_t>& E) {
     const int64_t t = bi.q_begin + s;
     if (E.empty()) return;  // §6: a row without visible entries contributes nothing (query_grad stays 0)
     for (int64_t g = 0; g < G; ++g) {

@@ -13,16 +13,14 @@
 
 namespace nsa {
 
-using select_detail::BatchInfo;
-
 template <>
 template <typename Acc>
 void detail::ReferenceEntry<validate_select_attention>::run(const Params& p, const Shape& sh, DType dt) {
-  const Acc scale = static_cast<Acc>(static_cast<float>(p.scale_value));  // §2: used as a float32
+  const Acc scale = ref::float32_scale<Acc>(p.scale_value);  // §2: used as a float32
   const int64_t G = sh.G, Dv = sh.Dv;
   std::vector<Acc> S, P, acc(static_cast<size_t>(Dv));
   // E: the key rows of the visible multiset E(t, n2) of §3, slot order then r; duplicates count twice
-  const auto visit = [&](const BatchInfo& bi, int64_t s, int64_t n2, const std::vector<int64_t>& E) {
+  const auto visit = [&](const select_detail::BatchInfo& bi, int64_t s, int64_t n2, const std::vector<int64_t>& E) {
     const int64_t t = bi.q_begin + s;  // query row; s its local position
     const int64_t n = static_cast<int64_t>(E.size());
     const auto key_row = [&](int64_t e) { return ref::row3(p.key, E[e], n2); };

@@ -25,7 +25,7 @@ void store_out(void* out, int64_t i, double x, DType dt) {
 template <>
 template <typename Acc>
 void detail::ReferenceEntry<validate_select_attention_infer>::run(const Params& p, const Shape& sh, DType dt) {
-  const Acc scale = static_cast<Acc>(static_cast<float>(p.scale_value));  // used as a float32 (§4 step 3)
+  const Acc scale = ref::float32_scale<Acc>(p.scale_value);  // used as a float32 (§4 step 3)
   const int64_t G = sh.G, Dv = sh.Dv;
   std::vector<paged::Run> runs;
   paged::EntryRows rows;  // the entries' key / value rows

@@ -19,19 +19,17 @@
 
 namespace nsa {
 
-using window_detail::WBatch;
-
 template <>
 template <typename Acc>
 void detail::ReferenceEntry<validate_window_attention_backward>::run(const Params& g, const Shape& sh, DType dt) {
   const WindowAttentionParams& p = g.fwd;
-  const Acc scale = static_cast<Acc>(static_cast<float>(p.scale));
+  const Acc scale = ref::float32_scale<Acc>(p.scale);
   const int64_t G = sh.G, D = sh.D, Dv = sh.Dv, N1 = sh.N1, N2 = sh.N2;
 
   ref::KvGradients<Acc> kv(sh.T2, N2, D, Dv);
   std::vector<Acc> dq(static_cast<size_t>(D)), dyr(static_cast<size_t>(Dv)), qr(static_cast<size_t>(D));
   // keys: the visible keys of row i of batch bi
-  const auto visit = [&](const WBatch& bi, int64_t i, const std::vector<int64_t>& keys) {
+  const auto visit = [&](const window_detail::WBatch& bi, int64_t i, const std::vector<int64_t>& keys) {
     const int64_t t = bi.q0 + i;
     for (int64_t h = 0; h < N1; ++h) {
       const int64_t n2 = h / G;

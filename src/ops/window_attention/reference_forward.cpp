@@ -15,19 +15,17 @@
 
 namespace nsa {
 
-using window_detail::WBatch;
-
 template <>
 template <typename Acc>
 void detail::ReferenceEntry<validate_window_attention>::run(const Params& p, const Shape& sh, DType dt) {
-  const Acc scale = static_cast<Acc>(static_cast<float>(p.scale));  // §5 step 1: f32(scale)
+  const Acc scale = ref::float32_scale<Acc>(p.scale);  // §5 step 1: f32(scale)
   const int64_t G = sh.G, Dv = sh.Dv, N1 = sh.N1;
   // rha_T of §5 step 4 applied to a probability (identity for fp32 and fp64 inputs).
   const auto round_p = [dt](Acc x) { return ref::round_p_rha(x, dt); };
 
   std::vector<Acc> S, acc(static_cast<size_t>(Dv));
   // keys: the visible keys of row i of batch bi
-  const auto visit = [&](const WBatch& bi, int64_t i, const std::vector<int64_t>& keys) {
+  const auto visit = [&](const window_detail::WBatch& bi, int64_t i, const std::vector<int64_t>& keys) {
     const int64_t t = bi.q0 + i;
     const int64_t n = static_cast<int64_t>(keys.size());
     for (int64_t h = 0; h < N1; ++h) {
