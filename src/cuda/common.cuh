@@ -54,6 +54,22 @@ struct Elem<float> {
   static __device__ __forceinline__ float round(float x) { return x; }
 };
 
+// ------------------------------------------------------------------------------------ shared-memory staging
+// Stages a [kRows x kCols] tile into shared memory, block-wide (kThreads threads; no barrier). Tile element (r, c) is
+// element (r0 + r, c0 + c) of a source of n_rows x n_cols elements: it is written at dst[r * ld_r + c * ld_c]
+// (ld_c = 1: row-major, ld_r = 1: transposed; strides in Dst elements) as load(r, c) when r0 + r < n_rows and
+// c0 + c < n_cols, as zero otherwise. Thread t writes the elements e = t, t + kThreads, ... of the row-major order
+// (r = e / kCols, c = e % kCols), so consecutive threads load consecutive columns c of a source row, its contiguous
+// dimension (coalesced). Dst: float (load converts the element) or the 16-bit element type itself (load copies it).
+template <int kRows, int kCols, int kThreads, typename Dst, typename Load>
+__device__ __forceinline__ void stage_tile(Dst* dst, int ld_r, int ld_c, int r0, int n_rows, int c0, int n_cols,
+                                           Load load) {
+  for (int e = static_cast<int>(threadIdx.x); e < kRows * kCols; e += kThreads) {
+    const int r = e / kCols, c = e % kCols;
+    dst[r * ld_r + c * ld_c] = (r0 + r < n_rows && c0 + c < n_cols) ? load(r, c) : Elem<Dst>::store(0.0f);
+  }
+}
+
 // ------------------------------------------------------------------------------------ §3.8 order
 // detail::topk_before (src/common/topk_order.h) on the device: higher score first, equal scores by smaller index,
 // NaN below every number. A strict total order on (score, index) pairs with distinct indices, so the K best of a set
@@ -170,6 +186,23 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 
 // ------------------------------------------------------------------------------------ host helpers
 Status cuda_error(cudaError_t e, const char* what);
+
+// The element type of a call as a type tag: run(ElemTag<T>{}) with T = __nv_bfloat16, __half or float for dtype
+// bfloat16, float16, float32 (the types the kernels are instantiated for); an error for any other dtype.
+template <typename T>
+struct ElemTag {
+  using type = T;
+};
+template <typename Run>
+Status with_elem_type(DType dtype, Run run) {
+  switch (dtype) {
+    case DType::kBF16: return run(ElemTag<__nv_bfloat16>{});
+    case DType::kF16: return run(ElemTag<__half>{});
+    case DType::kF32: return run(ElemTag<float>{});
+    default: break;
+  }
+  return Status::Error("dtype not supported by the CUDA backend");
+}
 
 // Device memory for the duration of one call, stream-ordered (cudaMallocAsync / cudaFreeAsync on the
 // call's stream); falls back to cudaMalloc + synchronize + cudaFree on devices without memory pools.

@@ -7,12 +7,14 @@
 //              bitwise equal to the reference, determinism, a seeded fuzz;
 //   backward - gradients vs the fp64 model (FlashAttention's rule: <= 3 x the plain fp32 reference's error
 //              plus a rounding floor), structural zeros, determinism, large heads;
-//   both     - argument errors identical to the reference's messages (these run without a device).
+//   both     - argument errors identical to the reference's messages, the §10 extensions refused by name (these run
+//              without a device).
 // Every forward check runs the tensor-core path and the simple path (NSA_CUDA_SIMPLE=1); fp32 has one path.
 // Tests needing a device call GTEST_SKIP() with the reason when cudaGetDeviceCount reports none.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
@@ -259,26 +261,48 @@ TEST(CudaArguments, Float64IsRejectedByName) {
   EXPECT_NE(sb.message().find("float64"), std::string::npos) << sb.message();
 }
 
+// Host-side backward params over the forward params of a Bound of a 16-bit case (the argument checks run before
+// anything touches memory): attention_out = grad_out [T, N1, D2] contiguous, statistics [T, N1, 8], gradients of
+// the sizes of §7 filled with 0xFFFF.
+struct HostGrad {
+  std::vector<float> stats;
+  std::vector<uint16_t> o, gq, gk, gv;
+  CompressAttentionGradParams g;
+
+  HostGrad(const Case& cs, const Bound& bd)
+      : stats(static_cast<size_t>(cs.T() * cs.N1 * 8)),
+        o(static_cast<size_t>(cs.T() * cs.N1 * cs.D2)),
+        gq(static_cast<size_t>(cs.T() * cs.N1 * cs.D), 0xFFFF),
+        gk(static_cast<size_t>(cs.T2() * cs.N2 * cs.D), 0xFFFF),
+        gv(static_cast<size_t>(cs.T2() * cs.N2 * cs.D2), 0xFFFF) {
+    g.fwd = bd.p;
+    g.attention_out.data = o.data();
+    g.attention_out.size[0] = cs.T();
+    g.attention_out.size[1] = cs.N1;
+    g.attention_out.size[2] = cs.D2;
+    g.attention_out.stride[0] = cs.N1 * cs.D2;
+    g.attention_out.stride[1] = cs.D2;
+    g.attention_out.stride[2] = 1;
+    g.grad_out = g.attention_out;
+    g.softmax_max = stats.data();
+    g.softmax_sum = stats.data();
+    g.grad_query = gq.data();
+    g.grad_key = gk.data();
+    g.grad_value = gv.data();
+  }
+  bool grads_untouched() const {
+    auto all_ff = [](const std::vector<uint16_t>& x) {
+      return std::all_of(x.begin(), x.end(), [](uint16_t e) { return e == 0xFFFF; });
+    };
+    return all_ff(gq) && all_ff(gk) && all_ff(gv);
+  }
+};
+
 TEST(CudaArguments, BackwardErrorsAreTheReferenceMessages) {
   Case cs = random_filled(DType::kF16, {5}, {9}, 2, 1, 16, 8, 32, 16, 64, 2, 3);
   Bound bd(cs);
-  std::vector<float> stats(static_cast<size_t>(cs.T() * cs.N1 * 8));
-  std::vector<uint16_t> o(static_cast<size_t>(cs.T() * cs.N1 * cs.D2)), gq(256), gk(256), gv(256);
-  CompressAttentionGradParams g;
-  g.fwd = bd.p;
-  g.attention_out.data = o.data();
-  g.attention_out.size[0] = cs.T();
-  g.attention_out.size[1] = cs.N1;
-  g.attention_out.size[2] = cs.D2;
-  g.attention_out.stride[0] = cs.N1 * cs.D2;
-  g.attention_out.stride[1] = cs.D2;
-  g.attention_out.stride[2] = 1;
-  g.grad_out = g.attention_out;
-  g.softmax_max = stats.data();
-  g.softmax_sum = stats.data();
-  g.grad_query = gq.data();
-  g.grad_key = gk.data();
-  g.grad_value = gv.data();
+  HostGrad hg(cs, bd);
+  const CompressAttentionGradParams& g = hg.g;
   auto both = [&](CompressAttentionGradParams p, const char* what) {
     SCOPED_TRACE(what);
     const Status r = nsa::compress_attention_backward_reference(p);
@@ -296,6 +320,35 @@ TEST(CudaArguments, BackwardErrorsAreTheReferenceMessages) {
   p = g;
   p.fwd.head_num = 5;
   both(p, "head_num");
+}
+
+// The §10 causal / short_batches extensions are refused by name, forward and backward (the backward's kernels read
+// explicit masks only: with `fwd.causal` they would see no mask at all), on calls that the argument rules accept; nothing
+// is written.
+TEST(CudaArguments, ExtensionsAreRefusedByName) {
+  Case cs = random_filled(DType::kBF16, {5, 3}, {9, 7}, 4, 2, 16, 16, 32, 16, 64, 2, 4);
+  Bound bd(cs);
+  HostGrad hg(cs, bd);
+  for (int which = 0; which < 2; ++which) {
+    SCOPED_TRACE(which == 0 ? "causal" : "short_batches");
+    CompressAttentionParams p = bd.p;
+    (which == 0 ? p.causal : p.short_batches) = true;
+    CompressAttentionGradParams g = hg.g;
+    g.fwd = p;
+    nsa::CompressAttentionShape sh;
+    ASSERT_TRUE(nsa::validate_compress_attention(p, &sh).ok());
+    ASSERT_TRUE(nsa::validate_compress_attention_backward(g, &sh).ok());
+    const Status sf = nsa::compress_attention_cuda(p, nullptr);
+    const Status sb = nsa::compress_attention_backward_cuda(g, nullptr);
+    ASSERT_FALSE(sf.ok());
+    ASSERT_FALSE(sb.ok());
+    for (const Status* st : {&sf, &sb}) {
+      EXPECT_NE(st->message().find("causal / short_batches extensions"), std::string::npos) << st->message();
+      EXPECT_NE(st->message().find("CUDA backend"), std::string::npos) << st->message();
+    }
+  }
+  EXPECT_TRUE(bd.outputs_untouched());
+  EXPECT_TRUE(hg.grads_untouched());
 }
 
 // ------------------------------------------------------------------------------------ forward: hand cases

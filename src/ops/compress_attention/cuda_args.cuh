@@ -1,6 +1,7 @@
-// Pieces shared by the CUDA forward (cuda_forward.cu) and backward (cuda_backward.cu) of compress_attention: what
-// the backend supports beyond the argument rules, the input part of the kernels' argument blocks, the upload of the
-// per-batch tables the kernels read, and the atten_mask row scan of the kernels' visible windows.
+// Pieces shared by the CUDA forward (cuda_forward.cu) and backward (cuda_backward.cu) of compress_attention: the
+// entry path (argument rules, what the backend supports beyond them, the input part of the kernels' argument blocks),
+// the upload of the per-batch tables the kernels read, the key/value element offset and the atten_mask row scan of
+// the kernels' visible windows.
 #pragma once
 
 #include <climits>
@@ -43,10 +44,14 @@ __device__ __forceinline__ void mask_row_window(const QkvArgs& a, int64_t s, int
   *last = warp_max_i(l);
 }
 
-// Beyond the argument rules of §6: the backend computes in bf16 / fp16 / fp32 and indexes rows, heads and columns
-// with 32-bit ints (C_b, Sq_b G, N1 and D below 2^30; Sq_b <= Sq_b G).
-inline Status check_cuda_support(DType dtype, const CompressAttentionShape& sh) {
-  if (dtype == DType::kF64)
+// Beyond the argument rules of §6 / §7, for a call with forward params p: the backend reads explicit masks only (not
+// the §10 causal / short_batches extensions), computes in bf16 / fp16 / fp32 and indexes rows, heads and columns with
+// 32-bit ints (C_b, Sq_b G, N1 and D below 2^30; Sq_b <= Sq_b G).
+inline Status check_cuda_support(const CompressAttentionParams& p, const CompressAttentionShape& sh) {
+  if (p.causal || p.short_batches)
+    return Status::Error("the CUDA backend does not implement the causal / short_batches extensions (§10); use the "
+                         "CPU backend or explicit masks");
+  if (p.dtype == DType::kF64)
     return Status::Error("dtype float64 is not supported by the CUDA backend (use bfloat16, float16 or float32)");
   if (sh.max_c >= INT_MAX / 2 || sh.max_sq * sh.G >= INT_MAX / 2 || sh.N1 >= INT_MAX / 2 || sh.D >= INT_MAX / 2)
     return Status::Error("the CUDA backend needs C_b, Sq_b * G, N1 and D below 2^30");
@@ -69,15 +74,38 @@ inline void set_qkv_args(const CompressAttentionParams& p, const CompressAttenti
   a->scale = static_cast<float>(p.scale_value);
 }
 
-// The set-up of a validated call (the forward's params; the backward's `fwd`): check_cuda_support, then the input
-// part of the argument block *a and the call's batches (§2 prefix sums as begin/length pairs).
-inline Status prepare_cuda_call(const CompressAttentionParams& p, const CompressAttentionShape& sh, QkvArgs* a,
-                                std::vector<detail::BatchInfo>* batches) {
-  Status st = check_cuda_support(p.dtype, sh);
+// The argument rules of a call, with the reference's messages: §6 for the forward, §7 for the backward.
+inline Status validate_call(const CompressAttentionParams& p, CompressAttentionShape* sh) {
+  return validate_compress_attention(p, sh);
+}
+inline Status validate_call(const CompressAttentionGradParams& g, CompressAttentionShape* sh) {
+  return validate_compress_attention_backward(g, sh);
+}
+// The forward params of a call: the forward's own, the backward's `fwd`.
+inline const CompressAttentionParams& forward_params(const CompressAttentionParams& p) { return p; }
+inline const CompressAttentionParams& forward_params(const CompressAttentionGradParams& g) { return g.fwd; }
+
+// The one entry path of the forward (Params = CompressAttentionParams, Args = FwdArgs) and the backward
+// (CompressAttentionGradParams, BwdArgs): the call's argument rules (validate_call), what the backend supports
+// (check_cuda_support on the forward params), then run(p, sh, batches, a, stream) with the input part of the argument
+// block a filled (set_qkv_args; every other field zero) and the call's batches (§2 prefix sums as begin/length pairs).
+// Nothing is enqueued and nothing written before run.
+template <typename Args, typename Params, typename Run>
+Status run_cuda_call(const Params& p, void* stream, Run run) {
+  CompressAttentionShape sh;
+  Status st = validate_call(p, &sh);
   if (!st.ok()) return st;
-  set_qkv_args(p, sh, a);
-  *batches = detail::make_batches(p, sh);
-  return Status::Ok();
+  const CompressAttentionParams& f = forward_params(p);
+  if (!(st = check_cuda_support(f, sh)).ok()) return st;
+  Args a{};
+  set_qkv_args(f, sh, &a);
+  return run(p, sh, detail::make_batches(f, sh), a, static_cast<cudaStream_t>(stream));
+}
+
+// Element offset of row `row` (of T2), KV head n2, column d in a key or value view [T2, N2, *] with strides s0, s1,
+// s2 (elements).
+__device__ __forceinline__ int64_t kv_off(int64_t row, int n2, int d, int64_t s0, int64_t s1, int64_t s2) {
+  return row * s0 + static_cast<int64_t>(n2) * s1 + static_cast<int64_t>(d) * s2;
 }
 
 // Device copies of the per-batch tables of one call, in one stream-ordered scratch allocation laid out as

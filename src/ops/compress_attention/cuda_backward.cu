@@ -161,11 +161,7 @@ __device__ void pair_p_ds(const BwdArgs& a, const Pair& pr, float* stage, const 
   const int tid = threadIdx.x, ty = tid >> 3, tx = tid & 7;
   float* const sAt = stage;                // [kDK][kLdR] rows of Q or dO, transposed
   float* const sBt = stage + kDK * kLdR;   // [kDK][kLdK] rows of K or V, transposed
-  float accS[2][4], accP[2][4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) accS[i][j] = accP[i][j] = 0.0f;
+  float accS[2][4] = {}, accP[2][4] = {};
   const T* const Q = static_cast<const T*>(a.q);
   const T* const Kp = static_cast<const T*>(a.k);
   const T* const V = static_cast<const T*>(a.v);
@@ -174,24 +170,15 @@ __device__ void pair_p_ds(const BwdArgs& a, const Pair& pr, float* stage, const 
     const int len = which == 0 ? a.D : a.D2;
     for (int d0 = 0; d0 < len; d0 += kDK) {
       __syncthreads();
-      for (int e = tid; e < kRT * kDK; e += kThreads) {
-        const int r = e / kDK, dd = e % kDK, d = d0 + dd;
-        float x = 0.0f;
-        if (pr.u0 + r < pr.nrows && d < len)
-          x = which == 0 ? Elem<T>::load(Q, row_off(a, pr, r, a.qs0, a.qs1, a.qs2, d))
-                         : Elem<T>::load(GO, row_off(a, pr, r, a.gs0, a.gs1, a.gs2, d));
-        sAt[dd * kLdR + r] = x;
-      }
-      for (int e = tid; e < kKT * kDK; e += kThreads) {
-        const int cc = e / kDK, dd = e % kDK, d = d0 + dd;
-        float x = 0.0f;
-        if (cc < pr.nkc && d < len) {
-          const int64_t row = pr.bt.c_begin + pr.kc0 + cc;
-          x = which == 0 ? Elem<T>::load(Kp, row * a.ks0 + static_cast<int64_t>(pr.n2) * a.ks1 + static_cast<int64_t>(d) * a.ks2)
-                         : Elem<T>::load(V, row * a.vs0 + static_cast<int64_t>(pr.n2) * a.vs1 + static_cast<int64_t>(d) * a.vs2);
-        }
-        sBt[dd * kLdK + cc] = x;
-      }
+      stage_tile<kRT, kDK, kThreads>(sAt, 1, kLdR, pr.u0, pr.nrows, d0, len, [&](int r, int dd) {
+        return which == 0 ? Elem<T>::load(Q, row_off(a, pr, r, a.qs0, a.qs1, a.qs2, d0 + dd))
+                          : Elem<T>::load(GO, row_off(a, pr, r, a.gs0, a.gs1, a.gs2, d0 + dd));
+      });
+      stage_tile<kKT, kDK, kThreads>(sBt, 1, kLdK, 0, pr.nkc, d0, len, [&](int cc, int dd) {
+        const int64_t row = pr.bt.c_begin + pr.kc0 + cc;
+        return which == 0 ? Elem<T>::load(Kp, kv_off(row, pr.n2, d0 + dd, a.ks0, a.ks1, a.ks2))
+                          : Elem<T>::load(V, kv_off(row, pr.n2, d0 + dd, a.vs0, a.vs1, a.vs2));
+      });
       __syncthreads();
 #pragma unroll 8
       for (int dd = 0; dd < kDK; ++dd) {
@@ -255,14 +242,10 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BwdArgs a) {
     if (ncol == 0) return;  // block-uniform
     for (int uc = 0; uc < kRT; uc += kUC) {
       __syncthreads();
-      for (int e = tid; e < kUC * kSlice; e += kThreads) {
-        const int uu = e / kSlice, jc = e % kSlice, r = uc + uu;
-        float x = 0.0f;
-        if (pr.u0 + r < pr.nrows && jc < ncol)
-          x = x_is_dout ? Elem<T>::load(GO, row_off(a, pr, r, a.gs0, a.gs1, a.gs2, jz + jc))
-                        : Elem<T>::load(Q, row_off(a, pr, r, a.qs0, a.qs1, a.qs2, jz + jc));
-        sStage[uu * kSlice + jc] = x;
-      }
+      stage_tile<kUC, kSlice, kThreads>(sStage, kSlice, 1, pr.u0 + uc, pr.nrows, 0, ncol, [&](int uu, int jc) {
+        return x_is_dout ? Elem<T>::load(GO, row_off(a, pr, uc + uu, a.gs0, a.gs1, a.gs2, jz + jc))
+                         : Elem<T>::load(Q, row_off(a, pr, uc + uu, a.qs0, a.qs1, a.qs2, jz + jc));
+      });
       __syncthreads();
       const float* coef = coef_t + cc * kLdR + uc;
 #pragma unroll 4
@@ -370,14 +353,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BwdArgs a) {
       pr.nkc = min(kKT, hi - kc0);  // columns past hi are masked for every row that has a visible column
       if (!pair_needed(a, pr, sMr, false)) continue;
       pair_p_ds<T>(a, pr, sK, sMr, sLr, sDr, nullptr, sDS, kLdK, 1);
-      for (int e = tid; e < kKT * kSlice; e += kThreads) {
-        const int c = e / kSlice, jc = e % kSlice;
-        float x = 0.0f;
-        if (c < pr.nkc && jc < ncq)
-          x = Elem<T>::load(Kp, (pr.bt.c_begin + kc0 + c) * a.ks0 + static_cast<int64_t>(n2) * a.ks1 +
-                                    static_cast<int64_t>(jz + jc) * a.ks2);
-        sK[c * kSlice + jc] = x;
-      }
+      stage_tile<kKT, kSlice, kThreads>(sK, kSlice, 1, 0, pr.nkc, 0, ncq, [&](int c, int jc) {
+        return Elem<T>::load(Kp, kv_off(pr.bt.c_begin + kc0 + c, n2, jz + jc, a.ks0, a.ks1, a.ks2));
+      });
       __syncthreads();
       const int nk = pr.nkc;
       for (int c = 0; c < nk; ++c) {
@@ -428,19 +406,12 @@ Status launch_all(const BwdArgs& base, int64_t T_, int64_t N2, int64_t D, int64_
   return Status::Ok();
 }
 
-}  // namespace
-}  // namespace cuda_detail
-
-Status compress_attention_backward_cuda(const CompressAttentionGradParams& p, void* stream_ptr) {
-  using namespace cuda_detail;
-  CompressAttentionShape sh;
-  Status st = validate_compress_attention_backward(p, &sh);
-  if (!st.ok()) return st;
+// The backward of a call that run_cuda_call has validated and set up (the input part of a filled): the backward's
+// own arguments, the batch table with the key-tile and row-tile prefix sums and the Dlt buffer, the zeroed key/value
+// tail, then the three kernels of the call's dtype.
+Status run_backward(const CompressAttentionGradParams& p, const CompressAttentionShape& sh,
+                    const std::vector<detail::BatchInfo>& batches, BwdArgs& a, cudaStream_t stream) {
   const CompressAttentionParams& f = p.fwd;
-  BwdArgs a{};
-  std::vector<detail::BatchInfo> batches;
-  if (!(st = prepare_cuda_call(f, sh, &a, &batches)).ok()) return st;
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   a.o = p.attention_out.data;
   a.go = p.grad_out.data;
   a.os0 = p.attention_out.stride[0], a.os1 = p.attention_out.stride[1], a.os2 = p.attention_out.stride[2];
@@ -465,9 +436,9 @@ Status compress_attention_backward_cuda(const CompressAttentionGradParams& p, vo
   Scratch scratch(stream);
   const int64_t* units_dev[2] = {nullptr, nullptr};
   void* dlt_dev = nullptr;
-  if (!(st = upload_batch_table(scratch, stream, batches, {&kv_units, &q_units}, dlt_bytes, &a.batches, units_dev,
-                                &dlt_dev)).ok())
-    return st;
+  const Status st = upload_batch_table(scratch, stream, batches, {&kv_units, &q_units}, dlt_bytes, &a.batches,
+                                       units_dev, &dlt_dev);
+  if (!st.ok()) return st;
   const int64_t* kv_dev = units_dev[0];
   const int64_t* q_dev = units_dev[1];
   a.dlt = static_cast<float*>(dlt_dev);
@@ -484,16 +455,17 @@ Status compress_attention_backward_cuda(const CompressAttentionGradParams& p, vo
                           static_cast<size_t>((sh.T2 - c_end) * sh.N2 * sh.D2) * es, stream);
     if (e != cudaSuccess) return cuda_error(e, "cudaMemsetAsync (grad_key/grad_value tail)");
   }
-  switch (f.dtype) {
-    case DType::kBF16:
-      return launch_all<__nv_bfloat16>(a, sh.T, sh.N2, sh.D, sh.D2, kv_dev, kv_units.back(), q_dev, q_units.back(), stream);
-    case DType::kF16:
-      return launch_all<__half>(a, sh.T, sh.N2, sh.D, sh.D2, kv_dev, kv_units.back(), q_dev, q_units.back(), stream);
-    case DType::kF32:
-      return launch_all<float>(a, sh.T, sh.N2, sh.D, sh.D2, kv_dev, kv_units.back(), q_dev, q_units.back(), stream);
-    default: break;
-  }
-  return Status::Error("dtype not supported by the CUDA backend");
+  return with_elem_type(f.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return launch_all<T>(a, sh.T, sh.N2, sh.D, sh.D2, kv_dev, kv_units.back(), q_dev, q_units.back(), stream);
+  });
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+Status compress_attention_backward_cuda(const CompressAttentionGradParams& p, void* stream) {
+  return cuda_detail::run_cuda_call<cuda_detail::BwdArgs>(p, stream, cuda_detail::run_backward);
 }
 
 }  // namespace nsa

@@ -217,6 +217,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
       const int i = r / G, g = r - (r / G) * G;
       return (bt.q_begin + s0 + i) * a.qs0 + static_cast<int64_t>(n2 * G + g) * a.qs1 + static_cast<int64_t>(d) * a.qs2;
     };
+    // key / value c (a column of the batch), column d
+    auto k_off = [&](int c, int d) -> int64_t { return kv_off(bt.c_begin + c, n2, d, a.ks0, a.ks1, a.ks2); };
+    auto v_off = [&](int c, int d) -> int64_t { return kv_off(bt.c_begin + c, n2, d, a.vs0, a.vs1, a.vs2); };
     auto masked = [&](int r, int c) -> bool {
       return a.am != nullptr && a.am[static_cast<int64_t>(s0 + r / G) * a.am0 + static_cast<int64_t>(c) * a.am1] != 0;
     };
@@ -233,25 +236,15 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
             float* const sQt = sStage;               // [kDK][kLdT]: Q slice, transposed
             float* const sKt = sStage + kDK * kLdT;  // [kDK][kLdT]: K slice, transposed
             const int tx = tid & 15, ty = tid >> 4;
-            float acc[4][4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-              for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+            float acc[4][4] = {};
             for (int d0 = 0; d0 < a.D; d0 += kDK) {
               __syncthreads();
-              for (int e = tid; e < kRows * kDK; e += kThreads) {
-                const int rr = e / kDK, dd = e % kDK, r = rb * kRows + rr, d = d0 + dd;
-                sQt[dd * kLdT + rr] = (r < R && d < a.D) ? Elem<T>::load(Q, q_off(r, d)) : 0.0f;
-              }
-              for (int e = tid; e < kKC * kDK; e += kThreads) {
-                const int cc = e / kDK, dd = e % kDK, c = ct + cc, d = d0 + dd;
-                float x = 0.0f;
-                if (c < w && d < a.D)
-                  x = Elem<T>::load(Kp, (bt.c_begin + c0 + c) * a.ks0 + static_cast<int64_t>(n2) * a.ks1 +
-                                            static_cast<int64_t>(d) * a.ks2);
-                sKt[dd * kLdT + cc] = x;
-              }
+              stage_tile<kRows, kDK, kThreads>(sQt, 1, kLdT, rb * kRows, R, d0, a.D, [&](int rr, int dd) {
+                return Elem<T>::load(Q, q_off(rb * kRows + rr, d0 + dd));
+              });
+              stage_tile<kKC, kDK, kThreads>(sKt, 1, kLdT, ct, w, d0, a.D, [&](int cc, int dd) {
+                return Elem<T>::load(Kp, k_off(c0 + ct + cc, d0 + dd));
+              });
               __syncthreads();
 #pragma unroll 8
               for (int dd = 0; dd < kDK; ++dd) {
@@ -274,24 +267,15 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
             T* const sKh = sQh + kRows * kTcLdQ;           // [64][kTcLdQ]
             const int g8 = lane >> 2, t4 = lane & 3;
             const int wr = (warp >> 1) * 16, wc = (warp & 1) * 32;
-            float acc[4][4];
-#pragma unroll
-            for (int n = 0; n < 4; ++n)
-#pragma unroll
-              for (int j = 0; j < 4; ++j) acc[n][j] = 0.0f;
+            float acc[4][4] = {};
             for (int d0 = 0; d0 < a.D; d0 += kTcDK) {
               __syncthreads();
-              for (int e = tid; e < kRows * kTcDK; e += kThreads) {
-                const int rr = e / kTcDK, dd = e % kTcDK, r = rb * kRows + rr, d = d0 + dd;
-                sQh[rr * kTcLdQ + dd] = (r < R && d < a.D) ? Q[q_off(r, d)] : Elem<T>::store(0.0f);
-              }
-              for (int e = tid; e < kKC * kTcDK; e += kThreads) {
-                const int cc = e / kTcDK, dd = e % kTcDK, c = ct + cc, d = d0 + dd;
-                sKh[cc * kTcLdQ + dd] = (c < w && d < a.D) ? Kp[(bt.c_begin + c0 + c) * a.ks0 +
-                                                                static_cast<int64_t>(n2) * a.ks1 +
-                                                                static_cast<int64_t>(d) * a.ks2]
-                                                           : Elem<T>::store(0.0f);
-              }
+              stage_tile<kRows, kTcDK, kThreads>(sQh, kTcLdQ, 1, rb * kRows, R, d0, a.D, [&](int rr, int dd) {
+                return Q[q_off(rb * kRows + rr, d0 + dd)];
+              });
+              stage_tile<kKC, kTcDK, kThreads>(sKh, kTcLdQ, 1, ct, w, d0, a.D, [&](int cc, int dd) {
+                return Kp[k_off(c0 + ct + cc, d0 + dd)];
+              });
               __syncthreads();
 #pragma unroll
               for (int kk = 0; kk < kTcDK; kk += 16) {
@@ -335,14 +319,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
         const int ns = (ncols + 63) / 64;
         for (int cc0 = 0; cc0 < w; cc0 += kVC) {
           __syncthreads();
-          for (int e = tid; e < kVC * kD2Slice; e += kThreads) {
-            const int vc = e / kD2Slice, jc = e % kD2Slice, c = cc0 + vc;
-            float x = 0.0f;
-            if (c < w && jc < ncols)
-              x = Elem<T>::load(V, (bt.c_begin + c0 + c) * a.vs0 + static_cast<int64_t>(n2) * a.vs1 +
-                                       static_cast<int64_t>(j0 + jc) * a.vs2);
-            sV[vc * kD2Slice + jc] = x;
-          }
+          stage_tile<kVC, kD2Slice, kThreads>(sV, kD2Slice, 1, cc0, w, 0, ncols, [&](int vc, int jc) {
+            return Elem<T>::load(V, v_off(c0 + cc0 + vc, j0 + jc));
+          });
           __syncthreads();
           const int nv = min(kVC, w - cc0);
           for (int vc = 0; vc < nv; ++vc) {
@@ -373,13 +352,9 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdArgs a) {
         const int nn = min(16, max(0, (ncols - wc + 7) / 8));  // n-tiles of this warp with columns
         for (int cc0 = 0; cc0 < w; cc0 += kTcVC) {
           __syncthreads();
-          for (int e = tid; e < kTcVC * kD2Slice; e += kThreads) {
-            const int vc = e / kD2Slice, jc = e % kD2Slice, c = cc0 + vc;
-            sVt[jc * kTcLdV + vc] = (c < w && jc < ncols)
-                                        ? V[(bt.c_begin + c0 + c) * a.vs0 + static_cast<int64_t>(n2) * a.vs1 +
-                                            static_cast<int64_t>(j0 + jc) * a.vs2]
-                                        : Elem<T>::store(0.0f);
-          }
+          stage_tile<kTcVC, kD2Slice, kThreads>(sVt, 1, kTcLdV, cc0, w, 0, ncols, [&](int vc, int jc) {
+            return V[v_off(c0 + cc0 + vc, j0 + jc)];
+          });
           __syncthreads();
           const int nv = min(kTcVC, w - cc0);
           for (int kk = 0; kk < nv; kk += 16) {
@@ -583,21 +558,10 @@ Status launch(const FwdArgs& a, dim3 grid, size_t smem, cudaStream_t stream) {
   return Status::Ok();
 }
 
-}  // namespace
-}  // namespace cuda_detail
-
-Status compress_attention_cuda(const CompressAttentionParams& p, void* stream_ptr) {
-  using namespace cuda_detail;
-  CompressAttentionShape sh;
-  Status st = validate_compress_attention(p, &sh);
-  if (!st.ok()) return st;
-  if (p.causal || p.short_batches)
-    return Status::Error("the CUDA backend does not implement the causal / short_batches extensions (§10); use the "
-                         "CPU backend or explicit masks");
-  FwdArgs a{};
-  std::vector<detail::BatchInfo> batches;
-  if (!(st = prepare_cuda_call(p, sh, &a, &batches)).ok()) return st;
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+// The forward of a call that run_cuda_call has validated and set up (the input part of a filled): the forward's own
+// arguments, the tile shape and shared-memory plan, the batch table upload, then the kernel of the call's dtype.
+Status run_forward(const CompressAttentionParams& p, const CompressAttentionShape& sh,
+                   const std::vector<detail::BatchInfo>& batches, FwdArgs& a, cudaStream_t stream) {
   a.tm = p.topk_mask.data;
   a.tm0 = p.topk_mask.stride[0], a.tm1 = p.topk_mask.stride[1];
   a.out = p.attention_out;
@@ -620,7 +584,8 @@ Status compress_attention_cuda(const CompressAttentionParams& p, void* stream_pt
   const bool tc = p.dtype != DType::kF32 && !env_simple();
   a.stage = tc ? kStageTc : kStageSimple;
   int optin = 0;
-  if (!(st = device_smem_optin(&optin)).ok()) return st;
+  Status st = device_smem_optin(&optin);
+  if (!st.ok()) return st;
   if (tc) {
     int dev = 0, major = 0;
     cudaError_t e = cudaGetDevice(&dev);
@@ -653,14 +618,18 @@ Status compress_attention_cuda(const CompressAttentionParams& p, void* stream_pt
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(sh.N2, 65535)),
                   static_cast<unsigned>((rp / kRows) * a.nds));
   if (grid.z > 65535) return Status::Error("the CUDA backend supports at most 65535 (row block x D2 slice) blocks");
-  switch (p.dtype) {
-    case DType::kBF16: return tc ? launch<__nv_bfloat16, true>(a, grid, smem, stream)
-                                 : launch<__nv_bfloat16, false>(a, grid, smem, stream);
-    case DType::kF16: return tc ? launch<__half, true>(a, grid, smem, stream) : launch<__half, false>(a, grid, smem, stream);
-    case DType::kF32: return launch<float, false>(a, grid, smem, stream);
-    default: break;
-  }
-  return Status::Error("dtype not supported by the CUDA backend");
+  return with_elem_type(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, float>) return launch<T, false>(a, grid, smem, stream);  // no fp32 tensor cores
+    else return tc ? launch<T, true>(a, grid, smem, stream) : launch<T, false>(a, grid, smem, stream);
+  });
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+Status compress_attention_cuda(const CompressAttentionParams& p, void* stream) {
+  return cuda_detail::run_cuda_call<cuda_detail::FwdArgs>(p, stream, cuda_detail::run_forward);
 }
 
 }  // namespace nsa
