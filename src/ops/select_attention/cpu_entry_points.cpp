@@ -3,14 +3,10 @@
 #include "nsa/select_attention.h"
 #include "ops/select_attention/cpu.h"
 
-namespace nsa {
-
-Status select_attention_cpu(const SelectAttentionParams& p, const CpuOptions& options) {
+nsa::Status nsa::select_attention_cpu(const SelectAttentionParams& p, const CpuOptions& options) {
   return select_cpu::forward(p, options, {});
 }
 
-Status select_attention_backward_cpu(const SelectAttentionGradParams& p, const CpuOptions& options) {
+nsa::Status nsa::select_attention_backward_cpu(const SelectAttentionGradParams& p, const CpuOptions& options) {
   return select_cpu::backward(p, options, {});
 }
-
-}  // namespace nsa

@@ -3,14 +3,10 @@
 #include "nsa/window_attention.h"
 #include "ops/window_attention/cpu.h"
 
-namespace nsa {
-
-Status window_attention_cpu(const WindowAttentionParams& p, const CpuOptions& options) {
+nsa::Status nsa::window_attention_cpu(const WindowAttentionParams& p, const CpuOptions& options) {
   return window_cpu::forward(p, options, {});
 }
 
-Status window_attention_backward_cpu(const WindowAttentionGradParams& p, const CpuOptions& options) {
+nsa::Status nsa::window_attention_backward_cpu(const WindowAttentionGradParams& p, const CpuOptions& options) {
   return window_cpu::backward(p, options, {});
 }
-
-}  // namespace nsa
