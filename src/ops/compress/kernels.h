@@ -1,7 +1,7 @@
 // Per-ISA row kernels of the compression operator's CPU backend (internal). kernels_impl.h is compiled once
 // per ISA (kernels_scalar.cpp with the baseline flags; kernels_avx2.cpp and kernels_avx512.cpp with their own
 // flags, x86 only), each into its own namespace, and exports one KernelTable; cpu.cpp (baseline flags) picks
-// the table once per call and drives the tasks.
+// the table once per call (kernels_for) and drives the tasks.
 //
 // Arithmetic contract shared by every table (so that all ISA paths give identical bits): fp32 products and
 // sums, each product rounded and then added (no fused multiply-add: these sources are compiled with
@@ -43,6 +43,12 @@ struct KernelTable {
   void (*dot_lanes)(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes, int64_t pf);
   // dst[j] = f32(src[j]) for j < D (exact widening).
   void (*widen)(DType dt, const void* src, int64_t D, float* dst);
+
+  // The instance built with each ISA's flags (src/cpu/isa_tables.h): kernels_scalar.cpp, kernels_avx2.cpp and
+  // kernels_avx512.cpp (the last two in x86 builds only).
+  static const KernelTable* scalar();
+  static const KernelTable* avx2();
+  static const KernelTable* avx512();
 };
 
 // The canonical reduction of 16 partial sums: for s = 8, 4, 2, 1: part[k] = part[k] + part[k + s] (k < s);
@@ -54,14 +60,8 @@ inline F canonical16(F* part) {
   return part[0];
 }
 
-const KernelTable* kernels_scalar();
-#if NSA_HAVE_X86_KERNELS
-const KernelTable* kernels_avx2();
-const KernelTable* kernels_avx512();
-#endif
-
-// The table of a runnable path (resolve_isa's result): avx512bf16 uses the avx512 table (no bf16 dot product is
-// involved); the scalar table where no SIMD table is compiled in.
+// The table of a runnable path (resolve_isa's result), as cpu::table_for_isa picks it: avx512bf16 uses the avx512
+// table (no bf16 dot product is involved); the scalar table where no SIMD table is compiled in.
 const KernelTable* kernels_for(CpuIsa isa);
 
 }  // namespace nsa::compress_kernels

@@ -3,8 +3,8 @@
 // <cstdint>, <cstring>, <type_traits>, "common/rounding.h" and "ops/compress/kernels.h" at global scope, so nothing
 // here is shared between translation units compiled with different flags.
 //
-// V: the traits of src/cpu/arch/vector_base.h (F: W fp32 lanes, 16 % W == 0; zero, set1, add, mul, load, store,
-// load_bf16) plus load_f16(const uint16_t*): exact widenings of W bf16 / fp16 values.
+// V: a vector of the ISA layer (src/cpu/arch/scalar/scalar_vector.h, src/cpu/arch/x86/vectors.h; F: W fp32 lanes,
+// 16 % W == 0; zero, set1, add, mul, load, store, and load_bf16 / load_f16: exact widenings of W bf16 / fp16 values).
 // Stores to bf16 / fp16 apply common/rounding.h's formulas (bf16_bits_of, f16_bits_of) to all W lanes at once.
 // Elements past the last whole vector of a row are handled by the scalar code below, with the same operations.
 

@@ -5,14 +5,13 @@
 #include <type_traits>
 
 #include "common/rounding.h"
-#include "cpu/arch/vector_base.h"
+#include "cpu/arch/scalar/scalar_vector.h"
+#include "cpu/isa_tables.h"
 #include "ops/compress/kernels.h"
 
 namespace nsa::compress_kernels::isa_scalar {
 
-struct V : nsa::cpu::VectorBase<float, V> {
-  static F load_f16(const uint16_t* p) { return detail::f16_to_f32(*p); }
-};
+struct V : nsa::cpu::ScalarVector<V> {};
 
 #include "ops/compress/kernels_impl.h"
 
@@ -20,20 +19,8 @@ struct V : nsa::cpu::VectorBase<float, V> {
 
 namespace nsa::compress_kernels {
 
-const KernelTable* kernels_scalar() { return isa_scalar::make_table(CpuIsa::kScalar); }
+const KernelTable* KernelTable::scalar() { return isa_scalar::make_table(CpuIsa::kScalar); }
 
-const KernelTable* kernels_for(CpuIsa isa) {
-#if NSA_HAVE_X86_KERNELS
-  switch (isa) {
-    case CpuIsa::kAvx2: return kernels_avx2();
-    case CpuIsa::kAvx512:
-    case CpuIsa::kAvx512Bf16: return kernels_avx512();
-    default: break;
-  }
-#else
-  (void)isa;
-#endif
-  return kernels_scalar();
-}
+const KernelTable* kernels_for(CpuIsa isa) { return cpu::table_for_isa<KernelTable>(isa); }
 
 }  // namespace nsa::compress_kernels

@@ -30,14 +30,15 @@ struct Table {
   void (*pack_pairs_rha)(const float* a, const float* b, int64_t n, uint16_t* pairs);
   // out[i] = rha_T(x[i] * alpha) (one IEEE multiplication) for T = dt (bf16 / fp16 bits, fp32 as float), i < n.
   void (*store_rha)(const float* x, int64_t n, float alpha, void* out, DType dt);
+
+  // The instance built with each ISA's flags (src/cpu/isa_tables.h): kernels_scalar.cpp, kernels_avx2.cpp and
+  // kernels_avx512.cpp (the last two in x86 builds only).
+  static const Table* scalar();
+  static const Table* avx2();
+  static const Table* avx512();
 };
 
-const Table* table_scalar();
-#if NSA_HAVE_X86_KERNELS
-const Table* table_avx2();
-const Table* table_avx512();
-#endif
-// The table for a resolved CPU path (avx512bf16 uses the AVX-512 table).
+// The table for a resolved CPU path, as cpu::table_for_isa picks it (avx512bf16 uses the AVX-512 table).
 const Table* table_for(CpuIsa isa);
 
 }  // namespace nsa::select_kernels

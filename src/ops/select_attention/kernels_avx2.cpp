@@ -9,5 +9,5 @@ namespace nsa::select_kernels::isa_avx2 {
 }  // namespace nsa::select_kernels::isa_avx2
 
 namespace nsa::select_kernels {
-const Table* table_avx2() { return isa_avx2::make_table(CpuIsa::kAvx2); }
+const Table* Table::avx2() { return isa_avx2::make_table(CpuIsa::kAvx2); }
 }  // namespace nsa::select_kernels

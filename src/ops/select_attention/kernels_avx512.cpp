@@ -9,5 +9,5 @@ namespace nsa::select_kernels::isa_avx512 {
 }  // namespace nsa::select_kernels::isa_avx512
 
 namespace nsa::select_kernels {
-const Table* table_avx512() { return isa_avx512::make_table(CpuIsa::kAvx512); }
+const Table* Table::avx512() { return isa_avx512::make_table(CpuIsa::kAvx512); }
 }  // namespace nsa::select_kernels

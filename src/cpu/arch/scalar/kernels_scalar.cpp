@@ -8,7 +8,7 @@
 
 #include "common/group_sum.h"
 #include "common/numeric.h"
-#include "cpu/arch/vector_base.h"
+#include "cpu/arch/scalar/scalar_vector.h"
 #include "cpu/kernels.h"
 
 namespace nsa::cpu::isa_scalar {

@@ -2,10 +2,10 @@
 // reference for the ISA paths' operation order: fused multiply-adds via std::fma, nearest-even rounding via
 // std::nearbyint, so results equal the SIMD paths bit for bit where the operation order agrees.
 // Included inside the namespace of each scalar table (kernels_scalar.cpp, kernels_scalar_fma.cpp), after
-// <cmath>, <cstdint>, common/numeric.h, cpu/arch/vector_base.h and cpu/kernels.h at global scope; no include
-// guard on purpose.
+// <cmath>, <cstdint>, common/numeric.h, cpu/arch/scalar/scalar_vector.h and cpu/kernels.h at global scope; no
+// include guard on purpose.
 
-struct V : nsa::cpu::VectorBase<float, V> {
+struct V : nsa::cpu::ScalarVector<V> {
   // GEMM micro-tile 3 rows x 8 columns: the shape that the FMA build's compiler vectorizes best. The blocking never
   // changes a result (each C element is one fma chain over p, whatever the tile).
   static constexpr int kSliceVectors = 8;
@@ -30,7 +30,6 @@ struct V : nsa::cpu::VectorBase<float, V> {
   static F round_f16(F x) { return detail::f16_to_f32(detail::f32_to_f16(x)); }
   static void store_bf16_bits(uint16_t* p, F v) { *p = static_cast<uint16_t>(detail::f32_bits(v) >> 16); }
   static void store_f16(uint16_t* p, F v) { *p = detail::f32_to_f16(v); }
-  static F load_f16(const uint16_t* p) { return detail::f16_to_f32(*p); }
   static int count_ge(const float* p, float v) { return p[0] >= v; }  // number of p[0..1) >= v
   // x where keep[0] != 0, else +0 (backward: masked entries of a tile pair)
   static F keep_bytes(F x, const uint8_t* keep) { return keep[0] != 0 ? x : 0.0f; }

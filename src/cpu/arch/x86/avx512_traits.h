@@ -1,13 +1,10 @@
 // AVX-512F vector traits for kernels_impl.h (included by the AVX-512 ISA files only).
 #pragma once
-// (immintrin.h, cstdint and cpu/arch/vector_base.h are included at global scope by the including .cpp)
+// (immintrin.h, cstdint and cpu/arch/x86/vectors.h are included at global scope by the including .cpp)
 
 
 
-// (__m512's may_alias attribute is dropped in the template argument: VectorBase loads and stores through memcpy)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"
-struct V : nsa::cpu::VectorBase<__m512, V> {
+struct V : nsa::cpu::Avx512Vector<V> {
   static constexpr int kSliceVectors = 4;  // 64 columns: the whole panel
   static constexpr int kMaxRows = 6;       // 24 accumulators + 4 B vectors + broadcast
   static constexpr bool kStream = true;
@@ -39,7 +36,6 @@ struct V : nsa::cpu::VectorBase<__m512, V> {
   static void store_f16(uint16_t* p, F v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   // number of p[0..16) >= v (a NaN on either side never counts)
   static int count_ge(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(load(p), set1(v), _CMP_GE_OQ)));
@@ -50,4 +46,3 @@ struct V : nsa::cpu::VectorBase<__m512, V> {
     return _mm512_maskz_mov_ps(_mm_test_epi8_mask(k, k), x);
   }
 };
-#pragma GCC diagnostic pop

@@ -4,15 +4,12 @@
 #include <cstdint>
 
 #include "common/group_sum.h"
-#include "cpu/arch/vector_base.h"
+#include "cpu/arch/x86/vectors.h"
 #include "cpu/kernels.h"
 
 namespace nsa::cpu::isa_avx2 {
 
-// (__m256's may_alias attribute is dropped in the template argument: VectorBase loads and stores through memcpy)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"
-struct V : nsa::cpu::VectorBase<__m256, V> {
+struct V : nsa::cpu::Avx2Vector<V> {
   // 6 x 16 micro-tile: 12 accumulators + 2 B vectors + broadcast (15 of 16 ymm registers); 12 independent
   // FMA chains cover the FMA latency (4-5 cycles x 2 ports), 8 loads per 12 FMAs
   static constexpr int kSliceVectors = 2;  // 16 columns: a quarter of a panel
@@ -57,7 +54,6 @@ struct V : nsa::cpu::VectorBase<__m256, V> {
   static void store_f16(uint16_t* p, F v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // number of p[0..8) >= v (a NaN on either side never counts)
   static int count_ge(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(load(p), set1(v), _CMP_GE_OQ))));
@@ -68,7 +64,6 @@ struct V : nsa::cpu::VectorBase<__m256, V> {
     return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_setzero_si256())));
   }
 };
-#pragma GCC diagnostic pop
 
 #include "cpu/kernels_impl.h"
 }  // namespace nsa::cpu::isa_avx2

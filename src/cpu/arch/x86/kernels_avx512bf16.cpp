@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "common/group_sum.h"
-#include "cpu/arch/vector_base.h"
+#include "cpu/arch/x86/vectors.h"
 #include "cpu/kernels.h"
 
 namespace nsa::cpu::isa_avx512bf16 {
