@@ -61,12 +61,10 @@ class Backward : CallState {
   using P = Path<kPairs>;
   using E = typename P::E;
 
-  Backward(const SelectAttentionGradParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
-           const Tuning& tuning)
-      : CallState(p.fwd, sh, kt, std::max(1, threads), kPairs, /*backward=*/true), p_(p), f_(p.fwd) {
+  Backward(const SelectAttentionGradParams& p, const CallState& state, const Tuning& tuning)
+      : CallState(state), p_(p), f_(p.fwd) {
     piece_rows_ = tuned(tuning.bwd_piece_rows, kPieceRows);
-    bq_ = std::min(tokens_for_rows(tuned(tuning.bwd_tile_rows, direct_ ? kTileRows : kTileRowsGathered)),
-                   std::max<int64_t>(sh.max_sq, 1));
+    bq_ = tile_tokens(tuning.bwd_tile_rows, kTileRows, kTileRowsGathered);
     ra_ = bq_ * g_.G;
     bc_ = tokens_for_rows(tuned(tuning.bwd_chunk_rows, kChunkRows));
     rb_ = bc_ * g_.G;
@@ -349,62 +347,52 @@ class Backward : CallState {
     std::vector<float>& cm = sc.em;  // per gathered row of a chunk: its tile row's m, 1 / l_sum, Dlt
     std::vector<float>& cil = sc.eil;
     std::vector<float>& cdlt = sc.edlt;
-    int32_t chunk[1024];
-    const int64_t cap = std::min<int64_t>(bq_, 1024);
-    for (int64_t u = 0; u < te.blocks(); ++u) {
-      const auto [x, slot, valid, e0, ne] = union_block(te, u, bt_, g_, bi, b, n2);
-      const bool dirty = bt_.dirty_k[static_cast<size_t>(slot)] != 0;
-      int64_t c0 = 0;
-      while (c0 < ne) {
-        int64_t nc = 0, taken = 0;
-        for (; c0 + taken < ne && nc < cap; ++taken) {
-          const int32_t ij = e0[c0 + taken];
-          if (dirty && te.vis[static_cast<size_t>(ij)] < valid) {
-            scalar_dq(sc, bi, n2, s0, x, ij);
-            continue;
+    for_each_entry_chunk(
+        te, bt_, g_, bi, b, n2, bt_.dirty_k, bq_,
+        [&](const UnionBlock& ub, int32_t ij) { scalar_dq(sc, bi, n2, s0, ub.x, ij); },
+        [&](const UnionBlock& ub, const int32_t* ids, int64_t n) {
+          if (direct_) {  // each entry's G rows are contiguous in the tile: its GEMMs on them in place
+            for (int64_t e = 0; e < n; ++e) {
+              const int64_t i = ids[e] / K;
+              std::fill_n(vis.data(), G, te.vis[static_cast<size_t>(ids[e])]);
+              P::gemm(kt_, sc.qa.get() + i * G * g_.Dr, g_.Dr, G, kq(ub.slot), g_.Dr * kPanel, 0, lpp, g_.Dr,
+                      sc.s.get(), lpp, scale_, false);
+              P::gemm(kt_, sc.oa.get() + i * G * g_.Dvr, g_.Dvr, G, vd(ub.slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr,
+                      sc.dp.get(), lpp, 1.0f, false);
+              softmax_grad(sc, G, sc.m.data() + i * G, sc.il.data() + i * G, sc.dlt.data() + i * G, vis.data());
+              P::gemm(kt_, ds_rows(sc, G), lpp, G, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp,
+                      sc.dq.get() + i * G * g_.Dp, g_.Dp, 1.0f, true);
+            }
+            return;
           }
-          chunk[nc++] = ij;
-        }
-        c0 += taken;
-        if (nc == 0) continue;
-        if (direct_) {  // each entry's G rows are contiguous in the tile: its GEMMs on them in place
-          for (int64_t e = 0; e < nc; ++e) {
-            const int64_t i = chunk[e] / K;
-            std::fill_n(vis.data(), G, te.vis[static_cast<size_t>(chunk[e])]);
-            P::gemm(kt_, sc.qa.get() + i * G * g_.Dr, g_.Dr, G, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.s.get(), lpp,
-                    scale_, false);
-            P::gemm(kt_, sc.oa.get() + i * G * g_.Dvr, g_.Dvr, G, vd(slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dp.get(),
-                    lpp, 1.0f, false);
-            softmax_grad(sc, G, sc.m.data() + i * G, sc.il.data() + i * G, sc.dlt.data() + i * G, vis.data());
-            P::gemm(kt_, ds_rows(sc, G), lpp, G, ktp(slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dq.get() + i * G * g_.Dp,
-                    g_.Dp, 1.0f, true);
+          for (int64_t e = 0; e < n; ++e) {
+            const int64_t i = ids[e] / K;
+            std::memcpy(sc.asq.get() + e * G * g_.Dr, sc.qa.get() + i * G * g_.Dr,
+                        sizeof(E) * static_cast<size_t>(G * g_.Dr));
+            std::memcpy(sc.aso.get() + e * G * g_.Dvr, sc.oa.get() + i * G * g_.Dvr,
+                        sizeof(E) * static_cast<size_t>(G * g_.Dvr));
+            for (int64_t g = 0; g < G; ++g) {
+              const size_t r = static_cast<size_t>(e * G + g), ri = static_cast<size_t>(i * G + g);
+              vis[r] = te.vis[static_cast<size_t>(ids[e])];
+              cm[r] = sc.m[ri];
+              cil[r] = sc.il[ri];
+              cdlt[r] = sc.dlt[ri];
+            }
           }
-          continue;
-        }
-        for (int64_t e = 0; e < nc; ++e) {
-          const int64_t i = chunk[e] / K;
-          std::memcpy(sc.asq.get() + e * G * g_.Dr, sc.qa.get() + i * G * g_.Dr, sizeof(E) * static_cast<size_t>(G * g_.Dr));
-          std::memcpy(sc.aso.get() + e * G * g_.Dvr, sc.oa.get() + i * G * g_.Dvr, sizeof(E) * static_cast<size_t>(G * g_.Dvr));
-          for (int64_t g = 0; g < G; ++g) {
-            const size_t r = static_cast<size_t>(e * G + g), ri = static_cast<size_t>(i * G + g);
-            vis[r] = te.vis[static_cast<size_t>(chunk[e])];
-            cm[r] = sc.m[ri];
-            cil[r] = sc.il[ri];
-            cdlt[r] = sc.dlt[ri];
+          const int64_t rows = n * G;
+          P::gemm(kt_, sc.asq.get(), g_.Dr, rows, kq(ub.slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.s.get(), lpp, scale_,
+                  false);
+          P::gemm(kt_, sc.aso.get(), g_.Dvr, rows, vd(ub.slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dp.get(), lpp, 1.0f,
+                  false);
+          softmax_grad(sc, rows, cm.data(), cil.data(), cdlt.data(), vis.data());
+          P::gemm(kt_, ds_rows(sc, rows), lpp, rows, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp,
+                  1.0f, false);
+          for (int64_t e = 0; e < n; ++e) {
+            const int64_t i = ids[e] / K;
+            for (int64_t g = 0; g < G; ++g)
+              kt_->rows.add_row(sc.dq.get() + (i * G + g) * g_.Dp, sc.dqt.get() + (e * G + g) * g_.Dp, g_.Dp);
           }
-        }
-        const int64_t rows = nc * G;
-        P::gemm(kt_, sc.asq.get(), g_.Dr, rows, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.s.get(), lpp, scale_, false);
-        P::gemm(kt_, sc.aso.get(), g_.Dvr, rows, vd(slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dp.get(), lpp, 1.0f, false);
-        softmax_grad(sc, rows, cm.data(), cil.data(), cdlt.data(), vis.data());
-        P::gemm(kt_, ds_rows(sc, rows), lpp, rows, ktp(slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp, 1.0f, false);
-        for (int64_t e = 0; e < nc; ++e) {
-          const int64_t i = chunk[e] / K;
-          for (int64_t g = 0; g < G; ++g)
-            kt_->rows.add_row(sc.dq.get() + (i * G + g) * g_.Dp, sc.dqt.get() + (e * G + g) * g_.Dp, g_.Dp);
-        }
-      }
-    }
+        });
     for (int64_t i = 0; i < ntok; ++i) {
       const int64_t t = bi.q_begin + s0 + i;
       for (int64_t g = 0; g < G; ++g) {

@@ -198,13 +198,19 @@ constexpr int64_t kDirectMinG = 8;
 struct CallState {
   CallState(const SelectAttentionParams& f, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
             bool pairs, bool backward)
-      : sh_(sh), kt_(kt), threads_(threads), g_(make_geo(sh, pairs, backward)),
+      : sh_(sh), kt_(kt), threads_(std::max(1, threads)), g_(make_geo(sh, pairs, backward)),
         scale_(static_cast<float>(f.scale_value)), sk_(select_kernels::table_for(kt->isa)),
         direct_(g_.G >= kDirectMinG) {}
   // A tuning knob's value, or `dflt` where it is 0 (unset).
   static int64_t tuned(int64_t knob, int64_t dflt) { return knob > 0 ? knob : dflt; }
   // Query rows of a tile of about `rows` GEMM rows (query rows x G): rows / G rounded to nearest, at least 1.
   int64_t tokens_for_rows(int64_t rows) const { return std::max<int64_t>(1, (rows + g_.G / 2) / g_.G); }
+  // Query rows of a query tile: about `knob` GEMM rows (when set; else direct_rows from G = kDirectMinG on,
+  // gathered_rows below it), at most the longest batch (max Sq_b), at least 1.
+  int64_t tile_tokens(int64_t knob, int64_t direct_rows, int64_t gathered_rows) const {
+    return std::min(tokens_for_rows(tuned(knob, direct_ ? direct_rows : gathered_rows)),
+                    std::max<int64_t>(sh_.max_sq, 1));
+  }
 
   // The batches of the call and its block table (mark_blocks); returns the number of packed blocks.
   int64_t mark(const SelectAttentionParams& f);
@@ -256,12 +262,17 @@ struct CallState {
   BlockTable bt_;
 };
 
+// The forward's params of a call of either direction.
+inline const SelectAttentionParams& forward_params(const SelectAttentionParams& p) { return p; }
+inline const SelectAttentionParams& forward_params(const SelectAttentionGradParams& p) { return p.fwd; }
+
 // The entry point of either direction (cpu::run_entry: validation, ISA, the fp64 reference `fp64` for fp64 inputs,
 // exceptions as an error naming `entry`), whose optimized path returns at once where the driver has nothing to write
 // (Driver<false>::nothing_to_write(shape)), refuses sizes whose workspace byte counts could overflow 64-bit
 // arithmetic (products of D, K, select_block_size and N1; only reachable with stride-0 views of a small buffer), then
-// runs the driver (Forward / Backward) on the call's arithmetic path (see the top of this file): Driver<true>, bf16
-// pairs, for bf16 inputs on an ISA with KernelTable::gemm.bf16; Driver<false>, fp32 operands, otherwise.
+// runs the driver (Forward / Backward) with the call's CallState on its arithmetic path (see the top of this file):
+// Driver<true>, bf16 pairs, for bf16 inputs on an ISA with KernelTable::gemm.bf16; Driver<false>, fp32 operands,
+// otherwise.
 template <template <bool> class Driver, typename Params>
 inline Status run_entry(const char* entry, const char* workspace,
                         Status (*validate)(const Params&, SelectAttentionShape*), Status (*fp64)(const Params&),
@@ -275,11 +286,14 @@ inline Status run_entry(const char* entry, const char* workspace,
                                                  ": sizes too large for the CPU backend's workspace (D, K, "
                                                  "select_block_size and N1 must be < 2^20)");
                           const KernelTable* kt = cpu::kernels_for(isa);
-                          const int threads = cpu::resolve_num_threads(options.num_threads);
-                          if (dtype == DType::kBF16 && kt->gemm.bf16 != nullptr)
-                            Driver<true>(p, sh, kt, threads, tuning).run();
+                          const bool pairs = dtype == DType::kBF16 && kt->gemm.bf16 != nullptr;
+                          constexpr bool kBackward = std::is_same_v<Params, SelectAttentionGradParams>;
+                          const CallState state(forward_params(p), sh, kt,
+                                                cpu::resolve_num_threads(options.num_threads), pairs, kBackward);
+                          if (pairs)
+                            Driver<true>(p, state, tuning).run();
                           else
-                            Driver<false>(p, sh, kt, threads, tuning).run();
+                            Driver<false>(p, state, tuning).run();
                           return Status::Ok();
                         });
 }
@@ -444,6 +458,36 @@ inline UnionBlock union_block(const TileEntries& te, int64_t u, const BlockTable
   const int64_t x = te.ublock[uu];
   return UnionBlock{x, bt.slot[static_cast<size_t>(bt.id(b, x, n2, g.N2))], std::min(g.block, bi.skv - x * g.block),
                     te.ent.data() + te.ustart[uu], te.ustart[uu + 1] - te.ustart[uu]};
+}
+
+
+// The union blocks of tile te (batch bi = batches[b], KV head n2) in order, each with its entries in GEMM chunks of
+// up to min(cap, 1024) entry ids (i K + j, the block's order): chunk(ub, ids, n). Where the block is dirty
+// (dirty[ub.slot] != 0: an inf or NaN among the valid elements of the packed operand the caller reads), an entry that
+// sees only part of the block goes to scalar(ub, ij) instead, alone: in a GEMM the zero weight of an invisible column
+// would meet its non-finite value (0 x inf = NaN).
+template <typename Scalar, typename Chunk>
+void for_each_entry_chunk(const TileEntries& te, const BlockTable& bt, const Geo& g, const BatchInfo& bi, int64_t b,
+                          int64_t n2, const std::vector<uint8_t>& dirty, int64_t cap, Scalar&& scalar, Chunk&& chunk) {
+  int32_t ids[1024];
+  cap = std::min<int64_t>(cap, 1024);
+  for (int64_t u = 0; u < te.blocks(); ++u) {
+    const UnionBlock ub = union_block(te, u, bt, g, bi, b, n2);
+    const bool is_dirty = dirty[static_cast<size_t>(ub.slot)] != 0;
+    int64_t c0 = 0;
+    while (c0 < ub.ne) {
+      int64_t n = 0, taken = 0;
+      for (; c0 + taken < ub.ne && n < cap; ++taken) {
+        const int32_t ij = ub.e[c0 + taken];
+        if (is_dirty && te.vis[static_cast<size_t>(ij)] < ub.valid)
+          scalar(ub, ij);
+        else
+          ids[n++] = ij;
+      }
+      c0 += taken;
+      if (n > 0) chunk(ub, ids, n);
+    }
+  }
 }
 
 }  // namespace nsa::select_cpu

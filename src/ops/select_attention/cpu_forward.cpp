@@ -58,13 +58,12 @@ class Forward : CallState {
   using P = Path<kPairs>;
   using E = typename P::E;
 
-  Forward(const SelectAttentionParams& p, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
-          const Tuning& tuning)
-      : CallState(p, sh, kt, threads, kPairs, /*backward=*/false), p_(p) {
+  Forward(const SelectAttentionParams& p, const CallState& state, const Tuning& tuning) : CallState(state), p_(p) {
     ld_s_ = g_.K * g_.lpp;
-    int64_t bq = tokens_for_rows(tuned(tuning.fwd_tile_rows, direct_ ? kTargetRows : kTargetRowsGathered));
-    bq = std::min(bq, std::max<int64_t>(1, kMaxLineBytes / (static_cast<int64_t>(sizeof(float) + sizeof(E)) * g_.G * ld_s_)));
-    bq_ = std::max<int64_t>(1, std::min(bq, std::max<int64_t>(sh.max_sq, 1)));
+    // a worker's score lines (bq G rows of ld_s_ floats and as many E) stay within kMaxLineBytes
+    const int64_t line_bytes = static_cast<int64_t>(sizeof(float) + sizeof(E)) * g_.G * ld_s_;
+    bq_ = std::min(tile_tokens(tuning.fwd_tile_rows, kTargetRows, kTargetRowsGathered),
+                   std::max<int64_t>(1, kMaxLineBytes / line_bytes));
     rmax_ = bq_ * g_.G;
     using select_kernels::PMode;
     pmode_ = kPairs ? PMode::kBf16Bits
@@ -200,48 +199,34 @@ class Forward : CallState {
 
     // 4. O = sum over blocks of rha(P) V
     std::fill_n(sc.o.get(), R * g_.Dvp, 0.0f);
-    for (int64_t u = 0; u < te.blocks(); ++u) {
-      const auto [x, slot, valid, e0, ne] = union_block(te, u, bt_, g_, bi, b, n2);
-      const bool dirty = bt_.dirty_v[static_cast<size_t>(slot)] != 0;
-      int64_t c0 = 0;
-      while (c0 < ne) {
-        // up to bq_ entries for the GEMM; entries of a dirty block that see only part of it go to the scalar path
-        int64_t nc = 0, taken = 0;
-        int32_t chunk[1024];
-        const int64_t cap = std::min<int64_t>(bq_, 1024);
-        for (; c0 + taken < ne && nc < cap; ++taken) {
-          const int32_t ij = e0[c0 + taken];
-          if (dirty && te.vis[static_cast<size_t>(ij)] < valid) {
-            scalar_pv(sc, bi, n2, x, ij);
-            continue;
+    // up to bq_ entries at a time for the GEMM (for_each_entry_chunk: partly seen entries of a block with non-finite
+    // values take the scalar path)
+    for_each_entry_chunk(
+        te, bt_, g_, bi, b, n2, bt_.dirty_v, bq_,
+        [&](const UnionBlock& ub, int32_t ij) { scalar_pv(sc, bi, n2, ub.x, ij); },
+        [&](const UnionBlock& ub, const int32_t* ids, int64_t n) {
+          if (direct_) {  // each entry's G rows of rha(P) are a strided block of its lines: O += P V in place
+            for (int64_t e = 0; e < n; ++e) {
+              const int64_t i = ids[e] / K, j = ids[e] % K;
+              P::gemm(kt_, sc.pr.get() + i * G * ld_s_ + j * lpp, ld_s_, G, vo(ub.slot), lpp * kPanel, 0, g_.Dvp,
+                      lpp, sc.o.get() + i * G * g_.Dvp, g_.Dvp, 1.0f, true);
+            }
+            return;
           }
-          chunk[nc++] = ij;
-        }
-        c0 += taken;
-        if (nc == 0) continue;
-        if (direct_) {  // each entry's G rows of rha(P) are a strided block of its lines: O += P V in place
-          for (int64_t e = 0; e < nc; ++e) {
-            const int64_t i = chunk[e] / K, j = chunk[e] % K;
-            P::gemm(kt_, sc.pr.get() + i * G * ld_s_ + j * lpp, ld_s_, G, vo(slot), lpp * kPanel, 0, g_.Dvp, lpp,
-                    sc.o.get() + i * G * g_.Dvp, g_.Dvp, 1.0f, true);
+          for (int64_t e = 0; e < n; ++e) {
+            const int64_t i = ids[e] / K, j = ids[e] % K;
+            for (int64_t g = 0; g < G; ++g)
+              std::memcpy(sc.asub.get() + (e * G + g) * lpp, sc.pr.get() + (i * G + g) * ld_s_ + j * lpp,
+                          sizeof(E) * static_cast<size_t>(lpp));
           }
-          continue;
-        }
-        for (int64_t e = 0; e < nc; ++e) {
-          const int64_t i = chunk[e] / K, j = chunk[e] % K;
-          for (int64_t g = 0; g < G; ++g)
-            std::memcpy(sc.asub.get() + (e * G + g) * lpp, sc.pr.get() + (i * G + g) * ld_s_ + j * lpp,
-                        sizeof(E) * static_cast<size_t>(lpp));
-        }
-        P::gemm(kt_, sc.asub.get(), lpp, nc * G, vo(slot), lpp * kPanel, 0, g_.Dvp, lpp, sc.otmp.get(), g_.Dvp, 1.0f,
-                false);
-        for (int64_t e = 0; e < nc; ++e) {
-          const int64_t i = chunk[e] / K;
-          for (int64_t g = 0; g < G; ++g)
-            kt_->rows.add_row(sc.o.get() + (i * G + g) * g_.Dvp, sc.otmp.get() + (e * G + g) * g_.Dvp, g_.Dvp);
-        }
-      }
-    }
+          P::gemm(kt_, sc.asub.get(), lpp, n * G, vo(ub.slot), lpp * kPanel, 0, g_.Dvp, lpp, sc.otmp.get(), g_.Dvp,
+                  1.0f, false);
+          for (int64_t e = 0; e < n; ++e) {
+            const int64_t i = ids[e] / K;
+            for (int64_t g = 0; g < G; ++g)
+              kt_->rows.add_row(sc.o.get() + (i * G + g) * g_.Dvp, sc.otmp.get() + (e * G + g) * g_.Dvp, g_.Dvp);
+          }
+        });
 
     // 5. outputs
     const size_t esz = dtype_size(dt);
