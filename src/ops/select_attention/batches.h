@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/reference_rows.h"
 #include "nsa/select_attention.h"
 
 namespace nsa::select_detail {
@@ -59,5 +60,28 @@ inline int64_t visible_count(int64_t x, int64_t s, int64_t skv, int64_t lp, bool
 
 // Offset (in floats) of the first of the 8 copies of the statistic of (row t, head h) (§5: true TND layout).
 inline int64_t stat_offset(int64_t t, int64_t h, int64_t N1) { return (t * N1 + h) * 8; }
+
+// The rows the forward and the backward reference visit: f(bi, s, n2, E) for every query row t = q0_b + s of every
+// batch (s ascending) and KV head n2, with E the key rows (in T2) of the visible multiset E(t, n2) of §3 in slot
+// order then r: slot j's block x = topk_indices[t, n2, j] covers the positions x l' + r, r < l', each visible when
+// < Skv_b and, causal, <= s; -1 slots are empty; a duplicated index counts twice. E may be empty (§6).
+template <typename F>
+void for_each_visible_set(const SelectAttentionParams& p, const SelectAttentionShape& sh, F&& f) {
+  std::vector<int64_t> E;
+  ref::for_each_query_row(make_batches(p), [&](const BatchInfo& bi, int64_t s) {
+    for (int64_t n2 = 0; n2 < sh.N2; ++n2) {
+      E.clear();
+      for (int64_t j = 0; j < sh.K; ++j) {
+        const int64_t x = index_at(p, bi.q_begin + s, n2, j);
+        if (x == -1) continue;
+        for (int64_t r = 0; r < sh.block; ++r) {
+          const int64_t pos = x * sh.block + r;
+          if (pos < bi.skv && (!p.causal || pos <= s)) E.push_back(bi.k_begin + pos);
+        }
+      }
+      f(bi, s, n2, E);
+    }
+  });
+}
 
 }  // namespace nsa::select_detail

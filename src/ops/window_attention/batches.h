@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/arg_checks.h"
+#include "common/reference_rows.h"
 #include "nsa/window_attention.h"
 
 namespace nsa::window_detail {
@@ -105,5 +106,20 @@ class Visibility {
   Mask2 mask_;
   int64_t pre_, next_;
 };
+
+// The query rows the forward and the backward reference visit, one by one: f(bi, i, keys) for row i of every batch
+// bi (query row q0_b + i, i ascending), keys its visible keys j < Skv_b (the band and the mask, §4) ascending; keys
+// may be empty (§6).
+template <typename F>
+void for_each_row_keys(const WindowAttentionParams& p, const WindowAttentionShape& sh, F&& f) {
+  const Visibility vis(p, sh);
+  std::vector<int64_t> keys;
+  ref::for_each_query_row(make_batches(p), [&](const WBatch& bi, int64_t i) {
+    keys.clear();
+    for (int64_t j = 0; j < bi.skv; ++j)
+      if (vis.visible(bi, i, j)) keys.push_back(j);
+    f(bi, i, keys);
+  });
+}
 
 }  // namespace nsa::window_detail
