@@ -1,8 +1,10 @@
 // The part of the vector traits V of kernels_impl.h that every ISA writes the same way (internal). F is float (the
 // scalar traits) or a GCC/Clang vector of floats (__m256, __m512), for which the C++ operators and memcpy compile to
-// the plain vector instructions (vaddps, vmovups, vbroadcastss, ...). A traits struct derives from
-// VectorBase<F, V>: naming V makes each instantiation belong to one ISA's translation unit, so none is shared
-// between files compiled with different instruction-set flags.
+// the plain vector instructions (vaddps, vmovups, vbroadcastss, ...). A traits struct V derives from it through the
+// vector of its ISA, which adds the fp16 widening (and, on x86, a bf16 widening in registers): ScalarVector<V>
+// (scalar/scalar_vector.h), Avx2Vector<V> or Avx512Vector<V> (x86/vectors.h). Naming V makes each instantiation
+// belong to one ISA's translation unit, so none is shared between files compiled with different instruction-set
+// flags.
 #pragma once
 
 #include <cstdint>
