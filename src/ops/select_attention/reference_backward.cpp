@@ -24,8 +24,7 @@ namespace nsa {
 template <>
 template <typename Acc>
 void detail::ReferenceEntry<validate_select_attention_backward>::run(const Params& p, const Shape& sh, DType dt) {
-  const SelectAttentionParams& f = p.fwd;
-  const Acc scale = ref::float32_scale<Acc>(f.scale_value);
+  const Acc scale = ref::float32_scale<Acc>(p.fwd.scale_value);
   const int64_t G = sh.G, D = sh.D, Dv = sh.Dv, N1 = sh.N1, N2 = sh.N2;
   std::vector<Acc> dq(static_cast<size_t>(sh.T1 * N1 * D), Acc(0));
   ref::KvGradients<Acc> kv(sh.T2, N2, D, Dv);
@@ -41,16 +40,16 @@ void detail::ReferenceEntry<validate_select_attention_backward>::run(const Param
         return static_cast<Acc>(ref::elem<float>(ref::row3(v, t, h), 0, DType::kF32));
       };
       const ref::SoftmaxStats<Acc> sm{stat(p.softmax_max), stat(p.softmax_sum)};
-      ref::load_row(ref::row3(f.query, t, h), D, dt, q.data());
+      ref::load_row(ref::row3(p.fwd.query, t, h), D, dt, q.data());
       // Dlt = sum_i dO[t,h,i] O[t,h,i]
       ref::load_row(ref::row3(p.grad, t, h), Dv, dt, go.data());
       const Acc dlt = ref::dot(go.data(), ref::row3(p.attention_out, t, h), Dv, dt);
       Acc* dqr = &dq[static_cast<size_t>((t * N1 + h) * D)];
       for (const int64_t row : E) {
-        const ref::ElemRow k = ref::row3(f.key, row, n2);
+        const ref::ElemRow k = ref::row3(p.fwd.key, row, n2);
         const Acc S = ref::dot(q.data(), k, D, dt) * scale;  // §4 step 1
         // P from the statistics as given, dP = dO . v, dS = P (dP - Dlt)
-        const ref::ElemRow v = ref::row3(f.value, row, n2);
+        const ref::ElemRow v = ref::row3(p.fwd.value, row, n2);
         const ref::EntryGrad<Acc> eg = ref::entry_grad(S, sm, go.data(), v, Dv, dlt, dt);
         ref::add_scaled(scale * eg.ds, k, D, dt, dqr);
         ref::add_scaled(scale * eg.ds, q.data(), D, kv.dk_row(row, n2));
@@ -58,7 +57,7 @@ void detail::ReferenceEntry<validate_select_attention_backward>::run(const Param
       }
     }
   };
-  select_detail::for_each_visible_set(f, sh, visit);
+  select_detail::for_each_visible_set(p.fwd, sh, visit);
   // §8: outputs rounded once with rha_T, contiguous
   ref::store_gradients_rha<Acc>(dt, {{p.grad_query, &dq}, {p.grad_key, &kv.dk}, {p.grad_value, &kv.dv}});
 }
