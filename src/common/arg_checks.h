@@ -196,12 +196,13 @@ inline Status check_seq_lists(const IntList& q, const IntList& kv, int64_t T1, i
   auto end_name = [&](const char* name) {
     return rules.trailing_zeros ? "max(" + std::string(name) + ")" : name + std::string("[-1]");
   };
-  if (list_end(q) != T1)
+  const int64_t q_end = list_end(q), kv_end = list_end(kv);
+  if (q_end != T1)
     return arg_error(end_name("actual_seq_qlen"), " must equal the number of query rows ", words.t1_rows, " = ", T1,
-                     ", got ", list_end(q));
-  if (list_end(kv) > T2)
+                     ", got ", q_end);
+  if (kv_end > T2)
     return arg_error(end_name(words.kv_name), " must be <= the number of key rows ", words.t2_rows, " = ", T2,
-                     ", got ", list_end(kv));
+                     ", got ", kv_end);
   *B = q.size;
   return Status::Ok();
 }

@@ -4,6 +4,7 @@
 // Nothing is written by either step, so an error leaves every output untouched.
 #pragma once
 
+#include "common/reference_entry.h"
 #include "common/status_guard.h"
 #include "cpu/isa.h"
 #include "nsa/common.h"
@@ -22,18 +23,17 @@ inline Status validate_and_resolve(Status (*validate)(const Params&, Shape*), co
 
 // The skeleton of an entry point that has an fp64 reference path: inside detail::guarded(entry, workspace, ...)
 // (exceptions, a workspace allocation or a thread that cannot start, become an error naming `entry`), the two
-// steps above, then fp64(p) for fp64 inputs (a testing extension: the fp64 reference), else body(shape, isa), the
-// optimized path, whose Status is returned.
+// steps above, then fp64(p) for fp64 inputs (detail::input_dtype: a backward's is its forward's; a testing
+// extension: the fp64 reference), else body(shape, isa), the optimized path, whose Status is returned.
 template <typename Params, typename Shape, typename Body>
 inline Status run_entry(const char* entry, const char* workspace, Status (*validate)(const Params&, Shape*),
-                        Status (*fp64)(const Params&), DType dtype, const Params& p, const CpuOptions& options,
-                        Body&& body) {
+                        Status (*fp64)(const Params&), const Params& p, const CpuOptions& options, Body&& body) {
   return detail::guarded(entry, workspace, [&]() -> Status {
     Shape sh;
     CpuIsa isa;
     const Status st = validate_and_resolve(validate, p, options, &sh, &isa);
     if (!st.ok()) return st;
-    if (dtype == DType::kF64) return fp64(p);
+    if (detail::input_dtype(p) == DType::kF64) return fp64(p);
     return body(static_cast<const Shape&>(sh), isa);
   });
 }

@@ -173,7 +173,7 @@ class Backward : CallState {
       m.resize(static_cast<size_t>(Ra));
       il.resize(static_cast<size_t>(Ra));
       dlt.resize(static_cast<size_t>(Ra));
-      te.init(bw.bq_, g.K, bw.sh_.max_blocks);
+      te.init(bw.bq_, g.K, g.max_blocks);
       asq.reset(Rc * g.Dr, true);
       aso.reset(Rc * g.Dvr, true);
       s.reset(Rc * g.lpp);
@@ -297,7 +297,7 @@ class Backward : CallState {
         }
       }
     };
-    zero_rows(sh_.kv_end, sh_.T2, -1);
+    zero_rows(g_.kv_end, g_.T2, -1);
     for (size_t b = 0; b < batches_.size(); ++b) {
       const BatchInfo& bi = batches_[b];
       for (int64_t x = 0; x < bi.blocks; ++x)
@@ -566,8 +566,8 @@ class Backward : CallState {
 Status backward(const SelectAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning) {
   return run_entry<Backward>("select_attention_backward_cpu",
                              "packed key/value blocks, the inverted index, partials and per-thread tiles",
-                             validate_select_attention_backward, select_reference::backward_fp64, p.fwd.dtype, p,
-                             options, tuning);
+                             validate_select_attention_backward, select_reference::backward_fp64, p, options,
+                             tuning);
 }
 
 }  // namespace nsa::select_cpu

@@ -186,9 +186,9 @@ inline void for_each_visible_slot(const SelectAttentionParams& p, const Geo& g, 
   }
 }
 
-// What Forward and Backward hold of a validated call (their base): the forward's params, the shape, the ISA's
-// kernels and its rha conversions (select_kernels), the thread count, the sizes of the path (Geo; pairs: the bf16
-// pairs path), the score factor (float32), whether G >= kDirectMinG runs each entry's GEMMs on its tile rows in
+// What Forward and Backward hold of a validated call (their base): the ISA's kernels and its rha conversions
+// (select_kernels), the thread count (at least 1), the shape with the sizes of the path (Geo; pairs: the bf16 pairs
+// path), the score factor (float32), whether G >= kDirectMinG runs each entry's GEMMs on its tile rows in
 // place (direct), the batches and the block table.
 //
 // From G = kDirectMinG on, the G rows of an entry alone fill the GEMM micro-kernel (6 rows): each entry's GEMMs run
@@ -198,7 +198,7 @@ constexpr int64_t kDirectMinG = 8;
 struct CallState {
   CallState(const SelectAttentionParams& f, const SelectAttentionShape& sh, const KernelTable* kt, int threads,
             bool pairs, bool backward)
-      : sh_(sh), kt_(kt), threads_(std::max(1, threads)), g_(make_geo(sh, pairs, backward)),
+      : kt_(kt), threads_(std::max(1, threads)), g_(make_geo(sh, pairs, backward)),
         scale_(static_cast<float>(f.scale_value)), sk_(select_kernels::table_for(kt->isa)),
         direct_(g_.G >= kDirectMinG) {}
   // A tuning knob's value, or `dflt` where it is 0 (unset).
@@ -209,7 +209,7 @@ struct CallState {
   // gathered_rows below it), at most the longest batch (max Sq_b), at least 1.
   int64_t tile_tokens(int64_t knob, int64_t direct_rows, int64_t gathered_rows) const {
     return std::min(tokens_for_rows(tuned(knob, direct_ ? direct_rows : gathered_rows)),
-                    std::max<int64_t>(sh_.max_sq, 1));
+                    std::max<int64_t>(g_.max_sq, 1));
   }
 
   // The batches of the call and its block table (mark_blocks); returns the number of packed blocks.
@@ -251,7 +251,6 @@ struct CallState {
     }
   }
 
-  const SelectAttentionShape& sh_;
   const KernelTable* kt_;
   int threads_;
   Geo g_;
@@ -276,8 +275,8 @@ inline const SelectAttentionParams& forward_params(const SelectAttentionGradPara
 template <template <bool> class Driver, typename Params>
 inline Status run_entry(const char* entry, const char* workspace,
                         Status (*validate)(const Params&, SelectAttentionShape*), Status (*fp64)(const Params&),
-                        DType dtype, const Params& p, const CpuOptions& options, const Tuning& tuning) {
-  return cpu::run_entry(entry, workspace, validate, fp64, dtype, p, options,
+                        const Params& p, const CpuOptions& options, const Tuning& tuning) {
+  return cpu::run_entry(entry, workspace, validate, fp64, p, options,
                         [&](const SelectAttentionShape& sh, CpuIsa isa) {
                           if (Driver<false>::nothing_to_write(sh)) return Status::Ok();
                           constexpr int64_t kMaxDim = int64_t(1) << 20;
@@ -286,7 +285,7 @@ inline Status run_entry(const char* entry, const char* workspace,
                                                  ": sizes too large for the CPU backend's workspace (D, K, "
                                                  "select_block_size and N1 must be < 2^20)");
                           const KernelTable* kt = cpu::kernels_for(isa);
-                          const bool pairs = dtype == DType::kBF16 && kt->gemm.bf16 != nullptr;
+                          const bool pairs = forward_params(p).dtype == DType::kBF16 && kt->gemm.bf16 != nullptr;
                           constexpr bool kBackward = std::is_same_v<Params, SelectAttentionGradParams>;
                           const CallState state(forward_params(p), sh, kt,
                                                 cpu::resolve_num_threads(options.num_threads), pairs, kBackward);
@@ -459,7 +458,6 @@ inline UnionBlock union_block(const TileEntries& te, int64_t u, const BlockTable
   return UnionBlock{x, bt.slot[static_cast<size_t>(bt.id(b, x, n2, g.N2))], std::min(g.block, bi.skv - x * g.block),
                     te.ent.data() + te.ustart[uu], te.ustart[uu + 1] - te.ustart[uu]};
 }
-
 
 // The union blocks of tile te (batch bi = batches[b], KV head n2) in order, each with its entries in GEMM chunks of
 // up to min(cap, 1024) entry ids (i K + j, the block's order): chunk(ub, ids, n). Where the block is dirty

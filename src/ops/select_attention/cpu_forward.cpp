@@ -85,7 +85,7 @@ class Forward : CallState {
       tasks.push_back({b, n2, s0, s1, visible});
     });
     std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
-    const int workers = std::max(1, threads_);
+    const int workers = threads_;
     std::vector<Scratch> scratch(static_cast<size_t>(workers));
     // every allocation before the first output is written: a failure is a Status, not a partial result
     for (Scratch& sc : scratch) sc.init(*this);
@@ -123,7 +123,7 @@ class Forward : CallState {
       o.reset(R * g.Dvp);
       m.resize(static_cast<size_t>(R));
       l.resize(static_cast<size_t>(R));
-      te.init(f.bq_, g.K, f.sh_.max_blocks);
+      te.init(f.bq_, g.K, g.max_blocks);
     }
   };
 
@@ -284,7 +284,7 @@ class Forward : CallState {
 // per-worker tiles) is allocated before the first output is written.
 Status forward(const SelectAttentionParams& p, const CpuOptions& options, const Tuning& tuning) {
   return run_entry<Forward>("select_attention_cpu", "packed key/value blocks and per-thread tiles",
-                            validate_select_attention, select_reference::forward_fp64, p.dtype, p, options, tuning);
+                            validate_select_attention, select_reference::forward_fp64, p, options, tuning);
 }
 
 }  // namespace nsa::select_cpu

@@ -402,7 +402,7 @@ inline Status run_paged_entry(const char* entry, Status (*validate)(const Params
                               const Params& p, const CpuOptions& options, Mode mode, const Tensor3& query,
                               const PagedCacheView& key, const PagedCacheView& value, const Tensor2& block_table,
                               double scale, void* out, Unit&& unit) {
-  return cpu::run_entry(entry, "packed key/value tiles", validate, fp64, p.dtype, p, options,
+  return cpu::run_entry(entry, "packed key/value tiles", validate, fp64, p, options,
                         [&](const Shape& sh, CpuIsa isa) {
                           const std::vector<Batch> batches = make_batches(p);
                           const Problem pr =

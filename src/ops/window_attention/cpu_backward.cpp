@@ -632,8 +632,8 @@ class Backward : CallState {
 
 Status backward(const WindowAttentionGradParams& p, const CpuOptions& options, const Tuning& tuning) {
   return run_entry<Backward>("window_attention_backward_cpu", "packed key tiles and per-thread accumulators",
-                             validate_window_attention_backward, window_reference::backward_fp64, p.fwd.dtype, p,
-                             options, tuning);
+                             validate_window_attention_backward, window_reference::backward_fp64, p, options,
+                             tuning);
 }
 
 }  // namespace nsa::window_cpu

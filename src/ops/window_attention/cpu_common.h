@@ -59,8 +59,8 @@ inline std::vector<int64_t> pairs_with_invisible_rows(const std::vector<Tile>& t
 template <typename Driver, typename Params>
 inline Status run_entry(const char* entry, const char* workspace,
                         Status (*validate)(const Params&, WindowAttentionShape*), Status (*fp64)(const Params&),
-                        DType dtype, const Params& p, const CpuOptions& options, const Tuning& tuning) {
-  return cpu::run_entry(entry, workspace, validate, fp64, dtype, p, options,
+                        const Params& p, const CpuOptions& options, const Tuning& tuning) {
+  return cpu::run_entry(entry, workspace, validate, fp64, p, options,
                         [&](const WindowAttentionShape& sh, CpuIsa isa) {
                           constexpr int64_t kMaxTokens = int64_t(1) << 40, kMaxDim = int64_t(1) << 20;
                           if (sh.T1 > kMaxTokens || sh.T2 > kMaxTokens || sh.D > kMaxDim || sh.N1 > kMaxDim)

@@ -535,7 +535,7 @@ class Forward : CallState {
 
 Status forward(const WindowAttentionParams& p, const CpuOptions& options, const Tuning& tuning) {
   return run_entry<Forward>("window_attention_cpu", "packed keys/values and per-thread tiles",
-                            validate_window_attention, window_reference::forward_fp64, p.dtype, p, options, tuning);
+                            validate_window_attention, window_reference::forward_fp64, p, options, tuning);
 }
 
 }  // namespace nsa::window_cpu
