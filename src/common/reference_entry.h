@@ -19,6 +19,7 @@
 // <op>_reference::forward_fp32(p), ...).
 #pragma once
 
+#include "common/forward_params.h"
 #include "nsa/common.h"
 
 namespace nsa::detail {
@@ -35,8 +36,7 @@ struct ValidateSignature<Status (*)(const P&, S*)> {
 // The dtype that chooses the path: the forward's, also for a backward's params (which hold it as .fwd).
 template <typename Params>
 DType input_dtype(const Params& p) {
-  if constexpr (requires { p.fwd.dtype; }) return p.fwd.dtype;
-  else return p.dtype;
+  return forward_params(p).dtype;
 }
 
 template <auto kValidate>

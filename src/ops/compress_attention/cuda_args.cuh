@@ -9,6 +9,7 @@
 #include <initializer_list>
 #include <vector>
 
+#include "common/forward_params.h"
 #include "cuda/common.cuh"
 #include "nsa/compress_attention.h"
 #include "ops/compress_attention/batches.h"
@@ -81,9 +82,6 @@ inline Status validate_call(const CompressAttentionParams& p, CompressAttentionS
 inline Status validate_call(const CompressAttentionGradParams& g, CompressAttentionShape* sh) {
   return validate_compress_attention_backward(g, sh);
 }
-// The forward params of a call: the forward's own, the backward's `fwd`.
-inline const CompressAttentionParams& forward_params(const CompressAttentionParams& p) { return p; }
-inline const CompressAttentionParams& forward_params(const CompressAttentionGradParams& g) { return g.fwd; }
 
 // The one entry path of the forward (Params = CompressAttentionParams, Args = FwdArgs) and the backward
 // (CompressAttentionGradParams, BwdArgs): the call's argument rules (validate_call), what the backend supports
@@ -95,7 +93,7 @@ Status run_cuda_call(const Params& p, void* stream, Run run) {
   CompressAttentionShape sh;
   Status st = validate_call(p, &sh);
   if (!st.ok()) return st;
-  const CompressAttentionParams& f = forward_params(p);
+  const CompressAttentionParams& f = detail::forward_params(p);
   if (!(st = check_cuda_support(f, sh)).ok()) return st;
   Args a{};
   set_qkv_args(f, sh, &a);

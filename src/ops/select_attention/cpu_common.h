@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common/aligned_buffer.h"
+#include "common/forward_params.h"
 #include "common/numeric.h"
 #include "common/threads.h"
 #include "cpu/entry.h"
@@ -261,10 +262,6 @@ struct CallState {
   BlockTable bt_;
 };
 
-// The forward's params of a call of either direction.
-inline const SelectAttentionParams& forward_params(const SelectAttentionParams& p) { return p; }
-inline const SelectAttentionParams& forward_params(const SelectAttentionGradParams& p) { return p.fwd; }
-
 // The entry point of either direction (cpu::run_entry: validation, ISA, the fp64 reference `fp64` for fp64 inputs,
 // exceptions as an error naming `entry`), whose optimized path returns at once where the driver has nothing to write
 // (Driver<false>::nothing_to_write(shape)), refuses sizes whose workspace byte counts could overflow 64-bit
@@ -285,10 +282,11 @@ inline Status run_entry(const char* entry, const char* workspace,
                                                  ": sizes too large for the CPU backend's workspace (D, K, "
                                                  "select_block_size and N1 must be < 2^20)");
                           const KernelTable* kt = cpu::kernels_for(isa);
-                          const bool pairs = forward_params(p).dtype == DType::kBF16 && kt->gemm.bf16 != nullptr;
+                          const SelectAttentionParams& f = detail::forward_params(p);
+                          const bool pairs = f.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr;
                           constexpr bool kBackward = std::is_same_v<Params, SelectAttentionGradParams>;
-                          const CallState state(forward_params(p), sh, kt,
-                                                cpu::resolve_num_threads(options.num_threads), pairs, kBackward);
+                          const CallState state(f, sh, kt, cpu::resolve_num_threads(options.num_threads), pairs,
+                                                kBackward);
                           if (pairs)
                             Driver<true>(p, state, tuning).run();
                           else
