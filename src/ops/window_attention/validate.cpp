@@ -18,7 +18,6 @@ namespace {
 using detail::shape_str;
 using detail::arg_error;
 
-
 // The prefix-sum lists of §3: given, B >= 1 entries; up to its last non-zero entry non-decreasing from a value >= 0
 // (the zeros after it are the trailing empty batches).
 constexpr detail::PrefixSumRules kListRules{

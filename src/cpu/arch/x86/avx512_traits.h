@@ -2,8 +2,6 @@
 #pragma once
 // (immintrin.h, cstdint and cpu/arch/x86/vectors.h are included at global scope by the including .cpp)
 
-
-
 struct V : nsa::cpu::Avx512Vector<V> {
   static constexpr int kSliceVectors = 4;  // 64 columns: the whole panel
   static constexpr int kMaxRows = 6;       // 24 accumulators + 4 B vectors + broadcast
