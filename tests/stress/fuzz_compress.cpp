@@ -137,6 +137,8 @@ int run(uint64_t base, uint64_t n, double seconds, bool verbose) {
     nsa::compress_detail::CpuTuning tune;
     tune.task_bytes = rng.coin(0.5) ? int64_t(1) << rng.pick(0, 16) : tune.task_bytes;
     tune.bytes_per_worker = rng.coin(0.7) ? 1 : tune.bytes_per_worker;
+    tune.stream_bytes = rng.coin(0.5) ? 0 : tune.stream_bytes;  // stream_in
+    tune.stream_task_bytes = int64_t(1) << rng.pick(0, 18);
     const int threads = static_cast<int>(rng.pick(2, 7));
     if (verbose) std::printf("  seed %" PRIu64 ": %s threads 1,%d\n", seed, cs.describe().c_str(), threads);
     std::vector<std::string> failures;

@@ -11,6 +11,11 @@ namespace nsa::compress_detail {
 struct CpuTuning {
   int64_t task_bytes = 64 << 10;         // bytes of input (forward) / input_grad (backward) a task aims to cover
   int64_t bytes_per_worker = 512 << 10;  // bytes moved per worker thread started (fewer workers for small calls)
+  // Calls reading more input than stream_bytes (larger than most L2 caches and a good part of an L3) read each task's
+  // input rows in one sequential pass before walking them window by window (cpu.cpp, stream_in), with tasks of
+  // about stream_task_bytes of input.
+  int64_t stream_bytes = 8 << 20;
+  int64_t stream_task_bytes = 256 << 10;
 };
 
 CpuTuning cpu_tuning();

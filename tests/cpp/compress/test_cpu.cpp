@@ -7,7 +7,8 @@
 //     (permuted, padded, inner step 2, stride 0, negative strides), weight transposed / strided;
 //   - small-integer inputs: every sum exact, so the results equal the model exactly;
 //   - batch packing does not change output or input_grad rows (§9); uncovered rows are never read.
-// The work-splitting knobs (cpu_tuning.h) are lowered so that small cases run many tasks on many workers.
+// The work-splitting knobs (cpu_tuning.h) are lowered so that small cases run many tasks on many workers, with the
+// large-call path on (stream_in).
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -22,8 +23,10 @@ class SmallTasks : public ::testing::Environment {
  public:
   void SetUp() override {
     nsa::compress_detail::CpuTuning t;
-    t.task_bytes = 64;       // a few rows per task
-    t.bytes_per_worker = 1;  // every requested worker starts
+    t.task_bytes = 64;         // a few rows per task
+    t.bytes_per_worker = 1;    // every requested worker starts
+    t.stream_bytes = 0;        // every call reads its tasks' input rows in one pass first (stream_in) ...
+    t.stream_task_bytes = 64;  // ... in tasks of a few rows
     nsa::compress_detail::set_cpu_tuning(t);
   }
 };
