@@ -128,6 +128,7 @@ def main() -> int:
     ap.add_argument("--bw-mb", type=float, default=256.0, help="MB per array of the bandwidth measurement")
     ap.add_argument("--no-composition", action="store_true", help="skip the PyTorch composition baseline")
     ap.add_argument("--markdown", action="store_true", help="print the summary table in markdown")
+    ap.add_argument("--json-out", help="write the machine, the bandwidth and every row to this JSON file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stat", choices=("median", "best"), default="median",
                     help="which time GB/s, %% BW and the ratio use (default median; best = the fastest run, for "
@@ -221,10 +222,18 @@ def main() -> int:
         lines.append([r["case"], r["dtype"], str(r["T"]), f"{r['N']} x {r['D']}", r["kind"], f"{r['ms']:.3f}",
                       f"{r['best_ms']:.3f}", f"{r['mb']:.1f}", f"{r['gbs']:.1f}", f"{r['pct']:.0f}",
                       f"{r['torch_ms']:.2f}", f"{r['speedup']:.1f}"])
+    if args.json_out:
+        import json
+
+        with open(args.json_out, "w") as f:
+            json.dump({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                       "isa": {"detected": detected, "active": active}, "torch": torch.__version__,
+                       "bandwidth": bw, "stat": args.stat, "rows": rows}, f, indent=1)
     if args.markdown:
-        print(f"Measured bandwidth: copy {bw['copy']:.1f} GB/s, triad {bw['triad']:.1f} GB/s "
+        print(f"- {torch.get_num_threads()} threads, CPU ISA {active}, torch {torch.__version__}")
+        print(f"- measured bandwidth: copy {bw['copy']:.1f} GB/s, triad {bw['triad']:.1f} GB/s "
               f"({torch.get_num_threads()} threads, {bw['array_mb']:.0f} MB arrays); GB/s, % BW and x torch from the "
-              f"{args.stat} time.\n")
+              f"{args.stat} time\n")
         print("| " + " | ".join(head) + " |")
         print("|" + "|".join("---" for _ in head) + "|")
         for ln in lines:

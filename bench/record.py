@@ -126,7 +126,8 @@ def run(args) -> int:
             pass
         finally:
             Path(json_out).unlink(missing_ok=True)
-        record["benches"][name] = {"what": what, "markdown": extract_markdown(proc.stdout), "raw": raw}
+        record["benches"][name] = {"what": what, "markdown": extract_markdown(proc.stdout), "raw": raw,
+                                   "commit": record["commit"], "dirty": record["dirty"], "date": record["date"]}
     if not record["benches"]:
         print("[record] nothing measured", file=sys.stderr)
         return 1
@@ -152,7 +153,12 @@ def section(record: dict) -> str:
            f"`{record['commit']}`{dirty}, measured {record['date']} with `bench/record.py run`. "
            "`% peak` is against the attainable peak of the input dtype (bench/README.md).", ""]
     for name, b in record["benches"].items():
-        out += [f"**{name}**: {b['what']}", "", b["markdown"], ""]
+        # a partial run keeps the other benchmarks' figures: say when one was measured at another commit or date
+        when = ""
+        if (b.get("commit"), b.get("date")) != (record["commit"], record["date"]):
+            dirty_b = " + uncommitted changes" if b.get("dirty") else ""
+            when = f" (measured at commit `{b.get('commit', 'unknown')}`{dirty_b}, {b.get('date', 'unknown date')})"
+        out += [f"**{name}**: {b['what']}{when}", "", b["markdown"], ""]
     return "\n".join(out)
 
 
