@@ -95,7 +95,9 @@ def run(args) -> int:
         "cpu": model,
         "isa": isa,
         "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # uncommitted changes other than the files this script writes (README.md and the results)
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                          *(f":!{f}" for f in ("README.md", "bench/RESULTS.md", "bench/results")))),
         "date": _dt.date.today().isoformat(),
         "threads": args.threads,
         "benches": {},
@@ -152,7 +154,8 @@ def section(record: dict) -> str:
            f"ISA path `{isa['active']}` (detected `{isa['detected']}`{basis}), {record['threads']} threads, commit "
            f"`{record['commit']}`{dirty}, measured {record['date']} with `bench/record.py run`. "
            "`% peak` is against the attainable peak of the input dtype (bench/README.md).", ""]
-    for name, b in record["benches"].items():
+    order = [n for n, *_ in BENCHES]  # the order of BENCHES, whatever order the runs recorded them in
+    for name, b in sorted(record["benches"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         # a partial run keeps the other benchmarks' figures: say when one was measured at another commit or date
         when = ""
         if (b.get("commit"), b.get("date")) != (record["commit"], record["date"]):
