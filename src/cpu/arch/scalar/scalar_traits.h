@@ -31,6 +31,7 @@ struct V : nsa::cpu::ScalarVector<V> {
   static void store_bf16_bits(uint16_t* p, F v) { *p = static_cast<uint16_t>(detail::f32_bits(v) >> 16); }
   static void store_f16(uint16_t* p, F v) { *p = detail::f32_to_f16(v); }
   static int count_ge(const float* p, float v) { return p[0] >= v; }  // number of p[0..1) >= v
+  static int count_gt(const float* p, float v) { return p[0] > v; }   // number of p[0..1) > v
   // x where keep[0] != 0, else +0 (backward: masked entries of a tile pair)
   static F keep_bytes(F x, const uint8_t* keep) { return keep[0] != 0 ? x : 0.0f; }
 };

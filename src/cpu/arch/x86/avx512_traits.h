@@ -38,6 +38,10 @@ struct V : nsa::cpu::Avx512Vector<V> {
   static int count_ge(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(load(p), set1(v), _CMP_GE_OQ)));
   }
+  // number of p[0..16) > v (a NaN on either side never counts)
+  static int count_gt(const float* p, float v) {
+    return __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(load(p), set1(v), _CMP_GT_OQ)));
+  }
   // x where keep[i] != 0, else +0 (backward: masked entries of a tile pair); reads 16 bytes
   static F keep_bytes(F x, const uint8_t* keep) {
     const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep));

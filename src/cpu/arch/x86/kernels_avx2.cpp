@@ -58,6 +58,10 @@ struct V : nsa::cpu::Avx2Vector<V> {
   static int count_ge(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(load(p), set1(v), _CMP_GE_OQ))));
   }
+  // number of p[0..8) > v (a NaN on either side never counts)
+  static int count_gt(const float* p, float v) {
+    return __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(load(p), set1(v), _CMP_GT_OQ))));
+  }
   // x where keep[i] != 0, else +0 (backward: masked entries of a tile pair); reads 8 bytes
   static F keep_bytes(F x, const uint8_t* keep) {
     const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep)));
