@@ -36,6 +36,18 @@ struct VectorBase {
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
   static F div(F a, F b) { return a / b; }
+  // The i < n with p[i] > t, in index order: i into idx[0..count), the bits of p[i] into bits[0..count); returns
+  // count (branch-free; writes idx[0..n) and bits[0..n) at most).
+  static int64_t compact_gt(const float* p, int64_t n, float t, int32_t* idx, int32_t* bits) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = p[i];
+      idx[count] = static_cast<int32_t>(i);
+      std::memcpy(bits + count, &v, sizeof(float));
+      count += v > t;
+    }
+    return count;
+  }
 };
 
 }  // namespace nsa::cpu

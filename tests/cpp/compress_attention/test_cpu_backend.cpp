@@ -604,7 +604,9 @@ TEST_P(CpuFuzz, RandomConfigurations) {
 // KernelTable::select.top_k on every ISA this host runs, against a full stable sort in the §3.8 order
 // (detail::topk_before, common/topk_order.h), on rows built to stress its threshold: all equal, ties exactly at the K-th
 // lane maximum, signed zeros, +-inf, FLT_MAX (forced blocks), few distinct values, sel == K, sel not a
-// multiple of the lane count, K = 1 ... 32. A NaN anywhere returns false with idx untouched.
+// multiple of the lane count, K = 1 ... 32, and one lane far below the others (with K = 32 the threshold is that
+// lane's maximum, so nearly every score is a candidate: more than the 256 the ranking copies to the stack when
+// sel = 600). A NaN anywhere returns false with idx untouched.
 TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
   std::mt19937_64 rng(77);
   auto expected = [](const std::vector<float>& sc, int K) {
@@ -620,10 +622,10 @@ TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
     SCOPED_TRACE(nsa::cpu_isa_name(isa));
     const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
     int checked = 0;
-    for (int64_t sel : {1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 100, 128, 257}) {
+    for (int64_t sel : {1, 2, 15, 16, 17, 31, 32, 33, 47, 64, 100, 128, 257, 600}) {
       for (int K : {1, 2, 7, 16, 17, 31, 32}) {
         if (K > sel) continue;
-        for (int kind = 0; kind < 8; ++kind) {
+        for (int kind = 0; kind < 9; ++kind) {
           std::vector<float> sc(static_cast<size_t>(sel));
           std::uniform_int_distribution<int> small(0, 3);
           std::normal_distribution<float> nd;
@@ -636,7 +638,8 @@ TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
               case 4: v = small(rng) == 0 ? FLT_MAX : nd(rng); break;                  // forced blocks
               case 5: v = small(rng) == 0 ? INFINITY : (small(rng) == 0 ? -INFINITY : 0.0f); break;
               case 6: v = static_cast<float>(sel) - static_cast<float>(&v - sc.data()); break;  // descending
-              default: v = static_cast<float>((&v - sc.data()) / 16 % 3); break;       // equal lane maxima
+              case 7: v = static_cast<float>((&v - sc.data()) / 16 % 3); break;       // equal lane maxima
+              default: v = (&v - sc.data()) % 32 == 5 ? -1e30f : nd(rng); break;     // one low lane
             }
           }
           std::vector<int32_t> work(static_cast<size_t>(2 * sel)), got(static_cast<size_t>(K), -7);

@@ -38,6 +38,25 @@ struct V : nsa::cpu::Avx512Vector<V> {
   static int count_ge(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(load(p), set1(v), _CMP_GE_OQ)));
   }
+  // VectorBase::compact_gt, 16 scores at a time: the lanes above t compressed in order (vpcompressd into a register)
+  // and stored under a mask of their count, so nothing past idx[count) / bits[count) is written.
+  static int64_t compact_gt(const float* p, int64_t n, float t, int32_t* idx, int32_t* bits) {
+    const __m512 tv = set1(t);
+    __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 valid = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, p + i);
+      const __mmask16 m = _mm512_mask_cmp_ps_mask(valid, v, tv, _CMP_GT_OQ);
+      const int c = __builtin_popcount(static_cast<unsigned>(m));
+      const __mmask16 out = static_cast<__mmask16>((1u << c) - 1);
+      _mm512_mask_storeu_epi32(idx + count, out, _mm512_maskz_compress_epi32(m, iv));
+      _mm512_mask_storeu_epi32(bits + count, out, _mm512_maskz_compress_epi32(m, _mm512_castps_si512(v)));
+      count += c;
+      iv = _mm512_add_epi32(iv, _mm512_set1_epi32(16));
+    }
+    return count;
+  }
   // number of p[0..16) > v (a NaN on either side never counts)
   static int count_gt(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(load(p), set1(v), _CMP_GT_OQ)));
