@@ -209,6 +209,7 @@ inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int
     for (int64_t b = na; b < nfull; ++b) padded[b] = -__builtin_inff();
     cand = padded;
   }
+  int32_t top[33];  // the K entries, then a spare slot
   for (int64_t a = 0; a < na; ++a) {
     const float v = val(a);
     int64_t gt = 0, ge = 0;
@@ -224,11 +225,12 @@ inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int
     int64_t rank = gt;
     if (ge - gt > 1)  // v occurs more than once in A: the earlier indices rank first
       for (int64_t b = 0; b < a; ++b) rank += val(b) == v;
-    if (rank < K) idx[rank] = above[a];
+    top[rank < K ? rank : K] = above[a];  // ranks >= K land in the spare slot (a select, not a branch)
   }
   // |A| < K: the first K - |A| scores equal to t (index order) complete the top K (at least that many exist)
   for (int64_t k = 0, n = na; n < K; ++k)
-    if (score[k] == t) idx[n++] = static_cast<int32_t>(k);
+    if (score[k] == t) top[n++] = static_cast<int32_t>(k);
+  for (int k = 0; k < K; ++k) idx[k] = top[k];
   return true;
 }
 

@@ -185,10 +185,11 @@ struct QueryPrefetch {
   int64_t token_stride = 0, head_stride = 0;  // elements
   int64_t spans_per_token = 0, lines_per_span = 0, tokens = 0, esz = 0;
   int64_t next = 0, total = 0;  // lines issued, lines in all
+  int64_t tok = 0, g = 0, line = 0;  // the next line's token, span within the token and line within the span
 
   void plan(const Plan& pl, const BatchInfo& bi, int64_t n2, int64_t s0, int64_t s1) {
     const Tensor3& q = pl.p->query;
-    next = total = 0;
+    next = total = tok = g = line = 0;
     if (q.stride[2] != 1) return;
     const int64_t G = pl.sh.G;
     esz = static_cast<int64_t>(dtype_size(pl.p->dtype));
@@ -202,13 +203,18 @@ struct QueryPrefetch {
     tokens = s1 - s0;
     total = tokens * spans_per_token * lines_per_span;
   }
-  // issue the next `count` lines
+  // issue the next `count` lines (in the order line, span, token; counters rather than divisions)
   void issue(int64_t count) {
     const int64_t end = std::min(total, next + count);
     for (; next < end; ++next) {
-      const int64_t span = next / lines_per_span, line = next % lines_per_span;
-      const int64_t tok = span / spans_per_token, g = span % spans_per_token;
       __builtin_prefetch(base + (first_row + tok * token_stride + g * head_stride) * esz + line * 64, 0, 2);
+      if (++line == lines_per_span) {
+        line = 0;
+        if (++g == spans_per_token) {
+          g = 0;
+          ++tok;
+        }
+      }
     }
   }
 };
@@ -435,11 +441,16 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     } else if (k1 > k0) {
       std::fill(score + k0, score + k1, 0.0f);
     }
+    // (selects rather than branches: the forced blocks move with the row, so a branch per block mispredicts)
     if (p.topk_mask.data != nullptr) {  // §3.7
       const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
-      for (int64_t k = 0; k < Sel; ++k)
-        if (trow[k * p.topk_mask.stride[1]] != 0) score[k] = FLT_MAX;
-    } else if (p.causal) {  // §10 causal: the forced blocks of §9
+      const int64_t ts = p.topk_mask.stride[1];
+      if (ts == 1) {
+        for (int64_t k = 0; k < Sel; ++k) score[k] = trow[k] != 0 ? FLT_MAX : score[k];
+      } else {
+        for (int64_t k = 0; k < Sel; ++k) score[k] = trow[k * ts] != 0 ? FLT_MAX : score[k];
+      }
+    } else if (p.causal) {  // §10 causal: the forced blocks of §9 (block 0, the row's block and the one before)
       for (int64_t k = 0; k < Sel; ++k)
         if (detail::causal_forced(s, k, p.select_block_size)) score[k] = FLT_MAX;
     }
