@@ -178,15 +178,9 @@ inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int
   if (nan) return false;
   // t = the K-th largest lane maximum = the largest gm[j] with at least K lane maxima >= it (any larger
   // value has at most K - 1 maxima >= it)
-  // (selects, not branches: whether a lane qualifies is data-dependent, about half the time, and a branch on it
-  // mispredicted took half of the top-k time)
-  float t = -__builtin_inff();
-  for (int j = 0; j < NG; ++j) {
-    int ge = 0;
-    for (int c = 0; c < NG; c += V::W) ge += V::count_ge(gm + c, gm[j]);
-    const float q = ge >= K ? gm[j] : -__builtin_inff();
-    t = q > t ? q : t;
-  }
+  // (V::kth_largest32: selects rather than a branch, which mispredicted about half the time)
+  static_assert(NG == 32, "kth_largest32 takes 32 lane maxima");
+  const float t = V::kth_largest32(gm, K);
   // A: indices in work[0..na), their scores' bits in work[sel..sel + na) (written and read as float through
   // memcpy and the vector loads, which may alias)
   int32_t* above = work;

@@ -36,6 +36,18 @@ struct VectorBase {
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
   static F div(F a, F b) { return a / b; }
+  // The K-th largest of gm[0..32) (1 <= K <= 32, no NaN): the largest gm[j] with at least K values >= it (any larger
+  // value has at most K - 1). Selects, not branches: whether a value qualifies is data-dependent.
+  static float kth_largest32(const float* gm, int K) {
+    float t = -__builtin_inff();
+    for (int j = 0; j < 32; ++j) {
+      int ge = 0;
+      for (int c = 0; c < 32; c += W) ge += Self::count_ge(gm + c, gm[j]);
+      const float q = ge >= K ? gm[j] : -__builtin_inff();
+      t = q > t ? q : t;
+    }
+    return t;
+  }
   // The i < n with p[i] > t, in index order: i into idx[0..count), the bits of p[i] into bits[0..count); returns
   // count (branch-free; writes idx[0..n) and bits[0..n) at most).
   static int64_t compact_gt(const float* p, int64_t n, float t, int32_t* idx, int32_t* bits) {

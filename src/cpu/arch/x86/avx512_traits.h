@@ -38,6 +38,23 @@ struct V : nsa::cpu::Avx512Vector<V> {
   static int count_ge(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(load(p), set1(v), _CMP_GE_OQ)));
   }
+  // VectorBase::kth_largest32 with the 32 counts in two registers: for each value x, every lane y with x >= y counts
+  // one more; then the largest lane whose count reaches K.
+  static float kth_largest32(const float* gm, int K) {
+    const F a = load(gm), b = load(gm + 16);
+    __m512i ca = _mm512_setzero_si512(), cb = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int i = 0; i < 32; ++i) {
+      const F x = set1(gm[i]);
+      ca = _mm512_mask_add_epi32(ca, _mm512_cmp_ps_mask(x, a, _CMP_GE_OQ), ca, one);
+      cb = _mm512_mask_add_epi32(cb, _mm512_cmp_ps_mask(x, b, _CMP_GE_OQ), cb, one);
+    }
+    const __m512i kv = _mm512_set1_epi32(K);
+    const F none = set1(-__builtin_inff());
+    const F qa = _mm512_mask_mov_ps(none, _mm512_cmpge_epi32_mask(ca, kv), a);
+    const F qb = _mm512_mask_mov_ps(none, _mm512_cmpge_epi32_mask(cb, kv), b);
+    return _mm512_reduce_max_ps(_mm512_max_ps(qa, qb));
+  }
   // VectorBase::compact_gt, 16 scores at a time: the lanes above t compressed in order (vpcompressd into a register)
   // and stored under a mask of their count, so nothing past idx[count) / bits[count) is written.
   static int64_t compact_gt(const float* p, int64_t n, float t, int32_t* idx, int32_t* bits) {
