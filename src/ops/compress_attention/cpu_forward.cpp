@@ -11,7 +11,8 @@
 //   4. O[R][D2] = round(P) . V                          (GEMM; P rounded to the dtype, §3.4)
 //   5. selection scores: fp32 P rows of the G heads summed pairwise over g (§3.6, applied before the
 //      linear §3.5 map: equal up to rounding), two box filters (width N, then M) picked every M
-//      (§3.5), forced blocks (§3.7), top-K with a sorted buffer (§3.8).
+//      (§3.5), forced blocks (§3.7), top-K in the §3.8 order (KernelTable::select.top_k:
+//      a threshold from lane maxima, then the candidates above it ranked by counting).
 // Fully masked tokens (§5) take the closed form: P = 1/C_b, O = sum_c round(1/C_b) v[c].
 // K and V of each (batch, KV head) are packed once per call into GEMM panels (kernels.h layouts):
 // bf16 pairs for the vdpbf16ps path, fp32 otherwise. Scratch is per worker and bounded by
