@@ -161,13 +161,11 @@ def import_nsa_ops():
     return nsa_ops
 
 
-# Files the benchmarks themselves write (bench/record.py): changes there do not change what is measured.
-RESULT_FILES = ("README.md", "bench/RESULTS.md", "bench/results")
-
-
 def git_describe() -> str:
-    """Short commit of the working tree (+ '-dirty' when files other than RESULT_FILES differ from it), for the
-    record of which backend was measured."""
+    """Short commit of the working tree (+ '-dirty' when files other than the ones bench/record.py writes,
+    record.RESULT_FILES, differ from it), for the record of which backend was measured."""
+    from record import RESULT_FILES  # bench/record.py (standard library only)
+
     try:
         rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()

@@ -28,6 +28,9 @@ RESULTS_DIR = BENCH / "results"
 README = REPO / "README.md"
 HISTORY = BENCH / "RESULTS.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+# What this script writes, relative to the repository: changes there do not change what is measured (benchlib's
+# '-dirty' and the record's "dirty" leave them out).
+RESULT_FILES = tuple(str(p.relative_to(REPO)) for p in (README, HISTORY, RESULTS_DIR))
 
 # (name, script, extra arguments, what the table shows). Scripts that do not exist yet are skipped.
 BENCHES = [
@@ -95,9 +98,9 @@ def run(args) -> int:
         "cpu": model,
         "isa": isa,
         "commit": git("rev-parse", "--short", "HEAD"),
-        # uncommitted changes other than the files this script writes (README.md and the results)
+        # uncommitted changes other than the files this script writes
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                          *(f":!{f}" for f in ("README.md", "bench/RESULTS.md", "bench/results")))),
+                          *(f":!{f}" for f in RESULT_FILES))),
         "date": _dt.date.today().isoformat(),
         "threads": args.threads,
         "benches": {},
