@@ -442,8 +442,8 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     } else if (k1 > k0) {
       std::fill(score + k0, score + k1, 0.0f);
     }
-    // (selects rather than branches: the forced blocks move with the row, so a branch per block mispredicts)
     if (p.topk_mask.data != nullptr) {  // §3.7
+      // selects rather than branches: the forced blocks move with the row, so a branch per block mispredicts
       const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
       const int64_t ts = p.topk_mask.stride[1];
       if (ts == 1) {
