@@ -65,6 +65,7 @@ using detail::round_up;
 
 constexpr int64_t kPvChunk = 256;  // reduction chunk of P.V: pairs (bf16) or tokens (fp32)
 constexpr int64_t kRun = 64;       // tokens per transposed score tile
+constexpr int64_t kSlice = 16;     // key rows per score GEMM call (the next run's rows are prefetched in between)
 
 struct Plan {
   const CompressAttentionInferParams* p = nullptr;
@@ -84,6 +85,7 @@ struct Plan {
   bool k_in_place = false;  // key rows are the score GEMM's A operand as they lie in the pages
   bool v_in_place = false;  // value rows read in place by pv_bf16
   int64_t pv_tokens = 0;    // tokens per P.V reduction chunk: 2 * kPvChunk (pairs) or kPvChunk
+  int64_t key_row_bytes = 0;  // bytes from a key row's first element to past its last (prefetched)
   int64_t margin = 0;  // zero floats before a selection row (box filter reads), a multiple of 16
   int64_t sel_len = 0;  // floats of a selection row after the margin: covers [0, M * max Sel' + 1)
   int64_t ld_s = 0;     // floats per score row: margin + max(cp_max, sel_len)
@@ -92,7 +94,7 @@ struct Plan {
 struct Scratch {
   AlignedBuffer<uint8_t> qb, atile, vpack, pa;
   AlignedBuffer<float> tile, s, o, pv_work, box1, box2, score;
-  std::vector<const uint16_t*> vrow;  // value rows of one P.V chunk (in-place path)
+  std::vector<const uint16_t*> vrow;  // value rows of the unit's C tokens (in-place path)
   std::vector<int32_t> topk_work;
   std::vector<int64_t> order;
   std::vector<float> vrow32;  // two widened value rows of d2p floats (zero past Dv)
@@ -106,7 +108,7 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.tile.reset(kRun * pl.rp);
   if (pl.v_in_place) {
     sc.pv_work.reset(R * pl.d2p);
-    sc.vrow.resize(static_cast<size_t>(pl.pv_tokens));
+    sc.vrow.resize(static_cast<size_t>(pl.cp_max));
   } else {
     sc.vpack.reset(pl.pv_tokens * pl.d2p * esz);
     sc.vrow32.assign(static_cast<size_t>(2 * pl.d2p), 0.0f);
@@ -182,13 +184,24 @@ void scores(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64
         }
       }
     }
-    float* T = sc.tile.get();  // S^T[j][r] = (k_{c+j} . q_r) * scale
-    if (pl.bf16_dot)
-      pl.kt->gemm.bf16(static_cast<const uint16_t*>(A), lda, run, reinterpret_cast<const uint16_t*>(sc.qb.get()),
-                       pl.q_lda * kPanel, 0, rp, pl.qk_red, pl.qk_red, T, rp, pl.scale, false);
-    else
-      pl.kt->gemm.f32(static_cast<const float*>(A), lda, run, reinterpret_cast<const float*>(sc.qb.get()),
-                      pl.q_lda * kPanel, 0, rp, pl.qk_red, pl.qk_red, T, rp, pl.scale, false);
+    float* T = sc.tile.get();  // S^T[j][r] = (k_{c+j} . q_r) * scale, in slices of kSlice key rows
+    const int64_t next = c + run, next_run = next < C ? std::min({sh.P - next % sh.P, kRun, C - next}) : 0;
+    for (int64_t j0 = 0; j0 < run; j0 += kSlice) {
+      const int64_t rows = std::min(kSlice, run - j0);
+      // the key rows of the next run, kSlice at a time (pages lie anywhere: no hardware prefetcher follows them)
+      for (int64_t j = j0; j < std::min(j0 + kSlice, next_run); ++j) {
+        const char* row = static_cast<const char*>(p.key.data) + token_offset(p.key, table, sh.P, next + j, n2, D) * dsz;
+        for (int64_t i = 0; i < pl.key_row_bytes; i += 64) __builtin_prefetch(row + i);
+      }
+      const uint8_t* As = static_cast<const uint8_t*>(A) + j0 * lda * (pl.bf16_dot ? 2 : 4);
+      if (pl.bf16_dot)
+        pl.kt->gemm.bf16(reinterpret_cast<const uint16_t*>(As), lda, rows,
+                         reinterpret_cast<const uint16_t*>(sc.qb.get()), pl.q_lda * kPanel, 0, rp, pl.qk_red,
+                         pl.qk_red, T + j0 * rp, rp, pl.scale, false);
+      else
+        pl.kt->gemm.f32(reinterpret_cast<const float*>(As), lda, rows, reinterpret_cast<const float*>(sc.qb.get()),
+                        pl.q_lda * kPanel, 0, rp, pl.qk_red, pl.qk_red, T + j0 * rp, rp, pl.scale, false);
+    }
     pl.kt->grad.transpose_u32(reinterpret_cast<const uint32_t*>(T), rp, run, R, reinterpret_cast<uint32_t*>(S + c),
                               pl.ld_s);
     c += run;
@@ -251,11 +264,12 @@ void values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64
   for (int64_t c0 = 0; c0 < C; c0 += pl.pv_tokens) {
     const int64_t n = std::min(pl.pv_tokens, C - c0);
     if (pl.v_in_place) {
-      for (int64_t j = 0; j < n; ++j)
-        sc.vrow[static_cast<size_t>(j)] =
-            static_cast<const uint16_t*>(p.value.data) + token_offset(p.value, table, sh.P, c0 + j, n2, sh.Dv);
-      pl.pv_bf16(sc.vrow.data(), n, sh.Dv, reinterpret_cast<const uint16_t*>(sc.pa.get()) + c0, cp, R, sc.o.get(),
-                 pl.d2p, c0 > 0, sc.pv_work.get());
+      if (c0 == 0)
+        for (int64_t c = 0; c < C; ++c)
+          sc.vrow[static_cast<size_t>(c)] =
+              static_cast<const uint16_t*>(p.value.data) + token_offset(p.value, table, sh.P, c, n2, sh.Dv);
+      pl.pv_bf16(sc.vrow.data() + c0, n, C - c0, sh.Dv, reinterpret_cast<const uint16_t*>(sc.pa.get()) + c0, cp, R,
+                 sc.o.get(), pl.d2p, c0 > 0, sc.pv_work.get());
       continue;
     }
     pack_values(pl, sc, b, n2, c0, n);
@@ -368,6 +382,7 @@ Status forward(const CompressAttentionInferParams& p, const CpuOptions& options)
   pl.pv_bf16 = cai_kernels::pv_bf16_for(isa);
   pl.v_in_place = pl.bf16_dot && pl.pv_bf16 != nullptr && p.value.stride[2] == 1;
   pl.pv_tokens = pl.bf16_dot ? 2 * kPvChunk : kPvChunk;
+  pl.key_row_bytes = ((sh.D - 1) * p.key.stride[2] + 1) * static_cast<int64_t>(dtype_size(p.dtype));
   pl.margin = round_up(std::max(sh.M, sh.N), 16);
   pl.sel_len = round_up(sh.M * sh.max_sel + 1, 16);
   pl.ld_s = pl.margin + std::max(pl.cp_max, pl.sel_len);

@@ -17,16 +17,17 @@ namespace nsa::cai_kernels {
 // with V_c = vrow[c] (Dv contiguous bf16 values of token c, c < ntok; an odd last token is paired with zeros) and
 // P[r][c] = P[r * ldp + c] (bf16 bits, c < round_up(ntok, 2)), i.e. exactly the chunk of the shared GEMM
 // gemm.bf16 (A = P rows, B = V as pair panels, one reduction chunk) without packing V. work: R * round_up(Dv, 64)
-// floats of scratch. O row r at O + r * ldo.
-using PvBf16Fn = void (*)(const uint16_t* const* vrow, int64_t ntok, int64_t Dv, const uint16_t* P, int64_t ldp,
-                          int64_t R, float* O, int64_t ldo, bool accumulate, float* work);
+// floats of scratch. O row r at O + r * ldo. vrow lists nvalid >= ntok rows: those past ntok (the next chunk's) are
+// only prefetched.
+using PvBf16Fn = void (*)(const uint16_t* const* vrow, int64_t ntok, int64_t nvalid, int64_t Dv, const uint16_t* P,
+                          int64_t ldp, int64_t R, float* O, int64_t ldo, bool accumulate, float* work);
 
 // The kernel of a resolved CPU path: the AVX-512 BF16 one for CpuIsa::kAvx512Bf16 on x86 builds, else null.
 PvBf16Fn pv_bf16_for(CpuIsa isa);
 
 #if NSA_HAVE_X86_KERNELS
-void pv_bf16_avx512bf16(const uint16_t* const* vrow, int64_t ntok, int64_t Dv, const uint16_t* P, int64_t ldp,
-                        int64_t R, float* O, int64_t ldo, bool accumulate, float* work);
+void pv_bf16_avx512bf16(const uint16_t* const* vrow, int64_t ntok, int64_t nvalid, int64_t Dv, const uint16_t* P,
+                        int64_t ldp, int64_t R, float* O, int64_t ldo, bool accumulate, float* work);
 #endif
 
 }  // namespace nsa::cai_kernels
