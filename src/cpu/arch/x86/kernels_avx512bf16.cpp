@@ -47,8 +47,8 @@ template <int NV>
 inline void gemm_bf16_rows(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t P, float* C,
                            int64_t ldc, float alpha, bool acc) {
   int64_t r = 0;
-  if constexpr (NV == 1)  // one B vector: 12 rows give 12 independent vdpbf16ps chains (6 would wait on latency)
-    for (; r + 12 <= R; r += 12) ukernel_bf16<12, 1>(A + r * lda, lda, B, P, C + r * ldc, ldc, alpha, acc);
+  if constexpr (NV == 1)  // one B vector: 16 rows give 16 independent vdpbf16ps chains (6 would wait on latency)
+    for (; r + 16 <= R; r += 16) ukernel_bf16<16, 1>(A + r * lda, lda, B, P, C + r * ldc, ldc, alpha, acc);
   for (; r + 6 <= R; r += 6) ukernel_bf16<6, NV>(A + r * lda, lda, B, P, C + r * ldc, ldc, alpha, acc);
   A += r * lda;
   C += r * ldc;
