@@ -39,6 +39,18 @@ struct GemmKernels {
   void (*bf16)(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
                int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
                bool accumulate);
+  // The products of one reduction chunk of O = rne(P).V on bf16 pairs (vdpbf16ps), tokens read in place:
+  //   T[r][e] = sum over token pairs (2j, 2j + 1), j = 0, 1, ... in order, of one vdpbf16ps step
+  //             P[r][2j] * V_2j[e] + P[r][2j + 1] * V_2j+1[e]          (fp32 accumulator per (r, e), starting at +0)
+  //   O[r][e] = accumulate ? O[r][e] + T[r][e] : T[r][e]               for r < R, e < round_up(Dv, 32)
+  // with V_c = vrow[c] (Dv contiguous bf16 values of token c, c < ntok; an odd last token is paired with zeros) and
+  // P[r][c] = P[r * ldp + c] (bf16 bits, c < round_up(ntok, 2)), i.e. exactly the chunk of the shared GEMM
+  // gemm.bf16 (A = P rows, B = V as pair panels, one reduction chunk) without packing V. work: R * round_up(Dv, 64)
+  // floats of scratch. O row r at O + r * ldo. vrow lists nvalid >= ntok rows: those past ntok (the next chunk's) are
+  // only prefetched.
+  // Null except on the avx512bf16 path.
+  void (*pv_bf16)(const uint16_t* const* vrow, int64_t ntok, int64_t nvalid, int64_t Dv, const uint16_t* P,
+                  int64_t ldp, int64_t R, float* O, int64_t ldo, bool accumulate, float* work);
 };
 
 // Row-wise softmax steps, conversions and stores of the forward.

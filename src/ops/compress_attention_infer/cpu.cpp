@@ -15,9 +15,10 @@
 //   3. exact softmax per row (row_max, exp_sum, normalize_row: fp32 P kept in S, P rounded to nearest even for
 //      P.V, step 4); a fully masked row gets the uniform 1/C from the same formulas.
 //   4. O[R][Dv] = rne(P) . V (fp32 accumulation, step 5) in reduction chunks of kPvChunk pairs (bf16) or tokens
-//      (fp32), each chunk's sum added to O: on the avx512bf16 path with contiguous value rows the value rows are read
-//      in place by cai_kernels::pv_bf16 (kernels.h); otherwise each chunk's values are packed into the GEMM's pair
-//      or fp32 panels (a buffer of one chunk) and multiplied by the shared GEMM. Both give the same bits.
+//      (fp32), each chunk's sum added to O: on the avx512bf16 path with contiguous value rows the value rows are
+//      read in place by KernelTable::gemm.pv_bf16 (src/cpu/kernels.h); otherwise each chunk's values are packed
+//      into the GEMM's pair or fp32 panels (a buffer of one chunk) and multiplied by the shared GEMM. Both give the
+//      same bits.
 //      O is stored rounded to nearest even.
 //   5. selection (step 6): per token, the fp32 P rows of its G heads added in sequence g = 0, 1, ... (the §6 map is
 //      linear: equal to summing score_h up to rounding), two box filters (widths N, then M) picked at M(k+1),
@@ -40,20 +41,9 @@
 #include "cpu/kernels.h"
 #include "nsa/compress_attention_infer.h"
 #include "ops/compress_attention/gemm_plan.h"
-#include "ops/compress_attention_infer/kernels.h"
 #include "ops/compress_attention_infer/rows.h"
 
 namespace nsa {
-
-namespace cai_kernels {
-PvBf16Fn pv_bf16_for(CpuIsa isa) {
-#if NSA_HAVE_X86_KERNELS
-  if (isa == CpuIsa::kAvx512Bf16) return pv_bf16_avx512bf16;
-#endif
-  (void)isa;
-  return nullptr;
-}
-}  // namespace cai_kernels
 
 namespace {
 
@@ -72,7 +62,6 @@ struct Plan {
   CompressAttentionInferShape sh;
   DecodeRows rows;
   const KernelTable* kt = nullptr;
-  cai_kernels::PvBf16Fn pv_bf16 = nullptr;  // in-place P.V (used when v_in_place)
   // set_gemm_plan (ops/compress_attention/gemm_plan.h)
   bool bf16_dot = false;
   PStore pstore = PStore::kF32;
@@ -83,7 +72,7 @@ struct Plan {
   int64_t cp_max = 0;  // max C_b rounded up to the panel width
   int64_t rp = 0;      // max R rounded up to 16: columns of the query operand and of the score tile
   bool k_in_place = false;  // key rows are the score GEMM's A operand as they lie in the pages
-  bool v_in_place = false;  // value rows read in place by pv_bf16
+  bool v_in_place = false;  // value rows read in place by KernelTable::gemm.pv_bf16
   int64_t pv_tokens = 0;    // tokens per P.V reduction chunk: 2 * kPvChunk (pairs) or kPvChunk
   int64_t key_row_bytes = 0;  // bytes from a key row's first element to past its last (prefetched)
   int64_t margin = 0;  // zero floats before a selection row (box filter reads), a multiple of 16
@@ -268,8 +257,8 @@ void values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64
         for (int64_t c = 0; c < C; ++c)
           sc.vrow[static_cast<size_t>(c)] =
               static_cast<const uint16_t*>(p.value.data) + token_offset(p.value, table, sh.P, c, n2, sh.Dv);
-      pl.pv_bf16(sc.vrow.data() + c0, n, C - c0, sh.Dv, reinterpret_cast<const uint16_t*>(sc.pa.get()) + c0, cp, R,
-                 sc.o.get(), pl.d2p, c0 > 0, sc.pv_work.get());
+      pl.kt->gemm.pv_bf16(sc.vrow.data() + c0, n, C - c0, sh.Dv, reinterpret_cast<const uint16_t*>(sc.pa.get()) + c0,
+                          cp, R, sc.o.get(), pl.d2p, c0 > 0, sc.pv_work.get());
       continue;
     }
     pack_values(pl, sc, b, n2, c0, n);
@@ -379,8 +368,7 @@ Status forward(const CompressAttentionInferParams& p, const CpuOptions& options)
   detail::set_gemm_plan(pl, p.dtype, p.scale_value, sh.D, sh.Dv, sh.max_c);
   pl.rp = round_up(sh.max_q * sh.G, 16);
   pl.k_in_place = p.key.stride[2] == 1 && (pl.bf16_dot ? sh.D % 2 == 0 : p.dtype == DType::kF32);
-  pl.pv_bf16 = cai_kernels::pv_bf16_for(isa);
-  pl.v_in_place = pl.bf16_dot && pl.pv_bf16 != nullptr && p.value.stride[2] == 1;
+  pl.v_in_place = pl.bf16_dot && pl.kt->gemm.pv_bf16 != nullptr && p.value.stride[2] == 1;
   pl.pv_tokens = pl.bf16_dot ? 2 * kPvChunk : kPvChunk;
   pl.key_row_bytes = ((sh.D - 1) * p.key.stride[2] + 1) * static_cast<int64_t>(dtype_size(p.dtype));
   pl.margin = round_up(std::max(sh.M, sh.N), 16);
