@@ -118,7 +118,16 @@ class TileWorker {
     dvp_ = round_up(pr.Dv, cpu::kPanel);
     pairs_ = pr.dtype == DType::kBF16 && kt->gemm.bf16 != nullptr;
     dr_ = pairs_ ? round_up(pr.D, 2) : pr.D;
-    if (pairs_) {
+    in_place_ = pairs_ && kt->gemm.pv_bf16 != nullptr && pr.D % 2 == 0 && pr.key.stride[3] == 1 &&
+                pr.value.stride[3] == 1;
+    if (in_place_) {
+      gp_ = round_up(pr.G, 16);
+      qp16_.reset(round_up(pr.G, cpu::kPanel) * dr_);
+      tile_.reset(kRun * gp_);
+      pv_work_.reset(pr.G * round_up(pr.Dv, 64));
+      vrow_.resize(static_cast<size_t>(cap_));
+      p16_.reset(pr.G * cap_);
+    } else if (pairs_) {
       kq16_.reset(round_up(cap_, cpu::kPanel) * dr_);
       ktmp16_.reset(cpu::kPanel * dr_);
       vo16_.reset(dvp_ * cap_);
@@ -147,6 +156,10 @@ class TileWorker {
       return;
     }
     const int64_t nep = round_up(ne, 16);
+    if (in_place_) {
+      attend_in_place(b, t, n2, runs, ne, nep);
+      return;
+    }
     if (pairs_) {
       attend_pairs(b, t, n2, runs, ne, nep);
       return;
@@ -267,6 +280,57 @@ class TileWorker {
     store_outputs(t, n2);
   }
 
+  // Steps 1-4 on bf16 pairs with the cache rows read where they lie (bf16 inputs on a path with
+  // KernelTable::gemm.pv_bf16, D even, contiguous key and value rows): the same products, sums and roundings as
+  // attend_pairs, without packing the keys and values.
+  //   scores: the entries in groups of consecutive rows of one page (at most kRun), each group's key rows the A operand
+  //     of gemm.bf16 as they lie (lda = the cache's row stride) against the G query rows as B (pair panels, columns
+  //     g, zero padded to gp_): the tile S^T[j][g] = (k_j . q_g) scale, the chain over pairs of the untransposed
+  //     product, transposed into the score rows; the next group's key rows are prefetched meanwhile;
+  //   P.V: gemm.pv_bf16 over the entries' value rows in entry order, one chunk: the chain of attend_pairs' GEMM
+  //     without its zero padding pairs (each adds +0 to a sum that is never -0: the same bits).
+  void attend_in_place(int64_t b, int64_t t, int64_t n2, const std::vector<Run>& runs, int64_t ne, int64_t nep) {
+    const int64_t G = pr_.G, D = pr_.D, dr = dr_, ks = pr_.key.stride[1];
+    constexpr int64_t W = cpu::kPanel;
+    const uint16_t* kbase = static_cast<const uint16_t*>(pr_.key.data);
+    const uint16_t* vbase = static_cast<const uint16_t*>(pr_.value.data);
+    locate(b, n2, runs);
+    // query rows as B: element (e, g) at (g / 64) dr 64 + (e / 2) 128 + (g % 64) 2 + e % 2, padding columns zero
+    const uint16_t* qbase = static_cast<const uint16_t*>(pr_.query.data);
+    std::memset(qp16_.get(), 0, sizeof(uint16_t) * static_cast<size_t>(round_up(G, W) * dr));
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t off = t * pr_.query.stride[0] + (n2 * G + g) * pr_.query.stride[1];
+      uint16_t* col = qp16_.get() + (g / W) * dr * W + (g % W) * 2;
+      for (int64_t d = 0; d < D; ++d) col[(d / 2) * 2 * W + d % 2] = qbase[off + d * pr_.query.stride[2]];
+    }
+    const int64_t key_bytes = D * 2;
+    auto group_end = [&](int64_t c) {  // end of the group of consecutive rows starting at entry c
+      int64_t e = c + 1;
+      while (e < ne && e - c < kRun && koff_[static_cast<size_t>(e)] == koff_[static_cast<size_t>(e - 1)] + ks) ++e;
+      return e;
+    };
+    for (int64_t c = 0, e = ne > 0 ? group_end(0) : 0; c < ne;) {
+      const int64_t next_end = e < ne ? group_end(e) : e;
+      for (int64_t j = e; j < next_end; ++j) {  // the next group's key rows
+        const char* row = reinterpret_cast<const char*>(kbase + koff_[static_cast<size_t>(j)]);
+        for (int64_t i = 0; i < key_bytes; i += 64) __builtin_prefetch(row + i);
+      }
+      float* T = tile_.get();
+      kt_->gemm.bf16(kbase + koff_[static_cast<size_t>(c)], ks, e - c, qp16_.get(), dr * W, 0, gp_, dr / 2, dr / 2, T,
+                     gp_, pr_.scale, false);
+      kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(T), gp_, e - c, G,
+                              reinterpret_cast<uint32_t*>(s_.get() + c), nep);
+      c = e;
+      e = next_end;
+    }
+    l_.resize(static_cast<size_t>(G));
+    for (int64_t g = 0; g < G; ++g)
+      probabilities_row(g, ne, nep, p16_.get() + g * nep, [](float v) { return select_detail::f32_to_bf16_rha(v); });
+    for (int64_t c = 0; c < ne; ++c) vrow_[static_cast<size_t>(c)] = vbase + voff_[static_cast<size_t>(c)];
+    kt_->gemm.pv_bf16(vrow_.data(), ne, ne, pr_.Dv, p16_.get(), nep, G, o_.get(), dvp_, false, pv_work_.get());
+    store_outputs(t, n2);
+  }
+
   // Step 3 on row g of the scores s_ (nep columns, the first ne real): the padding columns set to -inf, m = the row's
   // maximum, the row replaced by exp(s - m) in place and l_[g] = their fp32 sum (KernelTable row kernels, the
   // canonical order). Returns the row.
@@ -352,10 +416,13 @@ class TileWorker {
 
   const Problem& pr_;
   const cpu::KernelTable* kt_;
-  int64_t cap_ = 0, dvp_ = 0, dr_ = 0;
-  bool pairs_ = false;
+  static constexpr int64_t kRun = 64;  // key rows per score GEMM of attend_in_place
+  int64_t cap_ = 0, dvp_ = 0, dr_ = 0, gp_ = 0;
+  bool pairs_ = false, in_place_ = false;
   detail::AlignedBuffer<float> kq_, vo_, qa_, s_, p_, o_, ktmp_;
-  detail::AlignedBuffer<uint16_t> kq16_, vo16_, qa16_, p16_, ktmp16_;
+  detail::AlignedBuffer<uint16_t> kq16_, vo16_, qa16_, p16_, ktmp16_, qp16_;
+  detail::AlignedBuffer<float> tile_, pv_work_;
+  std::vector<const uint16_t*> vrow_;
   std::vector<float> row_, l_;
   std::vector<int64_t> koff_, voff_;
 };
