@@ -124,6 +124,24 @@ inline void transpose16x16_epi32(__m512i w[16]) {
 
 // dst[c * ld_dst + r] = src[r * ld_src + c]: blocks of 32 rows x 16 columns; row pairs are combined into
 // 32-bit words (the low half the even row), a 16 x 16 word transpose, then one 64-byte (masked) store per column.
+// dst[c * ld_dst + r] = src[r * ld_src + c] (r < rows, c < cols) in 16 x 16 blocks of 32-bit words.
+inline void transpose_u32_avx512(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst,
+                                 int64_t ld_dst) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const int64_t nc = cols - c0 < 16 ? cols - c0 : 16;
+    const __mmask16 cm = static_cast<__mmask16>(nc == 16 ? 0xffffu : (1u << nc) - 1u);
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const int64_t nr = rows - r0 < 16 ? rows - r0 : 16;
+      __m512i w[16];
+      for (int r = 0; r < 16; ++r)
+        w[r] = r < nr ? _mm512_maskz_loadu_epi32(cm, src + (r0 + r) * ld_src + c0) : _mm512_setzero_si512();
+      transpose16x16_epi32(w);
+      const __mmask16 rm = static_cast<__mmask16>(nr == 16 ? 0xffffu : (1u << nr) - 1u);
+      for (int64_t c = 0; c < nc; ++c) _mm512_mask_storeu_epi32(dst + (c0 + c) * ld_dst + r0, rm, w[c]);
+    }
+  }
+}
+
 inline void transpose_u16_avx512(const uint16_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint16_t* dst,
                                  int64_t ld_dst) {
   for (int64_t c0 = 0; c0 < cols; c0 += 16) {
@@ -279,6 +297,7 @@ const nsa::cpu::KernelTable* nsa::cpu::kernels_avx512bf16() {
     KernelTable table =
         k::make_table(CpuIsa::kAvx512Bf16, k::gemm_bf16_impl, k::pack_rows_bf16_impl, k::transpose_u16_avx512);
     table.gemm.pv_bf16 = k::pv_bf16_impl;
+    table.grad.transpose_u32 = k::transpose_u32_avx512;
     return table;
   }();
   return &t;
