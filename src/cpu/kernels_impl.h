@@ -423,11 +423,12 @@ inline void transpose_u32_impl(const uint32_t* src, int64_t ld_src, int64_t rows
 
 // ------------------------------------------------------------------ the table
 // This ISA's KernelTable (src/cpu/kernels.h): every kernel above, plus what only some ISA files provide (null
-// where the ISA has none): the bf16 dot-product GEMM and its P/dS packing, and a transpose_u16 of its own.
+// where the ISA has none): the bf16 dot-product GEMM and its P/dS packing, and transposes of its own.
 inline constexpr nsa::cpu::KernelTable make_table(
     nsa::CpuIsa isa, decltype(nsa::cpu::GemmKernels::bf16) gemm_bf16 = nullptr,
     decltype(nsa::cpu::GradKernels::pack_rows_bf16) pack_rows_bf16 = nullptr,
-    decltype(nsa::cpu::GradKernels::transpose_u16) transpose_u16 = transpose_u16_impl) {
+    decltype(nsa::cpu::GradKernels::transpose_u16) transpose_u16 = transpose_u16_impl,
+    decltype(nsa::cpu::GradKernels::transpose_u32) transpose_u32 = transpose_u32_impl) {
   nsa::cpu::KernelTable t{};
   t.isa = isa;
   t.gemm = {.f32 = gemm_f32_impl, .bf16 = gemm_bf16};
@@ -437,6 +438,6 @@ inline constexpr nsa::cpu::KernelTable make_table(
             .load_row = load_row_impl};
   t.select = {.top_k = top_k_impl};
   t.grad = {.softmax_grad_row = softmax_grad_row_impl, .pack_rows_bf16 = pack_rows_bf16,
-            .transpose_u16 = transpose_u16, .transpose_u32 = transpose_u32_impl};
+            .transpose_u16 = transpose_u16, .transpose_u32 = transpose_u32};
   return t;
 }

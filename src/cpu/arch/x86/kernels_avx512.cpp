@@ -9,10 +9,12 @@
 
 namespace nsa::cpu::isa_avx512 {
 #include "cpu/arch/x86/avx512_traits.h"
+#include "cpu/arch/x86/avx512_transpose.h"
 #include "cpu/kernels_impl.h"
 }  // namespace nsa::cpu::isa_avx512
 
 const nsa::cpu::KernelTable* nsa::cpu::kernels_avx512() {
-  static const KernelTable t = isa_avx512::make_table(CpuIsa::kAvx512);
+  static const KernelTable t = isa_avx512::make_table(CpuIsa::kAvx512, nullptr, nullptr, isa_avx512::transpose_u16_impl,
+                                                      isa_avx512::transpose_u32_avx512);
   return &t;
 }
