@@ -175,11 +175,12 @@ void scores(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64
     }
     float* T = sc.tile.get();  // S^T[j][r] = (k_{c+j} . q_r) * scale, in slices of kSlice key rows
     const int64_t next = c + run, next_run = next < C ? std::min({sh.P - next % sh.P, kRun, C - next}) : 0;
+    const int64_t next_base = next < C ? token_offset(p.key, table, sh.P, next, n2, D) : 0;  // a run lies in one page
     for (int64_t j0 = 0; j0 < run; j0 += kSlice) {
       const int64_t rows = std::min(kSlice, run - j0);
       // the key rows of the next run, kSlice at a time (pages lie anywhere: no hardware prefetcher follows them)
       for (int64_t j = j0; j < std::min(j0 + kSlice, next_run); ++j) {
-        const char* row = static_cast<const char*>(p.key.data) + token_offset(p.key, table, sh.P, next + j, n2, D) * dsz;
+        const char* row = static_cast<const char*>(p.key.data) + (next_base + j * p.key.stride[1]) * dsz;
         for (int64_t i = 0; i < pl.key_row_bytes; i += 64) __builtin_prefetch(row + i);
       }
       const uint8_t* As = static_cast<const uint8_t*>(A) + j0 * lda * (pl.bf16_dot ? 2 : 4);
@@ -253,10 +254,13 @@ void values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64
   for (int64_t c0 = 0; c0 < C; c0 += pl.pv_tokens) {
     const int64_t n = std::min(pl.pv_tokens, C - c0);
     if (pl.v_in_place) {
-      if (c0 == 0)
-        for (int64_t c = 0; c < C; ++c)
-          sc.vrow[static_cast<size_t>(c)] =
+      if (c0 == 0)  // page by page: token c at row c % P of page block_table[c / P]
+        for (int64_t c = 0; c < C; c += sh.P) {
+          const uint16_t* row =
               static_cast<const uint16_t*>(p.value.data) + token_offset(p.value, table, sh.P, c, n2, sh.Dv);
+          for (int64_t j = 0; j < std::min(sh.P, C - c); ++j, row += p.value.stride[1])
+            sc.vrow[static_cast<size_t>(c + j)] = row;
+        }
       pl.kt->gemm.pv_bf16(sc.vrow.data() + c0, n, C - c0, sh.Dv, reinterpret_cast<const uint16_t*>(sc.pa.get()) + c0,
                           cp, R, sc.o.get(), pl.d2p, c0 > 0, sc.pv_work.get());
       continue;

@@ -141,20 +141,22 @@ constexpr int64_t kAhead = 64;      // tokens between a pair step and the rows i
 // stack on each pair step (one store per vdpbf16ps), and at -O2 keeps them in memory.
 // One pair step of pv_block: acc[r][j] += the pair (P[r][t], P[r][t + 1]) times the interleaved values of rows va
 // (token t) and vb (token t + 1) over the block's 32 NH values, m[h]: valid lanes of the h-th 32.
-#define NSA_PV_STEP(va, vb)                                                                                       \
-  do {                                                                                                            \
-    __m512bh x[2 * NH];                                                                                           \
-    _Pragma("GCC unroll 4") for (int h = 0; h < NH; ++h) {                                                                      \
-      const __m512i a_ = _mm512_maskz_loadu_epi16(m[h], (va) + 32 * h), b_ = _mm512_maskz_loadu_epi16(m[h], (vb) + 32 * h); \
-      x[2 * h] = (__m512bh)_mm512_unpacklo_epi16(a_, b_);                                                         \
-      x[2 * h + 1] = (__m512bh)_mm512_unpackhi_epi16(a_, b_);                                                     \
-    }                                                                                                             \
-    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                                                      \
-      int32_t pair;                                                                                               \
-      std::memcpy(&pair, P + r * ldp + t, 4);                                                                     \
-      const __m512bh pb = (__m512bh)_mm512_set1_epi32(pair);                                                      \
-      _Pragma("GCC unroll 8") for (int j = 0; j < 2 * NH; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pb, x[j]);                          \
-    }                                                                                                             \
+#define NSA_PV_STEP(va, vb)                                                                       \
+  do {                                                                                            \
+    __m512bh x[2 * NH];                                                                           \
+    _Pragma("GCC unroll 4") for (int h = 0; h < NH; ++h) {                                        \
+      const __m512i a_ = _mm512_maskz_loadu_epi16(m[h], (va) + 32 * h);                           \
+      const __m512i b_ = _mm512_maskz_loadu_epi16(m[h], (vb) + 32 * h);                           \
+      x[2 * h] = (__m512bh)_mm512_unpacklo_epi16(a_, b_);                                         \
+      x[2 * h + 1] = (__m512bh)_mm512_unpackhi_epi16(a_, b_);                                     \
+    }                                                                                             \
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {                                       \
+      int32_t pair;                                                                               \
+      std::memcpy(&pair, P + r * ldp + t, 4);                                                     \
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(pair);                                      \
+      _Pragma("GCC unroll 8") for (int j = 0; j < 2 * NH; ++j) acc[r][j] =                        \
+          _mm512_dpbf16_ps(acc[r][j], pb, x[j]);                                                  \
+    }                                                                                             \
   } while (0)
 
 // Rows [0, MR) (P rows at P + r * ldp, accumulators at w + r * ldw) x values [e0, e0 + 32 NH) (valid lanes m[h] of
@@ -206,8 +208,10 @@ void pv_rows(const uint16_t* const* vrow, int64_t ntok, int64_t nvalid, bool pf,
              const uint16_t* zero_row) {
   int64_t r0 = 0;
   for (; r0 + MR <= R; r0 += MR, pf = false) {
-    if (pf) pv_block<MR, kNh, true>(vrow, ntok, nvalid, t0, t1, e0, m, P + r0 * ldp, ldp, w + r0 * ldw, ldw, t0 == 0, zero_row);
-    else pv_block<MR, kNh, false>(vrow, ntok, nvalid, t0, t1, e0, m, P + r0 * ldp, ldp, w + r0 * ldw, ldw, t0 == 0, zero_row);
+    const uint16_t* Pr = P + r0 * ldp;
+    float* wr = w + r0 * ldw;
+    if (pf) pv_block<MR, kNh, true>(vrow, ntok, nvalid, t0, t1, e0, m, Pr, ldp, wr, ldw, t0 == 0, zero_row);
+    else pv_block<MR, kNh, false>(vrow, ntok, nvalid, t0, t1, e0, m, Pr, ldp, wr, ldw, t0 == 0, zero_row);
   }
   if constexpr (MR > 1)
     if (r0 < R)
