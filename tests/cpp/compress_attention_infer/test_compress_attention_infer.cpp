@@ -1,6 +1,7 @@
 // npu_nsa_compress_attention_infer (docs/spec/decode.md §3): the §5 worked example and the Sel' tail block by hand,
 // random cases on the reference and every ISA path against the independent fp64 model (§6), bitwise over thread
-// counts, and every argument rule with its message and nothing written.
+// counts and between rows read in place and copied rows, and every argument rule with its message and nothing
+// written.
 #include <string>
 
 #include "compress_attention_infer/cai_util.h"
@@ -201,6 +202,31 @@ TEST(CompressAttentionInferCpu, LongRowsInPlaceReadsOnEveryPath) {
         }
       }
     }
+}
+
+// Contiguous bf16 rows (even D) are read where they lie: key rows as the score GEMM's A operand and, on avx512bf16,
+// value rows through KernelTable::gemm.pv_bf16; rows with an element stride of 2 are copied / packed first. Both give
+// the same outputs and indices on every path (C across P.V chunks and sub-blocks with an odd last token, G = 16 with
+// R = 16 and MTP R = 80, pages of 64 and 16, Dv = 40 and 128).
+TEST(CompressAttentionInferCpu, InPlaceRowsMatchCopiedRowsBitwise) {
+  const Geo geos[] = {
+      {DecodeLayout::kTND, 16, 1, 48, 40, 64, 32, 16, 64, 8, 1, {1}, {1101}, false},
+      {DecodeLayout::kTND, 32, 2, 192, 128, 16, 32, 16, 64, 16, 1, {1, 1}, {777, 64}, false},
+      {DecodeLayout::kTND, 32, 2, 24, 16, 64, 32, 16, 64, 6, 1, {5, 2}, {600, 513}, true},
+  };
+  std::mt19937 rng(2025);
+  for (size_t gi = 0; gi < std::size(geos); ++gi) {
+    CACase cs = random_case(geos[gi], DType::kBF16, rng);
+    for (CpuIsa isa : supported_isas()) {
+      cs.kv_step = 1;
+      const CARun in_place = run(cs, Backend::kCpu, isa, 2);
+      cs.kv_step = 2;
+      const CARun copied = run(cs, Backend::kCpu, isa, 2);
+      ASSERT_TRUE(in_place.status.ok() && copied.status.ok());
+      EXPECT_TRUE(in_place.out_bytes == copied.out_bytes && in_place.topk == copied.topk)
+          << nsa::cpu_isa_name(isa) << " geometry " << gi;
+    }
+  }
 }
 
 // ------------------------------------------------------------------ argument rules (§3)

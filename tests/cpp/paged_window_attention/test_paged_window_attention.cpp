@@ -2,8 +2,8 @@
 // output rounding of window_attention.md §5 step 4 (half away from zero) on exact ties; the reference and the CPU
 // backend against the fp64 model of select_attention_infer/paged_util.h (every dtype, B several, G = 1 and G > 1,
 // D != Dv, P = 1 and P not dividing the lengths, shuffled pages, -1 table padding, MTP q_b > 1, windows shorter and
-// longer than the sequences); bitwise invariance over thread counts; every argument rule with its message, nothing
-// written on error.
+// longer than the sequences); bitwise invariance over thread counts and between rows read in place and packed rows;
+// every argument rule with its message, nothing written on error.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -137,6 +137,34 @@ TEST(PagedWindowAttentionCpu, BitwiseOverThreadCounts) {
         ASSERT_TRUE(run_cpu(c.window_params(out.data()), isa, th).ok());
         EXPECT_EQ(out, one) << nsa::cpu_isa_name(isa) << " threads " << th;
       }
+    }
+  }
+}
+
+// Contiguous bf16 rows with an even D read in place (avx512bf16) and the same rows with gaps, packed: the same bits
+// on every path (G = 16 and 2, windows across page boundaries, pages of 64 and 7, an odd number of entries, MTP).
+TEST(PagedWindowAttentionCpu, InPlaceRowsMatchPackedRowsBitwise) {
+  struct Geo {
+    std::vector<int64_t> q, s;
+    int64_t N1, N2, D, Dv, P, window;
+  };
+  const Geo geos[] = {{{1, 1}, {600, 129}, 16, 1, 48, 80, 64, 513}, {{2, 1, 3}, {90, 17, 64}, 4, 2, 24, 16, 7, 33}};
+  std::mt19937 rng(12);
+  for (const Geo& g : geos) {
+    PCase c = PCase::make(DType::kBF16, g.q, g.s, g.N1, g.N2, g.D, g.Dv, g.P, rng);
+    c.window = g.window;
+    c.fill_uniform(rng, -2, 2);
+    c.pack();
+    std::vector<unsigned char> ks, vs;
+    nsa::PagedWindowAttentionParams spread = c.window_params(nullptr);
+    spread.key_cache = c.spread_cache(c.kb, c.D, ks);
+    spread.value_cache = c.spread_cache(c.vb, c.Dv, vs);
+    for (CpuIsa isa : supported_isas()) {
+      std::vector<unsigned char> in_place = out_buffer(c), packed = out_buffer(c);
+      ASSERT_TRUE(run_cpu(c.window_params(in_place.data()), isa, 2).ok());
+      spread.attention_out = packed.data();
+      ASSERT_TRUE(run_cpu(spread, isa, 2).ok());
+      EXPECT_EQ(in_place, packed) << nsa::cpu_isa_name(isa) << " G = " << g.N1 / g.N2 << " P = " << g.P;
     }
   }
 }

@@ -187,6 +187,17 @@ struct PCase {
     }
     return v;
   }
+  // The same cache with every element followed by a gap element (element stride 2, row strides doubled): rows that
+  // are not contiguous, which the CPU backend packs instead of reading in place. spread: the buffer it reads.
+  nsa::PagedCacheView spread_cache(const Buf& b, int64_t d, std::vector<unsigned char>& spread) const {
+    const size_t esz = nsa::dtype_size(b.dt), n = b.bytes.size() / esz;
+    spread.assign(2 * b.bytes.size(), 0xff);  // gaps hold NaN / -1 bit patterns, never read
+    for (size_t i = 0; i < n; ++i) std::memcpy(spread.data() + 2 * i * esz, b.bytes.data() + i * esz, esz);
+    nsa::PagedCacheView v = cache(b, d);
+    v.data = spread.data();
+    for (int i = 0; i < 4; ++i) v.stride[i] *= 2;
+    return v;
+  }
   nsa::Tensor2 table_view() const {
     nsa::Tensor2 t;
     t.data = table.data();

@@ -2,7 +2,8 @@
 // path; the output roundings of §4 step 4 on exact ties; the reference and the CPU backend against the fp64 model of
 // paged_util.h on many shapes (every dtype, B several, G = 1 and G > 1, D != Dv, P = 1 and P not dividing the
 // lengths, shuffled pages, -1 table padding, -1 slots anywhere, duplicates, MTP q_b > 1, batch-major rows past q_b);
-// bitwise invariance over thread counts; every argument rule with its message, nothing written on error.
+// bitwise invariance over thread counts and between rows read in place and packed rows; every argument rule with its
+// message, nothing written on error.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -170,6 +171,41 @@ TEST(SelectAttentionInferCpu, BitwiseOverThreadCounts) {
         ASSERT_TRUE(run_cpu(c.select_params(out.data()), isa, th).ok());
         EXPECT_EQ(out, one) << nsa::cpu_isa_name(isa) << " threads " << th;
       }
+    }
+  }
+}
+
+// Contiguous bf16 rows with an even D are read where they lie on a path with an in-place P.V (avx512bf16: key rows
+// as the score GEMM's A operand, value rows through KernelTable::gemm.pv_bf16); rows with gaps between their
+// elements are packed first. Both give the same bits on every path (shapes: G = 1, 4, 16; pages of 16, 64 and 7, so
+// groups of consecutive rows that end at page and slot boundaries; duplicates and -1 slots; Dv = 80 over two value
+// blocks; an odd number of entries; MTP).
+TEST(SelectAttentionInferCpu, InPlaceRowsMatchPackedRowsBitwise) {
+  struct Geo {
+    std::vector<int64_t> q, s;
+    int64_t N1, N2, D, Dv, P, lp, K;
+  };
+  const Geo geos[] = {{{1, 1}, {300, 129}, 16, 1, 48, 80, 64, 64, 4},
+                      {{1, 2, 1}, {77, 200, 5}, 8, 2, 16, 16, 16, 32, 5},
+                      {{1, 1}, {150, 61}, 2, 2, 24, 8, 7, 16, 6}};
+  std::mt19937 rng(11);
+  for (const Geo& g : geos) {
+    PCase c = PCase::make(DType::kBF16, g.q, g.s, g.N1, g.N2, g.D, g.Dv, g.P, rng);
+    c.fill_uniform(rng, -2, 2);
+    c.random_indices(rng, g.lp, g.K);
+    c.index(0, 0, 0) = -1;
+    c.index(0, 0, 2) = c.index(0, 0, 1);
+    c.pack();
+    std::vector<unsigned char> ks, vs;
+    nsa::SelectAttentionInferParams spread = c.select_params(nullptr);
+    spread.key = c.spread_cache(c.kb, c.D, ks);
+    spread.value = c.spread_cache(c.vb, c.Dv, vs);
+    for (CpuIsa isa : supported_isas()) {
+      std::vector<unsigned char> in_place = out_buffer(c), packed = out_buffer(c);
+      ASSERT_TRUE(run_cpu(c.select_params(in_place.data()), isa, 2).ok());
+      spread.attention_out = packed.data();
+      ASSERT_TRUE(run_cpu(spread, isa, 2).ok());
+      EXPECT_EQ(in_place, packed) << nsa::cpu_isa_name(isa) << " G = " << g.N1 / g.N2 << " P = " << g.P;
     }
   }
 }
