@@ -56,6 +56,7 @@ using detail::round_up;
 constexpr int64_t kPvChunk = 256;  // reduction chunk of P.V: pairs (bf16) or tokens (fp32)
 constexpr int64_t kRun = 64;       // tokens per transposed score tile
 constexpr int64_t kSlice = 16;     // key rows per score GEMM call (the next run's rows are prefetched in between)
+constexpr int64_t kValueAhead = 64;  // tokens between a packed value row and the row prefetched meanwhile
 
 struct Plan {
   const CompressAttentionInferParams* p = nullptr;
@@ -198,10 +199,10 @@ void scores(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64
   }
 }
 
-// Step 4 without the in-place kernel: tokens [c0, c0 + n) of KV head n2 of batch b as the B operand of one P.V
+// Step 4 without the in-place kernel: tokens [c0, c0 + n) of KV head n2 of batch b (of C) as the B operand of one P.V
 // chunk, (token j, value e) at reduction index j and column e: bf16 pairs (tokens 2j', 2j' + 1 of a pair, the odd
 // last one paired with zeros) or fp32, columns [Dv, d2p) zero.
-void pack_values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t c0, int64_t n) {
+void pack_values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t c0, int64_t n, int64_t C) {
   const CompressAttentionInferParams& p = *pl.p;
   const CompressAttentionInferShape& sh = pl.sh;
   const int32_t* table = p.block_table + b * p.block_table_row_stride;
@@ -210,7 +211,13 @@ void pack_values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t c0,
   const int64_t Dv = sh.Dv, red = pairs ? round_up(n, 2) : n;
   uint8_t* vp = sc.vpack.get();
   std::memset(vp, 0, static_cast<size_t>(red * pl.d2p * (pairs ? 2 : 4)));
+  const int64_t esz = static_cast<int64_t>(dtype_size(dt)), row_bytes = ((Dv - 1) * p.value.stride[2] + 1) * esz;
   for (int64_t j = 0; j < n; ++j) {
+    if (c0 + j + kValueAhead < C) {  // the value row kValueAhead tokens on (pages lie anywhere)
+      const char* ahead = static_cast<const char*>(p.value.data) +
+                          token_offset(p.value, table, sh.P, c0 + j + kValueAhead, n2, Dv) * esz;
+      for (int64_t i = 0; i < row_bytes; i += 64) __builtin_prefetch(ahead + i);
+    }
     const int64_t vb = token_offset(p.value, table, sh.P, c0 + j, n2, Dv);
     if (p.value.stride[2] == 1 && pairs) {
       // tokens j and j + 1 widened (exactly) into zero-padded fp32 rows and interleaved per panel by the ISA's pair
@@ -265,7 +272,7 @@ void values(const Plan& pl, Scratch& sc, int64_t b, int64_t n2, int64_t C, int64
                           cp, R, sc.o.get(), pl.d2p, c0 > 0, sc.pv_work.get());
       continue;
     }
-    pack_values(pl, sc, b, n2, c0, n);
+    pack_values(pl, sc, b, n2, c0, n, C);
     if (pl.bf16_dot) {
       const int64_t pairs = round_up(n, 2) / 2;
       pl.kt->gemm.bf16(reinterpret_cast<const uint16_t*>(sc.pa.get()) + c0, cp, R,
