@@ -1,8 +1,9 @@
 // Optimized CPU backend of select_attention_infer (docs/spec/decode.md §4). One task per (batch, KV head) unit;
 // for each of the unit's query tokens, the positions its slots reach are gathered from the pages into a packed
-// tile and attended by the G query heads of the KV head with the per-ISA GEMM kernels (paged.h TileWorker). Work
-// and memory are proportional to the selected positions, not to the context. Each output row has one writer and a
-// summation order fixed by the shapes and indices: results do not depend on the number of threads.
+// tile (or, for contiguous bf16 rows on the avx512bf16 path, read where they lie) and attended by the G query heads
+// of the KV head with the per-ISA GEMM kernels (paged.h TileWorker). Work and memory are proportional to the selected
+// positions, not to the context. Each output row has one writer and a summation order fixed by the shapes and
+// indices: results do not depend on the number of threads.
 #include <vector>
 
 #include "ops/select_attention_infer/batches.h"

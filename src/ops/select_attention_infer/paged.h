@@ -13,7 +13,8 @@
 //      (never read from the caches). Two operand paths: fp32 (the rows converted to float; every dtype and ISA),
 //      and bf16 pairs for bf16 inputs on an ISA with KernelTable::gemm.bf16 (the rows' bits copied as they are,
 //      reductions over pairs: (p / 2) 128 + c 2 + p % 2 in a panel, D rounded up to Dr = even; the products are
-//      exact, the sums fp32);
+//      exact, the sums fp32). A third path skips the gather: contiguous bf16 rows with an even D on an ISA with
+//      KernelTable::gemm.pv_bf16 are read where they lie (attend_in_place), with the same products and sums;
 //   2. S = (Q K^T) scale for the G query heads of n2 in one GEMM (fp32 dot products, then times the float32 scale),
 //      padding columns set to -inf (they take no part: exp(-inf - m) = 0 exactly);
 //   3. m = row_max, l = exp_sum (KernelTable row kernels: the exp values in place, their fp32 sum in the canonical
