@@ -423,15 +423,16 @@ inline void transpose_u32_impl(const uint32_t* src, int64_t ld_src, int64_t rows
 
 // ------------------------------------------------------------------ the table
 // This ISA's KernelTable (src/cpu/kernels.h): every kernel above, plus what only some ISA files provide (null
-// where the ISA has none): the bf16 dot-product GEMM and its P/dS packing, and transposes of its own.
+// where the ISA has none): the bf16 dot-product GEMM, its P/dS packing and in-place P.V, and transposes of its own.
 inline constexpr nsa::cpu::KernelTable make_table(
     nsa::CpuIsa isa, decltype(nsa::cpu::GemmKernels::bf16) gemm_bf16 = nullptr,
     decltype(nsa::cpu::GradKernels::pack_rows_bf16) pack_rows_bf16 = nullptr,
     decltype(nsa::cpu::GradKernels::transpose_u16) transpose_u16 = transpose_u16_impl,
-    decltype(nsa::cpu::GradKernels::transpose_u32) transpose_u32 = transpose_u32_impl) {
+    decltype(nsa::cpu::GradKernels::transpose_u32) transpose_u32 = transpose_u32_impl,
+    decltype(nsa::cpu::GemmKernels::pv_bf16) pv_bf16 = nullptr) {
   nsa::cpu::KernelTable t{};
   t.isa = isa;
-  t.gemm = {.f32 = gemm_f32_impl, .bf16 = gemm_bf16};
+  t.gemm = {.f32 = gemm_f32_impl, .bf16 = gemm_bf16, .pv_bf16 = pv_bf16};
   t.rows = {.row_max = row_max_impl, .exp_sum = exp_sum_impl, .normalize_row = normalize_row_impl,
             .normalize_group = normalize_group_impl, .box_sum = box_sum_impl, .add_row = add_row_impl,
             .store_row = store_row_impl, .store_row_stream = store_row_stream_impl, .stream_fence = stream_fence_impl,

@@ -253,12 +253,7 @@ inline void pv_bf16_impl(const uint16_t* const* vrow, int64_t ntok, int64_t nval
 
 const nsa::cpu::KernelTable* nsa::cpu::kernels_avx512bf16() {
   namespace k = isa_avx512bf16;
-  static const KernelTable t = [] {
-    KernelTable table =
-        k::make_table(CpuIsa::kAvx512Bf16, k::gemm_bf16_impl, k::pack_rows_bf16_impl, k::transpose_u16_avx512,
-                      k::transpose_u32_avx512);
-    table.gemm.pv_bf16 = k::pv_bf16_impl;
-    return table;
-  }();
+  static const KernelTable t = k::make_table(CpuIsa::kAvx512Bf16, k::gemm_bf16_impl, k::pack_rows_bf16_impl,
+                                             k::transpose_u16_avx512, k::transpose_u32_avx512, k::pv_bf16_impl);
   return &t;
 }
