@@ -31,6 +31,12 @@ struct KernelTable {
   // not be valid).
   void (*weighted_rows)(DType dt, const void* const* rows, const float* wts, int64_t m, int64_t D, void* out,
                         Round mode, int64_t pf);
+  // Two windows d rows apart (1 <= d <= l) that share l - d rows: rows[0 .. l + d) hold the rows of window A
+  // (rows[0 .. l)) and of window B (rows[d .. d + l)), both weighted by wts[0 .. l); out_a and out_b receive
+  // exactly what weighted_rows gives for (rows, wts, l) and (rows + d, wts, l) (the same products added in the same
+  // order), with each row read once for both windows. pf: as weighted_rows (rows[i] + pf for every i).
+  void (*weighted_rows2)(DType dt, const void* const* rows, const float* wts, int64_t l, int64_t d, int64_t D,
+                         void* out_a, void* out_b, Round mode, int64_t pf);
   // The same for P output rows that share their m source rows, given widened to fp32 (rows32[i*D + j]), each
   // with its own weights: out + p*out_stride (elements of dt) receives round(sum_i wts[p*m + i] * rows32[i*D + j])
   // added in the order i = 0, 1, ..., m-1 from +0. (input_grad: a run of tokens covered by the same windows.)

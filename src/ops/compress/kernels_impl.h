@@ -108,11 +108,13 @@ template <int NP>
 inline void weighted_pairs_bf16(const void* const* rows, const float* wts, int64_t m, int64_t j0, void* out, bool away,
                                 int64_t pf, int64_t pf_bytes) {
   V::F even[NP], odd[NP];
+#pragma GCC unroll 16
   for (int k = 0; k < NP; ++k) even[k] = odd[k] = V::zero();
   for (int64_t i = 0; i < m; ++i) {
     const V::F wv = V::set1(wts[i]);
     const uint16_t* row = static_cast<const uint16_t*>(rows[i]) + j0;
     prefetch_span(rows[i], pf, pf_bytes);
+#pragma GCC unroll 16
     for (int k = 0; k < NP; ++k) {
       Lanes u;
       std::memcpy(&u, row + 2 * k * V::W, sizeof(u));
@@ -125,6 +127,7 @@ inline void weighted_pairs_bf16(const void* const* rows, const float* wts, int64
     }
   }
   uint16_t* o16 = static_cast<uint16_t*>(out) + j0;
+#pragma GCC unroll 16
   for (int k = 0; k < NP; ++k) {
     const Lanes r = nsa::detail::bf16_bits_of(lane_bits(even[k]), away) |
                     (nsa::detail::bf16_bits_of(lane_bits(odd[k]), away) << 16);
@@ -159,16 +162,15 @@ inline int64_t weighted_rows_bf16_pairs(const void* const* rows, const float* wt
   }
 }
 
+// Columns [j_start, D) of weighted_rows (j_start a multiple of W): tiles of single vectors, then the last D % W
+// columns one at a time.
 template <DType DT>
-inline void weighted_rows_t(const void* const* rows, const float* wts, int64_t m, int64_t D, void* out, bool away,
-                            int64_t pf) {
+inline void weighted_rows_rest(const void* const* rows, const float* wts, int64_t m, int64_t D, void* out, bool away,
+                               int64_t pf, int64_t j_start) {
   const int64_t nvec = D / V::W;
   const int64_t row_bytes = D * elem_bytes<DT>();
-  int64_t v0 = 0;
-  if constexpr (DT == DType::kBF16) {
-    v0 = weighted_rows_bf16_pairs(rows, wts, m, D, out, away, pf) / V::W;
-    if (v0 > 0) pf = 0;  // prefetched by the pairs
-  }
+  int64_t v0 = j_start / V::W;
+  if (v0 > 0) pf = 0;  // prefetched by the first columns' tiles
   // the first tile prefetches whole rows, the others none
   for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
     weighted_tile<DT, kTileVectors>(rows, wts, m, v0 * V::W, out, away, v0 == 0 ? pf : 0, row_bytes);
@@ -190,6 +192,14 @@ inline void weighted_rows_t(const void* const* rows, const float* wts, int64_t m
   }
 }
 
+template <DType DT>
+inline void weighted_rows_t(const void* const* rows, const float* wts, int64_t m, int64_t D, void* out, bool away,
+                            int64_t pf) {
+  int64_t j = 0;
+  if constexpr (DT == DType::kBF16) j = weighted_rows_bf16_pairs(rows, wts, m, D, out, away, pf);
+  weighted_rows_rest<DT>(rows, wts, m, D, out, away, pf, j);
+}
+
 inline void weighted_rows_impl(DType dt, const void* const* rows, const float* wts, int64_t m, int64_t D, void* out,
                                Round mode, int64_t pf) {
   const bool away = mode == Round::kAway;
@@ -198,6 +208,96 @@ inline void weighted_rows_impl(DType dt, const void* const* rows, const float* w
     case DType::kF16: weighted_rows_t<DType::kF16>(rows, wts, m, D, out, away, pf); break;
     default: weighted_rows_t<DType::kF32>(rows, wts, m, D, out, away, pf); break;
   }
+}
+
+// ------------------------------------------------------------------ weighted_rows2
+// Two windows d rows apart over rows[0, l + d): window A sums rows [0, l) with wts[0..l), window B rows [d, d + l)
+// with wts[0..l). Each row is loaded and widened once and multiplied by the weight of each window it belongs to;
+// each accumulator still receives its window's products in row order, so both outputs are weighted_rows' bits.
+// bf16 pairs of vectors as weighted_pairs_bf16: 4 NP accumulators in registers.
+template <int NP>
+inline void weighted_pairs2_bf16(const void* const* rows, const float* wts, int64_t l, int64_t d, int64_t j0,
+                                 void* out_a, void* out_b, bool away, int64_t pf, int64_t pf_bytes) {
+  V::F ea[NP], oa[NP], eb[NP], ob[NP];
+#pragma GCC unroll 16
+  for (int k = 0; k < NP; ++k) ea[k] = oa[k] = eb[k] = ob[k] = V::zero();
+  // rows [0, d): A only; [d, l): A and B; [l, l + d): B only
+  const auto step = [&](int64_t i, bool in_a, bool in_b) __attribute__((always_inline)) {
+    const V::F wa = V::set1(wts[in_a ? i : 0]);
+    const V::F wb = V::set1(wts[in_b ? i - d : 0]);
+    const uint16_t* row = static_cast<const uint16_t*>(rows[i]) + j0;
+    prefetch_span(rows[i], pf, pf_bytes);
+#pragma GCC unroll 16
+    for (int k = 0; k < NP; ++k) {
+      Lanes u;
+      std::memcpy(&u, row + 2 * k * V::W, sizeof(u));
+      const Lanes ue = u << 16, uo = u & 0xffff0000u;
+      V::F fe, fo;
+      std::memcpy(&fe, &ue, sizeof(fe));
+      std::memcpy(&fo, &uo, sizeof(fo));
+      if (in_a) {
+        ea[k] = V::add(ea[k], V::mul(wa, fe));
+        oa[k] = V::add(oa[k], V::mul(wa, fo));
+      }
+      if (in_b) {
+        eb[k] = V::add(eb[k], V::mul(wb, fe));
+        ob[k] = V::add(ob[k], V::mul(wb, fo));
+      }
+    }
+  };
+  int64_t i = 0;
+  for (; i < d; ++i) step(i, true, false);
+  for (; i < l; ++i) step(i, true, true);
+  for (; i < l + d; ++i) step(i, false, true);
+  uint16_t* a16 = static_cast<uint16_t*>(out_a) + j0;
+  uint16_t* b16 = static_cast<uint16_t*>(out_b) + j0;
+#pragma GCC unroll 16
+  for (int k = 0; k < NP; ++k) {
+    const Lanes ra = nsa::detail::bf16_bits_of(lane_bits(ea[k]), away) |
+                     (nsa::detail::bf16_bits_of(lane_bits(oa[k]), away) << 16);
+    const Lanes rb = nsa::detail::bf16_bits_of(lane_bits(eb[k]), away) |
+                     (nsa::detail::bf16_bits_of(lane_bits(ob[k]), away) << 16);
+    std::memcpy(a16 + 2 * k * V::W, &ra, sizeof(ra));
+    std::memcpy(b16 + 2 * k * V::W, &rb, sizeof(rb));
+  }
+}
+
+// 4 NP accumulators and the temporaries in the register file: NP = 6 of 32 zmm, 2 of 16 ymm.
+constexpr int kTilePairs2 = V::W >= 16 ? 6 : 2;
+
+template <int NP = kTilePairs2>
+inline void weighted_pairs2_tail(int64_t left, const void* const* rows, const float* wts, int64_t l, int64_t d,
+                                 int64_t j0, void* out_a, void* out_b, bool away, int64_t pf, int64_t pf_bytes) {
+  if constexpr (NP > 0) {
+    if (left == NP) weighted_pairs2_bf16<NP>(rows, wts, l, d, j0, out_a, out_b, away, pf, pf_bytes);
+    else weighted_pairs2_tail<NP - 1>(left, rows, wts, l, d, j0, out_a, out_b, away, pf, pf_bytes);
+  }
+}
+
+inline void weighted_rows2_impl(DType dt, const void* const* rows, const float* wts, int64_t l, int64_t d, int64_t D,
+                                void* out_a, void* out_b, Round mode, int64_t pf) {
+  const bool away = mode == Round::kAway;
+  if constexpr (V::W > 1) {
+    if (dt == DType::kBF16) {
+      const int64_t npairs = D / (2 * V::W), row_bytes = D * 2;
+      int64_t k0 = 0;
+      // the first tile prefetches whole rows, the others none
+      for (; k0 + kTilePairs2 <= npairs; k0 += kTilePairs2)
+        weighted_pairs2_bf16<kTilePairs2>(rows, wts, l, d, 2 * k0 * V::W, out_a, out_b, away, k0 == 0 ? pf : 0,
+                                          row_bytes);
+      if (k0 < npairs)
+        weighted_pairs2_tail(npairs - k0, rows, wts, l, d, 2 * k0 * V::W, out_a, out_b, away, k0 == 0 ? pf : 0,
+                             row_bytes);
+      const int64_t j = npairs * 2 * V::W;
+      if (j < D) {
+        weighted_rows_rest<DType::kBF16>(rows, wts, l, D, out_a, away, j == 0 ? pf : 0, j);
+        weighted_rows_rest<DType::kBF16>(rows + d, wts, l, D, out_b, away, j == 0 ? pf : 0, j);
+      }
+      return;
+    }
+  }
+  weighted_rows_impl(dt, rows, wts, l, D, out_a, mode, pf);
+  weighted_rows_impl(dt, rows + d, wts, l, D, out_b, mode, 0);
 }
 
 // ------------------------------------------------------------------ weighted_rows_shared
@@ -311,7 +411,7 @@ inline void widen_impl(DType dt, const void* src, int64_t D, float* dst) {
 
 // ------------------------------------------------------------------ the table of this ISA
 inline const nsa::compress_kernels::KernelTable* make_table(nsa::CpuIsa isa) {
-  static const nsa::compress_kernels::KernelTable t{isa, &weighted_rows_impl, &weighted_rows_shared_impl,
-                                                    &dot_lanes_impl, &widen_impl};
+  static const nsa::compress_kernels::KernelTable t{isa, &weighted_rows_impl, &weighted_rows2_impl,
+                                                    &weighted_rows_shared_impl, &dot_lanes_impl, &widen_impl};
   return &t;
 }

@@ -234,6 +234,27 @@ TEST(CompressCpu, DefaultOptionsMatchForcedOnes) {
   EXPECT_TRUE(same_values(c.w_bytes, e.w_bytes, cs.dtype, "weight_grad"));
 }
 
+// Wide rows: the forward's two-window kernel (KernelTable::weighted_rows2) with full register tiles, a shorter last
+// tile, and columns past the last pair of vectors (D = 192: six pairs of zmm vectors, one tile; 200 and 273: a full
+// tile, a shorter one and single vectors / scalars), windows sharing half their rows, a quarter, or none (l = d),
+// forward tasks of three windows (two together, the last one alone) and of five.
+TEST(CompressCpu, WideRowsTwoWindowTiles) {
+  const nsa::compress_detail::CpuTuning saved = nsa::compress_detail::cpu_tuning();
+  const int64_t shapes[][3] = {{192, 32, 16}, {200, 32, 8}, {273, 16, 16}, {128, 12, 9}};
+  uint64_t seed = 70;
+  for (const auto& sh : shapes) {
+    const int64_t D = sh[0], l = sh[1], d = sh[2];
+    for (int64_t windows_per_task : {3, 5}) {
+      nsa::compress_detail::CpuTuning t = saved;
+      t.task_bytes = t.stream_task_bytes = windows_per_task * d * 2 * D * 2;  // N = 2, 2-byte elements
+      nsa::compress_detail::set_cpu_tuning(t);
+      check_case(filled(DType::kBF16, {9 * d + l + 5, l + 2 * d + 1, 0, l - 1}, 2, D, l, d, seed++));
+      check_case(filled(DType::kF16, {7 * d + l + 3}, 2, D, l, d, seed++));
+    }
+  }
+  nsa::compress_detail::set_cpu_tuning(saved);
+}
+
 // With the default work split (64 KB tasks, 512 KB per worker) on a shape of the benchmark's kind.
 TEST(CompressCpu, DefaultTuningOnALargerShape) {
   const nsa::compress_detail::CpuTuning saved = nsa::compress_detail::cpu_tuning();
