@@ -41,4 +41,13 @@ inline void covering_windows(int64_t p, int64_t C, int64_t l, int64_t d, int64_t
   *last = hi < C - 1 ? hi : C - 1;
 }
 
+// The end of the run of positions that share p's covering windows: the first q > p where a window starts (a
+// multiple of d) or one ends (l + a multiple of d). covering_windows gives the same [first, last] for every
+// position of [p, covering_run_end(p, l, d)) (a run may also end where nothing changes, past the last window).
+inline int64_t covering_run_end(int64_t p, int64_t l, int64_t d) {
+  const int64_t next_start = (p / d + 1) * d;
+  const int64_t next_end = p < l ? l : l + ((p - l) / d + 1) * d;
+  return next_start < next_end ? next_start : next_end;
+}
+
 }  // namespace nsa::compress_detail

@@ -347,14 +347,9 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
     const Task& tk = tasks[static_cast<size_t>(ti - n_chunks)];
     const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
     for (int64_t pos = tk.i0; pos < tk.i1;) {
-      int64_t first, last, f2, l2;
+      int64_t first, last;
       compress_detail::covering_windows(pos, bt.C, l, d, &first, &last);
-      int64_t end = pos + 1;
-      while (end < tk.i1 && end - pos < kMaxRun) {
-        compress_detail::covering_windows(end, bt.C, l, d, &f2, &l2);
-        if (f2 != first || l2 != last) break;
-        ++end;
-      }
+      const int64_t end = std::min({tk.i1, pos + kMaxRun, compress_detail::covering_run_end(pos, l, d)});
       const int64_t P = end - pos;
       unsigned char* dst = in_grad + (bt.start + pos) * N * D * esz;
       if (first > last) {  // no window covers these tokens (a tail, a short batch): +0 (§5)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "compress_test_util.h"
+#include "ops/compress/batches.h"
 
 namespace nsa_compress_test {
 namespace {
@@ -222,6 +223,33 @@ TEST(CompressHand, RowCountHelpers) {
   st = nsa::compress_output_rows(nsa::IntList{nullptr, 0}, 16, 16, &R, nullptr);
   EXPECT_NE(st.message().find("actual_seq_len"), std::string::npos) << st.message();
   EXPECT_EQ(R, -1);
+}
+
+// The backward's runs of tokens with the same covering windows (batches.h): every position of
+// [p, covering_run_end(p)) has p's windows (counted directly from §5's definition), and the run is not empty.
+TEST(CompressHand, CoveringRunsKeepTheirWindows) {
+  const auto direct = [](int64_t p, int64_t C, int64_t l, int64_t d) {
+    int64_t first = C, last = -1;
+    for (int64_t c = 0; c < C; ++c)
+      if (c * d <= p && p < c * d + l) first = std::min(first, c), last = std::max(last, c);
+    return std::pair<int64_t, int64_t>(first, last);
+  };
+  for (int64_t l = 1; l <= 20; ++l)
+    for (int64_t d = 1; d <= l; ++d)
+      for (int64_t S : {l - 1, l, l + d + 3, 5 * l + 7}) {
+        const int64_t C = nsa::compress_count(S, l, d);
+        for (int64_t p = 0; p < S; ++p) {
+          const int64_t end = nsa::compress_detail::covering_run_end(p, l, d);
+          ASSERT_GT(end, p);
+          const auto want = direct(p, C, l, d);
+          int64_t first, last;
+          nsa::compress_detail::covering_windows(p, C, l, d, &first, &last);
+          if (want.second >= 0) EXPECT_EQ(std::make_pair(first, last), want) << "l=" << l << " d=" << d << " p=" << p;
+          else EXPECT_GT(first, last) << "l=" << l << " d=" << d << " p=" << p;
+          for (int64_t q = p + 1; q < std::min(end, S); ++q)
+            ASSERT_EQ(direct(q, C, l, d), want) << "l=" << l << " d=" << d << " p=" << p << " q=" << q;
+        }
+      }
 }
 
 // ---------------------------------------------------------------------------------------- rounding helpers
