@@ -70,6 +70,16 @@ template <typename U>
   return lane_bit_cast<typename LaneTypes<U>::S>(u & 0x7fffffffu) > static_cast<int32_t>(kF32Inf) ? nan : r;
 }
 
+// The same 16 bits in the HIGH half of each lane (the low half is unspecified): u + bias, or u | 0x00400000 for NaN
+// (bit 22 of the fp32 pattern is bit 6 of its top half). SIMD stores narrow two vectors at once by gathering the high
+// halves with one shuffle (compress/kernels_impl.h).
+template <typename U>
+[[gnu::always_inline]] inline U bf16_bits_high_of(U u, bool away) {
+  const U bias = away ? U{} + 0x8000u : 0x7fffu + ((u >> 16) & 1u);
+  return lane_bit_cast<typename LaneTypes<U>::S>(u & 0x7fffffffu) > static_cast<int32_t>(kF32Inf) ? (u | 0x00400000u)
+                                                                                                    : u + bias;
+}
+
 // fp16:
 //   |x| >= 2^-14, normal results: rebias the exponent (127 -> 15) and add half of the 13 dropped mantissa bits
 //                      (rha: 0x1000; rne: 0xfff + the lowest kept bit; a carry into the exponent is the correct

@@ -293,15 +293,15 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
   for (Scratch& s : scratch) {
     s.D = D;
     s.esz = esz;
-    s.rows.resize(static_cast<size_t>(l));
+    s.rows.resize(static_cast<size_t>(l + d));
     const size_t nw = static_cast<size_t>(kMaxRun * max_cover), nr = static_cast<size_t>(max_cover * D),
                  nl = static_cast<size_t>(N * l * 16);
     if (pl.f64) {
       s.wts64.resize(nw), s.rows64.resize(nr), s.g64.resize(static_cast<size_t>(D)), s.lanes64.resize(nl);
     } else {
-      s.wts32.resize(nw), s.rows32.resize(nr), s.g32.resize(static_cast<size_t>(D)), s.lanes32.resize(nl);
+      s.wts32.resize(nw), s.rows32.resize(nr), s.g32.resize(static_cast<size_t>(2 * D)), s.lanes32.resize(nl);
     }
-    if (strided) s.gather.resize(static_cast<size_t>((l + 1) * D * esz));
+    if (strided) s.gather.resize(static_cast<size_t>((l + d + 1) * D * esz));
   }
 
   unsigned char* in_grad = static_cast<unsigned char*>(g.input_grad);
@@ -317,25 +317,39 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
                                                        [](int64_t r, const Batch* b) { return r < b->row_begin; }) -
                                       owners.begin()) - 1;
       int64_t streamed_to = r0;  // rows [r0, streamed_to) have had their windows streamed in
-      for (int64_t r = r0; r < r1; ++r) {
+      // rows r and r + 1 together where both are in the chunk and the batch (their l + d input rows read once)
+      for (int64_t r = r0; r < r1;) {
         while (r >= owners[ob]->row_begin + owners[ob]->C) ++ob;
         const Batch& bt = *owners[ob];
+        const bool two = r + 1 < std::min(r1, bt.row_begin + bt.C);
         const int64_t t0 = bt.start + (r - bt.row_begin) * d;  // window of row r: input rows [t0, t0 + l)
-        if (stream && r >= streamed_to) {  // the windows of the next rows of this batch, about stream_task_bytes
-          streamed_to = std::min({r1, bt.row_begin + bt.C, r + stream_rows});
+        if (stream && r + (two ? 1 : 0) >= streamed_to) {  // the windows of the next rows of this batch
+          streamed_to = std::min({r1, bt.row_begin + bt.C, r + std::max<int64_t>(2, stream_rows)});
           stream_in(p.input, t0, t0 + (streamed_to - 1 - r) * d + l, N, D, esz);
         }
+        const int64_t span = two ? l + d : l;
+        unsigned char* grad_copy = s.gather_row(l + d);
         for (int64_t n = 0; n < N; ++n) {
-          const void* grow = row_ptr(g.grad, r, n, D, esz, s.gather_row(l));
-          for (int64_t w = 0; w < l; ++w) s.rows[static_cast<size_t>(w)] = row_ptr(p.input, t0 + w, n, D, esz, s.gather_row(w));
+          for (int64_t u = 0; u < span; ++u)
+            s.rows[static_cast<size_t>(u)] = row_ptr(p.input, t0 + u, n, D, esz, s.gather_row(u));
           if (pl.f64) {
-            std::memcpy(s.g64.data(), grow, static_cast<size_t>(D) * sizeof(double));
-            dot_lanes_f64(s.g64.data(), s.rows.data(), l, D, s.lanes64.data() + n * l * 16);
+            double* lanes = s.lanes64.data() + n * l * 16;
+            for (int64_t k = 0; k < (two ? 2 : 1); ++k) {  // row r, then row r + 1 (window rows from d on)
+              std::memcpy(s.g64.data(), row_ptr(g.grad, r + k, n, D, esz, grad_copy), static_cast<size_t>(D) * sizeof(double));
+              dot_lanes_f64(s.g64.data(), s.rows.data() + k * d, l, D, lanes);
+            }
           } else {
-            pl.kt->widen(pl.dt, grow, D, s.g32.data());
-            pl.kt->dot_lanes(pl.dt, s.g32.data(), s.rows.data(), l, D, s.lanes32.data() + n * l * 16, pf_in);
+            float* lanes = s.lanes32.data() + n * l * 16;
+            pl.kt->widen(pl.dt, row_ptr(g.grad, r, n, D, esz, grad_copy), D, s.g32.data());
+            if (two) {
+              pl.kt->widen(pl.dt, row_ptr(g.grad, r + 1, n, D, esz, grad_copy), D, s.g32.data() + D);
+              pl.kt->dot_lanes2(pl.dt, s.g32.data(), s.g32.data() + D, s.rows.data(), l, d, D, lanes, pf_in);
+            } else {
+              pl.kt->dot_lanes(pl.dt, s.g32.data(), s.rows.data(), l, D, lanes, pf_in);
+            }
           }
         }
+        r += two ? 2 : 1;
       }
       for (int64_t i = 0; i < N * l; ++i) {
         if (pl.f64) part64[static_cast<size_t>(ti * N * l + i)] = compress_kernels::canonical16(s.lanes64.data() + i * 16);

@@ -47,6 +47,11 @@ struct KernelTable {
   // of dt. Called row after row on the same lanes, then reduced with canonical16 (weight_grad).
   // pf: as weighted_rows.
   void (*dot_lanes)(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes, int64_t pf);
+  // Two windows d rows apart (1 <= d <= l) over rows[0 .. l + d) (window A: rows[0 .. l), window B: rows[d .. d + l)):
+  // exactly dot_lanes(dt, ga, rows, l, D, lanes, pf) followed by dot_lanes(dt, gb, rows + d, l, D, lanes, pf) (lane
+  // set w receives window A's row w before window B's row w), with each row read and widened once for both.
+  void (*dot_lanes2)(DType dt, const float* ga, const float* gb, const void* const* rows, int64_t l, int64_t d,
+                     int64_t D, float* lanes, int64_t pf);
   // dst[j] = f32(src[j]) for j < D (exact widening).
   void (*widen)(DType dt, const void* src, int64_t D, float* dst);
 

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "common/rounding.h"
 #include "cpu/arch/x86/vectors.h"

@@ -1,6 +1,6 @@
 // Generic bodies of the compression kernels (kernels.h), instantiated once per ISA. Include this file INSIDE a
 // namespace unique to the ISA, after defining `struct V` (the vector traits) in that namespace and after
-// <cstdint>, <cstring>, <type_traits>, "common/rounding.h" and "ops/compress/kernels.h" at global scope, so nothing
+// <cstdint>, <cstring>, <type_traits>, <utility>, "common/rounding.h" and "ops/compress/kernels.h" at global scope, so nothing
 // here is shared between translation units compiled with different flags.
 //
 // V: a vector of the ISA layer (src/cpu/arch/scalar/scalar_vector.h, src/cpu/arch/x86/vectors.h; F: W fp32 lanes,
@@ -67,6 +67,43 @@ inline void storev(void* out, int64_t j, V::F x, bool away) {
   else V::store(static_cast<float*>(out) + j, x);
 }
 
+// Two vectors rounded to bf16 and stored as 2W consecutive values (W > 1): each lane's 16 bits are formed in the high
+// half of its 32-bit lane (bf16_bits_high_of) and the high halves of a's then b's lanes are gathered by one shuffle,
+// instead of narrowing each vector on its own.
+typedef uint16_t PairHalves __attribute__((vector_size(sizeof(V::F))));
+
+template <size_t... I>
+inline PairHalves high_halves(PairHalves a, PairHalves b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (2 * I + 1)...);
+}
+
+inline void store_pair_bf16(uint16_t* p, V::F a, V::F b, bool away) {
+  if constexpr (V::W == 1) {
+    storev<DType::kBF16>(p, 0, a, away);
+    storev<DType::kBF16>(p, V::W, b, away);
+  } else {
+    const Lanes ra = nsa::detail::bf16_bits_high_of(lane_bits(a), away);
+    const Lanes rb = nsa::detail::bf16_bits_high_of(lane_bits(b), away);
+    PairHalves ha, hb;
+    std::memcpy(&ha, &ra, sizeof(ha));
+    std::memcpy(&hb, &rb, sizeof(hb));
+    const PairHalves h = high_halves(ha, hb, std::make_index_sequence<2 * V::W>{});
+    std::memcpy(p, &h, sizeof(h));
+  }
+}
+
+// NV vectors of dt stored at out + j0 (elements), rounded as `away` says: bf16 in pairs of vectors.
+template <DType DT, int NV>
+inline void store_tile(void* out, int64_t j0, const V::F* acc, bool away) {
+  int v = 0;
+  if constexpr (DT == DType::kBF16) {
+#pragma GCC unroll 16
+    for (; v + 2 <= NV; v += 2) store_pair_bf16(static_cast<uint16_t*>(out) + j0 + v * V::W, acc[v], acc[v + 1], away);
+  }
+#pragma GCC unroll 16
+  for (; v < NV; ++v) storev<DT>(out, j0 + v * V::W, acc[v], away);
+}
+
 // Prefetch of `bytes` bytes at row + pf (pf == 0: none). The address is formed as an integer: it may lie past the
 // tensor (prefetches never fault).
 inline void prefetch_span(const void* row, int64_t pf, int64_t bytes) {
@@ -94,7 +131,7 @@ inline void weighted_tile(const void* const* rows, const float* wts, int64_t m, 
     prefetch_span(row, pf, pf_bytes);
     for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, loadv<DT>(row, j0 + v * V::W)));
   }
-  for (int v = 0; v < NV; ++v) storev<DT>(out, j0 + v * V::W, acc[v], away);
+  store_tile<DT, NV>(out, j0, acc, away);
 }
 
 constexpr int kTileVectors = 8;  // accumulators per tile (8 of the 16 / 32 vector registers)
@@ -312,7 +349,7 @@ inline void shared_tile(const float* rows32, const float* wts, int64_t P, int64_
       const float* row = rows32 + i * D + j0;
       for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, V::load(row + v * V::W)));
     }
-    for (int v = 0; v < NV; ++v) storev<DT>(out, p * out_stride + j0 + v * V::W, acc[v], away);
+    store_tile<DT, NV>(out, p * out_stride + j0, acc, away);
   }
 }
 
@@ -384,6 +421,76 @@ inline void dot_lanes_t(const float* g, const void* const* rows, int64_t m, int6
   for (; i < m; ++i) dot_lanes_group<DT, 1>(g, rows + i, D, lanes + i * 16, pf);
 }
 
+// Two windows d rows apart (dot_lanes2): NR rows, each widened once and multiplied by ga (into lanes_a, its window-A
+// position) and / or gb (into lanes_b, its window-B position). The 2 NR lane sets are distinct (the caller keeps NR <= d
+// where both windows are updated), so each lane still receives its products in increasing j, row after row.
+template <DType DT, int NR, bool IN_A, bool IN_B>
+inline void dot_lanes2_group(const float* ga, const float* gb, const void* const* rows, int64_t D, float* lanes_a,
+                             float* lanes_b, int64_t pf) {
+  for (int r = 0; r < NR; ++r) prefetch_span(rows[r], pf, D * elem_bytes<DT>());
+  V::F acc_a[NR][kLaneVectors], acc_b[NR][kLaneVectors];
+  for (int r = 0; r < NR; ++r)
+    for (int a = 0; a < kLaneVectors; ++a) {
+      if (IN_A) acc_a[r][a] = V::load(lanes_a + r * 16 + a * V::W);
+      if (IN_B) acc_b[r][a] = V::load(lanes_b + r * 16 + a * V::W);
+    }
+  const int64_t d16 = D / 16 * 16;
+  for (int64_t j = 0; j < d16; j += 16) {
+    for (int a = 0; a < kLaneVectors; ++a) {
+      const V::F gav = IN_A ? V::load(ga + j + a * V::W) : V::zero();
+      const V::F gbv = IN_B ? V::load(gb + j + a * V::W) : V::zero();
+      for (int r = 0; r < NR; ++r) {
+        const V::F x = loadv<DT>(rows[r], j + a * V::W);
+        if (IN_A) acc_a[r][a] = V::add(acc_a[r][a], V::mul(gav, x));
+        if (IN_B) acc_b[r][a] = V::add(acc_b[r][a], V::mul(gbv, x));
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int a = 0; a < kLaneVectors; ++a) {
+      if (IN_A) V::store(lanes_a + r * 16 + a * V::W, acc_a[r][a]);
+      if (IN_B) V::store(lanes_b + r * 16 + a * V::W, acc_b[r][a]);
+    }
+    for (int64_t j = d16; j < D; ++j) {
+      const float x = load1<DT>(rows[r], j);
+      if (IN_A) lanes_a[r * 16 + (j - d16)] = lanes_a[r * 16 + (j - d16)] + ga[j] * x;
+      if (IN_B) lanes_b[r * 16 + (j - d16)] = lanes_b[r * 16 + (j - d16)] + gb[j] * x;
+    }
+  }
+}
+
+// Rows [u0, u1) of the two windows' l + d rows, kDotRows at a time (fewer where d is smaller: the rows of one group
+// must not update a lane set that another of its rows updates through the other window).
+template <DType DT, bool IN_A, bool IN_B>
+inline void dot_lanes2_range(const float* ga, const float* gb, const void* const* rows, int64_t u0, int64_t u1,
+                             int64_t d, int64_t D, float* lanes, int64_t pf) {
+  // lane sets of row u: window A's position u, window B's u - d (only formed where the row belongs to that window)
+  const auto lanes_a = [&](int64_t u) { return IN_A ? lanes + u * 16 : nullptr; };
+  const auto lanes_b = [&](int64_t u) { return IN_B ? lanes + (u - d) * 16 : nullptr; };
+  int64_t u = u0;
+  if (!(IN_A && IN_B) || d >= kDotRows)
+    for (; u + kDotRows <= u1; u += kDotRows)
+      dot_lanes2_group<DT, kDotRows, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u), pf);
+  for (; u < u1; ++u) dot_lanes2_group<DT, 1, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u), pf);
+}
+
+template <DType DT>
+inline void dot_lanes2_t(const float* ga, const float* gb, const void* const* rows, int64_t l, int64_t d, int64_t D,
+                         float* lanes, int64_t pf) {
+  dot_lanes2_range<DT, true, false>(ga, gb, rows, 0, d, d, D, lanes, pf);      // window A only
+  dot_lanes2_range<DT, true, true>(ga, gb, rows, d, l, d, D, lanes, pf);       // both
+  dot_lanes2_range<DT, false, true>(ga, gb, rows, l, l + d, d, D, lanes, pf);  // window B only
+}
+
+inline void dot_lanes2_impl(DType dt, const float* ga, const float* gb, const void* const* rows, int64_t l, int64_t d,
+                            int64_t D, float* lanes, int64_t pf) {
+  switch (dt) {
+    case DType::kBF16: dot_lanes2_t<DType::kBF16>(ga, gb, rows, l, d, D, lanes, pf); break;
+    case DType::kF16: dot_lanes2_t<DType::kF16>(ga, gb, rows, l, d, D, lanes, pf); break;
+    default: dot_lanes2_t<DType::kF32>(ga, gb, rows, l, d, D, lanes, pf); break;
+  }
+}
+
 inline void dot_lanes_impl(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes,
                            int64_t pf) {
   switch (dt) {
@@ -412,6 +519,7 @@ inline void widen_impl(DType dt, const void* src, int64_t D, float* dst) {
 // ------------------------------------------------------------------ the table of this ISA
 inline const nsa::compress_kernels::KernelTable* make_table(nsa::CpuIsa isa) {
   static const nsa::compress_kernels::KernelTable t{isa, &weighted_rows_impl, &weighted_rows2_impl,
-                                                    &weighted_rows_shared_impl, &dot_lanes_impl, &widen_impl};
+                                                    &weighted_rows_shared_impl, &dot_lanes_impl, &dot_lanes2_impl,
+                                                    &widen_impl};
   return &t;
 }

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "common/rounding.h"
 #include "cpu/arch/scalar/scalar_vector.h"

@@ -262,6 +262,11 @@ void check_rounding(float x) {
   const double xd = x;
   const auto bf = [](uint16_t h) { return static_cast<double>(nsa::detail::bf16_to_f32(h)); };
   const auto hf = [](uint16_t h) { return static_cast<double>(nsa::detail::f16_to_f32(h)); };
+  // the high-half form of the SIMD stores gives the same 16 bits, NaN payloads included, for both rules
+  const uint32_t u = nsa::detail::f32_bits(x);
+  for (bool away : {true, false})
+    ASSERT_EQ(nsa::detail::bf16_bits_high_of(u, away) >> 16, nsa::detail::bf16_bits_of(u, away))
+        << std::hex << "bits 0x" << u << (away ? " rha" : " rne");
   if (std::isnan(x)) {
     EXPECT_TRUE(std::isnan(bf(cd::f32_to_bf16_rha(x))));
     EXPECT_TRUE(std::isnan(hf(cd::f32_to_f16_rha(x))));
@@ -289,6 +294,7 @@ TEST(CompressHand, RoundingHelpersMatchTheModel) {
                             std::ldexp(1.5f, -24), std::ldexp(2.5f, -24), std::ldexp(1023.5f, -24),
                             std::ldexp(2047.0f, -25), std::ldexp(1.0f, -14), FLT_MIN, std::ldexp(1.0f, -149)};
   for (float x : specials) check_rounding(x);
+  for (uint32_t nan : {0x7f800001u, 0x7fbfffffu, 0xffc00000u, 0xff800123u, 0x7fff8000u}) check_rounding(bits_f32(nan));
   // every pattern of the low 17 bits around a few bf16 values, and the low 14 around fp16 values
   for (uint32_t base : {0x3f800000u, 0x43800000u, 0xc3808000u, 0x7f7f0000u, 0x00010000u}) {
     for (uint32_t low = 0; low < (1u << 17); low += 7) check_rounding(bits_f32(base + low));
