@@ -45,13 +45,12 @@ struct KernelTable {
   // 16 interleaved partial sums of the dot products of g with m rows: lanes[i*16 + k] += g[j] * rows[i][j] for
   // j = k, k+16, k+32, ... < D, in increasing j (each product rounded, then added). g: D floats; rows: D elements
   // of dt. Called row after row on the same lanes, then reduced with canonical16 (weight_grad).
-  // pf: as weighted_rows.
-  void (*dot_lanes)(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes, int64_t pf);
+  void (*dot_lanes)(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes);
   // Two windows d rows apart (1 <= d <= l) over rows[0 .. l + d) (window A: rows[0 .. l), window B: rows[d .. d + l)):
-  // exactly dot_lanes(dt, ga, rows, l, D, lanes, pf) followed by dot_lanes(dt, gb, rows + d, l, D, lanes, pf) (lane
+  // exactly dot_lanes(dt, ga, rows, l, D, lanes) followed by dot_lanes(dt, gb, rows + d, l, D, lanes) (lane
   // set w receives window A's row w before window B's row w), with each row read and widened once for both.
   void (*dot_lanes2)(DType dt, const float* ga, const float* gb, const void* const* rows, int64_t l, int64_t d,
-                     int64_t D, float* lanes, int64_t pf);
+                     int64_t D, float* lanes);
   // dst[j] = f32(src[j]) for j < D (exact widening).
   void (*widen)(DType dt, const void* src, int64_t D, float* dst);
 

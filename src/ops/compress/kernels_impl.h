@@ -396,8 +396,7 @@ constexpr int kDotRows = 4;              // rows per pass: independent dependenc
 // NR rows: their 16 lanes in registers over the whole groups of 16 columns, then the last D % 16 columns added to
 // lanes j % 16 one at a time.
 template <DType DT, int NR>
-inline void dot_lanes_group(const float* g, const void* const* rows, int64_t D, float* lanes, int64_t pf) {
-  for (int r = 0; r < NR; ++r) prefetch_span(rows[r], pf, D * elem_bytes<DT>());
+inline void dot_lanes_group(const float* g, const void* const* rows, int64_t D, float* lanes) {
   V::F acc[NR][kLaneVectors];
   for (int r = 0; r < NR; ++r)
     for (int a = 0; a < kLaneVectors; ++a) acc[r][a] = V::load(lanes + r * 16 + a * V::W);
@@ -415,10 +414,10 @@ inline void dot_lanes_group(const float* g, const void* const* rows, int64_t D, 
 }
 
 template <DType DT>
-inline void dot_lanes_t(const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes, int64_t pf) {
+inline void dot_lanes_t(const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes) {
   int64_t i = 0;
-  for (; i + kDotRows <= m; i += kDotRows) dot_lanes_group<DT, kDotRows>(g, rows + i, D, lanes + i * 16, pf);
-  for (; i < m; ++i) dot_lanes_group<DT, 1>(g, rows + i, D, lanes + i * 16, pf);
+  for (; i + kDotRows <= m; i += kDotRows) dot_lanes_group<DT, kDotRows>(g, rows + i, D, lanes + i * 16);
+  for (; i < m; ++i) dot_lanes_group<DT, 1>(g, rows + i, D, lanes + i * 16);
 }
 
 // Two windows d rows apart (dot_lanes2): NR rows, each widened once and multiplied by ga (into lanes_a, its window-A
@@ -426,8 +425,7 @@ inline void dot_lanes_t(const float* g, const void* const* rows, int64_t m, int6
 // where both windows are updated), so each lane still receives its products in increasing j, row after row.
 template <DType DT, int NR, bool IN_A, bool IN_B>
 inline void dot_lanes2_group(const float* ga, const float* gb, const void* const* rows, int64_t D, float* lanes_a,
-                             float* lanes_b, int64_t pf) {
-  for (int r = 0; r < NR; ++r) prefetch_span(rows[r], pf, D * elem_bytes<DT>());
+                             float* lanes_b) {
   V::F acc_a[NR][kLaneVectors], acc_b[NR][kLaneVectors];
   for (int r = 0; r < NR; ++r)
     for (int a = 0; a < kLaneVectors; ++a) {
@@ -463,40 +461,39 @@ inline void dot_lanes2_group(const float* ga, const float* gb, const void* const
 // must not update a lane set that another of its rows updates through the other window).
 template <DType DT, bool IN_A, bool IN_B>
 inline void dot_lanes2_range(const float* ga, const float* gb, const void* const* rows, int64_t u0, int64_t u1,
-                             int64_t d, int64_t D, float* lanes, int64_t pf) {
+                             int64_t d, int64_t D, float* lanes) {
   // lane sets of row u: window A's position u, window B's u - d (only formed where the row belongs to that window)
   const auto lanes_a = [&](int64_t u) { return IN_A ? lanes + u * 16 : nullptr; };
   const auto lanes_b = [&](int64_t u) { return IN_B ? lanes + (u - d) * 16 : nullptr; };
   int64_t u = u0;
   if (!(IN_A && IN_B) || d >= kDotRows)
     for (; u + kDotRows <= u1; u += kDotRows)
-      dot_lanes2_group<DT, kDotRows, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u), pf);
-  for (; u < u1; ++u) dot_lanes2_group<DT, 1, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u), pf);
+      dot_lanes2_group<DT, kDotRows, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u));
+  for (; u < u1; ++u) dot_lanes2_group<DT, 1, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u));
 }
 
 template <DType DT>
 inline void dot_lanes2_t(const float* ga, const float* gb, const void* const* rows, int64_t l, int64_t d, int64_t D,
-                         float* lanes, int64_t pf) {
-  dot_lanes2_range<DT, true, false>(ga, gb, rows, 0, d, d, D, lanes, pf);      // window A only
-  dot_lanes2_range<DT, true, true>(ga, gb, rows, d, l, d, D, lanes, pf);       // both
-  dot_lanes2_range<DT, false, true>(ga, gb, rows, l, l + d, d, D, lanes, pf);  // window B only
+                         float* lanes) {
+  dot_lanes2_range<DT, true, false>(ga, gb, rows, 0, d, d, D, lanes);      // window A only
+  dot_lanes2_range<DT, true, true>(ga, gb, rows, d, l, d, D, lanes);       // both
+  dot_lanes2_range<DT, false, true>(ga, gb, rows, l, l + d, d, D, lanes);  // window B only
 }
 
 inline void dot_lanes2_impl(DType dt, const float* ga, const float* gb, const void* const* rows, int64_t l, int64_t d,
-                            int64_t D, float* lanes, int64_t pf) {
+                            int64_t D, float* lanes) {
   switch (dt) {
-    case DType::kBF16: dot_lanes2_t<DType::kBF16>(ga, gb, rows, l, d, D, lanes, pf); break;
-    case DType::kF16: dot_lanes2_t<DType::kF16>(ga, gb, rows, l, d, D, lanes, pf); break;
-    default: dot_lanes2_t<DType::kF32>(ga, gb, rows, l, d, D, lanes, pf); break;
+    case DType::kBF16: dot_lanes2_t<DType::kBF16>(ga, gb, rows, l, d, D, lanes); break;
+    case DType::kF16: dot_lanes2_t<DType::kF16>(ga, gb, rows, l, d, D, lanes); break;
+    default: dot_lanes2_t<DType::kF32>(ga, gb, rows, l, d, D, lanes); break;
   }
 }
 
-inline void dot_lanes_impl(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes,
-                           int64_t pf) {
+inline void dot_lanes_impl(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes) {
   switch (dt) {
-    case DType::kBF16: dot_lanes_t<DType::kBF16>(g, rows, m, D, lanes, pf); break;
-    case DType::kF16: dot_lanes_t<DType::kF16>(g, rows, m, D, lanes, pf); break;
-    default: dot_lanes_t<DType::kF32>(g, rows, m, D, lanes, pf); break;
+    case DType::kBF16: dot_lanes_t<DType::kBF16>(g, rows, m, D, lanes); break;
+    case DType::kF16: dot_lanes_t<DType::kF16>(g, rows, m, D, lanes); break;
+    default: dot_lanes_t<DType::kF32>(g, rows, m, D, lanes); break;
   }
 }
 
