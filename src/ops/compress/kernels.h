@@ -1,5 +1,6 @@
 // Per-ISA row kernels of the compression operator's CPU backend (internal). kernels_impl.h is compiled once
-// per ISA (kernels_scalar.cpp with the baseline flags; kernels_avx2.cpp and kernels_avx512.cpp with their own
+// per ISA (kernels_scalar.cpp with the baseline flags; kernels_avx2.cpp, kernels_avx512.cpp and kernels_avx512bf16.cpp
+// with their own
 // flags, x86 only), each into its own namespace, and exports one KernelTable; cpu.cpp (baseline flags) picks
 // the table once per call (kernels_for) and drives the tasks.
 //
@@ -59,6 +60,8 @@ struct KernelTable {
   static const KernelTable* scalar();
   static const KernelTable* avx2();
   static const KernelTable* avx512();
+  // kernels_avx512bf16.cpp: the avx512 kernels with the gradients' bf16 stores by vcvtne2ps2bf16 (x86 builds only).
+  static const KernelTable* avx512bf16();
 };
 
 // The canonical reduction of 16 partial sums: for s = 8, 4, 2, 1: part[k] = part[k] + part[k + s] (k < s);
@@ -70,8 +73,8 @@ inline F canonical16(F* part) {
   return part[0];
 }
 
-// The table of a runnable path (resolve_isa's result), as cpu::table_for_isa picks it: avx512bf16 uses the avx512
-// table (no bf16 dot product is involved); the scalar table where no SIMD table is compiled in.
+// The table of a runnable path (resolve_isa's result): avx512bf16 for the avx512bf16 path, otherwise as
+// cpu::table_for_isa picks it (the scalar table where no SIMD table is compiled in).
 const KernelTable* kernels_for(CpuIsa isa);
 
 }  // namespace nsa::compress_kernels

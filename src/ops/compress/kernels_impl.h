@@ -78,6 +78,14 @@ inline PairHalves high_halves(PairHalves a, PairHalves b, std::index_sequence<I.
 }
 
 inline void store_pair_bf16(uint16_t* p, V::F a, V::F b, bool away) {
+#if defined(__AVX512BF16__)
+  // rne by vcvtne2ps2bf16 (b's lanes in the high half), the same bits as the formula for every input but a denormal
+  if (!away && (_mm512_fpclass_ps_mask(a, 0x20) | _mm512_fpclass_ps_mask(b, 0x20)) == 0) {  // 0x20: denormal
+    const __m512bh h = _mm512_cvtne2ps_pbh(b, a);
+    std::memcpy(p, &h, sizeof(h));
+    return;
+  }
+#endif
   if constexpr (V::W == 1) {
     storev<DType::kBF16>(p, 0, a, away);
     storev<DType::kBF16>(p, V::W, b, away);

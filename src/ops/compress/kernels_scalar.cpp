@@ -22,6 +22,11 @@ namespace nsa::compress_kernels {
 
 const KernelTable* KernelTable::scalar() { return isa_scalar::make_table(CpuIsa::kScalar); }
 
-const KernelTable* kernels_for(CpuIsa isa) { return cpu::table_for_isa<KernelTable>(isa); }
+const KernelTable* kernels_for(CpuIsa isa) {
+#if NSA_HAVE_X86_KERNELS
+  if (isa == CpuIsa::kAvx512Bf16) return KernelTable::avx512bf16();
+#endif
+  return cpu::table_for_isa<KernelTable>(isa);
+}
 
 }  // namespace nsa::compress_kernels

@@ -13,8 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "common/rounding.h"
 #include "compress_test_util.h"
 #include "ops/compress/cpu_tuning.h"
+#include "ops/compress/kernels.h"
 
 namespace nsa_compress_test {
 namespace {
@@ -253,6 +255,49 @@ TEST(CompressCpu, WideRowsTwoWindowTiles) {
     }
   }
   nsa::compress_detail::set_cpu_tuning(saved);
+}
+
+// The gradients' bf16 stores (round to nearest even) on every ISA path's kernel table, through weighted_rows_shared
+// with one source row and weight 1 (out = rne(0 + 1 * x)): every sign and exponent with a spread of mantissas (1 in
+// 4099 of all fp32 patterns), every pattern around the rounding ties and the denormal / normal boundary, NaNs of
+// both kinds with payloads, infinities and zeros, in vectors mixing denormals with other values and vectors without
+// any (the avx512bf16 path converts with vcvtne2ps2bf16 unless the vector holds a denormal). Each path equals the
+// scalar formula (common/rounding.h) for every non-NaN value, and every path gives the same bits, NaNs included.
+TEST(CompressCpu, GradientStoresRoundEveryPattern) {
+  std::vector<uint32_t> pats;
+  for (uint64_t u = 0; u < (uint64_t{1} << 32); u += 4099) pats.push_back(static_cast<uint32_t>(u));
+  for (uint32_t sign : {0u, 0x80000000u}) {
+    for (uint32_t base : {0x3f800000u, 0x00000000u, 0x00800000u, 0x7f7f0000u, 0x33800000u})
+      for (uint32_t low = 0; low < (1u << 17); low += 3) pats.push_back(sign | (base + low));
+    for (uint32_t v : {0x7f800000u, 0x7f800001u, 0x7fa00000u, 0x7fbfffffu, 0x7fc00000u, 0x7fc0ffffu, 0x7fffffffu,
+                       0x007fffffu, 0x00000001u, 0x00008000u, 0x00018000u, 0x7f7f8000u, 0x7f7f7fffu})
+      pats.push_back(sign | v);
+  }
+  // vectors with no denormal: the denormals moved to the end, so that the first blocks of 32 hold none
+  std::stable_partition(pats.begin(), pats.end(), [](uint32_t u) { return (u & 0x7f800000u) != 0 || (u & 0x7fffffu) == 0; });
+  const int64_t D = static_cast<int64_t>(pats.size());
+  std::vector<float> rows32(pats.size());
+  std::memcpy(rows32.data(), pats.data(), pats.size() * sizeof(float));
+  const float one = 1.0f;
+  std::vector<uint16_t> first;
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    std::vector<uint16_t> out(pats.size(), 0xdead);
+    nsa::compress_kernels::kernels_for(isa)->weighted_rows_shared(DType::kBF16, rows32.data(), &one, 1, 1, D, out.data(),
+                                                                  D, nsa::compress_kernels::Round::kEven);
+    for (size_t i = 0; i < pats.size(); ++i) {
+      const float x = rows32[i];
+      if (std::isnan(x)) {
+        ASSERT_EQ(out[i] & 0x7fc0, 0x7fc0) << std::hex << "quiet NaN expected for 0x" << pats[i];
+        continue;
+      }
+      const volatile float zero = 0.0f;
+      const uint32_t want = nsa::detail::bf16_bits_of(nsa::detail::f32_bits(zero + x), false);
+      ASSERT_EQ(out[i], want) << std::hex << "fp32 0x" << pats[i];
+    }
+    if (first.empty()) first = out;
+    else ASSERT_EQ(out, first) << "bits differ from the first path (NaN payloads included)";
+  }
 }
 
 // With the default work split (64 KB tasks, 512 KB per worker) on a shape of the benchmark's kind.
