@@ -1,8 +1,7 @@
 // Per-ISA row kernels of the compression operator's CPU backend (internal). kernels_impl.h is compiled once
-// per ISA (kernels_scalar.cpp with the baseline flags; kernels_avx2.cpp, kernels_avx512.cpp and kernels_avx512bf16.cpp
-// with their own
-// flags, x86 only), each into its own namespace, and exports one KernelTable; cpu.cpp (baseline flags) picks
-// the table once per call (kernels_for) and drives the tasks.
+// per ISA (kernels_scalar.cpp with the baseline flags; kernels_avx2.cpp, kernels_avx512.cpp and
+// kernels_avx512bf16.cpp with their own flags, x86 only), each into its own namespace, and exports one KernelTable;
+// cpu.cpp (baseline flags) picks the table once per call (kernels_for) and drives the tasks.
 //
 // Arithmetic contract shared by every table (so that all ISA paths give identical bits): fp32 products and
 // sums, each product rounded and then added (no fused multiply-add: these sources are compiled with
