@@ -77,12 +77,14 @@ def import_nsa_ops():
     return nsa_ops
 
 
-def timed(fn, warmup: int, repeat: int, budget: float) -> tuple[float, list]:
-    """Median seconds of up to `repeat` runs after `warmup` runs (stops after `budget` seconds of runs)."""
+def timed(fn, warmup: int, repeat: int, budget: float, min_time: float = 0.0) -> tuple[float, list]:
+    """Median seconds of `repeat` runs after `warmup` runs, or of more runs while they add up to less than `min_time`
+    seconds (sub-millisecond calls: a median of many runs, not of a few milliseconds that one burst of other work on a
+    shared machine can cover); stops after `budget` seconds of runs."""
     for _ in range(warmup):
         fn()
     runs, spent = [], 0.0
-    for _ in range(repeat):
+    while len(runs) < repeat or spent < min_time:
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
@@ -125,6 +127,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=15, help="measured runs, median kept (default 15)")
     ap.add_argument("--budget", type=float, default=10.0, help="seconds of measured runs per measurement")
+    ap.add_argument("--min-time", type=float, default=0.3,
+                    help="seconds of measured runs at least, per measurement of nsa_ops (more runs than --repeat for "
+                         "short calls; default 0.3)")
     ap.add_argument("--bw-mb", type=float, default=256.0, help="MB per array of the bandwidth measurement")
     ap.add_argument("--no-composition", action="store_true", help="skip the PyTorch composition baseline")
     ap.add_argument("--markdown", action="store_true", help="print the summary table in markdown")
@@ -185,9 +190,9 @@ def main() -> int:
         fwd_bytes = (T * c.N * c.D + c.l * c.N + R * c.N * c.D) * es
         bwd_bytes = (R * c.N * c.D + 2 * T * c.N * c.D + 2 * c.l * c.N) * es
         t_fwd, runs_fwd = timed(lambda: nsa_ops.npu_nsa_compress(x, w, c.l, c.d, actual_seq_len=lens),
-                                args.warmup, args.repeat, args.budget)
+                                args.warmup, args.repeat, args.budget, args.min_time)
         t_bwd, runs_bwd = timed(lambda: nsa_ops.npu_nsa_compress_grad(g, x, w, c.l, c.d, actual_seq_len=lens),
-                                args.warmup, args.repeat, args.budget)
+                                args.warmup, args.repeat, args.budget, args.min_time)
         t_cf = t_cb = float("nan")
         tc_best = {"forward": float("nan"), "backward": float("nan")}
         if not args.no_composition:

@@ -308,8 +308,20 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
   }
 
   unsigned char* in_grad = static_cast<unsigned char*>(g.input_grad);
-  cpu::parallel_for(n_tasks, workers, [&](int64_t ti, int worker) {
+  // task order: the weight_grad chunks (which read the input) spread evenly among the input_grad tasks (which write
+  // input_grad), so that the workers read and write memory at the same time instead of in two phases
+  // (bench-64k-keys, 2 threads of a Zen 5: 3.57 -> 3.24 ms)
+  std::vector<int64_t> order(static_cast<size_t>(n_tasks));
+  {
+    int64_t c = 0, i = 0;
+    for (int64_t k = 0; k < n_tasks; ++k) {
+      const bool chunk_next = i >= n_tasks - n_chunks || (c < n_chunks && c * (n_tasks - n_chunks) <= i * n_chunks);
+      order[static_cast<size_t>(k)] = chunk_next ? c++ : n_chunks + i++;
+    }
+  }
+  cpu::parallel_for(n_tasks, workers, [&](int64_t task, int worker) {
     Scratch& s = scratch[static_cast<size_t>(worker)];
+    const int64_t ti = order[static_cast<size_t>(task)];
     if (ti < n_chunks) {
       // ---- weight_grad partial of rows [r0, r1): 16 lanes per (n, w), accumulated row after row, then reduced
       const int64_t r0 = ti * chunk_rows, r1 = std::min(R, r0 + chunk_rows);
