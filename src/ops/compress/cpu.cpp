@@ -112,13 +112,13 @@ void weighted_rows_f64(const void* const* rows, const double* wts, int64_t m, in
   }
 }
 
-void weighted_rows_shared_f64(const double* rows, const double* wts, int64_t P, int64_t m, int64_t D, void* out_v,
-                              int64_t out_stride) {
+void weighted_rows_shared_f64(const double* const* rows, const double* const* wts, int64_t P, int64_t m, int64_t D,
+                              void* out_v, int64_t out_stride) {
   for (int64_t p = 0; p < P; ++p) {
     double* out = static_cast<double*>(out_v) + p * out_stride;
     for (int64_t j = 0; j < D; ++j) out[j] = 0.0;
     for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < D; ++j) out[j] = out[j] + wts[p * m + i] * rows[i * D + j];
+      for (int64_t j = 0; j < D; ++j) out[j] = out[j] + wts[i][p] * rows[i][j];
   }
 }
 
@@ -175,8 +175,11 @@ int workers_for(const Plan& pl, int64_t bytes, int64_t tasks) {
 // Per-worker scratch (allocated before any output is written).
 struct Scratch {
   std::vector<const void*> rows;      // row pointers (a window's l rows)
-  std::vector<float> wts32, rows32, g32, lanes32;
-  std::vector<double> wts64, rows64, g64, lanes64;
+  std::vector<float> rows32, g32, lanes32;
+  std::vector<double> rows64, g64, lanes64;
+  std::vector<const float*> rowp32, wtp32;  // input_grad: the m widened grad rows of a run and their weights
+  std::vector<const double*> rowp64, wtp64;
+  std::vector<int64_t> slot_row;            // input_grad: the grad row held by each slot of rows32 / rows64
   std::vector<unsigned char> gather;  // rows of views whose last dimension is strided
   int64_t D = 0, esz = 0;
   unsigned char* gather_row(int64_t i) { return gather.empty() ? nullptr : gather.data() + i * D * esz; }
@@ -271,6 +274,9 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
   if (!(st = make_plan(p, sh, options, &pl)).ok()) return st;
   const int64_t l = sh.l, d = sh.d, N = sh.N, D = sh.D, esz = pl.esz, R = sh.R;
   const int64_t max_cover = (l + d - 1) / d;  // windows covering one token (§5)
+  // input_grad: widened grad rows are kept in max_cover + 1 slots (slot = row % slots), so that each is widened once
+  // per head and task although consecutive runs share all but one of their windows
+  const int64_t slots = max_cover + 1;
   constexpr int64_t kMaxRun = 64;             // tokens per weighted_rows_shared call
 
   // weight_grad chunks: a function of R only (not of the thread count)
@@ -297,12 +303,15 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
     s.D = D;
     s.esz = esz;
     s.rows.resize(static_cast<size_t>(l + d));
-    const size_t nw = static_cast<size_t>(kMaxRun * max_cover), nr = static_cast<size_t>(max_cover * D),
+    const size_t nc = static_cast<size_t>(max_cover), nr = static_cast<size_t>(slots * D),
                  nl = static_cast<size_t>(N * l * 16);
+    s.slot_row.resize(static_cast<size_t>(slots));
     if (pl.f64) {
-      s.wts64.resize(nw), s.rows64.resize(nr), s.g64.resize(static_cast<size_t>(D)), s.lanes64.resize(nl);
+      s.rowp64.resize(nc), s.wtp64.resize(nc), s.rows64.resize(nr), s.g64.resize(static_cast<size_t>(D));
+      s.lanes64.resize(nl);
     } else {
-      s.wts32.resize(nw), s.rows32.resize(nr), s.g32.resize(static_cast<size_t>(2 * D)), s.lanes32.resize(nl);
+      s.rowp32.resize(nc), s.wtp32.resize(nc), s.rows32.resize(nr), s.g32.resize(static_cast<size_t>(2 * D));
+      s.lanes32.resize(nl);
     }
     if (strided) s.gather.resize(static_cast<size_t>((l + d + 1) * D * esz));
   }
@@ -371,38 +380,45 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
       }
       return;
     }
-    // ---- input_grad of tokens [p0, p1) of one batch, in runs of tokens covered by the same windows
+    // ---- input_grad of tokens [p0, p1) of one batch, head by head, in runs of tokens covered by the same windows
     const Task& tk = tasks[static_cast<size_t>(ti - n_chunks)];
     const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
-    for (int64_t pos = tk.i0; pos < tk.i1;) {
-      int64_t first, last;
-      compress_detail::covering_windows(pos, bt.C, l, d, &first, &last);
-      const int64_t end = std::min({tk.i1, pos + kMaxRun, compress_detail::covering_run_end(pos, l, d)});
-      const int64_t P = end - pos;
-      unsigned char* dst = in_grad + (bt.start + pos) * N * D * esz;
-      if (first > last) {  // no window covers these tokens (a tail, a short batch): +0 (§5)
-        std::memset(dst, 0, static_cast<size_t>(P * N * D * esz));
-        pos = end;
-        continue;
-      }
-      const int64_t m = last - first + 1;
-      for (int64_t n = 0; n < N; ++n) {
+    // windows cover the batch's positions [0, covered) without a gap (d <= l); the others receive +0 (§5)
+    const int64_t covered = bt.C > 0 ? (bt.C - 1) * d + l : 0;
+    const int64_t p_end = std::min(tk.i1, std::max(tk.i0, covered));
+    if (p_end < tk.i1)
+      std::memset(in_grad + (bt.start + p_end) * N * D * esz, 0, static_cast<size_t>((tk.i1 - p_end) * N * D * esz));
+    for (int64_t n = 0; n < N; ++n) {
+      std::fill(s.slot_row.begin(), s.slot_row.end(), int64_t{-1});
+      for (int64_t pos = tk.i0; pos < p_end;) {
+        int64_t first, last;
+        compress_detail::covering_windows(pos, bt.C, l, d, &first, &last);
+        const int64_t end = std::min({p_end, pos + kMaxRun, compress_detail::covering_run_end(pos, l, d)});
+        const int64_t m = last - first + 1;
         for (int64_t i = 0; i < m; ++i) {
-          const void* grow = row_ptr(g.grad, bt.row_begin + first + i, n, D, esz, s.gather_row(0));
-          if (pl.f64) std::memcpy(s.rows64.data() + i * D, grow, static_cast<size_t>(D) * sizeof(double));
-          else pl.kt->widen(pl.dt, grow, D, s.rows32.data() + i * D);
-        }
-        for (int64_t q = 0; q < P; ++q)
-          for (int64_t i = 0; i < m; ++i) {
-            const size_t wi = static_cast<size_t>(n * l + (pos + q) - (first + i) * d);  // token's place in window
-            if (pl.f64) s.wts64[static_cast<size_t>(q * m + i)] = pl.wt64[wi];
-            else s.wts32[static_cast<size_t>(q * m + i)] = pl.wt32[wi];
+          const int64_t row = bt.row_begin + first + i;
+          const int64_t slot = row % slots;
+          const int64_t widx = n * l + pos - (first + i) * d;  // weight of token pos in window first + i
+          const bool fresh = s.slot_row[static_cast<size_t>(slot)] != row;
+          s.slot_row[static_cast<size_t>(slot)] = row;
+          if (pl.f64) {
+            double* dst_row = s.rows64.data() + slot * D;
+            if (fresh) std::memcpy(dst_row, row_ptr(g.grad, row, n, D, esz, s.gather_row(0)), static_cast<size_t>(D) * 8);
+            s.rowp64[static_cast<size_t>(i)] = dst_row;
+            s.wtp64[static_cast<size_t>(i)] = pl.wt64.data() + widx;
+          } else {
+            float* dst_row = s.rows32.data() + slot * D;
+            if (fresh) pl.kt->widen(pl.dt, row_ptr(g.grad, row, n, D, esz, s.gather_row(0)), D, dst_row);
+            s.rowp32[static_cast<size_t>(i)] = dst_row;
+            s.wtp32[static_cast<size_t>(i)] = pl.wt32.data() + widx;
           }
-        if (pl.f64) weighted_rows_shared_f64(s.rows64.data(), s.wts64.data(), P, m, D, dst + n * D * esz, N * D);
-        else pl.kt->weighted_rows_shared(pl.dt, s.rows32.data(), s.wts32.data(), P, m, D, dst + n * D * esz, N * D,
+        }
+        unsigned char* dst = in_grad + ((bt.start + pos) * N + n) * D * esz;
+        if (pl.f64) weighted_rows_shared_f64(s.rowp64.data(), s.wtp64.data(), end - pos, m, D, dst, N * D);
+        else pl.kt->weighted_rows_shared(pl.dt, s.rowp32.data(), s.wtp32.data(), end - pos, m, D, dst, N * D,
                                          Round::kEven);
+        pos = end;
       }
-      pos = end;
     }
   });
 

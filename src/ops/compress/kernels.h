@@ -37,11 +37,12 @@ struct KernelTable {
   // order), with each row read once for both windows. pf: as weighted_rows (rows[i] + pf for every i).
   void (*weighted_rows2)(DType dt, const void* const* rows, const float* wts, int64_t l, int64_t d, int64_t D,
                          void* out_a, void* out_b, Round mode, int64_t pf);
-  // The same for P output rows that share their m source rows, given widened to fp32 (rows32[i*D + j]), each
-  // with its own weights: out + p*out_stride (elements of dt) receives round(sum_i wts[p*m + i] * rows32[i*D + j])
-  // added in the order i = 0, 1, ..., m-1 from +0. (input_grad: a run of tokens covered by the same windows.)
-  void (*weighted_rows_shared)(DType dt, const float* rows32, const float* wts, int64_t P, int64_t m, int64_t D,
-                               void* out, int64_t out_stride, Round mode);
+  // The same for P output rows that share their m source rows, given widened to fp32 (rows32[i][j], j < D), each
+  // with its own weights: out + p*out_stride (elements of dt) receives round(sum_i wts[i][p] * rows32[i][j]) added
+  // in the order i = 0, 1, ..., m-1 from +0. (input_grad: a run of tokens covered by the same windows; wts[i] points
+  // at the run's first token's weight in window i, the next tokens' weights following it.)
+  void (*weighted_rows_shared)(DType dt, const float* const* rows32, const float* const* wts, int64_t P, int64_t m,
+                               int64_t D, void* out, int64_t out_stride, Round mode);
   // 16 interleaved partial sums of the dot products of g with m rows: lanes[i*16 + k] += g[j] * rows[i][j] for
   // j = k, k+16, k+32, ... < D, in increasing j (each product rounded, then added). g: D floats; rows: D elements
   // of dt. Called row after row on the same lanes, then reduced with canonical16 (weight_grad).

@@ -347,14 +347,14 @@ inline void weighted_rows2_impl(DType dt, const void* const* rows, const float* 
 
 // ------------------------------------------------------------------ weighted_rows_shared
 template <DType DT, int NV>
-inline void shared_tile(const float* rows32, const float* wts, int64_t P, int64_t m, int64_t D, int64_t j0, void* out,
+inline void shared_tile(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t D, int64_t j0, void* out,
                         int64_t out_stride, bool away) {
   for (int64_t p = 0; p < P; ++p) {
     V::F acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V::zero();
     for (int64_t i = 0; i < m; ++i) {
-      const V::F wv = V::set1(wts[p * m + i]);
-      const float* row = rows32 + i * D + j0;
+      const V::F wv = V::set1(wts[i][p]);
+      const float* row = rows32[i] + j0;
       for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, V::load(row + v * V::W)));
     }
     store_tile<DT, NV>(out, p * out_stride + j0, acc, away);
@@ -362,7 +362,7 @@ inline void shared_tile(const float* rows32, const float* wts, int64_t P, int64_
 }
 
 template <DType DT>
-inline void weighted_rows_shared_t(const float* rows32, const float* wts, int64_t P, int64_t m, int64_t D, void* out,
+inline void weighted_rows_shared_t(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t D, void* out,
                                    int64_t out_stride, bool away) {
   const int64_t nvec = D / V::W;
   int64_t v0 = 0;
@@ -382,12 +382,12 @@ inline void weighted_rows_shared_t(const float* rows32, const float* wts, int64_
   for (int64_t j = nvec * V::W; j < D; ++j)  // the last D % W columns, same operations one at a time
     for (int64_t p = 0; p < P; ++p) {
       float acc = 0.0f;
-      for (int64_t i = 0; i < m; ++i) acc = acc + wts[p * m + i] * rows32[i * D + j];
+      for (int64_t i = 0; i < m; ++i) acc = acc + wts[i][p] * rows32[i][j];
       store1<DT>(out, p * out_stride + j, acc, away);
     }
 }
 
-inline void weighted_rows_shared_impl(DType dt, const float* rows32, const float* wts, int64_t P, int64_t m, int64_t D,
+inline void weighted_rows_shared_impl(DType dt, const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t D,
                                       void* out, int64_t out_stride, Round mode) {
   const bool away = mode == Round::kAway;
   switch (dt) {

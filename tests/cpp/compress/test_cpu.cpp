@@ -279,11 +279,13 @@ TEST(CompressCpu, GradientStoresRoundEveryPattern) {
   std::vector<float> rows32(pats.size());
   std::memcpy(rows32.data(), pats.data(), pats.size() * sizeof(float));
   const float one = 1.0f;
+  const float* row_ptr = rows32.data();
+  const float* wt_ptr = &one;
   std::vector<uint16_t> first;
   for (CpuIsa isa : supported_isas()) {
     SCOPED_TRACE(nsa::cpu_isa_name(isa));
     std::vector<uint16_t> out(pats.size(), 0xdead);
-    nsa::compress_kernels::kernels_for(isa)->weighted_rows_shared(DType::kBF16, rows32.data(), &one, 1, 1, D, out.data(),
+    nsa::compress_kernels::kernels_for(isa)->weighted_rows_shared(DType::kBF16, &row_ptr, &wt_ptr, 1, 1, D, out.data(),
                                                                   D, nsa::compress_kernels::Round::kEven);
     for (size_t i = 0; i < pats.size(); ++i) {
       const float x = rows32[i];
