@@ -186,6 +186,9 @@ TEST(CompressAttentionInferCpu, LongRowsInPlaceReadsOnEveryPath) {
       {DecodeLayout::kTND, 2, 2, 73, 72, 7, 32, 16, 64, 3, 1, {1}, {37}, false},
       // MTP with q_b = 5 and G = 16: R = 80 query rows (two query panels), C = 600 and 513, P = 64
       {DecodeLayout::kTND, 32, 2, 24, 16, 64, 32, 16, 64, 6, 1, {5, 2}, {600, 513}, true},
+      // G = 6 and q_b = 11: token 10's query rows 60 .. 65 straddle the two query panels (their words transposed in
+      // two calls); BSND, even D
+      {DecodeLayout::kBSND, 12, 2, 40, 24, 16, 32, 16, 64, 4, 11, {11, 3}, {300, 90}, true},
   };
   std::mt19937 rng(2024);
   for (DType dt : kAllDtypes)
