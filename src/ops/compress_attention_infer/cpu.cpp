@@ -187,9 +187,12 @@ void scores(const Plan& pl, Scratch& sc, int64_t b, int64_t n0, int64_t nh, int6
   const int32_t* table = p.block_table + b * p.block_table_row_stride;
   const DType dt = p.dtype;
   const int64_t D = sh.D, dsz = static_cast<int64_t>(dtype_size(dt)), rp = round_up(R, 16);
+  // bytes of a token's key rows of heads n0 .. n0 + nh - 1, from the first one's start
+  const int64_t unit_row_bytes = (nh - 1) * D * p.key.stride[2] * dsz + pl.key_row_bytes;
   for (int64_t c = 0; c < C;) {
     const int64_t run = std::min({sh.P - c % sh.P, kRun, C - c});
     const int64_t next = c + run, next_run = next < C ? std::min({sh.P - next % sh.P, kRun, C - next}) : 0;
+    const int64_t next_base0 = next < C ? token_offset(p.key, table, sh.P, next, n0, D) : 0;  // head n0's row
     for (int64_t h = 0; h < nh; ++h) {
       const int64_t n2 = n0 + h;
       const int64_t kb = token_offset(p.key, table, sh.P, c, n2, D);
@@ -218,11 +221,21 @@ void scores(const Plan& pl, Scratch& sc, int64_t b, int64_t n0, int64_t nh, int6
       const int64_t next_base = next < C ? token_offset(p.key, table, sh.P, next, n2, D) : 0;
       for (int64_t j0 = 0; j0 < run; j0 += kSlice) {
         const int64_t rows = std::min(kSlice, run - j0);
-        // this head's key rows of the next run, kSlice at a time (pages lie anywhere: no hardware prefetcher
-        // follows them)
-        for (int64_t j = j0; j < std::min(j0 + kSlice, next_run); ++j) {
-          const char* row = static_cast<const char*>(p.key.data) + (next_base + j * p.key.stride[1]) * dsz;
-          for (int64_t i = 0; i < pl.key_row_bytes; i += 64) __builtin_prefetch(row + i);
+        // the next run's key rows (pages lie anywhere: no hardware prefetcher follows them)
+        if (nh > 1) {
+          // a unit of several heads: the next run's whole token rows (the unit's heads side by side), in address
+          // order, spread evenly over the run's nh x ceil(run / kSlice) slices, so that the prefetches walk the page
+          // sequentially (128k-b8, 2 threads of a Zen 5: 3.8-4.0 -> 3.6-3.7 ms against each head's rows in bursts)
+          const int64_t per_head = (run + kSlice - 1) / kSlice, total = nh * per_head, k = h * per_head + j0 / kSlice;
+          for (int64_t j = next_run * k / total; j < next_run * (k + 1) / total; ++j) {
+            const char* row = static_cast<const char*>(p.key.data) + (next_base0 + j * p.key.stride[1]) * dsz;
+            for (int64_t i = 0; i < unit_row_bytes; i += 64) __builtin_prefetch(row + i);
+          }
+        } else {
+          for (int64_t j = j0; j < std::min(j0 + kSlice, next_run); ++j) {
+            const char* row = static_cast<const char*>(p.key.data) + (next_base + j * p.key.stride[1]) * dsz;
+            for (int64_t i = 0; i < pl.key_row_bytes; i += 64) __builtin_prefetch(row + i);
+          }
         }
         const uint8_t* As = static_cast<const uint8_t*>(A) + j0 * lda * (pl.bf16_dot ? 2 : 4);
         if (pl.bf16_dot)
