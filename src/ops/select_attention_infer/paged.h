@@ -299,10 +299,24 @@ class TileWorker {
     // query rows as B: element (e, g) at (g / 64) dr 64 + (e / 2) 128 + (g % 64) 2 + e % 2, padding columns zero
     const uint16_t* qbase = static_cast<const uint16_t*>(pr_.query.data);
     std::memset(qp16_.get(), 0, sizeof(uint16_t) * static_cast<size_t>(round_up(G, W) * dr));
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t off = t * pr_.query.stride[0] + (n2 * G + g) * pr_.query.stride[1];
-      uint16_t* col = qp16_.get() + (g / W) * dr * W + (g % W) * 2;
-      for (int64_t d = 0; d < D; ++d) col[(d / 2) * 2 * W + d % 2] = qbase[off + d * pr_.query.stride[2]];
+    const uint16_t* q0 = qbase + t * pr_.query.stride[0] + n2 * G * pr_.query.stride[1];
+    if (pr_.query.stride[2] == 1 && D % 2 == 0 && pr_.query.stride[1] % 2 == 0 &&
+        reinterpret_cast<uintptr_t>(q0) % 4 == 0) {
+      // contiguous rows of D / 2 pairs (32-bit words): word e' of column g at word (g / W) dr W / 2 + e' W + g % W,
+      // each panel's rows in one transpose
+      for (int64_t g0 = 0; g0 < G;) {
+        const int64_t n = std::min(G - g0, W - g0 % W);
+        kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(q0 + g0 * pr_.query.stride[1]),
+                                pr_.query.stride[1] / 2, n, D / 2,
+                                reinterpret_cast<uint32_t*>(qp16_.get()) + (g0 / W) * dr * W / 2 + g0 % W, W);
+        g0 += n;
+      }
+    } else {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t off = t * pr_.query.stride[0] + (n2 * G + g) * pr_.query.stride[1];
+        uint16_t* col = qp16_.get() + (g / W) * dr * W + (g % W) * 2;
+        for (int64_t d = 0; d < D; ++d) col[(d / 2) * 2 * W + d % 2] = qbase[off + d * pr_.query.stride[2]];
+      }
     }
     const int64_t key_bytes = D * 2;
     auto group_end = [&](int64_t c) {  // end of the group of consecutive rows starting at entry c

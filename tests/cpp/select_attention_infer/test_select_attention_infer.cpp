@@ -187,7 +187,9 @@ TEST(SelectAttentionInferCpu, InPlaceRowsMatchPackedRowsBitwise) {
   };
   const Geo geos[] = {{{1, 1}, {300, 129}, 16, 1, 48, 80, 64, 64, 4},
                       {{1, 2, 1}, {77, 200, 5}, 8, 2, 16, 16, 16, 32, 5},
-                      {{1, 1}, {150, 61}, 2, 2, 24, 8, 7, 16, 6}};
+                      {{1, 1}, {150, 61}, 2, 2, 24, 8, 7, 16, 6},
+                      // G = 80: the query rows of a KV head fill more than one 64-column panel
+                      {{1, 1}, {100, 65}, 80, 1, 16, 16, 16, 16, 3}};
   std::mt19937 rng(11);
   for (const Geo& g : geos) {
     PCase c = PCase::make(DType::kBF16, g.q, g.s, g.N1, g.N2, g.D, g.Dv, g.P, rng);
