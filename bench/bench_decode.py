@@ -18,7 +18,8 @@ Baselines on the same paged raw cache ([num_pages, P, N2, D] / [.., Dv], bf16, p
 Tokens read per step and their bytes (N2 (D + Dv) bf16 values per raw or compressed token): NSA reads
 min(K l', S) selected + min(w, S) window + C compressed tokens (+ 2 l raw tokens for the compression of K and V on
 a completing step); the baselines read S. Effective GB/s = those bytes / wall time. The memory-traffic target
-("within 2x of the bytes the tokens occupy") is checked against a measured copy bandwidth: traffic bound =
+("within 2x of the bytes the tokens occupy") is checked against a measured copy bandwidth (the larger of two
+measurements, before and after the cases): traffic bound =
 copy GB/s x NSA step time / bytes (the bytes the machine could have moved in that time, an upper bound on the
 traffic; <= 2 meets the target).
 
@@ -286,14 +287,23 @@ def main(argv=None) -> int:
     if names is None:
         return 2
     threads, nsa_ops, peak, header = bl.start(args, "measurement", "; CPU time per thread printed beside")
-    bw = copy_bandwidth(threads, args.bw_mb)
+    bw_before = copy_bandwidth(threads, args.bw_mb)
     try:
         load = "load average %.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         load = "load average unknown"
-    header.append(f"copy bandwidth {bw:.1f} GB/s (read + write, {args.bw_mb} MB); {load}")
+    print(f"copy bandwidth before the cases {bw_before:.1f} GB/s", flush=True)
+    results = [run_case(CASES[n], args, nsa_ops, threads, bw_before) for n in names]
+    # On a machine whose bandwidth others share, one measurement can catch a slow moment and make the bound look
+    # better than it is: the bound uses the larger of the measurements before and after the cases.
+    bw_after = copy_bandwidth(threads, args.bw_mb)
+    bw = max(bw_before, bw_after)
+    for res in results:
+        res["traffic_bound"] = bw * res["nsa_step_s"] / (res["nsa_bytes"] / 1e9)
+        res["copy_gbps"] = bw
+    header.append(f"copy bandwidth {bw:.1f} GB/s (read + write, {args.bw_mb} MB; the larger of {bw_before:.1f} before "
+                  f"and {bw_after:.1f} after the cases); {load}")
     print(header[-1], flush=True)
-    results = [run_case(CASES[n], args, nsa_ops, threads, bw) for n in names]
     return bl.finish(args, header, peak, results, table(results, args.markdown),
                      "NSA ms = compress_attention_infer + select_attention_infer + paged_window_attention + the "
                      "compress_infer of K and V amortised over d steps ((completing + (d-1) non-completing) / d), "

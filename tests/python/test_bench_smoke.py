@@ -39,3 +39,23 @@ def test_bench_nsa_layer_rejects_unknown_names():
     assert proc.returncode == 2 and "unknown variant(s): sparse" in proc.stderr
     proc = run_bench("--cases", "64k", "--no-probe")
     assert proc.returncode == 2 and "unknown case(s): 64k" in proc.stderr
+
+
+COMPRESS_BENCH = REPO / "bench" / "bench_compress.py"
+
+
+def test_bench_compress_small(tmp_path):
+    """bench_compress.py on one small case: both passes timed and checked against the composition, the bandwidth
+    measured before and after the cases, and % BW relative to the larger of the two."""
+    out = tmp_path / "compress.json"
+    proc = subprocess.run([sys.executable, str(COMPRESS_BENCH), "--cases", "varlen-keys", "--threads", "1",
+                           "--repeat", "3", "--min-time", "0", "--bw-mb", "16", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    bw = data["bandwidth"]
+    assert bw["best"] == max(bw["before"], bw["after"]) > 0
+    assert [(r["case"], r["kind"]) for r in data["rows"]] == [("varlen-keys", "forward"), ("varlen-keys", "backward")]
+    for r in data["rows"]:
+        assert r["ms"] > 0 and r["gbs"] > 0 and r["speedup"] > 0
+        assert abs(r["pct"] - 100 * r["gbs"] / bw["best"]) < 1e-9
