@@ -347,8 +347,8 @@ inline void weighted_rows2_impl(DType dt, const void* const* rows, const float* 
 
 // ------------------------------------------------------------------ weighted_rows_shared
 template <DType DT, int NV>
-inline void shared_tile(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t D, int64_t j0, void* out,
-                        int64_t out_stride, bool away) {
+inline void shared_tile(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t j0,
+                        void* out, int64_t out_stride, bool away) {
   for (int64_t p = 0; p < P; ++p) {
     V::F acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V::zero();
@@ -367,16 +367,16 @@ inline void weighted_rows_shared_t(const float* const* rows32, const float* cons
   const int64_t nvec = D / V::W;
   int64_t v0 = 0;
   for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
-    shared_tile<DT, kTileVectors>(rows32, wts, P, m, D, v0 * V::W, out, out_stride, away);
+    shared_tile<DT, kTileVectors>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
   const int64_t j0 = v0 * V::W;
   switch (nvec - v0) {
-    case 1: shared_tile<DT, 1>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
-    case 2: shared_tile<DT, 2>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
-    case 3: shared_tile<DT, 3>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
-    case 4: shared_tile<DT, 4>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
-    case 5: shared_tile<DT, 5>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
-    case 6: shared_tile<DT, 6>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
-    case 7: shared_tile<DT, 7>(rows32, wts, P, m, D, j0, out, out_stride, away); break;
+    case 1: shared_tile<DT, 1>(rows32, wts, P, m, j0, out, out_stride, away); break;
+    case 2: shared_tile<DT, 2>(rows32, wts, P, m, j0, out, out_stride, away); break;
+    case 3: shared_tile<DT, 3>(rows32, wts, P, m, j0, out, out_stride, away); break;
+    case 4: shared_tile<DT, 4>(rows32, wts, P, m, j0, out, out_stride, away); break;
+    case 5: shared_tile<DT, 5>(rows32, wts, P, m, j0, out, out_stride, away); break;
+    case 6: shared_tile<DT, 6>(rows32, wts, P, m, j0, out, out_stride, away); break;
+    case 7: shared_tile<DT, 7>(rows32, wts, P, m, j0, out, out_stride, away); break;
     default: break;
   }
   for (int64_t j = nvec * V::W; j < D; ++j)  // the last D % W columns, same operations one at a time
