@@ -202,9 +202,9 @@ def run_case(c: DCase, args, nsa_ops, threads: int, bw: float) -> dict:
     res = {"case": c.name, "shape": c.shape_str(), "S": c.S, "B": c.B, "threads": threads, "token_bytes": tb,
            "times": {}}
 
-    def timed(label, fn):
+    def timed(label, fn, min_time=0.0):
         try:
-            t = bl.time_fn(fn, args.warmup, args.repeat, args.budget, threads)
+            t = bl.time_fn(fn, args.warmup, args.repeat, args.budget, threads, min_time)
         except (MemoryError, RuntimeError) as e:     # e.g. SDPA's math path at 128k: allocation refused
             res.setdefault("errors", {})[label] = str(e).splitlines()[0][:300]
             print(f"   {label:<30} failed: {res['errors'][label]}", flush=True)
@@ -215,8 +215,8 @@ def run_case(c: DCase, args, nsa_ops, threads: int, bw: float) -> dict:
         return t
 
     parts = nsa_parts(c, x, nsa_ops)
-    for label, fn in parts.items():
-        timed(label, fn)
+    for label, fn in parts.items():  # sub-millisecond calls: runs adding up to at least --min-time
+        timed(label, fn, args.min_time)
     T = {k: v["median_s"] for k, v in res["times"].items()}
     Tc = {k: v["cpu_per_thread_s"] for k, v in res["times"].items()}
     amort = lambda t: (t["compress (window completes)"] + (c.d - 1) * t["compress (none completes)"]) / c.d  # noqa
@@ -274,6 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the tiny 'quick' case, 1 run, no probe (seconds)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the dense / SDPA baselines")
     ap.add_argument("--bw-mb", type=int, default=512, help="size of the copy that measures the bandwidth (MB)")
+    ap.add_argument("--min-time", type=float, default=0.5,
+                    help="seconds of measured runs at least per NSA part (more runs than --repeat for short calls; "
+                         "default 0.5)")
     ap.add_argument("--table-from", help="print the summary table of an earlier --json-out file and exit")
     args = ap.parse_args(argv)
     if args.table_from:
@@ -282,7 +285,7 @@ def main(argv=None) -> int:
     if args.list:
         return bl.list_cases(CASES, lambda n: "default" if n in DEFAULT_CASES else "")
     if args.quick:
-        args.cases, args.repeat, args.warmup, args.no_probe, args.bw_mb = "quick", 1, 1, True, 16
+        args.cases, args.repeat, args.warmup, args.no_probe, args.bw_mb, args.min_time = "quick", 1, 1, True, 16, 0.0
     names = bl.case_names(args.cases, CASES, DEFAULT_CASES)
     if names is None:
         return 2

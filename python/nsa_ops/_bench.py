@@ -268,14 +268,15 @@ class Timing:
 
 
 def time_fn(fn: Callable[[], object], warmup: int, repeat: int, budget_s: float = math.inf,
-            threads: Optional[int] = None) -> Timing:
-    """Median wall time of up to `repeat` runs after `warmup` runs; stops early once `budget_s` seconds of
-    measured runs have passed (at least one measured run). The result of each run is dropped. threads (for
-    cpu_per_thread): default torch.get_num_threads()."""
+            threads: Optional[int] = None, min_time_s: float = 0.0) -> Timing:
+    """Median wall time of up to `repeat` runs after `warmup` runs, or of more runs while they add up to less than
+    `min_time_s` seconds (short calls: a median of many runs, which one burst of other work on a shared machine does
+    not move); stops early once `budget_s` seconds of measured runs have passed (at least one measured run). The
+    result of each run is dropped. threads (for cpu_per_thread): default torch.get_num_threads()."""
     for _ in range(warmup):
         fn()
     runs, cpus, spent = [], [], 0.0
-    while len(runs) < max(1, repeat):
+    while len(runs) < max(1, repeat) or spent < min_time_s:
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
