@@ -6,20 +6,22 @@
 // A task's windows go in pairs (c, c + 1): KernelTable::weighted_rows2 reads each of their l + d rows once and adds
 // it to both sums (bench-8k-keys, one Zen 5 thread: 0.25 -> 0.19 ms; bench-64k-keys, 2 threads: 1.51 -> 1.30 ms).
 //
-// Backward, one parallel pass over two kinds of tasks:
-//   input_grad  tokens of one batch (all heads). Gather formulation (§6): token p's element (n, j) is the
+// Backward, one parallel pass over two kinds of tasks (the weight_grad chunks spread among the input_grad tasks):
+//   input_grad  tokens of one batch, head by head. Gather formulation (§6): token p's element (n, j) is the
 //               weighted sum of the grad rows of the windows covering p (at most ceil(l/d), by increasing c),
 //               weight[p - c*d, n] as weights; no atomics, one writer per element, the reference's order. Runs of
-//               consecutive tokens covered by the same windows share those grad rows, widened to fp32 once
-//               (KernelTable::weighted_rows_shared).
+//               consecutive tokens covered by the same windows share those grad rows, widened to fp32 once per
+//               head and task (kept in ceil(l/d) + 1 slots: consecutive runs share all but one window), their
+//               weights read in place (KernelTable::weighted_rows_shared).
 //   weight_grad fixed chunks of compressed rows (their number depends on R only, at most kWgMaxChunks). For each
 //               (n, w), 16 partial sums: lane k adds grad[r, n, j] * input[start_b + c*d + w, n, j] for the
 //               chunk's rows r = (b, c) in increasing order and, within a row, j = k, k+16, ... in increasing
-//               order (KernelTable::dot_lanes); the chunk's partial is their canonical tree (kernels.h). The
-//               partials are then summed in chunk order and rounded to nearest even.
+//               order (KernelTable::dot_lanes; rows r and r + 1 of a batch in one pass over their l + d input rows,
+//               KernelTable::dot_lanes2, the same sums); the chunk's partial is their canonical tree (kernels.h).
+//               The partials are then summed in chunk order and rounded to nearest even.
 // Results depend neither on the number of threads nor on the ISA path (kernels.h), only on the data. Extra
-// memory: per worker l row pointers, N*l*16 partial sums, ceil(l/d) widened rows and their weights for 64 tokens,
-// and (for views whose last dimension is strided) (l+1)*D gathered elements; plus kWgMaxChunks*N*l chunk sums.
+// memory: per worker l + d row pointers, N*l*16 partial sums, ceil(l/d) + 1 widened rows, and (for views whose last
+// dimension is strided) (l+d+1)*D gathered elements; plus kWgMaxChunks*N*l chunk sums.
 //
 // Memory traffic (the operator is memory-bound): the forward reads each input row once from memory (a window
 // re-reads the l - d rows it shares with its predecessor from cache) and writes the R output rows; the backward
