@@ -153,6 +153,10 @@ def worker(rank: int, world: int, port: int, out: Path, fail_rank: int) -> None:
             total = loss.detach() / world
             dist.all_reduce(total)
             result["losses"].append(float(total))
+        # every rank done with the group before any tears it down: a rank closing its connections while the other
+        # still reads from them can abort the other in gloo's threads ("terminate called without an active
+        # exception", seen once under a fully loaded machine)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     result["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
