@@ -148,61 +148,99 @@ constexpr int kTileVectors = 8;  // accumulators per tile (8 of the 16 / 32 vect
 // half and column 2k+1 in the high half of lane k, so u << 16 is the fp32 value of the even column and
 // u & 0xffff0000 that of the odd one: two exact widenings with one integer operation each, instead of a
 // zero-extending shuffle and a shift per vector. Each column still gets the same products added in the same order;
-// at the store, the two rounded halves are put back in column order. NP pairs: 2*NP accumulators in registers.
-template <int NP>
-inline void weighted_pairs_bf16(const void* const* rows, const float* wts, int64_t m, int64_t j0, void* out, bool away,
-                                int64_t pf, int64_t pf_bytes) {
-  V::F even[NP], odd[NP];
+// at the store, the two rounded halves are put back in column order.
+inline void widen_pair_bf16(const uint16_t* p, V::F& even, V::F& odd) {
+  Lanes u;
+  std::memcpy(&u, p, sizeof(u));
+  const Lanes ue = u << 16, uo = u & 0xffff0000u;
+  std::memcpy(&even, &ue, sizeof(even));
+  std::memcpy(&odd, &uo, sizeof(odd));
+}
+
+// The even and odd columns' sums rounded and stored back in column order at p (2W values).
+inline void store_pair_columns_bf16(uint16_t* p, V::F even, V::F odd, bool away) {
+  const Lanes r = nsa::detail::bf16_bits_of(lane_bits(even), away) |
+                  (nsa::detail::bf16_bits_of(lane_bits(odd), away) << 16);
+  std::memcpy(p, &r, sizeof(r));
+}
+
+// NP pairs of vectors (columns [j0, j0 + 2 NP W)) of one window (TWO = false: rows [0, l) into out_a) or of two
+// windows d rows apart (TWO = true: window A sums rows [0, l), window B rows [d, d + l), both with wts[0 .. l)).
+// With two, each row is loaded and widened once and multiplied by the weight of each window it belongs to; each
+// accumulator still receives its window's products in row order, so both outputs are weighted_rows' bits.
+// 2 NP (one window) or 4 NP (two) accumulators in registers.
+template <int NP, bool TWO>
+inline void weighted_pairs_bf16(const void* const* rows, const float* wts, int64_t l, int64_t d, int64_t j0,
+                                void* out_a, void* out_b, bool away, int64_t pf, int64_t pf_bytes) {
+  V::F ea[NP], oa[NP], eb[NP], ob[NP];
 #pragma GCC unroll 16
-  for (int k = 0; k < NP; ++k) even[k] = odd[k] = V::zero();
-  for (int64_t i = 0; i < m; ++i) {
-    const V::F wv = V::set1(wts[i]);
+  for (int k = 0; k < NP; ++k) ea[k] = oa[k] = eb[k] = ob[k] = V::zero();
+  const auto step = [&](int64_t i, bool in_a, bool in_b) __attribute__((always_inline)) {
+    const V::F wa = V::set1(wts[in_a ? i : 0]);
+    const V::F wb = V::set1(wts[in_b ? i - d : 0]);
     const uint16_t* row = static_cast<const uint16_t*>(rows[i]) + j0;
     prefetch_span(rows[i], pf, pf_bytes);
 #pragma GCC unroll 16
     for (int k = 0; k < NP; ++k) {
-      Lanes u;
-      std::memcpy(&u, row + 2 * k * V::W, sizeof(u));
-      const Lanes ue = u << 16, uo = u & 0xffff0000u;
       V::F fe, fo;
-      std::memcpy(&fe, &ue, sizeof(fe));
-      std::memcpy(&fo, &uo, sizeof(fo));
-      even[k] = V::add(even[k], V::mul(wv, fe));
-      odd[k] = V::add(odd[k], V::mul(wv, fo));
+      widen_pair_bf16(row + 2 * k * V::W, fe, fo);
+      if (in_a) {
+        ea[k] = V::add(ea[k], V::mul(wa, fe));
+        oa[k] = V::add(oa[k], V::mul(wa, fo));
+      }
+      if (in_b) {
+        eb[k] = V::add(eb[k], V::mul(wb, fe));
+        ob[k] = V::add(ob[k], V::mul(wb, fo));
+      }
     }
+  };
+  int64_t i = 0;
+  if constexpr (TWO) {  // rows [0, d): A only; [d, l): A and B; [l, l + d): B only
+    for (; i < d; ++i) step(i, true, false);
+    for (; i < l; ++i) step(i, true, true);
+    for (; i < l + d; ++i) step(i, false, true);
+  } else {
+    for (; i < l; ++i) step(i, true, false);
   }
-  uint16_t* o16 = static_cast<uint16_t*>(out) + j0;
 #pragma GCC unroll 16
   for (int k = 0; k < NP; ++k) {
-    const Lanes r = nsa::detail::bf16_bits_of(lane_bits(even[k]), away) |
-                    (nsa::detail::bf16_bits_of(lane_bits(odd[k]), away) << 16);
-    std::memcpy(o16 + 2 * k * V::W, &r, sizeof(r));
+    store_pair_columns_bf16(static_cast<uint16_t*>(out_a) + j0 + 2 * k * V::W, ea[k], oa[k], away);
+    if constexpr (TWO) store_pair_columns_bf16(static_cast<uint16_t*>(out_b) + j0 + 2 * k * V::W, eb[k], ob[k], away);
   }
 }
 
-// Pair tiles over the first D / (2W) * 2W columns of bf16 rows (W > 1); returns the number of columns done.
-constexpr int kTilePairs = V::W >= 16 ? 8 : 4;  // 16 of the 32 zmm / 8 of the 16 ymm registers
+// Pairs per register tile: one window 2 NP accumulators (16 of the 32 zmm / 8 of the 16 ymm registers), two windows
+// 4 NP and the temporaries (24 of 32 zmm, 8 of 16 ymm).
+template <bool TWO>
+constexpr int kTilePairs = TWO ? (V::W >= 16 ? 6 : 2) : (V::W >= 16 ? 8 : 4);
 
-template <int NP = kTilePairs>
-inline void weighted_pairs_tail(int64_t left, const void* const* rows, const float* wts, int64_t m, int64_t j0,
-                                void* out, bool away, int64_t pf, int64_t pf_bytes) {
+// The last `left` < kTilePairs<TWO> pairs as one tile of exactly that many.
+template <bool TWO, int NP = kTilePairs<TWO> - 1>
+inline void weighted_pairs_tail(int64_t left, const void* const* rows, const float* wts, int64_t l, int64_t d,
+                                int64_t j0, void* out_a, void* out_b, bool away, int64_t pf, int64_t pf_bytes) {
   if constexpr (NP > 0) {
-    if (left == NP) weighted_pairs_bf16<NP>(rows, wts, m, j0, out, away, pf, pf_bytes);
-    else weighted_pairs_tail<NP - 1>(left, rows, wts, m, j0, out, away, pf, pf_bytes);
+    if (left == NP) weighted_pairs_bf16<NP, TWO>(rows, wts, l, d, j0, out_a, out_b, away, pf, pf_bytes);
+    else weighted_pairs_tail<TWO, NP - 1>(left, rows, wts, l, d, j0, out_a, out_b, away, pf, pf_bytes);
   }
 }
 
-inline int64_t weighted_rows_bf16_pairs(const void* const* rows, const float* wts, int64_t m, int64_t D, void* out,
-                                        bool away, int64_t pf) {
+// Pair tiles over the first D / (2W) * 2W columns of bf16 rows (W > 1) for one window (TWO = false: rows [0, l)
+// into out_a) or two (weighted_pairs_bf16); returns the number of columns done.
+template <bool TWO>
+inline int64_t weighted_rows_bf16_pairs(const void* const* rows, const float* wts, int64_t l, int64_t d, int64_t D,
+                                        void* out_a, void* out_b, bool away, int64_t pf) {
   if constexpr (V::W == 1) {
     return 0;
   } else {
+    constexpr int T = kTilePairs<TWO>;
     const int64_t npairs = D / (2 * V::W), row_bytes = D * 2;
     int64_t k0 = 0;
     // the first tile prefetches whole rows, the others none
-    for (; k0 + kTilePairs <= npairs; k0 += kTilePairs)
-      weighted_pairs_bf16<kTilePairs>(rows, wts, m, 2 * k0 * V::W, out, away, k0 == 0 ? pf : 0, row_bytes);
-    if (k0 < npairs) weighted_pairs_tail(npairs - k0, rows, wts, m, 2 * k0 * V::W, out, away, k0 == 0 ? pf : 0, row_bytes);
+    for (; k0 + T <= npairs; k0 += T)
+      weighted_pairs_bf16<T, TWO>(rows, wts, l, d, 2 * k0 * V::W, out_a, out_b, away, k0 == 0 ? pf : 0, row_bytes);
+    if (k0 < npairs)
+      weighted_pairs_tail<TWO>(npairs - k0, rows, wts, l, d, 2 * k0 * V::W, out_a, out_b, away, k0 == 0 ? pf : 0,
+                               row_bytes);
     return npairs * 2 * V::W;
   }
 }
@@ -241,7 +279,7 @@ template <DType DT>
 inline void weighted_rows_t(const void* const* rows, const float* wts, int64_t m, int64_t D, void* out, bool away,
                             int64_t pf) {
   int64_t j = 0;
-  if constexpr (DT == DType::kBF16) j = weighted_rows_bf16_pairs(rows, wts, m, D, out, away, pf);
+  if constexpr (DT == DType::kBF16) j = weighted_rows_bf16_pairs<false>(rows, wts, m, 0, D, out, nullptr, away, pf);
   weighted_rows_rest<DT>(rows, wts, m, D, out, away, pf, j);
 }
 
@@ -256,84 +294,12 @@ inline void weighted_rows_impl(DType dt, const void* const* rows, const float* w
 }
 
 // ------------------------------------------------------------------ weighted_rows2
-// Two windows d rows apart over rows[0, l + d): window A sums rows [0, l) with wts[0..l), window B rows [d, d + l)
-// with wts[0..l). Each row is loaded and widened once and multiplied by the weight of each window it belongs to;
-// each accumulator still receives its window's products in row order, so both outputs are weighted_rows' bits.
-// bf16 pairs of vectors as weighted_pairs_bf16: 4 NP accumulators in registers.
-template <int NP>
-inline void weighted_pairs2_bf16(const void* const* rows, const float* wts, int64_t l, int64_t d, int64_t j0,
-                                 void* out_a, void* out_b, bool away, int64_t pf, int64_t pf_bytes) {
-  V::F ea[NP], oa[NP], eb[NP], ob[NP];
-#pragma GCC unroll 16
-  for (int k = 0; k < NP; ++k) ea[k] = oa[k] = eb[k] = ob[k] = V::zero();
-  // rows [0, d): A only; [d, l): A and B; [l, l + d): B only
-  const auto step = [&](int64_t i, bool in_a, bool in_b) __attribute__((always_inline)) {
-    const V::F wa = V::set1(wts[in_a ? i : 0]);
-    const V::F wb = V::set1(wts[in_b ? i - d : 0]);
-    const uint16_t* row = static_cast<const uint16_t*>(rows[i]) + j0;
-    prefetch_span(rows[i], pf, pf_bytes);
-#pragma GCC unroll 16
-    for (int k = 0; k < NP; ++k) {
-      Lanes u;
-      std::memcpy(&u, row + 2 * k * V::W, sizeof(u));
-      const Lanes ue = u << 16, uo = u & 0xffff0000u;
-      V::F fe, fo;
-      std::memcpy(&fe, &ue, sizeof(fe));
-      std::memcpy(&fo, &uo, sizeof(fo));
-      if (in_a) {
-        ea[k] = V::add(ea[k], V::mul(wa, fe));
-        oa[k] = V::add(oa[k], V::mul(wa, fo));
-      }
-      if (in_b) {
-        eb[k] = V::add(eb[k], V::mul(wb, fe));
-        ob[k] = V::add(ob[k], V::mul(wb, fo));
-      }
-    }
-  };
-  int64_t i = 0;
-  for (; i < d; ++i) step(i, true, false);
-  for (; i < l; ++i) step(i, true, true);
-  for (; i < l + d; ++i) step(i, false, true);
-  uint16_t* a16 = static_cast<uint16_t*>(out_a) + j0;
-  uint16_t* b16 = static_cast<uint16_t*>(out_b) + j0;
-#pragma GCC unroll 16
-  for (int k = 0; k < NP; ++k) {
-    const Lanes ra = nsa::detail::bf16_bits_of(lane_bits(ea[k]), away) |
-                     (nsa::detail::bf16_bits_of(lane_bits(oa[k]), away) << 16);
-    const Lanes rb = nsa::detail::bf16_bits_of(lane_bits(eb[k]), away) |
-                     (nsa::detail::bf16_bits_of(lane_bits(ob[k]), away) << 16);
-    std::memcpy(a16 + 2 * k * V::W, &ra, sizeof(ra));
-    std::memcpy(b16 + 2 * k * V::W, &rb, sizeof(rb));
-  }
-}
-
-// 4 NP accumulators and the temporaries in the register file: NP = 6 of 32 zmm, 2 of 16 ymm.
-constexpr int kTilePairs2 = V::W >= 16 ? 6 : 2;
-
-template <int NP = kTilePairs2>
-inline void weighted_pairs2_tail(int64_t left, const void* const* rows, const float* wts, int64_t l, int64_t d,
-                                 int64_t j0, void* out_a, void* out_b, bool away, int64_t pf, int64_t pf_bytes) {
-  if constexpr (NP > 0) {
-    if (left == NP) weighted_pairs2_bf16<NP>(rows, wts, l, d, j0, out_a, out_b, away, pf, pf_bytes);
-    else weighted_pairs2_tail<NP - 1>(left, rows, wts, l, d, j0, out_a, out_b, away, pf, pf_bytes);
-  }
-}
-
 inline void weighted_rows2_impl(DType dt, const void* const* rows, const float* wts, int64_t l, int64_t d, int64_t D,
                                 void* out_a, void* out_b, Round mode, int64_t pf) {
   const bool away = mode == Round::kAway;
   if constexpr (V::W > 1) {
-    if (dt == DType::kBF16) {
-      const int64_t npairs = D / (2 * V::W), row_bytes = D * 2;
-      int64_t k0 = 0;
-      // the first tile prefetches whole rows, the others none
-      for (; k0 + kTilePairs2 <= npairs; k0 += kTilePairs2)
-        weighted_pairs2_bf16<kTilePairs2>(rows, wts, l, d, 2 * k0 * V::W, out_a, out_b, away, k0 == 0 ? pf : 0,
-                                          row_bytes);
-      if (k0 < npairs)
-        weighted_pairs2_tail(npairs - k0, rows, wts, l, d, 2 * k0 * V::W, out_a, out_b, away, k0 == 0 ? pf : 0,
-                             row_bytes);
-      const int64_t j = npairs * 2 * V::W;
+    if (dt == DType::kBF16) {  // pairs of vectors for both windows in one pass, then the rest of each
+      const int64_t j = weighted_rows_bf16_pairs<true>(rows, wts, l, d, D, out_a, out_b, away, pf);
       if (j < D) {
         weighted_rows_rest<DType::kBF16>(rows, wts, l, D, out_a, away, j == 0 ? pf : 0, j);
         weighted_rows_rest<DType::kBF16>(rows + d, wts, l, D, out_b, away, j == 0 ? pf : 0, j);
@@ -401,38 +367,13 @@ inline void weighted_rows_shared_impl(DType dt, const float* const* rows32, cons
 constexpr int kLaneVectors = 16 / V::W;  // vectors holding the 16 partial sums of one row
 constexpr int kDotRows = 4;              // rows per pass: independent dependency chains
 
-// NR rows: their 16 lanes in registers over the whole groups of 16 columns, then the last D % 16 columns added to
-// lanes j % 16 one at a time.
-template <DType DT, int NR>
-inline void dot_lanes_group(const float* g, const void* const* rows, int64_t D, float* lanes) {
-  V::F acc[NR][kLaneVectors];
-  for (int r = 0; r < NR; ++r)
-    for (int a = 0; a < kLaneVectors; ++a) acc[r][a] = V::load(lanes + r * 16 + a * V::W);
-  const int64_t d16 = D / 16 * 16;
-  for (int64_t j = 0; j < d16; j += 16) {
-    for (int a = 0; a < kLaneVectors; ++a) {
-      const V::F gv = V::load(g + j + a * V::W);
-      for (int r = 0; r < NR; ++r) acc[r][a] = V::add(acc[r][a], V::mul(gv, loadv<DT>(rows[r], j + a * V::W)));
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    for (int a = 0; a < kLaneVectors; ++a) V::store(lanes + r * 16 + a * V::W, acc[r][a]);
-    for (int64_t j = d16; j < D; ++j) lanes[r * 16 + (j - d16)] = lanes[r * 16 + (j - d16)] + g[j] * load1<DT>(rows[r], j);
-  }
-}
-
-template <DType DT>
-inline void dot_lanes_t(const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes) {
-  int64_t i = 0;
-  for (; i + kDotRows <= m; i += kDotRows) dot_lanes_group<DT, kDotRows>(g, rows + i, D, lanes + i * 16);
-  for (; i < m; ++i) dot_lanes_group<DT, 1>(g, rows + i, D, lanes + i * 16);
-}
-
-// Two windows d rows apart (dot_lanes2): NR rows, each widened once and multiplied by ga (into lanes_a, its window-A
-// position) and / or gb (into lanes_b, its window-B position). The 2 NR lane sets are distinct (the caller keeps NR <= d
-// where both windows are updated), so each lane still receives its products in increasing j, row after row.
+// NR rows of one window (IN_A: g = ga into lanes_a) or of two windows d rows apart (dot_lanes2: each row widened once
+// and multiplied by ga into lanes_a, its window-A position, and / or gb into lanes_b, its window-B position): the
+// lanes in registers over the whole groups of 16 columns, then the last D % 16 columns added to lanes j % 16 one at a
+// time. The lane sets are distinct (dot_lanes_range keeps NR <= d where both windows are updated), so each lane
+// still receives its products in increasing j, row after row.
 template <DType DT, int NR, bool IN_A, bool IN_B>
-inline void dot_lanes2_group(const float* ga, const float* gb, const void* const* rows, int64_t D, float* lanes_a,
+inline void dot_lanes_group(const float* ga, const float* gb, const void* const* rows, int64_t D, float* lanes_a,
                              float* lanes_b) {
   V::F acc_a[NR][kLaneVectors], acc_b[NR][kLaneVectors];
   for (int r = 0; r < NR; ++r)
@@ -465,10 +406,11 @@ inline void dot_lanes2_group(const float* ga, const float* gb, const void* const
   }
 }
 
-// Rows [u0, u1) of the two windows' l + d rows, kDotRows at a time (fewer where d is smaller: the rows of one group
-// must not update a lane set that another of its rows updates through the other window).
+// Rows [u0, u1) (of the two windows' l + d rows, or of one window's l), kDotRows at a time (fewer where both windows
+// are updated and d is smaller: the rows of one group must not update a lane set that another of its rows updates
+// through the other window).
 template <DType DT, bool IN_A, bool IN_B>
-inline void dot_lanes2_range(const float* ga, const float* gb, const void* const* rows, int64_t u0, int64_t u1,
+inline void dot_lanes_range(const float* ga, const float* gb, const void* const* rows, int64_t u0, int64_t u1,
                              int64_t d, int64_t D, float* lanes) {
   // lane sets of row u: window A's position u, window B's u - d (only formed where the row belongs to that window)
   const auto lanes_a = [&](int64_t u) { return IN_A ? lanes + u * 16 : nullptr; };
@@ -476,16 +418,16 @@ inline void dot_lanes2_range(const float* ga, const float* gb, const void* const
   int64_t u = u0;
   if (!(IN_A && IN_B) || d >= kDotRows)
     for (; u + kDotRows <= u1; u += kDotRows)
-      dot_lanes2_group<DT, kDotRows, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u));
-  for (; u < u1; ++u) dot_lanes2_group<DT, 1, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u));
+      dot_lanes_group<DT, kDotRows, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u));
+  for (; u < u1; ++u) dot_lanes_group<DT, 1, IN_A, IN_B>(ga, gb, rows + u, D, lanes_a(u), lanes_b(u));
 }
 
 template <DType DT>
 inline void dot_lanes2_t(const float* ga, const float* gb, const void* const* rows, int64_t l, int64_t d, int64_t D,
                          float* lanes) {
-  dot_lanes2_range<DT, true, false>(ga, gb, rows, 0, d, d, D, lanes);      // window A only
-  dot_lanes2_range<DT, true, true>(ga, gb, rows, d, l, d, D, lanes);       // both
-  dot_lanes2_range<DT, false, true>(ga, gb, rows, l, l + d, d, D, lanes);  // window B only
+  dot_lanes_range<DT, true, false>(ga, gb, rows, 0, d, d, D, lanes);      // window A only
+  dot_lanes_range<DT, true, true>(ga, gb, rows, d, l, d, D, lanes);       // both
+  dot_lanes_range<DT, false, true>(ga, gb, rows, l, l + d, d, D, lanes);  // window B only
 }
 
 inline void dot_lanes2_impl(DType dt, const float* ga, const float* gb, const void* const* rows, int64_t l, int64_t d,
@@ -498,10 +440,10 @@ inline void dot_lanes2_impl(DType dt, const float* ga, const float* gb, const vo
 }
 
 inline void dot_lanes_impl(DType dt, const float* g, const void* const* rows, int64_t m, int64_t D, float* lanes) {
-  switch (dt) {
-    case DType::kBF16: dot_lanes_t<DType::kBF16>(g, rows, m, D, lanes); break;
-    case DType::kF16: dot_lanes_t<DType::kF16>(g, rows, m, D, lanes); break;
-    default: dot_lanes_t<DType::kF32>(g, rows, m, D, lanes); break;
+  switch (dt) {  // one window: rows [0, m) into lanes + i * 16
+    case DType::kBF16: dot_lanes_range<DType::kBF16, true, false>(g, nullptr, rows, 0, m, 0, D, lanes); break;
+    case DType::kF16: dot_lanes_range<DType::kF16, true, false>(g, nullptr, rows, 0, m, 0, D, lanes); break;
+    default: dot_lanes_range<DType::kF32, true, false>(g, nullptr, rows, 0, m, 0, D, lanes); break;
   }
 }
 
