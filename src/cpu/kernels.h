@@ -10,6 +10,7 @@
 //   C (fp32):       C[r * ldc + n], n < n_panels * 64
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "nsa/common.h"
@@ -124,6 +125,19 @@ struct KernelTable {
   SelectKernels select;
   GradKernels grad;
 };
+
+// n rows of `words` 32-bit words (a bf16 pair or an fp32 value each; row r at src + r * ld_src) as the columns
+// first_col + r of packed B panels of `red` words each per column: word e of column c at
+// panels[(c / kPanel) * red * kPanel + e * kPanel + c % kPanel]. One transpose per panel the columns touch.
+inline void transpose_rows_into_panels(const KernelTable& kt, const uint32_t* src, int64_t ld_src, int64_t n,
+                                       int64_t words, int64_t first_col, int64_t red, uint32_t* panels) {
+  for (int64_t r0 = 0; r0 < n;) {
+    const int64_t c = first_col + r0, cols = std::min(n - r0, kPanel - c % kPanel);
+    kt.grad.transpose_u32(src + r0 * ld_src, ld_src, cols, words, panels + (c / kPanel) * red * kPanel + c % kPanel,
+                          kPanel);
+    r0 += cols;
+  }
+}
 constexpr int kMaxFusedGroup = 64;
 
 const KernelTable* kernels_scalar();

@@ -147,8 +147,8 @@ void pack_queries(const Plan& pl, HeadState& hs, int64_t b, int64_t n2, int64_t 
   const CompressAttentionInferShape& sh = pl.sh;
   const int64_t G = sh.G, rows = round_up(q_b * G, kPanel);
   std::memset(hs.qb.get(), 0, static_cast<size_t>(rows * pl.q_lda * (pl.bf16_dot ? 2 : 4)));
-  // 32-bit words (a bf16 pair or an fp32 value) of contiguous, aligned rows: transposed into the panels, each panel's
-  // rows of a token in one call (word e of row r at word e * kPanel + r % kPanel of panel r / kPanel)
+  // 32-bit words (a bf16 pair or an fp32 value) of contiguous, aligned rows: a token's G rows transposed into the
+  // panels as columns i * G .. (cpu::transpose_rows_into_panels)
   const int64_t words = pl.bf16_dot ? sh.D / 2 : sh.D;
   const bool word_rows = p.query_stride[3] == 1 && (pl.bf16_dot ? sh.D % 2 == 0 && p.query_stride[2] % 2 == 0
                                                                  : p.dtype == DType::kF32);
@@ -158,12 +158,8 @@ void pack_queries(const Plan& pl, HeadState& hs, int64_t b, int64_t n2, int64_t 
                                                                       static_cast<int64_t>(dtype_size(p.dtype));
     if (word_rows && reinterpret_cast<uintptr_t>(row0) % 4 == 0) {
       const int64_t ld = p.query_stride[2] * static_cast<int64_t>(dtype_size(p.dtype)) / 4;  // words per head row
-      for (int64_t g0 = 0; g0 < G;) {
-        const int64_t r0 = i * G + g0, n = std::min(G - g0, kPanel - r0 % kPanel);
-        uint32_t* dst = reinterpret_cast<uint32_t*>(hs.qb.get()) + (r0 / kPanel) * pl.qk_red * kPanel + r0 % kPanel;
-        pl.kt->grad.transpose_u32(reinterpret_cast<const uint32_t*>(row0) + g0 * ld, ld, n, words, dst, kPanel);
-        g0 += n;
-      }
+      cpu::transpose_rows_into_panels(*pl.kt, reinterpret_cast<const uint32_t*>(row0), ld, G, words, i * G, pl.qk_red,
+                                      reinterpret_cast<uint32_t*>(hs.qb.get()));
       continue;
     }
     for (int64_t g = 0; g < G; ++g) {

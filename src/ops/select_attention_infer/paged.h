@@ -302,15 +302,9 @@ class TileWorker {
     const uint16_t* q0 = qbase + t * pr_.query.stride[0] + n2 * G * pr_.query.stride[1];
     if (pr_.query.stride[2] == 1 && D % 2 == 0 && pr_.query.stride[1] % 2 == 0 &&
         reinterpret_cast<uintptr_t>(q0) % 4 == 0) {
-      // contiguous rows of D / 2 pairs (32-bit words): word e' of column g at word (g / W) dr W / 2 + e' W + g % W,
-      // each panel's rows in one transpose
-      for (int64_t g0 = 0; g0 < G;) {
-        const int64_t n = std::min(G - g0, W - g0 % W);
-        kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(q0 + g0 * pr_.query.stride[1]),
-                                pr_.query.stride[1] / 2, n, D / 2,
-                                reinterpret_cast<uint32_t*>(qp16_.get()) + (g0 / W) * dr * W / 2 + g0 % W, W);
-        g0 += n;
-      }
+      // contiguous rows of D / 2 pairs (32-bit words), panels of dr / 2 words per column
+      cpu::transpose_rows_into_panels(*kt_, reinterpret_cast<const uint32_t*>(q0), pr_.query.stride[1] / 2, G, D / 2,
+                                      0, dr / 2, reinterpret_cast<uint32_t*>(qp16_.get()));
     } else {
       for (int64_t g = 0; g < G; ++g) {
         const int64_t off = t * pr_.query.stride[0] + (n2 * G + g) * pr_.query.stride[1];
