@@ -37,9 +37,7 @@ import argparse
 import dataclasses
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,19 +79,11 @@ def import_nsa_ops():
 def timed(fn, warmup: int, repeat: int, budget: float, min_time: float = 0.0) -> tuple[float, list]:
     """Median seconds of `repeat` runs after `warmup` runs, or of more runs while they add up to less than `min_time`
     seconds (sub-millisecond calls: a median of many runs, not of a few milliseconds that one burst of other work on a
-    shared machine can cover); stops after `budget` seconds of runs."""
-    for _ in range(warmup):
-        fn()
-    runs, spent = [], 0.0
-    while len(runs) < repeat or spent < min_time:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        runs.append(dt)
-        spent += dt
-        if spent > budget:
-            break
-    return statistics.median(runs), runs
+    shared machine can cover); stops after `budget` seconds of runs. nsa_ops' own timer (imported with nsa_ops)."""
+    from nsa_ops._bench import time_fn
+
+    t = time_fn(fn, warmup, repeat, budget, min_time_s=min_time)
+    return t.median, t.runs
 
 
 def measure_bandwidth(torch, mb: float, repeat: int) -> dict:
