@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "nsa/common.h"
 
@@ -34,6 +35,19 @@ inline MaskRow analyse_mask_row(const Mask2& m, int64_t s, int64_t C) {
   }
   const uint8_t* row = m.data + s * m.stride[0];
   const int64_t cs = m.stride[1];
+  if (cs == 1 && C > 0) {  // contiguous row: library scans for the first and last 0 byte, an OR over the span
+    const void* f = std::memchr(row, 0, static_cast<size_t>(C));
+    if (f == nullptr) {
+      ri.kind = MaskRowKind::kFullyMasked;
+      return ri;
+    }
+    ri.lo = static_cast<const uint8_t*>(f) - row;
+    ri.hi = static_cast<const uint8_t*>(memrchr(row, 0, static_cast<size_t>(C))) - row + 1;
+    uint8_t any_masked = 0;
+    for (int64_t c = ri.lo; c < ri.hi; ++c) any_masked |= row[c];
+    ri.kind = any_masked == 0 ? MaskRowKind::kRange : MaskRowKind::kScattered;
+    return ri;
+  }
   int64_t first = -1, last = -1, visible = 0;
   for (int64_t c = 0; c < C; ++c) {
     if (row[c * cs] == 0) {

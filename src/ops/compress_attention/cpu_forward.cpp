@@ -86,41 +86,75 @@ struct Plan {
 };
 
 // ------------------------------------------------------------------ packing of K and V
-// Offset of element (p, n) of a B operand (reduction index p < P, column n) in its packed panels (kernels.h):
-// fp32 [n / 64][P][64]; bf16 pairs [n / 64][P / 2][64][2] (P even).
-inline int64_t panel_offset(bool pairs, int64_t P, int64_t p, int64_t n) {
-  const int64_t panel = (n / kPanel) * P * kPanel;
-  return pairs ? panel + (p / 2) * kPanel * 2 + (n % kPanel) * 2 + p % 2 : panel + p * kPanel + n % kPanel;
-}
-
-// Rows [c_begin, c_begin + C) of KV head n2 of t (key or value, E elements per row) as a B operand with P x N
-// elements (zero padded): element (c, e) at reduction index e and column c for K (S = Q.K^T, tokens are columns),
-// at reduction index c and column e for V (O = P.V, tokens are the reduction).
-void pack_b(const Plan& pl, const Tensor3& t, const BatchInfo& bi, int64_t n2, int64_t E, bool tokens_are_columns,
-            int64_t P, int64_t N, void* dst) {
-  const bool pairs = pl.bf16_dot;
-  std::memset(dst, 0, static_cast<size_t>(P * N) * (pairs ? 2 : 4));
-  for (int64_t c = 0; c < bi.c; ++c) {
-    const int64_t base = (bi.c_begin + c) * t.stride[0] + n2 * t.stride[1];
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t off = tokens_are_columns ? panel_offset(pairs, P, e, c) : panel_offset(pairs, P, c, e);
-      if (pairs) static_cast<uint16_t*>(dst)[off] = load_bits16(t.data, base + e * t.stride[2]);
-      else static_cast<float*>(dst)[off] = detail::load_f32(t.data, base + e * t.stride[2], pl.p->dtype);
-    }
+// Row c of KV head n2 of t (key or value, E elements) as `out`: bf16 bits (pairs) or fp32, then zeros up to `width`.
+void stage_row(const Plan& pl, const Tensor3& t, const BatchInfo& bi, int64_t n2, int64_t c, int64_t E, int64_t width,
+               void* out) {
+  const int64_t base = (bi.c_begin + c) * t.stride[0] + n2 * t.stride[1];
+  const DType dt = pl.p->dtype;
+  if (pl.bf16_dot) {
+    uint16_t* dst = static_cast<uint16_t*>(out);
+    if (t.stride[2] == 1) std::memcpy(dst, static_cast<const uint16_t*>(t.data) + base, sizeof(uint16_t) * E);
+    else
+      for (int64_t e = 0; e < E; ++e) dst[e] = load_bits16(t.data, base + e * t.stride[2]);
+    std::fill(dst + E, dst + width, uint16_t(0));
+  } else {
+    float* dst = static_cast<float*>(out);
+    if (t.stride[2] == 1)
+      pl.kt->rows.load_row(static_cast<const uint8_t*>(t.data) + base * static_cast<int64_t>(dtype_size(dt)), dst, E,
+                           dt);
+    else
+      for (int64_t e = 0; e < E; ++e) dst[e] = detail::load_f32(t.data, base + e * t.stride[2], dt);
+    std::fill(dst + E, dst + width, 0.0f);
   }
 }
 
-// K of (b, n2) as the B operand of S = Q.K^T: columns = compressed tokens (C_b rounded up to 64), reduction over D
-// (qk_red pairs or elements).
-void pack_k(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
-  const int64_t P = pl.bf16_dot ? 2 * pl.qk_red : pl.sh.D;
-  pack_b(pl, pl.p->key, bi, n2, pl.sh.D, /*tokens_are_columns=*/true, P, round_up(bi.c, kPanel), dst);
+// K of (b, n2) as the B operand of S = Q.K^T (kernels.h layouts): columns = compressed tokens (C_b rounded up to 64),
+// reduction over D: qk_red words per column (bf16 pairs d = 2w, 2w + 1, or fp32 elements), word w of token c at
+// dst[(c / 64) qk_red 64 + w 64 + c % 64]. Up to 64 token rows are staged as words (zero padded) and transposed into
+// their panel; columns past C_b are zero.
+void pack_k(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst, std::vector<uint32_t>& stage) {
+  const int64_t words = pl.qk_red, cp = round_up(bi.c, kPanel);
+  std::memset(dst, 0, static_cast<size_t>(cp * words) * 4);
+  stage.resize(static_cast<size_t>(kPanel * words));
+  const int64_t width = pl.bf16_dot ? 2 * words : words;  // staged elements per row
+  for (int64_t c0 = 0; c0 < bi.c; c0 += kPanel) {
+    const int64_t n = std::min(kPanel, bi.c - c0);
+    for (int64_t r = 0; r < n; ++r) stage_row(pl, pl.p->key, bi, n2, c0 + r, pl.sh.D, width, stage.data() + r * words);
+    transpose_rows_into_panels(*pl.kt, stage.data(), words, n, words, c0, words, static_cast<uint32_t*>(dst));
+  }
 }
 
 // V of (b, n2) as the B operand of O = P.V: columns = D2 (panels of 64), reduction over the tokens (C_b rounded up
-// to 64).
-void pack_v(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst) {
-  pack_b(pl, pl.p->value, bi, n2, pl.sh.D2, /*tokens_are_columns=*/false, round_up(bi.c, kPanel), pl.d2p, dst);
+// to 64). bf16 pairs: word (token pair j, column e) = v[2j][e] | v[2j + 1][e] << 16 at dst[(e / 64) (cp / 2) 64 +
+// j 64 + e % 64]; fp32: element (c, e) at dst[(e / 64) cp 64 + c 64 + e % 64]. Tokens past C_b are zero.
+void pack_v(const Plan& pl, const BatchInfo& bi, int64_t n2, void* dst, std::vector<uint32_t>& stage) {
+  const int64_t D2 = pl.sh.D2, d2p = pl.d2p, cp = round_up(bi.c, kPanel);
+  std::memset(dst, 0, static_cast<size_t>(cp * d2p) * (pl.bf16_dot ? 2 : 4));
+  stage.resize(static_cast<size_t>(d2p));
+  if (pl.bf16_dot) {
+    uint16_t* a = reinterpret_cast<uint16_t*>(stage.data());  // rows 2j and 2j + 1, d2p elements each
+    uint16_t* b = a + d2p;
+    uint32_t* out = static_cast<uint32_t*>(dst);
+    const int64_t pairs = cp / 2;
+    for (int64_t j = 0; 2 * j < bi.c; ++j) {
+      stage_row(pl, pl.p->value, bi, n2, 2 * j, D2, d2p, a);
+      if (2 * j + 1 < bi.c) stage_row(pl, pl.p->value, bi, n2, 2 * j + 1, D2, d2p, b);
+      else std::fill(b, b + d2p, uint16_t(0));
+      for (int64_t e0 = 0; e0 < d2p; e0 += kPanel) {
+        uint32_t* w = out + (e0 / kPanel) * pairs * kPanel + j * kPanel;
+        for (int64_t e = 0; e < kPanel; ++e)
+          w[e] = static_cast<uint32_t>(a[e0 + e]) | static_cast<uint32_t>(b[e0 + e]) << 16;
+      }
+    }
+  } else {
+    float* row = reinterpret_cast<float*>(stage.data());
+    float* out = static_cast<float*>(dst);
+    for (int64_t c = 0; c < bi.c; ++c) {
+      stage_row(pl, pl.p->value, bi, n2, c, D2, d2p, row);
+      for (int64_t e0 = 0; e0 < d2p; e0 += kPanel)
+        std::memcpy(out + (e0 / kPanel) * cp * kPanel + c * kPanel, row + e0, sizeof(float) * kPanel);
+    }
+  }
 }
 
 // ------------------------------------------------------------------ per-worker scratch
@@ -525,8 +559,9 @@ Status forward_impl(const CompressAttentionParams& params, const CpuOptions& opt
     if (task < n_pack) {
       const int64_t b = task / sh.N2, n2 = task % sh.N2;
       const BatchInfo& bi = pl.batches[b];
-      pack_k(pl, bi, n2, kbuf.get() + pl.k_off[task] * esz);
-      pack_v(pl, bi, n2, vbuf.get() + pl.v_off[task] * esz);
+      std::vector<uint32_t> stage;
+      pack_k(pl, bi, n2, kbuf.get() + pl.k_off[task] * esz, stage);
+      pack_v(pl, bi, n2, vbuf.get() + pl.v_off[task] * esz, stage);
       return;
     }
     const int64_t c0 = (task - n_pack) * kRowChunk, c1 = std::min(sh.T, c0 + kRowChunk);

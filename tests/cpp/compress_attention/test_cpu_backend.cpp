@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "common/mask_rows.h"
 #include "common/topk_order.h"
 #include "cpu/kernels.h"
 #include "ops/compress_attention/reference.h"
@@ -770,3 +771,71 @@ INSTANTIATE_TEST_SUITE_P(Shards, CpuFuzz, ::testing::Values(0, 1, 2, 3));
 
 }  // namespace
 }  // namespace nsa_test
+
+// detail::analyse_mask_row against its definition (first and last visible column, whether every column between is
+// visible), on contiguous rows (the library-scan path) and the same rows with column stride 3 (the element loop):
+// empty, all masked, all visible, one visible column at either end, holes, masked entries other than 1; the entry
+// just past the row is visible, so a scan past C would show.
+TEST(MaskRows, AnalysisMatchesTheDefinitionContiguousAndStrided) {
+  std::mt19937_64 rng(91);
+  int checked = 0;
+  for (int64_t C : {0, 1, 2, 15, 16, 17, 63, 64, 65, 200, 511}) {
+    for (int pattern = 0; pattern < 9; ++pattern) {
+      std::vector<uint8_t> row(static_cast<size_t>(C), 1);
+      std::uniform_int_distribution<int64_t> col(0, std::max<int64_t>(0, C - 1));
+      if (C > 0) {
+        const int64_t a = col(rng), b = col(rng), lo = std::min(a, b), hi = std::max(a, b) + 1;
+        switch (pattern) {
+          case 0: break;                                                     // all masked
+          case 1: std::fill(row.begin(), row.end(), 0); break;              // all visible
+          case 2: row[0] = 0; break;                                         // first column only
+          case 3: row[static_cast<size_t>(C - 1)] = 0; break;                // last column only
+          case 4: std::fill(row.begin() + lo, row.begin() + hi, 0); break;  // one range
+          case 5:                                                            // a range with a hole
+            std::fill(row.begin() + lo, row.begin() + hi, 0);
+            if (hi - lo >= 3) row[static_cast<size_t>((lo + hi) / 2)] = 2;
+            break;
+          case 6:  // masked entries of any nonzero value around one range
+            for (auto& x : row) x = static_cast<uint8_t>(1 + rng() % 255);
+            std::fill(row.begin() + lo, row.begin() + hi, 0);
+            break;
+          default:  // scattered
+            for (auto& x : row) x = rng() % 3 == 0 ? 0 : 1;
+            break;
+        }
+      }
+      row.push_back(0);  // a visible entry just past the row: a scan that overran would find it
+      int64_t first = -1, last = -1, visible = 0;
+      for (int64_t c = 0; c < C; ++c)
+        if (row[static_cast<size_t>(c)] == 0) {
+          if (first < 0) first = c;
+          last = c;
+          ++visible;
+        }
+      std::vector<uint8_t> strided(static_cast<size_t>(3 * C + 1), 0);  // gaps and the entry past the row: visible
+      for (int64_t c = 0; c < C; ++c) strided[static_cast<size_t>(3 * c)] = row[static_cast<size_t>(c)];
+      nsa::Mask2 contiguous_mask, strided_mask;
+      contiguous_mask.data = row.data();
+      contiguous_mask.stride[0] = C;
+      contiguous_mask.stride[1] = 1;
+      strided_mask.data = strided.data();
+      strided_mask.stride[0] = 3 * C;
+      strided_mask.stride[1] = 3;
+      for (const nsa::Mask2* m : {&contiguous_mask, &strided_mask}) {
+        SCOPED_TRACE("C = " + std::to_string(C) + ", pattern " + std::to_string(pattern) +
+                     (m == &strided_mask ? ", strided" : ", contiguous"));
+        const nsa::detail::MaskRow r = nsa::detail::analyse_mask_row(*m, 0, C);
+        if (first < 0) {
+          EXPECT_EQ(r.kind, nsa::detail::MaskRowKind::kFullyMasked);
+          continue;
+        }
+        EXPECT_EQ(r.lo, first);
+        EXPECT_EQ(r.hi, last + 1);
+        EXPECT_EQ(r.kind, visible == last + 1 - first ? nsa::detail::MaskRowKind::kRange
+                                                      : nsa::detail::MaskRowKind::kScattered);
+        ++checked;
+      }
+    }
+  }
+  EXPECT_GT(checked, 100);
+}
