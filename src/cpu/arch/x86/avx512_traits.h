@@ -6,8 +6,19 @@ struct V : nsa::cpu::Avx512Vector<V> {
   static constexpr int kSliceVectors = 4;  // 64 columns: the whole panel
   static constexpr int kMaxRows = 6;       // 24 accumulators + 4 B vectors + broadcast
   static constexpr bool kStream = true;
-  static void stream64(void* dst, const void* line) {
-    _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(line));
+  // one 64-byte line from an aligned buffer written in pieces of `piece` bytes (16, 32 or 64): read back piece by
+  // piece, so that each load is forwarded from the one store that wrote it (a 64-byte load over two 32-byte stores
+  // waits until they reach the cache)
+  static void stream64(void* dst, const void* line, int piece) {
+    if (piece == 64) {
+      _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(line));
+    } else if (piece == 32) {
+      for (int k = 0; k < 2; ++k)
+        _mm256_stream_si256(static_cast<__m256i*>(dst) + k, _mm256_load_si256(static_cast<const __m256i*>(line) + k));
+    } else {
+      for (int k = 0; k < 4; ++k)
+        _mm_stream_si128(static_cast<__m128i*>(dst) + k, _mm_load_si128(static_cast<const __m128i*>(line) + k));
+    }
   }
   static void stream_fence() { _mm_sfence(); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }

@@ -15,10 +15,16 @@ struct V : nsa::cpu::Avx2Vector<V> {
   static constexpr int kSliceVectors = 2;  // 16 columns: a quarter of a panel
   static constexpr int kMaxRows = 6;
   static constexpr bool kStream = true;
-  static void stream64(void* dst, const void* line) {
-    const __m256i* l = static_cast<const __m256i*>(line);
-    _mm256_stream_si256(static_cast<__m256i*>(dst), _mm256_load_si256(l));
-    _mm256_stream_si256(static_cast<__m256i*>(dst) + 1, _mm256_load_si256(l + 1));
+  // one 64-byte line from an aligned buffer written in pieces of `piece` bytes (16 or 32), read back piece by piece
+  // (each load forwarded from the store that wrote it)
+  static void stream64(void* dst, const void* line, int piece) {
+    if (piece >= 32) {
+      for (int k = 0; k < 2; ++k)
+        _mm256_stream_si256(static_cast<__m256i*>(dst) + k, _mm256_load_si256(static_cast<const __m256i*>(line) + k));
+    } else {
+      for (int k = 0; k < 4; ++k)
+        _mm_stream_si128(static_cast<__m128i*>(dst) + k, _mm_load_si128(static_cast<const __m128i*>(line) + k));
+    }
   }
   static void stream_fence() { _mm_sfence(); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
