@@ -36,10 +36,19 @@ struct GemmKernels {
   // kc >= P for a single chunk (then C = alpha * full dot product, rounded once).
   void (*f32)(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride, int64_t col0,
               int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha, bool accumulate);
-  // Same with bf16 pairs (vdpbf16ps); null when the ISA has no bf16 dot product.
+  // f32 with gathered rows: A row r at a_rows[r] (element p at a_rows[r][p]), C row r at c_rows[r] (column col0 + j
+  // at c_rows[r][j]); the same products, sums and roundings as f32 on those rows. A rows may repeat; C rows must be
+  // distinct.
+  void (*f32_gather)(const float* const* a_rows, int64_t R, const float* B, int64_t panel_stride, int64_t col0,
+                     int64_t ncols, int64_t P, int64_t kc, float* const* c_rows, float alpha, bool accumulate);
+  // Same as f32 with bf16 pairs (vdpbf16ps); null when the ISA has no bf16 dot product.
   void (*bf16)(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
                int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
                bool accumulate);
+  // bf16 with gathered rows as f32_gather (pair p of A row r at a_rows[r] + 2p); null where bf16 is null.
+  void (*bf16_gather)(const uint16_t* const* a_rows, int64_t R, const uint16_t* B, int64_t panel_stride,
+                      int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* const* c_rows, float alpha,
+                      bool accumulate);
   // The products of one reduction chunk of O = rne(P).V on bf16 pairs (vdpbf16ps), tokens read in place:
   //   T[r][e] = sum over token pairs (2j, 2j + 1), j = 0, 1, ... in order, of one vdpbf16ps step
   //             P[r][2j] * V_2j[e] + P[r][2j + 1] * V_2j+1[e]          (fp32 accumulator per (r, e), starting at +0)

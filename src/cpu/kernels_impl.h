@@ -289,10 +289,36 @@ inline void load_row_impl(const void* src, float* dst, int64_t n, nsa::DType dt)
 }
 
 // ------------------------------------------------------------------ fp32 GEMM
+// Where the rows of A and C are: StridedRows (row r at A + r lda, C + r ldc) or PointerRows (row r at a_rows[r] + a_off,
+// c_rows[r] + c_off: gathered rows, GemmKernels::f32_gather). at(r) is the view from row r on, shifted(a, c) the view
+// with A moved by a elements and C by c.
+template <typename T>
+struct StridedRows {
+  const T* A;
+  int64_t lda;
+  float* C;
+  int64_t ldc;
+  const T* a(int r) const { return A + r * lda; }
+  float* c(int r) const { return C + r * ldc; }
+  StridedRows at(int64_t r) const { return {A + r * lda, lda, C + r * ldc, ldc}; }
+  StridedRows shifted(int64_t da, int64_t dc) const { return {A + da, lda, C + dc, ldc}; }
+};
+template <typename T>
+struct PointerRows {
+  const T* const* a_rows;
+  float* const* c_rows;
+  int64_t a_off, c_off;
+  const T* a(int r) const { return a_rows[r] + a_off; }
+  float* c(int r) const { return c_rows[r] + c_off; }
+  PointerRows at(int64_t r) const { return {a_rows + r, c_rows + r, a_off, c_off}; }
+  PointerRows shifted(int64_t da, int64_t dc) const { return {a_rows, c_rows, a_off + da, c_off + dc}; }
+};
+
 // Micro-kernel: C[MR][NV*W] (+)= alpha * A[MR][P] . B[P][ldb], one column slice of a panel.
-template <int MR, int NV>
-inline void ukernel_f32(const float* A, int64_t lda, const float* B, int64_t P, float* C, int64_t ldc,
-                        float alpha, bool accumulate) {
+template <int MR, int NV, typename Rows>
+inline void ukernel_f32(const Rows& rows, const float* B, int64_t P, float alpha, bool accumulate) {
+  const float* A[MR];
+  for (int r = 0; r < MR; ++r) A[r] = rows.a(r);
   V::F c[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) c[r][j] = V::zero();
@@ -300,53 +326,51 @@ inline void ukernel_f32(const float* A, int64_t lda, const float* B, int64_t P, 
     V::F b[NV];
     for (int j = 0; j < NV; ++j) b[j] = V::load(B + p * nsa::cpu::kPanel + j * V::W);
     for (int r = 0; r < MR; ++r) {
-      const V::F a = V::set1(A[r * lda + p]);
+      const V::F a = V::set1(A[r][p]);
       for (int j = 0; j < NV; ++j) c[r][j] = V::fma(a, b[j], c[r][j]);
     }
   }
   const V::F va = V::set1(alpha);
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) {
-      float* dst = C + r * ldc + j * V::W;
+      float* dst = rows.c(r) + j * V::W;
       V::F v = V::mul(c[r][j], va);
       if (accumulate) v = V::add(V::load(dst), v);
       V::store(dst, v);
     }
 }
 
-template <int NV, int MRMAX>
-inline void gemm_rows_f32(const float* A, int64_t lda, int64_t R, const float* B, int64_t P, float* C,
-                          int64_t ldc, float alpha, bool acc) {
+template <int NV, int MRMAX, typename Rows>
+inline void gemm_rows_f32(const Rows& rows, int64_t R, const float* B, int64_t P, float alpha, bool acc) {
   int64_t r = 0;
-  for (; r + MRMAX <= R; r += MRMAX) ukernel_f32<MRMAX, NV>(A + r * lda, lda, B, P, C + r * ldc, ldc, alpha, acc);
+  for (; r + MRMAX <= R; r += MRMAX) ukernel_f32<MRMAX, NV>(rows.at(r), B, P, alpha, acc);
   const int64_t rest = R - r;
-  A += r * lda;
-  C += r * ldc;
+  const Rows tail = rows.at(r);
   switch (rest) {
     case 0: break;
-    case 1: ukernel_f32<1, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 2: if constexpr (MRMAX > 2) ukernel_f32<2, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 3: if constexpr (MRMAX > 3) ukernel_f32<3, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 4: if constexpr (MRMAX > 4) ukernel_f32<4, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 5: if constexpr (MRMAX > 5) ukernel_f32<5, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
+    case 1: ukernel_f32<1, NV>(tail, B, P, alpha, acc); break;
+    case 2: if constexpr (MRMAX > 2) ukernel_f32<2, NV>(tail, B, P, alpha, acc); break;
+    case 3: if constexpr (MRMAX > 3) ukernel_f32<3, NV>(tail, B, P, alpha, acc); break;
+    case 4: if constexpr (MRMAX > 4) ukernel_f32<4, NV>(tail, B, P, alpha, acc); break;
+    case 5: if constexpr (MRMAX > 5) ukernel_f32<5, NV>(tail, B, P, alpha, acc); break;
     default: break;
   }
 }
 
 // A column slice of `nv` vectors (nv * W columns, a multiple of 16) inside one panel.
-inline void gemm_slice_f32(int nv, const float* A, int64_t lda, int64_t R, const float* B, int64_t P, float* C,
-                           int64_t ldc, float alpha, bool acc) {
+template <typename Rows>
+inline void gemm_slice_f32(int nv, const Rows& rows, int64_t R, const float* B, int64_t P, float alpha, bool acc) {
   constexpr int NV = V::kSliceVectors;
   switch (nv) {
-    case NV: gemm_rows_f32<NV, V::kMaxRows>(A, lda, R, B, P, C, ldc, alpha, acc); break;
+    case NV: gemm_rows_f32<NV, V::kMaxRows>(rows, R, B, P, alpha, acc); break;
     case (NV >= 2 ? NV / 2 : NV): if constexpr (NV >= 2 && (NV / 2) * V::W % 16 == 0)
-        gemm_rows_f32<NV / 2, V::kMaxRows>(A, lda, R, B, P, C, ldc, alpha, acc);
+        gemm_rows_f32<NV / 2, V::kMaxRows>(rows, R, B, P, alpha, acc);
       break;
     case (NV >= 4 ? NV / 4 : -1): if constexpr (NV >= 4 && (NV / 4) * V::W % 16 == 0)
-        gemm_rows_f32<NV / 4, V::kMaxRows>(A, lda, R, B, P, C, ldc, alpha, acc);
+        gemm_rows_f32<NV / 4, V::kMaxRows>(rows, R, B, P, alpha, acc);
       break;
     case (NV == 4 && V::W == 16 ? 3 : -2): if constexpr (NV == 4 && V::W == 16)
-        gemm_rows_f32<3, V::kMaxRows>(A, lda, R, B, P, C, ldc, alpha, acc);
+        gemm_rows_f32<3, V::kMaxRows>(rows, R, B, P, alpha, acc);
       break;
     default: break;
   }
@@ -375,16 +399,26 @@ inline void for_each_block(int64_t P, int64_t kc, int64_t col0, int64_t ncols, i
 }
 
 // Columns [col0, col0 + ncols) of the panel matrix (both multiples of 16), into C[:, 0..ncols).
-inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride,
-                          int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
-                          bool accumulate) {
+template <typename Rows>
+inline void gemm_f32_blocks(const Rows& rows, int64_t R, const float* B, int64_t panel_stride, int64_t col0,
+                            int64_t ncols, int64_t P, int64_t kc, float alpha, bool accumulate) {
   constexpr int64_t PANEL = nsa::cpu::kPanel;
   for_each_block(P, kc, col0, ncols, V::kSliceVectors * V::W, accumulate,
                  [&](int64_t p0, int64_t pk, int64_t c, int64_t w, bool acc) {
                    const float* Bs = B + (c / PANEL) * panel_stride + p0 * PANEL + (c % PANEL);
-                   gemm_slice_f32(static_cast<int>(w / V::W), A + p0, lda, R, Bs, pk, C + (c - col0), ldc, alpha,
-                                  acc);
+                   gemm_slice_f32(static_cast<int>(w / V::W), rows.shifted(p0, c - col0), R, Bs, pk, alpha, acc);
                  });
+}
+inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B, int64_t panel_stride,
+                          int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
+                          bool accumulate) {
+  gemm_f32_blocks(StridedRows<float>{A, lda, C, ldc}, R, B, panel_stride, col0, ncols, P, kc, alpha, accumulate);
+}
+inline void gemm_f32_gather_impl(const float* const* a_rows, int64_t R, const float* B, int64_t panel_stride,
+                                 int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* const* c_rows, float alpha,
+                                 bool accumulate) {
+  gemm_f32_blocks(PointerRows<float>{a_rows, c_rows, 0, 0}, R, B, panel_stride, col0, ncols, P, kc, alpha,
+                  accumulate);
 }
 
 // ------------------------------------------------------------------ backward (docs/spec/compress_attention.md §7)
@@ -430,10 +464,12 @@ inline constexpr nsa::cpu::KernelTable make_table(
     decltype(nsa::cpu::GradKernels::pack_rows_bf16) pack_rows_bf16 = nullptr,
     decltype(nsa::cpu::GradKernels::transpose_u16) transpose_u16 = transpose_u16_impl,
     decltype(nsa::cpu::GradKernels::transpose_u32) transpose_u32 = transpose_u32_impl,
-    decltype(nsa::cpu::GemmKernels::pv_bf16) pv_bf16 = nullptr) {
+    decltype(nsa::cpu::GemmKernels::pv_bf16) pv_bf16 = nullptr,
+    decltype(nsa::cpu::GemmKernels::bf16_gather) gemm_bf16_gather = nullptr) {
   nsa::cpu::KernelTable t{};
   t.isa = isa;
-  t.gemm = {.f32 = gemm_f32_impl, .bf16 = gemm_bf16, .pv_bf16 = pv_bf16};
+  t.gemm = {.f32 = gemm_f32_impl, .f32_gather = gemm_f32_gather_impl, .bf16 = gemm_bf16,
+            .bf16_gather = gemm_bf16_gather, .pv_bf16 = pv_bf16};
   t.rows = {.row_max = row_max_impl, .exp_sum = exp_sum_impl, .normalize_row = normalize_row_impl,
             .normalize_group = normalize_group_impl, .box_sum = box_sum_impl, .add_row = add_row_impl,
             .store_row = store_row_impl, .store_row_stream = store_row_stream_impl, .stream_fence = stream_fence_impl,

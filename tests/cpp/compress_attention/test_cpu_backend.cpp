@@ -769,8 +769,6 @@ TEST(CpuKernels, ScalarFmaBuildEqualsBaselineBuild) {
 
 INSTANTIATE_TEST_SUITE_P(Shards, CpuFuzz, ::testing::Values(0, 1, 2, 3));
 
-}  // namespace
-}  // namespace nsa_test
 
 // detail::analyse_mask_row against its definition (first and last visible column, whether every column between is
 // visible), on contiguous rows (the library-scan path) and the same rows with column stride 3 (the element loop):
@@ -839,3 +837,94 @@ TEST(MaskRows, AnalysisMatchesTheDefinitionContiguousAndStrided) {
   }
   EXPECT_GT(checked, 100);
 }
+
+// GemmKernels::f32_gather / bf16_gather against f32 / bf16 on every ISA table this host runs: the gathered GEMM reads
+// A row r at a_rows[r] and writes C row r at c_rows[r]; with A rows picked from a pool (some twice, in any order) and
+// C rows scattered over a buffer, every result equals the strided GEMM's on the same rows copied together, bit for
+// bit. Shapes: row counts through every micro-kernel tail (and the 16-row one-vector kernel), column windows inside
+// and across panels, reduction chunks (kc < P), alpha, accumulation onto existing values.
+TEST(CpuKernels, GatheredGemmEqualsStridedGemmOnEveryIsa) {
+  std::mt19937_64 rng(41);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  int checked = 0;
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    ASSERT_NE(kt->gemm.f32_gather, nullptr);
+    ASSERT_EQ(kt->gemm.bf16 == nullptr, kt->gemm.bf16_gather == nullptr);
+    for (int64_t R : {1, 2, 5, 6, 7, 13, 16, 17, 40}) {
+      for (int64_t P : {1, 6, 33}) {             // reduction: fp32 elements, or bf16 pairs
+        for (auto [c0, nc] : {std::pair<int64_t, int64_t>{0, 64}, {16, 32}, {48, 48}, {0, 128}, {32, 16}}) {
+          for (int64_t kc : {P, int64_t(4)}) {
+            for (bool acc : {false, true}) {
+              const int64_t pool = R / 2 + 1, lda = 2 * P + 3, ldc = 200;
+              const float alpha = acc ? 0.75f : 1.0f;
+              std::vector<int64_t> pick(static_cast<size_t>(R));  // A row of each GEMM row: repeats allowed
+              for (auto& x : pick) x = static_cast<int64_t>(rng() % static_cast<uint64_t>(pool));
+              std::vector<int64_t> place(static_cast<size_t>(R));  // C row of each GEMM row: distinct, shuffled
+              for (int64_t r = 0; r < R; ++r) place[static_cast<size_t>(r)] = 2 * r + 1;
+              std::shuffle(place.begin(), place.end(), rng);
+              const int64_t ncols_b = 128;  // two panels
+              std::vector<float> init(static_cast<size_t>((2 * R + 2) * ldc));
+              for (auto& x : init) x = nd(rng);
+              // fp32
+              {
+                std::vector<float> A(static_cast<size_t>(pool * lda)), B(static_cast<size_t>(P * ncols_b));
+                for (auto& x : A) x = nd(rng);
+                for (auto& x : B) x = nd(rng);
+                std::vector<float> Ad(static_cast<size_t>(R * lda)), Cd(static_cast<size_t>(R * ldc)), Cg = init;
+                std::vector<const float*> ar(static_cast<size_t>(R));
+                std::vector<float*> cr(static_cast<size_t>(R));
+                for (int64_t r = 0; r < R; ++r) {
+                  std::copy_n(A.data() + pick[static_cast<size_t>(r)] * lda, lda, Ad.data() + r * lda);
+                  std::copy_n(init.data() + place[static_cast<size_t>(r)] * ldc, ldc, Cd.data() + r * ldc);
+                  ar[static_cast<size_t>(r)] = A.data() + pick[static_cast<size_t>(r)] * lda;
+                  cr[static_cast<size_t>(r)] = Cg.data() + place[static_cast<size_t>(r)] * ldc;
+                }
+                kt->gemm.f32(Ad.data(), lda, R, B.data(), P * 64, c0, nc, P, kc, Cd.data(), ldc, alpha, acc);
+                kt->gemm.f32_gather(ar.data(), R, B.data(), P * 64, c0, nc, P, kc, cr.data(), alpha, acc);
+                for (int64_t r = 0; r < R; ++r)
+                  for (int64_t j = 0; j < ldc; ++j)
+                    ASSERT_EQ(nsa::detail::f32_bits(Cd[static_cast<size_t>(r * ldc + j)]),
+                              nsa::detail::f32_bits(Cg[static_cast<size_t>(place[static_cast<size_t>(r)] * ldc + j)]))
+                        << "f32 R=" << R << " P=" << P << " c0=" << c0 << " nc=" << nc << " kc=" << kc << " r=" << r
+                        << " j=" << j;
+                for (int64_t r = 0; r <= 2 * R + 1; r += 2)  // rows no GEMM row maps to keep their values
+                  for (int64_t j = 0; j < ldc; ++j)
+                    ASSERT_EQ(nsa::detail::f32_bits(Cg[static_cast<size_t>(r * ldc + j)]), nsa::detail::f32_bits(init[static_cast<size_t>(r * ldc + j)]));
+              }
+              if (kt->gemm.bf16 != nullptr) {
+                std::vector<uint16_t> A(static_cast<size_t>(pool * lda)), B(static_cast<size_t>(2 * P * ncols_b));
+                for (auto& x : A) x = nsa::detail::f32_to_bf16(nd(rng));
+                for (auto& x : B) x = nsa::detail::f32_to_bf16(nd(rng));
+                std::vector<uint16_t> Ad(static_cast<size_t>(R * lda));
+                std::vector<float> Cd(static_cast<size_t>(R * ldc)), Cg = init;
+                std::vector<const uint16_t*> ar(static_cast<size_t>(R));
+                std::vector<float*> cr(static_cast<size_t>(R));
+                for (int64_t r = 0; r < R; ++r) {
+                  std::copy_n(A.data() + pick[static_cast<size_t>(r)] * lda, lda, Ad.data() + r * lda);
+                  std::copy_n(init.data() + place[static_cast<size_t>(r)] * ldc, ldc, Cd.data() + r * ldc);
+                  ar[static_cast<size_t>(r)] = A.data() + pick[static_cast<size_t>(r)] * lda;
+                  cr[static_cast<size_t>(r)] = Cg.data() + place[static_cast<size_t>(r)] * ldc;
+                }
+                kt->gemm.bf16(Ad.data(), lda, R, B.data(), P * 128, c0, nc, P, kc, Cd.data(), ldc, alpha, acc);
+                kt->gemm.bf16_gather(ar.data(), R, B.data(), P * 128, c0, nc, P, kc, cr.data(), alpha, acc);
+                for (int64_t r = 0; r < R; ++r)
+                  for (int64_t j = 0; j < ldc; ++j)
+                    ASSERT_EQ(nsa::detail::f32_bits(Cd[static_cast<size_t>(r * ldc + j)]),
+                              nsa::detail::f32_bits(Cg[static_cast<size_t>(place[static_cast<size_t>(r)] * ldc + j)]))
+                        << "bf16 R=" << R << " P=" << P << " c0=" << c0 << " nc=" << nc << " kc=" << kc << " r=" << r
+                        << " j=" << j;
+              }
+              ++checked;
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 500);
+}
+
+}  // namespace
+}  // namespace nsa_test

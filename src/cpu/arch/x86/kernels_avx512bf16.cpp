@@ -16,10 +16,12 @@ namespace nsa::cpu::isa_avx512bf16 {
 #include "cpu/arch/x86/avx512_transpose.h"
 #include "cpu/kernels_impl.h"
 
-// C[MR][NV*16] (+)= alpha * sum_p A[r][pair p] . B[p][..][2] (one slice of a panel)
-template <int MR, int NV>
-inline void ukernel_bf16(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t P, float* C, int64_t ldc,
-                         float alpha, bool accumulate) {
+// C[MR][NV*16] (+)= alpha * sum_p A[r][pair p] . B[p][..][2] (one slice of a panel); rows as in kernels_impl.h
+// (StridedRows / PointerRows)
+template <int MR, int NV, typename Rows>
+inline void ukernel_bf16(const Rows& rows, const uint16_t* B, int64_t P, float alpha, bool accumulate) {
+  const uint16_t* A[MR];
+  for (int r = 0; r < MR; ++r) A[r] = rows.a(r);
   __m512 c[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) c[r][j] = _mm512_setzero_ps();
@@ -29,7 +31,7 @@ inline void ukernel_bf16(const uint16_t* A, int64_t lda, const uint16_t* B, int6
     for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(bp + j * 32);
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, A + r * lda + 2 * p, 4);
+      std::memcpy(&pair, A[r] + 2 * p, 4);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
       for (int j = 0; j < NV; ++j) c[r][j] = _mm512_dpbf16_ps(c[r][j], a, b[j]);
     }
@@ -37,47 +39,55 @@ inline void ukernel_bf16(const uint16_t* A, int64_t lda, const uint16_t* B, int6
   const __m512 va = _mm512_set1_ps(alpha);
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) {
-      float* dst = C + r * ldc + j * 16;
+      float* dst = rows.c(r) + j * 16;
       __m512 v = _mm512_mul_ps(c[r][j], va);
       if (accumulate) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
       _mm512_storeu_ps(dst, v);
     }
 }
 
-template <int NV>
-inline void gemm_bf16_rows(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t P, float* C,
-                           int64_t ldc, float alpha, bool acc) {
+template <int NV, typename Rows>
+inline void gemm_bf16_rows(const Rows& rows, int64_t R, const uint16_t* B, int64_t P, float alpha, bool acc) {
   int64_t r = 0;
   if constexpr (NV == 1)  // one B vector: 16 rows give 16 independent vdpbf16ps chains (6 would wait on latency)
-    for (; r + 16 <= R; r += 16) ukernel_bf16<16, 1>(A + r * lda, lda, B, P, C + r * ldc, ldc, alpha, acc);
-  for (; r + 6 <= R; r += 6) ukernel_bf16<6, NV>(A + r * lda, lda, B, P, C + r * ldc, ldc, alpha, acc);
-  A += r * lda;
-  C += r * ldc;
+    for (; r + 16 <= R; r += 16) ukernel_bf16<16, 1>(rows.at(r), B, P, alpha, acc);
+  for (; r + 6 <= R; r += 6) ukernel_bf16<6, NV>(rows.at(r), B, P, alpha, acc);
+  const Rows tail = rows.at(r);
   switch (R - r) {
-    case 1: ukernel_bf16<1, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 2: ukernel_bf16<2, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 3: ukernel_bf16<3, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 4: ukernel_bf16<4, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
-    case 5: ukernel_bf16<5, NV>(A, lda, B, P, C, ldc, alpha, acc); break;
+    case 1: ukernel_bf16<1, NV>(tail, B, P, alpha, acc); break;
+    case 2: ukernel_bf16<2, NV>(tail, B, P, alpha, acc); break;
+    case 3: ukernel_bf16<3, NV>(tail, B, P, alpha, acc); break;
+    case 4: ukernel_bf16<4, NV>(tail, B, P, alpha, acc); break;
+    case 5: ukernel_bf16<5, NV>(tail, B, P, alpha, acc); break;
     default: break;
   }
 }
 
-inline void gemm_bf16_impl(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
-                           int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
-                           bool accumulate) {
+template <typename Rows>
+inline void gemm_bf16_blocks(const Rows& rows, int64_t R, const uint16_t* B, int64_t panel_stride, int64_t col0,
+                             int64_t ncols, int64_t P, int64_t kc, float alpha, bool accumulate) {
   // whole panels at a time (up to 64 columns: 4 vectors)
   for_each_block(P, kc, col0, ncols, kPanel, accumulate, [&](int64_t p0, int64_t pk, int64_t c, int64_t w, bool acc) {
     const uint16_t* Bs = B + (c / kPanel) * panel_stride + p0 * kPanel * 2 + (c % kPanel) * 2;
-    const uint16_t* As = A + 2 * p0;
-    float* Cs = C + (c - col0);
+    const Rows rs = rows.shifted(2 * p0, c - col0);
     switch (w / 16) {
-      case 4: gemm_bf16_rows<4>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
-      case 3: gemm_bf16_rows<3>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
-      case 2: gemm_bf16_rows<2>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
-      default: gemm_bf16_rows<1>(As, lda, R, Bs, pk, Cs, ldc, alpha, acc); break;
+      case 4: gemm_bf16_rows<4>(rs, R, Bs, pk, alpha, acc); break;
+      case 3: gemm_bf16_rows<3>(rs, R, Bs, pk, alpha, acc); break;
+      case 2: gemm_bf16_rows<2>(rs, R, Bs, pk, alpha, acc); break;
+      default: gemm_bf16_rows<1>(rs, R, Bs, pk, alpha, acc); break;
     }
   });
+}
+inline void gemm_bf16_impl(const uint16_t* A, int64_t lda, int64_t R, const uint16_t* B, int64_t panel_stride,
+                           int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* C, int64_t ldc, float alpha,
+                           bool accumulate) {
+  gemm_bf16_blocks(StridedRows<uint16_t>{A, lda, C, ldc}, R, B, panel_stride, col0, ncols, P, kc, alpha, accumulate);
+}
+inline void gemm_bf16_gather_impl(const uint16_t* const* a_rows, int64_t R, const uint16_t* B, int64_t panel_stride,
+                                  int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* const* c_rows,
+                                  float alpha, bool accumulate) {
+  gemm_bf16_blocks(PointerRows<uint16_t>{a_rows, c_rows, 0, 0}, R, B, panel_stride, col0, ncols, P, kc, alpha,
+                   accumulate);
 }
 
 // ------------------------------------------------------------------ backward (docs/spec/compress_attention.md §7)
@@ -254,6 +264,7 @@ inline void pv_bf16_impl(const uint16_t* const* vrow, int64_t ntok, int64_t nval
 const nsa::cpu::KernelTable* nsa::cpu::kernels_avx512bf16() {
   namespace k = isa_avx512bf16;
   static const KernelTable t = k::make_table(CpuIsa::kAvx512Bf16, k::gemm_bf16_impl, k::pack_rows_bf16_impl,
-                                             k::transpose_u16_avx512, k::transpose_u32_avx512, k::pv_bf16_impl);
+                                             k::transpose_u16_avx512, k::transpose_u32_avx512, k::pv_bf16_impl,
+                                             k::gemm_bf16_gather_impl);
   return &t;
 }
