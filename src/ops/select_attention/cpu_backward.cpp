@@ -6,8 +6,9 @@
 // key rows that many query rows selected. Both are computed without atomics and without O(T1 K l') buffers, in two
 // independent kinds of tasks that recompute S and dP (cpu_common.h describes the packed operands and the tile
 // entries):
-//   A. query tiles (batch, KV head n2, Bq rows), exactly as the forward's: for each block the tile reaches, its
-//      entries' Q and dO rows gathered, S and dP by GEMM against the packed KQ and VD, P and dS, then
+//   A. query tiles (batch, KV head n2, Bq rows), exactly as the forward's: for each block the tile reaches, S and
+//      dP by GEMM of its entries' Q and dO rows (read in place through row pointers) against the packed KQ and VD,
+//      P and dS, then
 //      dQ += dS K by GEMM against the packed KT; each query row's dQ is complete in its tile and written once
 //      (rha_T after the final multiplication by scale).
 //   B. key blocks (batch, KV head n2, block x): the index map inverted once per call, so that each block lists the
@@ -163,6 +164,8 @@ class Backward : CallState {
     std::vector<uint8_t> keep; // [lpp] ones
     std::vector<float> em, eil, edlt;  // per gathered row: m, 1 / l_sum, Dlt
     std::vector<int32_t> vis;          // per gathered row: visible entries of its slot
+    std::vector<const E*> qrow, orow;  // phase A: per gathered row, its Q and dO row in the tile
+    std::vector<float*> srow, dprow;   // phase A: per gathered row, its S and dP rows
 
     void init(const Backward& bw) {
       const Geo& g = bw.g_;
@@ -191,6 +194,10 @@ class Backward : CallState {
       eil.resize(static_cast<size_t>(Rc));
       edlt.resize(static_cast<size_t>(Rc));
       vis.resize(static_cast<size_t>(Rc));
+      qrow.resize(static_cast<size_t>(Rc));
+      orow.resize(static_cast<size_t>(Rc));
+      srow.resize(static_cast<size_t>(Rc));
+      dprow.resize(static_cast<size_t>(Rc));
     }
   };
 
@@ -365,14 +372,15 @@ class Backward : CallState {
             }
             return;
           }
+          // the entries' Q and dO rows read in place from the tile
           for (int64_t e = 0; e < n; ++e) {
             const int64_t i = ids[e] / K;
-            std::memcpy(sc.asq.get() + e * G * g_.Dr, sc.qa.get() + i * G * g_.Dr,
-                        sizeof(E) * static_cast<size_t>(G * g_.Dr));
-            std::memcpy(sc.aso.get() + e * G * g_.Dvr, sc.oa.get() + i * G * g_.Dvr,
-                        sizeof(E) * static_cast<size_t>(G * g_.Dvr));
             for (int64_t g = 0; g < G; ++g) {
               const size_t r = static_cast<size_t>(e * G + g), ri = static_cast<size_t>(i * G + g);
+              sc.qrow[r] = sc.qa.get() + ri * static_cast<size_t>(g_.Dr);
+              sc.orow[r] = sc.oa.get() + ri * static_cast<size_t>(g_.Dvr);
+              sc.srow[r] = sc.s.get() + r * static_cast<size_t>(lpp);
+              sc.dprow[r] = sc.dp.get() + r * static_cast<size_t>(lpp);
               vis[r] = te.vis[static_cast<size_t>(ids[e])];
               cm[r] = sc.m[ri];
               cil[r] = sc.il[ri];
@@ -380,10 +388,10 @@ class Backward : CallState {
             }
           }
           const int64_t rows = n * G;
-          P::gemm(kt_, sc.asq.get(), g_.Dr, rows, kq(ub.slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.s.get(), lpp, scale_,
-                  false);
-          P::gemm(kt_, sc.aso.get(), g_.Dvr, rows, vd(ub.slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dp.get(), lpp, 1.0f,
-                  false);
+          P::gemm_gather(kt_, sc.qrow.data(), rows, kq(ub.slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.srow.data(), scale_,
+                         false);
+          P::gemm_gather(kt_, sc.orow.data(), rows, vd(ub.slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dprow.data(),
+                         1.0f, false);
           softmax_grad(sc, rows, cm.data(), cil.data(), cdlt.data(), vis.data());
           P::gemm(kt_, ds_rows(sc, rows), lpp, rows, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp,
                   1.0f, false);

@@ -108,6 +108,18 @@ struct Path {
       kt->gemm.f32(A, lda, R, B, panel_stride, col0, ncols, red, red, C, ldc, alpha, accumulate);
     }
   }
+  // The same with the rows of A and C given by pointers (GemmKernels::f32_gather / bf16_gather): A rows may repeat,
+  // C rows are distinct.
+  static void gemm_gather(const KernelTable* kt, const E* const* a_rows, int64_t R, const E* B, int64_t panel_stride,
+                          int64_t col0, int64_t ncols, int64_t red, float* const* c_rows, float alpha,
+                          bool accumulate) {
+    if (R <= 0 || ncols <= 0) return;
+    if constexpr (kPairs) {
+      kt->gemm.bf16_gather(a_rows, R, B, panel_stride, col0, ncols, red / 2, red / 2, c_rows, alpha, accumulate);
+    } else {
+      kt->gemm.f32_gather(a_rows, R, B, panel_stride, col0, ncols, red, red, c_rows, alpha, accumulate);
+    }
+  }
   // Element (p, c) of a packed B operand whose panels hold `red` reduction elements (red a multiple of U).
   static int64_t b_index(int64_t p, int64_t c, int64_t red) {
     return (c / kPanel) * red * kPanel + (p / U) * kPanel * U + (c % kPanel) * U + p % U;

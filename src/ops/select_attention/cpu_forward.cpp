@@ -4,20 +4,19 @@
 // block, only the batch's valid keys, zero padded). Then one task per query tile = (batch, KV head n2, Bq
 // consecutive query rows); its R = Bq G GEMM rows are (row i, head g), r = i G + g. Per tile:
 //   1. entries: every slot with a visible entry (§3), grouped by block (cpu_common.h TileEntries);
-//   2. scores: for each block of the tile's union, its entries' Q rows gathered (G rows per entry) and
-//      S = (Q K_x^T) scale in one GEMM (fp32 dot products, then times the float32 scale: §4 step 1); each entry's
-//      scores are copied into its row's score line at slot j: line (i, g) holds K slots of lpp columns, slot j at
-//      j lpp; invisible positions (past the causal limit or Skv_b) and empty slots hold -inf, so they take no part
-//      in the maximum or the sum (§4 step 2: exp(-inf - m) = 0 exactly);
+//   2. scores: for each block of the tile's union, S = (Q K_x^T) scale in one GEMM over its entries' Q rows (G rows
+//      per entry, read in place through row pointers: GemmKernels::*_gather) (fp32 dot products, then times the
+//      float32 scale: §4 step 1), each entry's scores written straight into its row's score line at slot j: line
+//      (i, g) holds K slots of lpp columns, slot j at j lpp; invisible positions (past the causal limit or Skv_b) and
+//      empty slots hold -inf, so they take no part in the maximum or the sum (§4 step 2: exp(-inf - m) = 0 exactly);
 //   3. exact softmax per line (§4 step 3): m = max, l_sum = sum of exp(S - m) (KernelTable row kernels: one pass
 //      each over the whole line, no online rescaling), P = exp(S - m) / l_sum rounded half away from zero to the
 //      input dtype (§4 step 4, rha_T);
-//   4. O = sum over blocks of rha(P)_entries V_x: for each block, its entries' P slices gathered and multiplied by
-//      the packed V block in one GEMM (fp32 accumulation), the products added to the rows' fp32 accumulators in a
+//   4. O = sum over blocks of rha(P)_entries V_x: for each block, its entries' P slices (read in place) multiplied
+//      by the packed V block in one GEMM (fp32 accumulation), the products added to the rows' fp32 accumulators in a
 //      fixed order (blocks of the union, then entries);
 //   (for G >= kDirectMinG the G rows of one entry fill the GEMM micro-kernel on their own: steps 2 and 4 then run
-//   one GEMM per entry on its rows in place, writing the scores into its lines and accumulating O in place, with
-//   no gathers or copies);
+//   one GEMM per entry on its rows, writing the scores into its lines and accumulating O in place);
 //   5. attention_out rounded to nearest even (§4 step 4), statistics m and l_sum x 8 (§5); a row without visible
 //      entry gets zeros, -FLT_MAX and +FLT_MAX (§6).
 // A value block holding inf or NaN (dirty) takes a scalar path for the entries that see only part of it, so that
@@ -103,8 +102,8 @@ class Forward : CallState {
  private:
   struct Scratch {
     AlignedBuf<E> qa;     // [R][Dr] the tile's query rows
-    AlignedBuf<E> asub;   // [R][max(Dr, lpp)] gathered A rows of one block's entries
-    AlignedBuf<float> stmp;  // [R][lpp] scores of one block's entries
+    std::vector<const E*> arow;  // [R] A rows of one block's entries (query rows or rha(P) slices), gathered
+    std::vector<float*> crow;    // [R] their result rows (score slots or otmp rows)
     AlignedBuf<float> s;     // [R][K lpp] score lines, then exp values
     AlignedBuf<E> pr;        // [R][K lpp] rha(P) lines
     AlignedBuf<float> otmp;  // [R][Dvp] P.V of one block's entries
@@ -115,8 +114,8 @@ class Forward : CallState {
       const Geo& g = f.g_;
       const int64_t R = f.rmax_;
       qa.reset(R * g.Dr);
-      asub.reset(R * std::max(g.Dr, g.lpp));
-      stmp.reset(R * g.lpp);
+      arow.resize(static_cast<size_t>(R));
+      crow.resize(static_cast<size_t>(R));
       s.reset(R * f.ld_s_);
       pr.reset(R * f.ld_s_);
       otmp.reset(R * g.Dvp);
@@ -162,21 +161,23 @@ class Forward : CallState {
         }
         continue;
       }
+      // the entries' query rows read in place, their scores written straight into their slots
       for (int64_t c0 = 0; c0 < ne; c0 += bq_) {
         const int64_t nc = std::min(bq_, ne - c0);
         for (int64_t e = 0; e < nc; ++e) {
-          const int64_t i = e0[c0 + e] / K;
-          std::memcpy(sc.asub.get() + e * G * g_.Dr, sc.qa.get() + i * G * g_.Dr, sizeof(E) * static_cast<size_t>(G * g_.Dr));
-        }
-        P::gemm(kt_, sc.asub.get(), g_.Dr, nc * G, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.stmp.get(), lpp,
-                scale_, false);
-        for (int64_t e = 0; e < nc; ++e) {
-          const int64_t ij = e0[c0 + e], i = ij / K, j = ij % K, v = te.vis[static_cast<size_t>(ij)];
+          const int64_t ij = e0[c0 + e], i = ij / K, j = ij % K;
           for (int64_t g = 0; g < G; ++g) {
-            float* dst = sc.s.get() + (i * G + g) * ld_s_ + j * lpp;
-            std::memcpy(dst, sc.stmp.get() + (e * G + g) * lpp, sizeof(float) * static_cast<size_t>(v));
-            std::fill(dst + v, dst + lpp, neg_inf);
+            sc.arow[static_cast<size_t>(e * G + g)] = sc.qa.get() + (i * G + g) * g_.Dr;
+            sc.crow[static_cast<size_t>(e * G + g)] = sc.s.get() + (i * G + g) * ld_s_ + j * lpp;
           }
+        }
+        P::gemm_gather(kt_, sc.arow.data(), nc * G, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.crow.data(), scale_,
+                       false);
+        for (int64_t e = 0; e < nc; ++e) {
+          const int64_t v = te.vis[static_cast<size_t>(e0[c0 + e])];
+          if (v < lpp)
+            for (int64_t g = 0; g < G; ++g) std::fill(sc.crow[static_cast<size_t>(e * G + g)] + v,
+                                                      sc.crow[static_cast<size_t>(e * G + g)] + lpp, neg_inf);
         }
       }
     }
@@ -213,14 +214,17 @@ class Forward : CallState {
             }
             return;
           }
+          // the entries' rha(P) slices read in place; a row may take two entries of one block (duplicate indices),
+          // so the products go to otmp and are added entry by entry
           for (int64_t e = 0; e < n; ++e) {
             const int64_t i = ids[e] / K, j = ids[e] % K;
-            for (int64_t g = 0; g < G; ++g)
-              std::memcpy(sc.asub.get() + (e * G + g) * lpp, sc.pr.get() + (i * G + g) * ld_s_ + j * lpp,
-                          sizeof(E) * static_cast<size_t>(lpp));
+            for (int64_t g = 0; g < G; ++g) {
+              sc.arow[static_cast<size_t>(e * G + g)] = sc.pr.get() + (i * G + g) * ld_s_ + j * lpp;
+              sc.crow[static_cast<size_t>(e * G + g)] = sc.otmp.get() + (e * G + g) * g_.Dvp;
+            }
           }
-          P::gemm(kt_, sc.asub.get(), lpp, n * G, vo(ub.slot), lpp * kPanel, 0, g_.Dvp, lpp, sc.otmp.get(), g_.Dvp,
-                  1.0f, false);
+          P::gemm_gather(kt_, sc.arow.data(), n * G, vo(ub.slot), lpp * kPanel, 0, g_.Dvp, lpp, sc.crow.data(), 1.0f,
+                         false);
           for (int64_t e = 0; e < n; ++e) {
             const int64_t i = ids[e] / K;
             for (int64_t g = 0; g < G; ++g)
