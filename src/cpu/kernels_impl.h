@@ -289,36 +289,44 @@ inline void load_row_impl(const void* src, float* dst, int64_t n, nsa::DType dt)
 }
 
 // ------------------------------------------------------------------ fp32 GEMM
-// Where the rows of A and C are: StridedRows (row r at A + r lda, C + r ldc) or PointerRows (row r at a_rows[r] + a_off,
-// c_rows[r] + c_off: gathered rows, GemmKernels::f32_gather). at(r) is the view from row r on, shifted(a, c) the view
-// with A moved by a elements and C by c.
+// Where the rows of A and C are, as four fields f0..f3 (the micro-kernels take them as four arguments: a 32-byte
+// struct would be passed through the stack, its fields stored and read back with one wide load, which stalls on
+// store forwarding):
+//   StridedRows  row r of A at f0 + r f1, of C at f2 + r f3;
+//   PointerRows  row r of A at f0[r] + f1, of C at f2[r] + f3 (gathered rows, GemmKernels::f32_gather).
+// at(r) is the view from row r on, shifted(a, c) the view with A moved by a elements and C by c.
 template <typename T>
 struct StridedRows {
-  const T* A;
-  int64_t lda;
-  float* C;
-  int64_t ldc;
-  const T* a(int r) const { return A + r * lda; }
-  float* c(int r) const { return C + r * ldc; }
-  StridedRows at(int64_t r) const { return {A + r * lda, lda, C + r * ldc, ldc}; }
-  StridedRows shifted(int64_t da, int64_t dc) const { return {A + da, lda, C + dc, ldc}; }
+  using F0 = const T*;
+  using F2 = float*;
+  F0 f0;
+  int64_t f1;
+  F2 f2;
+  int64_t f3;
+  const T* a(int r) const { return f0 + r * f1; }
+  float* c(int r) const { return f2 + r * f3; }
+  StridedRows at(int64_t r) const { return {f0 + r * f1, f1, f2 + r * f3, f3}; }
+  StridedRows shifted(int64_t da, int64_t dc) const { return {f0 + da, f1, f2 + dc, f3}; }
 };
 template <typename T>
 struct PointerRows {
-  const T* const* a_rows;
-  float* const* c_rows;
-  int64_t a_off, c_off;
-  const T* a(int r) const { return a_rows[r] + a_off; }
-  float* c(int r) const { return c_rows[r] + c_off; }
-  PointerRows at(int64_t r) const { return {a_rows + r, c_rows + r, a_off, c_off}; }
-  PointerRows shifted(int64_t da, int64_t dc) const { return {a_rows, c_rows, a_off + da, c_off + dc}; }
+  using F0 = const T* const*;
+  using F2 = float* const*;
+  F0 f0;
+  int64_t f1;
+  F2 f2;
+  int64_t f3;
+  const T* a(int r) const { return f0[r] + f1; }
+  float* c(int r) const { return f2[r] + f3; }
+  PointerRows at(int64_t r) const { return {f0 + r, f1, f2 + r, f3}; }
+  PointerRows shifted(int64_t da, int64_t dc) const { return {f0, f1 + da, f2, f3 + dc}; }
 };
 
-// Micro-kernel: C[MR][NV*W] (+)= alpha * A[MR][P] . B[P][ldb], one column slice of a panel.
+// Micro-kernel: C[MR][NV*W] (+)= alpha * A[MR][P] . B[P][ldb], one column slice of a panel; rows (f0..f3) as Rows.
 template <int MR, int NV, typename Rows>
-inline void ukernel_f32(const Rows& rows, const float* B, int64_t P, float alpha, bool accumulate) {
-  const float* A[MR];
-  for (int r = 0; r < MR; ++r) A[r] = rows.a(r);
+inline void ukernel_f32(typename Rows::F0 f0, int64_t f1, typename Rows::F2 f2, int64_t f3, const float* B, int64_t P,
+                        float alpha, bool accumulate) {
+  const Rows rows{f0, f1, f2, f3};
   V::F c[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) c[r][j] = V::zero();
@@ -326,33 +334,44 @@ inline void ukernel_f32(const Rows& rows, const float* B, int64_t P, float alpha
     V::F b[NV];
     for (int j = 0; j < NV; ++j) b[j] = V::load(B + p * nsa::cpu::kPanel + j * V::W);
     for (int r = 0; r < MR; ++r) {
-      const V::F a = V::set1(A[r][p]);
+      const V::F a = V::set1(rows.a(r)[p]);
       for (int j = 0; j < NV; ++j) c[r][j] = V::fma(a, b[j], c[r][j]);
     }
   }
-  const V::F va = V::set1(alpha);
-  for (int r = 0; r < MR; ++r)
+  // alpha * acc (skipped for alpha = 1, where it is exact), then + C when accumulating
+  if (alpha != 1.0f) {
+    const V::F va = V::set1(alpha);
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NV; ++j) c[r][j] = V::mul(c[r][j], va);
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* dst = rows.c(r);
     for (int j = 0; j < NV; ++j) {
-      float* dst = rows.c(r) + j * V::W;
-      V::F v = V::mul(c[r][j], va);
-      if (accumulate) v = V::add(V::load(dst), v);
-      V::store(dst, v);
+      V::F v = c[r][j];
+      if (accumulate) v = V::add(V::load(dst + j * V::W), v);
+      V::store(dst + j * V::W, v);
     }
+  }
+}
+// ukernel_f32 on a row view
+template <int MR, int NV, typename Rows>
+inline void ukernel_f32_on(const Rows& r, const float* B, int64_t P, float alpha, bool acc) {
+  ukernel_f32<MR, NV, Rows>(r.f0, r.f1, r.f2, r.f3, B, P, alpha, acc);
 }
 
 template <int NV, int MRMAX, typename Rows>
 inline void gemm_rows_f32(const Rows& rows, int64_t R, const float* B, int64_t P, float alpha, bool acc) {
   int64_t r = 0;
-  for (; r + MRMAX <= R; r += MRMAX) ukernel_f32<MRMAX, NV>(rows.at(r), B, P, alpha, acc);
+  for (; r + MRMAX <= R; r += MRMAX) ukernel_f32_on<MRMAX, NV>(rows.at(r), B, P, alpha, acc);
   const int64_t rest = R - r;
   const Rows tail = rows.at(r);
   switch (rest) {
     case 0: break;
-    case 1: ukernel_f32<1, NV>(tail, B, P, alpha, acc); break;
-    case 2: if constexpr (MRMAX > 2) ukernel_f32<2, NV>(tail, B, P, alpha, acc); break;
-    case 3: if constexpr (MRMAX > 3) ukernel_f32<3, NV>(tail, B, P, alpha, acc); break;
-    case 4: if constexpr (MRMAX > 4) ukernel_f32<4, NV>(tail, B, P, alpha, acc); break;
-    case 5: if constexpr (MRMAX > 5) ukernel_f32<5, NV>(tail, B, P, alpha, acc); break;
+    case 1: ukernel_f32_on<1, NV>(tail, B, P, alpha, acc); break;
+    case 2: if constexpr (MRMAX > 2) ukernel_f32_on<2, NV>(tail, B, P, alpha, acc); break;
+    case 3: if constexpr (MRMAX > 3) ukernel_f32_on<3, NV>(tail, B, P, alpha, acc); break;
+    case 4: if constexpr (MRMAX > 4) ukernel_f32_on<4, NV>(tail, B, P, alpha, acc); break;
+    case 5: if constexpr (MRMAX > 5) ukernel_f32_on<5, NV>(tail, B, P, alpha, acc); break;
     default: break;
   }
 }
@@ -417,7 +436,7 @@ inline void gemm_f32_impl(const float* A, int64_t lda, int64_t R, const float* B
 inline void gemm_f32_gather_impl(const float* const* a_rows, int64_t R, const float* B, int64_t panel_stride,
                                  int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* const* c_rows, float alpha,
                                  bool accumulate) {
-  gemm_f32_blocks(PointerRows<float>{a_rows, c_rows, 0, 0}, R, B, panel_stride, col0, ncols, P, kc, alpha,
+  gemm_f32_blocks(PointerRows<float>{a_rows, 0, c_rows, 0}, R, B, panel_stride, col0, ncols, P, kc, alpha,
                   accumulate);
 }
 

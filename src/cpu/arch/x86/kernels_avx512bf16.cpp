@@ -16,49 +16,69 @@ namespace nsa::cpu::isa_avx512bf16 {
 #include "cpu/arch/x86/avx512_transpose.h"
 #include "cpu/kernels_impl.h"
 
-// C[MR][NV*16] (+)= alpha * sum_p A[r][pair p] . B[p][..][2] (one slice of a panel); rows as in kernels_impl.h
-// (StridedRows / PointerRows)
+// C[MR][NV*16] (+)= alpha * sum_p A[r][pair p] . B[p][..][2] (one slice of a panel); rows (f0..f3) as in
+// kernels_impl.h (StridedRows / PointerRows)
 template <int MR, int NV, typename Rows>
-inline void ukernel_bf16(const Rows& rows, const uint16_t* B, int64_t P, float alpha, bool accumulate) {
-  const uint16_t* A[MR];
-  for (int r = 0; r < MR; ++r) A[r] = rows.a(r);
+inline void ukernel_bf16(typename Rows::F0 f0, int64_t f1, typename Rows::F2 f2, int64_t f3, const uint16_t* B,
+                         int64_t P, float alpha, bool accumulate) {
+  const Rows rows{f0, f1, f2, f3};
   __m512 c[MR][NV];
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) c[r][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < P; ++p) {
     const uint16_t* bp = B + p * (kPanel * 2);
     __m512bh b[NV];
+#pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_loadu_si512(bp + j * 32);
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
-      std::memcpy(&pair, A[r] + 2 * p, 4);
+      std::memcpy(&pair, rows.a(r) + 2 * p, 4);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) c[r][j] = _mm512_dpbf16_ps(c[r][j], a, b[j]);
     }
   }
-  const __m512 va = _mm512_set1_ps(alpha);
-  for (int r = 0; r < MR; ++r)
+  // alpha * acc (skipped for alpha = 1, where it is exact), then + C when accumulating
+  if (alpha != 1.0f) {
+    const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) c[r][j] = _mm512_mul_ps(c[r][j], va);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* dst = rows.c(r);
+#pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
-      float* dst = rows.c(r) + j * 16;
-      __m512 v = _mm512_mul_ps(c[r][j], va);
-      if (accumulate) v = _mm512_add_ps(_mm512_loadu_ps(dst), v);
-      _mm512_storeu_ps(dst, v);
+      const __m512 v = accumulate ? _mm512_add_ps(_mm512_loadu_ps(dst + j * 16), c[r][j]) : c[r][j];
+      _mm512_storeu_ps(dst + j * 16, v);
     }
+  }
+}
+
+// ukernel_bf16 on a row view
+template <int MR, int NV, typename Rows>
+inline void ukernel_bf16_on(const Rows& r, const uint16_t* B, int64_t P, float alpha, bool acc) {
+  ukernel_bf16<MR, NV, Rows>(r.f0, r.f1, r.f2, r.f3, B, P, alpha, acc);
 }
 
 template <int NV, typename Rows>
 inline void gemm_bf16_rows(const Rows& rows, int64_t R, const uint16_t* B, int64_t P, float alpha, bool acc) {
   int64_t r = 0;
   if constexpr (NV == 1)  // one B vector: 16 rows give 16 independent vdpbf16ps chains (6 would wait on latency)
-    for (; r + 16 <= R; r += 16) ukernel_bf16<16, 1>(rows.at(r), B, P, alpha, acc);
-  for (; r + 6 <= R; r += 6) ukernel_bf16<6, NV>(rows.at(r), B, P, alpha, acc);
+    for (; r + 16 <= R; r += 16) ukernel_bf16_on<16, 1>(rows.at(r), B, P, alpha, acc);
+  for (; r + 6 <= R; r += 6) ukernel_bf16_on<6, NV>(rows.at(r), B, P, alpha, acc);
   const Rows tail = rows.at(r);
   switch (R - r) {
-    case 1: ukernel_bf16<1, NV>(tail, B, P, alpha, acc); break;
-    case 2: ukernel_bf16<2, NV>(tail, B, P, alpha, acc); break;
-    case 3: ukernel_bf16<3, NV>(tail, B, P, alpha, acc); break;
-    case 4: ukernel_bf16<4, NV>(tail, B, P, alpha, acc); break;
-    case 5: ukernel_bf16<5, NV>(tail, B, P, alpha, acc); break;
+    case 1: ukernel_bf16_on<1, NV>(tail, B, P, alpha, acc); break;
+    case 2: ukernel_bf16_on<2, NV>(tail, B, P, alpha, acc); break;
+    case 3: ukernel_bf16_on<3, NV>(tail, B, P, alpha, acc); break;
+    case 4: ukernel_bf16_on<4, NV>(tail, B, P, alpha, acc); break;
+    case 5: ukernel_bf16_on<5, NV>(tail, B, P, alpha, acc); break;
     default: break;
   }
 }
@@ -86,7 +106,7 @@ inline void gemm_bf16_impl(const uint16_t* A, int64_t lda, int64_t R, const uint
 inline void gemm_bf16_gather_impl(const uint16_t* const* a_rows, int64_t R, const uint16_t* B, int64_t panel_stride,
                                   int64_t col0, int64_t ncols, int64_t P, int64_t kc, float* const* c_rows,
                                   float alpha, bool accumulate) {
-  gemm_bf16_blocks(PointerRows<uint16_t>{a_rows, c_rows, 0, 0}, R, B, panel_stride, col0, ncols, P, kc, alpha,
+  gemm_bf16_blocks(PointerRows<uint16_t>{a_rows, 0, c_rows, 0}, R, B, panel_stride, col0, ncols, P, kc, alpha,
                    accumulate);
 }
 
