@@ -327,25 +327,35 @@ template <int MR, int NV, typename Rows>
 inline void ukernel_f32(typename Rows::F0 f0, int64_t f1, typename Rows::F2 f2, int64_t f3, const float* B, int64_t P,
                         float alpha, bool accumulate) {
   const Rows rows{f0, f1, f2, f3};
+  // every loop over r and j unrolled: the accumulators stay in registers (no stack copy to set up or spill)
   V::F c[MR][NV];
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) c[r][j] = V::zero();
   for (int64_t p = 0; p < P; ++p) {
     V::F b[NV];
+#pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) b[j] = V::load(B + p * nsa::cpu::kPanel + j * V::W);
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const V::F a = V::set1(rows.a(r)[p]);
+#pragma GCC unroll 16
       for (int j = 0; j < NV; ++j) c[r][j] = V::fma(a, b[j], c[r][j]);
     }
   }
   // alpha * acc (skipped for alpha = 1, where it is exact), then + C when accumulating
   if (alpha != 1.0f) {
     const V::F va = V::set1(alpha);
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
       for (int j = 0; j < NV; ++j) c[r][j] = V::mul(c[r][j], va);
   }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     float* dst = rows.c(r);
+#pragma GCC unroll 16
     for (int j = 0; j < NV; ++j) {
       V::F v = c[r][j];
       if (accumulate) v = V::add(V::load(dst + j * V::W), v);
