@@ -393,8 +393,23 @@ class Backward : CallState {
           P::gemm_gather(kt_, sc.orow.data(), rows, vd(ub.slot), g_.Dvr * kPanel, 0, lpp, g_.Dvr, sc.dprow.data(),
                          1.0f, false);
           softmax_grad(sc, rows, cm.data(), cil.data(), cdlt.data(), vis.data());
-          P::gemm(kt_, ds_rows(sc, rows), lpp, rows, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp,
-                  1.0f, false);
+          // dQ += dS K straight into the rows' accumulators (dq + products, as the row addition would), unless a row
+          // takes two entries of the chunk (duplicate indices, adjacent): then into dqt and added entry by entry
+          const bool repeated = has_repeated_row(ids, n, K);
+          const E* ds = ds_rows(sc, rows);
+          if (!repeated) {
+            for (int64_t e = 0; e < n; ++e) {
+              const int64_t i = ids[e] / K;
+              for (int64_t g = 0; g < G; ++g) {
+                sc.qrow[static_cast<size_t>(e * G + g)] = ds + (e * G + g) * lpp;
+                sc.srow[static_cast<size_t>(e * G + g)] = sc.dq.get() + (i * G + g) * g_.Dp;
+              }
+            }
+            P::gemm_gather(kt_, sc.qrow.data(), rows, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp, sc.srow.data(), 1.0f,
+                           true);
+            return;
+          }
+          P::gemm(kt_, ds, lpp, rows, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp, 1.0f, false);
           for (int64_t e = 0; e < n; ++e) {
             const int64_t i = ids[e] / K;
             for (int64_t g = 0; g < G; ++g)

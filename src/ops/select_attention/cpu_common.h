@@ -474,6 +474,13 @@ inline UnionBlock union_block(const TileEntries& te, int64_t u, const BlockTable
 // (dirty[ub.slot] != 0: an inf or NaN among the valid elements of the packed operand the caller reads), an entry that
 // sees only part of the block goes to scalar(ub, ij) instead, alone: in a GEMM the zero weight of an invisible column
 // would meet its non-finite value (0 x inf = NaN).
+// Whether two of the n entries ids[0..n) (s K + j, in row order) share a row s: duplicate indices of one block.
+inline bool has_repeated_row(const int32_t* ids, int64_t n, int64_t K) {
+  for (int64_t e = 1; e < n; ++e)
+    if (ids[e] / K == ids[e - 1] / K) return true;
+  return false;
+}
+
 template <typename Scalar, typename Chunk>
 void for_each_entry_chunk(const TileEntries& te, const BlockTable& bt, const Geo& g, const BatchInfo& bi, int64_t b,
                           int64_t n2, const std::vector<uint8_t>& dirty, int64_t cap, Scalar&& scalar, Chunk&& chunk) {

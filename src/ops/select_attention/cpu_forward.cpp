@@ -214,22 +214,26 @@ class Forward : CallState {
             }
             return;
           }
-          // the entries' rha(P) slices read in place; a row may take two entries of one block (duplicate indices),
-          // so the products go to otmp and are added entry by entry
+          // the entries' rha(P) slices read in place, the products added to their rows' accumulators by the GEMM
+          // (O + P V, as the row addition would), unless a row takes two entries of the chunk (duplicate indices:
+          // adjacent, the entries being in row order): then into otmp and added entry by entry
+          const bool repeated = has_repeated_row(ids, n, K);
           for (int64_t e = 0; e < n; ++e) {
             const int64_t i = ids[e] / K, j = ids[e] % K;
             for (int64_t g = 0; g < G; ++g) {
               sc.arow[static_cast<size_t>(e * G + g)] = sc.pr.get() + (i * G + g) * ld_s_ + j * lpp;
-              sc.crow[static_cast<size_t>(e * G + g)] = sc.otmp.get() + (e * G + g) * g_.Dvp;
+              sc.crow[static_cast<size_t>(e * G + g)] =
+                  repeated ? sc.otmp.get() + (e * G + g) * g_.Dvp : sc.o.get() + (i * G + g) * g_.Dvp;
             }
           }
           P::gemm_gather(kt_, sc.arow.data(), n * G, vo(ub.slot), lpp * kPanel, 0, g_.Dvp, lpp, sc.crow.data(), 1.0f,
-                         false);
-          for (int64_t e = 0; e < n; ++e) {
-            const int64_t i = ids[e] / K;
-            for (int64_t g = 0; g < G; ++g)
-              kt_->rows.add_row(sc.o.get() + (i * G + g) * g_.Dvp, sc.otmp.get() + (e * G + g) * g_.Dvp, g_.Dvp);
-          }
+                         !repeated);
+          if (repeated)
+            for (int64_t e = 0; e < n; ++e) {
+              const int64_t i = ids[e] / K;
+              for (int64_t g = 0; g < G; ++g)
+                kt_->rows.add_row(sc.o.get() + (i * G + g) * g_.Dvp, sc.otmp.get() + (e * G + g) * g_.Dvp, g_.Dvp);
+            }
         });
 
     // 5. outputs
