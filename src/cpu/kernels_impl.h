@@ -252,14 +252,18 @@ inline void store_row_impl(const float* src, void* dst, int64_t n, nsa::DType dt
     __builtin_memcpy(static_cast<char*>(dst) + full * esz, out, esz * static_cast<size_t>(n - full));
   }
 }
-// Rows of 64-byte lines to 64-byte aligned memory: each line built in an aligned stack buffer (one vector store
-// of V::W elements per piece) and written with non-temporal stores of the same pieces (V::stream64) where the ISA
-// has them.
+// Rows of 64-byte lines to 64-byte aligned memory, written with non-temporal stores where the ISA has them: each line
+// assembled in a register (V::stream_line, where the traits have it), or else built in an aligned stack buffer (one
+// vector store of V::W elements per piece) and written in the same pieces (V::stream64).
 inline void store_row_stream_impl(const float* src, void* dst, int64_t n, nsa::DType dt) {
   const int64_t esz = (dt == nsa::DType::kBF16 || dt == nsa::DType::kF16) ? 2 : 4;
   if (!V::kStream || (reinterpret_cast<uintptr_t>(dst) & 63) != 0 || (n * esz) % 64 != 0)
     return store_row_impl(src, dst, n, dt);
   const int64_t per_line = 64 / esz;
+  if constexpr (V::kStreamLine) {  // lines built in registers
+    for (int64_t i = 0; i < n; i += per_line) V::stream_line(static_cast<char*>(dst) + i * esz, src + i, dt);
+    return;
+  }
   for (int64_t i = 0; i < n; i += per_line) {
     alignas(64) unsigned char line[64];
     for (int64_t j = 0; j < per_line; j += V::W) store_vec(src + i + j, line + j * esz, 0, dt);

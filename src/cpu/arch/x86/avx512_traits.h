@@ -21,6 +21,24 @@ struct V : nsa::cpu::Avx512Vector<V> {
     }
   }
   static void stream_fence() { _mm_sfence(); }
+  // One 64-byte line of a row store: src[0..64 / element size) rounded to dt as store_row does (bf16 / fp16 nearest
+  // even, fp32 as is), assembled in a register and written with one non-temporal store to dst (64-byte aligned).
+  static constexpr bool kStreamLine = true;
+  static void stream_line(void* dst, const float* src, nsa::DType dt) {
+    __m512i line;
+    if (dt == nsa::DType::kBF16) {
+      const __m256i a = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(load(src))), 16));
+      const __m256i b = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(load(src + 16))), 16));
+      line = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+    } else if (dt == nsa::DType::kF16) {
+      const __m256i a = _mm512_cvtps_ph(load(src), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i b = _mm512_cvtps_ph(load(src + 16), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      line = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+    } else {
+      line = _mm512_castps_si512(load(src));
+    }
+    _mm512_stream_si512(static_cast<__m512i*>(dst), line);
+  }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
