@@ -6,8 +6,8 @@
 // V must provide: type F, constexpr int W (fp32 lanes), zero(), load(p), store(p, v), set1(x),
 // fma(a, b, c) = a*b + c (fused), add, sub, mul, div, max(a, b) (returns b when either is NaN),
 // min(a, b), rint(x) (nearest even), scale2(p, n) (p * 2^n rounded once, p in [0.5, 2], integral n in
-// [-160, 128]), add_row-friendly loads/stores, kStream / stream64(dst, line, piece) (non-temporal
-// stores of an aligned 64-byte line written in pieces of `piece` bytes, dst 64-byte aligned) / stream_fence(),
+// [-160, 128]), add_row-friendly loads/stores, kStream / stream_line(dst, src, dtype) (one 64-byte
+// line of src rounded as store_row does, written with non-temporal stores to 64-byte aligned dst) / stream_fence(),
 // keep_nan(x, r) (x where x is NaN, else r), round_bf16(x), round_f16(x) (float -> dtype -> float,
 // nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable),
 // count_ge(p, v) (number of p[0..W) >= v, NaN never counting).
@@ -252,23 +252,14 @@ inline void store_row_impl(const float* src, void* dst, int64_t n, nsa::DType dt
     __builtin_memcpy(static_cast<char*>(dst) + full * esz, out, esz * static_cast<size_t>(n - full));
   }
 }
-// Rows of 64-byte lines to 64-byte aligned memory, written with non-temporal stores where the ISA has them: each line
-// assembled in a register (V::stream_line, where the traits have it), or else built in an aligned stack buffer (one
-// vector store of V::W elements per piece) and written in the same pieces (V::stream64).
+// Rows of 64-byte lines to 64-byte aligned memory: each line assembled in registers and written with non-temporal
+// stores (V::stream_line) where the ISA has them, else store_row.
 inline void store_row_stream_impl(const float* src, void* dst, int64_t n, nsa::DType dt) {
   const int64_t esz = (dt == nsa::DType::kBF16 || dt == nsa::DType::kF16) ? 2 : 4;
   if (!V::kStream || (reinterpret_cast<uintptr_t>(dst) & 63) != 0 || (n * esz) % 64 != 0)
     return store_row_impl(src, dst, n, dt);
   const int64_t per_line = 64 / esz;
-  if constexpr (V::kStreamLine) {  // lines built in registers
-    for (int64_t i = 0; i < n; i += per_line) V::stream_line(static_cast<char*>(dst) + i * esz, src + i, dt);
-    return;
-  }
-  for (int64_t i = 0; i < n; i += per_line) {
-    alignas(64) unsigned char line[64];
-    for (int64_t j = 0; j < per_line; j += V::W) store_vec(src + i + j, line + j * esz, 0, dt);
-    V::stream64(static_cast<char*>(dst) + i * esz, line, static_cast<int>(V::W * esz));
-  }
+  for (int64_t i = 0; i < n; i += per_line) V::stream_line(static_cast<char*>(dst) + i * esz, src + i, dt);
 }
 inline void stream_fence_impl() { V::stream_fence(); }
 

@@ -16,11 +16,6 @@ template <typename FT, typename Self>
 struct VectorBase {
   using F = FT;
   static constexpr int W = static_cast<int>(sizeof(F) / sizeof(float));  // fp32 lanes
-  // stream_line(dst, src, dtype): one 64-byte line of a row store assembled in a register (store_row_stream_impl);
-  // only where kStreamLine (the traits that define it), else never called
-  static constexpr bool kStreamLine = false;
-  template <typename DT>
-  static void stream_line(void*, const float*, DT) {}
   static F zero() { return F{}; }
   static F set1(float x) { return x - F{}; }  // x - 0 == x exactly for every x (signed zeros, inf, NaN): a broadcast
   static F load(const float* p) {

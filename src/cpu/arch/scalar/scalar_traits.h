@@ -11,7 +11,7 @@ struct V : nsa::cpu::ScalarVector<V> {
   static constexpr int kSliceVectors = 8;
   static constexpr int kMaxRows = 3;
   static constexpr bool kStream = false;  // plain stores (store_row_stream falls back to store_row)
-  static void stream64(void*, const void*, int) {}
+  static void stream_line(void*, const float*, nsa::DType) {}  // never called (kStream false)
   static void stream_fence() {}
   static F fma(F a, F b, F c) { return std::fma(a, b, c); }
   static F max(F a, F b) { return a > b ? a : b; }  // NaN in either -> b (as maxps)

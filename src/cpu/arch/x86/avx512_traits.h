@@ -6,24 +6,9 @@ struct V : nsa::cpu::Avx512Vector<V> {
   static constexpr int kSliceVectors = 4;  // 64 columns: the whole panel
   static constexpr int kMaxRows = 6;       // 24 accumulators + 4 B vectors + broadcast
   static constexpr bool kStream = true;
-  // one 64-byte line from an aligned buffer written in pieces of `piece` bytes (16, 32 or 64): read back piece by
-  // piece, so that each load is forwarded from the one store that wrote it (a 64-byte load over two 32-byte stores
-  // waits until they reach the cache)
-  static void stream64(void* dst, const void* line, int piece) {
-    if (piece == 64) {
-      _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(line));
-    } else if (piece == 32) {
-      for (int k = 0; k < 2; ++k)
-        _mm256_stream_si256(static_cast<__m256i*>(dst) + k, _mm256_load_si256(static_cast<const __m256i*>(line) + k));
-    } else {
-      for (int k = 0; k < 4; ++k)
-        _mm_stream_si128(static_cast<__m128i*>(dst) + k, _mm_load_si128(static_cast<const __m128i*>(line) + k));
-    }
-  }
   static void stream_fence() { _mm_sfence(); }
   // One 64-byte line of a row store: src[0..64 / element size) rounded to dt as store_row does (bf16 / fp16 nearest
   // even, fp32 as is), assembled in a register and written with one non-temporal store to dst (64-byte aligned).
-  static constexpr bool kStreamLine = true;
   static void stream_line(void* dst, const float* src, nsa::DType dt) {
     __m512i line;
     if (dt == nsa::DType::kBF16) {

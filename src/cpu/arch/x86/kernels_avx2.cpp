@@ -15,15 +15,23 @@ struct V : nsa::cpu::Avx2Vector<V> {
   static constexpr int kSliceVectors = 2;  // 16 columns: a quarter of a panel
   static constexpr int kMaxRows = 6;
   static constexpr bool kStream = true;
-  // one 64-byte line from an aligned buffer written in pieces of `piece` bytes (16 or 32), read back piece by piece
-  // (each load forwarded from the store that wrote it)
-  static void stream64(void* dst, const void* line, int piece) {
-    if (piece >= 32) {
-      for (int k = 0; k < 2; ++k)
-        _mm256_stream_si256(static_cast<__m256i*>(dst) + k, _mm256_load_si256(static_cast<const __m256i*>(line) + k));
-    } else {
-      for (int k = 0; k < 4; ++k)
-        _mm_stream_si128(static_cast<__m128i*>(dst) + k, _mm_load_si128(static_cast<const __m128i*>(line) + k));
+  // One 64-byte line of a row store: src[0..64 / element size) rounded to dt as store_row does (bf16 / fp16 nearest
+  // even, fp32 as is), assembled in registers and written with two non-temporal stores to dst (64-byte aligned).
+  static void stream_line(void* dst, const float* src, nsa::DType dt) {
+    __m256i* out = static_cast<__m256i*>(dst);
+    for (int h = 0; h < 2; ++h) {  // 32 bytes each
+      __m256i half;
+      if (dt == nsa::DType::kBF16) {  // 16 values: the high halves of two rounded vectors, packed (exact: <= 0xffff)
+        const __m256i a = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(load(src + 16 * h))), 16);
+        const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(round_bf16(load(src + 16 * h + 8))), 16);
+        half = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);  // packus interleaves the 128-bit lanes
+      } else if (dt == nsa::DType::kF16) {
+        half = _mm256_set_m128i(_mm256_cvtps_ph(load(src + 16 * h + 8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                _mm256_cvtps_ph(load(src + 16 * h), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      } else {
+        half = _mm256_castps_si256(load(src + 8 * h));
+      }
+      _mm256_stream_si256(out + h, half);
     }
   }
   static void stream_fence() { _mm_sfence(); }
