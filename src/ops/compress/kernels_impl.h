@@ -144,6 +144,22 @@ inline void weighted_tile(const void* const* rows, const float* wts, int64_t m, 
 
 constexpr int kTileVectors = 8;  // accumulators per tile (8 of the 16 / 32 vector registers)
 
+// The last n < kTileVectors vectors of a row as one tile: tile.template operator()<n>() (nothing for n = 0).
+template <typename Tile>
+inline void with_tail_vectors(int64_t n, Tile&& tile) {
+  static_assert(kTileVectors == 8, "one case per tail width below kTileVectors");
+  switch (n) {
+    case 1: tile.template operator()<1>(); break;
+    case 2: tile.template operator()<2>(); break;
+    case 3: tile.template operator()<3>(); break;
+    case 4: tile.template operator()<4>(); break;
+    case 5: tile.template operator()<5>(); break;
+    case 6: tile.template operator()<6>(); break;
+    case 7: tile.template operator()<7>(); break;
+    default: break;
+  }
+}
+
 // bf16 rows in pairs of vectors: 2W consecutive bf16 values read as W 32-bit lanes u hold column 2k in the low
 // half and column 2k+1 in the high half of lane k, so u << 16 is the fp32 value of the even column and
 // u & 0xffff0000 that of the odd one: two exact widenings with one integer operation each, instead of a
@@ -258,16 +274,8 @@ inline void weighted_rows_rest(const void* const* rows, const float* wts, int64_
   for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
     weighted_tile<DT, kTileVectors>(rows, wts, m, v0 * V::W, out, away, v0 == 0 ? pf : 0, row_bytes);
   const int64_t j0 = v0 * V::W, tp = v0 == 0 ? pf : 0;
-  switch (nvec - v0) {
-    case 1: weighted_tile<DT, 1>(rows, wts, m, j0, out, away, tp, row_bytes); break;
-    case 2: weighted_tile<DT, 2>(rows, wts, m, j0, out, away, tp, row_bytes); break;
-    case 3: weighted_tile<DT, 3>(rows, wts, m, j0, out, away, tp, row_bytes); break;
-    case 4: weighted_tile<DT, 4>(rows, wts, m, j0, out, away, tp, row_bytes); break;
-    case 5: weighted_tile<DT, 5>(rows, wts, m, j0, out, away, tp, row_bytes); break;
-    case 6: weighted_tile<DT, 6>(rows, wts, m, j0, out, away, tp, row_bytes); break;
-    case 7: weighted_tile<DT, 7>(rows, wts, m, j0, out, away, tp, row_bytes); break;
-    default: break;
-  }
+  with_tail_vectors(nvec - v0,
+                    [&]<int NV>() { weighted_tile<DT, NV>(rows, wts, m, j0, out, away, tp, row_bytes); });
   for (int64_t j = nvec * V::W; j < D; ++j) {  // the last D % W columns, same operations one at a time
     float acc = 0.0f;
     for (int64_t i = 0; i < m; ++i) acc = acc + wts[i] * load1<DT>(rows[i], j);
@@ -335,16 +343,8 @@ inline void weighted_rows_shared_t(const float* const* rows32, const float* cons
   for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
     shared_tile<DT, kTileVectors>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
   const int64_t j0 = v0 * V::W;
-  switch (nvec - v0) {
-    case 1: shared_tile<DT, 1>(rows32, wts, P, m, j0, out, out_stride, away); break;
-    case 2: shared_tile<DT, 2>(rows32, wts, P, m, j0, out, out_stride, away); break;
-    case 3: shared_tile<DT, 3>(rows32, wts, P, m, j0, out, out_stride, away); break;
-    case 4: shared_tile<DT, 4>(rows32, wts, P, m, j0, out, out_stride, away); break;
-    case 5: shared_tile<DT, 5>(rows32, wts, P, m, j0, out, out_stride, away); break;
-    case 6: shared_tile<DT, 6>(rows32, wts, P, m, j0, out, out_stride, away); break;
-    case 7: shared_tile<DT, 7>(rows32, wts, P, m, j0, out, out_stride, away); break;
-    default: break;
-  }
+  with_tail_vectors(nvec - v0,
+                    [&]<int NV>() { shared_tile<DT, NV>(rows32, wts, P, m, j0, out, out_stride, away); });
   for (int64_t j = nvec * V::W; j < D; ++j)  // the last D % W columns, same operations one at a time
     for (int64_t p = 0; p < P; ++p) {
       float acc = 0.0f;
