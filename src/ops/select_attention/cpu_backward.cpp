@@ -166,6 +166,8 @@ class Backward : CallState {
     std::vector<int32_t> vis;          // per gathered row: visible entries of its slot
     std::vector<const E*> qrow, orow;  // phase A: per gathered row, its Q and dO row in the tile
     std::vector<float*> srow, dprow;   // phase A: per gathered row, its S and dP rows
+    std::vector<const E*> dsrow;       // phase A: per gathered row, its dS row (A of dQ += dS K)
+    std::vector<float*> dqrow;         // phase A: per gathered row, its tile row's dQ accumulator
 
     void init(const Backward& bw) {
       const Geo& g = bw.g_;
@@ -198,6 +200,8 @@ class Backward : CallState {
       orow.resize(static_cast<size_t>(Rc));
       srow.resize(static_cast<size_t>(Rc));
       dprow.resize(static_cast<size_t>(Rc));
+      dsrow.resize(static_cast<size_t>(Rc));
+      dqrow.resize(static_cast<size_t>(Rc));
     }
   };
 
@@ -401,12 +405,12 @@ class Backward : CallState {
             for (int64_t e = 0; e < n; ++e) {
               const int64_t i = ids[e] / K;
               for (int64_t g = 0; g < G; ++g) {
-                sc.qrow[static_cast<size_t>(e * G + g)] = ds + (e * G + g) * lpp;
-                sc.srow[static_cast<size_t>(e * G + g)] = sc.dq.get() + (i * G + g) * g_.Dp;
+                sc.dsrow[static_cast<size_t>(e * G + g)] = ds + (e * G + g) * lpp;
+                sc.dqrow[static_cast<size_t>(e * G + g)] = sc.dq.get() + (i * G + g) * g_.Dp;
               }
             }
-            P::gemm_gather(kt_, sc.qrow.data(), rows, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp, sc.srow.data(), 1.0f,
-                           true);
+            P::gemm_gather(kt_, sc.dsrow.data(), rows, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqrow.data(),
+                           1.0f, true);
             return;
           }
           P::gemm(kt_, ds, lpp, rows, ktp(ub.slot), lpp * kPanel, 0, g_.Dp, lpp, sc.dqt.get(), g_.Dp, 1.0f, false);
