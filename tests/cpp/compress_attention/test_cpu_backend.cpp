@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/aligned_buffer.h"
@@ -868,13 +869,13 @@ TEST(CpuKernels, GatheredGemmEqualsStridedGemmOnEveryIsa) {
               const int64_t ncols_b = 128;  // two panels
               std::vector<float> init(static_cast<size_t>((2 * R + 2) * ldc));
               for (auto& x : init) x = nd(rng);
-              // fp32
-              {
-                std::vector<float> A(static_cast<size_t>(pool * lda)), B(static_cast<size_t>(P * ncols_b));
-                for (auto& x : A) x = nd(rng);
-                for (auto& x : B) x = nd(rng);
-                std::vector<float> Ad(static_cast<size_t>(R * lda)), Cd(static_cast<size_t>(R * ldc)), Cg = init;
-                std::vector<const float*> ar(static_cast<size_t>(R));
+              // One GEMM through the strided entry (the picked A rows and the placed C rows copied together) and
+              // through the gathered one (in place); every C element equal, rows no GEMM row maps to untouched.
+              auto compare = [&](const char* path, const auto& A, auto strided, auto gathered) {
+                using T = typename std::decay_t<decltype(A)>::value_type;
+                std::vector<T> Ad(static_cast<size_t>(R * lda));
+                std::vector<float> Cd(static_cast<size_t>(R * ldc)), Cg = init;
+                std::vector<const T*> ar(static_cast<size_t>(R));
                 std::vector<float*> cr(static_cast<size_t>(R));
                 for (int64_t r = 0; r < R; ++r) {
                   std::copy_n(A.data() + pick[static_cast<size_t>(r)] * lda, lda, Ad.data() + r * lda);
@@ -882,40 +883,45 @@ TEST(CpuKernels, GatheredGemmEqualsStridedGemmOnEveryIsa) {
                   ar[static_cast<size_t>(r)] = A.data() + pick[static_cast<size_t>(r)] * lda;
                   cr[static_cast<size_t>(r)] = Cg.data() + place[static_cast<size_t>(r)] * ldc;
                 }
-                kt->gemm.f32(Ad.data(), lda, R, B.data(), P * 64, c0, nc, P, kc, Cd.data(), ldc, alpha, acc);
-                kt->gemm.f32_gather(ar.data(), R, B.data(), P * 64, c0, nc, P, kc, cr.data(), alpha, acc);
+                strided(Ad.data(), Cd.data());
+                gathered(ar.data(), cr.data());
                 for (int64_t r = 0; r < R; ++r)
                   for (int64_t j = 0; j < ldc; ++j)
                     ASSERT_EQ(nsa::detail::f32_bits(Cd[static_cast<size_t>(r * ldc + j)]),
                               nsa::detail::f32_bits(Cg[static_cast<size_t>(place[static_cast<size_t>(r)] * ldc + j)]))
-                        << "f32 R=" << R << " P=" << P << " c0=" << c0 << " nc=" << nc << " kc=" << kc << " r=" << r
-                        << " j=" << j;
-                for (int64_t r = 0; r <= 2 * R + 1; r += 2)  // rows no GEMM row maps to keep their values
+                        << path << " R=" << R << " P=" << P << " c0=" << c0 << " nc=" << nc << " kc=" << kc
+                        << " r=" << r << " j=" << j;
+                for (int64_t r = 0; r <= 2 * R + 1; r += 2)
                   for (int64_t j = 0; j < ldc; ++j)
-                    ASSERT_EQ(nsa::detail::f32_bits(Cg[static_cast<size_t>(r * ldc + j)]), nsa::detail::f32_bits(init[static_cast<size_t>(r * ldc + j)]));
+                    ASSERT_EQ(nsa::detail::f32_bits(Cg[static_cast<size_t>(r * ldc + j)]),
+                              nsa::detail::f32_bits(init[static_cast<size_t>(r * ldc + j)]))
+                        << path << " untouched row " << r;
+              };
+              {
+                std::vector<float> A(static_cast<size_t>(pool * lda)), B(static_cast<size_t>(P * ncols_b));
+                for (auto& x : A) x = nd(rng);
+                for (auto& x : B) x = nd(rng);
+                compare(
+                    "f32", A,
+                    [&](const float* a, float* c) {
+                      kt->gemm.f32(a, lda, R, B.data(), P * 64, c0, nc, P, kc, c, ldc, alpha, acc);
+                    },
+                    [&](const float* const* ar, float* const* cr) {
+                      kt->gemm.f32_gather(ar, R, B.data(), P * 64, c0, nc, P, kc, cr, alpha, acc);
+                    });
               }
               if (kt->gemm.bf16 != nullptr) {
                 std::vector<uint16_t> A(static_cast<size_t>(pool * lda)), B(static_cast<size_t>(2 * P * ncols_b));
                 for (auto& x : A) x = nsa::detail::f32_to_bf16(nd(rng));
                 for (auto& x : B) x = nsa::detail::f32_to_bf16(nd(rng));
-                std::vector<uint16_t> Ad(static_cast<size_t>(R * lda));
-                std::vector<float> Cd(static_cast<size_t>(R * ldc)), Cg = init;
-                std::vector<const uint16_t*> ar(static_cast<size_t>(R));
-                std::vector<float*> cr(static_cast<size_t>(R));
-                for (int64_t r = 0; r < R; ++r) {
-                  std::copy_n(A.data() + pick[static_cast<size_t>(r)] * lda, lda, Ad.data() + r * lda);
-                  std::copy_n(init.data() + place[static_cast<size_t>(r)] * ldc, ldc, Cd.data() + r * ldc);
-                  ar[static_cast<size_t>(r)] = A.data() + pick[static_cast<size_t>(r)] * lda;
-                  cr[static_cast<size_t>(r)] = Cg.data() + place[static_cast<size_t>(r)] * ldc;
-                }
-                kt->gemm.bf16(Ad.data(), lda, R, B.data(), P * 128, c0, nc, P, kc, Cd.data(), ldc, alpha, acc);
-                kt->gemm.bf16_gather(ar.data(), R, B.data(), P * 128, c0, nc, P, kc, cr.data(), alpha, acc);
-                for (int64_t r = 0; r < R; ++r)
-                  for (int64_t j = 0; j < ldc; ++j)
-                    ASSERT_EQ(nsa::detail::f32_bits(Cd[static_cast<size_t>(r * ldc + j)]),
-                              nsa::detail::f32_bits(Cg[static_cast<size_t>(place[static_cast<size_t>(r)] * ldc + j)]))
-                        << "bf16 R=" << R << " P=" << P << " c0=" << c0 << " nc=" << nc << " kc=" << kc << " r=" << r
-                        << " j=" << j;
+                compare(
+                    "bf16", A,
+                    [&](const uint16_t* a, float* c) {
+                      kt->gemm.bf16(a, lda, R, B.data(), P * 128, c0, nc, P, kc, c, ldc, alpha, acc);
+                    },
+                    [&](const uint16_t* const* ar, float* const* cr) {
+                      kt->gemm.bf16_gather(ar, R, B.data(), P * 128, c0, nc, P, kc, cr, alpha, acc);
+                    });
               }
               ++checked;
             }
@@ -929,8 +935,8 @@ TEST(CpuKernels, GatheredGemmEqualsStridedGemmOnEveryIsa) {
 
 
 // RowKernels::store_row_stream on every ISA table, bf16 / fp16 / fp32, against store_row byte for byte: rows of whole
-// 64-byte lines to aligned memory (the streamed path: a line assembled in a register on AVX-512, in a stack buffer
-// otherwise) and rows that are not (the plain fallback), with NaN payloads, +-inf, signed zeros, subnormals, bf16 /
+// 64-byte lines to aligned memory (the streamed path: a line assembled in registers on AVX2 and AVX-512; the scalar
+// path stores plainly) and rows that are not (the plain fallback), with NaN payloads, +-inf, signed zeros, subnormals, bf16 /
 // fp16 rounding ties and values past the fp16 range.
 TEST(CpuKernels, StreamedRowStoresEqualPlainStores) {
   std::mt19937_64 rng(53);
