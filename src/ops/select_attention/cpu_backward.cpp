@@ -107,7 +107,7 @@ class Backward : CallState {
     const int64_t n_dlt = (g_.T1 + kDltChunk - 1) / kDltChunk;
     cpu::parallel_for(n_packed + n_dlt + 1, workers, [&](int64_t i, int w) {
       if (i < n_packed) {
-        pack<kPairs>(f_, i, packs_.get());
+        pack<kPairs>(f_, i, packs_.get(), scratch[static_cast<size_t>(w)].stage.get());
       } else if (i < n_packed + n_dlt) {
         compute_dlt((i - n_packed) * kDltChunk, std::min(g_.T1, (i - n_packed + 1) * kDltChunk),
                     scratch[static_cast<size_t>(w)]);
@@ -168,6 +168,7 @@ class Backward : CallState {
     std::vector<float*> srow, dprow;   // phase A: per gathered row, its S and dP rows
     std::vector<const E*> dsrow;       // phase A: per gathered row, its dS row (A of dQ += dS K)
     std::vector<float*> dqrow;         // phase A: per gathered row, its tile row's dQ accumulator
+    AlignedBuf<E> stage;               // [lpp][max(Dr, Dvr)] key / value rows of a block being packed
 
     void init(const Backward& bw) {
       const Geo& g = bw.g_;
@@ -202,6 +203,7 @@ class Backward : CallState {
       dprow.resize(static_cast<size_t>(Rc));
       dsrow.resize(static_cast<size_t>(Rc));
       dqrow.resize(static_cast<size_t>(Rc));
+      stage.reset(bw.stage_elems());
     }
   };
 

@@ -239,9 +239,11 @@ struct CallState {
   }
 
   // Packs the i-th reached block (bt_.packed_id[i]) into packs + i * block_elems (pack_block, below) and records
-  // whether its K / V hold non-finite values.
+  // whether its K / V hold non-finite values. stage: stage_elems() elements of the calling worker.
   template <bool kPairs>
-  void pack(const SelectAttentionParams& f, int64_t i, typename Path<kPairs>::E* packs);
+  void pack(const SelectAttentionParams& f, int64_t i, typename Path<kPairs>::E* packs,
+            typename Path<kPairs>::E* stage);
+  int64_t stage_elems() const { return g_.lpp * std::max(g_.Dr, g_.Dvr); }
 
   // The query tiles of the call, batch by batch, bq query rows each (the last one of a batch shorter), and KV head:
   // fn(b, s0, s1, n2, visible), rows [s0, s1) of batch b, with `visible` the number of visible entries of those rows
@@ -331,38 +333,105 @@ inline void mark_blocks(const SelectAttentionParams& p, const Geo& g, const std:
   bt.dirty_v.assign(static_cast<size_t>(n), 0);
 }
 
+// Rows [0, valid) of block x of (batch bi, KV head n2) of a key or value tensor as operand elements (bf16 bits on
+// the pairs path, fp32 otherwise), row c at ptr + c * ld, n elements then zeros up to n_pad: read in place where
+// the tensor's rows are already that (contiguous, no padding, 32-bit aligned words), else staged in `stage`
+// (valid * n_pad elements, allocated by the caller).
+template <bool kPairs>
+struct BlockRows {
+  const typename Path<kPairs>::E* ptr;
+  int64_t ld;
+};
+
+template <bool kPairs>
+BlockRows<kPairs> block_rows(const KernelTable* kt, const Tensor3& t, DType dt, int64_t row0, int64_t n2,
+                             int64_t valid, int64_t n, int64_t n_pad, typename Path<kPairs>::E* stage) {
+  using E = typename Path<kPairs>::E;
+  const int64_t off = row0 * t.stride[0] + n2 * t.stride[1];
+  const bool same_type = kPairs ? dt == DType::kBF16 : dt == DType::kF32;  // pairs: bf16 inputs only
+  if (same_type && t.stride[2] == 1 && n == n_pad && (!kPairs || t.stride[0] % 2 == 0)) {
+    const E* ptr = static_cast<const E*>(t.data) + off;
+    if (reinterpret_cast<uintptr_t>(ptr) % 4 == 0) return {ptr, t.stride[0]};
+  }
+  for (int64_t c = 0; c < valid; ++c)
+    load_operand_row<kPairs>(kt, t, dt, row0 + c, n2, n, n_pad, stage + c * n_pad);
+  return {stage, n_pad};
+}
+
+// Whether one of the first n elements of `valid` rows is inf or NaN.
+template <bool kPairs>
+bool any_non_finite(const BlockRows<kPairs>& r, int64_t valid, int64_t n) {
+  bool bad = false;
+  for (int64_t c = 0; c < valid; ++c) {
+    const typename Path<kPairs>::E* row = r.ptr + c * r.ld;
+    if constexpr (kPairs) {
+      unsigned acc = 0;
+      for (int64_t d = 0; d < n; ++d) acc |= (row[d] & 0x7f80u) == 0x7f80u;
+      bad |= acc != 0;
+    } else {
+      for (int64_t d = 0; d < n; ++d) bad |= !std::isfinite(row[d]);
+    }
+  }
+  return bad;
+}
+
+// Rows [0, valid) as the B operand of a product reducing over them (KT, VO): element (row c, column d < n) at
+// panels[P::b_index(c, d, red)]; columns are in panels of 64, rows in units of U (bf16 pairs: the word of rows
+// 2i, 2i + 1 holds row 2i in its low half, a missing last partner is 0). The other elements are left as they are.
+template <bool kPairs>
+void rows_into_reduction_panels(const BlockRows<kPairs>& r, int64_t valid, int64_t n, int64_t red,
+                                typename Path<kPairs>::E* panels) {
+  for (int64_t d0 = 0; d0 < n; d0 += kPanel) {
+    const int64_t m = std::min(kPanel, n - d0);
+    if constexpr (kPairs) {
+      uint32_t* out = reinterpret_cast<uint32_t*>(panels + (d0 / kPanel) * red * kPanel);
+      for (int64_t c = 0; c < valid; c += 2) {
+        const uint16_t* a = r.ptr + c * r.ld + d0;
+        uint32_t* w = out + (c / 2) * kPanel;
+        if (c + 1 < valid) {
+          const uint16_t* b = a + r.ld;
+          for (int64_t e = 0; e < m; ++e) w[e] = static_cast<uint32_t>(a[e]) | static_cast<uint32_t>(b[e]) << 16;
+        } else {
+          for (int64_t e = 0; e < m; ++e) w[e] = a[e];
+        }
+      }
+    } else {
+      float* out = panels + (d0 / kPanel) * red * kPanel;
+      for (int64_t c = 0; c < valid; ++c)
+        std::memcpy(out + c * kPanel, r.ptr + c * r.ld + d0, sizeof(float) * static_cast<size_t>(m));
+    }
+  }
+}
+
 // Packs block x of (batch bi, KV head n2) into dst (g.block_elems elements: KQ, VO, VD, KT in this order, each
-// present when its size is not 0) and reports non-finite valid elements of K and V.
+// present when its size is not 0) and reports non-finite valid elements of K and V. KQ and VD take the rows as
+// panel columns (one transpose per 64 keys), KT and VO as reduction rows; keys past the block's valid ones stay 0.
+// stage: lpp * max(Dr, Dvr) elements (block_rows).
 template <bool kPairs>
 void pack_block(const KernelTable* kt, const SelectAttentionParams& p, const Geo& g, const BatchInfo& bi, int64_t x,
-                int64_t n2, typename Path<kPairs>::E* dst, uint8_t* dirty_k, uint8_t* dirty_v) {
+                int64_t n2, typename Path<kPairs>::E* dst, uint8_t* dirty_k, uint8_t* dirty_v,
+                typename Path<kPairs>::E* stage) {
   using P = Path<kPairs>;
   using E = typename P::E;
+  constexpr int64_t U = P::U;
   std::memset(dst, 0, sizeof(E) * static_cast<size_t>(g.block_elems));
   E* kq = dst;
   E* vo = kq + g.kq;
   E* vd = vo + g.vo;
   E* ktp = vd + g.vd;
   const int64_t valid = std::min(g.block, bi.skv - x * g.block);  // keys of the block below Skv_b
-  std::vector<E> row(static_cast<size_t>(std::max(g.Dr, g.Dvr)));
-  bool bad_k = false, bad_v = false;
-  for (int64_t c = 0; c < valid; ++c) {
-    const int64_t key_row = bi.k_begin + x * g.block + c;
-    load_operand_row<kPairs>(kt, p.key, p.dtype, key_row, n2, g.D, g.Dr, row.data());
-    for (int64_t d = 0; d < g.D; ++d) {
-      bad_k |= non_finite<kPairs>(row[static_cast<size_t>(d)]);
-      kq[P::b_index(d, c, g.Dr)] = row[static_cast<size_t>(d)];
-      if (g.kt) ktp[P::b_index(c, d, g.lpp)] = row[static_cast<size_t>(d)];
-    }
-    load_operand_row<kPairs>(kt, p.value, p.dtype, key_row, n2, g.Dv, g.Dvr, row.data());
-    for (int64_t e = 0; e < g.Dv; ++e) {
-      bad_v |= non_finite<kPairs>(row[static_cast<size_t>(e)]);
-      if (g.vo) vo[P::b_index(c, e, g.lpp)] = row[static_cast<size_t>(e)];
-      if (g.vd) vd[P::b_index(e, c, g.Dvr)] = row[static_cast<size_t>(e)];
-    }
-  }
-  *dirty_k = bad_k;
-  *dirty_v = bad_v;
+  const int64_t row0 = bi.k_begin + x * g.block;
+  const BlockRows<kPairs> k = block_rows<kPairs>(kt, p.key, p.dtype, row0, n2, valid, g.D, g.Dr, stage);
+  *dirty_k = any_non_finite(k, valid, g.D);
+  transpose_rows_into_panels(*kt, reinterpret_cast<const uint32_t*>(k.ptr), k.ld / U, valid, g.Dr / U, 0, g.Dr / U,
+                             reinterpret_cast<uint32_t*>(kq));
+  if (g.kt) rows_into_reduction_panels(k, valid, g.D, g.lpp, ktp);
+  const BlockRows<kPairs> v = block_rows<kPairs>(kt, p.value, p.dtype, row0, n2, valid, g.Dv, g.Dvr, stage);
+  *dirty_v = any_non_finite(v, valid, g.Dv);
+  if (g.vo) rows_into_reduction_panels(v, valid, g.Dv, g.lpp, vo);
+  if (g.vd)
+    transpose_rows_into_panels(*kt, reinterpret_cast<const uint32_t*>(v.ptr), v.ld / U, valid, g.Dvr / U, 0,
+                               g.Dvr / U, reinterpret_cast<uint32_t*>(vd));
 }
 
 // The entries of a query tile grouped by block (see the header comment).
@@ -447,11 +516,12 @@ inline int64_t CallState::mark(const SelectAttentionParams& f) {
 }
 
 template <bool kPairs>
-void CallState::pack(const SelectAttentionParams& f, int64_t i, typename Path<kPairs>::E* packs) {
+void CallState::pack(const SelectAttentionParams& f, int64_t i, typename Path<kPairs>::E* packs,
+                     typename Path<kPairs>::E* stage) {
   int64_t b, x, n2;
   decode(bt_.packed_id[static_cast<size_t>(i)], &b, &x, &n2);
   pack_block<kPairs>(kt_, f, g_, batches_[static_cast<size_t>(b)], x, n2, packs + i * g_.block_elems,
-                     &bt_.dirty_k[static_cast<size_t>(i)], &bt_.dirty_v[static_cast<size_t>(i)]);
+                     &bt_.dirty_k[static_cast<size_t>(i)], &bt_.dirty_v[static_cast<size_t>(i)], stage);
 }
 
 // Block u of a query tile's union (block x of batch b, KV head n2): its packed slot, the keys it holds inside the

@@ -90,8 +90,8 @@ class Forward : CallState {
     for (Scratch& sc : scratch) sc.init(*this);
 
     // pack the reached blocks
-    cpu::parallel_for(n_packed, workers, [&](int64_t i, int) {
-      pack<kPairs>(p_, i, packs_.get());
+    cpu::parallel_for(n_packed, workers, [&](int64_t i, int w) {
+      pack<kPairs>(p_, i, packs_.get(), scratch[static_cast<size_t>(w)].stage.get());
     });
     cpu::parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t t, int w) {
       const Task& tk = tasks[static_cast<size_t>(t)];
@@ -110,6 +110,7 @@ class Forward : CallState {
     AlignedBuf<float> o;     // [R][Dvp] output accumulators
     std::vector<float> m, l;
     TileEntries te;
+    AlignedBuf<E> stage;     // [lpp][max(Dr, Dvr)] key / value rows of a block being packed
     void init(const Forward& f) {
       const Geo& g = f.g_;
       const int64_t R = f.rmax_;
@@ -123,6 +124,7 @@ class Forward : CallState {
       m.resize(static_cast<size_t>(R));
       l.resize(static_cast<size_t>(R));
       te.init(f.bq_, g.K, g.max_blocks);
+      stage.reset(f.stage_elems());
     }
   };
 
