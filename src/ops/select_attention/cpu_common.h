@@ -361,9 +361,15 @@ BlockRows<kPairs> block_rows(const KernelTable* kt, const Tensor3& t, DType dt, 
 // Whether one of the first n elements of `valid` rows is inf or NaN.
 template <bool kPairs>
 bool any_non_finite(const BlockRows<kPairs>& r, int64_t valid, int64_t n) {
+  constexpr int64_t kAhead = 4;  // rows prefetched ahead: the first reads of a block's rows come from memory
+  const int64_t line = 64 / static_cast<int64_t>(sizeof(typename Path<kPairs>::E));
+  for (int64_t c = 0; c < std::min(kAhead, valid); ++c)
+    for (int64_t d = 0; d < n; d += line) __builtin_prefetch(r.ptr + c * r.ld + d);
   bool bad = false;
   for (int64_t c = 0; c < valid; ++c) {
     const typename Path<kPairs>::E* row = r.ptr + c * r.ld;
+    if (c + kAhead < valid)
+      for (int64_t d = 0; d < n; d += line) __builtin_prefetch(row + kAhead * r.ld + d);
     if constexpr (kPairs) {
       unsigned acc = 0;
       for (int64_t d = 0; d < n; ++d) acc |= (row[d] & 0x7f80u) == 0x7f80u;
