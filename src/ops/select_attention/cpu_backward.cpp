@@ -80,7 +80,7 @@ class Backward : CallState {
     packs_.reset(n_packed * g_.block_elems);
     invert();
     plan_pieces();
-    dlt_.resize(static_cast<size_t>(g_.T1 * g_.N1));
+    stats_.resize(static_cast<size_t>(g_.T1 * g_.N1));
 
     // tasks: phase-A tiles and phase-B pieces, largest first (LPT; the order never changes a result)
     struct Task {
@@ -102,14 +102,14 @@ class Backward : CallState {
     for (Scratch& sc : scratch) sc.init(*this);  // every allocation before the first output is written
     parts_.reset(parts_total_);
 
-    // packing, Dlt, zero rows no entry reaches
-    constexpr int64_t kDltChunk = 64;
-    const int64_t n_dlt = (g_.T1 + kDltChunk - 1) / kDltChunk;
-    cpu::parallel_for(n_packed + n_dlt + 1, workers, [&](int64_t i, int w) {
+    // packing, row statistics, zero rows no entry reaches
+    constexpr int64_t kStatsChunk = 64;
+    const int64_t n_stats = (g_.T1 + kStatsChunk - 1) / kStatsChunk;
+    cpu::parallel_for(n_packed + n_stats + 1, workers, [&](int64_t i, int w) {
       if (i < n_packed) {
         pack<kPairs>(f_, i, packs_.get(), scratch[static_cast<size_t>(w)].stage.get());
-      } else if (i < n_packed + n_dlt) {
-        compute_dlt((i - n_packed) * kDltChunk, std::min(g_.T1, (i - n_packed + 1) * kDltChunk),
+      } else if (i < n_packed + n_stats) {
+        compute_row_stats((i - n_packed) * kStatsChunk, std::min(g_.T1, (i - n_packed + 1) * kStatsChunk),
                     scratch[static_cast<size_t>(w)]);
       } else {
         zero_unreached();
@@ -264,8 +264,9 @@ class Backward : CallState {
     }
   }
 
-  // Dlt = dO . O of the rows [t0, t1), every head: fp32, 8 interleaved partial sums then a fixed tree.
-  void compute_dlt(int64_t t0, int64_t t1, Scratch& sc) {
+  // The row statistics of rows [t0, t1), every head: m, 1 / l_sum, and Dlt = dO . O (fp32, 8 interleaved partial
+  // sums then a fixed tree).
+  void compute_row_stats(int64_t t0, int64_t t1, Scratch& sc) {
     const int64_t Dv = g_.Dv;
     float* a = sc.row.data();
     float* o = sc.row.data() + Dv;
@@ -278,8 +279,10 @@ class Backward : CallState {
         for (; i + 8 <= Dv; i += 8)
           for (int k = 0; k < 8; ++k) part[k] += a[i + k] * o[i + k];
         for (int k = 0; i < Dv; ++i, ++k) part[k] += a[i] * o[i];
-        dlt_[static_cast<size_t>(t * g_.N1 + h)] =
-            ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        RowStats& st = stats_[static_cast<size_t>(t * g_.N1 + h)];
+        st.m = load_stat(p_.softmax_max, t, h);
+        st.il = 1.0f / load_stat(p_.softmax_sum, t, h);
+        st.dlt = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
       }
   }
 
@@ -350,9 +353,10 @@ class Backward : CallState {
           const int64_t r = i * G + g, h = n2 * G + g;
           load_operand_row<kPairs>(kt_, f_.query, f_.dtype, t, h, g_.D, g_.Dr, sc.qa.get() + r * g_.Dr);
           load_operand_row<kPairs>(kt_, p_.grad, f_.dtype, t, h, g_.Dv, g_.Dvr, sc.oa.get() + r * g_.Dvr);
-          sc.m[static_cast<size_t>(r)] = load_stat(p_.softmax_max, t, h);
-          sc.il[static_cast<size_t>(r)] = 1.0f / load_stat(p_.softmax_sum, t, h);
-          sc.dlt[static_cast<size_t>(r)] = dlt_[static_cast<size_t>(t * g_.N1 + h)];
+          const RowStats& st = stats_[static_cast<size_t>(t * g_.N1 + h)];
+          sc.m[static_cast<size_t>(r)] = st.m;
+          sc.il[static_cast<size_t>(r)] = st.il;
+          sc.dlt[static_cast<size_t>(r)] = st.dlt;
         }
       }
     }
@@ -493,9 +497,10 @@ class Backward : CallState {
           const int64_t r = e * G + g, h = pc.n2 * G + g;
           load_operand_row<kPairs>(kt_, f_.query, f_.dtype, t, h, D, g_.Dr, sc.asq.get() + r * g_.Dr);
           load_operand_row<kPairs>(kt_, p_.grad, f_.dtype, t, h, Dv, g_.Dvr, sc.aso.get() + r * g_.Dvr);
-          sc.em[static_cast<size_t>(r)] = load_stat(p_.softmax_max, t, h);
-          sc.eil[static_cast<size_t>(r)] = 1.0f / load_stat(p_.softmax_sum, t, h);
-          sc.edlt[static_cast<size_t>(r)] = dlt_[static_cast<size_t>(t * g_.N1 + h)];
+          const RowStats& st = stats_[static_cast<size_t>(t * g_.N1 + h)];
+          sc.em[static_cast<size_t>(r)] = st.m;
+          sc.eil[static_cast<size_t>(r)] = st.il;
+          sc.edlt[static_cast<size_t>(r)] = st.dlt;
           vis[static_cast<size_t>(r)] = v;
         }
       }
@@ -587,7 +592,12 @@ class Backward : CallState {
   std::vector<Multi> multi_;
   AlignedBuf<float> parts_;
   int64_t parts_total_ = 0;
-  std::vector<float> dlt_;
+  // per (query row t, head h) at t N1 + h: m = softmax_max, il = 1 / softmax_sum, dlt = Dlt; gathered rows read
+  // them from here instead of the strided statistics tensors
+  struct RowStats {
+    float m, il, dlt;
+  };
+  std::vector<RowStats> stats_;
 };
 
 }  // namespace
