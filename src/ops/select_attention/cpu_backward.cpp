@@ -169,6 +169,7 @@ class Backward : CallState {
     std::vector<const E*> dsrow;       // phase A: per gathered row, its dS row (A of dQ += dS K)
     std::vector<float*> dqrow;         // phase A: per gathered row, its tile row's dQ accumulator
     AlignedBuf<E> stage;               // [lpp][max(Dr, Dvr)] key / value rows of a block being packed
+    AlignedBuf<float> block_rows;      // [lpp][max(D, Dv)] dK or dV of a finished block, one key row each
 
     void init(const Backward& bw) {
       const Geo& g = bw.g_;
@@ -204,6 +205,7 @@ class Backward : CallState {
       dsrow.resize(static_cast<size_t>(Rc));
       dqrow.resize(static_cast<size_t>(Rc));
       stage.reset(bw.stage_elems());
+      block_rows.reset(g.lpp * std::max(g.D, g.Dv));
     }
   };
 
@@ -570,14 +572,16 @@ class Backward : CallState {
   void finish_block(Scratch& sc, int64_t b, int64_t x, int64_t n2, const float* dkT, const float* dvT) const {
     const BatchInfo& bi = batches_[static_cast<size_t>(b)];
     const int64_t lpp = g_.lpp, valid = std::min(g_.block, bi.skv - x * g_.block);
-    float* row = sc.row.data();
-    for (int64_t c = 0; c < valid; ++c) {
-      const int64_t key = bi.k_begin + x * g_.block + c;
-      for (int64_t d = 0; d < g_.D; ++d) row[d] = dkT[d * lpp + c];
-      store_rha_row(row, g_.D, scale_, p_.grad_key, (key * g_.N2 + n2) * g_.D);
-      for (int64_t e = 0; e < g_.Dv; ++e) row[e] = dvT[e * lpp + c];
-      store_rha_row(row, g_.Dv, 1.0f, p_.grad_value, (key * g_.N2 + n2) * g_.Dv);
-    }
+    const int64_t key0 = bi.k_begin + x * g_.block;
+    float* rows = sc.block_rows.get();
+    kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(dkT), lpp, g_.D, valid, reinterpret_cast<uint32_t*>(rows),
+                            g_.D);
+    for (int64_t c = 0; c < valid; ++c)
+      store_rha_row(rows + c * g_.D, g_.D, scale_, p_.grad_key, ((key0 + c) * g_.N2 + n2) * g_.D);
+    kt_->grad.transpose_u32(reinterpret_cast<const uint32_t*>(dvT), lpp, g_.Dv, valid,
+                            reinterpret_cast<uint32_t*>(rows), g_.Dv);
+    for (int64_t c = 0; c < valid; ++c)
+      store_rha_row(rows + c * g_.Dv, g_.Dv, 1.0f, p_.grad_value, ((key0 + c) * g_.N2 + n2) * g_.Dv);
   }
 
   const SelectAttentionGradParams& p_;
