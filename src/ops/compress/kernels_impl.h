@@ -320,9 +320,31 @@ inline void weighted_rows2_impl(DType dt, const void* const* rows, const float* 
 }
 
 // ------------------------------------------------------------------ weighted_rows_shared
-template <DType DT, int NV>
+template <DType DT, int NV, int M>
 inline void shared_tile(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t j0,
                         void* out, int64_t out_stride, bool away) {
+  if constexpr (M > 0) {
+    const float* row[M];
+    const float* wt[M];
+#pragma GCC unroll 4
+    for (int i = 0; i < M; ++i) {
+      row[i] = rows32[i] + j0;
+      wt[i] = wts[i];
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      V::F acc[NV];
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[v] = V::zero();
+#pragma GCC unroll 4
+      for (int i = 0; i < M; ++i) {
+        const V::F wv = V::set1(wt[i][p]);
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, V::load(row[i] + v * V::W)));
+      }
+      store_tile<DT, NV>(out, p * out_stride + j0, acc, away);
+    }
+    return;
+  }
   for (int64_t p = 0; p < P; ++p) {
     V::F acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V::zero();
@@ -340,11 +362,19 @@ inline void weighted_rows_shared_t(const float* const* rows32, const float* cons
                                    int64_t out_stride, bool away) {
   const int64_t nvec = D / V::W;
   int64_t v0 = 0;
-  for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
-    shared_tile<DT, kTileVectors>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
-  const int64_t j0 = v0 * V::W;
-  with_tail_vectors(nvec - v0,
-                    [&]<int NV>() { shared_tile<DT, NV>(rows32, wts, P, m, j0, out, out_stride, away); });
+  if (m == 2) {
+    for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
+      shared_tile<DT, kTileVectors, 2>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
+    const int64_t j0 = v0 * V::W;
+    with_tail_vectors(nvec - v0,
+                      [&]<int NV>() { shared_tile<DT, NV, 2>(rows32, wts, P, m, j0, out, out_stride, away); });
+  } else {
+    for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
+      shared_tile<DT, kTileVectors, 0>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
+    const int64_t j0 = v0 * V::W;
+    with_tail_vectors(nvec - v0,
+                      [&]<int NV>() { shared_tile<DT, NV, 0>(rows32, wts, P, m, j0, out, out_stride, away); });
+  }
   for (int64_t j = nvec * V::W; j < D; ++j)  // the last D % W columns, same operations one at a time
     for (int64_t p = 0; p < P; ++p) {
       float acc = 0.0f;
