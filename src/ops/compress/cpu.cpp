@@ -187,6 +187,19 @@ struct Scratch {
   unsigned char* gather_row(int64_t i) { return gather.empty() ? nullptr : gather.data() + i * D * esz; }
 };
 
+// s.rows[u] = row_ptr of input rows t0 + u, u < span, head n: computed once from the row step where the last
+// dimension is contiguous, gathered row by row otherwise.
+inline void window_rows(const Tensor3& x, int64_t t0, int64_t span, int64_t n, int64_t D, int64_t esz, Scratch& s) {
+  if (x.stride[2] == 1) {
+    const unsigned char* base = static_cast<const unsigned char*>(x.data) + (t0 * x.stride[0] + n * x.stride[1]) * esz;
+    const int64_t step = x.stride[0] * esz;
+    const void** rows = s.rows.data();
+    for (int64_t u = 0; u < span; ++u) rows[u] = base + u * step;
+    return;
+  }
+  for (int64_t u = 0; u < span; ++u) s.rows[static_cast<size_t>(u)] = row_ptr(x, t0 + u, n, D, esz, s.gather_row(u));
+}
+
 // A task: items [i0, i1) of batch b (forward: its compressed rows; backward: its tokens).
 struct Task {
   int64_t b, i0, i1;
@@ -246,8 +259,7 @@ Status forward(const CompressParams& p, const CpuOptions& options) {
       for (int64_t n = 0; n < N; ++n) {
         // §4: window c covers input rows [start_b + c*d, start_b + c*d + l)
         const int64_t t0 = bt.start + c * d;
-        for (int64_t w = 0; w < span; ++w)
-          s.rows[static_cast<size_t>(w)] = row_ptr(p.input, t0 + w, n, D, esz, s.gather_row(w));
+        window_rows(p.input, t0, span, n, D, esz, s);
         const float* wts = pl.wt32.data() + n * l;
         unsigned char* dst = out + ((bt.row_begin + c) * N + n) * D * esz;  // §3: output row R_b + c
         unsigned char* dst_next = dst + N * D * esz;                         // R_b + c + 1
@@ -355,8 +367,7 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
         const int64_t span = two ? l + d : l;
         unsigned char* grad_copy = s.gather_row(l + d);
         for (int64_t n = 0; n < N; ++n) {
-          for (int64_t u = 0; u < span; ++u)
-            s.rows[static_cast<size_t>(u)] = row_ptr(p.input, t0 + u, n, D, esz, s.gather_row(u));
+          window_rows(p.input, t0, span, n, D, esz, s);
           if (pl.f64) {
             double* lanes = s.lanes64.data() + n * l * 16;
             for (int64_t k = 0; k < (two ? 2 : 1); ++k) {  // row r, then row r + 1 (window rows from d on)
