@@ -9,6 +9,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <vector>
 
 namespace nsa::detail {
 
@@ -43,6 +44,36 @@ class AlignedBuffer {
   std::unique_ptr<T, Free> ptr_;
   int64_t size_ = 0;
 };
+
+// An allocator of whole cache lines: 64-byte aligned blocks whose sizes are rounded up to 64 bytes. Per-worker
+// scratch arrays that are allocated one after another with the default allocator can share a line at their ends
+// (and with the allocator's headers); a worker storing to its array then takes the line from the worker updating
+// the other. LineVector<T> is a std::vector on it.
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    if (n > static_cast<size_t>(kMaxBufferBytes) / sizeof(T)) throw std::bad_alloc();
+    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64));
+    void* p = std::aligned_alloc(64, bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const {
+    return true;
+  }
+  template <typename U>
+  bool operator!=(const LineAllocator<U>&) const {
+    return false;
+  }
+};
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
 
 // Consecutive 64-byte aligned arrays out of one buffer, in two passes over the same take() calls: the first with
 // base == nullptr counts the bytes (used), the second, with base set to a buffer of that size, assigns the pointers.

@@ -33,6 +33,7 @@
 #include <new>
 #include <vector>
 
+#include "common/aligned_buffer.h"
 #include "common/numeric.h"
 #include "common/threads.h"
 #include "cpu/isa.h"
@@ -174,15 +175,16 @@ int workers_for(const Plan& pl, int64_t bytes, int64_t tasks) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(pl.threads), by_size, tasks})));
 }
 
-// Per-worker scratch (allocated before any output is written).
+// Per-worker scratch (allocated before any output is written), every array in cache lines of its own
+// (detail::LineVector): the workers store to theirs all the time.
 struct Scratch {
-  std::vector<const void*> rows;      // row pointers (a window's l rows)
-  std::vector<float> rows32, g32, lanes32;
-  std::vector<double> rows64, g64, lanes64;
-  std::vector<const float*> rowp32, wtp32;  // input_grad: the m widened grad rows of a run and their weights
-  std::vector<const double*> rowp64, wtp64;
-  std::vector<int64_t> slot_row;            // input_grad: the grad row held by each slot of rows32 / rows64
-  std::vector<unsigned char> gather;  // rows of views whose last dimension is strided
+  detail::LineVector<const void*> rows;      // row pointers (a window's l rows)
+  detail::LineVector<float> rows32, g32, lanes32;
+  detail::LineVector<double> rows64, g64, lanes64;
+  detail::LineVector<const float*> rowp32, wtp32;  // input_grad: the m widened grad rows of a run and their weights
+  detail::LineVector<const double*> rowp64, wtp64;
+  detail::LineVector<int64_t> slot_row;            // input_grad: the grad row held by each slot of rows32 / rows64
+  detail::LineVector<unsigned char> gather;  // rows of views whose last dimension is strided
   int64_t D = 0, esz = 0;
   unsigned char* gather_row(int64_t i) { return gather.empty() ? nullptr : gather.data() + i * D * esz; }
 };

@@ -973,5 +973,35 @@ TEST(CpuKernels, StreamedRowStoresEqualPlainStores) {
   EXPECT_EQ(checked, 42 * static_cast<int>(supported_isas().size()));  // 3 dtypes x 7 lengths x 2 offsets per path
 }
 
+// detail::LineVector (per-worker scratch): every array starts on a cache line and owns the lines it touches, so
+// arrays allocated one after another never share a line; growth keeps that; elements behave as in std::vector.
+TEST(CpuWorkspace, LineVectorsOwnTheirCacheLines) {
+  std::vector<nsa::detail::LineVector<float>> arrays;
+  for (size_t n : {1, 3, 15, 16, 17, 100}) {
+    arrays.emplace_back(n, 1.5f);
+    arrays.emplace_back(2 * n + 1);
+  }
+  auto first_line = [](const void* p) { return reinterpret_cast<uintptr_t>(p) / 64; };
+  auto last_line = [](const float* p, size_t n) { return (reinterpret_cast<uintptr_t>(p + n) - 1) / 64; };
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    const auto& a = arrays[i];
+    ASSERT_EQ(reinterpret_cast<uintptr_t>(a.data()) % 64, 0u) << i;
+    for (size_t j = 0; j < arrays.size(); ++j) {
+      if (j == i) continue;
+      const auto& b = arrays[j];
+      const bool apart = last_line(a.data(), a.capacity()) < first_line(b.data()) ||
+                         last_line(b.data(), b.capacity()) < first_line(a.data());
+      EXPECT_TRUE(apart) << "arrays " << i << " and " << j << " share a cache line";
+    }
+  }
+  nsa::detail::LineVector<int64_t> grown;
+  for (int64_t k = 0; k < 1000; ++k) {
+    grown.push_back(k);
+    ASSERT_EQ(reinterpret_cast<uintptr_t>(grown.data()) % 64, 0u) << k;
+  }
+  for (int64_t k = 0; k < 1000; ++k) ASSERT_EQ(grown[static_cast<size_t>(k)], k);
+  EXPECT_EQ(arrays[0][0], 1.5f);
+}
+
 }  // namespace
 }  // namespace nsa_test
