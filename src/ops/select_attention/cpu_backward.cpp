@@ -149,7 +149,7 @@ class Backward : CallState {
     // phase A
     AlignedBuf<E> qa, oa;      // [Ra][Dr], [Ra][Dvr] the tile's Q and dO rows
     AlignedBuf<float> dq;      // [Ra][Dp] dQ accumulators
-    std::vector<float> m, il, dlt;  // per tile row
+    detail::LineVector<float> m, il, dlt;  // per tile row
     TileEntries te;
     // both phases
     AlignedBuf<E> asq, aso;    // [Rbp][Dr], [Rbp][Dvr] gathered Q and dO rows of a block's entries
@@ -160,14 +160,14 @@ class Backward : CallState {
     AlignedBuf<E> qT, oT;      // [Dr][Rbp], [Dvr][Rbp] transposed gathered rows (A operands)
     AlignedBuf<E> pB, dsB;     // [npb][Rbp][64] P and dS as B panels (reduction over rows)
     AlignedBuf<float> acc;     // [(D + Dv) lpp] dK^T, dV^T of a single-piece block
-    std::vector<float> row;    // a row being converted / stored
-    std::vector<uint8_t> keep; // [lpp] ones
-    std::vector<float> em, eil, edlt;  // per gathered row: m, 1 / l_sum, Dlt
-    std::vector<int32_t> vis;          // per gathered row: visible entries of its slot
-    std::vector<const E*> qrow, orow;  // phase A: per gathered row, its Q and dO row in the tile
-    std::vector<float*> srow, dprow;   // phase A: per gathered row, its S and dP rows
-    std::vector<const E*> dsrow;       // phase A: per gathered row, its dS row (A of dQ += dS K)
-    std::vector<float*> dqrow;         // phase A: per gathered row, its tile row's dQ accumulator
+    detail::LineVector<float> row;    // a row being converted / stored
+    detail::LineVector<uint8_t> keep; // [lpp] ones
+    detail::LineVector<float> em, eil, edlt;  // per gathered row: m, 1 / l_sum, Dlt
+    detail::LineVector<int32_t> vis;          // per gathered row: visible entries of its slot
+    detail::LineVector<const E*> qrow, orow;  // phase A: per gathered row, its Q and dO row in the tile
+    detail::LineVector<float*> srow, dprow;   // phase A: per gathered row, its S and dP rows
+    detail::LineVector<const E*> dsrow;       // phase A: per gathered row, its dS row (A of dQ += dS K)
+    detail::LineVector<float*> dqrow;         // phase A: per gathered row, its tile row's dQ accumulator
     AlignedBuf<E> stage;               // [lpp][max(Dr, Dvr)] key / value rows of a block being packed
     AlignedBuf<float> block_rows;      // [lpp][max(D, Dv)] dK or dV of a finished block, one key row each
 
@@ -362,10 +362,10 @@ class Backward : CallState {
         }
       }
     }
-    std::vector<int32_t>& vis = sc.vis;
-    std::vector<float>& cm = sc.em;  // per gathered row of a chunk: its tile row's m, 1 / l_sum, Dlt
-    std::vector<float>& cil = sc.eil;
-    std::vector<float>& cdlt = sc.edlt;
+    auto& vis = sc.vis;
+    auto& cm = sc.em;  // per gathered row of a chunk: its tile row's m, 1 / l_sum, Dlt
+    auto& cil = sc.eil;
+    auto& cdlt = sc.edlt;
     for_each_entry_chunk(
         te, bt_, g_, bi, b, n2, bt_.dirty_k, bq_,
         [&](const UnionBlock& ub, int32_t ij) { scalar_dq(sc, bi, n2, s0, ub.x, ij); },
@@ -488,7 +488,7 @@ class Backward : CallState {
     float* dkT = acc;            // [D][lpp]
     float* dvT = acc + D * lpp;  // [Dv][lpp]
     std::fill_n(acc, (D + Dv) * lpp, 0.0f);
-    std::vector<int32_t>& vis = sc.vis;
+    auto& vis = sc.vis;
     for (int64_t c0 = pc.e0; c0 < pc.e1; c0 += bc_) {
       const int64_t nc = std::min(bc_, pc.e1 - c0), rows = nc * G, rp = round_up(rows, 2);
       for (int64_t e = 0; e < nc; ++e) {

@@ -442,13 +442,13 @@ void pack_block(const KernelTable* kt, const SelectAttentionParams& p, const Geo
 
 // The entries of a query tile grouped by block (see the header comment).
 struct TileEntries {
-  std::vector<int64_t> x;      // [rows * K]: block of slot (i, j), -1 when the slot has no visible entry
-  std::vector<int32_t> vis;    // [rows * K]: its visible entries (a prefix of the block, §3)
-  std::vector<int64_t> nvis;   // [rows]: visible entries of row i (0: a row without visible entry, §6)
-  std::vector<int32_t> map;    // [max_blocks]: block -> position in the union, -1 otherwise (reset after use)
-  std::vector<int64_t> ublock; // blocks of the union in first-appearance order
-  std::vector<int32_t> ustart; // [union + 1]: their entries are ent[ustart[u] .. ustart[u+1])
-  std::vector<int32_t> ent;    // entries i K + j, grouped by block, rows ascending then slots within a block
+  detail::LineVector<int64_t> x;      // [rows * K]: block of slot (i, j), -1 when the slot has no visible entry
+  detail::LineVector<int32_t> vis;    // [rows * K]: its visible entries (a prefix of the block, §3)
+  detail::LineVector<int64_t> nvis;   // [rows]: visible entries of row i (0: a row without visible entry, §6)
+  detail::LineVector<int32_t> map;    // [max_blocks]: block -> position in the union, -1 otherwise (reset after use)
+  detail::LineVector<int64_t> ublock; // blocks of the union in first-appearance order
+  detail::LineVector<int32_t> ustart; // [union + 1]: their entries are ent[ustart[u] .. ustart[u+1])
+  detail::LineVector<int32_t> ent;    // entries i K + j, grouped by block, rows ascending then slots within a block
   int64_t n_entries = 0;
 
   void init(int64_t max_rows, int64_t K, int64_t max_blocks) {
@@ -466,7 +466,7 @@ struct TileEntries {
              int64_t lp) {
     ublock.clear();
     ustart.clear();
-    std::vector<int32_t>& count = ustart;  // counts first, then (shifted) start offsets
+    auto& count = ustart;  // counts first, then (shifted) start offsets
     n_entries = 0;
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t s = s0 + i;
@@ -499,7 +499,7 @@ struct TileEntries {
       acc += n;
     }
     count.push_back(acc);
-    std::vector<int32_t>& pos = count;  // running fill position per block: advanced, then restored below
+    auto& pos = count;  // running fill position per block: advanced, then restored below
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < K; ++j) {
         const size_t e = static_cast<size_t>(i * K + j);

@@ -102,13 +102,13 @@ class Forward : CallState {
  private:
   struct Scratch {
     AlignedBuf<E> qa;     // [R][Dr] the tile's query rows
-    std::vector<const E*> arow;  // [R] A rows of one block's entries (query rows or rha(P) slices), gathered
-    std::vector<float*> crow;    // [R] their result rows (score slots or otmp rows)
+    detail::LineVector<const E*> arow;  // [R] A rows of one block's entries (query rows or rha(P) slices), gathered
+    detail::LineVector<float*> crow;    // [R] their result rows (score slots or otmp rows)
     AlignedBuf<float> s;     // [R][K lpp] score lines, then exp values
     AlignedBuf<E> pr;        // [R][K lpp] rha(P) lines
     AlignedBuf<float> otmp;  // [R][Dvp] P.V of one block's entries
     AlignedBuf<float> o;     // [R][Dvp] output accumulators
-    std::vector<float> m, l;
+    detail::LineVector<float> m, l;
     TileEntries te;
     AlignedBuf<E> stage;     // [lpp][max(Dr, Dvr)] key / value rows of a block being packed
     void init(const Forward& f) {
