@@ -320,6 +320,9 @@ inline void weighted_rows2_impl(DType dt, const void* const* rows, const float* 
 }
 
 // ------------------------------------------------------------------ weighted_rows_shared
+// Tokens [0, P) of a run, vectors [j0 / W, j0 / W + NV) of their rows: sum over the m covering windows of the
+// token's weight times the window's widened grad row. M > 0: m == M, known at compile time (the window loop unrolled,
+// its row and weight pointers held in registers over the tokens: 5 % of the bench-8k-keys backward); M = 0: any m.
 template <DType DT, int NV, int M>
 inline void shared_tile(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t j0,
                         void* out, int64_t out_stride, bool away) {
@@ -357,24 +360,24 @@ inline void shared_tile(const float* const* rows32, const float* const* wts, int
   }
 }
 
+// The whole vectors of a run's rows: tiles of kTileVectors, then one tile of the rest (shared_tile).
+template <DType DT, int M>
+inline void shared_tiles(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t nvec,
+                         void* out, int64_t out_stride, bool away) {
+  int64_t v0 = 0;
+  for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
+    shared_tile<DT, kTileVectors, M>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
+  const int64_t j0 = v0 * V::W;
+  with_tail_vectors(nvec - v0,
+                    [&]<int NV>() { shared_tile<DT, NV, M>(rows32, wts, P, m, j0, out, out_stride, away); });
+}
+
 template <DType DT>
 inline void weighted_rows_shared_t(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t D, void* out,
                                    int64_t out_stride, bool away) {
   const int64_t nvec = D / V::W;
-  int64_t v0 = 0;
-  if (m == 2) {
-    for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
-      shared_tile<DT, kTileVectors, 2>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
-    const int64_t j0 = v0 * V::W;
-    with_tail_vectors(nvec - v0,
-                      [&]<int NV>() { shared_tile<DT, NV, 2>(rows32, wts, P, m, j0, out, out_stride, away); });
-  } else {
-    for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
-      shared_tile<DT, kTileVectors, 0>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
-    const int64_t j0 = v0 * V::W;
-    with_tail_vectors(nvec - v0,
-                      [&]<int NV>() { shared_tile<DT, NV, 0>(rows32, wts, P, m, j0, out, out_stride, away); });
-  }
+  if (m == 2) shared_tiles<DT, 2>(rows32, wts, P, m, nvec, out, out_stride, away);  // l = 2d, the common case
+  else shared_tiles<DT, 0>(rows32, wts, P, m, nvec, out, out_stride, away);
   for (int64_t j = nvec * V::W; j < D; ++j)  // the last D % W columns, same operations one at a time
     for (int64_t p = 0; p < P; ++p) {
       float acc = 0.0f;
