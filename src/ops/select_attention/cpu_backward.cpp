@@ -110,7 +110,7 @@ class Backward : CallState {
         pack<kPairs>(f_, i, packs_.get(), scratch[static_cast<size_t>(w)].stage.get());
       } else if (i < n_packed + n_stats) {
         compute_row_stats((i - n_packed) * kStatsChunk, std::min(g_.T1, (i - n_packed + 1) * kStatsChunk),
-                    scratch[static_cast<size_t>(w)]);
+                          scratch[static_cast<size_t>(w)]);
       } else {
         zero_unreached();
       }

@@ -370,13 +370,9 @@ bool any_non_finite(const BlockRows<kPairs>& r, int64_t valid, int64_t n) {
     const typename Path<kPairs>::E* row = r.ptr + c * r.ld;
     if (c + kAhead < valid)
       for (int64_t d = 0; d < n; d += line) __builtin_prefetch(row + kAhead * r.ld + d);
-    if constexpr (kPairs) {
-      unsigned acc = 0;
-      for (int64_t d = 0; d < n; ++d) acc |= (row[d] & 0x7f80u) == 0x7f80u;
-      bad |= acc != 0;
-    } else {
-      for (int64_t d = 0; d < n; ++d) bad |= !std::isfinite(row[d]);
-    }
+    unsigned acc = 0;  // OR of the row's flags (a branch-free loop)
+    for (int64_t d = 0; d < n; ++d) acc |= non_finite<kPairs>(row[d]);
+    bad |= acc != 0;
   }
   return bad;
 }
@@ -545,11 +541,6 @@ inline UnionBlock union_block(const TileEntries& te, int64_t u, const BlockTable
                     te.ent.data() + te.ustart[uu], te.ustart[uu + 1] - te.ustart[uu]};
 }
 
-// The union blocks of tile te (batch bi = batches[b], KV head n2) in order, each with its entries in GEMM chunks of
-// up to min(cap, 1024) entry ids (i K + j, the block's order): chunk(ub, ids, n). Where the block is dirty
-// (dirty[ub.slot] != 0: an inf or NaN among the valid elements of the packed operand the caller reads), an entry that
-// sees only part of the block goes to scalar(ub, ij) instead, alone: in a GEMM the zero weight of an invisible column
-// would meet its non-finite value (0 x inf = NaN).
 // Whether two of the n entries ids[0..n) (s K + j, in row order) share a row s: duplicate indices of one block.
 inline bool has_repeated_row(const int32_t* ids, int64_t n, int64_t K) {
   for (int64_t e = 1; e < n; ++e)
@@ -557,6 +548,11 @@ inline bool has_repeated_row(const int32_t* ids, int64_t n, int64_t K) {
   return false;
 }
 
+// The union blocks of tile te (batch bi = batches[b], KV head n2) in order, each with its entries in GEMM chunks of
+// up to min(cap, 1024) entry ids (i K + j, the block's order): chunk(ub, ids, n). Where the block is dirty
+// (dirty[ub.slot] != 0: an inf or NaN among the valid elements of the packed operand the caller reads), an entry that
+// sees only part of the block goes to scalar(ub, ij) instead, alone: in a GEMM the zero weight of an invisible column
+// would meet its non-finite value (0 x inf = NaN).
 template <typename Scalar, typename Chunk>
 void for_each_entry_chunk(const TileEntries& te, const BlockTable& bt, const Geo& g, const BatchInfo& bi, int64_t b,
                           int64_t n2, const std::vector<uint8_t>& dirty, int64_t cap, Scalar&& scalar, Chunk&& chunk) {

@@ -175,11 +175,12 @@ class Forward : CallState {
         }
         P::gemm_gather(kt_, sc.arow.data(), nc * G, kq(slot), g_.Dr * kPanel, 0, lpp, g_.Dr, sc.crow.data(), scale_,
                        false);
-        for (int64_t e = 0; e < nc; ++e) {
+        for (int64_t e = 0; e < nc; ++e) {  // invisible positions of each slot: -inf
           const int64_t v = te.vis[static_cast<size_t>(e0[c0 + e])];
-          if (v < lpp)
-            for (int64_t g = 0; g < G; ++g) std::fill(sc.crow[static_cast<size_t>(e * G + g)] + v,
-                                                      sc.crow[static_cast<size_t>(e * G + g)] + lpp, neg_inf);
+          for (int64_t g = 0; g < G; ++g) {
+            float* line = sc.crow[static_cast<size_t>(e * G + g)];
+            std::fill(line + v, line + lpp, neg_inf);
+          }
         }
       }
     }
