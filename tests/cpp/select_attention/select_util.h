@@ -544,6 +544,29 @@ inline AssertionResult check_stats(const SCase& cs, const SResult& got, const SM
   return AssertionSuccess();
 }
 
+// The cases of the key/value packing tests (SelectForward / SelectBackward.KeyValueRowsInPlaceOrStagedGiveTheSameBits):
+// for bf16, fp16 and fp32 and one or two KV heads, a contiguous case (random values and indices, last blocks of 3
+// keys), and fn(cs, st, rng) for each padded layout st of its keys and values: padded heads (every other head's rows
+// misaligned: staged), an odd row stride (one KV head: staged), padded rows (read in place with a longer row step).
+template <typename Fn>
+inline void for_each_padded_key_value_layout(uint64_t seed, Fn&& fn) {
+  for (DType dt : {DType::kBF16, DType::kF16, DType::kF32})
+    for (int64_t n2 : {1, 2}) {
+      SCase cs = SCase::make(dt, {13, 9}, {15, 7}, 2 * n2, n2, 10, 6, 4, 3);
+      std::mt19937_64 rng(seed + static_cast<uint64_t>(n2));
+      cs.fill_uniform(rng, -1, 1);
+      cs.random_indices(rng);
+      for (const std::array<int64_t, 3> pad : {std::array<int64_t, 3>{0, 0, 1}, std::array<int64_t, 3>{0, 0, 2},
+                                               std::array<int64_t, 3>{0, 1, 0}}) {
+        SCase st = cs;
+        st.k_layout.pad = pad;
+        st.v_layout.pad = pad;
+        SCOPED_TRACE(st.describe());
+        fn(cs, st, rng);
+      }
+    }
+}
+
 // All outputs identical bit for bit.
 inline AssertionResult bitwise_equal(const SResult& a, const SResult& b) {
   if (!a.status.ok() || !b.status.ok())

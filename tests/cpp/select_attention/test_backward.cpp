@@ -302,25 +302,13 @@ TEST(SelectBackward, LayoutsDoNotChangeResults) {
 // The packing of key and value rows in place or staged (SelectForward.KeyValueRowsInPlaceOrStagedGiveTheSameBits)
 // for the backward's three packed operands.
 TEST(SelectBackward, KeyValueRowsInPlaceOrStagedGiveTheSameBits) {
-  for (DType dt : {DType::kBF16, DType::kF16, DType::kF32})
-    for (int64_t n2 : {1, 2}) {
-      SCase cs = SCase::make(dt, {13, 9}, {15, 7}, 2 * n2, n2, 10, 6, 4, 3);
-      std::mt19937_64 rng(25 + n2);
-      cs.fill_uniform(rng, -1, 1);
-      cs.random_indices(rng);
-      const BwdInputs in = make_bwd_inputs(cs, rng);
-      for (const std::array<int64_t, 3> pad : {std::array<int64_t, 3>{0, 0, 1}, std::array<int64_t, 3>{0, 0, 2},
-                                               std::array<int64_t, 3>{0, 1, 0}}) {
-        SCase st = cs;
-        st.k_layout.pad = pad;
-        st.v_layout.pad = pad;
-        SCOPED_TRACE(st.describe());
-        for (CpuIsa isa : supported_isas())
-          EXPECT_TRUE(bitwise_grads(run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa)),
-                                    run_bwd(st, in, BwdBackend::kCpu, static_cast<int>(isa))))
-              << nsa::cpu_isa_name(isa);
-      }
-    }
+  for_each_padded_key_value_layout(25, [](const SCase& cs, const SCase& st, std::mt19937_64& rng) {
+    const BwdInputs in = make_bwd_inputs(cs, rng);
+    for (CpuIsa isa : supported_isas())
+      EXPECT_TRUE(bitwise_grads(run_bwd(cs, in, BwdBackend::kCpu, static_cast<int>(isa)),
+                                run_bwd(st, in, BwdBackend::kCpu, static_cast<int>(isa))))
+          << nsa::cpu_isa_name(isa);
+  });
 }
 
 // inf / NaN in the key and value of position 6 of block 0 (causal): rows 0..5 see block 0 only in part; their dQ

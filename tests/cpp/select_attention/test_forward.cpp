@@ -293,22 +293,10 @@ TEST(SelectForward, LayoutsAndIndexDtypeDoNotChangeResults) {
 // element stride) and staged otherwise. Padded heads (every other head's rows misaligned), an odd row stride (one
 // KV head) and padded rows must give the bits of the contiguous layout; the last blocks hold 3 keys (an odd pair).
 TEST(SelectForward, KeyValueRowsInPlaceOrStagedGiveTheSameBits) {
-  for (DType dt : {DType::kBF16, DType::kF16, DType::kF32})
-    for (int64_t n2 : {1, 2}) {
-      SCase cs = SCase::make(dt, {13, 9}, {15, 7}, 2 * n2, n2, 10, 6, 4, 3);
-      std::mt19937_64 rng(23 + n2);
-      cs.fill_uniform(rng, -1, 1);
-      cs.random_indices(rng);
-      for (const std::array<int64_t, 3> pad : {std::array<int64_t, 3>{0, 0, 1}, std::array<int64_t, 3>{0, 0, 2},
-                                               std::array<int64_t, 3>{0, 1, 0}}) {
-        SCase st = cs;
-        st.k_layout.pad = pad;
-        st.v_layout.pad = pad;
-        SCOPED_TRACE(st.describe());
-        for (CpuIsa isa : supported_isas())
-          EXPECT_TRUE(bitwise_equal(run_cpu(cs, isa), run_cpu(st, isa))) << nsa::cpu_isa_name(isa);
-      }
-    }
+  for_each_padded_key_value_layout(23, [](const SCase& cs, const SCase& st, std::mt19937_64&) {
+    for (CpuIsa isa : supported_isas())
+      EXPECT_TRUE(bitwise_equal(run_cpu(cs, isa), run_cpu(st, isa))) << nsa::cpu_isa_name(isa);
+  });
 }
 
 // Inputs no visible entry reaches do not matter: NaN in key/value rows past Skv_b of a partial last block (the next
