@@ -1,11 +1,13 @@
 // The CPU backends' parallel loops on a persistent worker pool (common/threads.h).
 //
 // Pool. Threads are created on first use and on demand (up to the largest worker count asked for so far) and then
-// kept for the life of the process, parked on a condition variable between loops. One call at a time holds the
-// pool: it publishes its job (a body and its worker count) under the pool's mutex, bumps the job generation and
-// wakes the threads; pool thread i (1-based) runs body(i) when i < the job's worker count, the calling thread runs
-// body(0), and the call returns once every participating thread has reported back. Job state and results are
-// handed over under that mutex, so each job's writes happen-before the caller's return.
+// kept for the life of the process; between loops each polls for the next job for a short while (spin_ns) and then
+// parks on a condition variable. One call at a time holds the pool: it publishes its job (a body and its worker
+// count) with a release store of the job word, under the pool's mutex so that parking threads cannot miss it, and
+// wakes the parked threads; pool thread i (1-based) runs body(i) when i < the job's worker count, the calling thread
+// runs body(0), and the call returns once every participating thread has reported back (an acq_rel decrement of
+// the pending count, which the caller polls and then waits for), so each job's writes happen-before the caller's
+// return.
 //
 // Concurrent callers. A call that finds the pool held by another call does not wait: it starts private workers
 // for its own loop (threads created and joined by that call, as a pool-less implementation would). A parallel loop
@@ -20,7 +22,10 @@
 // fork(): the child gets a fresh, empty pool (the parent's threads do not exist there); the old one is left alone.
 #include "common/threads.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -58,6 +63,54 @@ struct InLoop {
 
 using Body = std::function<void(int worker)>;
 
+// How long a pool thread that has finished its share keeps polling for the next job, and a caller that has finished
+// its own share polls for the others, before parking on a condition variable: NSA_CPU_SPIN_US microseconds (read
+// once; default kDefaultSpinUs; 0 parks at once). Waking a parked thread takes a futex call on one side and a
+// reschedule on the other, 15-25 us per loop on a 2-vCPU VM (bench_call_overhead, Zen 5: 2 threads cost 27 us more
+// per tiny call than 1 when parking at once); back-to-back calls find the workers still polling. A polling thread
+// pauses between reads and yields its core to other runnable threads (sched_yield) every kYieldEveryPolls reads.
+constexpr int64_t kDefaultSpinUs = 200;
+constexpr int kYieldEveryPolls = 64;
+
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    int64_t us = kDefaultSpinUs;
+    if (const char* env = std::getenv("NSA_CPU_SPIN_US")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && v >= 0) us = std::min<long long>(v, 1000000);
+    }
+    return us * 1000;
+  }();
+  return ns;
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+// Polls ready() for up to spin_ns(); true as soon as it holds, false when the time is up.
+template <typename Ready>
+bool poll_for(Ready&& ready) {
+  const int64_t limit = spin_ns();
+  if (limit <= 0) return ready();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 1;; ++i) {
+    if (ready()) return true;
+    cpu_relax();
+    if (i % kYieldEveryPolls == 0) {
+      if (std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count() >=
+          limit)
+        return ready();
+      std::this_thread::yield();
+    }
+  }
+}
+
 class Pool {
  public:
   // Runs body(w) for w in [0, workers) (w = 0 on this thread) and returns true; returns false, running nothing,
@@ -68,44 +121,67 @@ class Pool {
       if (busy_) return false;
       busy_ = true;
     }
-    // Only the holder of busy_ reads or writes threads_ and generation_ outside the mutex.
+    // Only the holder of busy_ writes threads_, body_, pending_ and job_.
+    const uint64_t generation = (job_.load(std::memory_order_relaxed) >> kWorkerBits) + 1;
     try {
       while (static_cast<int>(threads_.size()) < workers - 1)
-        threads_.emplace_back(&Pool::thread_main, this, static_cast<int>(threads_.size()) + 1, generation_);
+        threads_.emplace_back(&Pool::thread_main, this, static_cast<int>(threads_.size()) + 1, generation - 1);
     } catch (...) {
       std::lock_guard<std::mutex> lk(m_);
       busy_ = false;
       throw;
     }
     {
+      // published under the mutex so that a thread about to park sees it (its wait re-checks job_ under m_)
       std::lock_guard<std::mutex> lk(m_);
       body_ = &body;
-      workers_ = workers;
-      pending_ = workers - 1;
-      ++generation_;
+      pending_.store(workers - 1, std::memory_order_relaxed);
+      job_.store(generation << kWorkerBits | static_cast<uint64_t>(workers), std::memory_order_release);
     }
     wake_.notify_all();
     body(0);
-    std::unique_lock<std::mutex> lk(m_);
-    done_.wait(lk, [&] { return pending_ == 0; });
+    if (!poll_for([&] { return pending_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lk(m_);
+      done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
+    std::lock_guard<std::mutex> lk(m_);
     body_ = nullptr;
     busy_ = false;
     return true;
   }
 
  private:
+  // job_: the generation of the latest job (jobs published so far) above kWorkerBits bits of its worker count, one
+  // word so that a thread reads both from the same job.
+  static constexpr int kWorkerBits = 20;
+  static constexpr uint64_t kWorkerMask = (uint64_t{1} << kWorkerBits) - 1;
+
+  // Waits for a job of a generation other than `seen`: polls, then parks. Returns that job's word.
+  uint64_t next_job(uint64_t seen) {
+    uint64_t job = 0;
+    const auto fresh = [&] {
+      job = job_.load(std::memory_order_acquire);
+      return job >> kWorkerBits != seen;
+    };
+    if (poll_for(fresh)) return job;
+    std::unique_lock<std::mutex> lk(m_);
+    wake_.wait(lk, fresh);
+    return job;
+  }
+
   void thread_main(int index, uint64_t seen) {
     ++t_in_loop;  // for good: a pool thread only ever runs loop bodies
-    std::unique_lock<std::mutex> lk(m_);
     for (;;) {
-      wake_.wait(lk, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (index >= workers_) continue;  // not needed by this job
-      const Body* body = body_;
-      lk.unlock();
-      (*body)(index);
-      lk.lock();
-      if (--pending_ == 0) done_.notify_one();
+      const uint64_t job = next_job(seen);
+      seen = job >> kWorkerBits;
+      // A thread that is not needed by a job takes no part in it: the caller waits only for the others, and may
+      // publish the next job while this one is still reading this word.
+      if (static_cast<uint64_t>(index) >= (job & kWorkerMask)) continue;
+      (*body_)(index);  // body_ stays valid until every participant has reported back
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lk(m_);  // the caller may be parked in done_.wait
+        done_.notify_one();
+      }
     }
   }
 
@@ -113,10 +189,9 @@ class Pool {
   std::condition_variable wake_, done_;
   std::vector<std::thread> threads_;  // threads_[i] is worker i + 1; never joined (they live as long as the process)
   bool busy_ = false;
-  uint64_t generation_ = 0;           // jobs published so far
-  const Body* body_ = nullptr;        // the current job
-  int workers_ = 0;                   // its worker count
-  int pending_ = 0;                   // its pool threads still running
+  std::atomic<uint64_t> job_{0};       // generation << kWorkerBits | worker count of the latest job
+  const Body* body_ = nullptr;         // the current job's body
+  std::atomic<int> pending_{0};        // its pool threads still running
 };
 
 // The process's pool, created on first use and deliberately never destroyed: its threads may still be parked when
@@ -229,6 +304,46 @@ int parallel_for_runs(int64_t n_tasks, int n_threads, int64_t chunk,
       len = n_tasks - begin > 2 * workers * chunk ? chunk : 1;
     } while (!next.compare_exchange_weak(begin, begin + len, std::memory_order_relaxed));
     fn(begin, begin + len, worker);
+    return true;
+  });
+  return workers;
+}
+
+int parallel_for_owned(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)>& fn) {
+  if (n_tasks > INT32_MAX) return parallel_for(n_tasks, n_threads, fn);  // the ranges pack 32-bit indices
+  const int workers = worker_count(n_tasks, n_threads);
+  if (workers <= 1) {
+    InLoop in;
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+    return workers;
+  }
+  // range w's tasks not yet taken: [front, back) packed as front << 32 | back, in a cache line of its own; the owner
+  // takes from the front, the others from the back (one compare-exchange each)
+  struct alignas(64) Range {
+    std::atomic<uint64_t> left{0};
+  };
+  static_assert(sizeof(Range) == 64, "one range per cache line");
+  std::vector<Range> ranges(static_cast<size_t>(workers));
+  for (int w = 0; w < workers; ++w) {
+    const uint64_t lo = static_cast<uint64_t>(n_tasks * w / workers), hi = static_cast<uint64_t>(n_tasks * (w + 1) / workers);
+    ranges[static_cast<size_t>(w)].left.store(lo << 32 | hi, std::memory_order_relaxed);
+  }
+  // one task of range r, from its front (own) or its back (another's); -1 when the range is empty
+  const auto take_from = [&](int r, bool own) -> int64_t {
+    std::atomic<uint64_t>& left = ranges[static_cast<size_t>(r)].left;
+    uint64_t cur = left.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t lo = cur >> 32, hi = cur & 0xffffffffu;
+      if (lo >= hi) return -1;
+      const uint64_t next = own ? (lo + 1) << 32 | hi : lo << 32 | (hi - 1);
+      if (left.compare_exchange_weak(cur, next, std::memory_order_relaxed)) return static_cast<int64_t>(own ? lo : hi - 1);
+    }
+  };
+  run_tasks(workers, [&](int worker) {
+    int64_t t = take_from(worker, true);
+    for (int k = 1; t < 0 && k < workers; ++k) t = take_from((worker + k) % workers, false);
+    if (t < 0) return false;
+    fn(t, worker);
     return true;
   });
   return workers;

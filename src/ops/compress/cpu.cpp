@@ -19,6 +19,10 @@
 //               order (KernelTable::dot_lanes; rows r and r + 1 of a batch in one pass over their l + d input rows,
 //               KernelTable::dot_lanes2, the same sums); the chunk's partial is their canonical tree (kernels.h).
 //               The partials are then summed in chunk order and rounded to nearest even.
+// Both passes hand out their tasks with cpu::parallel_for_owned: each worker runs its own contiguous share first, so
+// repeated calls of one shape write the same outputs from the same core (2 threads of a Zen 5, C++ calls on reused
+// buffers: bench-8k-keys forward 0.100 -> 0.086 ms, backward 0.28 -> 0.21 ms; bench-8k-values backward 0.187 ->
+// 0.155 ms; with the tasks handed out in index order the two workers' shares of the outputs changed from call to call).
 // Results depend neither on the number of threads nor on the ISA path (kernels.h), only on the data. Extra
 // memory: per worker l + d row pointers, N*l*16 partial sums, ceil(l/d) + 1 widened rows, and (for views whose last
 // dimension is strided) (l+d+1)*D gathered elements; plus kWgMaxChunks*N*l chunk sums.
@@ -248,7 +252,7 @@ Status forward(const CompressParams& p, const CpuOptions& options) {
   }
 
   unsigned char* out = static_cast<unsigned char*>(p.output);
-  cpu::parallel_for(static_cast<int64_t>(tasks.size()), workers, [&](int64_t ti, int worker) {
+  cpu::parallel_for_owned(static_cast<int64_t>(tasks.size()), workers, [&](int64_t ti, int worker) {
     Scratch& s = scratch[static_cast<size_t>(worker)];
     const Task& tk = tasks[static_cast<size_t>(ti)];
     const Batch& bt = pl.batches[static_cast<size_t>(tk.b)];
@@ -344,7 +348,7 @@ Status backward(const CompressGradParams& g, const CpuOptions& options) {
       order[static_cast<size_t>(k)] = chunk_next ? c++ : n_chunks + i++;
     }
   }
-  cpu::parallel_for(n_tasks, workers, [&](int64_t task, int worker) {
+  cpu::parallel_for_owned(n_tasks, workers, [&](int64_t task, int worker) {
     Scratch& s = scratch[static_cast<size_t>(worker)];
     const int64_t ti = order[static_cast<size_t>(task)];
     if (ti < n_chunks) {

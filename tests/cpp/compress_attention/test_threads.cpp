@@ -1,10 +1,13 @@
 // The parallel loops of the CPU backends (src/common/threads.h), which this operator's CPU forward and backward run
-// on: every task exactly once, runs of consecutive tasks, workers reused across calls (a persistent pool, not new
+// on: every task exactly once, runs of consecutive tasks, owned ranges (front to back, then taken from the end),
+// loops after idle pauses (polling or parked workers), workers reused across calls (a persistent pool, not new
 // threads per loop), concurrent callers, loops started inside a loop body (inline on that thread), exceptions
 // (rethrown to the caller, the pool still usable), and a forked child (a fresh pool).
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <climits>
 #include <functional>
 #include <mutex>
 #include <set>
@@ -23,6 +26,7 @@
 namespace {
 
 using nsa::cpu::parallel_for;
+using nsa::cpu::parallel_for_owned;
 using nsa::cpu::parallel_for_runs;
 
 // The operating system's id of the calling thread (Linux: the kernel's thread id, new for every new thread; a
@@ -63,6 +67,78 @@ TEST(ParallelLoops, RunsAreConsecutiveAndCoverEveryTaskOnce) {
         EXPECT_EQ(bad.load(), 0);
         for (int64_t t = 0; t < n; ++t) ASSERT_EQ(hits[static_cast<size_t>(t)].load(), 1);
       }
+}
+
+// parallel_for_owned: every task once; worker w takes the tasks of its own range [w n / W, (w + 1) n / W) from the
+// front, in increasing order with no gap (so they are a prefix of the range), and the other ranges' tasks from their
+// backs, in decreasing order, all after that range's owner's tasks. Holds for any timing.
+TEST(ParallelLoops, OwnedRangesFrontToBackThenTakenFromTheEnd) {
+  for (int round = 0; round < 20; ++round)
+    for (int64_t n : {0, 1, 2, 7, 64, 1000})
+      for (int threads : {1, 2, 3, 8}) {
+        std::mutex m;
+        std::vector<std::vector<int64_t>> ran(static_cast<size_t>(threads));  // tasks per worker, in run order
+        std::atomic<int> bad_worker{0};
+        const int used = parallel_for_owned(n, threads, [&](int64_t t, int w) {
+          if (w < 0 || w >= threads) {
+            bad_worker.fetch_add(1);
+            return;
+          }
+          if (t % 5 == round % 5) std::this_thread::yield();  // vary the timing
+          std::lock_guard<std::mutex> lk(m);
+          ran[static_cast<size_t>(w)].push_back(t);
+        });
+        const int workers = n == 0 ? 0 : static_cast<int>(std::min<int64_t>(threads, n));
+        ASSERT_EQ(used, workers) << n << " " << threads;
+        ASSERT_EQ(bad_worker.load(), 0);
+        const auto range_of = [&](int64_t t) {  // the range holding task t
+          int r = 0;
+          while (t >= n * (r + 1) / workers) ++r;
+          return r;
+        };
+        std::vector<int> hits(static_cast<size_t>(n), 0);
+        std::vector<int64_t> owner_last(static_cast<size_t>(std::max(workers, 1)), -1);
+        for (int w = 0; w < threads; ++w) {
+          std::vector<int64_t> from_back(static_cast<size_t>(std::max(workers, 1)), INT64_MAX);
+          int64_t expect_own = workers > 0 && w < workers ? n * w / workers : -1;
+          for (const int64_t t : ran[static_cast<size_t>(w)]) {
+            ASSERT_TRUE(t >= 0 && t < n);
+            ++hits[static_cast<size_t>(t)];
+            const int r = range_of(t);
+            if (r == w) {
+              ASSERT_EQ(t, expect_own) << "worker " << w << " skipped a task of its own range";
+              ++expect_own;
+              owner_last[static_cast<size_t>(r)] = t;
+            } else {
+              ASSERT_LT(t, from_back[static_cast<size_t>(r)]) << "range " << r << " not taken from its end";
+              from_back[static_cast<size_t>(r)] = t;
+            }
+          }
+        }
+        for (int64_t t = 0; t < n; ++t) ASSERT_EQ(hits[static_cast<size_t>(t)], 1) << "task " << t;
+        for (int w = 0; w < threads; ++w) {  // a range's stolen tasks all lie after its owner's last one
+          for (const int64_t t : ran[static_cast<size_t>(w)]) {
+            if (range_of(t) != w) {
+              ASSERT_GT(t, owner_last[static_cast<size_t>(range_of(t))]);
+            }
+          }
+        }
+      }
+}
+
+// Between loops the pool threads poll for a while and then park (NSA_CPU_SPIN_US): loops that follow each other at
+// once, after a pause shorter than the polling and after pauses long enough to park all give every task once.
+TEST(ParallelLoops, LoopsAfterIdlePausesOfAnyLength) {
+  for (const int pause_us : {0, 20, 150, 400, 3000, 0, 3000, 20})
+    for (int threads : {2, 3}) {
+      std::this_thread::sleep_for(std::chrono::microseconds(pause_us));
+      std::vector<std::atomic<int>> hits(100);
+      parallel_for(100, threads, [&](int64_t t, int) { hits[static_cast<size_t>(t)].fetch_add(1); });
+      for (int64_t t = 0; t < 100; ++t) ASSERT_EQ(hits[static_cast<size_t>(t)].load(), 1) << pause_us;
+      std::atomic<int64_t> sum{0};
+      parallel_for_owned(100, threads, [&](int64_t t, int) { sum.fetch_add(t); });
+      ASSERT_EQ(sum.load(), 4950) << pause_us;
+    }
 }
 
 // Many loops of one process run on the same few threads: the caller plus at most threads - 1 pool workers.
@@ -127,6 +203,11 @@ TEST(ParallelLoops, ExceptionsReachTheCaller) {
                                      if (b <= 50 && 50 < e) throw std::length_error("run with 50");
                                    }),
                  std::length_error);
+    EXPECT_THROW(parallel_for_owned(100, threads,
+                                    [&](int64_t t, int) {
+                                      if (t == 99) throw std::out_of_range("task 99");
+                                    }),
+                 std::out_of_range);
     std::atomic<int64_t> sum{0};
     parallel_for(100, threads, [&](int64_t t, int) { sum.fetch_add(t); });
     EXPECT_EQ(sum.load(), 4950);
