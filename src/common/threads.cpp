@@ -69,7 +69,10 @@ using Body = std::function<void(int worker)>;
 // reschedule on the other, 15-25 us per loop on a 2-vCPU VM (bench_call_overhead, Zen 5: 2 threads cost 27 us more
 // per tiny call than 1 when parking at once); back-to-back calls find the workers still polling. A polling thread
 // pauses between reads and yields its core to other runnable threads (sched_yield) every kYieldEveryPolls reads.
-constexpr int64_t kDefaultSpinUs = 200;
+// The default covers the gaps between calls made one after another from Python (bench_decode.py 8k-b1, a step of
+// four calls: 0.17-0.21 ms parking at once, 0.15-0.17 ms polling 50 us); polling longer took cores from torch's
+// own threads between our calls (bench_nsa_layer.py 2k training step: 787-797 ms parking, 805 ms polling 200 us).
+constexpr int64_t kDefaultSpinUs = 50;
 constexpr int kYieldEveryPolls = 64;
 
 int64_t spin_ns() {
