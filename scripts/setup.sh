@@ -6,8 +6,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-# --- system packages (Debian): compilers, CMake, GoogleTest, clang (libFuzzer, sanitizers)
-APT_PKGS="build-essential cmake libgtest-dev clang libclang-rt-14-dev"
+# --- system packages (Debian): compilers, CMake, GoogleTest, clang (libFuzzer, sanitizers), valgrind (the cache
+#     simulator of bench/decode_traffic.py)
+APT_PKGS="build-essential cmake libgtest-dev clang libclang-rt-14-dev valgrind"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
