@@ -25,7 +25,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <climits>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -313,13 +312,9 @@ int parallel_for_runs(int64_t n_tasks, int n_threads, int64_t chunk,
 }
 
 int parallel_for_owned(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)>& fn) {
-  if (n_tasks > INT32_MAX) return parallel_for(n_tasks, n_threads, fn);  // the ranges pack 32-bit indices
   const int workers = worker_count(n_tasks, n_threads);
-  if (workers <= 1) {
-    InLoop in;
-    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
-    return workers;
-  }
+  // one worker (inline, in index order), or more tasks than the ranges' 32-bit indices hold: parallel_for
+  if (workers <= 1 || n_tasks > INT32_MAX) return parallel_for(n_tasks, n_threads, fn);
   // range w's tasks not yet taken: [front, back) packed as front << 32 | back, in a cache line of its own; the owner
   // takes from the front, the others from the back (one compare-exchange each)
   struct alignas(64) Range {

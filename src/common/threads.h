@@ -1,9 +1,9 @@
 // Fork-join parallel loops of the CPU backends (internal), on a persistent pool of worker threads (threads.cpp):
 // the workers are created once, on demand, and reused by every loop (between loops they poll for the next one for
-// NSA_CPU_SPIN_US microseconds, then sleep); a call made while another call holds the pool
-// gets private workers; a loop started from inside a loop body runs inline on that thread. Tasks are handed out in
-// index order through a counter owned by the call (parallel_for_owned: from per-worker ranges); which thread runs a task never changes a result, because each
-// task writes its own outputs (docs/CONTRIBUTING.md rule 7: bitwise the same results for any thread count).
+// NSA_CPU_SPIN_US microseconds, then sleep); a call made while another call holds the pool gets private workers; a
+// loop started from inside a loop body runs inline on that thread. Tasks are handed out in index order through a
+// counter owned by the call (parallel_for_owned: from per-worker ranges); which thread runs a task never changes a
+// result, because each task writes its own outputs (docs/CONTRIBUTING.md rule 7: bitwise the same results for any thread count).
 #pragma once
 
 #include <cstdint>

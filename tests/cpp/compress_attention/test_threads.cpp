@@ -7,7 +7,7 @@
 
 #include <atomic>
 #include <chrono>
-#include <climits>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <set>
