@@ -41,8 +41,12 @@ struct KernelTable {
   // with its own weights: out + p*out_stride (elements of dt) receives round(sum_i wts[i][p] * rows32[i][j]) added
   // in the order i = 0, 1, ..., m-1 from +0. (input_grad: a run of tokens covered by the same windows; wts[i] points
   // at the run's first token's weight in window i, the next tokens' weights following it.)
+  // stream: the rows' whole vectors are written with non-temporal stores (bypassing the caches, without reading the
+  // lines first) where the table has them (bf16 and fp32 on the x86 tables; fp16 and the scalar table store as
+  // usual). Requires out and out_stride * element size to be multiples of 64 bytes; the caller runs store_fence
+  // before another thread reads the rows. The same values are written either way.
   void (*weighted_rows_shared)(DType dt, const float* const* rows32, const float* const* wts, int64_t P, int64_t m,
-                               int64_t D, void* out, int64_t out_stride, Round mode);
+                               int64_t D, void* out, int64_t out_stride, Round mode, bool stream);
   // 16 interleaved partial sums of the dot products of g with m rows: lanes[i*16 + k] += g[j] * rows[i][j] for
   // j = k, k+16, k+32, ... < D, in increasing j (each product rounded, then added). g: D floats; rows: D elements
   // of dt. Called row after row on the same lanes, then reduced with canonical16 (weight_grad).
@@ -54,6 +58,9 @@ struct KernelTable {
                      int64_t D, float* lanes);
   // dst[j] = f32(src[j]) for j < D (exact widening).
   void (*widen)(DType dt, const void* src, int64_t D, float* dst);
+  // Orders this thread's non-temporal stores (weighted_rows_shared with stream) before its later stores (sfence on
+  // x86; nothing in the scalar table, which has none).
+  void (*store_fence)();
 
   // The instance built with each ISA's flags (src/cpu/isa_tables.h): kernels_scalar.cpp, kernels_avx2.cpp and
   // kernels_avx512.cpp (the last two in x86 builds only).

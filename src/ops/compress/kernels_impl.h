@@ -35,6 +35,36 @@ inline void store_low16(uint16_t* p, L h) {
   std::memcpy(p, &n, sizeof(n));
 }
 
+// The sizeof(T) bytes of a vector value stored at p: with a non-temporal store (written to memory without reading
+// the line into the caches first) where STREAM and the ISA has one for that width (64 bytes under AVX-512F, 32 under
+// AVX), else a plain store. p must then be aligned to sizeof(T); the caller fences (KernelTable::store_fence).
+template <bool STREAM, typename T>
+inline void store_vector_bytes(void* p, const T& v) {
+#if defined(__AVX512F__)
+  if constexpr (STREAM && sizeof(T) == 64) {
+    __m512i x;
+    std::memcpy(&x, &v, sizeof(x));
+    _mm512_stream_si512(static_cast<__m512i*>(p), x);
+    return;
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (STREAM && sizeof(T) == 32) {
+    __m256i x;
+    std::memcpy(&x, &v, sizeof(x));
+    _mm256_stream_si256(static_cast<__m256i*>(p), x);
+    return;
+  }
+#endif
+  std::memcpy(p, &v, sizeof(T));
+}
+
+inline void store_fence_impl() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 // ------------------------------------------------------------------ scalar element access
 template <DType DT>
 inline float load1(const void* row, int64_t j) {
@@ -77,12 +107,13 @@ inline PairHalves high_halves(PairHalves a, PairHalves b, std::index_sequence<I.
   return __builtin_shufflevector(a, b, (2 * I + 1)...);
 }
 
+template <bool STREAM = false>
 inline void store_pair_bf16(uint16_t* p, V::F a, V::F b, bool away) {
 #if defined(__AVX512BF16__)
   // rne by vcvtne2ps2bf16 (b's lanes in the high half), the same bits as the formula for every input but a denormal
   if (!away && (_mm512_fpclass_ps_mask(a, 0x20) | _mm512_fpclass_ps_mask(b, 0x20)) == 0) {  // 0x20: denormal
     const __m512bh h = _mm512_cvtne2ps_pbh(b, a);
-    std::memcpy(p, &h, sizeof(h));
+    store_vector_bytes<STREAM>(p, h);
     return;
   }
 #endif
@@ -96,17 +127,23 @@ inline void store_pair_bf16(uint16_t* p, V::F a, V::F b, bool away) {
     std::memcpy(&ha, &ra, sizeof(ha));
     std::memcpy(&hb, &rb, sizeof(hb));
     const PairHalves h = high_halves(ha, hb, std::make_index_sequence<2 * V::W>{});
-    std::memcpy(p, &h, sizeof(h));
+    store_vector_bytes<STREAM>(p, h);
   }
 }
 
-// NV vectors of dt stored at out + j0 (elements), rounded as `away` says: bf16 in pairs of vectors.
-template <DType DT, int NV>
+// NV vectors of dt stored at out + j0 (elements), rounded as `away` says: bf16 in pairs of vectors. STREAM: the bf16
+// pairs and the fp32 vectors by non-temporal stores (store_vector_bytes; fp16's half-width stores stay plain).
+template <DType DT, int NV, bool STREAM = false>
 inline void store_tile(void* out, int64_t j0, const V::F* acc, bool away) {
   int v = 0;
   if constexpr (DT == DType::kBF16) {
 #pragma GCC unroll 16
-    for (; v + 2 <= NV; v += 2) store_pair_bf16(static_cast<uint16_t*>(out) + j0 + v * V::W, acc[v], acc[v + 1], away);
+    for (; v + 2 <= NV; v += 2)
+      store_pair_bf16<STREAM>(static_cast<uint16_t*>(out) + j0 + v * V::W, acc[v], acc[v + 1], away);
+  }
+  if constexpr (DT == DType::kF32 && STREAM) {
+#pragma GCC unroll 16
+    for (; v < NV; ++v) store_vector_bytes<true>(static_cast<float*>(out) + j0 + v * V::W, acc[v]);
   }
 #pragma GCC unroll 16
   for (; v < NV; ++v) storev<DT>(out, j0 + v * V::W, acc[v], away);
@@ -323,7 +360,7 @@ inline void weighted_rows2_impl(DType dt, const void* const* rows, const float* 
 // Tokens [0, P) of a run, vectors [j0 / W, j0 / W + NV) of their rows: sum over the m covering windows of the
 // token's weight times the window's widened grad row. M > 0: m == M, known at compile time (the window loop unrolled,
 // its row and weight pointers held in registers over the tokens: 5 % of the bench-8k-keys backward); M = 0: any m.
-template <DType DT, int NV, int M>
+template <DType DT, int NV, int M, bool STREAM>
 inline void shared_tile(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t j0,
                         void* out, int64_t out_stride, bool away) {
   if constexpr (M > 0) {
@@ -344,7 +381,7 @@ inline void shared_tile(const float* const* rows32, const float* const* wts, int
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, V::load(row[i] + v * V::W)));
       }
-      store_tile<DT, NV>(out, p * out_stride + j0, acc, away);
+      store_tile<DT, NV, STREAM>(out, p * out_stride + j0, acc, away);
     }
     return;
   }
@@ -356,28 +393,28 @@ inline void shared_tile(const float* const* rows32, const float* const* wts, int
       const float* row = rows32[i] + j0;
       for (int v = 0; v < NV; ++v) acc[v] = V::add(acc[v], V::mul(wv, V::load(row + v * V::W)));
     }
-    store_tile<DT, NV>(out, p * out_stride + j0, acc, away);
+    store_tile<DT, NV, STREAM>(out, p * out_stride + j0, acc, away);
   }
 }
 
 // The whole vectors of a run's rows: tiles of kTileVectors, then one tile of the rest (shared_tile).
-template <DType DT, int M>
+template <DType DT, int M, bool STREAM>
 inline void shared_tiles(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t nvec,
                          void* out, int64_t out_stride, bool away) {
   int64_t v0 = 0;
   for (; v0 + kTileVectors <= nvec; v0 += kTileVectors)
-    shared_tile<DT, kTileVectors, M>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
+    shared_tile<DT, kTileVectors, M, STREAM>(rows32, wts, P, m, v0 * V::W, out, out_stride, away);
   const int64_t j0 = v0 * V::W;
   with_tail_vectors(nvec - v0,
-                    [&]<int NV>() { shared_tile<DT, NV, M>(rows32, wts, P, m, j0, out, out_stride, away); });
+                    [&]<int NV>() { shared_tile<DT, NV, M, STREAM>(rows32, wts, P, m, j0, out, out_stride, away); });
 }
 
-template <DType DT>
+template <DType DT, bool STREAM>
 inline void weighted_rows_shared_t(const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t D, void* out,
                                    int64_t out_stride, bool away) {
   const int64_t nvec = D / V::W;
-  if (m == 2) shared_tiles<DT, 2>(rows32, wts, P, m, nvec, out, out_stride, away);  // l = 2d, the common case
-  else shared_tiles<DT, 0>(rows32, wts, P, m, nvec, out, out_stride, away);
+  if (m == 2) shared_tiles<DT, 2, STREAM>(rows32, wts, P, m, nvec, out, out_stride, away);  // l = 2d, the common case
+  else shared_tiles<DT, 0, STREAM>(rows32, wts, P, m, nvec, out, out_stride, away);
   for (int64_t j = nvec * V::W; j < D; ++j)  // the last D % W columns, same operations one at a time
     for (int64_t p = 0; p < P; ++p) {
       float acc = 0.0f;
@@ -386,14 +423,21 @@ inline void weighted_rows_shared_t(const float* const* rows32, const float* cons
     }
 }
 
-inline void weighted_rows_shared_impl(DType dt, const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t D,
-                                      void* out, int64_t out_stride, Round mode) {
-  const bool away = mode == Round::kAway;
+template <bool STREAM>
+inline void weighted_rows_shared_dt(DType dt, const float* const* rows32, const float* const* wts, int64_t P, int64_t m,
+                                    int64_t D, void* out, int64_t out_stride, bool away) {
   switch (dt) {
-    case DType::kBF16: weighted_rows_shared_t<DType::kBF16>(rows32, wts, P, m, D, out, out_stride, away); break;
-    case DType::kF16: weighted_rows_shared_t<DType::kF16>(rows32, wts, P, m, D, out, out_stride, away); break;
-    default: weighted_rows_shared_t<DType::kF32>(rows32, wts, P, m, D, out, out_stride, away); break;
+    case DType::kBF16: weighted_rows_shared_t<DType::kBF16, STREAM>(rows32, wts, P, m, D, out, out_stride, away); break;
+    case DType::kF16: weighted_rows_shared_t<DType::kF16, STREAM>(rows32, wts, P, m, D, out, out_stride, away); break;
+    default: weighted_rows_shared_t<DType::kF32, STREAM>(rows32, wts, P, m, D, out, out_stride, away); break;
   }
+}
+
+inline void weighted_rows_shared_impl(DType dt, const float* const* rows32, const float* const* wts, int64_t P, int64_t m, int64_t D,
+                                      void* out, int64_t out_stride, Round mode, bool stream) {
+  const bool away = mode == Round::kAway;
+  if (stream) weighted_rows_shared_dt<true>(dt, rows32, wts, P, m, D, out, out_stride, away);
+  else weighted_rows_shared_dt<false>(dt, rows32, wts, P, m, D, out, out_stride, away);
 }
 
 // ------------------------------------------------------------------ dot_lanes
@@ -500,6 +544,6 @@ inline void widen_impl(DType dt, const void* src, int64_t D, float* dst) {
 inline const nsa::compress_kernels::KernelTable* make_table(nsa::CpuIsa isa) {
   static const nsa::compress_kernels::KernelTable t{isa, &weighted_rows_impl, &weighted_rows2_impl,
                                                     &weighted_rows_shared_impl, &dot_lanes_impl, &dot_lanes2_impl,
-                                                    &widen_impl};
+                                                    &widen_impl, &store_fence_impl};
   return &t;
 }

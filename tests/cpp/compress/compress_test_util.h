@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "common/aligned_buffer.h"
 #include "common/numeric.h"
 #include "common/test_tensors.h"
 #include "nsa/compress.h"
@@ -293,7 +294,8 @@ struct Bound {  // a Case materialized, with the params pointing at its storage 
   Storage3 input, grad;
   Storage2 weight;
   std::vector<int64_t> lens;
-  std::vector<unsigned char> out, in_grad, w_grad;
+  std::vector<unsigned char> out, w_grad;
+  nsa::detail::LineVector<unsigned char> in_grad;  // 64-byte aligned: the backward may stream its rows (cpu_tuning.h)
   nsa::CompressParams p;
   nsa::CompressGradParams g;
   explicit Bound(const Case& cs) {
@@ -321,7 +323,7 @@ struct Bound {  // a Case materialized, with the params pointing at its storage 
     g.weight_grad = w_grad.data();
   }
   bool untouched() const {
-    auto all_ff = [](const std::vector<unsigned char>& v) {
+    auto all_ff = [](const auto& v) {
       return std::all_of(v.begin(), v.end(), [](unsigned char c) { return c == 0xFF; });
     };
     return all_ff(out) && all_ff(in_grad) && all_ff(w_grad);
@@ -364,7 +366,7 @@ inline BwdResult run_backward(const Case& cs, Backend be, int isa = -1, int thre
   const int64_t es = static_cast<int64_t>(nsa::dtype_size(cs.dtype));
   r.in_bytes.assign(bd.in_grad.begin(), bd.in_grad.begin() + ni * es);
   r.w_bytes.assign(bd.w_grad.begin(), bd.w_grad.begin() + nw * es);
-  r.in_grad = to_doubles(bd.in_grad, ni, cs.dtype);
+  r.in_grad = to_doubles(r.in_bytes, ni, cs.dtype);
   r.w_grad = to_doubles(bd.w_grad, nw, cs.dtype);
   return r;
 }

@@ -9,6 +9,8 @@
 //   - batch packing does not change output or input_grad rows (§9); uncovered rows are never read.
 // The work-splitting knobs (cpu_tuning.h) are lowered so that small cases run many tasks on many workers, with the
 // large-call path on (stream_in).
+#include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -29,6 +31,7 @@ class SmallTasks : public ::testing::Environment {
     t.bytes_per_worker = 1;    // every requested worker starts
     t.stream_bytes = 0;        // every call reads its tasks' input rows in one pass first (stream_in) ...
     t.stream_task_bytes = 64;  // ... in tasks of a few rows
+    t.stream_out_bytes = 0;    // and writes input_grad by non-temporal stores where its rows are whole lines
     nsa::compress_detail::set_cpu_tuning(t);
   }
 };
@@ -273,6 +276,7 @@ TEST(CompressCpu, GradientStoresRoundEveryPattern) {
                        0x007fffffu, 0x00000001u, 0x00008000u, 0x00018000u, 0x7f7f8000u, 0x7f7f7fffu})
       pats.push_back(sign | v);
   }
+  while (pats.size() % 32 != 0) pats.push_back(0x3f800000u);  // whole 64-byte lines of bf16, for the streaming stores
   // vectors with no denormal: the denormals moved to the end, so that the first blocks of 32 hold none
   std::stable_partition(pats.begin(), pats.end(), [](uint32_t u) { return (u & 0x7f800000u) != 0 || (u & 0x7fffffu) == 0; });
   const int64_t D = static_cast<int64_t>(pats.size());
@@ -282,24 +286,64 @@ TEST(CompressCpu, GradientStoresRoundEveryPattern) {
   const float* row_ptr = rows32.data();
   const float* wt_ptr = &one;
   std::vector<uint16_t> first;
-  for (CpuIsa isa : supported_isas()) {
-    SCOPED_TRACE(nsa::cpu_isa_name(isa));
-    std::vector<uint16_t> out(pats.size(), 0xdead);
-    nsa::compress_kernels::kernels_for(isa)->weighted_rows_shared(DType::kBF16, &row_ptr, &wt_ptr, 1, 1, D, out.data(),
-                                                                  D, nsa::compress_kernels::Round::kEven);
-    for (size_t i = 0; i < pats.size(); ++i) {
-      const float x = rows32[i];
-      if (std::isnan(x)) {
-        ASSERT_EQ(out[i] & 0x7fc0, 0x7fc0) << std::hex << "quiet NaN expected for 0x" << pats[i];
-        continue;
+  for (CpuIsa isa : supported_isas())
+    for (bool stream : {false, true}) {  // plain and non-temporal stores (64-byte aligned rows)
+      SCOPED_TRACE(std::string(nsa::cpu_isa_name(isa)) + (stream ? ", streaming stores" : ", plain stores"));
+      nsa::detail::LineVector<uint16_t> out(pats.size(), 0xdead);
+      const nsa::compress_kernels::KernelTable* kt = nsa::compress_kernels::kernels_for(isa);
+      kt->weighted_rows_shared(DType::kBF16, &row_ptr, &wt_ptr, 1, 1, D, out.data(), D,
+                               nsa::compress_kernels::Round::kEven, stream);
+      kt->store_fence();
+      for (size_t i = 0; i < pats.size(); ++i) {
+        const float x = rows32[i];
+        if (std::isnan(x)) {
+          ASSERT_EQ(out[i] & 0x7fc0, 0x7fc0) << std::hex << "quiet NaN expected for 0x" << pats[i];
+          continue;
+        }
+        const volatile float zero = 0.0f;
+        const uint32_t want = nsa::detail::bf16_bits_of(nsa::detail::f32_bits(zero + x), false);
+        ASSERT_EQ(out[i], want) << std::hex << "fp32 0x" << pats[i];
       }
-      const volatile float zero = 0.0f;
-      const uint32_t want = nsa::detail::bf16_bits_of(nsa::detail::f32_bits(zero + x), false);
-      ASSERT_EQ(out[i], want) << std::hex << "fp32 0x" << pats[i];
+      if (first.empty()) first.assign(out.begin(), out.end());
+      else ASSERT_TRUE(std::equal(out.begin(), out.end(), first.begin())) << "bits differ from the first path (NaN payloads included)";
     }
-    if (first.empty()) first = out;
-    else ASSERT_EQ(out, first) << "bits differ from the first path (NaN payloads included)";
+}
+
+// input_grad written by non-temporal stores (CpuTuning::stream_out_bytes = 0 here: every call whose rows are whole
+// 64-byte lines) against plain stores (stream_out_bytes above the size) and the reference, on every path and dtype:
+// rows of 2 and 3 lines, a batch left partly uncovered (its zeroed tail), and an input_grad that starts 32 bytes
+// past a line (plain stores then).
+TEST(CompressCpu, StreamingInputGradStoresGiveTheSameBits) {
+  const nsa::compress_detail::CpuTuning saved = nsa::compress_detail::cpu_tuning();
+  for (DType dt : kAllDtypes) {
+    const int64_t es = static_cast<int64_t>(nsa::dtype_size(dt));
+    for (int64_t D : {64 / es, 192 / es, int64_t{96}}) {
+      const Case cs = filled(dt, {300, 0, 47, 129}, 2, D, 32, 16, 70);
+      SCOPED_TRACE(cs.describe());
+      const BwdResult ref = run_backward(cs, Backend::kReference);
+      for (CpuIsa isa : supported_isas())
+        for (int64_t limit : {int64_t{0}, INT64_MAX})
+          for (int64_t offset : {0, 32}) {
+            SCOPED_TRACE(std::string("isa=") + nsa::cpu_isa_name(isa) + " stream_out_bytes=" + std::to_string(limit) +
+                         " offset=" + std::to_string(offset));
+            nsa::compress_detail::CpuTuning t = saved;
+            t.stream_out_bytes = limit;
+            nsa::compress_detail::set_cpu_tuning(t);
+            Bound bd(cs);
+            const size_t n = bd.in_grad.size();
+            nsa::detail::LineVector<unsigned char> buf(n + 64, 0xFF);
+            bd.g.input_grad = buf.data() + offset;
+            const Status st = nsa::compress_backward_cpu(bd.g, nsa::CpuOptions{static_cast<int>(isa), 2});
+            ASSERT_TRUE(st.ok()) << st.message();
+            const std::vector<unsigned char> got(buf.begin() + offset, buf.begin() + offset + static_cast<int64_t>(n));
+            EXPECT_TRUE(same_values(got, ref.in_bytes, dt, "input_grad vs the reference"));
+            EXPECT_TRUE(std::all_of(buf.begin(), buf.begin() + offset, [](unsigned char c) { return c == 0xFF; }));
+            EXPECT_TRUE(std::all_of(buf.begin() + offset + static_cast<int64_t>(n), buf.end(),
+                                    [](unsigned char c) { return c == 0xFF; }));
+          }
+    }
   }
+  nsa::compress_detail::set_cpu_tuning(saved);
 }
 
 // With the default work split (64 KB tasks, 512 KB per worker) on a shape of the benchmark's kind.
