@@ -1,5 +1,6 @@
 // Checks and tensor -> params mapping shared by the backend kernels (see binding.h).
 #include "binding.h"
+#include "output_cache.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -162,12 +163,11 @@ nsa::CompressAttentionShape validate_forward_params(const nsa::CompressAttention
 ForwardResult allocate_forward_outputs(nsa::CompressAttentionParams& params, const nsa::CompressAttentionShape& sh,
                                        const at::Tensor& query) {
   const auto opts = query.options();
-  at::Tensor out = at::empty({sh.T, sh.N1, sh.D2}, opts);
-  at::Tensor topk = at::empty({sh.T, sh.N2, sh.K}, opts.dtype(at::kInt));
+  at::Tensor out = empty_output({sh.T, sh.N1, sh.D2}, opts);
+  at::Tensor topk = empty_output({sh.T, sh.N2, sh.K}, opts.dtype(at::kInt));
   // [T, N1, 8] declared; the memory is the per-batch layout of docs/spec/compress_attention.md §4, written by the library.
-  at::Tensor smax = at::empty({sh.T, sh.N1, 8}, opts.dtype(at::kFloat));
-  at::Tensor ssum = at::empty({sh.T, sh.N1, 8}, opts.dtype(at::kFloat));
-  for (const at::Tensor* t : {&out, &smax, &ssum}) advise_huge_pages(*t);
+  at::Tensor smax = empty_output({sh.T, sh.N1, 8}, opts.dtype(at::kFloat));
+  at::Tensor ssum = empty_output({sh.T, sh.N1, 8}, opts.dtype(at::kFloat));
   params.attention_out = out.mutable_data_ptr();
   params.topk_indices = topk.mutable_data_ptr<int32_t>();
   params.softmax_max = smax.mutable_data_ptr<float>();

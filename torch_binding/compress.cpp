@@ -24,6 +24,7 @@
 
 #include "binding.h"
 #include "nsa/compress.h"
+#include "output_cache.h"
 
 #define NSA_COMPRESS_ARGS(LENGTHS) \
   "(Tensor input, Tensor weight, int compress_block_size, int compress_stride, " LENGTHS " actual_seq_len=None) -> Tensor"
@@ -133,8 +134,7 @@ at::Tensor forward_cpu(ForwardBackend backend, const at::Tensor& input, const at
   nsa::CompressShape sh;
   nsa::Status st = nsa::validate_compress(p, &sh);
   TORCH_CHECK(st.ok(), st.message());
-  at::Tensor out = at::empty({sh.R, sh.N, sh.D}, input.options());
-  advise_huge_pages(out);
+  at::Tensor out = empty_output({sh.R, sh.N, sh.D}, input.options());
   p.output = out.mutable_data_ptr();
   st = backend(p, nsa::CpuOptions{-1, at::get_num_threads()});
   TORCH_CHECK(st.ok(), st.message());
@@ -193,9 +193,8 @@ CompressGrads backward_cpu(BackwardBackend backend, const at::Tensor& grad, cons
   g.weight_grad = &placeholder;
   nsa::Status st = nsa::validate_compress_backward(g, nullptr);  // raises before any allocation
   TORCH_CHECK(st.ok(), st.message());
-  at::Tensor input_grad = at::empty(input.sizes(), input.options());
-  at::Tensor weight_grad = at::empty(weight.sizes(), weight.options());
-  advise_huge_pages(input_grad);
+  at::Tensor input_grad = empty_output(input.sizes(), input.options());
+  at::Tensor weight_grad = empty_output(weight.sizes(), weight.options());
   g.input_grad = input_grad.numel() ? input_grad.mutable_data_ptr() : nullptr;
   g.weight_grad = weight_grad.mutable_data_ptr();
   st = backend(g, nsa::CpuOptions{-1, at::get_num_threads()});

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "binding.h"
+#include "output_cache.h"
 
 #define NSA_FORWARD_ARGS_TENSOR_LENGTHS                                                           \
   "(Tensor query, Tensor key, Tensor value, float scale_value, int head_num, "                   \
@@ -279,10 +280,9 @@ BackwardResult backward_cpu_impl(const at::Tensor& grad_out, const at::Tensor& q
   g.grad_out = view3(grad_out);
   g.softmax_max = softmax_max.const_data_ptr<float>();
   g.softmax_sum = softmax_sum.const_data_ptr<float>();
-  at::Tensor dq = at::empty(query.sizes(), query.options());
-  at::Tensor dk = at::empty(key.sizes(), key.options());
-  at::Tensor dv = at::empty(value.sizes(), value.options());
-  for (const at::Tensor* t : {&dq, &dk, &dv}) advise_huge_pages(*t);
+  at::Tensor dq = empty_output(query.sizes(), query.options());
+  at::Tensor dk = empty_output(key.sizes(), key.options());
+  at::Tensor dv = empty_output(value.sizes(), value.options());
   g.grad_query = dq.mutable_data_ptr();
   g.grad_key = dk.mutable_data_ptr();
   g.grad_value = dv.mutable_data_ptr();

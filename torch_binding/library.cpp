@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "nsa/cpu.h"
+#include "output_cache.h"
 
 namespace {
 // The CPU backend's instruction-set paths: (detected by cpuid + XCR0, active after the NSA_CPU_ISA cap).
@@ -21,10 +22,21 @@ std::tuple<std::string, std::string, std::string, std::string, std::string, std:
   return {nsa::cpu_isa_name(r.detected), nsa::cpu_isa_name(r.preferred), nsa::cpu_isa_name(r.active), r.cpu,
           r.basis, r.reason};
 }
+
+// The cache of large CPU outputs (output_cache.h): (limit, cached bytes, cached blocks, blocks held by tensors, hits,
+// misses).
+std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> cpu_output_cache_info() {
+  const nsa_torch::OutputCacheStats s = nsa_torch::output_cache_stats();
+  return {s.limit_bytes, s.cached_bytes, s.cached_blocks, s.live_blocks, s.hits, s.misses};
+}
 }  // namespace
 
 TORCH_LIBRARY(nsa, m) {
   m.def("cpu_isa() -> (str detected, str active)", &cpu_isa);
   m.def("cpu_isa_report() -> (str detected, str preferred, str active, str cpu, str basis, str reason)",
         &cpu_isa_report);
+  m.def("cpu_output_cache_info() -> (int limit_bytes, int cached_bytes, int cached_blocks, int live_blocks, int hits, "
+        "int misses)",
+        &cpu_output_cache_info);
+  m.def("cpu_output_cache_clear() -> ()", &nsa_torch::output_cache_clear);
 }

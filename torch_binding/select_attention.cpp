@@ -25,6 +25,7 @@
 
 #include "binding.h"
 #include "nsa/select_attention.h"
+#include "output_cache.h"
 
 #define NSA_SELECT_ARGS(LENGTHS)                                                                        \
   "(Tensor query, Tensor key, Tensor value, Tensor topk_indices, float scale_value, int head_num, "   \
@@ -191,10 +192,9 @@ SelectResult forward_cpu(Forward backend, const at::Tensor& query, const at::Ten
                                              select_block_size, select_block_count, atten_mask, actual_seq_qlen,
                                              actual_seq_kvlen);
   const nsa::SelectAttentionShape sh = validate(p);  // raises before any allocation
-  at::Tensor out = at::empty({sh.T1, sh.N1, sh.Dv}, query.options());
-  at::Tensor smax = at::empty({sh.T1, sh.N1, 8}, query.options().dtype(at::kFloat));
-  at::Tensor ssum = at::empty({sh.T1, sh.N1, 8}, query.options().dtype(at::kFloat));
-  for (const at::Tensor* t : {&out, &smax, &ssum}) advise_huge_pages(*t);
+  at::Tensor out = empty_output({sh.T1, sh.N1, sh.Dv}, query.options());
+  at::Tensor smax = empty_output({sh.T1, sh.N1, 8}, query.options().dtype(at::kFloat));
+  at::Tensor ssum = empty_output({sh.T1, sh.N1, 8}, query.options().dtype(at::kFloat));
   p.attention_out = out.mutable_data_ptr();
   p.softmax_max = smax.mutable_data_ptr<float>();
   p.softmax_sum = ssum.mutable_data_ptr<float>();
@@ -312,10 +312,9 @@ Grads backward_cpu(Backward backend, const at::Tensor& grad, const at::Tensor& q
     const nsa::Status st = nsa::validate_select_attention_backward(probe, nullptr);
     TORCH_CHECK(st.ok(), st.message());
   }
-  at::Tensor dq = at::empty(query.sizes(), query.options());
-  at::Tensor dk = at::empty(key.sizes(), key.options());
-  at::Tensor dv = at::empty(value.sizes(), value.options());
-  for (const at::Tensor* t : {&dq, &dk, &dv}) advise_huge_pages(*t);
+  at::Tensor dq = empty_output(query.sizes(), query.options());
+  at::Tensor dk = empty_output(key.sizes(), key.options());
+  at::Tensor dv = empty_output(value.sizes(), value.options());
   g.grad_query = dq.mutable_data_ptr();
   g.grad_key = dk.mutable_data_ptr();
   g.grad_value = dv.mutable_data_ptr();

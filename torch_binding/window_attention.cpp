@@ -22,6 +22,7 @@
 
 #include "binding.h"
 #include "nsa/window_attention.h"
+#include "output_cache.h"
 
 #define NSA_WINDOW_ARGS(LENGTHS)                                                                     \
   "(Tensor query, Tensor key, Tensor value, int head_num, float scale, Tensor? atten_mask, "      \
@@ -198,10 +199,9 @@ nsa::Status backward_reference(const nsa::WindowAttentionGradParams& p, const ns
 WindowResult run_forward(ForwardBackend backend, nsa::WindowAttentionParams& p, const at::Tensor& query) {
   const nsa::WindowAttentionShape sh = validate(p);  // raises before any allocation
   const auto opts = query.options();
-  at::Tensor out = at::empty({sh.T1, sh.N1, sh.Dv}, opts);
-  at::Tensor smax = at::empty({sh.T1, sh.N1, 8}, opts.dtype(at::kFloat));
-  at::Tensor ssum = at::empty({sh.T1, sh.N1, 8}, opts.dtype(at::kFloat));
-  for (const at::Tensor* t : {&out, &smax, &ssum}) advise_huge_pages(*t);
+  at::Tensor out = empty_output({sh.T1, sh.N1, sh.Dv}, opts);
+  at::Tensor smax = empty_output({sh.T1, sh.N1, 8}, opts.dtype(at::kFloat));
+  at::Tensor ssum = empty_output({sh.T1, sh.N1, 8}, opts.dtype(at::kFloat));
   p.attention_out = out.mutable_data_ptr();
   p.softmax_max = smax.mutable_data_ptr<float>();
   p.softmax_sum = ssum.mutable_data_ptr<float>();
@@ -219,10 +219,9 @@ WindowResult run_backward(BackwardBackend backend, nsa::WindowAttentionGradParam
   g.dy = view3(dy);
   g.softmax_max = softmax_max.const_data_ptr<float>();
   g.softmax_sum = softmax_sum.const_data_ptr<float>();
-  at::Tensor dq = at::empty(query.sizes(), query.options());
-  at::Tensor dk = at::empty(key.sizes(), key.options());
-  at::Tensor dv = at::empty(value.sizes(), value.options());
-  for (const at::Tensor* t : {&dq, &dk, &dv}) advise_huge_pages(*t);
+  at::Tensor dq = empty_output(query.sizes(), query.options());
+  at::Tensor dk = empty_output(key.sizes(), key.options());
+  at::Tensor dv = empty_output(value.sizes(), value.options());
   g.grad_query = dq.mutable_data_ptr();
   g.grad_key = dk.mutable_data_ptr();
   g.grad_value = dv.mutable_data_ptr();

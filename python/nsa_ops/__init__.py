@@ -64,6 +64,7 @@ from .ops.paged_window_attention import paged_window_attention  # noqa: E402
 from .ops.compress_infer import npu_nsa_compress_infer  # noqa: E402
 from .ops.compress_attention_infer import npu_nsa_compress_attention_infer  # noqa: E402
 from .isa_report import CpuIsaReport, cpu_isa_report  # noqa: E402
+from .output_cache import CpuOutputCacheInfo, cpu_output_cache_info, empty_cpu_output_cache  # noqa: E402
 from .stats import query_lengths, softmax_stats_dense, softmax_stats_pack, softmax_stats_view  # noqa: E402
 from .layer import NSAAttention, NSAAux  # noqa: E402
 from .cache import NSACache  # noqa: E402
@@ -102,6 +103,9 @@ __all__ = [
     "softmax_stats_pack",
     "cpu_isa",
     "cpu_isa_report",
+    "CpuOutputCacheInfo",
+    "cpu_output_cache_info",
+    "empty_cpu_output_cache",
     "CpuIsaReport",
     "library_path",
     "load_library",
