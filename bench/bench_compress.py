@@ -22,6 +22,10 @@ cases (the larger of both: a machine shared with other work has slow moments). T
 cache of most server CPUs, so they can run above the memory bandwidth; the bench-64k case (about 50 MB of input)
 does not.
 
+Outputs: nsa_ops takes CPU outputs of 4 MiB or more from its cache of freed blocks (NSA_CPU_OUTPUT_CACHE_MB,
+docs/API.md "Memory"), so repeated calls write into the block the previous call freed; run with
+NSA_CPU_OUTPUT_CACHE_MB=0 to time fresh pages (zeroed by the kernel at their first write) instead.
+
 Baseline: the plain PyTorch composition a user would write: per batch, input.unfold(0, l, d) (windows as a view)
 and torch.einsum("cndl,ln->cnd", windows, weight), concatenated; its backward is PyTorch autograd of that
 composition (torch.autograd.grad with the same grad). "x torch" = baseline time / our time.
