@@ -69,12 +69,6 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query, 
                            const at::Tensor& attention_out, const at::Tensor& softmax_max,
                            const at::Tensor& softmax_sum);
 
-// Asks the kernel (Linux, madvise MADV_HUGEPAGE) to back a freshly allocated large CPU output with
-// transparent huge pages, so that its first write costs a few 2 MiB page faults instead of
-// thousands of 4 KiB ones (about 20 ms per call for the 88 MB of bench-8k's outputs). A hint only:
-// no effect on values, ignored where unsupported.
-void advise_huge_pages(const at::Tensor& t);
-
 // (grad_query, grad_key, grad_value)
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 

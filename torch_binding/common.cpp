@@ -2,12 +2,7 @@
 #include "binding.h"
 #include "output_cache.h"
 
-#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace nsa_torch {
 namespace {
@@ -214,18 +209,6 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query, 
   };
   check_stat(softmax_max, "softmax_max");
   check_stat(softmax_sum, "softmax_sum");
-}
-
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;  // 2 MiB transparent huge pages
-  if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: errors ignored
-#else
-  (void)t;
-#endif
 }
 
 }  // namespace nsa_torch

@@ -10,7 +10,7 @@
 // The work-splitting knobs (cpu_tuning.h) are lowered so that small cases run many tasks on many workers, with the
 // large-call path on (stream_in).
 #include <algorithm>
-#include <climits>
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <vector>
