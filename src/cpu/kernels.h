@@ -69,6 +69,7 @@ struct RowKernels {
   float (*row_max)(const float* x, int64_t n, float init);
   // x[i] = exp(x[i] - m) in place; returns the sum in the canonical order (16 interleaved
   // partial sums by i % 16, then a fixed halving tree), identical on every ISA. n % 16 == 0.
+  // m is at least every non-NaN x[i] (a row maximum, as row_max returns): x[i] - m <= 0 or NaN.
   float (*exp_sum)(float* x, int64_t n, float m);
   // x[i] /= l_sum (x keeps fp32 P) and out[i] = P rounded as `store` says. n % 16 == 0.
   void (*normalize_row)(float* x, int64_t n, float l_sum, void* out, PStore store);

@@ -17,9 +17,8 @@
 // exp(x) for float32 with Cephes-style range reduction and polynomial (about 1 ulp); exact 0 for
 // x < -110 (and -inf), +inf for x > 88.72, NaN kept. The same sequence of fused operations on every
 // ISA, so every path gives bitwise identical results.
-inline V::F vexp(V::F x) {
-  const V::F lo = V::set1(-110.0f), hi = V::set1(88.7228391f);
-  V::F xc = V::min(V::max(x, lo), hi);
+// exp of xc in [-110, 88.72] (already clamped): range reduction, polynomial, p * 2^n.
+inline V::F vexp_clamped(V::F xc) {
   const V::F n = V::rint(V::mul(xc, V::set1(1.44269504088896341f)));
   V::F r = V::fma(n, V::set1(-0.693359375f), xc);
   r = V::fma(n, V::set1(2.12194440e-4f), r);
@@ -31,10 +30,19 @@ inline V::F vexp(V::F x) {
   p = V::fma(p, r, V::set1(5.0000001201e-1f));
   const V::F r2 = V::mul(r, r);
   p = V::fma(p, r2, V::add(r, V::set1(1.0f)));
-  V::F res = V::scale2(p, n);  // p * 2^n rounded once (gradual underflow down to n = -159)
-  // x > 88.72 -> inf
-  res = V::inf_above(x, hi, res);
+  return V::scale2(p, n);  // p * 2^n rounded once (gradual underflow down to n = -159)
+}
+constexpr float kExpLow = -110.0f, kExpHigh = 88.7228391f;
+inline V::F vexp(V::F x) {
+  const V::F hi = V::set1(kExpHigh);
+  V::F res = vexp_clamped(V::min(V::max(x, V::set1(kExpLow)), hi));  // (max: a NaN x gives the low bound)
+  res = V::inf_above(x, hi, res);  // x > 88.72 -> inf
   return V::keep_nan(x, res);
+}
+// vexp for x <= 0 or NaN (a softmax's x - max): the same bits with the upper clamp and the overflow select left
+// out, which cannot apply there (x <= 0 < 88.72; a NaN x compares false with both).
+inline V::F vexp_nonpositive(V::F x) {
+  return V::keep_nan(x, vexp_clamped(V::max(x, V::set1(kExpLow))));
 }
 
 // ------------------------------------------------------------------ row operations
@@ -61,7 +69,7 @@ inline float exp_sum_impl(float* x, int64_t n, float m) {
   const V::F vm = V::set1(m);
   for (int64_t i = 0; i < n; i += 16) {
     for (int a = 0; a < NA; ++a) {
-      const V::F e = vexp(V::sub(V::load(x + i + a * V::W), vm));
+      const V::F e = vexp_nonpositive(V::sub(V::load(x + i + a * V::W), vm));  // x[i] <= m (see kernels.h)
       V::store(x + i + a * V::W, e);
       acc[a] = V::add(acc[a], e);
     }

@@ -661,6 +661,64 @@ TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
   }
 }
 
+// exp_sum on every ISA (m at least every x, as kernels.h requires): x[i] becomes exp(x[i] - m) within 2 ulps of the
+// exponential in double (1.02 ulps the largest seen; subnormal results within two units of the smallest subnormal; exactly 0 below -110), exactly
+// 1 at the maximum, NaN kept, -inf and -FLT_MAX giving 0; the sum is the canonical-order sum of those values; every
+// ISA gives the same bits.
+TEST(CpuKernels, ExpSumIsTheExponentialWithinTwoUlpsOnEveryIsa) {
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> span(-120.0f, 0.0f);
+  const int64_t n = 4096;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (float& v : x) v = span(rng);
+  const float specials[] = {0.0f, -0.0f, NAN, -INFINITY, -FLT_MAX, -87.3f, -103.97f, -109.99f, -110.0f, -110.01f,
+                            -1e-30f, -1e-7f, -0.34657359f, -0.6931472f, -88.72f};
+  for (size_t i = 0; i < sizeof(specials) / sizeof(float); ++i) x[7 * i + 3] = specials[i];
+  std::vector<float> first;
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    for (float m : {0.0f, 3.0f}) {
+      std::vector<float> e(x.size());
+      for (size_t i = 0; i < x.size(); ++i) e[i] = x[i] + m;  // exact for these m: x - m gives back x
+      const float sum = kt->rows.exp_sum(e.data(), n, m);
+      for (int64_t i = 0; i < n; ++i) {
+        const float xi = x[static_cast<size_t>(i)], ei = e[static_cast<size_t>(i)];
+        if (m != 0.0f && std::fabs(xi) < 1e-6f && xi != 0.0f) continue;  // x + 3 - 3 is not x there
+        if (std::isnan(xi)) {
+          ASSERT_TRUE(std::isnan(ei)) << i;
+          continue;
+        }
+        const double want = xi < -110.0f ? 0.0 : std::exp(static_cast<double>(xi));
+        const double ulp = want < 1.1754943508222875e-38 ? 1.401298464324817e-45
+                                                          : std::ldexp(1.0, std::ilogb(want) - 23);
+        ASSERT_LE(std::fabs(static_cast<double>(ei) - want), 2 * ulp) << "x = " << xi << " m = " << m;
+        if (xi == 0.0f) ASSERT_EQ(ei, 1.0f);
+        if (xi == -INFINITY || xi == -FLT_MAX || xi < -110.0f) ASSERT_EQ(ei, 0.0f);
+      }
+      if (m == 0.0f) {
+        ASSERT_TRUE(std::isnan(sum));  // the row holds a NaN
+        if (first.empty()) {
+          first = e;
+        } else {
+          ASSERT_EQ(std::memcmp(first.data(), e.data(), e.size() * sizeof(float)), 0);
+        }
+      }
+    }
+    // without the NaN: the canonical sum (16 partial sums by i % 16, then the halving tree)
+    std::vector<float> y = x;
+    for (float& v : y)
+      if (std::isnan(v)) v = -1.0f;
+    std::vector<float> e = y;
+    const float sum = kt->rows.exp_sum(e.data(), n, 0.0f);
+    float part[16] = {};
+    for (int64_t i = 0; i < n; ++i) part[i % 16] += e[static_cast<size_t>(i)];
+    for (int s = 8; s >= 1; s /= 2)
+      for (int j = 0; j < s; ++j) part[j] += part[j + s];
+    ASSERT_EQ(sum, part[0]);
+  }
+}
+
 // The scalar table built twice on x86 (src/cpu/arch/scalar): for the baseline (std::fma a call into libm) and with
 // FMA (kernels_scalar_fma, what kernels_for(kScalar) returns on this host). Every entry on the same inputs gives the
 // same bits: random rows with NaN, +-inf, -FLT_MAX, signed zeros, subnormals and values that overflow exp, GEMMs
@@ -705,7 +763,8 @@ TEST(CpuKernels, ScalarFmaBuildEqualsBaselineBuild) {
     ASSERT_TRUE(same(std::vector<float>{base->rows.row_max(x.data(), n, -FLT_MAX)}.data(),
                      std::vector<float>{fma->rows.row_max(x.data(), n, -FLT_MAX)}.data(), 4));
     const std::vector<float> fin = row(n, false);
-    for (float m : {0.0f, 2.5f, -FLT_MAX}) {
+    const float fin_max = base->rows.row_max(fin.data(), n, -FLT_MAX);
+    for (float m : {fin_max, fin_max + 2.5f, FLT_MAX}) {  // exp_sum's m: at least every x[i]
       std::vector<float> e1 = fin, e2 = fin;
       const float l1 = base->rows.exp_sum(e1.data(), n, m), l2 = fma->rows.exp_sum(e2.data(), n, m);
       ASSERT_TRUE(same(&l1, &l2, 4) && same(e1.data(), e2.data(), e1.size() * 4)) << "exp_sum n=" << n << " m=" << m;
