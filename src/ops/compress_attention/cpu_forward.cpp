@@ -167,6 +167,7 @@ struct Scratch {
   AlignedBuffer<float> heads;  // [ld_s] box-filtered group-summed P row of a token
   AlignedBuffer<float> score;  // [max_sel]
   AlignedBuffer<float> uniform;  // [D2] closed-form output of fully masked rows
+  AlignedBuffer<float> value_row;  // [D2] a value row in fp32 (closed form)
   std::vector<float*> ptrs;
   std::vector<float> m, l;     // per row statistics
   std::vector<uint8_t> wide;   // per row: every visible score overflowed (see run_tile step 4)
@@ -189,6 +190,7 @@ void init_scratch(const Plan& pl, Scratch& sc) {
   sc.heads.reset(sc.ld_s);
   sc.score.reset(pl.sh.max_sel);
   sc.uniform.reset(pl.sh.D2);
+  sc.value_row.reset(pl.sh.D2);
   sc.ptrs.resize(static_cast<size_t>(pl.sh.G));
   sc.m.resize(static_cast<size_t>(R));
   sc.l.resize(static_cast<size_t>(R));
@@ -405,13 +407,19 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
   }
   if (any_full) {
     // closed form of fully masked rows: sum_c round(1/C) v[c], accumulated in fp32 in c order
+    // (each value row widened to fp32 first, then u[j] += pc * v[j] over j: the same roundings, vectorized)
     const float pc = detail::round_to_dtype(1.0f / static_cast<float>(C), dt);
     float* u = sc.uniform.get();
+    float* vrow = sc.value_row.get();
     std::fill(u, u + sh.D2, 0.0f);
     const Tensor3& v = p.value;
+    const int64_t esz_v = static_cast<int64_t>(dtype_size(dt));
     for (int64_t c = 0; c < C; ++c) {
       const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
-      for (int64_t j = 0; j < sh.D2; ++j) u[j] += pc * detail::load_f32(v.data, base + j * v.stride[2], dt);
+      if (v.stride[2] == 1) pl.kt->rows.load_row(static_cast<const uint8_t*>(v.data) + base * esz_v, vrow, sh.D2, dt);
+      else
+        for (int64_t j = 0; j < sh.D2; ++j) vrow[j] = detail::load_f32(v.data, base + j * v.stride[2], dt);
+      for (int64_t j = 0; j < sh.D2; ++j) u[j] += pc * vrow[j];
     }
   }
 
