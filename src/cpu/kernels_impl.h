@@ -162,88 +162,71 @@ inline void add_row_impl(float* x, const float* y, int64_t n) {
 //   3. each member's rank in A by counting: rank(a) = #{b : v_b > v_a} + #{b before a : v_b == v_a}, the §3.8
 //      order, with vector comparisons over A's scores; the members of rank < K go to idx[rank]; if |A| < K, the
 //      first K - |A| scores equal to t (index order) follow them (at least K scores are >= t).
+// For sel <= 16, A is every score (steps 1 and 2 skipped).
 // Returns false, idx untouched, when a score is NaN (the caller's general top-k orders NaN). Fixed-length
 // loops (NG lanes) so that they vectorize with the ISA's flags. For sel = 128 (bench-8k's selection blocks),
 // K = 16, normal scores, one Zen 4 core: about 0.85 us per call with a sorted insertion buffer in step 3 and a
 // branch per lane for t; about 0.20 us with the ranks counted, t by V::kth_largest32 and the candidates compacted
 // by V::compact_gt (both vectorized on AVX-512).
-// top_k for sel <= 16: every score is a candidate (steps 1 and 2 skipped: for sel = K = 16 they cost more than they
-// remove, 280 -> 190 cycles per call on Zen 5; at sel = 32 ranking all would cost more, 320 -> 430); step 3 over all of
-// them, the scores padded with -inf to 32 (a pad ranks below every score, -inf included, whose ties are counted among
-// the scores only).
-inline bool top_k_all_candidates(const float* score, int64_t sel, int K, int32_t* idx) {
-  alignas(64) float padded[32];
-  int nan = 0;
-  for (int64_t i = 0; i < sel; ++i) {
-    const float v = score[i];
-    nan |= v != v;
-    padded[i] = v;
-  }
-  if (nan) return false;
-  for (int64_t i = sel; i < 32; ++i) padded[i] = -__builtin_inff();
-  const int64_t nfull = (sel + V::W - 1) / V::W * V::W;
-  int32_t top[33];  // the K entries, then a spare slot
-  for (int64_t a = 0; a < sel; ++a) {
-    const float v = padded[a];
-    int64_t gt = 0, ge = 0;
-    for (int64_t c = 0; c < nfull; c += V::W) {
-      gt += V::count_gt(padded + c, v);
-      ge += V::count_ge(padded + c, v);
-    }
-    int64_t rank = gt;
-    if (ge - gt > 1)  // v occurs more than once (or is -inf, equal to the pads): the earlier indices rank first
-      for (int64_t b = 0; b < a; ++b) rank += padded[b] == v;
-    top[rank < K ? rank : K] = static_cast<int32_t>(a);
-  }
-  for (int k = 0; k < K; ++k) idx[k] = top[k];
-  return true;
-}
-
 inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work) {
-  constexpr int NG = 32;
-  if (sel <= 16) return top_k_all_candidates(score, sel, K, idx);
-  alignas(64) float gm[NG];
-  for (int j = 0; j < NG; ++j) gm[j] = -__builtin_inff();
+  // A: indices in above[0..na), their scores in cand[0..na): up to kPadded of them on the stack, padded with -inf to
+  // whole vectors (no member of A is below -inf; a member equal to -inf, possible when t = -inf, counts the pads in
+  // ge only, which sends it to the tie count over A's members), else in work[sel..sel + na) (written and read as
+  // float through memcpy and the vector loads, which may alias), the last partial vector compared one at a time
+  int32_t* above = work;
+  constexpr int64_t kPadded = 256;
+  alignas(64) float padded[kPadded + V::W];
+  const float* cand = padded;
+  int64_t na = 0;
+  float t = -__builtin_inff();
   int nan = 0;
-  int64_t i = 0;
-  for (; i + NG <= sel; i += NG)
-    for (int j = 0; j < NG; ++j) {
-      const float v = score[i + j];
+  if (sel <= 16) {
+    // every score in A (t = -inf; |A| = sel >= K): steps 1 and 2 would cost more than they remove (sel = K = 16,
+    // Zen 5: 280 -> 200 cycles per call without them; at sel = 32 they pay for themselves, 430 -> 325)
+    for (int64_t i = 0; i < sel; ++i) {
+      const float v = score[i];
+      nan |= v != v;
+      padded[i] = v;
+      above[i] = static_cast<int32_t>(i);
+    }
+    if (nan) return false;
+    na = sel;
+  } else {
+    constexpr int NG = 32;
+    alignas(64) float gm[NG];
+    for (int j = 0; j < NG; ++j) gm[j] = -__builtin_inff();
+    int64_t i = 0;
+    for (; i + NG <= sel; i += NG)
+      for (int j = 0; j < NG; ++j) {
+        const float v = score[i + j];
+        nan |= v != v;
+        gm[j] = v > gm[j] ? v : gm[j];
+      }
+    for (int j = 0; i < sel; ++i, ++j) {
+      const float v = score[i];
       nan |= v != v;
       gm[j] = v > gm[j] ? v : gm[j];
     }
-  for (int j = 0; i < sel; ++i, ++j) {
-    const float v = score[i];
-    nan |= v != v;
-    gm[j] = v > gm[j] ? v : gm[j];
+    if (nan) return false;
+    // t = the K-th largest lane maximum = the largest gm[j] with at least K lane maxima >= it (any larger
+    // value has at most K - 1 maxima >= it)
+    // (V::kth_largest32: selects rather than a branch, which mispredicted about half the time)
+    static_assert(NG == 32, "kth_largest32 takes 32 lane maxima");
+    t = V::kth_largest32(gm, K);
+    na = V::compact_gt(score, sel, t, above, work + sel);
+    const float* vals = reinterpret_cast<const float*>(work + sel);
+    if (na <= kPadded) std::memcpy(padded, vals, static_cast<size_t>(na) * sizeof(float));
+    else cand = vals;
   }
-  if (nan) return false;
-  // t = the K-th largest lane maximum = the largest gm[j] with at least K lane maxima >= it (any larger
-  // value has at most K - 1 maxima >= it)
-  // (V::kth_largest32: selects rather than a branch, which mispredicted about half the time)
-  static_assert(NG == 32, "kth_largest32 takes 32 lane maxima");
-  const float t = V::kth_largest32(gm, K);
-  // A: indices in work[0..na), their scores' bits in work[sel..sel + na) (written and read as float through
-  // memcpy and the vector loads, which may alias)
-  int32_t* above = work;
-  const float* vals = reinterpret_cast<const float*>(work + sel);
-  const int64_t na = V::compact_gt(score, sel, t, above, work + sel);
   auto val = [&](int64_t b) {
     float v;
-    std::memcpy(&v, work + sel + b, sizeof(float));
+    std::memcpy(&v, cand + b, sizeof(float));
     return v;
   };
-  // A's scores as whole vectors: up to kPadded of them copied to the stack and padded with -inf (which no member of
-  // A, > t >= -inf, is <= to); beyond that the last partial vector is compared one score at a time
-  constexpr int64_t kPadded = 256;
-  alignas(64) float padded[kPadded + V::W];
-  const float* cand = vals;
-  int64_t nfull = na / V::W * V::W;
-  if (na <= kPadded) {
-    std::memcpy(padded, vals, static_cast<size_t>(na) * sizeof(float));
+  int64_t nfull = na / V::W * V::W;  // cand[0..nfull) compared as whole vectors
+  if (cand == padded) {
     nfull = (na + V::W - 1) / V::W * V::W;
     for (int64_t b = na; b < nfull; ++b) padded[b] = -__builtin_inff();
-    cand = padded;
   }
   int32_t top[33];  // the K entries, then a spare slot
   for (int64_t a = 0; a < na; ++a) {
@@ -259,7 +242,7 @@ inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int
       ge += u >= v;
     }
     int64_t rank = gt;
-    if (ge - gt > 1)  // v occurs more than once in A: the earlier indices rank first
+    if (ge - gt > 1)  // v occurs more than once in A (or pads tie with it): the earlier indices rank first
       for (int64_t b = 0; b < a; ++b) rank += val(b) == v;
     top[rank < K ? rank : K] = above[a];  // ranks >= K land in the spare slot (a select, not a branch)
   }
