@@ -39,6 +39,7 @@
 #include "common/topk_order.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
+#include "cpu/row_load.h"
 #include "ops/compress_attention/batches.h"
 #include "ops/compress_attention/causal.h"
 #include "ops/compress_attention/gemm_plan.h"
@@ -99,11 +100,7 @@ void stage_row(const Plan& pl, const Tensor3& t, const BatchInfo& bi, int64_t n2
     std::fill(dst + E, dst + width, uint16_t(0));
   } else {
     float* dst = static_cast<float*>(out);
-    if (t.stride[2] == 1)
-      pl.kt->rows.load_row(static_cast<const uint8_t*>(t.data) + base * static_cast<int64_t>(dtype_size(dt)), dst, E,
-                           dt);
-    else
-      for (int64_t e = 0; e < E; ++e) dst[e] = detail::load_f32(t.data, base + e * t.stride[2], dt);
+    load_row_f32(pl.kt, t.data, base, t.stride[2], E, dt, dst);
     std::fill(dst + E, dst + width, 0.0f);
   }
 }
@@ -299,11 +296,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
             for (int64_t d = 0; d < sh.D; ++d) dst[d] = load_bits16(q.data, base + d * q.stride[2]);
           for (int64_t d = sh.D; d < pl.q_lda; ++d) dst[d] = 0;
         } else {
-          float* dst = reinterpret_cast<float*>(sc.qa.get()) + r * pl.q_lda;
-          if (q.stride[2] == 1)
-            pl.kt->rows.load_row(static_cast<const uint8_t*>(q.data) + base * static_cast<int64_t>(dtype_size(dt)), dst, sh.D, dt);
-          else
-            for (int64_t d = 0; d < sh.D; ++d) dst[d] = detail::load_f32(q.data, base + d * q.stride[2], dt);
+          load_row_f32(pl.kt, q.data, base, q.stride[2], sh.D, dt, reinterpret_cast<float*>(sc.qa.get()) + r * pl.q_lda);
         }
       }
     }
@@ -413,12 +406,8 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     float* vrow = sc.value_row.get();
     std::fill(u, u + sh.D2, 0.0f);
     const Tensor3& v = p.value;
-    const int64_t esz_v = static_cast<int64_t>(dtype_size(dt));
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t base = (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1];
-      if (v.stride[2] == 1) pl.kt->rows.load_row(static_cast<const uint8_t*>(v.data) + base * esz_v, vrow, sh.D2, dt);
-      else
-        for (int64_t j = 0; j < sh.D2; ++j) vrow[j] = detail::load_f32(v.data, base + j * v.stride[2], dt);
+      load_row_f32(pl.kt, v.data, (bi.c_begin + c) * v.stride[0] + n2 * v.stride[1], v.stride[2], sh.D2, dt, vrow);
       for (int64_t j = 0; j < sh.D2; ++j) u[j] += pc * vrow[j];
     }
   }
