@@ -102,6 +102,14 @@ struct SelectKernels {
   // 1 <= K <= 32, K <= sel; work: 2 * sel ints of scratch. Returns false, writing nothing, when a score
   // is NaN (the caller then orders NaN by detail::topk_before, common/topk_order.h).
   bool (*top_k)(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work);
+  // The selection-block scores of one fp32 row p (§3.5): for k in [k0, k1),
+  //   score[k] = sum_{m<M} b[M(k+1) - m],   b[x] = sum_{n<N} p[x - n],
+  // each sum in order (m = 0, 1, ...; n = 0, 1, ...): the same values as box_sum(N), box_sum(M) and the picks
+  // out[M(k+1)]. p[M k0 - N + 2 .. M k1] must be readable; 1 <= N <= 8. Returns false, writing nothing, where this
+  // ISA has no kernel for M (the caller then box-filters): the AVX-512 paths have one for M = 2, 4 and 8.
+  bool (*block_scores)(const float* p, int64_t k0, int64_t k1, int M, int N, float* score);
+  // score[k] = FLT_MAX where forced[k] != 0, for k < n (§3.7; any n).
+  void (*force)(float* score, const uint8_t* forced, int64_t n);
 };
 
 // Backward (docs/spec/compress_attention.md §7).

@@ -253,6 +253,16 @@ inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int
   return true;
 }
 
+inline bool block_scores_impl(const float* p, int64_t k0, int64_t k1, int M, int N, float* score) {
+  return V::block_scores(p, k0, k1, M, N, score);
+}
+inline void force_impl(float* score, const uint8_t* forced, int64_t n) {
+  constexpr float kForced = 3.40282347e38f;  // FLT_MAX
+  int64_t k = 0;
+  for (; k + V::W <= n; k += V::W) V::store(score + k, V::set_where_bytes(V::load(score + k), forced + k, kForced));
+  for (; k < n; ++k) score[k] = forced[k] != 0 ? kForced : score[k];
+}
+
 // ------------------------------------------------------------------ row conversions
 // Full vectors first; the tail goes through a zero-padded stack buffer so no ISA-specific scalar
 // code is needed.
@@ -522,7 +532,7 @@ inline constexpr nsa::cpu::KernelTable make_table(
             .normalize_group = normalize_group_impl, .box_sum = box_sum_impl, .add_row = add_row_impl,
             .store_row = store_row_impl, .store_row_stream = store_row_stream_impl, .stream_fence = stream_fence_impl,
             .load_row = load_row_impl};
-  t.select = {.top_k = top_k_impl};
+  t.select = {.top_k = top_k_impl, .block_scores = block_scores_impl, .force = force_impl};
   t.grad = {.softmax_grad_row = softmax_grad_row_impl, .pack_rows_bf16 = pack_rows_bf16,
             .transpose_u16 = transpose_u16, .transpose_u32 = transpose_u32};
   return t;

@@ -48,6 +48,8 @@ struct VectorBase {
     }
     return t;
   }
+  // KernelTable::select.block_scores where the ISA has no kernel of its own: none.
+  static bool block_scores(const float*, int64_t, int64_t, int, int, float*) { return false; }
   // The i < n with p[i] > t, in index order: i into idx[0..count), the bits of p[i] into bits[0..count); returns
   // count (branch-free; writes idx[0..n) and bits[0..n) at most).
   static int64_t compact_gt(const float* p, int64_t n, float t, int32_t* idx, int32_t* bits) {

@@ -467,9 +467,12 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
         pl.kt->rows.add_row(x + x0, y + x0, x1 - x0);
         return x;
       });
-      float* boxed = sc.heads.get() + kMargin;
-      row_box(pl, sc, sum, rlo, rhi, boxed);
-      for (int64_t k = k0; k < k1; ++k) score[k] = boxed[M * (k + 1)];
+      // (reads sum[M k0 - N + 2 .. M k1], inside [rlo - kMargin, rhi + kMargin): M + N - 2 <= 14 < kMargin)
+      if (!pl.kt->select.block_scores(sum, k0, k1, static_cast<int>(M), static_cast<int>(sh.N), score)) {
+        float* boxed = sc.heads.get() + kMargin;
+        row_box(pl, sc, sum, rlo, rhi, boxed);
+        for (int64_t k = k0; k < k1; ++k) score[k] = boxed[M * (k + 1)];
+      }
     } else if (k1 > k0) {
       std::fill(score + k0, score + k1, 0.0f);
     }
@@ -478,7 +481,7 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
       const int64_t ts = p.topk_mask.stride[1];
       if (ts == 1) {
-        for (int64_t k = 0; k < Sel; ++k) score[k] = trow[k] != 0 ? FLT_MAX : score[k];
+        pl.kt->select.force(score, trow, Sel);
       } else {
         for (int64_t k = 0; k < Sel; ++k) score[k] = trow[k * ts] != 0 ? FLT_MAX : score[k];
       }

@@ -8,15 +8,23 @@
 // Fuzz: NSA_FUZZ_SEED (base seed) and NSA_FUZZ_ITERS (configurations per shard, 4 shards) override
 // the defaults; configuration i uses seed base + i, and a failure prints it, so
 // NSA_FUZZ_SEED=<seed> NSA_FUZZ_ITERS=1 ... --gtest_filter='*Fuzz*/0' reproduces it.
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cfloat>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <iterator>
+#include <random>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/aligned_buffer.h"
 #include "common/mask_rows.h"
+#include "common/numeric.h"
 #include "common/topk_order.h"
 #include "cpu/kernels.h"
 #include "ops/compress_attention/reference.h"
@@ -661,6 +669,93 @@ TEST(CpuKernels, TopKMatchesStableSortOnEveryIsa) {
   }
 }
 
+// KernelTable::select.block_scores on every ISA, against its definition in scalar code (b[x] = sum_{n<N} p[x - n] and
+// score[k] = sum_{m<M} b[M(k+1) - m], each added in order, as box_sum(N), box_sum(M) and the picks compute them),
+// bit for bit, for M, N = 1 ... 8 and ranges [k0, k1) with whole and partial 16-score steps. Values span 2^-20 ... 2^20,
+// so any other order of the additions changes bits. The row ends at p[M k1] on the last float before an inaccessible
+// page: a read past it faults. Scores outside [k0, k1), and all of them where the kernel returns false, keep their
+// sentinel. The AVX-512 tables must have the kernel for M = 2, 4 and 8.
+TEST(CpuKernels, BlockScoresEqualTheirDefinitionOnEveryIsa) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t data_bytes = 8 * 4096;  // at least M k1 + 8 floats for the largest case below
+  const size_t data_pages = (data_bytes + page - 1) / page;
+  char* mem = static_cast<char*>(mmap(nullptr, (data_pages + 1) * page, PROT_READ | PROT_WRITE,
+                                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(static_cast<void*>(mem), MAP_FAILED);
+  ASSERT_EQ(mprotect(mem + data_pages * page, page, PROT_NONE), 0);
+  float* const end = reinterpret_cast<float*>(mem + data_pages * page);  // first float of the guard page
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> unit(0.5f, 1.0f);
+  std::uniform_int_distribution<int> expo(-20, 20), small(0, 9);
+  const std::pair<int64_t, int64_t> ranges[] = {{0, 1}, {0, 16}, {0, 17}, {3, 40}, {5, 128}, {0, 127}, {17, 33},
+                                                {10, 11}, {0, 256}, {1, 200}};
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    int with_kernel = 0;
+    for (int M = 1; M <= 8; ++M) {
+      for (int N = 1; N <= 8; ++N) {
+        for (auto [k0, k1] : ranges) {
+          float* p = end - 1 - M * k1;  // p[M k1] is the last readable float
+          for (float* x = p + M * k0 - N - 8; x <= p + M * k1; ++x)
+            *x = small(rng) == 0 ? 0.0f : std::ldexp(unit(rng), expo(rng));
+          std::vector<float> want(static_cast<size_t>(k1) + 8, -3.0f), got(want);
+          for (int64_t k = k0; k < k1; ++k) {
+            float acc = 0.0f;
+            for (int m = 0; m < M; ++m) {
+              const int64_t x = M * (k + 1) - m;
+              float b = p[x];
+              for (int n = 1; n < N; ++n) b += p[x - n];
+              acc = m == 0 ? b : acc + b;
+            }
+            want[static_cast<size_t>(k)] = acc;
+          }
+          const bool has = kt->select.block_scores(p, k0, k1, M, N, got.data());
+          if (!has) {
+            ASSERT_EQ(got, std::vector<float>(got.size(), -3.0f)) << "M=" << M << " N=" << N;
+            continue;
+          }
+          ++with_kernel;
+          for (size_t k = 0; k < got.size(); ++k)
+            ASSERT_EQ(nsa::detail::f32_bits(got[k]), nsa::detail::f32_bits(want[k]))
+                << "M=" << M << " N=" << N << " k0=" << k0 << " k1=" << k1 << " k=" << k;
+        }
+      }
+    }
+    if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAvx512Bf16) {
+      EXPECT_EQ(with_kernel, 3 * 8 * static_cast<int>(std::size(ranges)));  // M = 2, 4, 8
+    }
+  }
+  munmap(mem, (data_pages + 1) * page);
+}
+
+// KernelTable::select.force on every ISA: score[k] = FLT_MAX where forced[k] != 0 (any nonzero byte), else unchanged
+// bit for bit (NaN, -0 and inf included), for lengths around the vector widths; nothing past n is written.
+TEST(CpuKernels, ForceSetsExactlyTheForcedScoresOnEveryIsa) {
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> nd;
+  std::uniform_int_distribution<int> byte(0, 255), pick(0, 5);
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    for (int64_t n : {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 64, 100, 128, 129}) {
+      std::vector<float> score(static_cast<size_t>(n) + 4);
+      std::vector<uint8_t> forced(static_cast<size_t>(n) + 16);  // the vector loads read whole vectors of bytes
+      for (auto& v : score) {
+        const int c = pick(rng);
+        v = c == 0 ? NAN : c == 1 ? -0.0f : c == 2 ? INFINITY : nd(rng);
+      }
+      for (auto& f : forced) f = pick(rng) < 2 ? static_cast<uint8_t>(byte(rng) | 1) : 0;
+      std::vector<float> want(score);
+      for (int64_t k = 0; k < n; ++k)
+        if (forced[static_cast<size_t>(k)] != 0) want[static_cast<size_t>(k)] = FLT_MAX;
+      kt->select.force(score.data(), forced.data(), n);
+      for (size_t k = 0; k < score.size(); ++k)
+        ASSERT_EQ(nsa::detail::f32_bits(score[k]), nsa::detail::f32_bits(want[k])) << "n=" << n << " k=" << k;
+    }
+  }
+}
+
 // exp_sum on every ISA (m at least every x, as kernels.h requires): x[i] becomes exp(x[i] - m) within 2 ulps of the
 // exponential in double (1.02 ulps the largest seen; subnormal results within two units of the smallest subnormal; exactly 0 below -110), exactly
 // 1 at the maximum, NaN kept, -inf and -FLT_MAX giving 0; the sum is the canonical-order sum of those values; every
@@ -693,8 +788,12 @@ TEST(CpuKernels, ExpSumIsTheExponentialWithinTwoUlpsOnEveryIsa) {
         const double ulp = want < 1.1754943508222875e-38 ? 1.401298464324817e-45
                                                           : std::ldexp(1.0, std::ilogb(want) - 23);
         ASSERT_LE(std::fabs(static_cast<double>(ei) - want), 2 * ulp) << "x = " << xi << " m = " << m;
-        if (xi == 0.0f) ASSERT_EQ(ei, 1.0f);
-        if (xi == -INFINITY || xi == -FLT_MAX || xi < -110.0f) ASSERT_EQ(ei, 0.0f);
+        if (xi == 0.0f) {
+          ASSERT_EQ(ei, 1.0f);
+        }
+        if (xi == -INFINITY || xi == -FLT_MAX || xi < -110.0f) {
+          ASSERT_EQ(ei, 0.0f);
+        }
       }
       if (m == 0.0f) {
         ASSERT_TRUE(std::isnan(sum));  // the row holds a NaN

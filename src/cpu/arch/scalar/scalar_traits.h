@@ -34,4 +34,6 @@ struct V : nsa::cpu::ScalarVector<V> {
   static int count_gt(const float* p, float v) { return p[0] > v; }   // number of p[0..1) > v
   // x where keep[0] != 0, else +0 (backward: masked entries of a tile pair)
   static F keep_bytes(F x, const uint8_t* keep) { return keep[0] != 0 ? x : 0.0f; }
+  // value where b[0] != 0, else x (forced selection blocks)
+  static F set_where_bytes(F x, const uint8_t* b, float value) { return b[0] != 0 ? value : x; }
 };

@@ -97,4 +97,59 @@ struct V : nsa::cpu::Avx512Vector<V> {
     const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep));
     return _mm512_maskz_mov_ps(_mm_test_epi8_mask(k, k), x);
   }
+  // value where b[i] != 0, else x (forced selection blocks); reads 16 bytes
+  static F set_where_bytes(F x, const uint8_t* b, float value) {
+    const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    return _mm512_mask_blend_ps(_mm_test_epi8_mask(k, k), x, set1(value));
+  }
+  // KernelTable::select.block_scores for M = 2, 4, 8, 16 scores at a time. Their blocks cover the 16 M positions
+  // x0 + i (x0 = M k + 1, block j at x0 + M j .. x0 + M j + M - 1), held as M vectors of b (N shifted loads each,
+  // added in order n = 0, 1, ...). Phase f of the 16 blocks, b[x0 + M j + f] for j < 16, comes from the vector
+  // pairs (b[2q], b[2q + 1]) by one vpermt2ps each (lane j from pair q = M j / 32, element (M j + f) % 32); the
+  // phases are added from f = M - 1 down (m = M - 1 - f). The last, partial step loads only the positions up to
+  // M k1 (masked loads: nothing past them is read) and stores only its scores.
+  static bool block_scores(const float* p, int64_t k0, int64_t k1, int M, int N, float* score) {
+    switch (M) {
+      case 2: block_scores_m<2>(p, k0, k1, N, score); return true;
+      case 4: block_scores_m<4>(p, k0, k1, N, score); return true;
+      case 8: block_scores_m<8>(p, k0, k1, N, score); return true;
+      default: return false;
+    }
+  }
+  template <int M>
+  static void block_scores_m(const float* p, int64_t k0, int64_t k1, int N, float* score) {
+    constexpr int kPairs = M / 2;          // vector pairs spanned by 16 blocks (16 M positions = M vectors)
+    constexpr int kLanesPerPair = 16 / kPairs;  // consecutive blocks (lanes) gathered from one pair
+    __m512i phase[M];
+    for (int f = 0; f < M; ++f) {
+      alignas(64) int32_t e[16];
+      for (int j = 0; j < 16; ++j) e[j] = (M * j + f) % 32;
+      phase[f] = _mm512_load_si512(e);
+    }
+    const int64_t last = M * k1;  // the highest position any score reads
+    for (int64_t k = k0; k < k1; k += 16) {
+      const int64_t x0 = M * k + 1;
+      __m512 b[M];
+      for (int i = 0; i < M; ++i) {
+        const int64_t first = x0 + 16 * i, valid = last - first + 1;  // positions first + lane <= last
+        const __mmask16 mask = valid >= 16 ? __mmask16(0xffff)
+                               : valid <= 0 ? __mmask16(0)
+                                            : static_cast<__mmask16>((1u << valid) - 1);
+        F acc = _mm512_maskz_loadu_ps(mask, p + first);
+        for (int n = 1; n < N; ++n) acc = add(acc, _mm512_maskz_loadu_ps(mask, p + first - n));
+        b[i] = acc;
+      }
+      F s = zero();
+      for (int f = M - 1; f >= 0; --f) {
+        F e = _mm512_permutex2var_ps(b[0], phase[f], b[1]);
+        for (int q = 1; q < kPairs; ++q) {
+          const __mmask16 lanes = static_cast<__mmask16>(((1u << kLanesPerPair) - 1) << (q * kLanesPerPair));
+          e = _mm512_mask_mov_ps(e, lanes, _mm512_permutex2var_ps(b[2 * q], phase[f], b[2 * q + 1]));
+        }
+        s = f == M - 1 ? e : add(s, e);
+      }
+      const int64_t left = k1 - k;
+      _mm512_mask_storeu_ps(score + k, left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1), s);
+    }
+  }
 };

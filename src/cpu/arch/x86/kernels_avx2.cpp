@@ -81,6 +81,11 @@ struct V : nsa::cpu::Avx2Vector<V> {
     const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep)));
     return _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_setzero_si256())));
   }
+  // value where b[i] != 0, else x (forced selection blocks); reads 8 bytes
+  static F set_where_bytes(F x, const uint8_t* b, float value) {
+    const __m256i k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+    return _mm256_blendv_ps(x, set1(value), _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, _mm256_setzero_si256())));
+  }
 };
 
 #include "cpu/kernels_impl.h"
