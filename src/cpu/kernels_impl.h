@@ -162,7 +162,8 @@ inline void add_row_impl(float* x, const float* y, int64_t n) {
 //   3. each member's rank in A by counting: rank(a) = #{b : v_b > v_a} + #{b before a : v_b == v_a}, the §3.8
 //      order, with vector comparisons over A's scores; the members of rank < K go to idx[rank]; if |A| < K, the
 //      first K - |A| scores equal to t (index order) follow them (at least K scores are >= t).
-// For sel <= 16, A is every score (steps 1 and 2 skipped).
+// For sel <= 16, A is every score (steps 1 and 2 skipped). Where V has rank_top32 (AVX-512) and |A| <= 32, step 3
+// counts the ranks the other way round (a rank per lane, one pass over the members; no branch on ties).
 // Returns false, idx untouched, when a score is NaN (the caller's general top-k orders NaN). Fixed-length
 // loops (NG lanes) so that they vectorize with the ISA's flags. For sel = 128 (bench-8k's selection blocks),
 // K = 16, normal scores, one Zen 4 core: about 0.85 us per call with a sorted insertion buffer in step 3 and a
@@ -226,10 +227,11 @@ inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int
   int64_t nfull = na / V::W * V::W;  // cand[0..nfull) compared as whole vectors
   if (cand == padded) {
     nfull = (na + V::W - 1) / V::W * V::W;
-    for (int64_t b = na; b < nfull; ++b) padded[b] = -__builtin_inff();
+    for (int64_t b = na; b < std::max<int64_t>(nfull, 32); ++b) padded[b] = -__builtin_inff();
   }
   int32_t top[33];  // the K entries, then a spare slot
-  for (int64_t a = 0; a < na; ++a) {
+  const bool ranked = cand == padded && V::rank_top32(padded, na, above, K, top);
+  for (int64_t a = 0; a < (ranked ? 0 : na); ++a) {
     const float v = val(a);
     int64_t gt = 0, ge = 0;
     for (int64_t c = 0; c < nfull; c += V::W) {

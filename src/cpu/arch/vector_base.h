@@ -48,6 +48,8 @@ struct VectorBase {
     }
     return t;
   }
+  // top_k's step 3 for at most 32 candidates where the ISA has a kernel for it (AVX-512): here none.
+  static bool rank_top32(const float*, int64_t, const int32_t*, int, int32_t*) { return false; }
   // KernelTable::select.block_scores where the ISA has no kernel of its own: none.
   static bool block_scores(const float*, int64_t, int64_t, int, int, float*) { return false; }
   // The i < n with p[i] > t, in index order: i into idx[0..count), the bits of p[i] into bits[0..count); returns

@@ -88,6 +88,32 @@ struct V : nsa::cpu::Avx512Vector<V> {
     }
     return count;
   }
+  // top_k's step 3 (kernels_impl.h) for na <= 32 candidates, counted the other way round: cand[0..32) (A's scores in
+  // index order, -inf pads from na on, no NaN) in two registers, one rank per lane; for each member b, every lane a
+  // with v_a < v_b, or v_a == v_b and a > b, counts one more (vcmpps, the tie compare masked to the lanes after b,
+  // one masked add), so rank(a) = #{b : v_b > v_a} + #{b before a : v_b == v_a} with no branch on ties; then
+  // top[rank] = index[a] for rank < K (ranks >= K, and the pads' ranks, are not used: the pads are never a b).
+  static bool rank_top32(const float* cand, int64_t na, const int32_t* index, int K, int32_t* top) {
+    if (na > 32) return false;
+    const F ca = load(cand), cb = load(cand + 16);
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i ra = _mm512_setzero_si512(), rb = _mm512_setzero_si512();
+    for (int64_t b = 0; b < na; ++b) {
+      const F vb = set1(cand[b]);
+      const uint64_t after = ~uint64_t{0} << (b + 1);  // lanes a > b (b + 1 <= 32)
+      const __mmask16 la = _mm512_cmp_ps_mask(ca, vb, _CMP_LT_OQ) |
+                           _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(after), ca, vb, _CMP_EQ_OQ);
+      const __mmask16 lb = _mm512_cmp_ps_mask(cb, vb, _CMP_LT_OQ) |
+                           _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(after >> 16), cb, vb, _CMP_EQ_OQ);
+      ra = _mm512_mask_add_epi32(ra, la, ra, one);
+      rb = _mm512_mask_add_epi32(rb, lb, rb, one);
+    }
+    alignas(64) int32_t rank[32];
+    _mm512_store_si512(rank, ra);
+    _mm512_store_si512(rank + 16, rb);
+    for (int64_t a = 0; a < na; ++a) top[rank[a] < K ? rank[a] : K] = index[a];  // the spare slot top[K] takes the rest
+    return true;
+  }
   // number of p[0..16) > v (a NaN on either side never counts)
   static int count_gt(const float* p, float v) {
     return __builtin_popcount(static_cast<unsigned>(_mm512_cmp_ps_mask(load(p), set1(v), _CMP_GT_OQ)));
