@@ -95,24 +95,35 @@ struct V : nsa::cpu::Avx512Vector<V> {
   // top[rank] = index[a] for rank < K (ranks >= K, and the pads' ranks, are not used: the pads are never a b).
   static bool rank_top32(const float* cand, int64_t na, const int32_t* index, int K, int32_t* top) {
     if (na > 32) return false;
-    const F ca = load(cand), cb = load(cand + 16);
+    if (na <= 16) {
+      rank_top_v<1>(cand, na, index, K, top);
+    } else {
+      rank_top_v<2>(cand, na, index, K, top);
+    }
+    return true;
+  }
+  template <int NV>  // candidate vectors: na <= 16 NV
+  static void rank_top_v(const float* cand, int64_t na, const int32_t* index, int K, int32_t* top) {
+    F c[NV];
+    __m512i r[NV];
+    for (int v = 0; v < NV; ++v) {
+      c[v] = load(cand + 16 * v);
+      r[v] = _mm512_setzero_si512();
+    }
     const __m512i one = _mm512_set1_epi32(1);
-    __m512i ra = _mm512_setzero_si512(), rb = _mm512_setzero_si512();
     for (int64_t b = 0; b < na; ++b) {
       const F vb = set1(cand[b]);
       const uint64_t after = ~uint64_t{0} << (b + 1);  // lanes a > b (b + 1 <= 32)
-      const __mmask16 la = _mm512_cmp_ps_mask(ca, vb, _CMP_LT_OQ) |
-                           _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(after), ca, vb, _CMP_EQ_OQ);
-      const __mmask16 lb = _mm512_cmp_ps_mask(cb, vb, _CMP_LT_OQ) |
-                           _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(after >> 16), cb, vb, _CMP_EQ_OQ);
-      ra = _mm512_mask_add_epi32(ra, la, ra, one);
-      rb = _mm512_mask_add_epi32(rb, lb, rb, one);
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 later = static_cast<__mmask16>(after >> (16 * v));
+        const __mmask16 below = _mm512_cmp_ps_mask(c[v], vb, _CMP_LT_OQ) |
+                                _mm512_mask_cmp_ps_mask(later, c[v], vb, _CMP_EQ_OQ);
+        r[v] = _mm512_mask_add_epi32(r[v], below, r[v], one);
+      }
     }
-    alignas(64) int32_t rank[32];
-    _mm512_store_si512(rank, ra);
-    _mm512_store_si512(rank + 16, rb);
+    alignas(64) int32_t rank[16 * NV];
+    for (int v = 0; v < NV; ++v) _mm512_store_si512(rank + 16 * v, r[v]);
     for (int64_t a = 0; a < na; ++a) top[rank[a] < K ? rank[a] : K] = index[a];  // the spare slot top[K] takes the rest
-    return true;
   }
   // number of p[0..16) > v (a NaN on either side never counts)
   static int count_gt(const float* p, float v) {
