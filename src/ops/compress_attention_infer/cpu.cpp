@@ -410,13 +410,17 @@ void run_unit(const Plan& pl, Scratch& sc, int64_t b, int64_t n0, int64_t nh) {
       for (int64_t g = 1; g < G; ++g) pl.kt->rows.add_row(sum, S + (i * G + g) * pl.ld_s, cp);
       std::memset(sum - pl.margin, 0, sizeof(float) * static_cast<size_t>(pl.margin));
       if (n_sel > cp) std::memset(sum + cp, 0, sizeof(float) * static_cast<size_t>(n_sel - cp));
-      float* q1 = sc.box1.get() + pl.margin;
-      float* q2 = sc.box2.get() + pl.margin;
-      std::memset(sc.box1.get(), 0, sizeof(float) * static_cast<size_t>(pl.margin));
-      pl.kt->rows.box_sum(sum, q1, n_sel, static_cast<int>(sh.N));  // sum_{n<N} P[x - n]
-      pl.kt->rows.box_sum(q1, q2, n_sel, static_cast<int>(M));      // then sum_{m<M}: the weights w_i of step 6
       float* score = sc.score.get();
-      for (int64_t k = 0; k < sel; ++k) score[k] = q2[M * (k + 1)];
+      // the scores straight from the row where the ISA has a kernel for M (it reads sum[2 - N .. M sel]), else the
+      // two box filters and the picks
+      if (!pl.kt->select.block_scores(sum, 0, sel, static_cast<int>(M), static_cast<int>(sh.N), score)) {
+        float* q1 = sc.box1.get() + pl.margin;
+        float* q2 = sc.box2.get() + pl.margin;
+        std::memset(sc.box1.get(), 0, sizeof(float) * static_cast<size_t>(pl.margin));
+        pl.kt->rows.box_sum(sum, q1, n_sel, static_cast<int>(sh.N));  // sum_{n<N} P[x - n]
+        pl.kt->rows.box_sum(q1, q2, n_sel, static_cast<int>(M));      // then sum_{m<M}: the weights w_i of step 6
+        for (int64_t k = 0; k < sel; ++k) score[k] = q2[M * (k + 1)];
+      }
       // step 7: forced blocks
       score[0] = INFINITY;
       if (sel >= 2) score[sel - 2] = INFINITY;
