@@ -9,6 +9,7 @@
 // topk_mask of §9 (the defaults of make_topk_mask): row s forces block 0 and the local blocks s/l' - 1 and s/l'.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -34,10 +35,17 @@ inline void make_causal_atten_mask(int64_t max_sq, int64_t max_c, int64_t l, int
   out->view.stride[1] = d;
 }
 
-// Whether §9 forces block k (< Sel_b) for query row s: k = 0, s/l' - 1 or s/l'.
-inline bool causal_forced(int64_t s, int64_t k, int64_t select_block_size) {
+// The blocks §9 forces for query row s: 0, s/l' - 1 and s/l' (the second is -1 for s < l'; the last two may be
+// >= Sel_b, and then force nothing).
+inline std::array<int64_t, 3> causal_forced_blocks(int64_t s, int64_t select_block_size) {
   const int64_t cur = s / select_block_size;
-  return k == 0 || k == cur || k == cur - 1;
+  return {0, cur - 1, cur};
+}
+
+// Whether §9 forces block k (0 <= k < Sel_b) for query row s: k is one of causal_forced_blocks(s, l').
+inline bool causal_forced(int64_t s, int64_t k, int64_t select_block_size) {
+  const std::array<int64_t, 3> forced = causal_forced_blocks(s, select_block_size);
+  return k == forced[0] || k == forced[1] || k == forced[2];
 }
 
 // The params the backends run: for causal params, atten_mask replaced by the view (kept in *storage).

@@ -485,11 +485,9 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       } else {
         for (int64_t k = 0; k < Sel; ++k) score[k] = trow[k * ts] != 0 ? FLT_MAX : score[k];
       }
-    } else if (p.causal) {  // §10 causal: the forced blocks of §9 (detail::causal_forced: 0, cur - 1 and cur)
-      const int64_t cur = s / p.select_block_size;
-      score[0] = FLT_MAX;
-      if (cur - 1 >= 0 && cur - 1 < Sel) score[cur - 1] = FLT_MAX;
-      if (cur < Sel) score[cur] = FLT_MAX;
+    } else if (p.causal) {  // §10 causal: the three forced blocks of §9 that lie in [0, Sel)
+      for (const int64_t k : detail::causal_forced_blocks(s, p.select_block_size))
+        if (k >= 0 && k < Sel) score[k] = FLT_MAX;
     }
     int32_t* idx = p.topk_indices + (t * sh.N2 + n2) * K;
     const int64_t Kb = std::min(K, Sel);  // §10 short_batches: Sel_b < K leaves slots Sel_b..K-1 at -1
