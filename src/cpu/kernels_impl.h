@@ -171,7 +171,7 @@ inline void add_row_impl(float* x, const float* y, int64_t n) {
 // by V::compact_gt (both vectorized on AVX-512).
 inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work) {
   // A: indices in above[0..na), their scores in cand[0..na): up to kPadded of them on the stack, padded with -inf to
-  // whole vectors (no member of A is below -inf; a member equal to -inf, possible when t = -inf, counts the pads in
+  // whole vectors and to at least 32 scores (V::rank_top32 loads 32) (no member of A is below -inf; a member equal to -inf, possible when t = -inf, counts the pads in
   // ge only, which sends it to the tie count over A's members), else in work[sel..sel + na) (written and read as
   // float through memcpy and the vector loads, which may alias), the last partial vector compared one at a time
   int32_t* above = work;
@@ -231,7 +231,7 @@ inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int
   }
   int32_t top[33];  // the K entries, then a spare slot
   const bool ranked = cand == padded && V::rank_top32(padded, na, above, K, top);
-  for (int64_t a = 0; a < (ranked ? 0 : na); ++a) {
+  for (int64_t a = 0; !ranked && a < na; ++a) {
     const float v = val(a);
     int64_t gt = 0, ge = 0;
     for (int64_t c = 0; c < nfull; c += V::W) {

@@ -157,12 +157,12 @@ struct V : nsa::cpu::Avx512Vector<V> {
   static void block_scores_m(const float* p, int64_t k0, int64_t k1, int N, float* score) {
     constexpr int kPairs = M / 2;          // vector pairs spanned by 16 blocks (16 M positions = M vectors)
     constexpr int kLanesPerPair = 16 / kPairs;  // consecutive blocks (lanes) gathered from one pair
+    // phase[f] lane j = (M j + f) % 32, as vector arithmetic on constants (folded at compile time)
+    const __m512i lane_m = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(M));
     __m512i phase[M];
-    for (int f = 0; f < M; ++f) {
-      alignas(64) int32_t e[16];
-      for (int j = 0; j < 16; ++j) e[j] = (M * j + f) % 32;
-      phase[f] = _mm512_load_si512(e);
-    }
+    for (int f = 0; f < M; ++f)
+      phase[f] = _mm512_and_si512(_mm512_add_epi32(lane_m, _mm512_set1_epi32(f)), _mm512_set1_epi32(31));
     const int64_t last = M * k1;  // the highest position any score reads
     for (int64_t k = k0; k < k1; k += 16) {
       const int64_t x0 = M * k + 1;
