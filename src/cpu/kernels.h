@@ -71,6 +71,10 @@ struct RowKernels {
   // partial sums by i % 16, then a fixed halving tree), identical on every ISA. n % 16 == 0.
   // m is at least every non-NaN x[i] (a row maximum, as row_max returns): x[i] - m <= 0 or NaN.
   float (*exp_sum)(float* x, int64_t n, float m);
+  // Both of the above for `rows` rows, row r at x + r * ld (n columns, n % 16 == 0): m[r] = row_max(row, n, init),
+  // then the row = exp(row - m[r]) with l[r] the exp_sum; exactly the bits of the two calls row by row, with the
+  // rows' dependency chains (lane reductions, exp, sums) overlapped.
+  void (*softmax_rows)(float* x, int64_t ld, int64_t rows, int64_t n, float init, float* m, float* l);
   // x[i] /= l_sum (x keeps fp32 P) and out[i] = P rounded as `store` says. n % 16 == 0.
   void (*normalize_row)(float* x, int64_t n, float l_sum, void* out, PStore store);
   // The G rows of one token (1 <= G <= kMaxFusedGroup): x row g at x + g * ldx holds exp values, l[g] their

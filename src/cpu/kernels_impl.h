@@ -49,17 +49,7 @@ inline V::F vexp_nonpositive(V::F x) {
 inline float row_max_impl(const float* x, int64_t n, float init) {
   V::F m = V::set1(init);
   for (int64_t i = 0; i < n; i += V::W) m = V::max(V::load(x + i), m);
-  alignas(64) float lane[V::W];  // the lanes' maxima, then their maximum in lane order
-  V::store(lane, m);
-  float r = init;
-  for (int i = 0; i < V::W; ++i) r = lane[i] > r ? lane[i] : r;
-  return r;
-}
-
-inline float canonical_sum16(float* part) {
-  for (int s = 8; s >= 1; s /= 2)
-    for (int j = 0; j < s; ++j) part[j] = part[j] + part[j + s];
-  return part[0];
+  return V::max_lanes(m, init);  // (a lane is NaN only when init is: max keeps its second operand on NaN)
 }
 
 inline float exp_sum_impl(float* x, int64_t n, float m) {
@@ -74,9 +64,40 @@ inline float exp_sum_impl(float* x, int64_t n, float m) {
       acc[a] = V::add(acc[a], e);
     }
   }
-  alignas(64) float part[16];
-  for (int a = 0; a < NA; ++a) V::store(part + a * V::W, acc[a]);
-  return canonical_sum16(part);
+  return V::sum16(acc);
+}
+
+// softmax_rows for RB rows at once (row a at x + a * ld): the RB maxima and exp sums are independent chains,
+// interleaved column by column so that their latencies overlap. Per row the same operations in the same order as
+// row_max_impl then exp_sum_impl, so the same bits.
+template <int RB>
+inline void softmax_block(float* x, int64_t ld, int64_t n, float init, float* m_out, float* l_out) {
+  constexpr int NA = 16 / V::W;
+  V::F mx[RB];
+  for (int a = 0; a < RB; ++a) mx[a] = V::set1(init);
+  for (int64_t i = 0; i < n; i += V::W)
+    for (int a = 0; a < RB; ++a) mx[a] = V::max(V::load(x + a * ld + i), mx[a]);
+  V::F vm[RB], acc[RB][NA];
+  for (int a = 0; a < RB; ++a) {
+    m_out[a] = V::max_lanes(mx[a], init);
+    vm[a] = V::set1(m_out[a]);
+    for (int k = 0; k < NA; ++k) acc[a][k] = V::zero();
+  }
+  for (int64_t i = 0; i < n; i += 16)
+    for (int a = 0; a < RB; ++a)
+      for (int k = 0; k < NA; ++k) {
+        float* p = x + a * ld + i + k * V::W;
+        const V::F e = vexp_nonpositive(V::sub(V::load(p), vm[a]));
+        V::store(p, e);
+        acc[a][k] = V::add(acc[a][k], e);
+      }
+  for (int a = 0; a < RB; ++a) l_out[a] = V::sum16(acc[a]);
+}
+inline void softmax_rows_impl(float* x, int64_t ld, int64_t rows, int64_t n, float init, float* m, float* l) {
+  constexpr int RB = V::W >= 8 ? 4 : 1;  // rows per block (the scalar path keeps one: 16 accumulators per row)
+  int64_t r = 0;
+  for (; r + RB <= rows; r += RB) softmax_block<RB>(x + r * ld, ld, n, init, m + r, l + r);
+  for (; r < rows; ++r) softmax_block<1>(x + r * ld, ld, n, init, m + r, l + r);
 }
 
 inline void normalize_row_impl(float* x, int64_t n, float l_sum, void* out, nsa::cpu::PStore store) {
@@ -530,7 +551,8 @@ inline constexpr nsa::cpu::KernelTable make_table(
   t.isa = isa;
   t.gemm = {.f32 = gemm_f32_impl, .f32_gather = gemm_f32_gather_impl, .bf16 = gemm_bf16,
             .bf16_gather = gemm_bf16_gather, .pv_bf16 = pv_bf16};
-  t.rows = {.row_max = row_max_impl, .exp_sum = exp_sum_impl, .normalize_row = normalize_row_impl,
+  t.rows = {.row_max = row_max_impl, .exp_sum = exp_sum_impl, .softmax_rows = softmax_rows_impl,
+            .normalize_row = normalize_row_impl,
             .normalize_group = normalize_group_impl, .box_sum = box_sum_impl, .add_row = add_row_impl,
             .store_row = store_row_impl, .store_row_stream = store_row_stream_impl, .stream_fence = stream_fence_impl,
             .load_row = load_row_impl};

@@ -36,6 +36,24 @@ struct VectorBase {
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
   static F div(F a, F b) { return a / b; }
+  // row_max's lane reduction: the largest of init and the lanes of v (none NaN), ties kept by the first of init,
+  // lane 0, lane 1, ... (which only the sign of a zero shows).
+  static float max_lanes(F v, float init) {
+    float lane[W];
+    std::memcpy(lane, &v, sizeof(F));
+    float r = init;
+    for (int i = 0; i < W; ++i) r = lane[i] > r ? lane[i] : r;
+    return r;
+  }
+  // exp_sum's canonical sum of 16 partial sums held in 16 / W vectors (part[a W + j] in lane j of acc[a]): the
+  // halving tree part[j] += part[j + s] for s = 8, 4, 2, 1.
+  static float sum16(const F* acc) {
+    float part[16];
+    std::memcpy(part, acc, sizeof(part));
+    for (int s = 8; s >= 1; s /= 2)
+      for (int j = 0; j < s; ++j) part[j] = part[j] + part[j + s];
+    return part[0];
+  }
   // The K-th largest of gm[0..32) (1 <= K <= 32, no NaN): the largest gm[j] with at least K values >= it (any larger
   // value has at most K - 1). Selects, not branches: whether a value qualifies is data-dependent.
   static float kth_largest32(const float* gm, int K) {

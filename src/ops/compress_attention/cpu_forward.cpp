@@ -317,18 +317,16 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
   //    and step 6 sums them.
   const int64_t cmax = std::min(hi, C);  // columns [cmax, hi) are padding past C_b
   const int64_t n_out = C - (cmax - lo);  // columns of [0, C) outside the window (masked)
+  // 4a. masks of the visible tokens' rows; statistics of the fully masked ones (§5)
   for (int64_t i = 0; i < ntok; ++i) {
     const int64_t s = s0 + i;
     const RowInfo& ri = pl.rows[bi.q_begin + s];
-    bool token_wide = false;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = i * G + g;
-      next_query.issue((next_query.total + R - 1) / R);
       float* srow = S + r * sc.ld_s;
       if (ri.kind == kFullyMasked) {
         sc.m[r] = -FLT_MAX;
         sc.l[r] = static_cast<float>(C);
-        sc.wide[r] = false;
         if (any_visible) std::memset(sc.pa.get() + (r * sc.ld_p + lo) * esz, 0, static_cast<size_t>(hi - lo) * esz);
         continue;
       }
@@ -341,15 +339,32 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
           if (mrow[c * p.atten_mask.stride[1]] != 0) srow[c] = -FLT_MAX;
       }
       for (int64_t c = cmax; c < hi; ++c) srow[c] = -INFINITY;
-      const float m = pl.kt->rows.row_max(srow + lo, hi - lo, n_out > 0 ? -FLT_MAX : -INFINITY);
-      float l = pl.kt->rows.exp_sum(srow + lo, hi - lo, m);
+    }
+  }
+  // 4b. row maxima and exp sums of each run of visible tokens' rows, several rows at a time
+  for (int64_t i0 = 0; i0 < ntok;) {
+    if (pl.rows[bi.q_begin + s0 + i0].kind == kFullyMasked) {
+      ++i0;
+      continue;
+    }
+    int64_t i1 = i0 + 1;
+    while (i1 < ntok && pl.rows[bi.q_begin + s0 + i1].kind != kFullyMasked) ++i1;
+    pl.kt->rows.softmax_rows(S + i0 * G * sc.ld_s + lo, sc.ld_s, (i1 - i0) * G, hi - lo,
+                             n_out > 0 ? -FLT_MAX : -INFINITY, &sc.m[i0 * G], &sc.l[i0 * G]);
+    i0 = i1;
+  }
+  // 4c. normalization
+  for (int64_t i = 0; i < ntok; ++i) {
+    const RowInfo& ri = pl.rows[bi.q_begin + s0 + i];
+    bool token_wide = false;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = i * G + g;
+      next_query.issue((next_query.total + R - 1) / R);
       // Every visible score at or below -FLT_MAX (fp32 overflow of q.k*scale): then m = -FLT_MAX and the
       // masked columns outside the window get exp(-FLT_MAX - m) / l = 1/l (§3.3), not 0. Such "wide"
       // rows are finished over all C columns below (rare; exact, slow).
-      const bool wide = n_out > 0 && m == -FLT_MAX;
-      if (wide) l += static_cast<float>(n_out);
-      sc.m[r] = m;
-      sc.l[r] = l;
+      const bool wide = ri.kind != kFullyMasked && n_out > 0 && sc.m[r] == -FLT_MAX;
+      if (wide) sc.l[r] += static_cast<float>(n_out);
       sc.wide[r] = wide;
       token_wide |= wide;
     }

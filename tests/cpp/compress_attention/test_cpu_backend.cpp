@@ -818,6 +818,72 @@ TEST(CpuKernels, ExpSumIsTheExponentialWithinTwoUlpsOnEveryIsa) {
   }
 }
 
+// row_max on every ISA is the maximum of init and the non-NaN entries, and the sign of a zero maximum follows the
+// ISA's lane order (lane j keeps the first of x[j], x[j + W], ... that reaches its maximum, then the first lane in
+// lane order): rows of signed zeros and negatives make the AVX-512 tree reduction hand a zero to that loop.
+// softmax_rows on every ISA equals row_max then exp_sum row by row, bit for bit (maxima, sums, the rows
+// themselves), for row counts around its blocks of 4, NaN, +-inf, -FLT_MAX and all-masked rows, and writes
+// nothing between the rows.
+TEST(CpuKernels, SoftmaxRowsEqualRowMaxThenExpSumOnEveryIsa) {
+  std::mt19937_64 rng(77);
+  std::normal_distribution<float> nd(0.0f, 4.0f);
+  std::uniform_int_distribution<int> pick(0, 15);
+  const float guard = 12345.0f;
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    const int W = isa >= CpuIsa::kAvx512 ? 16 : isa == CpuIsa::kAvx2 ? 8 : 1;
+    for (int64_t rows : {1, 2, 3, 4, 5, 7, 8, 9, 13})
+      for (int64_t n : {16, 48, 112, 272})
+        for (float init : {-FLT_MAX, -INFINITY}) {
+          const int64_t ld = n + 16;
+          std::vector<float> x(static_cast<size_t>(rows * ld), guard);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int kind = static_cast<int>(r % 4);  // 0: normal with specials, 1: signed zeros, 2: masked, 3: mixed
+            for (int64_t c = 0; c < n; ++c) {
+              float& v = x[static_cast<size_t>(r * ld + c)];
+              const int q = pick(rng);
+              if (kind == 1) v = q < 6 ? 0.0f : q < 12 ? -0.0f : -std::fabs(nd(rng));
+              else if (kind == 2) v = q < 8 ? -FLT_MAX : -INFINITY;
+              else v = q == 0 ? NAN : q == 1 ? -INFINITY : q == 2 ? -FLT_MAX : nd(rng);
+              if (kind == 3 && q < 4) v = q < 2 ? -0.0f : 0.0f;
+            }
+          }
+          // row_max: the value, and the zero's sign in lane order
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* row = x.data() + r * ld;
+            float value = init;
+            for (int64_t c = 0; c < n; ++c)
+              if (!std::isnan(row[c]) && row[c] > value) value = row[c];
+            float lane_order = init;
+            for (int j = 0; j < W; ++j) {
+              float lane = init;
+              for (int64_t c = j; c < n; c += W) lane = row[c] > lane ? row[c] : lane;
+              lane_order = lane > lane_order ? lane : lane_order;
+            }
+            const float got = kt->rows.row_max(row, n, init);
+            ASSERT_EQ(got, value) << "rows=" << rows << " n=" << n << " r=" << r;
+            ASSERT_EQ(nsa::detail::f32_bits(got), nsa::detail::f32_bits(lane_order)) << "n=" << n << " r=" << r;
+          }
+          std::vector<float> want = x, m_want(static_cast<size_t>(rows)), l_want(static_cast<size_t>(rows));
+          for (int64_t r = 0; r < rows; ++r) {
+            float* row = want.data() + r * ld;
+            m_want[static_cast<size_t>(r)] = kt->rows.row_max(row, n, init);
+            l_want[static_cast<size_t>(r)] = kt->rows.exp_sum(row, n, m_want[static_cast<size_t>(r)]);
+          }
+          std::vector<float> got = x, m(static_cast<size_t>(rows), guard), l(static_cast<size_t>(rows), guard);
+          kt->rows.softmax_rows(got.data(), ld, rows, n, init, m.data(), l.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            ASSERT_EQ(nsa::detail::f32_bits(m[static_cast<size_t>(r)]), nsa::detail::f32_bits(m_want[static_cast<size_t>(r)]))
+                << "rows=" << rows << " n=" << n << " r=" << r;
+            ASSERT_EQ(nsa::detail::f32_bits(l[static_cast<size_t>(r)]), nsa::detail::f32_bits(l_want[static_cast<size_t>(r)]))
+                << "rows=" << rows << " n=" << n << " r=" << r;
+          }
+          ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0) << "rows=" << rows << " n=" << n;
+        }
+  }
+}
+
 // The scalar table built twice on x86 (src/cpu/arch/scalar): for the baseline (std::fma a call into libm) and with
 // FMA (kernels_scalar_fma, what kernels_for(kScalar) returns on this host). Every entry on the same inputs gives the
 // same bits: random rows with NaN, +-inf, -FLT_MAX, signed zeros, subnormals and values that overflow exp, GEMMs

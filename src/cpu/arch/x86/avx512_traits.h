@@ -25,6 +25,35 @@ struct V : nsa::cpu::Avx512Vector<V> {
     _mm512_stream_si512(static_cast<__m512i*>(dst), line);
   }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  // VectorBase::max_lanes as a tree of vmaxps: the same value except for the sign of a zero maximum, which depends on
+  // the order, so a zero is left to the lane-order loop.
+  static float max_lanes(F v, float init) {
+    // (maskz with all lanes is plain vmaxps; GCC 12 warns about the unmasked intrinsic's undefined pass-through)
+    constexpr __mmask16 all = 0xffff;
+    F t = _mm512_maskz_max_ps(all, v, set1(init));
+    t = _mm512_maskz_max_ps(all, t, swap_lanes<8>(t));
+    t = _mm512_maskz_max_ps(all, t, swap_lanes<4>(t));
+    t = _mm512_maskz_max_ps(all, t, swap_lanes<2>(t));
+    t = _mm512_maskz_max_ps(all, t, swap_lanes<1>(t));
+    const float r = t[0];
+    return r == 0.0f ? nsa::cpu::VectorBase<F, V>::max_lanes(v, init) : r;
+  }
+  // VectorBase::sum16 in registers: the same additions of the same pairs (lane j + 8 onto lane j, then + 4, + 2,
+  // + 1; the other lanes hold the mirrored sums, unused).
+  static float sum16(const F* acc) {
+    F t = acc[0];
+    t = t + swap_lanes<8>(t);
+    t = t + swap_lanes<4>(t);
+    t = t + swap_lanes<2>(t);
+    t = t + swap_lanes<1>(t);
+    return t[0];
+  }
+  // lane j of the result = lane j ^ S of t (S a power of two): the partner of each lane at distance S
+  template <int S>
+  static F swap_lanes(F t) {
+    return __builtin_shufflevector(t, t, 0 ^ S, 1 ^ S, 2 ^ S, 3 ^ S, 4 ^ S, 5 ^ S, 6 ^ S, 7 ^ S, 8 ^ S, 9 ^ S, 10 ^ S,
+                                   11 ^ S, 12 ^ S, 13 ^ S, 14 ^ S, 15 ^ S);
+  }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
   static F rint(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }

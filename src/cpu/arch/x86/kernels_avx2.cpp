@@ -36,6 +36,13 @@ struct V : nsa::cpu::Avx2Vector<V> {
   }
   static void stream_fence() { _mm_sfence(); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  // VectorBase::sum16 in registers: the same additions of the same pairs (acc[1] onto acc[0], then 4, 2, 1).
+  static float sum16(const F* acc) {
+    const __m256 a = _mm256_add_ps(acc[0], acc[1]);
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+  }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F min(F a, F b) { return _mm256_min_ps(a, b); }
   static F rint(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
