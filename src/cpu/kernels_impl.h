@@ -9,7 +9,8 @@
 // [-160, 128]), add_row-friendly loads/stores, kStream / stream_line(dst, src, dtype) (one 64-byte
 // line of src rounded as store_row does, written with non-temporal stores to 64-byte aligned dst) / stream_fence(),
 // keep_nan(x, r) (x where x is NaN, else r), round_bf16(x), round_f16(x) (float -> dtype -> float,
-// nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable),
+// nearest even), store_bf16_bits(uint16_t*, v) (v already bf16-representable), store_bf16(uint16_t*, x) (x rounded
+// as round_bf16, then its bits stored),
 // count_ge(p, v) (number of p[0..W) >= v, NaN never counting).
 // Optional: V::kHasBf16Dot with a gemm_bf16 provided by the ISA file.
 
@@ -107,7 +108,7 @@ inline void normalize_row_impl(float* x, int64_t n, float l_sum, void* out, nsa:
     const V::F p = V::div(V::load(x + i), vl);
     V::store(x + i, p);
     switch (store) {
-      case PStore::kBf16Bits: V::store_bf16_bits(static_cast<uint16_t*>(out) + i, V::round_bf16(p)); break;
+      case PStore::kBf16Bits: V::store_bf16(static_cast<uint16_t*>(out) + i, p); break;
       case PStore::kF32AsBf16: V::store(static_cast<float*>(out) + i, V::round_bf16(p)); break;
       case PStore::kF32AsF16: V::store(static_cast<float*>(out) + i, V::round_f16(p)); break;
       case PStore::kF32: V::store(static_cast<float*>(out) + i, p); break;
@@ -137,7 +138,7 @@ inline void normalize_group_t(const float* x, int64_t ldx, int G, const float* l
         v[g] = p;
         switch (store) {
           case PStore::kBf16Bits:
-            V::store_bf16_bits(static_cast<uint16_t*>(out) + g * ld_out + c, V::round_bf16(p));
+            V::store_bf16(static_cast<uint16_t*>(out) + g * ld_out + c, p);
             break;
           case PStore::kF32AsBf16: V::store(static_cast<float*>(out) + g * ld_out + c, V::round_bf16(p)); break;
           case PStore::kF32AsF16: V::store(static_cast<float*>(out) + g * ld_out + c, V::round_f16(p)); break;
@@ -292,7 +293,7 @@ inline void force_impl(float* score, const uint8_t* forced, int64_t n) {
 inline void store_vec(const float* src, void* dst, int64_t i, nsa::DType dt) {
   const V::F x = V::load(src + i);
   switch (dt) {
-    case nsa::DType::kBF16: V::store_bf16_bits(static_cast<uint16_t*>(dst) + i, V::round_bf16(x)); break;
+    case nsa::DType::kBF16: V::store_bf16(static_cast<uint16_t*>(dst) + i, x); break;
     case nsa::DType::kF16: V::store_f16(static_cast<uint16_t*>(dst) + i, x); break;
     default: V::store(static_cast<float*>(dst) + i, x); break;
   }

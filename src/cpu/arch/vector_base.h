@@ -32,6 +32,8 @@ struct VectorBase {
     std::memcpy(&v, u, sizeof(F));
     return v;
   }
+  // x rounded to bf16 (nearest even, NaN kept) and its bits stored: W values to p[0..W)
+  static void store_bf16(uint16_t* p, F x) { Self::store_bf16_bits(p, Self::round_bf16(x)); }
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }

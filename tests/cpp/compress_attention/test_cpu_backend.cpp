@@ -1197,6 +1197,67 @@ TEST(CpuKernels, StreamedRowStoresEqualPlainStores) {
   EXPECT_EQ(checked, 42 * static_cast<int>(supported_isas().size()));  // 3 dtypes x 7 lengths x 2 offsets per path
 }
 
+// bf16 rounding of the row stores on every ISA table (store_row, store_row_stream, normalize_row's kBf16Bits with
+// l = 1, normalize_group's with G = 1), element by element against the scalar definition detail::f32_to_bf16: 16-value
+// vectors of only normal values (ties, values that round up to inf), of zeros and infinities, and vectors holding
+// a subnormal or a quiet NaN (which the avx512bf16 path must not pass to vcvtneps2bf16: it reads subnormals as zero).
+TEST(CpuKernels, Bf16RowStoresRoundAsTheScalarDefinitionOnEveryIsa) {
+  std::mt19937_64 rng(59);
+  std::normal_distribution<float> nd(0.0f, 10.0f);
+  const uint32_t normal_edges[] = {0x3f808000u, 0x3f818000u, 0x3f80c000u, 0x7f7fffffu, 0x7f7f8000u, 0x7f7f7fffu,
+                                   0xff7fffffu, 0x00800000u, 0x80800001u, 0x00808000u, 0x4b7fffffu};
+  const uint32_t inf_zero[] = {0x7f800000u, 0xff800000u, 0x00000000u, 0x80000000u};
+  const uint32_t subnormal[] = {0x00012345u, 0x8000ffffu, 0x00008000u, 0x00018000u, 0x007fffffu, 0x80000001u};
+  const uint32_t quiet_nan[] = {0x7fc12345u, 0xffc00001u, 0x7fffffffu, 0x7fc00000u};
+  const int64_t n = 256;
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<float> x(static_cast<size_t>(n));
+      for (int64_t v = 0; v < n / 16; ++v) {
+        float* vec = x.data() + 16 * v;
+        for (int j = 0; j < 16; ++j) vec[j] = nd(rng);
+        const size_t at = rng() % 16;
+        switch (v % 4) {
+          case 0:
+            for (uint32_t e : normal_edges) vec[rng() % 16] = nsa::detail::bits_f32(e);
+            break;
+          case 1: vec[at] = nsa::detail::bits_f32(subnormal[rng() % std::size(subnormal)]); break;
+          case 2: vec[at] = nsa::detail::bits_f32(quiet_nan[rng() % std::size(quiet_nan)]); break;
+          default:
+            for (uint32_t e : inf_zero) vec[rng() % 16] = nsa::detail::bits_f32(e);
+            break;
+        }
+      }
+      std::vector<uint16_t> want(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) want[static_cast<size_t>(i)] = nsa::detail::f32_to_bf16(x[static_cast<size_t>(i)]);
+      nsa::detail::AlignedBuffer<uint16_t> got;
+      got.reset(n);
+      auto check = [&](const char* what) {
+        for (int64_t i = 0; i < n; ++i)
+          ASSERT_EQ(got.get()[i], want[static_cast<size_t>(i)])
+              << what << " i=" << i << " x bits " << std::hex << nsa::detail::f32_bits(x[static_cast<size_t>(i)]);
+      };
+      kt->rows.store_row(x.data(), got.get(), n, DType::kBF16);
+      check("store_row");
+      std::fill(got.get(), got.get() + n, uint16_t(0x1234));
+      kt->rows.store_row_stream(x.data(), got.get(), n, DType::kBF16);
+      kt->rows.stream_fence();
+      check("store_row_stream");
+      std::vector<float> y = x;
+      std::fill(got.get(), got.get() + n, uint16_t(0x1234));
+      kt->rows.normalize_row(y.data(), n, 1.0f, got.get(), nsa::cpu::PStore::kBf16Bits);
+      check("normalize_row");
+      const float one = 1.0f;
+      std::vector<float> sum(static_cast<size_t>(n));
+      std::fill(got.get(), got.get() + n, uint16_t(0x1234));
+      kt->rows.normalize_group(x.data(), n, 1, &one, n, got.get(), n, nsa::cpu::PStore::kBf16Bits, sum.data());
+      check("normalize_group");
+    }
+  }
+}
+
 // detail::LineVector (per-worker scratch): every array starts on a cache line and owns the lines it touches, so
 // arrays allocated one after another never share a line; growth keeps that; elements behave as in std::vector.
 TEST(CpuWorkspace, LineVectorsOwnTheirCacheLines) {

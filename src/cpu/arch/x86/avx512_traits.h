@@ -12,9 +12,7 @@ struct V : nsa::cpu::Avx512Vector<V> {
   static void stream_line(void* dst, const float* src, nsa::DType dt) {
     __m512i line;
     if (dt == nsa::DType::kBF16) {
-      const __m256i a = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(load(src))), 16));
-      const __m256i b = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(load(src + 16))), 16));
-      line = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      line = bf16_bits2(load(src), load(src + 16));
     } else if (dt == nsa::DType::kF16) {
       const __m256i a = _mm512_cvtps_ph(load(src), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m256i b = _mm512_cvtps_ph(load(src + 16), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -70,6 +68,27 @@ struct V : nsa::cpu::Avx512Vector<V> {
   }
   static F round_bf16(F x) { return keep_nan(x, _mm512_castsi512_ps(bf16_round_bits(x))); }
   static F round_f16(F x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
+  // The bf16 bits of x rounded as round_bf16 does (nearest even, a NaN kept as the upper half of its bits): 16 values.
+  static __m256i bf16_bits(F x) {
+#ifdef __AVX512BF16__
+    // vcvtneps2bf16 rounds to nearest even too, but reads subnormal inputs as zero and quiets NaN: it serves vectors
+    // with neither (where its bits equal the integer rounding's on every input: checked on all 2^32 floats)
+    if (_mm512_fpclass_ps_mask(x, kSubnormalOrNan) == 0) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+#endif
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(x)), 16));
+  }
+  // bf16_bits of a (elements 0..15) and b (16..31) in one register
+  static __m512i bf16_bits2(F a, F b) {
+#ifdef __AVX512BF16__
+    if ((_mm512_fpclass_ps_mask(a, kSubnormalOrNan) | _mm512_fpclass_ps_mask(b, kSubnormalOrNan)) == 0)
+      return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+#endif
+    return _mm512_inserti64x4(_mm512_castsi256_si512(bf16_bits(a)), bf16_bits(b), 1);
+  }
+  // vfpclassps categories: quiet NaN (0x01), subnormal (0x20), signalling NaN (0x80)
+  static constexpr int kSubnormalOrNan = 0x01 | 0x20 | 0x80;
+  // store_bf16_bits(p, round_bf16(x))
+  static void store_bf16(uint16_t* p, F x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(x)); }
   static void store_bf16_bits(uint16_t* p, F v) {
     const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
