@@ -433,17 +433,21 @@ class Forward : CallState {
         load_q(t, n2, 0, sc);
         scores(t, 0, c0, w, sc);
         mask_rows(t, span_lo(t), w, info, sc);
-        for (int64_t r = 0; r < rows; ++r) {
-          if (info[r / G_].kind == kNone) {
-            zero_p_row(r, w, sc);
+        // runs of rows of tokens that see something: maxima and exp sums several rows at a time, then P
+        for (int64_t r0 = 0; r0 < rows;) {
+          if (info[r0 / G_].kind == kNone) {
+            zero_p_row(r0, w, sc);
+            ++r0;
             continue;
           }
-          float* srow = sc.s.get() + r * lds_;
-          const float m = kt_->rows.row_max(srow, w, kNegInf);
-          const float l = kt_->rows.exp_sum(srow, w, m);
-          kt_->rows.normalize_row(srow, w, l, sc.pa.get() + r * lds_ * static_cast<int64_t>(esz_), pstore_);
-          sc.m[static_cast<size_t>(r)] = m;
-          sc.l[static_cast<size_t>(r)] = l;
+          int64_t r1 = r0 + 1;
+          while (r1 < rows && info[r1 / G_].kind != kNone) ++r1;
+          kt_->rows.softmax_rows(sc.s.get() + r0 * lds_, lds_, r1 - r0, w, kNegInf, &sc.m[static_cast<size_t>(r0)],
+                                 &sc.l[static_cast<size_t>(r0)]);
+          for (int64_t r = r0; r < r1; ++r)
+            kt_->rows.normalize_row(sc.s.get() + r * lds_, w, sc.l[static_cast<size_t>(r)],
+                                    sc.pa.get() + r * lds_ * static_cast<int64_t>(esz_), pstore_);
+          r0 = r1;
         }
         pv(rows, c0, w, Wp, sc.o.get(), false, sc);
       }
