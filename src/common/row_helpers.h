@@ -29,4 +29,19 @@ inline float dot_fixed(const float* a, const float* b, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+// fn(i0, i1) for each maximal run [i0, i1) of consecutive i in [0, n) with keep(i), in order.
+template <typename Keep, typename Fn>
+inline void for_each_run(int64_t n, Keep keep, Fn fn) {
+  for (int64_t i0 = 0; i0 < n;) {
+    if (!keep(i0)) {
+      ++i0;
+      continue;
+    }
+    int64_t i1 = i0 + 1;
+    while (i1 < n && keep(i1)) ++i1;
+    fn(i0, i1);
+    i0 = i1;
+  }
+}
+
 }  // namespace nsa::detail

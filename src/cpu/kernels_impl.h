@@ -47,58 +47,60 @@ inline V::F vexp_nonpositive(V::F x) {
 }
 
 // ------------------------------------------------------------------ row operations
-inline float row_max_impl(const float* x, int64_t n, float init) {
-  V::F m = V::set1(init);
-  for (int64_t i = 0; i < n; i += V::W) m = V::max(V::load(x + i), m);
-  return V::max_lanes(m, init);  // (a lane is NaN only when init is: max keeps its second operand on NaN)
-}
-
-inline float exp_sum_impl(float* x, int64_t n, float m) {
-  constexpr int NA = 16 / V::W;  // accumulators so that lane j of accumulator a holds i % 16 == a*W + j
-  V::F acc[NA];
-  for (int a = 0; a < NA; ++a) acc[a] = V::zero();
-  const V::F vm = V::set1(m);
-  for (int64_t i = 0; i < n; i += 16) {
-    for (int a = 0; a < NA; ++a) {
-      const V::F e = vexp_nonpositive(V::sub(V::load(x + i + a * V::W), vm));  // x[i] <= m (see kernels.h)
-      V::store(x + i + a * V::W, e);
-      acc[a] = V::add(acc[a], e);
-    }
-  }
-  return V::sum16(acc);
-}
-
-// softmax_rows for RB rows at once (row a at x + a * ld): the RB maxima and exp sums are independent chains,
-// interleaved column by column so that their latencies overlap. Per row the same operations in the same order as
-// row_max_impl then exp_sum_impl, so the same bits.
+// row_max for RB rows at once (row a at x + a * ld), init and the result of row a in m[a]: the RB maxima are
+// independent chains, interleaved column by column so that their latencies overlap.
 template <int RB>
-inline void softmax_block(float* x, int64_t ld, int64_t n, float init, float* m_out, float* l_out) {
-  constexpr int NA = 16 / V::W;
+inline void row_max_block(const float* x, int64_t ld, int64_t n, float init, float* m) {
   V::F mx[RB];
   for (int a = 0; a < RB; ++a) mx[a] = V::set1(init);
   for (int64_t i = 0; i < n; i += V::W)
     for (int a = 0; a < RB; ++a) mx[a] = V::max(V::load(x + a * ld + i), mx[a]);
+  // (a lane is NaN only when init is: max keeps its second operand on NaN)
+  for (int a = 0; a < RB; ++a) m[a] = V::max_lanes(mx[a], init);
+}
+// exp_sum for RB rows at once (row a at x + a * ld with its maximum m[a]; its sum into l[a]), interleaved as above:
+// accumulators so that lane j of accumulator k holds the elements i % 16 == k W + j, then the canonical sum.
+template <int RB>
+inline void exp_sum_block(float* x, int64_t ld, int64_t n, const float* m, float* l) {
+  constexpr int NA = 16 / V::W;
   V::F vm[RB], acc[RB][NA];
   for (int a = 0; a < RB; ++a) {
-    m_out[a] = V::max_lanes(mx[a], init);
-    vm[a] = V::set1(m_out[a]);
+    vm[a] = V::set1(m[a]);
     for (int k = 0; k < NA; ++k) acc[a][k] = V::zero();
   }
   for (int64_t i = 0; i < n; i += 16)
     for (int a = 0; a < RB; ++a)
       for (int k = 0; k < NA; ++k) {
         float* p = x + a * ld + i + k * V::W;
-        const V::F e = vexp_nonpositive(V::sub(V::load(p), vm[a]));
+        const V::F e = vexp_nonpositive(V::sub(V::load(p), vm[a]));  // x[i] <= m (see kernels.h)
         V::store(p, e);
         acc[a][k] = V::add(acc[a][k], e);
       }
-  for (int a = 0; a < RB; ++a) l_out[a] = V::sum16(acc[a]);
+  for (int a = 0; a < RB; ++a) l[a] = V::sum16(acc[a]);
 }
+
+inline float row_max_impl(const float* x, int64_t n, float init) {
+  float m;
+  row_max_block<1>(x, 0, n, init, &m);
+  return m;
+}
+inline float exp_sum_impl(float* x, int64_t n, float m) {
+  float l;
+  exp_sum_block<1>(x, 0, n, &m, &l);
+  return l;
+}
+// row_max then exp_sum per row, RB rows per block (the scalar path keeps one: 16 accumulators per row)
 inline void softmax_rows_impl(float* x, int64_t ld, int64_t rows, int64_t n, float init, float* m, float* l) {
-  constexpr int RB = V::W >= 8 ? 4 : 1;  // rows per block (the scalar path keeps one: 16 accumulators per row)
+  constexpr int RB = V::W >= 8 ? 4 : 1;
   int64_t r = 0;
-  for (; r + RB <= rows; r += RB) softmax_block<RB>(x + r * ld, ld, n, init, m + r, l + r);
-  for (; r < rows; ++r) softmax_block<1>(x + r * ld, ld, n, init, m + r, l + r);
+  for (; r + RB <= rows; r += RB) {
+    row_max_block<RB>(x + r * ld, ld, n, init, m + r);
+    exp_sum_block<RB>(x + r * ld, ld, n, m + r, l + r);
+  }
+  for (; r < rows; ++r) {
+    row_max_block<1>(x + r * ld, ld, n, init, m + r);
+    exp_sum_block<1>(x + r * ld, ld, n, m + r, l + r);
+  }
 }
 
 inline void normalize_row_impl(float* x, int64_t n, float l_sum, void* out, nsa::cpu::PStore store) {
@@ -193,9 +195,10 @@ inline void add_row_impl(float* x, const float* y, int64_t n) {
 // by V::compact_gt (both vectorized on AVX-512).
 inline bool top_k_impl(const float* score, int64_t sel, int K, int32_t* idx, int32_t* work) {
   // A: indices in above[0..na), their scores in cand[0..na): up to kPadded of them on the stack, padded with -inf to
-  // whole vectors and to at least 32 scores (V::rank_top32 loads 32) (no member of A is below -inf; a member equal to -inf, possible when t = -inf, counts the pads in
-  // ge only, which sends it to the tie count over A's members), else in work[sel..sel + na) (written and read as
-  // float through memcpy and the vector loads, which may alias), the last partial vector compared one at a time
+  // whole vectors and to at least 32 scores (V::rank_top32 loads 32) (no member of A is below -inf; a member equal
+  // to -inf, possible when t = -inf, counts the pads in ge only, which sends it to the tie count over A's members),
+  // else in work[sel..sel + na) (written and read as float through memcpy and the vector loads, which may alias),
+  // the last partial vector compared one at a time
   int32_t* above = work;
   constexpr int64_t kPadded = 256;
   alignas(64) float padded[kPadded + V::W];

@@ -34,6 +34,7 @@
 #include "common/group_sum.h"
 #include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "common/row_helpers.h"
 #include "common/status_guard.h"
 #include "common/threads.h"
 #include "common/topk_order.h"
@@ -342,17 +343,12 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     }
   }
   // 4b. row maxima and exp sums of each run of visible tokens' rows, several rows at a time
-  for (int64_t i0 = 0; i0 < ntok;) {
-    if (pl.rows[bi.q_begin + s0 + i0].kind == kFullyMasked) {
-      ++i0;
-      continue;
-    }
-    int64_t i1 = i0 + 1;
-    while (i1 < ntok && pl.rows[bi.q_begin + s0 + i1].kind != kFullyMasked) ++i1;
-    pl.kt->rows.softmax_rows(S + i0 * G * sc.ld_s + lo, sc.ld_s, (i1 - i0) * G, hi - lo,
-                             n_out > 0 ? -FLT_MAX : -INFINITY, &sc.m[i0 * G], &sc.l[i0 * G]);
-    i0 = i1;
-  }
+  detail::for_each_run(
+      ntok, [&](int64_t i) { return pl.rows[bi.q_begin + s0 + i].kind != kFullyMasked; },
+      [&](int64_t i0, int64_t i1) {
+        pl.kt->rows.softmax_rows(S + i0 * G * sc.ld_s + lo, sc.ld_s, (i1 - i0) * G, hi - lo,
+                                 n_out > 0 ? -FLT_MAX : -INFINITY, &sc.m[i0 * G], &sc.l[i0 * G]);
+      });
   // 4c. normalization
   for (int64_t i = 0; i < ntok; ++i) {
     const RowInfo& ri = pl.rows[bi.q_begin + s0 + i];

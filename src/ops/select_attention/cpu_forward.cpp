@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "common/row_helpers.h"
 #include "common/threads.h"
 #include "cpu/entry.h"
 #include "ops/select_attention/cpu.h"
@@ -187,26 +188,22 @@ class Forward : CallState {
 
     // 3. softmax per line, rha(P)
     // (maxima and exp sums of each run of tokens with a visible entry, several rows at a time)
-    for (int64_t i0 = 0; i0 < ntok;) {
-      if (te.nvis[static_cast<size_t>(i0)] == 0) {
-        ++i0;
-        continue;
-      }
-      int64_t i1 = i0 + 1;
-      while (i1 < ntok && te.nvis[static_cast<size_t>(i1)] != 0) ++i1;
-      kt_->rows.softmax_rows(sc.s.get() + i0 * G * ld_s_, ld_s_, (i1 - i0) * G, ld_s_, neg_inf,
-                             &sc.m[static_cast<size_t>(i0 * G)], &sc.l[static_cast<size_t>(i0 * G)]);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t r = i * G + g;
-          const float l = sc.l[static_cast<size_t>(r)];
-          float* line = sc.s.get() + r * ld_s_;
-          E* pl = sc.pr.get() + r * ld_s_;
-          for (int64_t j = 0; j < K; ++j)  // the slots P.V reads: those with a visible entry
-            if (te.x[static_cast<size_t>(i * K + j)] >= 0) sk_->normalize_rha(line + j * lpp, lpp, l, pl + j * lpp, pmode_);
-        }
-      i0 = i1;
-    }
+    detail::for_each_run(
+        ntok, [&](int64_t i) { return te.nvis[static_cast<size_t>(i)] != 0; },
+        [&](int64_t i0, int64_t i1) {
+          kt_->rows.softmax_rows(sc.s.get() + i0 * G * ld_s_, ld_s_, (i1 - i0) * G, ld_s_, neg_inf,
+                                 &sc.m[static_cast<size_t>(i0 * G)], &sc.l[static_cast<size_t>(i0 * G)]);
+          for (int64_t i = i0; i < i1; ++i)
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t r = i * G + g;
+              const float l = sc.l[static_cast<size_t>(r)];
+              float* line = sc.s.get() + r * ld_s_;
+              E* pl = sc.pr.get() + r * ld_s_;
+              for (int64_t j = 0; j < K; ++j)  // the slots P.V reads: those with a visible entry
+                if (te.x[static_cast<size_t>(i * K + j)] >= 0)
+                  sk_->normalize_rha(line + j * lpp, lpp, l, pl + j * lpp, pmode_);
+            }
+        });
 
     // 4. O = sum over blocks of rha(P) V
     std::fill_n(sc.o.get(), R * g_.Dvp, 0.0f);

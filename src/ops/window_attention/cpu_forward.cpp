@@ -31,6 +31,7 @@
 #include <string>
 
 #include "common/numeric.h"
+#include "common/row_helpers.h"
 #include "common/threads.h"
 #include "cpu/kernels.h"
 #include "cpu/row_load.h"
@@ -434,21 +435,16 @@ class Forward : CallState {
         scores(t, 0, c0, w, sc);
         mask_rows(t, span_lo(t), w, info, sc);
         // runs of rows of tokens that see something: maxima and exp sums several rows at a time, then P
-        for (int64_t r0 = 0; r0 < rows;) {
-          if (info[r0 / G_].kind == kNone) {
-            zero_p_row(r0, w, sc);
-            ++r0;
-            continue;
-          }
-          int64_t r1 = r0 + 1;
-          while (r1 < rows && info[r1 / G_].kind != kNone) ++r1;
+        const auto sees = [&](int64_t r) { return info[r / G_].kind != kNone; };
+        for (int64_t r = 0; r < rows; ++r)
+          if (!sees(r)) zero_p_row(r, w, sc);
+        detail::for_each_run(rows, sees, [&](int64_t r0, int64_t r1) {
           kt_->rows.softmax_rows(sc.s.get() + r0 * lds_, lds_, r1 - r0, w, kNegInf, &sc.m[static_cast<size_t>(r0)],
                                  &sc.l[static_cast<size_t>(r0)]);
           for (int64_t r = r0; r < r1; ++r)
             kt_->rows.normalize_row(sc.s.get() + r * lds_, w, sc.l[static_cast<size_t>(r)],
                                     sc.pa.get() + r * lds_ * static_cast<int64_t>(esz_), pstore_);
-          r0 = r1;
-        }
+        });
         pv(rows, c0, w, Wp, sc.o.get(), false, sc);
       }
       write_tile(t, n2, info, sc.o.get(), sc.m.data(), sc.l.data());
