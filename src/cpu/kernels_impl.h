@@ -118,48 +118,84 @@ inline void normalize_row_impl(float* x, int64_t n, float l_sum, void* out, nsa:
   }
 }
 
+// P rounded as `store` asks, into out at element offset i (uint16 bits for kBf16Bits, float otherwise)
+template <nsa::cpu::PStore S>
+inline void store_p(void* out, int64_t i, V::F p) {
+  using nsa::cpu::PStore;
+  if constexpr (S == PStore::kBf16Bits) V::store_bf16(static_cast<uint16_t*>(out) + i, p);
+  else if constexpr (S == PStore::kF32AsBf16) V::store(static_cast<float*>(out) + i, V::round_bf16(p));
+  else if constexpr (S == PStore::kF32AsF16) V::store(static_cast<float*>(out) + i, V::round_f16(p));
+  else V::store(static_cast<float*>(out) + i, p);
+}
+
 // The G rows of one token at once: P_g = x_g / l[g] (as normalize_row, stored rounded into out row g) and,
 // 16 columns at a time in registers, their pairwise group sum (§3.6: level by level, sum[a] = v[2a] + v[2a+1],
 // an odd last element carried up) into sum_out. x row g at x + g * ldx; out row g at out + g * ld_out elements
 // (uint16 for kBf16Bits, float otherwise); sum_out may be x (row 0): each 16-column chunk is read before it
 // is written. The fp32 P itself is not kept. n % 16 == 0, 1 <= G <= kMaxFusedGroup.
-template <int GT>  // GT > 0: G == GT known at compile time (registers); GT == 0: any G
+// GT > 0: G == GT known at compile time, so the G quotients and their sum tree stay in registers; GT == 0: any G.
+template <int GT, nsa::cpu::PStore S>
 inline void normalize_group_t(const float* x, int64_t ldx, int G, const float* l, int64_t n, void* out,
-                              int64_t ld_out, nsa::cpu::PStore store, float* sum_out) {
-  using nsa::cpu::PStore;
+                              int64_t ld_out, float* sum_out) {
   constexpr int CAP = GT > 0 ? GT : nsa::cpu::kMaxFusedGroup;
   const int g_count = GT > 0 ? GT : G;
-  V::F vl[CAP];
-  for (int g = 0; g < g_count; ++g) vl[g] = V::set1(l[g]);
+  const size_t esz = S == nsa::cpu::PStore::kBf16Bits ? 2 : 4;
   for (int64_t i = 0; i < n; i += 16) {
     for (int half = 0; half < 16 / V::W; ++half) {
       const int64_t c = i + half * V::W;
-      V::F v[CAP];
-      for (int g = 0; g < g_count; ++g) {
-        const V::F p = V::div(V::load(x + g * ldx + c), vl[g]);
-        v[g] = p;
-        switch (store) {
-          case PStore::kBf16Bits:
-            V::store_bf16(static_cast<uint16_t*>(out) + g * ld_out + c, p);
-            break;
-          case PStore::kF32AsBf16: V::store(static_cast<float*>(out) + g * ld_out + c, V::round_bf16(p)); break;
-          case PStore::kF32AsF16: V::store(static_cast<float*>(out) + g * ld_out + c, V::round_f16(p)); break;
-          case PStore::kF32: V::store(static_cast<float*>(out) + g * ld_out + c, p); break;
+      // (one pointer per operand, bumped row by row: G row pointers of each would not fit the registers; l[g]
+      // broadcast from memory at each use)
+      const float* xg = x + c;
+      char* og = static_cast<char*>(out) + c * esz;
+      if constexpr (GT > 0 && (GT & (GT - 1)) == 0) {
+        // G a power of two: the tree built as the quotients come, part[k] holding the sum of the last 2^k of them
+        // (row g closes the levels k below the lowest zero bit of g: part[k] + the new sum, left operand first,
+        // which are the additions of the level-by-level tree), so that log2(G) + 1 vectors stay live
+        V::F part[6];
+#pragma GCC unroll 16
+        for (int g = 0; g < GT; ++g) {
+          V::F p = V::div(V::load(xg), V::set1(l[g]));
+          store_p<S>(og, 0, p);
+          xg += ldx;
+          og += ld_out * esz;
+          int k = 0;
+          for (int bits = g; bits & 1; bits >>= 1, ++k) p = V::add(part[k], p);
+          part[k] = p;
         }
+        V::store(sum_out + c, part[__builtin_ctz(GT)]);
+      } else {
+        V::F v[CAP];
+        for (int g = 0; g < g_count; ++g) {
+          v[g] = V::div(V::load(xg), V::set1(l[g]));
+          store_p<S>(og, 0, v[g]);
+          xg += ldx;
+          og += ld_out * esz;
+        }
+        V::store(sum_out + c, nsa::detail::pairwise_reduce(v, g_count, [](V::F a, V::F b) { return V::add(a, b); }));
       }
-      V::store(sum_out + c, nsa::detail::pairwise_reduce(v, g_count, [](V::F a, V::F b) { return V::add(a, b); }));
     }
+  }
+}
+template <nsa::cpu::PStore S>
+inline void normalize_group_s(const float* x, int64_t ldx, int G, const float* l, int64_t n, void* out,
+                              int64_t ld_out, float* sum_out) {
+  switch (G) {
+    case 1: normalize_group_t<1, S>(x, ldx, G, l, n, out, ld_out, sum_out); break;
+    case 2: normalize_group_t<2, S>(x, ldx, G, l, n, out, ld_out, sum_out); break;
+    case 4: normalize_group_t<4, S>(x, ldx, G, l, n, out, ld_out, sum_out); break;
+    case 8: normalize_group_t<8, S>(x, ldx, G, l, n, out, ld_out, sum_out); break;
+    case 16: normalize_group_t<16, S>(x, ldx, G, l, n, out, ld_out, sum_out); break;
+    default: normalize_group_t<0, S>(x, ldx, G, l, n, out, ld_out, sum_out); break;
   }
 }
 inline void normalize_group_impl(const float* x, int64_t ldx, int G, const float* l, int64_t n, void* out,
                                  int64_t ld_out, nsa::cpu::PStore store, float* sum_out) {
-  switch (G) {
-    case 1: normalize_group_t<1>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
-    case 2: normalize_group_t<2>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
-    case 4: normalize_group_t<4>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
-    case 8: normalize_group_t<8>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
-    case 16: normalize_group_t<16>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
-    default: normalize_group_t<0>(x, ldx, G, l, n, out, ld_out, store, sum_out); break;
+  using nsa::cpu::PStore;
+  switch (store) {
+    case PStore::kBf16Bits: normalize_group_s<PStore::kBf16Bits>(x, ldx, G, l, n, out, ld_out, sum_out); break;
+    case PStore::kF32AsBf16: normalize_group_s<PStore::kF32AsBf16>(x, ldx, G, l, n, out, ld_out, sum_out); break;
+    case PStore::kF32AsF16: normalize_group_s<PStore::kF32AsF16>(x, ldx, G, l, n, out, ld_out, sum_out); break;
+    case PStore::kF32: normalize_group_s<PStore::kF32>(x, ldx, G, l, n, out, ld_out, sum_out); break;
   }
 }
 

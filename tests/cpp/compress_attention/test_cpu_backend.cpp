@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/aligned_buffer.h"
+#include "common/group_sum.h"
 #include "common/mask_rows.h"
 #include "common/numeric.h"
 #include "common/topk_order.h"
@@ -880,6 +881,60 @@ TEST(CpuKernels, SoftmaxRowsEqualRowMaxThenExpSumOnEveryIsa) {
                 << "rows=" << rows << " n=" << n << " r=" << r;
           }
           ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0) << "rows=" << rows << " n=" << n;
+        }
+  }
+}
+
+// normalize_group against its definition, on every ISA: row g of out is normalize_row's rounded P of x_g / l[g], and
+// sum_out the §3.6 pairwise sum of the fp32 P_g (level by level, an odd last element carried up). G = 1..17, 32
+// and 64 (the power-of-two G build their tree as the quotients come; the others keep all G), every store kind,
+// rows with NaN, +-inf, zeros and tiny values whose quotients are subnormal; the gaps between out rows stay
+// unwritten. (A NaN sum is compared as NaN, not by payload: the scalar sum here may commute its operands.)
+TEST(CpuKernels, NormalizeGroupEqualsNormalizeRowThenPairwiseSumOnEveryIsa) {
+  std::mt19937_64 rng(91);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int> pick(0, 63);
+  for (CpuIsa isa : supported_isas()) {
+    SCOPED_TRACE(nsa::cpu_isa_name(isa));
+    const nsa::cpu::KernelTable* kt = nsa::cpu::kernels_for(isa);
+    for (int G : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 32, 64})
+      for (int64_t n : {16, 48, 272})
+        for (int st = 0; st < 4; ++st) {
+          const auto store = static_cast<nsa::cpu::PStore>(st);
+          const int64_t esz = store == nsa::cpu::PStore::kBf16Bits ? 2 : 4;
+          const int64_t ldx = n + 16, ld_out = n + 8;
+          std::vector<float> x(static_cast<size_t>(G * ldx), 0.5f), l(static_cast<size_t>(G));
+          for (int g = 0; g < G; ++g) {
+            l[static_cast<size_t>(g)] = g % 5 == 4 ? 3.0e5f : 1.0f + std::fabs(nd(rng)) * 20.0f;
+            for (int64_t c = 0; c < n; ++c) {
+              const int q = pick(rng);
+              x[static_cast<size_t>(g * ldx + c)] = q == 0   ? NAN
+                                                    : q == 1 ? INFINITY
+                                                    : q == 2 ? 0.0f
+                                                    : q == 3 ? 1.0e-38f * std::fabs(nd(rng))
+                                                             : std::fabs(nd(rng));
+            }
+          }
+          std::vector<unsigned char> want_out(static_cast<size_t>(G * ld_out * esz), 0xAB), got_out = want_out;
+          std::vector<float> p(static_cast<size_t>(G * n)), want_sum(static_cast<size_t>(n));
+          for (int g = 0; g < G; ++g) {
+            std::copy(x.begin() + g * ldx, x.begin() + g * ldx + n, p.begin() + g * n);
+            kt->rows.normalize_row(p.data() + g * n, n, l[static_cast<size_t>(g)], want_out.data() + g * ld_out * esz,
+                                   store);
+          }
+          for (int64_t c = 0; c < n; ++c) {
+            std::vector<float> col(static_cast<size_t>(G));
+            for (int g = 0; g < G; ++g) col[static_cast<size_t>(g)] = p[static_cast<size_t>(g * n + c)];
+            want_sum[static_cast<size_t>(c)] = nsa::detail::pairwise_reduce(col.data(), G, [](float a, float b) { return a + b; });
+          }
+          std::vector<float> got_sum(static_cast<size_t>(n), 7.0f);
+          kt->rows.normalize_group(x.data(), ldx, G, l.data(), n, got_out.data(), ld_out, store, got_sum.data());
+          ASSERT_TRUE(got_out == want_out) << "G=" << G << " n=" << n << " store=" << st;
+          for (int64_t c = 0; c < n; ++c) {
+            const float w = want_sum[static_cast<size_t>(c)], v = got_sum[static_cast<size_t>(c)];
+            if (std::isnan(w)) ASSERT_TRUE(std::isnan(v)) << "G=" << G << " n=" << n << " c=" << c;
+            else ASSERT_EQ(nsa::detail::f32_bits(v), nsa::detail::f32_bits(w)) << "G=" << G << " n=" << n << " c=" << c;
+          }
         }
   }
 }
