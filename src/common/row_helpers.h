@@ -29,6 +29,22 @@ inline float dot_fixed(const float* a, const float* b, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+// The largest k in [from, to) with row[k * stride] != 0, or from - 1 when there is none (a byte mask row; 8 bytes
+// at a time from the end when the row is contiguous).
+inline int64_t last_nonzero_byte(const uint8_t* row, int64_t stride, int64_t from, int64_t to) {
+  int64_t k = to;
+  if (stride == 1) {
+    for (; k - 8 >= from; k -= 8) {
+      uint64_t word;
+      std::memcpy(&word, row + k - 8, sizeof(word));
+      if (word != 0) break;
+    }
+  }
+  for (; k > from; --k)
+    if (row[(k - 1) * stride] != 0) return k - 1;
+  return from - 1;
+}
+
 // fn(i0, i1) for each maximal run [i0, i1) of consecutive i in [0, n) with keep(i), in order.
 template <typename Keep, typename Fn>
 inline void for_each_run(int64_t n, Keep keep, Fn fn) {

@@ -487,6 +487,8 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
     } else if (k1 > k0) {
       std::fill(score + k0, score + k1, 0.0f);
     }
+    // k_end: past the last block whose score may be nonzero (the window's blocks, then any forced block)
+    int64_t k_end = rhi > rlo && k1 > k0 ? std::min(k1, Sel) : 0;
     if (p.topk_mask.data != nullptr) {  // §3.7
       // selects rather than branches: the forced blocks move with the row, so a branch per block mispredicts
       const uint8_t* trow = p.topk_mask.data + s * p.topk_mask.stride[0];
@@ -496,14 +498,26 @@ void run_tile(const Plan& pl, Scratch& sc, const void* kpack, const void* vpack,
       } else {
         for (int64_t k = 0; k < Sel; ++k) score[k] = trow[k * ts] != 0 ? FLT_MAX : score[k];
       }
+      k_end = detail::last_nonzero_byte(trow, ts, k_end, Sel) + 1;
     } else if (p.causal) {  // §10 causal: the three forced blocks of §9 that lie in [0, Sel)
       for (const int64_t k : detail::causal_forced_blocks(s, p.select_block_size))
-        if (k >= 0 && k < Sel) score[k] = FLT_MAX;
+        if (k >= 0 && k < Sel) {
+          score[k] = FLT_MAX;
+          k_end = std::max(k_end, k + 1);
+        }
     }
+    // §3.8 order (descending, ties to the smaller index) over score[0, Sel), where score[k_end, Sel) is zero and no
+    // score is negative (box sums of P >= 0, forced FLT_MAX; a NaN lies in the window): the top-K is that of the
+    // prefix score[0, k_end), then k_end, k_end + 1, ... (zeros after every score of the prefix: all of them are
+    // >= 0, and a zero in the prefix has the smaller index)
     int32_t* idx = p.topk_indices + (t * sh.N2 + n2) * K;
     const int64_t Kb = std::min(K, Sel);  // §10 short_batches: Sel_b < K leaves slots Sel_b..K-1 at -1
-    if (!pl.kt->select.top_k(score, Sel, static_cast<int>(Kb), idx, sc.topk_work.data()))
+    const int64_t Kp = std::min(Kb, k_end);  // slots filled from the prefix
+    if (Kp == 0 || pl.kt->select.top_k(score, k_end, static_cast<int>(Kp), idx, sc.topk_work.data())) {
+      for (int64_t i = Kp; i < Kb; ++i) idx[i] = static_cast<int32_t>(k_end + (i - Kp));
+    } else {
       detail::top_k_ordered(score, Sel, Kb, idx);  // a NaN score (§3.8 order of NaN)
+    }
     for (int64_t i = Kb; i < K; ++i) idx[i] = -1;
   }
 }

@@ -26,6 +26,7 @@
 #include "common/group_sum.h"
 #include "common/mask_rows.h"
 #include "common/numeric.h"
+#include "common/row_helpers.h"
 #include "common/topk_order.h"
 #include "cpu/kernels.h"
 #include "ops/compress_attention/reference.h"
@@ -883,6 +884,27 @@ TEST(CpuKernels, SoftmaxRowsEqualRowMaxThenExpSumOnEveryIsa) {
           ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0) << "rows=" << rows << " n=" << n;
         }
   }
+}
+
+// detail::last_nonzero_byte (the forward's end of the blocks that may score above zero) against a plain scan:
+// contiguous and strided rows, empty and partial ranges, a nonzero byte at every distance from the ends.
+TEST(CpuKernels, LastNonzeroByteFindsTheLastForcedBlock) {
+  std::mt19937_64 rng(5);
+  for (int64_t stride : {1, 3})
+    for (int trial = 0; trial < 400; ++trial) {
+      const int64_t n = 1 + static_cast<int64_t>(rng() % 70);
+      std::vector<uint8_t> row(static_cast<size_t>(n * stride), 0);
+      const int ones = static_cast<int>(rng() % 4);
+      for (int o = 0; o < ones; ++o) row[static_cast<size_t>((rng() % n) * stride)] = static_cast<uint8_t>(1 + rng() % 255);
+      for (int64_t k = 0; k < n * stride; ++k)  // bytes between strided elements are not part of the row
+        if (k % stride != 0) row[static_cast<size_t>(k)] = 0xFF;
+      const int64_t from = static_cast<int64_t>(rng() % (n + 1)), to = from + static_cast<int64_t>(rng() % (n - from + 1));
+      int64_t want = from - 1;
+      for (int64_t k = from; k < to; ++k)
+        if (row[static_cast<size_t>(k * stride)] != 0) want = k;
+      ASSERT_EQ(nsa::detail::last_nonzero_byte(row.data(), stride, from, to), want)
+          << "stride=" << stride << " n=" << n << " from=" << from << " to=" << to;
+    }
 }
 
 // normalize_group against its definition, on every ISA: row g of out is normalize_row's rounded P of x_g / l[g], and
