@@ -151,7 +151,7 @@ inline void normalize_group_t(const float* x, int64_t ldx, int G, const float* l
         // G a power of two: the tree built as the quotients come, part[k] holding the sum of the last 2^k of them
         // (row g closes the levels k below the lowest zero bit of g: part[k] + the new sum, left operand first,
         // which are the additions of the level-by-level tree), so that log2(G) + 1 vectors stay live
-        V::F part[6];
+        V::F part[__builtin_ctz(GT) + 1];
 #pragma GCC unroll 16
         for (int g = 0; g < GT; ++g) {
           V::F p = V::div(V::load(xg), V::set1(l[g]));
